@@ -1,0 +1,1 @@
+"""Market data: raw-capture converters, the event catalog and the synthetic market."""

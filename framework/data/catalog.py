@@ -1,0 +1,144 @@
+"""The event catalog: ``<catalog>/<venue>/<symbol>/<YYYYMMDD>.npz`` plus ``meta.json``.
+
+Conventions every converter follows and every reader may rely on:
+
+* Each day file holds one array of hftbacktest's ``event_dtype`` under the key ``data``, ordered
+  for hftbacktest (rows flagged ``EXCH_EVENT`` are non-decreasing in ``exch_ts``, rows flagged
+  ``LOCAL_EVENT`` non-decreasing in ``local_ts``).
+* A day is a UTC day of *exchange* time. It starts with a full depth snapshot
+  (``DEPTH_CLEAR_EVENT`` per side, then ``DEPTH_SNAPSHOT_EVENT`` rows) so a backtest can start on
+  any day.
+* Depth rows carry the venue's final update id of their message in ``ival`` (0 where the venue
+  has none); trade rows carry the trade id in ``ival`` and the initiator's side in the
+  ``BUY_EVENT``/``SELL_EVENT`` flag.
+* ``exch_ts`` is the venue's transaction time in ns (futures ``T``; spot depth has only ``E``).
+  ``local_ts`` is the capture time in ns, shifted by the estimated clock offset recorded in the
+  day's ``quality`` (never silently).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hftbacktest.types import event_dtype
+
+from quotelab.errors import DataError
+
+VENUES: tuple[str, ...] = ("binance-spot", "binance-usdm", "binance-cm", "bybit", "okx", "synthetic")
+
+
+def symbol_dir(catalog: Path | str, venue: str, symbol: str) -> Path:
+    return Path(catalog) / venue / symbol
+
+
+def day_path(catalog: Path | str, venue: str, symbol: str, day: str) -> Path:
+    return symbol_dir(catalog, venue, symbol) / f"{day}.npz"
+
+
+def _atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def write_day(catalog: Path | str, venue: str, symbol: str, day: str, events: np.ndarray) -> Path:
+    """Atomically write one day's events; returns the file's path."""
+    if events.dtype != event_dtype:
+        raise TypeError(f"events must have hftbacktest's event_dtype, got {events.dtype}")
+    path = day_path(catalog, venue, symbol, day)
+    _atomic_write_bytes(path, lambda fh: np.savez_compressed(fh, data=events))
+    return path
+
+
+def read_meta(catalog: Path | str, venue: str, symbol: str) -> dict[str, Any]:
+    path = symbol_dir(catalog, venue, symbol) / "meta.json"
+    if not path.exists():
+        known = list_symbols(catalog)
+        raise DataError(
+            f"no meta.json for {venue}/{symbol} in catalog {catalog}; "
+            f"the catalog holds: {', '.join(known) or 'nothing'}. Convert data with `quotelab convert` "
+            f"or generate it with `quotelab synth`."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: corrupt meta.json at line {exc.lineno}: {exc.msg}") from exc
+
+
+def update_meta(
+    catalog: Path | str,
+    venue: str,
+    symbol: str,
+    instrument: dict[str, Any],
+    days: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Merge ``instrument`` fields and per-day entries into meta.json (atomic) and return it.
+
+    ``instrument`` holds at least ``tick_size``, ``lot_size`` and ``contract`` (``{"kind":
+    "linear"|"inverse", "size": float}``). ``days`` maps ``YYYYMMDD`` to ``{"first_ts", "last_ts",
+    "events", "counts", "quality"}``.
+    """
+    for key in ("tick_size", "lot_size"):
+        if not instrument.get(key, 0) > 0:
+            raise DataError(
+                f"{venue}/{symbol}: {key} must be > 0 (hftbacktest hangs on 0), got {instrument.get(key)}"
+            )
+    path = symbol_dir(catalog, venue, symbol) / "meta.json"
+    meta: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    meta.update({"venue": venue, "symbol": symbol, **instrument})
+    meta.setdefault("days", {}).update(days)
+    atomic_write_json(path, meta)
+    return meta
+
+
+def list_symbols(catalog: Path | str) -> list[str]:
+    root = Path(catalog)
+    if not root.is_dir():
+        return []
+    return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in root.glob("*/*/meta.json"))
+
+
+def list_days(catalog: Path | str, venue: str, symbol: str) -> list[str]:
+    return sorted(read_meta(catalog, venue, symbol).get("days", {}))
+
+
+def load_day(catalog: Path | str, venue: str, symbol: str, day: str) -> np.ndarray:
+    """Load one catalog day; a missing or unreadable day names the day, the catalog and what exists."""
+    path = day_path(catalog, venue, symbol, day)
+    if not path.exists():
+        have = list_days(catalog, venue, symbol) if (path.parent / "meta.json").exists() else []
+        raise DataError(
+            f"catalog day {venue}/{symbol}/{day} is missing from catalog {catalog} (looked for {path}); "
+            f"days present: {', '.join(have) or 'none'}"
+        )
+    return load_events(path)
+
+
+def load_events(path: Path | str) -> np.ndarray:
+    """Load an event npz (key ``data``), checking its dtype."""
+    try:
+        with np.load(path) as npz:
+            data = npz["data"]
+    except Exception as exc:  # zipfile, pickle and key errors all mean the same to a user
+        raise DataError(f"{path}: not a readable event file ({type(exc).__name__}: {exc})") from exc
+    if data.dtype != event_dtype:
+        raise DataError(f"{path}: array 'data' has dtype {data.dtype}, expected hftbacktest's event_dtype")
+    return data

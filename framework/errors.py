@@ -1,0 +1,23 @@
+"""Errors a user sees. Each carries the place (file, line, path) and, where there is one, the fix."""
+
+from __future__ import annotations
+
+
+class QuotelabError(Exception):
+    """Base class: the CLI prints these without a traceback."""
+
+
+class DataError(QuotelabError):
+    """A raw capture or catalog file is missing, corrupt, gappy or inconsistent."""
+
+
+class ConfigError(QuotelabError):
+    """A strategy, batch or evaluation YAML is invalid."""
+
+
+class PluginError(QuotelabError):
+    """A plugin failed to load or register, or its kernel misbehaved."""
+
+
+class RunError(QuotelabError):
+    """A backtest stopped on a condition the strategy asked to stop on (e.g. a non-finite kernel output)."""
