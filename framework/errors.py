@@ -20,4 +20,11 @@ class PluginError(QuotelabError):
 
 
 class RunError(QuotelabError):
-    """A backtest stopped on a condition the strategy asked to stop on (e.g. a non-finite kernel output)."""
+    """A backtest stopped on a condition the strategy asked to stop on (e.g. a non-finite kernel output).
+
+    ``result`` keeps what was computed up to the stop, so nothing already computed is lost.
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

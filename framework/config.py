@@ -1,0 +1,387 @@
+"""Strategy YAML: safe loading with line numbers, and validation in two phases.
+
+Phase one checks the envelope (sections, keys, types); phase two builds each part's params with
+its component's own model. Every error names the file, the line and the path
+(``forecast[1].params.levels``), what was expected, and, for an unknown ``kind``, the registered
+names nearest first. Nothing compiles before both phases pass.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quotelab.component import asset_fields
+from quotelab.errors import ConfigError
+from quotelab.registry import Registry
+from quotelab.units import Price, Qty, Seconds, parse_quantity
+
+Path_ = tuple[str | int, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# YAML with line numbers
+# ------------------------------------------------------------------------------------------------
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader (no object-constructing tags) that remembers where each value sits."""
+
+
+def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path_, int]]:
+    """Parse YAML safely; return the data and a map from path tuple to 1-based line."""
+    path = Path(path)
+    if text is None:
+        if not path.exists():
+            raise ConfigError(f"{path}: file not found")
+        text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    lines: dict[Path_, int] = {}
+
+    def walk(n: yaml.Node, at: Path_) -> Any:
+        lines[at] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            out = {}
+            for k, v in n.value:
+                key = k.value
+                lines[(*at, key)] = k.start_mark.line + 1
+                out[key] = walk(v, (*at, key))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(v, (*at, i)) for i, v in enumerate(n.value)]
+        loader = _LineLoader("")
+        try:
+            return loader.construct_object(n, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: {exc.problem}") from exc
+
+    data = walk(node, ()) if node is not None else {}
+    return data, lines
+
+
+def fmt_path(at: Path_) -> str:
+    out = ""
+    for p in at:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def line_of(lines: dict[Path_, int], at: Path_) -> int:
+    for n in range(len(at), -1, -1):
+        if tuple(at[:n]) in lines:
+            return lines[tuple(at[:n])]
+    return 1
+
+
+def raise_validation(exc: ValidationError, file: str | Path, lines: dict[Path_, int], prefix: Path_ = ()) -> None:
+    msgs = []
+    for err in exc.errors():
+        at = (*prefix, *err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = at[:-1]
+            fields = _known_fields(exc, err)
+            if fields:
+                msg += f"; expected one of: {', '.join(fields)}"
+            at = (*parent, at[-1])
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        msgs.append(f"{file}:{line_of(lines, at)}: {fmt_path(at)}: {msg}")
+    raise ConfigError("\n".join(msgs))
+
+
+def _known_fields(exc: ValidationError, err: dict) -> list[str]:
+    model = _MODEL_BY_TITLE.get(exc.title)
+    if model is None:
+        return []
+    for part in err["loc"][:-1]:
+        if isinstance(part, int):
+            continue
+        f = model.model_fields.get(part)
+        ann = getattr(f, "annotation", None) if f else None
+        nested = _first_model(ann)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _first_model(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The strategy envelope
+# ------------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _parse_day(v: Any) -> str:
+    s = str(v).replace("-", "")
+    if not re.fullmatch(r"\d{8}", s):
+        raise ValueError(f"expected a date as YYYYMMDD or YYYY-MM-DD, got {v!r}")
+    datetime.strptime(s, "%Y%m%d")
+    return s
+
+
+def expand_dates(spec: Any) -> list[str]:
+    """``20240808``, ``[20240808, 20240809]`` or ``"20240808..20240810"`` → list of YYYYMMDD."""
+    if isinstance(spec, list | tuple):
+        return [_parse_day(v) for v in spec]
+    s = str(spec)
+    if ".." in s:
+        a, b = (datetime.strptime(_parse_day(x), "%Y%m%d").date() for x in s.split("..", 1))
+        if b < a:
+            raise ValueError(f"date range {s!r} ends before it starts")
+        return [(a + timedelta(days=i)).strftime("%Y%m%d") for i in range((b - a).days + 1)]
+    return [_parse_day(s)]
+
+
+class AssetData(_Model):
+    venue: str | None = None
+    symbol: str | None = None
+    dates: list[str] | None = None
+    files: list[str] | None = None
+    tick_size: Price | None = None
+    lot_size: Qty | None = None
+    contract: Literal["linear", "inverse"] | None = None
+    contract_size: float | None = None
+
+    @field_validator("dates", mode="before")
+    @classmethod
+    def _dates(cls, v: Any) -> Any:
+        return None if v is None else expand_dates(v if isinstance(v, list) else v)
+
+
+class DataSection(_Model):
+    catalog: str | None = None
+    quote: str = Field(description="Name of the asset the strategy quotes.")
+    assets: dict[str, AssetData]
+
+
+class Latency(_Model):
+    entry: Seconds = 0.01
+    response: Seconds = 0.01
+
+
+class Fees(_Model):
+    maker: float = -0.00005
+    taker: float = 0.0007
+
+
+class AssetEngine(_Model):
+    latency: Latency = Latency()
+    queue: Literal["risk_adverse", "log_prob", "power_prob2", "power_prob3"] = "risk_adverse"
+    partial_fills: bool = False
+    fees: Fees = Fees()
+    last_trades_capacity: int = Field(10000, ge=1)
+
+
+class EngineSection(_Model):
+    mode: Literal["step", "event"] = "step"
+    step: Seconds = 0.1
+    origin: str | int = "quoted"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    time_in_force: Literal["gtx", "gtc"] = "gtx"
+    record_every: Seconds = 0.0
+    max_scan_ticks: int = Field(2000, ge=1)
+    defaults: AssetEngine = AssetEngine()
+    assets: dict[str, AssetEngine] = {}
+
+
+class PartSpec(_Model):
+    kind: str
+    params: dict[str, Any] = {}
+    weight: float = 1.0
+    alpha: float | str = 0.0
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float | str) -> float | str:
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|price)?\s*", v)
+            if not m:
+                raise ValueError(f"expected a number (price units), '<n> ticks' or '<n> bps', got {v!r}")
+            float(m.group(1))
+        return v
+
+
+class StrategyConfig(_Model):
+    name: str = "strategy"
+    description: str = ""
+    plugins: list[str] = []
+    data: DataSection
+    engine: EngineSection = EngineSection()
+    fair_value: list[PartSpec]
+    forecast: list[PartSpec] = []
+    risk: list[PartSpec] = []
+    quoter: PartSpec
+
+
+_MODEL_BY_TITLE = {m.__name__: m for m in (StrategyConfig,)}
+
+
+def parse_alpha(alpha: float | str, tick: float) -> tuple[float, float]:
+    """alpha → (multiplier in price units, multiplier in bps of the fair value)."""
+    if not isinstance(alpha, str):
+        return float(alpha), 0.0
+    m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|price)?\s*", alpha)
+    assert m is not None
+    value, unit = float(m.group(1)), m.group(2) or "price"
+    if unit.startswith("tick"):
+        return value * tick, 0.0
+    if unit == "bps":
+        return 0.0, value
+    return value, 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides: --set path=value
+# ------------------------------------------------------------------------------------------------
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``quoter.params.half_spread=3`` or ``forecast[0].alpha=2ticks`` to the raw YAML dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected PATH=VALUE, e.g. quoter.params.half_spread=3")
+    path, value = assignment.split("=", 1)
+    keys: list[str | int] = []
+    for part in path.split("."):
+        m = re.fullmatch(r"([A-Za-z_][\w]*)((?:\[\d+\])*)", part)
+        if not m:
+            raise ConfigError(f"--set {assignment!r}: cannot parse path segment {part!r}")
+        keys.append(m.group(1))
+        keys.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        try:
+            node = node[k]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(k, str) and isinstance(node, dict) and not isinstance(keys[i + 1], int):
+                node = node.setdefault(k, {})
+                continue
+            raise ConfigError(f"--set {assignment!r}: {fmt_path(tuple(keys[: i + 1]))} does not exist") from None
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except (TypeError, IndexError) as exc:
+        raise ConfigError(f"--set {assignment!r}: cannot assign at {fmt_path(tuple(keys))}") from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a strategy
+# ------------------------------------------------------------------------------------------------
+
+
+class LoadedStrategy:
+    """A validated strategy: envelope, each part's params, and where everything came from."""
+
+    def __init__(self, config: StrategyConfig, file: Path, lines: dict[Path_, int], raw: dict) -> None:
+        self.config = config
+        self.file = file
+        self.lines = lines
+        self.raw = raw
+
+    def where(self, at: Path_) -> str:
+        return f"{self.file}:{line_of(self.lines, at)}: {fmt_path(at)}"
+
+    def parts(self) -> list[tuple[str, Path_, PartSpec]]:
+        c = self.config
+        out = [("fair_value", ("fair_value", i), p) for i, p in enumerate(c.fair_value)]
+        out += [("signal", ("forecast", i), p) for i, p in enumerate(c.forecast)]
+        out += [("risk", ("risk", i), p) for i, p in enumerate(c.risk)]
+        out.append(("quoter", ("quoter",), c.quoter))
+        return out
+
+
+def load_strategy(
+    path: str | Path, overrides: list[str] = (), registry: Registry | None = None, text: str | None = None
+) -> tuple[LoadedStrategy, Registry, list]:
+    """Validate a strategy YAML fully (both phases) and return it with its registry and parts."""
+    from quotelab.registry import load_registry
+
+    path = Path(path)
+    raw, lines = load_yaml(path, text)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: a strategy is a mapping with sections data, fair_value, quoter, ...")
+    for o in overrides:
+        apply_override(raw, o)
+    try:
+        config = StrategyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise_validation(exc, path, lines)
+    loaded = LoadedStrategy(config, path, lines, raw)
+    if registry is None:
+        local = [(path.parent / p).resolve() for p in config.plugins]
+        registry = load_registry(local_files=local)
+    if config.data.quote not in config.data.assets:
+        raise ConfigError(
+            f"{loaded.where(('data', 'quote'))}: asset {config.data.quote!r} is not in data.assets "
+            f"(have: {', '.join(config.data.assets)})"
+        )
+    for name, a in config.data.assets.items():
+        at = ("data", "assets", name)
+        if (a.files is None) == (a.venue is None):
+            raise ConfigError(f"{loaded.where(at)}: give either venue+symbol+dates (catalog) or files (npz paths)")
+        if a.venue is not None and (a.symbol is None or a.dates is None):
+            raise ConfigError(f"{loaded.where(at)}: a catalog asset needs venue, symbol and dates")
+        if a.files is not None and (a.tick_size is None or a.lot_size is None):
+            raise ConfigError(f"{loaded.where(at)}: an asset from files needs tick_size and lot_size")
+    for name in config.engine.assets:
+        if name not in config.data.assets:
+            raise ConfigError(
+                f"{loaded.where(('engine', 'assets', name))}: no such asset; data.assets has "
+                f"{', '.join(config.data.assets)}"
+            )
+    parts = []
+    names = set(config.data.assets) | {"quoted"}
+    for role, at, spec in loaded.parts():
+        component = registry.get(role, spec.kind, where=f"{loaded.where((*at, 'kind'))}: ")
+        try:
+            params = component.params.model_validate(spec.params)
+        except ValidationError as exc:
+            raise_validation(exc, path, lines, prefix=(*at, "params"))
+        for asset in asset_fields(params):
+            if asset not in names:
+                raise ConfigError(
+                    f"{loaded.where((*at, 'params'))}: {role} {spec.kind!r} reads asset {asset!r}, which has no "
+                    f"data; data.assets has: {', '.join(config.data.assets)}"
+                )
+        if role != "signal" and spec.alpha != 0.0:
+            raise ConfigError(f"{loaded.where((*at, 'alpha'))}: alpha applies to forecast signals only")
+        if role == "signal" and spec.alpha == 0.0:
+            raise ConfigError(
+                f"{loaded.where(at)}: signal {spec.kind!r} needs an alpha (e.g. alpha: 2ticks, 1.5bps or 0.3)"
+            )
+        parts.append((role, at, spec, component, params))
+    return loaded, registry, parts
+
+
+def to_seconds(value: Any, where: str) -> float:
+    try:
+        return float(parse_quantity(value, "seconds"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def today() -> str:
+    return date.today().strftime("%Y%m%d")

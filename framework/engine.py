@@ -1,0 +1,382 @@
+"""Run a strategy: resolve its data, compose its kernels, drive hftbacktest, collect results."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+from hftbacktest import GTC, GTX, BacktestAsset, HashMapMarketDepthBacktest
+from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT, record_dtype
+from numba.typed import List
+
+from quotelab import driver as D
+from quotelab import layout as L
+from quotelab.component import PackContext
+from quotelab.composer import STRATEGY_TYPE, Composition, Part, compose
+from quotelab.config import AssetEngine, LoadedStrategy, load_strategy, parse_alpha
+from quotelab.data import catalog as cat
+from quotelab.errors import ConfigError, DataError, RunError
+
+
+@dataclass
+class AssetFeed:
+    name: str
+    venue: str
+    symbol: str
+    events: list[np.ndarray]
+    tick_size: float
+    lot_size: float
+    contract: str  # linear | inverse
+    contract_size: float
+    engine: AssetEngine
+
+    @property
+    def n_events(self) -> int:
+        return int(sum(len(e) for e in self.events))
+
+    def first_ts(self) -> int:
+        """Where hftbacktest starts this asset's clock: its first exchange or local event."""
+        ev = self.events[0]
+        exch = ev["exch_ts"][(ev["ev"] & EXCH_EVENT) == EXCH_EVENT]
+        local = ev["local_ts"][(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
+        return int(min(exch[0] if len(exch) else np.iinfo(np.int64).max,
+                       local[0] if len(local) else np.iinfo(np.int64).max))
+
+    def last_ts(self) -> int:
+        return int(max(self.events[-1]["local_ts"].max(), self.events[-1]["exch_ts"].max()))
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    record_ts: np.ndarray
+    records: np.ndarray
+    out_dir: Path | None = None
+    composition: Composition | None = field(default=None, repr=False)
+
+
+def _resolve_catalog(loaded: LoadedStrategy, catalog: str | Path | None) -> Path | None:
+    if catalog is not None:
+        return Path(catalog)
+    if loaded.config.data.catalog is not None:
+        return (loaded.file.parent / loaded.config.data.catalog).resolve()
+    return None
+
+
+def load_feeds(loaded: LoadedStrategy, catalog: Path | None) -> list[AssetFeed]:
+    cfg = loaded.config
+    feeds = []
+    for name, a in cfg.data.assets.items():
+        engine = cfg.engine.assets.get(name, cfg.engine.defaults)
+        at = ("data", "assets", name)
+        if a.files is not None:
+            events = [cat.load_events((loaded.file.parent / f).resolve()) for f in a.files]
+            meta: dict[str, Any] = {}
+            venue, symbol = a.venue or "files", a.symbol or name
+        else:
+            if catalog is None:
+                raise ConfigError(
+                    f"{loaded.where(at)}: a catalog asset needs a catalog: pass --catalog DIR or set data.catalog"
+                )
+            meta = cat.read_meta(catalog, a.venue, a.symbol)
+            events = [cat.load_day(catalog, a.venue, a.symbol, d) for d in a.dates]
+            venue, symbol = a.venue, a.symbol
+        contract = meta.get("contract", {})
+        tick = a.tick_size if a.tick_size is not None else meta.get("tick_size", 0.0)
+        lot = a.lot_size if a.lot_size is not None else meta.get("lot_size", 0.0)
+        for key, value in (("tick_size", tick), ("lot_size", lot)):
+            if not value or value <= 0:
+                raise ConfigError(
+                    f"{loaded.where(at)}: {key} must be > 0 (hftbacktest hangs on 0); set data.assets.{name}.{key}"
+                )
+        feeds.append(AssetFeed(
+            name=name, venue=venue, symbol=symbol, events=events, tick_size=float(tick), lot_size=float(lot),
+            contract=a.contract or contract.get("kind", "linear"),
+            contract_size=float(a.contract_size or contract.get("size", 1.0)), engine=engine,
+        ))
+        if not any(len(e) for e in events):
+            raise DataError(f"{loaded.where(at)}: {venue}/{symbol} has no events")
+    return feeds
+
+
+def _build_asset(feed: AssetFeed) -> BacktestAsset:
+    e = feed.engine
+    a = BacktestAsset().data(feed.events)
+    a = a.inverse_asset(feed.contract_size) if feed.contract == "inverse" else a.linear_asset(feed.contract_size)
+    a = a.constant_order_latency(int(round(e.latency.entry * 1e9)), int(round(e.latency.response * 1e9)))
+    a = {
+        "risk_adverse": lambda: a.risk_adverse_queue_model(),
+        "log_prob": lambda: a.log_prob_queue_model(),
+        "power_prob2": lambda: a.power_prob_queue_model(2.0),
+        "power_prob3": lambda: a.power_prob_queue_model(3.0),
+    }[e.queue]()
+    a = a.partial_fill_exchange() if e.partial_fills else a.no_partial_fill_exchange()
+    a = a.trading_value_fee_model(e.fees.maker, e.fees.taker)
+    return a.tick_size(feed.tick_size).lot_size(feed.lot_size).last_trades_capacity(e.last_trades_capacity)
+
+
+_DRIVER_COMPILED = False
+
+
+def driver_compiled() -> bool:
+    return _DRIVER_COMPILED
+
+
+def run_loaded(
+    loaded: LoadedStrategy,
+    registry: Any,
+    parts: list,
+    catalog: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> RunResult:
+    """Run an already validated strategy."""
+    global _DRIVER_COMPILED
+    cfg = loaded.config
+    feeds = load_feeds(loaded, _resolve_catalog(loaded, catalog))
+    names = [f.name for f in feeds]
+    q = names.index(cfg.data.quote)
+    index = {n: i for i, n in enumerate(names)} | {"quoted": q}
+    ctx = PackContext(
+        asset_index=index, tick_size={f.name: f.tick_size for f in feeds},
+        lot_size={f.name: f.lot_size for f in feeds}, quoted=cfg.data.quote,
+    )
+    tick_q = feeds[q].tick_size
+    fvs, sigs, risks, quoter = [], [], [], None
+    ready_mask = np.zeros(len(feeds), dtype=np.bool_)
+    ready_mask[q] = True
+    n_levels = 1
+    for role, at, spec, component, params in parts:
+        where = "".join(f"[{p}]" if isinstance(p, int) else p for p in at)
+        alpha_price, alpha_bps = parse_alpha(spec.alpha, tick_q) if role == "signal" else (0.0, 0.0)
+        part = Part(component, params, where, weight=spec.weight, alpha_price=alpha_price, alpha_bps=alpha_bps)
+        reads = component.reads(params)
+        for asset in reads.assets:
+            ready_mask[index[asset]] = True
+        if reads.depth_levels > L.MAX_LEVELS:
+            raise ConfigError(f"{loaded.where(at)}: reads {reads.depth_levels} depth levels; at most {L.MAX_LEVELS}")
+        n_levels = max(n_levels, reads.depth_levels)
+        {"fair_value": fvs, "signal": sigs, "risk": risks}.get(role, []).append(part)
+        if role == "quoter":
+            quoter = part
+    _check_sizes(loaded, parts, feeds[q])
+
+    t0 = time.perf_counter()
+    comp = compose(fvs, sigs, risks, quoter, ctx)
+    fns = List.empty_list(STRATEGY_TYPE)
+    fns.append(comp.kernel)
+    compose_s = time.perf_counter() - t0
+
+    step_ns = int(round(cfg.engine.step * 1e9))
+    if step_ns <= 0:
+        raise ConfigError(f"{loaded.where(('engine', 'step'))}: step must be > 0")
+    global_first = min(f.first_ts() for f in feeds)
+    origin = _origin(loaded, feeds, q, global_first)
+    first_elapse = origin - global_first + (step_ns if cfg.engine.mode == "step" else 0)
+    record_every = int(round(cfg.engine.record_every * 1e9))
+    span = max(f.last_ts() for f in feeds) - origin
+    if cfg.engine.mode == "step":
+        capacity = span // max(step_ns, record_every or 1) + 2
+    else:
+        capacity = (span // record_every + 2) if record_every > 0 else sum(f.n_events for f in feeds) + 2
+
+    view = np.full((len(feeds), L.VIEW_WIDTH), np.nan)
+    for i, f in enumerate(feeds):
+        view[i, L.TICK] = f.tick_size
+        view[i, L.LOT] = f.lot_size
+        view[i, L.CONTRACT_SIZE] = f.contract_size
+        view[i, L.INVERSE] = 1.0 if f.contract == "inverse" else 0.0
+    trades = np.zeros((len(feeds), max(f.engine.last_trades_capacity for f in feeds), L.TR_WIDTH))
+    out = np.zeros(L.OUT_WIDTH)
+    cfg_arr = np.zeros(D.C_WIDTH, dtype=np.int64)
+    cfg_arr[D.C_MODE] = 0 if cfg.engine.mode == "step" else 1
+    cfg_arr[D.C_STEP_NS] = step_ns
+    cfg_arr[D.C_FIRST_ELAPSE_NS] = first_elapse
+    cfg_arr[D.C_QUOTED] = q
+    cfg_arr[D.C_LEVELS] = n_levels
+    cfg_arr[D.C_TIF] = GTX if cfg.engine.time_in_force == "gtx" else GTC
+    cfg_arr[D.C_ON_NONFINITE] = 0 if cfg.engine.on_nonfinite == "stop" else 1
+    cfg_arr[D.C_RECORD_EVERY_NS] = record_every
+    cfg_arr[D.C_ORIGIN_NS] = origin
+    cfg_arr[D.C_MAX_SCAN_TICKS] = cfg.engine.max_scan_ticks
+    rec_ts = np.zeros(capacity, dtype=np.int64)
+    rec = np.full((capacity, D.R_WIDTH), np.nan)
+    counters = np.zeros(D.K_WIDTH, dtype=np.int64)
+    state = comp.state.copy()
+
+    hbt = HashMapMarketDepthBacktest([_build_asset(f) for f in feeds])
+    args = (hbt, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters)
+    t1 = time.perf_counter()
+    if not _DRIVER_COMPILED:
+        D.run_driver.compile(tuple(numba.typeof(x) for x in args))
+        _DRIVER_COMPILED = True
+    compile_s = compose_s + time.perf_counter() - t1
+    t2 = time.perf_counter()
+    try:
+        D.run_driver(*args)
+        run_s = time.perf_counter() - t2
+        sv = hbt.state_values(q)
+        final = {"num_trades": int(sv.num_trades), "position": float(sv.position), "balance": float(sv.balance),
+                 "fee": float(sv.fee), "trading_volume": float(sv.trading_volume),
+                 "trading_value": float(sv.trading_value)}
+    finally:
+        hbt.close()
+
+    n = int(counters[D.K_RECORDS])
+    rec_ts, rec = rec_ts[:n], rec[:n]
+    summary = _summary(cfg.name, feeds[q], final, rec, counters, compile_s, run_s, sum(f.n_events for f in feeds))
+    summary["origin_ns"] = origin
+    summary["assets"] = {f.name: {"venue": f.venue, "symbol": f.symbol, "events": f.n_events} for f in feeds}
+    result = RunResult(summary, rec_ts, rec, composition=comp)
+    if counters[D.K_STATUS] != 0:
+        name = comp.names[int(counters[D.K_STATUS]) - 1]
+        summary["error"] = (
+            f"{name} produced a non-finite value at timestamp {int(counters[D.K_STATUS_TS])} "
+            f"(engine.on_nonfinite: stop; set it to skip to skip such quotes and count them)"
+        )
+    if out_dir is not None:
+        result.out_dir = save_result(result, Path(out_dir), feeds[q])
+    if "error" in summary:
+        raise RunError(summary["error"], result)
+    return result
+
+
+def _origin(loaded: LoadedStrategy, feeds: list[AssetFeed], q: int, global_first: int) -> int:
+    spec = loaded.config.engine.origin
+    if spec == "quoted":
+        return feeds[q].first_ts()
+    if spec == "first":
+        return global_first
+    try:
+        origin = int(spec)
+    except ValueError:
+        raise ConfigError(
+            f"{loaded.where(('engine', 'origin'))}: expected 'quoted', 'first' or a timestamp in ns, got {spec!r}"
+        ) from None
+    if origin < global_first:
+        raise ConfigError(f"{loaded.where(('engine', 'origin'))}: origin {origin} is before the data ({global_first})")
+    return origin
+
+
+def _check_sizes(loaded: LoadedStrategy, parts: list, quoted: AssetFeed) -> None:
+    for _role, at, _spec, _component, params in parts:
+        for key in ("size", "max_position"):
+            value = getattr(params, key, None)
+            if value is None:
+                continue
+            lots = value / quoted.lot_size
+            if abs(lots - round(lots)) > 1e-9 * max(1.0, abs(lots)):
+                raise ConfigError(
+                    f"{loaded.where((*at, 'params', key))}: {value} is not a whole number of lots "
+                    f"(lot size {quoted.lot_size} for {quoted.venue}/{quoted.symbol})"
+                )
+        size = getattr(params, "size", None)
+        if size is not None and size < quoted.lot_size:
+            raise ConfigError(
+                f"{loaded.where((*at, 'params', 'size'))}: {size} is below the lot size {quoted.lot_size}"
+            )
+
+
+def _equity(feed: AssetFeed, final: dict[str, Any], mid: float) -> float:
+    if feed.contract == "inverse":
+        return float(-final["balance"] - final["position"] / mid * feed.contract_size - final["fee"])
+    return float(final["balance"] + final["position"] * mid * feed.contract_size - final["fee"])
+
+
+def _summary(name: str, feed: AssetFeed, final: dict[str, Any], rec: np.ndarray, counters: np.ndarray,
+             compile_s: float, run_s: float, events: int) -> dict[str, Any]:
+    mid = float(rec[-1, D.R_MID]) if len(rec) else float("nan")
+    return {
+        "name": name,
+        **final,
+        "equity": _equity(feed, final, mid) if len(rec) else 0.0,
+        "last_mid": mid,
+        "steps": int(counters[D.K_STEPS]),
+        "quoting_steps": int(counters[D.K_QUOTING_STEPS]),
+        "warmup_steps": int(counters[D.K_NOT_READY]),
+        "nonfinite_skipped": int(counters[D.K_NONFINITE]) if counters[D.K_STATUS] == 0 else 0,
+        "trades_dropped": int(counters[D.K_TRADES_DROPPED]),
+        "events": events,
+        "compile_seconds": round(compile_s, 4),
+        "run_seconds": round(run_s, 4),
+        "events_per_second": round(events / run_s) if run_s > 0 else None,
+    }
+
+
+def hbt_records(feed_len: int, rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    """Our records in hftbacktest's record_dtype, for its stats."""
+    out = np.zeros(len(rec_ts), record_dtype)
+    out["timestamp"] = rec_ts
+    out["price"] = rec[:, D.R_MID]
+    out["position"] = rec[:, D.R_POSITION]
+    out["balance"] = rec[:, D.R_BALANCE]
+    out["fee"] = rec[:, D.R_FEE]
+    out["num_trades"] = rec[:, D.R_NUM_TRADES]
+    out["trading_volume"] = rec[:, D.R_VOLUME]
+    out["trading_value"] = rec[:, D.R_VALUE]
+    return out
+
+
+def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
+    """hftbacktest's stats with crypto annualisation (365 days)."""
+    from hftbacktest.stats import (
+        SR,
+        AnnualRet,
+        DailyNumberOfTrades,
+        DailyTradingValue,
+        InverseAssetRecord,
+        LinearAssetRecord,
+        MaxDrawdown,
+        MaxPositionValue,
+        ReturnOverMDD,
+        ReturnOverTrade,
+        Sortino,
+    )
+
+    if len(rec_ts) < 3:
+        return {}
+    data = hbt_records(len(rec_ts), rec_ts, rec)
+    record_cls = InverseAssetRecord if feed.contract == "inverse" else LinearAssetRecord
+    record = record_cls(data).contract_size(feed.contract_size).resample("1s")
+    metrics = [SR("SR", trading_days_per_year=365), Sortino("Sortino", trading_days_per_year=365),
+               AnnualRet("AnnualRet", trading_days_per_year=365), MaxDrawdown, DailyNumberOfTrades,
+               DailyTradingValue, ReturnOverMDD, ReturnOverTrade, MaxPositionValue]
+    try:
+        stats = record.stats(metrics)
+    except Exception as exc:  # stats of a run with no variation can divide by zero inside polars
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    row = stats.splits[-1]
+    return {k: (float(v) if isinstance(v, int | float | np.floating) else str(v)) for k, v in row.items()
+            if k not in ("start", "end")}
+
+
+def save_result(result: RunResult, out_dir: Path, feed: AssetFeed) -> Path:
+    """Write summary.json, stats and the equity/position series; each file atomically."""
+    import polars as pl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.summary["stats"] = compute_stats(feed, result.record_ts, result.records)
+    cols = ["mid", "position", "balance", "fee", "num_trades", "trading_volume", "trading_value", "fair_value",
+            "reservation", "bid", "ask", "forecast", "risk"]
+    df = pl.DataFrame({"timestamp": result.record_ts, **{c: result.records[:, i] for i, c in enumerate(cols)}})
+    tmp = out_dir / ".series.parquet.tmp"
+    df.write_parquet(tmp)
+    tmp.replace(out_dir / "series.parquet")
+    cat.atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(result.summary, default=str)))
+    return out_dir
+
+
+def run_strategy(
+    path: str | Path,
+    catalog: str | Path | None = None,
+    overrides: list[str] = (),
+    out_dir: str | Path | None = None,
+    registry: Any = None,
+) -> RunResult:
+    """Validate, compose and run the strategy YAML at ``path``."""
+    loaded, registry, parts = load_strategy(path, overrides, registry=registry)
+    return run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir)

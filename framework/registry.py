@@ -1,0 +1,148 @@
+"""Plugin loading: built-ins, ``quotelab`` entry points and explicitly named local files, one path."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import pluggy
+
+from quotelab import PROJECT_NAME, __version__, hookspecs
+from quotelab.component import Component
+from quotelab.errors import ConfigError, PluginError
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "quotelab.plugins.mid",
+    "quotelab.plugins.book_imbalance",
+    "quotelab.plugins.inventory_skew",
+    "quotelab.plugins.fixed_spread",
+)
+
+ENTRY_POINT_GROUP = "quotelab"
+# Set to a comma-separated list of plugin names to keep them from loading (e.g. a broken third-party one).
+BLOCK_ENV = "QUOTELAB_BLOCK_PLUGINS"
+
+
+class Registry:
+    """The components every loaded plugin registered, by role and name."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.components: dict[str, dict[str, Component]] = {}
+        self.origin: dict[str, str] = {}
+
+    def add(self, component: Component, source: str) -> None:
+        if not isinstance(component, Component):
+            raise PluginError(f'Error in plugin "{source}": register() takes a Component, got {component!r}')
+        by_name = self.components.setdefault(component.role, {})
+        if component.name in by_name:
+            raise PluginError(
+                f"two {component.role} components are named {component.name!r}: one from "
+                f'"{by_name[component.name].source}", one from "{source}"; rename one of them'
+            )
+        by_name[component.name] = replace(component, source=source)
+
+    def get(self, role: str, name: str, where: str = "") -> Component:
+        by_name = self.components.get(role, {})
+        if name not in by_name:
+            known = sorted(by_name)
+            near = difflib.get_close_matches(name, known, n=len(known), cutoff=0.0)
+            raise ConfigError(
+                f"{where}unknown {role} kind {name!r}; registered: {', '.join(near) or 'none'}"
+            )
+        return by_name[name]
+
+    def all(self) -> list[Component]:
+        return [c for role in sorted(self.components) for c in self.components[role].values()]
+
+    def fingerprint(self) -> str:
+        """Changes whenever any registered kernel's source changes."""
+        h = hashlib.sha256()
+        for c in self.all():
+            h.update(f"{c.role}:{c.name}:{c.source}".encode())
+        return h.hexdigest()[:16]
+
+
+def _plugin_name(obj: object) -> str:
+    return getattr(obj, "__name__", repr(obj))
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    if pm.is_blocked(name) or pm.has_plugin(name):
+        return
+    pm.register(plugin, name=name)
+
+
+def _import_local(path: Path) -> ModuleType:
+    if not path.exists():
+        raise PluginError(f'Error importing plugin "{path}": file not found')
+    mod_name = "quotelab_local_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f'Error importing plugin "{path}": not a Python file')
+    module = importlib.util.module_from_spec(spec)
+    # The composer imports kernels by module name, so the module must be findable.
+    sys.modules[mod_name] = module
+    sys.path_importer_cache.pop(str(path.parent), None)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        raise PluginError(f'Error importing plugin "{path}": {type(exc).__name__}: {exc}') from exc
+    return module
+
+
+def load_registry(local_files: Iterable[str | Path] = (), entry_points: bool = True) -> Registry:
+    """Load built-ins, entry points and ``local_files``; collect their components."""
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name in filter(None, os.environ.get(BLOCK_ENV, "").split(",")):
+        pm.set_blocked(name.strip())
+    for mod in BUILTIN_PLUGINS:
+        try:
+            _register(pm, importlib.import_module(mod), mod)
+        except Exception as exc:
+            raise PluginError(f'Error importing plugin "{mod}": {type(exc).__name__}: {exc}') from exc
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f'Error importing plugin "{ep.name}" ({ep.value}): {type(exc).__name__}: {exc}; '
+                    f"uninstall it or block it with {BLOCK_ENV}={ep.name}"
+                ) from exc
+            _register(pm, plugin, ep.name)
+    for path in local_files:
+        path = Path(path)
+        _register(pm, _import_local(path), str(path))
+
+    registry = Registry(pm)
+    dists = {id(p): f"{d.project_name} {d.version}" for p, d in pm.list_plugin_distinfo()}
+    # Calling each implementation ourselves (rather than the hook as a whole) is what lets an error
+    # or a duplicate name point at the plugin that caused it.
+    for impl in reversed(pm.hook.quotelab_register_components.get_hookimpls()):
+        plugin_name = impl.plugin_name
+        source = dists.get(id(impl.plugin)) or (
+            f"quotelab {__version__}" if plugin_name.startswith("quotelab.plugins.") else plugin_name
+        )
+
+        def register(component: Component, _source: str = source) -> None:
+            registry.add(component, _source)
+
+        try:
+            impl.function(register=register)
+        except (PluginError, ConfigError):
+            raise
+        except Exception as exc:
+            raise PluginError(f'Error in plugin "{plugin_name}": {type(exc).__name__}: {exc}') from exc
+    return registry

@@ -1,0 +1,63 @@
+"""Units for parameters: a bare number is in the field's declared unit; a string names its unit.
+
+``half_spread: 2`` on a ``ticks`` field is 2 ticks; ``step: 100ms`` on a ``seconds`` field is 0.1;
+``half_spread: 5bps`` on a ``ticks`` field is a unit mismatch and is rejected with what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Zµ%]*)\s*$")
+
+# Each field unit with the spellings accepted for it and their factor into that unit.
+_ALIASES: dict[str, dict[str, float]] = {
+    "seconds": TIME_UNITS,
+    "ticks": {"tick": 1.0, "ticks": 1.0},
+    "bps": {"bp": 1.0, "bps": 1.0, "%": 100.0},
+    "price": {"": 1.0},
+    "qty": {"": 1.0},
+    "lots": {"lot": 1.0, "lots": 1.0},
+    "steps": {"step": 1.0, "steps": 1.0},
+    "levels": {"level": 1.0, "levels": 1.0},
+}
+
+
+def parse_quantity(value: Any, unit: str) -> Any:
+    """Turn ``value`` into a float in ``unit``; numbers pass through, strings must carry a compatible unit."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        return value
+    m = _QUANTITY.match(value)
+    if not m:
+        raise ValueError(f"expected a number in {unit} (e.g. {_example(unit)}), got {value!r}")
+    number, suffix = float(m.group(1)), m.group(2)
+    aliases = _ALIASES.get(unit, {})
+    if suffix == "" or suffix == unit:
+        return number
+    if suffix in aliases:
+        return number * aliases[suffix]
+    raise ValueError(f"unit mismatch: expected {unit} (e.g. {_example(unit)}), got {value!r}")
+
+
+def _example(unit: str) -> str:
+    return {"seconds": "0.1, 100ms or 1s", "ticks": "2 or 2ticks", "bps": "5 or 5bps"}.get(unit, "1.0")
+
+
+def quantity(unit: str, default: Any = ..., description: str = "", **kw: Any) -> Any:
+    """A pydantic field in ``unit`` that also accepts strings such as ``100ms`` or ``2ticks``."""
+    return Field(default, description=description, json_schema_extra={"unit": unit}, **kw)
+
+
+def _unit_type(unit: str) -> Any:
+    return Annotated[float, BeforeValidator(lambda v: parse_quantity(v, unit))]
+
+
+Seconds = _unit_type("seconds")
+Ticks = _unit_type("ticks")
+Bps = _unit_type("bps")
+Price = _unit_type("price")
+Qty = _unit_type("qty")

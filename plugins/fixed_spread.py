@@ -1,0 +1,80 @@
+"""``fixed_spread``: quotes at reservation ± a fixed half spread, on one or more levels per side."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from pydantic import model_validator
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.layout import (
+    ASK_ENABLED,
+    ASK_WIDEN_TICKS,
+    BEST_ASK_TICK,
+    BEST_BID_TICK,
+    BID_ENABLED,
+    BID_WIDEN_TICKS,
+    MAX_POSITION,
+    MAX_QUOTES,
+    N_ASK,
+    N_BID,
+    Q_ASK_QTY,
+    Q_ASK_TICK,
+    Q_BID_QTY,
+    Q_BID_TICK,
+    RESERVATION,
+    TICK,
+)
+from quotelab.units import Qty, Ticks, quantity
+
+
+class FixedSpreadParams(Params):
+    asset: Asset = "quoted"
+    half_spread: Ticks = quantity("ticks", 2.0, "Distance of the first level from the reservation price.", ge=0)
+    size: Qty = quantity("qty", 1.0, "Order quantity per level.", gt=0)
+    max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
+    levels: int = quantity("levels", 1, "Orders per side.", ge=1, le=MAX_QUOTES)
+    level_spacing: Ticks = quantity("ticks", 1.0, "Distance between consecutive levels.", ge=1)
+
+    @model_validator(mode="after")
+    def _whole_ticks(self) -> FixedSpreadParams:
+        if self.level_spacing != int(self.level_spacing):
+            raise ValueError("level_spacing must be a whole number of ticks")
+        return self
+
+
+def _pack(p: FixedSpreadParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.asset]), p.half_spread, p.size, p.max_position, p.levels, p.level_spacing]
+
+
+@njit(inline="always")
+def fixed_spread_nb(view, trades, state, params, out):
+    a = int(params[0])
+    tick = view[a, TICK]
+    r = out[RESERVATION]
+    half = params[1] * tick
+    bid = np.round((r - half) / tick)
+    ask = np.round((r + half) / tick)
+    # Never cross the touch: a post-only quote through the best price would be rejected or take.
+    bid = min(bid, view[a, BEST_BID_TICK]) - out[BID_WIDEN_TICKS]
+    ask = max(ask, view[a, BEST_ASK_TICK]) + out[ASK_WIDEN_TICKS]
+    n = int(params[4])
+    for k in range(n):
+        out[Q_BID_TICK + k] = bid - k * params[5]
+        out[Q_BID_QTY + k] = params[2]
+        out[Q_ASK_TICK + k] = ask + k * params[5]
+        out[Q_ASK_QTY + k] = params[2]
+    out[N_BID] = n if out[BID_ENABLED] != 0.0 else 0
+    out[N_ASK] = n if out[ASK_ENABLED] != 0.0 else 0
+    out[MAX_POSITION] = params[3]
+    return r
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="quoter", name="fixed_spread", params=FixedSpreadParams, kernel=fixed_spread_nb, pack=_pack,
+        doc="Fixed half spread around the reservation price; never inside the touch.",
+        formula="bid = min(round((r - h*tick)/tick), best_bid_tick) - k*spacing; ask symmetric",
+    ))
