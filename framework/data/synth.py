@@ -1,0 +1,919 @@
+"""A seeded synthetic market: a perpetual and a spot pair over one latent price, written to the catalog.
+
+The model, in the order the kernels apply it:
+
+* **Latent price.** A log random walk on a 1 ms grid whose volatility follows a slow mean-reverting
+  factor (quiet and busy regimes), plus rare Gaussian jumps.
+* **Fair price per asset.** The perpetual's fair price is the latent price. The spot's is the latent
+  price ``lag`` earlier minus a mean-reverting basis (perp − spot, an Ornstein-Uhlenbeck process), so
+  the perp leads the spot and the pair's basis drifts and reverts.
+* **Book.** Each asset holds an L2 book of up to ``max_levels`` levels per side, driven by competing
+  Poisson clocks: limit adds (distance from the fair price exponentially distributed, so intensity
+  decays away from the touch), cancels (partial or full, intensity decaying with level index, and
+  always for levels left too far from the touch), market orders (a Hawkes process, so trades come in
+  bursts; their side leans toward the fair price; they take the best levels), and stale-quote
+  handling: when the fair price runs through a side, makers pull the stale levels, or, once the
+  mispricing pays a taker fee, an arbitrageur sweeps them. Adds never cross the opposite touch, so the
+  book is never crossed. A side that runs short of levels is re-quoted behind its farthest level.
+* **Feed.** Each message (one event of the model) gets an exchange time and a local time equal to
+  the exchange time plus a lognormal latency, never earlier than the previous message's local time:
+  a websocket delivers in order. Hence every row is both an EXCH and a LOCAL event for hftbacktest.
+
+Everything runs in ``@njit(cache=True)`` kernels with a private xoshiro256** generator per stream, so
+the files depend only on the seed and arguments (the latent stream and each asset's stream are
+independent: generating only the perp gives the same perp). Events are produced in chunks and spooled
+to a temporary file per day, then streamed into the day's npz, so memory stays bounded for days of
+tens of millions of events.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hftbacktest.types import (
+    BUY_EVENT,
+    DEPTH_CLEAR_EVENT,
+    DEPTH_EVENT,
+    DEPTH_SNAPSHOT_EVENT,
+    EXCH_EVENT,
+    LOCAL_EVENT,
+    SELL_EVENT,
+    TRADE_EVENT,
+    event_dtype,
+)
+from numba import njit
+
+from quotelab.data import catalog
+from quotelab.errors import QuotelabError
+
+VENUE = "synthetic"
+NS = 1_000_000_000
+GRID_NS = 1_000_000  # latent price grid step: 1 ms
+CHUNK_S = 900  # seconds of events per kernel call; bounds the working set, not the results
+WARMUP_S = 120  # the book runs this long before `start` so the first snapshot looks like steady state
+
+
+class SynthError(QuotelabError):
+    """Invalid arguments for the synthetic market generator."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class LatentModel:
+    """The latent price, shared by all assets, and the perp-spot relation."""
+
+    price0: float = 60_000.0
+    vol_annual: float = 0.45  # of the latent log price; BTC-like
+    vol_factor_std: float = 0.35  # stationary std of the log-volatility factor
+    vol_factor_halflife_s: float = 600.0
+    jump_rate_per_hour: float = 2.0
+    jump_std: float = 0.0012  # log-return std of a jump (~70 USD at 60k)
+    spot_lag_s: float = 0.25  # spot's fair price is the latent price this long ago
+    basis_mean: float = 6.0  # perp − spot, USD
+    basis_std: float = 3.0  # stationary std, USD
+    basis_halflife_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class AssetModel:
+    """One asset's instrument and order-flow intensities (rates are per second, distances in ticks)."""
+
+    key: str
+    symbol: str
+    market: str
+    tick_size: float
+    lot_size: float
+    add_rate: float
+    cancel_rate: float
+    mo_base_rate: float
+    mo_alpha: float  # Hawkes jump of the market-order intensity per market order
+    mo_beta: float  # its decay rate
+    mo_size_median: float  # in base units
+    mo_size_sigma: float
+    add_size_median: float
+    add_size_sigma: float
+    half_spread: float  # makers quote at fair ± this many ticks
+    touch_prob: float  # share of adds placed at the maker's quote itself
+    add_dist_mean: float  # mean distance of the other adds behind it
+    refill_gap_mean: float  # mean extra gap between re-quoted levels
+    cancel_level_mean: float  # mean level index of a cancel (0 = touch)
+    full_cancel_prob: float
+    pull_rate: float  # how fast makers pull a stale side
+    pull_tol: float  # a level is stale once it is this far through the fair price
+    take_tol: float  # an arbitrageur sweeps once it is this far through (covers the taker fee)
+    take_prob: float
+    max_dist: float  # levels farther than this from the touch get cancelled first
+    max_levels: int = 120
+    min_levels: int = 30
+    latency_median_ms: float = 3.0
+    latency_sigma: float = 0.45
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ASSETS: dict[str, AssetModel] = {
+    "perp": AssetModel(
+        key="perp",
+        symbol="SYNPERP",
+        market="perpetual",
+        tick_size=0.1,
+        lot_size=0.001,
+        add_rate=185.0,
+        cancel_rate=165.0,
+        mo_base_rate=1.2,
+        mo_alpha=1.1,
+        mo_beta=2.5,
+        mo_size_median=0.03,
+        mo_size_sigma=1.3,
+        add_size_median=0.08,
+        add_size_sigma=1.2,
+        half_spread=0.5,
+        touch_prob=0.3,
+        add_dist_mean=12.0,
+        refill_gap_mean=2.0,
+        cancel_level_mean=14.0,
+        full_cancel_prob=0.45,
+        pull_rate=80.0,
+        pull_tol=1.0,
+        take_tol=25.0,
+        take_prob=0.7,
+        max_dist=600.0,
+    ),
+    "spot": AssetModel(
+        key="spot",
+        symbol="SYNSPOT",
+        market="spot",
+        tick_size=0.01,
+        lot_size=0.00001,
+        add_rate=110.0,
+        cancel_rate=95.0,
+        mo_base_rate=0.8,
+        mo_alpha=0.9,
+        mo_beta=2.5,
+        mo_size_median=0.01,
+        mo_size_sigma=1.4,
+        add_size_median=0.03,
+        add_size_sigma=1.3,
+        half_spread=0.5,
+        touch_prob=0.3,
+        add_dist_mean=90.0,
+        refill_gap_mean=20.0,
+        cancel_level_mean=14.0,
+        full_cancel_prob=0.45,
+        pull_rate=50.0,
+        pull_tol=10.0,
+        take_tol=400.0,
+        take_prob=0.7,
+        max_dist=5000.0,
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels (pure numba; names end in _nb)
+
+_U1 = np.uint64(1)
+_F_EXCH_LOCAL = np.uint64(EXCH_EVENT | LOCAL_EVENT)
+_F_BUY = np.uint64(BUY_EVENT)
+_F_SELL = np.uint64(SELL_EVENT)
+_F_DEPTH = np.uint64(DEPTH_EVENT)
+_F_TRADE = np.uint64(TRADE_EVENT)
+_F_CLEAR = np.uint64(DEPTH_CLEAR_EVENT)
+_F_SNAP = np.uint64(DEPTH_SNAPSHOT_EVENT)
+
+# Parameter vector layout (one float64 array per asset, so one compiled kernel serves all assets).
+(
+    P_TICK,
+    P_INV_TICK,
+    P_INV_LOT,
+    P_ADD_RATE,
+    P_CANCEL_RATE,
+    P_MO_BASE,
+    P_MO_ALPHA,
+    P_MO_BETA,
+    P_MO_MU,
+    P_MO_SIG,
+    P_ADD_MU,
+    P_ADD_SIG,
+    P_HALF_SPREAD,
+    P_ADD_DIST,
+    P_REFILL_GAP,
+    P_CANCEL_LVL,
+    P_FULL_CANCEL,
+    P_PULL_RATE,
+    P_PULL_TOL,
+    P_TAKE_TOL,
+    P_TAKE_PROB,
+    P_MAX_DIST,
+    P_MIN_LEVELS,
+    P_LAT_MU,
+    P_LAT_SIG,
+    P_TOUCH_PROB,
+    N_PARAMS,
+) = range(27)
+
+# Integer state layout.
+S_NEXT_T, S_UID, S_TID, S_LAST_LOCAL, S_MO_T, N_ISTATE = range(6)
+MAX_SWEEP = 25
+
+
+@njit(cache=True)
+def _rotl_nb(x: np.uint64, k: np.uint64) -> np.uint64:
+    return (x << k) | (x >> (np.uint64(64) - k))
+
+
+@njit(cache=True)
+def _u64_nb(s: np.ndarray) -> np.uint64:
+    # xoshiro256**: tiny state, good statistics, identical on every platform.
+    result = _rotl_nb(s[1] * np.uint64(5), np.uint64(7)) * np.uint64(9)
+    t = s[1] << np.uint64(17)
+    s[2] ^= s[0]
+    s[3] ^= s[1]
+    s[1] ^= s[2]
+    s[0] ^= s[3]
+    s[2] ^= t
+    s[3] = _rotl_nb(s[3], np.uint64(45))
+    return result
+
+
+@njit(cache=True)
+def _unif_nb(s: np.ndarray) -> float:
+    return float(_u64_nb(s) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True)
+def _exp_nb(s: np.ndarray) -> float:
+    return -math.log(1.0 - _unif_nb(s))
+
+
+@njit(cache=True)
+def _norm_nb(s: np.ndarray) -> float:
+    u1 = 1.0 - _unif_nb(s)
+    u2 = _unif_nb(s)
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+@njit(cache=True)
+def latent_nb(n: int, rng: np.ndarray, st: np.ndarray, lp: np.ndarray, px: np.ndarray, basis: np.ndarray) -> None:
+    """Advance the latent state ``st`` = [log price, log-vol factor, basis] by ``n`` grid steps.
+
+    ``lp`` = [price0, sigma per sqrt(step), factor decay per step, factor shock std per step,
+    jump probability per step, jump std, basis decay per step, basis shock std per step, basis mean].
+    Writes the latent price into ``px[:n]`` and the basis into ``basis[:n]``.
+    """
+    x, v, b = st[0], st[1], st[2]
+    sig, v_dec, v_sd = lp[1], lp[2], lp[3]
+    p_jump, jump_sd = lp[4], lp[5]
+    b_dec, b_sd, b_mean = lp[6], lp[7], lp[8]
+    v_var = v_sd * v_sd / (1.0 - v_dec * v_dec)
+    for i in range(n):
+        v = v * v_dec + v_sd * _norm_nb(rng)
+        # exp(v - var/2) keeps the mean variance at sig**2 whatever the factor's spread
+        x += sig * math.exp(v - 0.5 * v_var) * _norm_nb(rng)
+        if _unif_nb(rng) < p_jump:
+            x += jump_sd * _norm_nb(rng)
+        b = b_mean + (b - b_mean) * b_dec + b_sd * _norm_nb(rng)
+        px[i] = lp[0] * math.exp(x)
+        basis[i] = b
+    st[0], st[1], st[2] = x, v, b
+
+
+@njit(cache=True)
+def _px_nb(tick: int, p: np.ndarray) -> float:
+    # Dividing by an integral 1/tick yields the double nearest the decimal price (60000.1, not ...0006).
+    if p[P_INV_TICK] > 0.0:
+        return tick / p[P_INV_TICK]
+    return tick * p[P_TICK]
+
+
+@njit(cache=True)
+def _row_nb(out, n: int, ev: np.uint64, t: int, loc: int, px: float, qty: float, ival: int) -> int:
+    r = out[n]
+    r.ev = ev | _F_EXCH_LOCAL
+    r.exch_ts = t
+    r.local_ts = loc
+    r.px = px
+    r.qty = qty
+    r.order_id = 0
+    r.ival = ival
+    r.fval = 0.0
+    return n + 1
+
+
+@njit(cache=True)
+def _side_price_nb(side: int, key: int) -> int:
+    # Keys sort best-first on both sides: asks by price, bids by minus price.
+    return key if side == 1 else -key
+
+
+@njit(cache=True)
+def _depth_row_nb(out, n, side, key, lots, t, loc, uid, p) -> int:
+    flag = _F_DEPTH | (_F_BUY if side == 0 else _F_SELL)
+    return _row_nb(out, n, flag, t, loc, _px_nb(_side_price_nb(side, key), p), lots / p[P_INV_LOT], uid)
+
+
+@njit(cache=True)
+def _lower_bound_nb(keys: np.ndarray, cnt: int, key: int) -> int:
+    lo, hi = 0, cnt
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True)
+def _remove_nb(kp: np.ndarray, kq: np.ndarray, cnt: np.ndarray, side: int, i: int) -> None:
+    c = cnt[side]
+    for j in range(i, c - 1):
+        kp[side, j] = kp[side, j + 1]
+        kq[side, j] = kq[side, j + 1]
+    cnt[side] = c - 1
+
+
+@njit(cache=True)
+def _insert_nb(kp, kq, cnt, side, pos, key, lots) -> None:
+    c = cnt[side]
+    for j in range(c, pos, -1):
+        kp[side, j] = kp[side, j - 1]
+        kq[side, j] = kq[side, j - 1]
+    kp[side, pos] = key
+    kq[side, pos] = lots
+    cnt[side] = c + 1
+
+
+@njit(cache=True)
+def _lots_nb(rng, mu: float, sig: float) -> int:
+    return max(1, int(math.exp(mu + sig * _norm_nb(rng))))
+
+
+@njit(cache=True)
+def _quote_key_nb(side: int, f: float, p: np.ndarray, kp, cnt) -> int:
+    """The key of a maker's quote at the fair price, never crossing the opposite touch."""
+    if side == 0:
+        px = int(math.floor(f - p[P_HALF_SPREAD]))
+        if cnt[1] > 0:
+            px = min(px, kp[1, 0] - 1)
+        return -px
+    px = int(math.ceil(f + p[P_HALF_SPREAD]))
+    if cnt[0] > 0:
+        px = max(px, -kp[0, 0] + 1)
+    return px
+
+
+@njit(cache=True)
+def _refill_nb(out, n, side, f, t, loc, uid, p, rng, kp, kq, cnt) -> int:
+    """Re-quote a side that ran short of levels, behind its farthest level (so it cannot cross)."""
+    target = int(p[P_MIN_LEVELS])
+    if cnt[side] >= target:
+        return n
+    if cnt[side] == 0:
+        key = _quote_key_nb(side, f, p, kp, cnt)
+    else:
+        key = kp[side, cnt[side] - 1] + 1 + int(_exp_nb(rng) * p[P_REFILL_GAP])
+    while cnt[side] < target:
+        lots = _lots_nb(rng, p[P_ADD_MU], p[P_ADD_SIG])
+        _insert_nb(kp, kq, cnt, side, cnt[side], key, lots)
+        n = _depth_row_nb(out, n, side, key, lots, t, loc, uid, p)
+        key += 1 + int(_exp_nb(rng) * p[P_REFILL_GAP])
+    return n
+
+
+@njit(cache=True)
+def _sweep_nb(out, n, side, rem, limit_key, t, loc, uid, p, ist, kp, kq, cnt) -> int:
+    """An aggressive order consuming ``side`` from the touch up to ``limit_key``: trade rows, then depth rows.
+
+    ``side`` is the side being consumed; the initiator is on the other side.
+    """
+    flag = _F_TRADE | (_F_BUY if side == 1 else _F_SELL)
+    j = 0
+    while rem > 0 and j < cnt[side] and j < MAX_SWEEP and kp[side, j] <= limit_key:
+        fill = min(rem, kq[side, j])
+        ist[S_TID] += 1
+        n = _row_nb(out, n, flag, t, loc, _px_nb(_side_price_nb(side, kp[side, j]), p), fill / p[P_INV_LOT],
+                    ist[S_TID])
+        kq[side, j] -= fill
+        rem -= fill
+        j += 1
+    for i in range(j):
+        n = _depth_row_nb(out, n, side, kp[side, i], kq[side, i], t, loc, uid, p)
+    emptied = j if (j == 0 or kq[side, j - 1] == 0) else j - 1
+    for _ in range(emptied):
+        _remove_nb(kp, kq, cnt, side, 0)
+    return n
+
+
+@njit(cache=True)
+def simulate_nb(out, t_end: int, fair: np.ndarray, grid_t0: int, grid_dt: int, p: np.ndarray,
+                ist: np.ndarray, fst: np.ndarray, rng: np.ndarray, kp: np.ndarray, kq: np.ndarray,
+                cnt: np.ndarray) -> int:
+    """Run one asset's book until ``t_end`` (ns) or until ``out`` is nearly full; return rows written.
+
+    ``fair`` holds the asset's fair price in ticks on the grid ``grid_t0 + i * grid_dt``. The time of
+    the next event is kept in ``ist[S_NEXT_T]``, so splitting a run into calls changes nothing.
+    """
+    n = 0
+    kmax = kp.shape[1]
+    room = 2 * kmax + 2 * MAX_SWEEP + 8
+    add_rate, cancel_rate, pull_rate = p[P_ADD_RATE], p[P_CANCEL_RATE], p[P_PULL_RATE]
+    mo_base, mo_alpha, mo_beta = p[P_MO_BASE], p[P_MO_ALPHA], p[P_MO_BETA]
+    min_levels = int(p[P_MIN_LEVELS])
+    nf = fair.shape[0]
+    while n + room <= out.shape[0]:
+        t = ist[S_NEXT_T]
+        if t >= t_end:
+            break
+        gi = (t - grid_t0) // grid_dt
+        f = fair[min(max(gi, 0), nf - 1)]
+        mo_rate = mo_base + fst[0] * math.exp(-mo_beta * (t - ist[S_MO_T]) * 1e-9)
+        loc = max(ist[S_LAST_LOCAL], t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
+        # Thinning: candidates came at the bound fst[1] set at the previous event; the market-order
+        # intensity only decays between market orders, so the bound holds and the rest is "no event".
+        u = _unif_nb(rng) * fst[1]
+        n0 = n
+        ist[S_UID] += 1
+        uid = ist[S_UID]
+        if u < add_rate:
+            side = 0 if _unif_nb(rng) < 0.5 else 1
+            # Many adds join or improve the touch (makers competing for queue), the rest spread out.
+            d = 0 if _unif_nb(rng) < p[P_TOUCH_PROB] else int(_exp_nb(rng) * p[P_ADD_DIST])
+            qkey = _quote_key_nb(side, f, p, kp, cnt)
+            key = qkey + d
+            lots = _lots_nb(rng, p[P_ADD_MU], p[P_ADD_SIG])
+            c = cnt[side]
+            pos = _lower_bound_nb(kp[side], c, key)
+            if pos < c and kp[side, pos] == key:
+                kq[side, pos] += lots
+                n = _depth_row_nb(out, n, side, key, kq[side, pos], t, loc, uid, p)
+            elif c < kmax:
+                _insert_nb(kp, kq, cnt, side, pos, key, lots)
+                n = _depth_row_nb(out, n, side, key, lots, t, loc, uid, p)
+            elif pos < kmax:
+                n = _depth_row_nb(out, n, side, kp[side, c - 1], 0, t, loc, uid, p)
+                cnt[side] = c - 1
+                _insert_nb(kp, kq, cnt, side, pos, key, lots)
+                n = _depth_row_nb(out, n, side, key, lots, t, loc, uid, p)
+            else:
+                kq[side, c - 1] += lots
+                n = _depth_row_nb(out, n, side, kp[side, c - 1], kq[side, c - 1], t, loc, uid, p)
+        elif u < add_rate + cancel_rate:
+            side = 0 if _unif_nb(rng) < 0.5 else 1
+            c = cnt[side]
+            full = _unif_nb(rng) < p[P_FULL_CANCEL]
+            frac = 0.1 + 0.8 * _unif_nb(rng)
+            lvl = int(_exp_nb(rng) * p[P_CANCEL_LVL])
+            if c > 0:
+                if kp[side, c - 1] - kp[side, 0] > p[P_MAX_DIST]:
+                    i = c - 1
+                    full = True
+                else:
+                    i = min(c - 1, lvl)
+                    if c <= min_levels:
+                        full = False
+                q = kq[side, i]
+                rem = 0 if full else q - max(1, int(q * frac))
+                if rem > 0 or full:
+                    kq[side, i] = rem
+                    n = _depth_row_nb(out, n, side, kp[side, i], rem, t, loc, uid, p)
+                    if rem == 0:
+                        _remove_nb(kp, kq, cnt, side, i)
+                n = _refill_nb(out, n, side, f, t, loc, uid, p, rng, kp, kq, cnt)
+        elif u < add_rate + cancel_rate + 2.0 * pull_rate:
+            side = 0 if u < add_rate + cancel_rate + pull_rate else 1
+            # Stale: the fair price has run through this side's touch (bids above it, asks below it).
+            fk = -f if side == 0 else f
+            stale_key = fk - p[P_PULL_TOL]
+            take_key = fk - p[P_TAKE_TOL]
+            take = _unif_nb(rng) < p[P_TAKE_PROB]
+            if cnt[side] > 0 and kp[side, 0] <= stale_key:
+                if take and kp[side, 0] <= take_key:
+                    n = _sweep_nb(out, n, side, 1 << 62, int(math.floor(take_key)), t, loc, uid, p, ist,
+                                  kp, kq, cnt)
+                else:
+                    while cnt[side] > 0 and kp[side, 0] <= stale_key:
+                        n = _depth_row_nb(out, n, side, kp[side, 0], 0, t, loc, uid, p)
+                        _remove_nb(kp, kq, cnt, side, 0)
+                n = _refill_nb(out, n, side, f, t, loc, uid, p, rng, kp, kq, cnt)
+        elif u < add_rate + cancel_rate + 2.0 * pull_rate + mo_rate:
+            fst[0] = fst[0] * math.exp(-mo_beta * (t - ist[S_MO_T]) * 1e-9) + mo_alpha
+            ist[S_MO_T] = t
+            lean = 0.0
+            if cnt[0] > 0 and cnt[1] > 0:
+                mid = 0.5 * (kp[1, 0] - kp[0, 0])
+                spread = kp[1, 0] + kp[0, 0]
+                # Uninformed flow still leans toward the fair price: trade signs carry information.
+                lean = 0.3 * math.tanh((f - mid) / (spread + 1.0))
+            # A buy consumes the asks (side 1), a sell the bids (side 0).
+            side = 1 if _unif_nb(rng) < 0.5 + lean else 0
+            lots = _lots_nb(rng, p[P_MO_MU], p[P_MO_SIG])
+            if cnt[side] > 0:
+                n = _sweep_nb(out, n, side, lots, 1 << 62, t, loc, uid, p, ist, kp, kq, cnt)
+                n = _refill_nb(out, n, side, f, t, loc, uid, p, rng, kp, kq, cnt)
+        if n == n0:
+            ist[S_UID] -= 1  # nothing happened: keep update ids dense
+        else:
+            ist[S_LAST_LOCAL] = loc
+        bound = add_rate + cancel_rate + 2.0 * pull_rate + mo_base + fst[0] * math.exp(
+            -mo_beta * (t - ist[S_MO_T]) * 1e-9)
+        fst[1] = bound
+        ist[S_NEXT_T] = t + 1 + int(_exp_nb(rng) / bound * 1e9)
+    return n
+
+
+@njit(cache=True)
+def snapshot_nb(out, t: int, p: np.ndarray, ist: np.ndarray, rng: np.ndarray, kp: np.ndarray,
+                kq: np.ndarray, cnt: np.ndarray) -> int:
+    """Write the whole book as clear + snapshot rows (bids then asks, best first); return rows written."""
+    loc = max(ist[S_LAST_LOCAL], t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
+    ist[S_LAST_LOCAL] = loc
+    n = 0
+    for side in range(2):
+        c = cnt[side]
+        if c == 0:
+            continue
+        sflag = _F_BUY if side == 0 else _F_SELL
+        # Clear up to the farthest level we are about to send, as hftbacktest's own converters do.
+        n = _row_nb(out, n, _F_CLEAR | sflag, t, loc, _px_nb(_side_price_nb(side, kp[side, c - 1]), p), 0.0,
+                    ist[S_UID])
+        for i in range(c):
+            n = _row_nb(out, n, _F_SNAP | sflag, t, loc, _px_nb(_side_price_nb(side, kp[side, i]), p),
+                        kq[side, i] / p[P_INV_LOT], ist[S_UID])
+    return n
+
+
+@njit(cache=True)
+def init_book_nb(f: float, p: np.ndarray, rng: np.ndarray, kp: np.ndarray, kq: np.ndarray,
+                 cnt: np.ndarray) -> None:
+    """A plausible starting book around ``f`` (ticks); the warm-up then makes it the model's own."""
+    cnt[0] = 0
+    cnt[1] = 0
+    for side in range(2):
+        key = _quote_key_nb(side, f, p, kp, cnt)
+        for i in range(int(p[P_MIN_LEVELS])):
+            kp[side, i] = key
+            kq[side, i] = _lots_nb(rng, p[P_ADD_MU], p[P_ADD_SIG])
+            key += 1 + int(_exp_nb(rng) * p[P_REFILL_GAP])
+        cnt[side] = int(p[P_MIN_LEVELS])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python side
+
+
+def _splitmix64(x: int) -> tuple[int, int]:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x, z ^ (z >> 31)
+
+
+def _rng(seed: int, stream: int) -> np.ndarray:
+    """An independent xoshiro256** state per (seed, stream)."""
+    x = (seed * 0x100000001B3 + stream * 0x9E3779B9) & 0xFFFFFFFFFFFFFFFF
+    words = []
+    for _ in range(4):
+        x, z = _splitmix64(x)
+        words.append(z)
+    return np.array(words, dtype=np.uint64)
+
+
+def _inverse(step: float) -> float:
+    inv = round(1.0 / step)
+    return float(inv) if inv > 0 and abs(inv * step - 1.0) < 1e-9 else 0.0
+
+
+def _params(m: AssetModel) -> np.ndarray:
+    p = np.zeros(N_PARAMS)
+    p[P_TICK] = m.tick_size
+    p[P_INV_TICK] = _inverse(m.tick_size)
+    p[P_INV_LOT] = 1.0 / m.lot_size if _inverse(m.lot_size) == 0.0 else _inverse(m.lot_size)
+    p[P_ADD_RATE] = m.add_rate
+    p[P_CANCEL_RATE] = m.cancel_rate
+    p[P_MO_BASE] = m.mo_base_rate
+    p[P_MO_ALPHA] = m.mo_alpha
+    p[P_MO_BETA] = m.mo_beta
+    p[P_MO_MU] = math.log(m.mo_size_median / m.lot_size)
+    p[P_MO_SIG] = m.mo_size_sigma
+    p[P_ADD_MU] = math.log(m.add_size_median / m.lot_size)
+    p[P_ADD_SIG] = m.add_size_sigma
+    p[P_HALF_SPREAD] = m.half_spread
+    p[P_ADD_DIST] = m.add_dist_mean
+    p[P_REFILL_GAP] = m.refill_gap_mean
+    p[P_CANCEL_LVL] = m.cancel_level_mean
+    p[P_FULL_CANCEL] = m.full_cancel_prob
+    p[P_PULL_RATE] = m.pull_rate
+    p[P_PULL_TOL] = m.pull_tol
+    p[P_TAKE_TOL] = m.take_tol
+    p[P_TAKE_PROB] = m.take_prob
+    p[P_MAX_DIST] = m.max_dist
+    p[P_MIN_LEVELS] = m.min_levels
+    p[P_LAT_MU] = math.log(m.latency_median_ms * 1e6)
+    p[P_LAT_SIG] = m.latency_sigma
+    p[P_TOUCH_PROB] = m.touch_prob
+    return p
+
+
+def _latent_params(lm: LatentModel) -> np.ndarray:
+    dt = GRID_NS / NS
+    year_s = 365.0 * 86400.0
+    v_dec = 0.5 ** (dt / lm.vol_factor_halflife_s)
+    b_dec = 0.5 ** (dt / lm.basis_halflife_s)
+    return np.array([
+        lm.price0,
+        lm.vol_annual * math.sqrt(dt / year_s),
+        v_dec,
+        lm.vol_factor_std * math.sqrt(1.0 - v_dec * v_dec),
+        lm.jump_rate_per_hour * dt / 3600.0,
+        lm.jump_std,
+        b_dec,
+        lm.basis_std * math.sqrt(1.0 - b_dec * b_dec),
+        lm.basis_mean,
+    ])
+
+
+class _AssetRun:
+    """One asset's mutable generator state and its day spool."""
+
+    def __init__(self, model: AssetModel, seed: int, stream: int, f0: float) -> None:
+        self.model = model
+        self.p = _params(model)
+        self.rng = _rng(seed, stream)
+        self.ist = np.zeros(N_ISTATE, np.int64)
+        self.fst = np.array([0.0, model.add_rate + model.cancel_rate + 2 * model.pull_rate + model.mo_base_rate])
+        k = model.max_levels
+        self.kp = np.zeros((2, k), np.int64)
+        self.kq = np.zeros((2, k), np.int64)
+        self.cnt = np.zeros(2, np.int64)
+        init_book_nb(f0 / model.tick_size, self.p, self.rng, self.kp, self.kq, self.cnt)
+        self.buf = np.zeros(1 << 18, event_dtype)
+
+    def run(self, t_end: int, fair_ticks: np.ndarray, grid_t0: int, sink: Any) -> None:
+        while True:
+            n = simulate_nb(self.buf, t_end, fair_ticks, grid_t0, GRID_NS, self.p, self.ist, self.fst,
+                            self.rng, self.kp, self.kq, self.cnt)
+            if sink is not None and n:
+                sink(self.buf[:n])
+            if self.ist[S_NEXT_T] >= t_end:
+                return
+
+    def snapshot(self, t: int) -> np.ndarray:
+        out = np.zeros(2 * self.model.max_levels + 2, event_dtype)
+        n = snapshot_nb(out, t, self.p, self.ist, self.rng, self.kp, self.kq, self.cnt)
+        return out[:n]
+
+
+class _DaySpool:
+    """Rows of one day spooled to a temp file beside the catalog day, then streamed into the npz."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".synth-", suffix=".spool", dir=folder)
+        self.path = Path(name)
+        self.fh = os.fdopen(fd, "wb")
+        self.rows = 0
+        self.first_ts = None
+        self.last_ts = None
+        self.counts = {"depth": 0, "trade": 0, "snapshot": 0, "clear": 0}
+
+    def __call__(self, rows: np.ndarray) -> None:
+        self.fh.write(rows.tobytes())
+        self.rows += len(rows)
+        if self.first_ts is None:
+            self.first_ts = int(rows["exch_ts"][0])
+        self.last_ts = int(rows["exch_ts"][-1])
+        kind = rows["ev"] & np.uint64(0xFF)
+        self.counts["depth"] += int(np.count_nonzero(kind == DEPTH_EVENT))
+        self.counts["trade"] += int(np.count_nonzero(kind == TRADE_EVENT))
+        self.counts["snapshot"] += int(np.count_nonzero(kind == DEPTH_SNAPSHOT_EVENT))
+        self.counts["clear"] += int(np.count_nonzero(kind == DEPTH_CLEAR_EVENT))
+
+    def commit(self, path: Path) -> None:
+        self.fh.close()
+        events = np.memmap(self.path, dtype=event_dtype, mode="r", shape=(self.rows,))
+        try:
+            _write_npz(path, events)
+        finally:
+            del events
+            self.discard()
+
+    def discard(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _write_npz(path: Path, events: np.ndarray) -> None:
+    """The catalog's npz layout (key ``data``), written atomically and byte-for-byte reproducibly.
+
+    ``catalog.write_day`` stamps the zip entry with the wall-clock time, so two identical runs would
+    differ in a few bytes; here the entry carries a fixed date. The array streams from ``events``
+    (a memmap of the spool) in 16 MiB pieces, so a 20 M-row day never sits in memory twice.
+    """
+    if events.dtype != event_dtype:
+        raise TypeError(f"events must have hftbacktest's event_dtype, got {events.dtype}")
+
+    def write(fh: Any) -> None:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            info = zipfile.ZipInfo("data.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info._compresslevel = 1  # level 6 is 4x slower for 5% smaller files of random-ish floats
+            with zf.open(info, "w", force_zip64=True) as fid:
+                np.lib.format.write_array(fid, events, allow_pickle=False)
+
+    catalog._atomic_write_bytes(path, write)
+
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str, flag: str = "--duration") -> float:
+    """Seconds in ``text`` such as ``90s``, ``15m``, ``1h``, ``1h30m``, ``2d`` or a plain number of seconds."""
+    s = text.strip().lower()
+    try:
+        seconds = float(s)
+    except ValueError:
+        m = _DURATION_RE.match(s)
+        if not s or m is None or not any(m.groups()):
+            raise SynthError(
+                f"{flag} {text!r} is not a duration; expected e.g. 90s, 15m, 1h, 1h30m, 2d or a number of seconds"
+            ) from None
+        d, h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        seconds = d * 86400 + h * 3600 + mi * 60 + se
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise SynthError(f"{flag} {text!r} must be a positive duration")
+    return seconds
+
+
+def parse_start(text: str | datetime, flag: str = "--start") -> datetime:
+    """A UTC datetime from ISO text (naive means UTC)."""
+    if isinstance(text, datetime):
+        dt = text
+    else:
+        try:
+            dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise SynthError(f"{flag} {text!r} is not an ISO date-time; expected e.g. 2024-01-01T00:00:00") from None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def parse_assets(text: str | list[str] | tuple[str, ...], flag: str = "--assets") -> tuple[str, ...]:
+    names = [a.strip().lower() for a in (text.split(",") if isinstance(text, str) else text) if a.strip()]
+    unknown = [a for a in names if a not in ASSETS]
+    if unknown or not names:
+        raise SynthError(
+            f"{flag}: unknown asset(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ASSETS)}"
+        )
+    return tuple(a for a in ASSETS if a in names)  # fixed order: the output does not depend on how they were listed
+
+
+def _ns(dt: datetime) -> int:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    delta = dt - epoch
+    return (delta.days * 86400 + delta.seconds) * NS + delta.microseconds * 1000
+
+
+def generate(
+    catalog_dir: Path | str,
+    seed: int = 7,
+    start: str | datetime = "2024-01-01T00:00:00",
+    duration_s: float = 3600.0,
+    assets: str | list[str] | tuple[str, ...] = ("perp", "spot"),
+    latent: LatentModel | None = None,
+) -> dict[str, Any]:
+    """Write the synthetic market for ``[start, start + duration_s)`` into ``catalog_dir``; return a summary.
+
+    Days are UTC days of exchange time; each day file starts with a full snapshot of the book as it
+    stands at the day's first instant. Day files that exist are replaced; meta.json is merged.
+    """
+    lm = latent or LatentModel()
+    keys = parse_assets(assets)
+    t_start = parse_start(start)
+    if not duration_s > 0 or not math.isfinite(duration_s):
+        raise SynthError(f"duration must be a positive number of seconds, got {duration_s}")
+    if not 0 <= seed < 2**63:
+        raise SynthError(f"--seed must be a non-negative 64-bit integer, got {seed}")
+    root = Path(catalog_dir)
+    t0 = _ns(t_start)
+    t1 = t0 + int(round(duration_s * NS))
+    wall = time.perf_counter()
+
+    lag_steps = int(round(lm.spot_lag_s * NS / GRID_NS))
+    lp = _latent_params(lm)
+    lrng = _rng(seed, 0)
+    lstate = np.array([0.0, 0.0, lm.basis_mean])
+    tail = np.full(lag_steps, lm.price0)
+    runs = {k: _AssetRun(ASSETS[k], seed, i + 1, lm.price0 - (lm.basis_mean if k == "spot" else 0.0))
+            for i, k in enumerate(ASSETS) if k in keys}
+
+    def fair_chunk(c0: int, c1: int) -> dict[str, np.ndarray]:
+        nonlocal tail
+        n = -(-(c1 - c0) // GRID_NS)
+        px = np.empty(n)
+        basis = np.empty(n)
+        latent_nb(n, lrng, lstate, lp, px, basis)
+        ext = np.concatenate([tail, px])
+        tail = ext[len(ext) - lag_steps:]
+        out: dict[str, np.ndarray] = {}
+        for k, run in runs.items():
+            fair = px if k == "perp" else ext[:n] - basis
+            out[k] = fair / run.model.tick_size
+        return out
+
+    # Warm-up: the book evolves before `start` without being written.
+    warm0 = t0 - WARMUP_S * NS
+    for run in runs.values():
+        run.ist[S_NEXT_T] = warm0
+        run.ist[S_LAST_LOCAL] = warm0
+    c = warm0
+    while c < t0:
+        c1 = min(t0, c + CHUNK_S * NS)
+        fairs = fair_chunk(c, c1)
+        for k, run in runs.items():
+            run.run(c1, fairs[k], c, None)
+        c = c1
+
+    days_out: dict[str, dict[str, dict[str, Any]]] = {ASSETS[k].symbol: {} for k in runs}
+    day_start = t0
+    while day_start < t1:
+        d = datetime.fromtimestamp(day_start // NS, UTC)
+        next_midnight = _ns(datetime(d.year, d.month, d.day, tzinfo=UTC) + timedelta(days=1))
+        day_end = min(t1, next_midnight)
+        day = d.strftime("%Y%m%d")
+        spools = {k: _DaySpool(catalog.symbol_dir(root, VENUE, run.model.symbol)) for k, run in runs.items()}
+        try:
+            for k, run in runs.items():
+                spools[k](run.snapshot(day_start))
+            c = day_start
+            while c < day_end:
+                c1 = min(day_end, c + CHUNK_S * NS)
+                fairs = fair_chunk(c, c1)
+                for k, run in runs.items():
+                    run.run(c1, fairs[k], c, spools[k])
+                c = c1
+            for k, run in runs.items():
+                sp = spools[k]
+                sp.commit(catalog.day_path(root, VENUE, run.model.symbol, day))
+                days_out[run.model.symbol][day] = {
+                    "first_ts": sp.first_ts,
+                    "last_ts": sp.last_ts,
+                    "events": sp.rows,
+                    "counts": sp.counts,
+                    "quality": _quality(seed, run.model, lm, t0, t1),
+                }
+        finally:
+            for sp in spools.values():
+                sp.discard()
+        day_start = day_end
+
+    summary: dict[str, Any] = {
+        "catalog": str(root),
+        "venue": VENUE,
+        "seed": seed,
+        "start": t_start.isoformat(),
+        "duration_s": duration_s,
+        "symbols": {},
+    }
+    for run in runs.values():
+        m = run.model
+        catalog.update_meta(root, VENUE, m.symbol, _instrument(m), days_out[m.symbol])
+        days = days_out[m.symbol]
+        summary["symbols"][m.symbol] = {
+            "days": sorted(days),
+            "events": sum(v["events"] for v in days.values()),
+            "trades": sum(v["counts"]["trade"] for v in days.values()),
+            "files": [str(catalog.day_path(root, VENUE, m.symbol, day)) for day in sorted(days)],
+        }
+    summary["seconds"] = round(time.perf_counter() - wall, 3)
+    return summary
+
+
+def _instrument(m: AssetModel) -> dict[str, Any]:
+    return {
+        "tick_size": m.tick_size,
+        "lot_size": m.lot_size,
+        "contract": {"kind": "linear", "size": 1.0},
+        "market": m.market,
+    }
+
+
+def _quality(seed: int, m: AssetModel, lm: LatentModel, t0: int, t1: int) -> dict[str, Any]:
+    q: dict[str, Any] = {"synthetic": True, "seed": seed, "window": [t0, t1]}
+    if m.key == "spot":
+        # What a researcher should recover from the data, recorded so tests and demos can check it.
+        q["lag_behind_latent_s"] = lm.spot_lag_s
+        q["basis_mean"] = lm.basis_mean
+    return q
