@@ -38,6 +38,91 @@ def _root(
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Event catalog folder.")]
 
 
+def _print_json(obj: object) -> None:
+    import orjson
+
+    typer.echo(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=str).decode())
+
+
+@app.command("run")
+def run_cmd(
+    strategy: Annotated[Path, typer.Argument(help="Strategy YAML.")],
+    catalog: Annotated[
+        Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a value: PATH=VALUE, e.g. quoter.params.half_spread=3 (repeatable)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, stats and series.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Validate, compose and backtest a strategy YAML."""
+    from quotelab.engine import run_strategy
+    from quotelab.errors import RunError
+
+    try:
+        result = run_strategy(strategy, catalog=catalog, overrides=set_ or [], out_dir=out)
+    except RunError as exc:
+        if json_ and getattr(exc.result, "summary", None) is not None:
+            _print_json(exc.result.summary)
+        raise
+    if json_:
+        _print_json(result.summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result.summary
+    table = Table(title=f"{s['name']}  ({strategy})", show_header=False)
+    for key in ("num_trades", "position", "balance", "fee", "equity", "trading_volume", "steps", "quoting_steps",
+                "warmup_steps", "nonfinite_skipped", "events", "compile_seconds", "run_seconds", "events_per_second"):
+        table.add_row(key, f"{s[key]:.6g}" if isinstance(s[key], float) else str(s[key]))
+    for key, value in (s.get("stats") or {}).items():
+        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if result.out_dir is not None:
+        typer.echo(f"results written to {result.out_dir}")
+
+
+@app.command("plugins")
+def plugins_cmd(
+    plugin: Annotated[
+        list[Path] | None, typer.Option("--plugin", help="Also load this local plugin file (repeatable).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown reference page to this file.")
+    ] = None,
+) -> None:
+    """List every registered component: role, name, params (defaults, units) and where it came from."""
+    from quotelab.docs import describe_components, markdown_reference
+    from quotelab.registry import load_registry
+
+    registry = load_registry(local_files=plugin or [])
+    rows = describe_components(registry)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(markdown_reference(rows))
+        typer.echo(f"wrote {markdown}")
+        return
+    if json_:
+        _print_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="quotelab components")
+    for col in ("role", "name", "params", "from"):
+        table.add_column(col)
+    for r in rows:
+        params = ", ".join(
+            f"{p['name']}={p['default']}" + (f" ({p['unit']})" if p.get("unit") else "") for p in r["params"]
+        )
+        table.add_row(r["role"], r["name"], params, r["source"])
+    Console().print(table)
+
+
 @app.command()
 def synth(
     catalog: CatalogOpt,

@@ -9,7 +9,7 @@ names nearest first. Nothing compiles before both phases pass.
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quotelab.component import asset_fields
 from quotelab.errors import ConfigError
 from quotelab.registry import Registry
-from quotelab.units import Price, Qty, Seconds, parse_quantity
+from quotelab.units import Price, Qty, Seconds
 
 Path_ = tuple[str | int, ...]
 
@@ -31,6 +31,9 @@ Path_ = tuple[str | int, ...]
 
 class _LineLoader(yaml.SafeLoader):
     """SafeLoader (no object-constructing tags) that remembers where each value sits."""
+
+
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
 def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path_, int]]:
@@ -50,6 +53,11 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path
 
     def walk(n: yaml.Node, at: Path_) -> Any:
         lines[at] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode | yaml.SequenceNode) and n.tag not in _PLAIN_TAGS:
+            raise ConfigError(
+                f"{path}:{n.start_mark.line + 1}: {fmt_path(at)}: tag {n.tag!r} is not allowed "
+                "(strategy files are data; only a local plugin file named under plugins: runs code)"
+            )
         if isinstance(n, yaml.MappingNode):
             out = {}
             for k, v in n.value:
@@ -63,7 +71,10 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path
         try:
             return loader.construct_object(n, deep=True)
         except yaml.constructor.ConstructorError as exc:
-            raise ConfigError(f"{path}:{n.start_mark.line + 1}: {exc.problem}") from exc
+            raise ConfigError(
+                f"{path}:{n.start_mark.line + 1}: {fmt_path(at)}: {exc.problem} "
+                "(strategy files are data; only a local plugin file named under plugins: runs code)"
+            ) from exc
 
     data = walk(node, ()) if node is not None else {}
     return data, lines
@@ -83,7 +94,10 @@ def line_of(lines: dict[Path_, int], at: Path_) -> int:
     return 1
 
 
-def raise_validation(exc: ValidationError, file: str | Path, lines: dict[Path_, int], prefix: Path_ = ()) -> None:
+def raise_validation(
+    exc: ValidationError, file: str | Path, lines: dict[Path_, int], prefix: Path_ = (),
+    model: type[BaseModel] | None = None,
+) -> None:
     msgs = []
     for err in exc.errors():
         at = (*prefix, *err["loc"])
@@ -91,7 +105,7 @@ def raise_validation(exc: ValidationError, file: str | Path, lines: dict[Path_, 
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             parent = at[:-1]
-            fields = _known_fields(exc, err)
+            fields = _known_fields(model or _MODEL_BY_TITLE.get(exc.title), err)
             if fields:
                 msg += f"; expected one of: {', '.join(fields)}"
             at = (*parent, at[-1])
@@ -101,8 +115,7 @@ def raise_validation(exc: ValidationError, file: str | Path, lines: dict[Path_, 
     raise ConfigError("\n".join(msgs))
 
 
-def _known_fields(exc: ValidationError, err: dict) -> list[str]:
-    model = _MODEL_BY_TITLE.get(exc.title)
+def _known_fields(model: type[BaseModel] | None, err: dict) -> list[str]:
     if model is None:
         return []
     for part in err["loc"][:-1]:
@@ -359,7 +372,7 @@ def load_strategy(
         try:
             params = component.params.model_validate(spec.params)
         except ValidationError as exc:
-            raise_validation(exc, path, lines, prefix=(*at, "params"))
+            raise_validation(exc, path, lines, prefix=(*at, "params"), model=component.params)
         for asset in asset_fields(params):
             if asset not in names:
                 raise ConfigError(
@@ -376,12 +389,3 @@ def load_strategy(
     return loaded, registry, parts
 
 
-def to_seconds(value: Any, where: str) -> float:
-    try:
-        return float(parse_quantity(value, "seconds"))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
-def today() -> str:
-    return date.today().strftime("%Y%m%d")

@@ -112,6 +112,7 @@ def load_registry(local_files: Iterable[str | Path] = (), entry_points: bool = T
             _register(pm, importlib.import_module(mod), mod)
         except Exception as exc:
             raise PluginError(f'Error importing plugin "{mod}": {type(exc).__name__}: {exc}') from exc
+    sources: dict[str, str] = {}
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
@@ -122,17 +123,18 @@ def load_registry(local_files: Iterable[str | Path] = (), entry_points: bool = T
                     f"uninstall it or block it with {BLOCK_ENV}={ep.name}"
                 ) from exc
             _register(pm, plugin, ep.name)
+            dist = getattr(ep, "dist", None)
+            sources[ep.name] = f"{dist.name} {dist.version}" if dist is not None else f"entry point {ep.name}"
     for path in local_files:
         path = Path(path)
         _register(pm, _import_local(path), str(path))
 
     registry = Registry(pm)
-    dists = {id(p): f"{d.project_name} {d.version}" for p, d in pm.list_plugin_distinfo()}
     # Calling each implementation ourselves (rather than the hook as a whole) is what lets an error
     # or a duplicate name point at the plugin that caused it.
-    for impl in reversed(pm.hook.quotelab_register_components.get_hookimpls()):
+    for impl in pm.hook.quotelab_register_components.get_hookimpls():
         plugin_name = impl.plugin_name
-        source = dists.get(id(impl.plugin)) or (
+        source = sources.get(plugin_name) or (
             f"quotelab {__version__}" if plugin_name.startswith("quotelab.plugins.") else plugin_name
         )
 

@@ -24,3 +24,22 @@ def shared_data() -> Path:
             pytest.fail(msg + "; CI=true requires it")
         pytest.skip(msg)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_catalog(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared USD-M BTCUSDT and ETHUSDT windows and spot BTCUSDT, converted once per session."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("real_catalog")
+    jobs = [
+        ("binance-usdm", "BTCUSDT", ["usdm/btcusdt_20240808.gz"]),
+        ("binance-usdm", "ETHUSDT", ["usdm/ethusdt_20240808.gz"]),
+        ("binance-spot", "BTCUSDT", ["spot/btcusdt_20240808.gz", "spot/btcusdt_20240809.gz"]),
+    ]
+    for fmt, symbol, files in jobs:
+        cmd = [sys.executable, "-m", "quotelab.cli", "convert", "--format", fmt, "--symbol", symbol,
+               "--catalog", str(root), *(str(shared_data / "binance" / f) for f in files)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return root

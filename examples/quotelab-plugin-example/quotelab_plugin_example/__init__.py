@@ -1,0 +1,41 @@
+"""Example third-party plugin: ``trade_sign_ewma``, an EWMA of market trade signs."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from pydantic import Field
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.layout import N_TRADES, TR_SIDE
+
+
+class TradeSignEwmaParams(Params):
+    asset: Asset = "quoted"
+    alpha: float = Field(0.1, gt=0, le=1, description="Weight of each new trade's sign.")
+
+
+def _pack(p: TradeSignEwmaParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.asset]), p.alpha]
+
+
+@njit(inline="always")
+def trade_sign_ewma_nb(view, trades, state, params, out):
+    a = int(params[0])
+    alpha = params[1]
+    value = state[0]
+    for k in range(int(view[a, N_TRADES])):
+        value = alpha * trades[a, k, TR_SIDE] + (1.0 - alpha) * value
+    state[0] = value
+    return value
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="signal", name="trade_sign_ewma", params=TradeSignEwmaParams, kernel=trade_sign_ewma_nb, pack=_pack,
+        state=lambda p: np.zeros(1), reads=lambda p: Reads(assets=(p.asset,), trades=True),
+        doc="EWMA of market trade signs, trade by trade (+1 buy-initiated, -1 sell-initiated).",
+        formula="s <- alpha * side + (1 - alpha) * s, for each trade",
+    ))
