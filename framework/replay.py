@@ -1,0 +1,456 @@
+"""Replay catalog events into the kernels' ``view``/``trades`` layout without hftbacktest.
+
+Fair-value evaluation, feature recording and kernel tests must see exactly what a strategy sees in
+a backtest, so this module rebuilds each asset's L2 book the way hftbacktest's local side does
+(``HashMapMarketDepth``: rows flagged LOCAL_EVENT, applied in local time, the same best-tick search
+and the same stale entries when a side crosses the other) and fills ``view`` and ``trades`` on the
+engine's grid exactly like :func:`quotelab.driver._fill_view`. Position, balance, fees and fills are
+0: nothing trades here.
+
+The book of each asset is a dense array over the tick range of its depth rows, so a lookup is an
+index, and a scan costs what hftbacktest's hash-map scan costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hftbacktest.types import (
+    BUY_EVENT,
+    DEPTH_CLEAR_EVENT,
+    DEPTH_EVENT,
+    DEPTH_SNAPSHOT_EVENT,
+    EXCH_EVENT,
+    LOCAL_EVENT,
+    SELL_EVENT,
+    TRADE_EVENT,
+)
+from numba import njit
+
+from quotelab import layout as L
+from quotelab.component import Component, PackContext, Params
+from quotelab.errors import DataError
+
+INVALID_MIN = np.iinfo(np.int64).min
+INVALID_MAX = np.iinfo(np.int64).max
+# A dense book over more ticks than this is almost surely a bad tick size or a stray price.
+MAX_BOOK_TICKS = 200_000_000
+
+# book tick slots per asset
+B_BEST_BID = 0
+B_BEST_ASK = 1
+B_LOW_BID = 2
+B_HIGH_ASK = 3
+
+
+@dataclass(frozen=True)
+class ReplayAsset:
+    """One asset's events (hftbacktest event_dtype, one or more consecutive arrays) and instrument."""
+
+    name: str
+    events: Sequence[np.ndarray]
+    tick_size: float
+    lot_size: float
+    contract_size: float = 1.0
+    inverse: bool = False
+
+    def first_ts(self) -> int:
+        """Where hftbacktest starts this asset's clock (the engine's ``AssetFeed.first_ts``)."""
+        ev = self.events[0]
+        exch = ev["exch_ts"][(ev["ev"] & EXCH_EVENT) == EXCH_EVENT]
+        local = ev["local_ts"][(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
+        big = np.iinfo(np.int64).max
+        return int(min(exch[0] if len(exch) else big, local[0] if len(local) else big))
+
+    def last_ts(self) -> int:
+        return int(max(self.events[-1]["local_ts"].max(), self.events[-1]["exch_ts"].max()))
+
+
+@dataclass
+class ReplayResult:
+    """Per step (a grid time at which every ready asset had a two-sided book and the kernel ran)."""
+
+    timestamps: np.ndarray  # int64 ns, grid times of the steps where the kernel ran
+    values: np.ndarray  # the kernel's return value
+    outs: np.ndarray | None  # (steps, OUT_WIDTH) copy of ``out`` after the kernel
+    views: np.ndarray | None  # (steps, n_assets, VIEW_WIDTH) copy of ``view`` given to the kernel
+    n_trades: np.ndarray  # (steps, n_assets) trades given to the kernel
+    grid_steps: int  # grid times visited, including warm-up
+    trades_dropped: int
+    origin_ns: int
+
+
+@njit
+def _depth_below(qty, base, start, end):
+    # hftbacktest's depth_below: the highest tick in [end, start) holding a positive quantity.
+    hi = min(start, base + len(qty))
+    lo = max(end, base)
+    t = hi - 1
+    while t >= lo:
+        if qty[t - base] > 0.0:
+            return t
+        t -= 1
+    return INVALID_MIN
+
+
+@njit
+def _depth_above(qty, base, start, end):
+    # hftbacktest's depth_above: the lowest tick in (start, end] holding a positive quantity.
+    lo = max(start + 1, base)
+    hi = min(end, base + len(qty) - 1)
+    t = lo
+    while t <= hi:
+        if qty[t - base] > 0.0:
+            return t
+        t += 1
+    return INVALID_MAX
+
+
+@njit
+def _qty_at(qty, base, t):
+    i = t - base
+    if i < 0 or i >= len(qty):
+        return 0.0
+    return qty[i]
+
+
+@njit
+def _update_bid(bid, ask, base, bk, px, q, tick, lot):
+    t = np.int64(np.round(px / tick))
+    q_lot = np.int64(np.round(q / lot))
+    i = t - base
+    if q_lot > 0:
+        bid[i] = q
+    else:
+        bid[i] = 0.0
+    if q_lot == 0:
+        if t == bk[B_BEST_BID]:
+            bk[B_BEST_BID] = _depth_below(bid, base, bk[B_BEST_BID], bk[B_LOW_BID])
+            if bk[B_BEST_BID] == INVALID_MIN:
+                bk[B_LOW_BID] = INVALID_MAX
+    else:
+        if t > bk[B_BEST_BID]:
+            bk[B_BEST_BID] = t
+            if bk[B_BEST_BID] >= bk[B_BEST_ASK]:
+                bk[B_BEST_ASK] = _depth_above(ask, base, bk[B_BEST_BID], bk[B_HIGH_ASK])
+        bk[B_LOW_BID] = min(bk[B_LOW_BID], t)
+
+
+@njit
+def _update_ask(bid, ask, base, bk, px, q, tick, lot):
+    t = np.int64(np.round(px / tick))
+    q_lot = np.int64(np.round(q / lot))
+    i = t - base
+    if q_lot > 0:
+        ask[i] = q
+    else:
+        ask[i] = 0.0
+    if q_lot == 0:
+        if t == bk[B_BEST_ASK]:
+            bk[B_BEST_ASK] = _depth_above(ask, base, bk[B_BEST_ASK], bk[B_HIGH_ASK])
+            if bk[B_BEST_ASK] == INVALID_MAX:
+                bk[B_HIGH_ASK] = INVALID_MIN
+    else:
+        if t < bk[B_BEST_ASK]:
+            bk[B_BEST_ASK] = t
+            if bk[B_BEST_BID] >= bk[B_BEST_ASK]:
+                bk[B_BEST_BID] = _depth_below(bid, base, bk[B_BEST_ASK], bk[B_LOW_BID])
+        bk[B_HIGH_ASK] = max(bk[B_HIGH_ASK], t)
+
+
+@njit
+def _clear(bid, ask, base, bk, side, px, tick):
+    n = len(bid)
+    if side == 1:
+        upto = np.int64(np.round(px / tick))
+        if bk[B_BEST_BID] != INVALID_MIN:
+            for t in range(max(upto, base), min(bk[B_BEST_BID] + 1, base + n)):
+                bid[t - base] = 0.0
+        bk[B_BEST_BID] = _depth_below(bid, base, upto - 1, bk[B_LOW_BID])
+        if bk[B_BEST_BID] == INVALID_MIN:
+            bk[B_LOW_BID] = INVALID_MAX
+    elif side == -1:
+        upto = np.int64(np.round(px / tick))
+        if bk[B_BEST_ASK] != INVALID_MAX:
+            for t in range(max(bk[B_BEST_ASK], base), min(upto + 1, base + n)):
+                ask[t - base] = 0.0
+        bk[B_BEST_ASK] = _depth_above(ask, base, upto + 1, bk[B_HIGH_ASK])
+        if bk[B_BEST_ASK] == INVALID_MAX:
+            bk[B_HIGH_ASK] = INVALID_MIN
+    else:
+        bid[:] = 0.0
+        ask[:] = 0.0
+        bk[B_BEST_BID] = INVALID_MIN
+        bk[B_BEST_ASK] = INVALID_MAX
+        bk[B_LOW_BID] = INVALID_MAX
+        bk[B_HIGH_ASK] = INVALID_MIN
+
+
+@njit
+def _fill_levels(view, a, bid, ask, base, bk, tick, n_levels, max_scan):
+    # Written like driver._fill_view (same int64 arithmetic, same scan bounds), so the levels match.
+    bb = bk[B_BEST_BID]
+    ba = bk[B_BEST_ASK]
+    view[a, L.BEST_BID] = np.nan if bb == INVALID_MIN else bb * tick
+    view[a, L.BEST_ASK] = np.nan if ba == INVALID_MAX else ba * tick
+    view[a, L.BID_QTY] = _qty_at(bid, base, bb)
+    view[a, L.ASK_QTY] = _qty_at(ask, base, ba)
+    view[a, L.BEST_BID_TICK] = bb
+    view[a, L.BEST_ASK_TICK] = ba
+    view[a, L.BID_PX] = view[a, L.BEST_BID]
+    view[a, L.BID_SZ] = view[a, L.BID_QTY]
+    view[a, L.ASK_PX] = view[a, L.BEST_ASK]
+    view[a, L.ASK_SZ] = view[a, L.ASK_QTY]
+    if n_levels > 1:
+        k = 1
+        t = bb - 1
+        stop = t - max_scan
+        while k < n_levels and t > stop:
+            q = _qty_at(bid, base, t)
+            if q > 0.0:
+                view[a, L.BID_PX + k] = t * tick
+                view[a, L.BID_SZ + k] = q
+                k += 1
+            t -= 1
+        while k < n_levels:
+            view[a, L.BID_PX + k] = np.nan
+            view[a, L.BID_SZ + k] = 0.0
+            k += 1
+        k = 1
+        t = ba + 1
+        stop = t + max_scan
+        while k < n_levels and t < stop:
+            q = _qty_at(ask, base, t)
+            if q > 0.0:
+                view[a, L.ASK_PX + k] = t * tick
+                view[a, L.ASK_SZ + k] = q
+                k += 1
+            t += 1
+        while k < n_levels:
+            view[a, L.ASK_PX + k] = np.nan
+            view[a, L.ASK_SZ + k] = 0.0
+            k += 1
+
+
+@njit
+def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, book_start, bid_all, ask_all, books,
+               origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask,
+               rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters):
+    n_assets = view.shape[0]
+    cap = trades.shape[1]
+    ptr = row_start[:n_assets].copy()
+    n_tr = np.zeros(n_assets, dtype=np.int64)
+    last_time = np.nan
+    n_rec = 0
+    for k in range(n_grid):
+        now_ns = origin + (k + 1) * step_ns
+        for a in range(n_assets):
+            bid = bid_all[book_start[a]:book_start[a + 1]]
+            ask = ask_all[book_start[a]:book_start[a + 1]]
+            base = book_base[a]
+            bk = books[a]
+            tick = view[a, L.TICK]
+            lot = view[a, L.LOT]
+            n_tr[a] = 0
+            i = ptr[a]
+            end = row_start[a + 1]
+            while i < end and local_ts[i] <= now_ns:
+                e = ev[i]
+                kind = e & 0xFF
+                side = 1 if (e & BUY_EVENT) == BUY_EVENT else (-1 if (e & SELL_EVENT) == SELL_EVENT else 0)
+                if kind == DEPTH_CLEAR_EVENT:
+                    _clear(bid, ask, base, bk, side, px[i], tick)
+                elif kind in (DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT):
+                    if side == 1:
+                        _update_bid(bid, ask, base, bk, px[i], qty[i], tick, lot)
+                    elif side == -1:
+                        _update_ask(bid, ask, base, bk, px[i], qty[i], tick, lot)
+                elif kind == TRADE_EVENT:
+                    j = n_tr[a]
+                    if j < cap:
+                        trades[a, j, L.TR_PX] = px[i]
+                        trades[a, j, L.TR_QTY] = qty[i]
+                        trades[a, j, L.TR_SIDE] = 1.0 if (e & BUY_EVENT) == BUY_EVENT else -1.0
+                        trades[a, j, L.TR_TIME] = (exch_ts[i] - origin) * 1e-9
+                    n_tr[a] = j + 1
+                i += 1
+            ptr[a] = i
+        for a in range(n_assets):
+            bk = books[a]
+            _fill_levels(view, a, bid_all[book_start[a]:book_start[a + 1]], ask_all[book_start[a]:book_start[a + 1]],
+                         book_base[a], bk, view[a, L.TICK], n_levels, max_scan)
+            now = (now_ns - origin) * 1e-9
+            view[a, L.STEP_SECONDS] = now - last_time if last_time == last_time else 0.0
+            view[a, L.TIME] = now
+            n = min(n_tr[a], cap)
+            view[a, L.N_TRADES] = n
+            counters[1] += n_tr[a] - n
+        last_time = view[quoted, L.TIME]
+        counters[0] += 1
+        ready = True
+        for a in range(n_assets):
+            if ready_mask[a] and not (np.isfinite(view[a, L.BEST_BID]) and np.isfinite(view[a, L.BEST_ASK])):
+                ready = False
+        if not ready:
+            continue
+        if keep_view:
+            rec_view[n_rec] = view
+        v = kernel(view, trades, state, params, out)
+        rec_ts[n_rec] = now_ns
+        rec_values[n_rec] = v
+        for a in range(n_assets):
+            rec_ntr[n_rec, a] = view[a, L.N_TRADES]
+        if keep_out:
+            rec_out[n_rec] = out
+        n_rec += 1
+    return n_rec
+
+
+def _local_rows(events: Sequence[np.ndarray]) -> np.ndarray:
+    ev = np.concatenate(list(events)) if len(events) > 1 else events[0]
+    rows = ev[(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
+    # Stable, so rows with equal local time keep their file order, as in hftbacktest's reader.
+    return rows[np.argsort(rows["local_ts"], kind="stable")]
+
+
+def _tick_range(rows: np.ndarray, tick: float, name: str) -> tuple[int, int]:
+    kind = rows["ev"] & 0xFF
+    book = rows[(kind == DEPTH_EVENT) | (kind == DEPTH_SNAPSHOT_EVENT)]
+    if not len(book):
+        return 0, 1
+    ticks = np.round(book["px"] / tick).astype(np.int64)
+    lo, hi = int(ticks.min()), int(ticks.max())
+    if hi - lo + 1 > MAX_BOOK_TICKS:
+        raise DataError(
+            f"replay: {name}'s depth prices span {hi - lo + 1} ticks of {tick}; check its tick size"
+        )
+    return lo, hi - lo + 1
+
+
+def replay(
+    assets: Sequence[ReplayAsset],
+    kernel: Any,
+    params: np.ndarray,
+    state: np.ndarray | None = None,
+    *,
+    quoted: int = 0,
+    step: float = 0.1,
+    origin_ns: int | None = None,
+    n_levels: int = 1,
+    max_scan_ticks: int = 2000,
+    trades_capacity: int = 10000,
+    ready: Sequence[int] | None = None,
+    keep_out: bool = False,
+    keep_view: bool = False,
+) -> ReplayResult:
+    """Replay ``assets`` on a grid of ``step`` seconds and call ``kernel`` at every ready step.
+
+    ``kernel`` has the layout signature (a component's ``@njit`` kernel or a composed strategy).
+    The grid is ``origin + k·step``, k ≥ 1, as the engine's: ``origin_ns`` defaults to the quoted
+    asset's first event (engine.origin: quoted). A step is ready when every asset in ``ready``
+    (default: all) has a two-sided book; before that the kernel is not called (warm-up).
+    ``state`` is updated in place.
+    """
+    if not 1 <= n_levels <= L.MAX_LEVELS:
+        raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
+    step_ns = int(round(step * 1e9))
+    if step_ns <= 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    n = len(assets)
+    origin = assets[quoted].first_ts() if origin_ns is None else int(origin_ns)
+    end = max(a.last_ts() for a in assets)
+    n_grid = max(0, (end - origin) // step_ns)
+
+    rows = [_local_rows(a.events) for a in assets]
+    row_start = np.zeros(n + 1, dtype=np.int64)
+    row_start[1:] = np.cumsum([len(r) for r in rows])
+    allrows = np.concatenate(rows) if n else rows
+    ranges = [_tick_range(r, a.tick_size, a.name) for r, a in zip(rows, assets, strict=True)]
+    book_base = np.array([lo for lo, _ in ranges], dtype=np.int64)
+    book_start = np.zeros(n + 1, dtype=np.int64)
+    book_start[1:] = np.cumsum([size for _, size in ranges])
+    bid_all = np.zeros(int(book_start[-1]))
+    ask_all = np.zeros(int(book_start[-1]))
+    books = np.empty((n, 4), dtype=np.int64)
+    books[:, B_BEST_BID] = INVALID_MIN
+    books[:, B_BEST_ASK] = INVALID_MAX
+    books[:, B_LOW_BID] = INVALID_MAX
+    books[:, B_HIGH_ASK] = INVALID_MIN
+
+    view = np.full((n, L.VIEW_WIDTH), np.nan)
+    for i, a in enumerate(assets):
+        view[i, L.TICK] = a.tick_size
+        view[i, L.LOT] = a.lot_size
+        view[i, L.CONTRACT_SIZE] = a.contract_size
+        view[i, L.INVERSE] = 1.0 if a.inverse else 0.0
+        view[i, L.POSITION] = 0.0
+        view[i, L.BALANCE] = 0.0
+        view[i, L.FEE] = 0.0
+        view[i, L.NUM_FILLS] = 0.0
+    trades = np.zeros((n, trades_capacity, L.TR_WIDTH))
+    ready_mask = np.zeros(n, dtype=np.bool_)
+    ready_mask[list(range(n)) if ready is None else list(ready)] = True
+    state = np.zeros(0) if state is None else state
+    out = np.zeros(L.OUT_WIDTH)
+    rec_ts = np.zeros(n_grid, dtype=np.int64)
+    rec_values = np.full(n_grid, np.nan)
+    rec_out = np.zeros((n_grid if keep_out else 1, L.OUT_WIDTH))
+    rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
+    rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
+    counters = np.zeros(2, dtype=np.int64)
+    m = _replay_nb(
+        kernel, allrows["ev"].astype(np.int64), allrows["local_ts"].copy(), allrows["exch_ts"].copy(),
+        allrows["px"].copy(), allrows["qty"].copy(), row_start, book_base, book_start, bid_all, ask_all, books,
+        origin, step_ns, n_grid, view, trades, state, np.ascontiguousarray(params, dtype=np.float64), out,
+        n_levels, max_scan_ticks, quoted, ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr,
+        keep_out, keep_view, counters,
+    )
+    return ReplayResult(
+        timestamps=rec_ts[:m], values=rec_values[:m], outs=rec_out[:m] if keep_out else None,
+        views=rec_view[:m] if keep_view else None, n_trades=rec_ntr[:m], grid_steps=int(counters[0]),
+        trades_dropped=int(counters[1]), origin_ns=origin,
+    )
+
+
+def context(assets: Sequence[ReplayAsset], quoted: int = 0) -> PackContext:
+    """The PackContext the engine would build for these assets."""
+    index = {a.name: i for i, a in enumerate(assets)} | {"quoted": quoted}
+    return PackContext(
+        asset_index=index, tick_size={a.name: a.tick_size for a in assets},
+        lot_size={a.name: a.lot_size for a in assets}, quoted=assets[quoted].name,
+    )
+
+
+def replay_component(
+    component: Component, params: Params | dict[str, Any], assets: Sequence[ReplayAsset], quoted: int = 0,
+    **kw: Any,
+) -> ReplayResult:
+    """Replay one component's kernel alone, with its packed params and initial state.
+
+    ``out`` is not reset between steps and no other component writes it, so this suits parts that
+    read only ``view``/``trades``; use :func:`replay_composition` for parts that read ``out``.
+    """
+    p = params if isinstance(params, Params) else component.make_params(params)
+    ctx = context(assets, quoted)
+    packed = np.asarray(component.pack(p, ctx), dtype=np.float64)
+    state = np.asarray(component.state(p), dtype=np.float64).copy()
+    reads = component.reads(p)
+    kw.setdefault("n_levels", reads.depth_levels)
+    kw.setdefault("ready", sorted({ctx.asset_index[x] for x in reads.assets} | {quoted}))
+    return replay(assets, component.kernel, packed, state, quoted=quoted, **kw)
+
+
+def replay_composition(composition: Any, assets: Sequence[ReplayAsset], quoted: int = 0, **kw: Any) -> ReplayResult:
+    """Replay a composed strategy (a :class:`quotelab.composer.Composition`); ``out`` rows kept."""
+    kw.setdefault("keep_out", True)
+    return replay(assets, composition.kernel, composition.params, composition.state.copy(), quoted=quoted, **kw)
+
+
+def load_npz_asset(path: str | Path, name: str, tick_size: float, lot_size: float, **kw: Any) -> ReplayAsset:
+    """A ReplayAsset from an hftbacktest npz file (its ``data`` array)."""
+    with np.load(path) as z:
+        return ReplayAsset(name=name, events=[z["data"]], tick_size=tick_size, lot_size=lot_size, **kw)
