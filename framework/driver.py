@@ -27,7 +27,8 @@ C_ON_NONFINITE = 6  # 0 stop, 1 skip the quote and count it
 C_RECORD_EVERY_NS = 7
 C_ORIGIN_NS = 8
 C_MAX_SCAN_TICKS = 9
-C_WIDTH = 10
+C_NEED_TRADES = 10  # 0: no component reads trades, so the engine leaves hftbacktest's buffer alone
+C_WIDTH = 11
 
 # record columns
 R_MID = 0
@@ -58,7 +59,7 @@ K_WIDTH = 8
 
 
 @njit
-def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time):
+def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, account, need_trades):
     depth = hbt.depth(a)
     tick = view[a, L.TICK]
     view[a, L.BEST_BID] = depth.best_bid
@@ -67,11 +68,12 @@ def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time):
     view[a, L.ASK_QTY] = depth.best_ask_qty
     view[a, L.BEST_BID_TICK] = depth.best_bid_tick
     view[a, L.BEST_ASK_TICK] = depth.best_ask_tick
-    sv = hbt.state_values(a)
-    view[a, L.POSITION] = sv.position
-    view[a, L.BALANCE] = sv.balance
-    view[a, L.FEE] = sv.fee
-    view[a, L.NUM_FILLS] = sv.num_trades
+    if account:
+        sv = hbt.state_values(a)
+        view[a, L.POSITION] = sv.position
+        view[a, L.BALANCE] = sv.balance
+        view[a, L.FEE] = sv.fee
+        view[a, L.NUM_FILLS] = sv.num_trades
     now = (hbt.current_timestamp - origin) * 1e-9
     view[a, L.STEP_SECONDS] = now - last_time if last_time == last_time else 0.0
     view[a, L.TIME] = now
@@ -108,6 +110,8 @@ def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time):
             view[a, L.ASK_PX + k] = np.nan
             view[a, L.ASK_SZ + k] = 0.0
             k += 1
+    if not need_trades:
+        return 0
     lt = hbt.last_trades(a)
     n = min(len(lt), trades.shape[1])
     for i in range(n):
@@ -193,7 +197,8 @@ def run_driver(hbt, fns, view, trades, state, params, out, cfg, ready_mask, rec_
             hbt.clear_inactive_orders(a)
         for a in range(n_assets):
             counters[K_TRADES_DROPPED] += _fill_view(
-                hbt, a, view, trades, cfg[C_LEVELS], cfg[C_MAX_SCAN_TICKS], origin, last_time
+                hbt, a, view, trades, cfg[C_LEVELS], cfg[C_MAX_SCAN_TICKS], origin, last_time, a == q,
+                cfg[C_NEED_TRADES] != 0,
             )
         last_time = view[q, L.TIME]
         ready = True

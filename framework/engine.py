@@ -150,6 +150,7 @@ def run_loaded(
     ready_mask = np.zeros(len(feeds), dtype=np.bool_)
     ready_mask[q] = True
     n_levels = 1
+    need_trades = False
     for role, at, spec, component, params in parts:
         where = "".join(f"[{p}]" if isinstance(p, int) else p for p in at)
         alpha_price, alpha_bps = parse_alpha(spec.alpha, tick_q) if role == "signal" else (0.0, 0.0)
@@ -160,6 +161,7 @@ def run_loaded(
         if reads.depth_levels > L.MAX_LEVELS:
             raise ConfigError(f"{loaded.where(at)}: reads {reads.depth_levels} depth levels; at most {L.MAX_LEVELS}")
         n_levels = max(n_levels, reads.depth_levels)
+        need_trades = need_trades or reads.trades
         {"fair_value": fvs, "signal": sigs, "risk": risks}.get(role, []).append(part)
         if role == "quoter":
             quoter = part
@@ -190,6 +192,7 @@ def run_loaded(
         view[i, L.LOT] = f.lot_size
         view[i, L.CONTRACT_SIZE] = f.contract_size
         view[i, L.INVERSE] = 1.0 if f.contract == "inverse" else 0.0
+        view[i, [L.POSITION, L.BALANCE, L.FEE, L.NUM_FILLS, L.N_TRADES]] = 0.0
     trades = np.zeros((len(feeds), max(f.engine.last_trades_capacity for f in feeds), L.TR_WIDTH))
     out = np.zeros(L.OUT_WIDTH)
     cfg_arr = np.zeros(D.C_WIDTH, dtype=np.int64)
@@ -203,6 +206,7 @@ def run_loaded(
     cfg_arr[D.C_RECORD_EVERY_NS] = record_every
     cfg_arr[D.C_ORIGIN_NS] = origin
     cfg_arr[D.C_MAX_SCAN_TICKS] = cfg.engine.max_scan_ticks
+    cfg_arr[D.C_NEED_TRADES] = int(need_trades)
     rec_ts = np.zeros(capacity, dtype=np.int64)
     rec = np.full((capacity, D.R_WIDTH), np.nan)
     counters = np.zeros(D.K_WIDTH, dtype=np.int64)

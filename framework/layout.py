@@ -7,7 +7,9 @@ Every component kernel has one signature::
 * ``view[asset, FIELD]`` is the market and account state of each asset at this step, filled by the
   engine (or by any other replayer: evaluation and feature recording use the same layout).
 * ``trades[asset, k, TR_*]`` for ``k < view[asset, N_TRADES]`` are the market trades since the
-  previous step, oldest first.
+  previous step, oldest first. They are filled only when some component of the strategy declares
+  ``Reads(trades=True)``; otherwise ``N_TRADES`` stays 0.
+* Account columns (position, balance, fee, fills) are filled for the quoted asset only.
 * ``state`` is the component's own slice (persisting between steps); ``params`` its packed
   parameters (runtime values, never compile-time constants).
 * ``out`` is the step's scratch row: the running pricing terms, each component's output, and the
