@@ -297,3 +297,12 @@ def test_cli_in_a_subprocess(tmp_path):
     assert bad.returncode == 2
     assert "--duration 'soon' is not a duration" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("symbol", ["SYNPERP", "SYNSPOT"])
+def test_trades_come_in_bursts(hour, symbol):
+    ev = _day(hour[0], symbol)
+    aggressions = np.unique(ev["exch_ts"][(ev["ev"] & np.uint64(0xFF)) == TRADE_EVENT])
+    per_second = np.bincount((aggressions - ev["exch_ts"][0]) // 10**9)
+    assert 0.5 < per_second.mean() < 10
+    assert per_second.var() / per_second.mean() > 1.3  # a Poisson stream would give 1

@@ -54,7 +54,7 @@ from hftbacktest.types import (
 )
 from numba import njit
 
-from quotelab.data import catalog
+from quotelab.data import catalog as _catalog
 from quotelab.errors import QuotelabError
 
 VENUE = "synthetic"
@@ -718,7 +718,7 @@ class _DaySpool:
 def _write_npz(path: Path, spool: Path, rows: int) -> None:
     """The catalog's npz layout (key ``data``), written atomically and byte-for-byte reproducibly.
 
-    ``catalog.write_day`` stamps the zip entry with the wall-clock time, so two identical runs would
+    ``_catalog.write_day`` stamps the zip entry with the wall-clock time, so two identical runs would
     differ in a few bytes; here the entry carries a fixed date. The rows are copied from the spool
     file in 16 MiB blocks behind the same header ``np.save`` writes, so a 40 M-row day never sits in
     memory (a memmap would: its pages count toward the resident set as they are read).
@@ -736,7 +736,7 @@ def _write_npz(path: Path, spool: Path, rows: int) -> None:
                 np.lib.format.write_array_header_1_0(fid, header)
                 shutil.copyfileobj(src, fid, 16 << 20)
 
-    catalog._atomic_write_bytes(path, write)
+    _catalog._atomic_write_bytes(path, write)
 
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -789,14 +789,14 @@ def _ns(dt: datetime) -> int:
 
 
 def generate(
-    catalog_dir: Path | str,
+    catalog: Path | str,
     seed: int = 7,
     start: str | datetime = "2024-01-01T00:00:00",
     duration_s: float = 3600.0,
     assets: str | list[str] | tuple[str, ...] = ("perp", "spot"),
     latent: LatentModel | None = None,
 ) -> dict[str, Any]:
-    """Write the synthetic market for ``[start, start + duration_s)`` into ``catalog_dir``; return a summary.
+    """Write the synthetic market for ``[start, start + duration_s)`` into ``catalog``; return a summary.
 
     Days are UTC days of exchange time; each day file starts with a full snapshot of the book as it
     stands at the day's first instant. Day files that exist are replaced; meta.json is merged.
@@ -808,7 +808,7 @@ def generate(
         raise SynthError(f"duration must be a positive number of seconds, got {duration_s}")
     if not 0 <= seed < 2**63:
         raise SynthError(f"--seed must be a non-negative 64-bit integer, got {seed}")
-    root = Path(catalog_dir)
+    root = Path(catalog)
     t0 = _ns(t_start)
     t1 = t0 + int(round(duration_s * NS))
     wall = time.perf_counter()
@@ -855,7 +855,7 @@ def generate(
         next_midnight = _ns(datetime(d.year, d.month, d.day, tzinfo=UTC) + timedelta(days=1))
         day_end = min(t1, next_midnight)
         day = d.strftime("%Y%m%d")
-        spools = {k: _DaySpool(catalog.symbol_dir(root, VENUE, run.model.symbol)) for k, run in runs.items()}
+        spools = {k: _DaySpool(_catalog.symbol_dir(root, VENUE, run.model.symbol)) for k, run in runs.items()}
         try:
             for k, run in runs.items():
                 spools[k](run.snapshot(day_start))
@@ -868,7 +868,7 @@ def generate(
                 c = c1
             for k, run in runs.items():
                 sp = spools[k]
-                sp.commit(catalog.day_path(root, VENUE, run.model.symbol, day))
+                sp.commit(_catalog.day_path(root, VENUE, run.model.symbol, day))
                 days_out[run.model.symbol][day] = {
                     "first_ts": sp.first_ts,
                     "last_ts": sp.last_ts,
@@ -891,13 +891,13 @@ def generate(
     }
     for run in runs.values():
         m = run.model
-        catalog.update_meta(root, VENUE, m.symbol, _instrument(m), days_out[m.symbol])
+        _catalog.update_meta(root, VENUE, m.symbol, _instrument(m), days_out[m.symbol])
         days = days_out[m.symbol]
         summary["symbols"][m.symbol] = {
             "days": sorted(days),
             "events": sum(v["events"] for v in days.values()),
             "trades": sum(v["counts"]["trade"] for v in days.values()),
-            "files": [str(catalog.day_path(root, VENUE, m.symbol, day)) for day in sorted(days)],
+            "files": [str(_catalog.day_path(root, VENUE, m.symbol, day)) for day in sorted(days)],
         }
     summary["seconds"] = round(time.perf_counter() - wall, 3)
     return summary
