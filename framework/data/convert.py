@@ -1,0 +1,158 @@
+"""``quotelab convert``: pick the converter for a format, stage its days, commit them, summarise.
+
+Adding a format is one line in :data:`FORMATS`: a name, the catalog venue it writes, and the
+converter as ``"module:function"`` (imported only when used). A converter is called as
+``fn(files, job)`` with a :class:`~quotelab.data.events.ConvertJob`; it hands every finished day to
+``job.on_day`` and returns conversion-wide facts (files, message counts, findings).
+
+All or nothing: days are written (each atomically, by ``catalog.write_day``) into a staging folder
+inside the catalog; only when the whole conversion succeeded are they moved into place (a rename on
+the same file system) and meta.json updated, last. A failure on any day removes the staging folder,
+so the catalog and its meta.json stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quotelab.data import catalog
+from quotelab.data.events import ConvertJob, DayResult
+from quotelab.data.instruments import resolve
+from quotelab.errors import DataError
+
+
+@dataclass(frozen=True)
+class Format:
+    venue: str
+    converter: str  # "module:function"
+
+
+FORMATS: dict[str, Format] = {
+    "binance-spot": Format("binance-spot", "quotelab.data.binance:convert_spot"),
+    "binance-usdm": Format("binance-usdm", "quotelab.data.binance:convert_usdm"),
+    "binance-cm": Format("binance-cm", "quotelab.data.binance:convert_cm"),
+    "bybit": Format("bybit", "quotelab.data.bybit:convert"),
+    "okx": Format("okx", "quotelab.data.okx:convert"),
+    "tardis": Format("tardis", "quotelab.data.tardis:convert"),
+}
+
+
+def _load(fmt: Format) -> Any:
+    module, func = fmt.converter.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def convert_files(
+    fmt_name: str,
+    files: Sequence[Path | str],
+    symbol: str,
+    catalog_dir: Path | str,
+    tick_size: float | None = None,
+    lot_size: float | None = None,
+) -> dict[str, Any]:
+    """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary."""
+    fmt = FORMATS.get(fmt_name)
+    if fmt is None:
+        raise DataError(f"unknown format {fmt_name!r}; known formats: {', '.join(sorted(FORMATS))}")
+    if not files:
+        raise DataError("no input files given")
+    for f in files:
+        if not Path(f).is_file():
+            raise DataError(f"{f}: no such file")
+    instrument = resolve(fmt.venue, symbol, tick_size, lot_size)
+    root = Path(catalog_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+    days: dict[str, dict[str, Any]] = {}
+    staged: dict[str, Path] = {}
+
+    def on_day(res: DayResult) -> None:
+        if res.day in staged:
+            raise DataError(f"{fmt.venue}/{symbol}: day {res.day} produced twice (input files not in time order?)")
+        staged[res.day] = catalog.write_day(staging, fmt.venue, symbol, res.day, res.events)
+        days[res.day] = res.info
+
+    job = ConvertJob(fmt.venue, symbol, instrument, on_day)
+    t0 = time.perf_counter()
+    try:
+        info = _load(fmt)(list(map(Path, files)), job)
+        final: dict[str, Path] = {}
+        for day, src in staged.items():
+            dst = catalog.day_path(root, fmt.venue, symbol, day)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            final[day] = dst
+        for day, path in final.items():
+            days[day]["file"] = str(path)
+        catalog.update_meta(root, fmt.venue, symbol, instrument, days)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    elapsed = time.perf_counter() - t0
+    lines = int(info.get("messages", {}).get("lines", 0))
+    return {
+        "format": fmt_name, "venue": fmt.venue, "symbol": symbol, "catalog": str(root),
+        "instrument": instrument, "seconds": round(elapsed, 3),
+        "lines_per_s": round(lines / elapsed) if elapsed > 0 else None,
+        **info,
+        "days": {d: days[d] for d in sorted(days)},
+    }
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _ts(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
+
+
+def render_summary(summary: dict[str, Any]) -> None:
+    """Print the human summary (rich tables)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    m = summary.get("messages", {})
+    con.print(f"[bold]{summary['venue']}/{summary['symbol']}[/] → {summary['catalog']}  "
+              f"({m.get('lines', 0):,} lines in {summary['seconds']} s, {summary['lines_per_s'] or 0:,} lines/s)")
+    con.print(f"instrument: tick {summary['instrument']['tick_size']}, lot {summary['instrument']['lot_size']}, "
+              f"{summary['instrument']['contract']['kind']} × {summary['instrument']['contract']['size']} "
+              f"({summary['instrument']['origin']})")
+    con.print("messages: " + ", ".join(f"{k} {v:,}" for k, v in m.items() if k != "lines"))
+    t = Table(title="catalog days")
+    for col in ("day", "file", "events", "depth/snap/clear", "trades buy/sell", "first → last (UTC, exch)",
+                "book = bookTicker", "clock offset", "latency p50/p90/p99 ms"):
+        t.add_column(col)
+    for day, d in summary["days"].items():
+        c, q = d["counts"], d["quality"]
+        a = q.get("agreement") or {}
+        rate = "-" if a.get("rate") is None else f"{a['rate']:.4%} ({a['agreed']:,}/{a['compared']:,})"
+        lat = q["latency"]
+        t.add_row(day, d.get("file", ""), f"{d['events']:,}",
+                  f"{c['depth']:,}/{c['depth_snapshot']:,}/{c['depth_clear']}",
+                  f"{c['trade_buy']:,}/{c['trade_sell']:,}",
+                  f"{_ts(d['first_ts'])} → {_ts(d['last_ts'])}", rate,
+                  f"+{q['clock_offset_ns'] / 1e6:.3f} ms",
+                  f"{_ms(lat['p50_ms'])}/{_ms(lat['p90_ms'])}/{_ms(lat['p99_ms'])}")
+    con.print(t)
+    findings = list(summary.get("findings", []))
+    for day, d in summary["days"].items():
+        findings += [{**f, "day": day} for f in d["quality"]["findings"]]
+    if findings:
+        ft = Table(title="findings")
+        for col in ("kind", "count", "where", "message"):
+            ft.add_column(col)
+        for f in findings:
+            where = f"{f.get('file', '')}:{f['line']}" if f.get("line") else f.get("day", "")
+            ft.add_row(f["kind"], str(f["count"]), where, f["message"])
+        con.print(ft)
