@@ -418,7 +418,7 @@ def _sweep_nb(out, n, side, rem, limit_key, t, loc, uid, p, ist, kp, kq, cnt) ->
 
 
 @njit(cache=True)
-def simulate_nb(out, t_end: int, fair: np.ndarray, grid_t0: int, grid_dt: int, p: np.ndarray,
+def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, grid_dt: int, p: np.ndarray,
                 ist: np.ndarray, fst: np.ndarray, rng: np.ndarray, kp: np.ndarray, kq: np.ndarray,
                 cnt: np.ndarray) -> int:
     """Run one asset's book until ``t_end`` (ns) or until ``out`` is nearly full; return rows written.
@@ -535,7 +535,7 @@ def simulate_nb(out, t_end: int, fair: np.ndarray, grid_t0: int, grid_dt: int, p
 
 
 @njit(cache=True)
-def snapshot_nb(out, t: int, p: np.ndarray, ist: np.ndarray, rng: np.ndarray, kp: np.ndarray,
+def snapshot_nb(out: np.ndarray, t: int, p: np.ndarray, ist: np.ndarray, rng: np.ndarray, kp: np.ndarray,
                 kq: np.ndarray, cnt: np.ndarray) -> int:
     """Write the whole book as clear + snapshot rows (bids then asks, best first); return rows written."""
     loc = max(ist[S_LAST_LOCAL], t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
