@@ -155,6 +155,30 @@ def synth(
         typer.echo(f"  {symbol}: {info['events']:,} events, {info['trades']:,} trades, days {', '.join(info['days'])}")
 
 
+@app.command()
+def convert(
+    files: Annotated[list[Path], typer.Argument(help="Raw capture files of one symbol, in time order.")],
+    fmt: Annotated[str, typer.Option("--format", help="Input format, e.g. binance-usdm, binance-cm, binance-spot.")],
+    symbol: Annotated[str, typer.Option("--symbol", help="Symbol as the venue names it, e.g. BTCUSDT.")],
+    catalog: CatalogOpt,
+    tick_size: Annotated[
+        float | None, typer.Option("--tick-size", help="Price tick; required for symbols without a built-in spec.")
+    ] = None,
+    lot_size: Annotated[
+        float | None, typer.Option("--lot-size", help="Quantity step; required for symbols without a built-in spec.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Convert raw captures into catalog days (one npz per UTC day) and report the data's quality."""
+    from quotelab.data.convert import convert_files, render_summary
+
+    summary = convert_files(fmt, files, symbol, catalog, tick_size=tick_size, lot_size=lot_size)
+    if as_json:
+        _print_json(summary)
+    else:
+        render_summary(summary)
+
+
 def main() -> None:
     try:
         app()
