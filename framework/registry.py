@@ -25,6 +25,20 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quotelab.plugins.book_imbalance",
     "quotelab.plugins.inventory_skew",
     "quotelab.plugins.fixed_spread",
+    "quotelab.plugins.weighted_mid",
+    "quotelab.plugins.multi_level_imbalance_mid",
+    "quotelab.plugins.multi_venue_mid",
+    "quotelab.plugins.spot_plus_basis",
+    "quotelab.plugins.trade_flow_imbalance",
+    "quotelab.plugins.composite_imbalance",
+    "quotelab.plugins.order_flow_imbalance",
+    "quotelab.plugins.returns",
+    "quotelab.plugins.basis_change",
+    "quotelab.plugins.linear_forecast",
+    "quotelab.plugins.position_limits",
+    "quotelab.plugins.volatility_spread",
+    "quotelab.plugins.avellaneda_stoikov",
+    "quotelab.plugins.glft",
 )
 
 ENTRY_POINT_GROUP = "quotelab"

@@ -100,3 +100,71 @@ def local_trades(ev: np.ndarray) -> pd.DataFrame:
         "local_ts": rows["local_ts"], "exch_ts": rows["exch_ts"], "px": rows["px"], "qty": rows["qty"],
         "side": np.where((rows["ev"] & BUY_EVENT) == BUY_EVENT, 1.0, -1.0),
     })
+
+
+def multi_level_imbalance(views: np.ndarray, a: int, weights) -> np.ndarray:
+    return sum(w * level_imbalance(views, a, i) for i, w in enumerate(weights))
+
+
+def time_ewma(x: np.ndarray, dt: np.ndarray, half_life: float) -> np.ndarray:
+    """EWMA over time: the first value starts it, then each step moves by 1 - 2^(-dt/half_life)."""
+    out = np.empty(len(x))
+    for i in range(len(x)):
+        out[i] = x[i] if i == 0 else out[i - 1] + (1 - 0.5 ** (dt[i] / half_life)) * (x[i] - out[i - 1])
+    return out
+
+
+def trade_flow(trades: pd.DataFrame, step_ts: np.ndarray, alpha: float, buy_side: float) -> pd.DataFrame:
+    """Per-side EWMAs as of each step (trades that arrived by then), with OI, QI, VI and the rate.
+
+    ``buy_side`` +1: buyer-initiated trades are buys; -1: seller-initiated ones are.
+    """
+    cols = {}
+    for name, sign in (("b", buy_side), ("s", -buy_side)):
+        side = trades[trades["side"] == sign].copy()
+        side["interval"] = side["exch_ts"].diff() / 1e9
+        side["i_ewma"] = side["interval"].dropna().ewm(alpha=alpha, adjust=False).mean()
+        side["q_ewma"] = side["qty"].ewm(alpha=alpha, adjust=False).mean()
+        side = side[["local_ts", "i_ewma", "q_ewma"]].ffill()
+        at = pd.merge_asof(pd.DataFrame({"local_ts": step_ts}), side, on="local_ts", direction="backward")
+        cols[f"i_{name}"] = at["i_ewma"].to_numpy()
+        cols[f"q_{name}"] = at["q_ewma"].to_numpy()
+    df = pd.DataFrame(cols)
+    lb, ls = 1 / df["i_b"], 1 / df["i_s"]
+    ready = (df["i_b"] > 0) & (df["i_s"] > 0)
+    df["OI"] = np.where(ready, (lb - ls) / (lb + ls), 0.0)
+    df["QI"] = np.where(ready, (df["q_b"] - df["q_s"]) / (df["q_b"] + df["q_s"]), 0.0)
+    df["VI"] = np.where(ready, (lb * df["q_b"] - ls * df["q_s"]) / (lb * df["q_b"] + ls * df["q_s"]), 0.0)
+    df["arrival_rate"] = np.where(ready, lb + ls, 0.0)
+    return df
+
+
+def ofi(views: np.ndarray, a: int, weights, window: int, depth_scaled: bool) -> np.ndarray:
+    """Cont-Kukanov-Stoikov OFI from the recorded book, summed over a rolling window of steps."""
+    e = np.zeros(len(views))
+    depth = np.zeros(len(views))
+    for i, w in enumerate(weights):
+        pb, qb = views[:, a, L.BID_PX + i], views[:, a, L.BID_SZ + i]
+        pa, qa = views[:, a, L.ASK_PX + i], views[:, a, L.ASK_SZ + i]
+        with np.errstate(invalid="ignore"):
+            ei = (np.where(pb[1:] >= pb[:-1], qb[1:], 0.0) - np.where(pb[1:] <= pb[:-1], qb[:-1], 0.0)
+                  - np.where(pa[1:] <= pa[:-1], qa[1:], 0.0) + np.where(pa[1:] >= pa[:-1], qa[:-1], 0.0))
+        e[1:] += w * ei
+        depth += (qb + qa) / 2.0
+    depth /= len(weights)
+    total = pd.Series(e[1:]).rolling(window, min_periods=1).sum().to_numpy()
+    if depth_scaled:
+        mean_depth = pd.Series(depth[1:]).rolling(window, min_periods=1).mean().to_numpy()
+        total = np.where(mean_depth > 0, total / mean_depth, 0.0)
+    return np.concatenate([[0.0], total])
+
+
+def ewma_sigma_ticks(mid: np.ndarray, dt: np.ndarray, tick: float, prior_ticks: float, half_life: float) -> np.ndarray:
+    """σ in ticks/√s: EWMA over time of (Δmid)²/Δt starting from the prior, as of each step."""
+    var = (prior_ticks * tick) ** 2
+    out = np.empty(len(mid))
+    for i in range(len(mid)):
+        if i > 0 and dt[i] > 0:
+            var += (1 - 0.5 ** (dt[i] / half_life)) * ((mid[i] - mid[i - 1]) ** 2 / dt[i] - var)
+        out[i] = np.sqrt(var) / tick
+    return out

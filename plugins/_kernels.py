@@ -1,0 +1,176 @@
+"""Numba pieces shared by several built-in parts (not a plugin: it registers nothing).
+
+Every function is ``inline="always"`` so the fused strategy kernel stays one flat function.
+Caveat: the composer's cache key hashes the source of each kernel's own module only, so an edit
+here must come with an edit of the modules that import it (or a cleared kernel cache).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from quotelab.layout import (
+    ASK_ENABLED,
+    ASK_WIDEN_TICKS,
+    BEST_ASK_TICK,
+    BEST_BID_TICK,
+    BID_ENABLED,
+    BID_WIDEN_TICKS,
+    LOT,
+    MAX_POSITION,
+    N_ASK,
+    N_BID,
+    N_TRADES,
+    Q_ASK_QTY,
+    Q_ASK_TICK,
+    Q_BID_QTY,
+    Q_BID_TICK,
+    STEP_SECONDS,
+    TICK,
+    TR_QTY,
+    TR_SIDE,
+    TR_TIME,
+)
+from quotelab.layout import (
+    BEST_ASK as BEST_ASK_PRICE,
+)
+from quotelab.layout import (
+    BEST_BID as BEST_BID_PRICE,
+)
+
+# Imbalance shapes f(I) of the imbalance-adjusted mid, mid + spread * f(I).
+SHAPES: dict[str, int] = {"linear": 0, "cubic": 1, "nonic": 2, "cubic_linear": 3, "shifted": 4, "polynomial": 5}
+SHAPE_FORMULAS: dict[str, str] = {
+    "linear": "I/2 (the weighted mid)",
+    "cubic": "I^3/2",
+    "nonic": "I(I^8+1)/4",
+    "cubic_linear": "I(I^2+1)/4",
+    "shifted": "(I+0.3)(I^4+0.7)/3.8",
+    "polynomial": "sum_j c_j I^j",
+}
+MAX_COEFFICIENTS = 10
+
+
+@njit(inline="always")
+def imbalance_shape_nb(shape, imb, coefs):
+    if shape == 0:
+        return imb / 2.0
+    if shape == 1:
+        return imb ** 3 / 2.0
+    if shape == 2:
+        return imb * (imb ** 8 + 1.0) / 4.0
+    if shape == 3:
+        return imb * (imb ** 2 + 1.0) / 4.0
+    if shape == 4:
+        return (imb + 0.3) * (imb ** 4 + 0.7) / 3.8
+    total = 0.0
+    power = 1.0
+    for j in range(len(coefs)):
+        total += coefs[j] * power
+        power *= imb
+    return total
+
+
+@njit(inline="always")
+def ewma_variance_nb(state, mid, dt, half_life):
+    """Update ``state = [previous mid, variance rate]`` with this step's mid; return σ.
+
+    The variance rate is an EWMA, over time with ``half_life`` seconds, of (Δmid)²/Δt, so σ is in
+    price per √second whatever the step. ``state[1]`` starts at the prior σ² given by the part.
+    """
+    prev = state[0]
+    if dt > 0.0 and prev == prev and mid == mid:
+        x = (mid - prev) ** 2 / dt
+        w = 1.0 - 0.5 ** (dt / half_life)
+        state[1] += w * (x - state[1])
+    state[0] = mid
+    return np.sqrt(state[1])
+
+
+@njit(inline="always")
+def write_quotes_nb(view, a, out, bid_px, ask_px, size, levels, spacing, max_position):
+    """Quotes at or behind the model prices: bid rounded down, ask up, never through the touch.
+
+    Sizes are whole lots (a size under one lot quotes nothing); risk adjusters' widening and
+    enabling flags in ``out`` apply.
+    """
+    tick = view[a, TICK]
+    lot = view[a, LOT]
+    qty = np.floor(size / lot + 1e-9) * lot
+    bid = min(np.floor(bid_px / tick + 1e-9), view[a, BEST_BID_TICK]) - out[BID_WIDEN_TICKS]
+    ask = max(np.ceil(ask_px / tick - 1e-9), view[a, BEST_ASK_TICK]) + out[ASK_WIDEN_TICKS]
+    n = int(levels) if qty > 0.0 else 0
+    for k in range(n):
+        out[Q_BID_TICK + k] = bid - k * spacing
+        out[Q_BID_QTY + k] = qty
+        out[Q_ASK_TICK + k] = ask + k * spacing
+        out[Q_ASK_QTY + k] = qty
+    out[N_BID] = n if out[BID_ENABLED] != 0.0 else 0
+    out[N_ASK] = n if out[ASK_ENABLED] != 0.0 else 0
+    out[MAX_POSITION] = max_position
+
+
+@njit(inline="always")
+def trade_flow_update_nb(view, trades, a, state, alpha, side_sign):
+    """Fold this step's trades into per-side EWMAs.
+
+    ``state`` = [last time buy, last time sell, interval EWMA buy, interval EWMA sell,
+    qty EWMA buy, qty EWMA sell]; NaN until observed. A trade is a buy when
+    ``TR_SIDE * side_sign > 0`` (side_sign -1 takes the seller-initiated trades as buys).
+    """
+    for k in range(int(view[a, N_TRADES])):
+        t = trades[a, k, TR_TIME]
+        q = trades[a, k, TR_QTY]
+        s = 0 if trades[a, k, TR_SIDE] * side_sign > 0.0 else 1
+        last = state[s]
+        if last == last:
+            iv = t - last
+            if state[2 + s] == state[2 + s]:
+                state[2 + s] = alpha * iv + (1.0 - alpha) * state[2 + s]
+            else:
+                state[2 + s] = iv
+        state[s] = t
+        if state[4 + s] == state[4 + s]:
+            state[4 + s] = alpha * q + (1.0 - alpha) * state[4 + s]
+        else:
+            state[4 + s] = q
+
+
+@njit(inline="always")
+def trade_flow_value_nb(state, output):
+    """0 rate imbalance (OI), 1 size imbalance (QI), 2 volume imbalance (VI), 3 total arrival rate.
+
+    0 until both sides have an interval EWMA above zero.
+    """
+    ib = state[2]
+    isell = state[3]
+    if not (ib > 0.0 and isell > 0.0):
+        return 0.0
+    lb = 1.0 / ib
+    ls = 1.0 / isell
+    if output == 0:
+        return (lb - ls) / (lb + ls)
+    if output == 1:
+        return (state[4] - state[5]) / (state[4] + state[5])
+    if output == 2:
+        vb = lb * state[4]
+        vs = ls * state[5]
+        return (vb - vs) / (vb + vs)
+    return lb + ls
+
+
+VOL_STATE = (np.nan, 0.0, 0.0)  # previous mid, variance rate (price²/s), initialised flag
+
+
+@njit(inline="always")
+def sigma_ticks_nb(view, a, state, prior, half_life):
+    """σ of asset ``a``'s mid in ticks per √second: ``prior`` if ``half_life`` is 0, else its EWMA from ``prior``."""
+    if half_life <= 0.0:
+        return prior
+    tick = view[a, TICK]
+    if state[2] == 0.0:
+        state[1] = (prior * tick) ** 2
+        state[2] = 1.0
+    mid = (view[a, BEST_BID_PRICE] + view[a, BEST_ASK_PRICE]) / 2.0
+    return ewma_variance_nb(state, mid, view[a, STEP_SECONDS], half_life) / tick

@@ -1,0 +1,58 @@
+"""``avellaneda_stoikov``: Avellaneda–Stoikov quotes around the composed reservation price s.
+
+In ticks: r = s − q·γ·σ²·τ, total spread γσ²τ + (2/γ)·ln(1 + γ/k), with q = position/position_unit,
+σ in ticks per √second (constant or online EWMA) and τ = T − t a constant horizon in seconds
+(a backtest has no terminal time, so the usual rolling-horizon reading).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.layout import POSITION, RESERVATION, TICK
+from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb, write_quotes_nb
+from quotelab.units import Qty, Seconds, quantity
+
+
+class AvellanedaStoikovParams(Params):
+    asset: Asset = "quoted"
+    gamma: float = quantity("1/ticks", 0.1, "Risk aversion γ.", gt=0)
+    k: float = quantity("1/ticks", 0.5, "Order-arrival decay k with distance from the mid.", gt=0)
+    volatility: float = quantity("ticks/sqrt(s)", 1.0, "σ (or its prior), ticks per √second.", ge=0)
+    volatility_half_life: Seconds = quantity("seconds", 0.0, "0: σ constant; > 0: EWMA half-life.", ge=0)
+    horizon: Seconds = quantity("seconds", 10.0, "T − t.", gt=0)
+    position_unit: Qty = quantity("qty", 1.0, "q is the position in these units.", gt=0)
+    size: Qty = quantity("qty", 1.0, "Order quantity (whole lots).", gt=0)
+    max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
+
+
+def _pack(p: AvellanedaStoikovParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.asset]), p.gamma, p.k, p.volatility, p.volatility_half_life, p.horizon,
+            p.position_unit, p.size, p.max_position]
+
+
+@njit(inline="always")
+def avellaneda_stoikov_nb(view, trades, state, params, out):
+    a = int(params[0])
+    tick = view[a, TICK]
+    gamma = params[1]
+    sigma = sigma_ticks_nb(view, a, state, params[3], params[4])
+    q = view[a, POSITION] / params[6]
+    risk = gamma * sigma * sigma * params[5]
+    r = out[RESERVATION] - q * risk * tick
+    half = (risk + 2.0 / gamma * np.log(1.0 + gamma / params[2])) / 2.0 * tick
+    write_quotes_nb(view, a, out, r - half, r + half, params[7], 1.0, 1.0, params[8])
+    return r
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="quoter", name="avellaneda_stoikov", params=AvellanedaStoikovParams, kernel=avellaneda_stoikov_nb,
+        pack=_pack, state=lambda p: np.array(VOL_STATE),
+        doc="Avellaneda-Stoikov: inventory-shifted reservation and optimal spread; returns the AS reservation.",
+        formula="r = s - q*gamma*sigma^2*tau; spread = gamma*sigma^2*tau + (2/gamma) ln(1 + gamma/k) (ticks)",
+    ))

@@ -1,0 +1,45 @@
+"""``basis_change``: the change of the perp − spot basis (in bps of the spot mid) over a horizon of steps."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.layout import BEST_ASK, BEST_BID
+from quotelab.plugins.returns import RING, ring_ago_nb, ring_push_nb
+from quotelab.units import quantity
+
+
+class BasisChangeParams(Params):
+    spot: Asset
+    perp: Asset = "quoted"
+    horizon: int = quantity("steps", 10, "Change over this many steps.", ge=1, le=RING - 1)
+
+
+def _pack(p: BasisChangeParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.spot]), float(ctx.asset_index[p.perp]), float(p.horizon)]
+
+
+@njit(inline="always")
+def basis_change_nb(view, trades, state, params, out):
+    s = int(params[0])
+    p = int(params[1])
+    spot = (view[s, BEST_BID] + view[s, BEST_ASK]) / 2.0
+    basis = 1e4 * ((view[p, BEST_BID] + view[p, BEST_ASK]) / 2.0 - spot) / spot
+    ring_push_nb(state, basis)
+    past = ring_ago_nb(state, int(params[2]))
+    if past != past:
+        return 0.0
+    return basis - past
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="signal", name="basis_change", params=BasisChangeParams, kernel=basis_change_nb, pack=_pack,
+        state=lambda p: np.zeros(1 + RING),
+        doc="Change of the perp-spot basis over a horizon, in bps of the spot mid.",
+        formula="b_t - b_{t-h}, b = 1e4 * (mid_perp - mid_spot) / mid_spot",
+    ))

@@ -1,0 +1,71 @@
+"""``composite_imbalance``: the seed's CI = −1.5·VI(previous step) + 0.7·(0.7·I₁ + 0.2·I₂ + 0.1·I₃)³.
+
+Generalised: ``vi_weight``·VI(previous) + ``book_weight``·B^``exponent`` with B = Σ wᵢ Iᵢ over depth
+levels (an integer exponent is a plain power; any other keeps B's sign: sign(B)|B|^p). VI is the
+``trade_flow_imbalance`` VI with the same alpha and side convention, taken before this step's trades.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from numba import njit
+from pydantic import Field, field_validator
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
+from quotelab.plugins._kernels import trade_flow_update_nb, trade_flow_value_nb
+from quotelab.plugins.trade_flow_imbalance import SIDES, trade_flow_state
+
+
+class CompositeImbalanceParams(Params):
+    asset: Asset = "quoted"
+    vi_weight: float = Field(-1.5, description="Weight of the previous step's VI.")
+    book_weight: float = Field(0.7, description="Weight of the powered book imbalance.")
+    weights: tuple[float, ...] = Field((0.7, 0.2, 0.1), description="Depth-level weights of the book imbalance.")
+    exponent: float = Field(3.0, gt=0, description="Power applied to the weighted book imbalance.")
+    alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of each new trade (VI).")
+    side: Literal["aggressor", "buyer_is_maker"] = Field("aggressor", description="Which trades count as buys.")
+
+    @field_validator("weights")
+    @classmethod
+    def _depth(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not 1 <= len(v) <= MAX_LEVELS:
+            raise ValueError(f"between 1 and {MAX_LEVELS} levels expected, got {len(v)}")
+        return v
+
+
+def _pack(p: CompositeImbalanceParams, ctx: PackContext) -> list[float]:
+    w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
+    return [float(ctx.asset_index[p.asset]), p.vi_weight, p.book_weight, p.exponent, p.alpha, SIDES[p.side],
+            float(len(p.weights)), *w]
+
+
+@njit(inline="always")
+def composite_imbalance_nb(view, trades, state, params, out):
+    a = int(params[0])
+    vi = trade_flow_value_nb(state, 2)
+    trade_flow_update_nb(view, trades, a, state, params[4], params[5])
+    book = 0.0
+    for i in range(int(params[6])):
+        qb = view[a, BID_SZ + i]
+        qa = view[a, ASK_SZ + i]
+        s = qb + qa
+        if s > 0.0:
+            book += params[7 + i] * (qb - qa) / s
+    p = params[3]
+    powered = book ** p if p == np.floor(p) else np.sign(book) * np.abs(book) ** p
+    return params[1] * vi + params[2] * powered
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="signal", name="composite_imbalance", params=CompositeImbalanceParams, kernel=composite_imbalance_nb,
+        pack=_pack, state=trade_flow_state,
+        reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights), trades=True),
+        doc="The seed study's composite imbalance: shifted trade-flow VI plus a powered multi-level book imbalance.",
+        formula="vi_weight * VI_{t-1} + book_weight * (sum_i w_i I_i)^exponent",
+    ))

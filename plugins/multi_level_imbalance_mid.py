@@ -1,0 +1,66 @@
+"""``multi_level_imbalance_mid``: mid + spread · f(Σ wᵢ Iᵢ), the imbalances of depth levels 1..n combined."""
+
+from __future__ import annotations
+
+from numba import njit
+from pydantic import Field, field_validator, model_validator
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.layout import ASK_SZ, BEST_ASK, BEST_BID, BID_SZ, MAX_LEVELS
+from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb
+from quotelab.plugins.weighted_mid import Shape, pack_shape
+
+
+class MultiLevelImbalanceMidParams(Params):
+    asset: Asset = "quoted"
+    weights: tuple[float, ...] = Field((0.7, 0.2, 0.1), description="Weight of each level's imbalance, best first.")
+    shape: Shape = Field("linear", description="f: " + "; ".join(f"{k}: {v}" for k, v in SHAPE_FORMULAS.items()))
+    coefficients: tuple[float, ...] = Field((), description="polynomial only: c0, c1, ... of f")
+
+    @field_validator("weights")
+    @classmethod
+    def _depth(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not 1 <= len(v) <= MAX_LEVELS:
+            raise ValueError(f"between 1 and {MAX_LEVELS} levels expected, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _coefficients(self) -> MultiLevelImbalanceMidParams:
+        if (self.shape == "polynomial") != bool(self.coefficients) or len(self.coefficients) > MAX_COEFFICIENTS:
+            raise ValueError(f"coefficients (1..{MAX_COEFFICIENTS}) go with shape: polynomial, and only with it")
+        return self
+
+
+def _pack(p: MultiLevelImbalanceMidParams, ctx: PackContext) -> list[float]:
+    w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
+    return [float(ctx.asset_index[p.asset]), float(len(p.weights)), *w, *pack_shape(p.shape, p.coefficients)]
+
+
+@njit(inline="always")
+def multi_level_imbalance_mid_nb(view, trades, state, params, out):
+    a = int(params[0])
+    n = int(params[1])
+    imb = 0.0
+    for i in range(n):
+        qb = view[a, BID_SZ + i]
+        qa = view[a, ASK_SZ + i]
+        s = qb + qa
+        if s > 0.0:
+            imb += params[2 + i] * (qb - qa) / s
+    j = 2 + MAX_LEVELS
+    bid = view[a, BEST_BID]
+    ask = view[a, BEST_ASK]
+    f = imbalance_shape_nb(int(params[j]), imb, params[j + 1:j + 1 + MAX_COEFFICIENTS])
+    return (bid + ask) / 2.0 + (ask - bid) * f
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="fair_value", name="multi_level_imbalance_mid", params=MultiLevelImbalanceMidParams,
+        kernel=multi_level_imbalance_mid_nb, pack=_pack,
+        reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights)),
+        doc="Mid adjusted by the weighted imbalance of several depth levels (seed: 0.7/0.2/0.1), through f.",
+        formula="(bid + ask)/2 + (ask - bid) * f(sum_i w_i (Qb_i - Qa_i)/(Qb_i + Qa_i))",
+    ))

@@ -1,0 +1,64 @@
+"""``returns``: the log return of an asset's mid over a horizon of steps, in bps.
+
+Any asset, so a leader's return can forecast the quoted follower (lead–lag): with ``alpha: 0.5bps``
+the forecast is half the leader's return, in bps of the fair value. 0 until the horizon has passed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.layout import BEST_ASK, BEST_BID
+from quotelab.units import quantity
+
+RING = 128  # longest horizon + 1; fixed so the state size, hence the compiled kernel, never changes
+
+
+class ReturnsParams(Params):
+    asset: Asset = "quoted"
+    horizon: int = quantity("steps", 1, "Return over this many steps.", ge=1, le=RING - 1)
+
+
+def _pack(p: ReturnsParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.asset]), float(p.horizon)]
+
+
+@njit(inline="always")
+def ring_push_nb(state, x):
+    """state = [count, ring...]: store x as the newest value."""
+    n = int(state[0])
+    state[1 + n % RING] = x
+    state[0] = n + 1
+
+
+@njit(inline="always")
+def ring_ago_nb(state, h):
+    """The value pushed h pushes before the newest, or NaN if not yet."""
+    n = int(state[0])
+    if h >= n:
+        return np.nan
+    return state[1 + (n - 1 - h) % RING]
+
+
+@njit(inline="always")
+def returns_nb(view, trades, state, params, out):
+    a = int(params[0])
+    mid = (view[a, BEST_BID] + view[a, BEST_ASK]) / 2.0
+    ring_push_nb(state, mid)
+    past = ring_ago_nb(state, int(params[1]))
+    if past != past:
+        return 0.0
+    return 1e4 * np.log(mid / past)
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="signal", name="returns", params=ReturnsParams, kernel=returns_nb, pack=_pack,
+        state=lambda p: np.zeros(1 + RING),
+        doc="Lagged log return of any asset's mid, in bps (lead-lag when the asset is not the quoted one).",
+        formula="1e4 * ln(mid_t / mid_{t-h})",
+    ))

@@ -1,0 +1,56 @@
+"""``volatility_spread``: quotes at reservation ± max(min half spread, c·σ·√horizon).
+
+σ is the mid's volatility in ticks per √second: a constant, or an online EWMA estimate with
+``volatility_half_life`` > 0 (starting from the constant).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.layout import MAX_QUOTES, RESERVATION, TICK
+from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb, write_quotes_nb
+from quotelab.units import Qty, Seconds, Ticks, quantity
+
+
+class VolatilitySpreadParams(Params):
+    asset: Asset = "quoted"
+    min_half_spread: Ticks = quantity("ticks", 1.0, "Smallest half spread.", ge=0)
+    multiplier: float = quantity("dimensionless", 1.0, "c in c·σ·√horizon.", ge=0)
+    volatility: float = quantity("ticks/sqrt(s)", 1.0, "σ (or its prior), ticks per √second.", ge=0)
+    volatility_half_life: Seconds = quantity("seconds", 0.0, "0: σ constant; > 0: EWMA half-life.", ge=0)
+    horizon: Seconds = quantity("seconds", 1.0, "The half spread covers σ over this horizon.", gt=0)
+    size: Qty = quantity("qty", 1.0, "Order quantity per level (whole lots).", gt=0)
+    max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
+    levels: int = quantity("levels", 1, "Orders per side.", ge=1, le=MAX_QUOTES)
+    level_spacing: int = quantity("ticks", 1, "Ticks between consecutive levels.", ge=1)
+
+
+def _pack(p: VolatilitySpreadParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.asset]), p.min_half_spread, p.multiplier, p.volatility, p.volatility_half_life,
+            p.horizon, p.size, p.max_position, float(p.levels), float(p.level_spacing)]
+
+
+@njit(inline="always")
+def volatility_spread_nb(view, trades, state, params, out):
+    a = int(params[0])
+    tick = view[a, TICK]
+    sigma = sigma_ticks_nb(view, a, state, params[3], params[4])
+    half = max(params[1], params[2] * sigma * np.sqrt(params[5])) * tick
+    r = out[RESERVATION]
+    write_quotes_nb(view, a, out, r - half, r + half, params[6], params[8], params[9], params[7])
+    return half
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="quoter", name="volatility_spread", params=VolatilitySpreadParams, kernel=volatility_spread_nb,
+        pack=_pack, state=lambda p: np.array(VOL_STATE),
+        doc="Half spread proportional to the mid's volatility, floored; bids round down, asks up, never "
+            "through the touch. Returns the half spread.",
+        formula="half = max(min_ticks, c * sigma * sqrt(horizon)) * tick; bid = r - half, ask = r + half",
+    ))

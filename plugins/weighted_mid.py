@@ -1,0 +1,67 @@
+"""``weighted_mid``: the imbalance-adjusted mid, mid + spread · f(I), I the top-of-book imbalance.
+
+f is a parameter: ``linear`` (I/2, the classic weighted mid), the seed study's ``cubic`` (I³/2),
+``nonic`` (I(I⁸+1)/4), ``cubic_linear`` (I(I²+1)/4), ``shifted`` ((I+0.3)(I⁴+0.7)/3.8), or a
+``polynomial`` with coefficients c0, c1, ... of I⁰, I¹, ...
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from numba import njit
+from pydantic import Field, model_validator
+
+from quotelab import hookimpl
+from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
+from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, SHAPES, imbalance_shape_nb
+
+Shape = Literal["linear", "cubic", "nonic", "cubic_linear", "shifted", "polynomial"]
+
+
+class WeightedMidParams(Params):
+    asset: Asset = "quoted"
+    shape: Shape = Field("linear", description="f(I): " + "; ".join(f"{k}: {v}" for k, v in SHAPE_FORMULAS.items()))
+    coefficients: tuple[float, ...] = Field(
+        (), description=f"polynomial only: c0, c1, ... (at most {MAX_COEFFICIENTS}) of f(I) = sum c_j I^j"
+    )
+
+    @model_validator(mode="after")
+    def _coefficients(self) -> WeightedMidParams:
+        if self.shape == "polynomial" and not 1 <= len(self.coefficients) <= MAX_COEFFICIENTS:
+            raise ValueError(f"shape polynomial needs 1..{MAX_COEFFICIENTS} coefficients")
+        if self.shape != "polynomial" and self.coefficients:
+            raise ValueError("coefficients apply to shape: polynomial only")
+        return self
+
+
+def pack_shape(shape: str, coefficients: tuple[float, ...]) -> list[float]:
+    # Fixed width, so changing the shape or the polynomial's degree never recompiles.
+    c = list(coefficients) + [0.0] * (MAX_COEFFICIENTS - len(coefficients))
+    return [float(SHAPES[shape]), *c]
+
+
+def _pack(p: WeightedMidParams, ctx: PackContext) -> list[float]:
+    return [float(ctx.asset_index[p.asset]), *pack_shape(p.shape, p.coefficients)]
+
+
+@njit(inline="always")
+def weighted_mid_nb(view, trades, state, params, out):
+    a = int(params[0])
+    bid = view[a, BEST_BID]
+    ask = view[a, BEST_ASK]
+    qb = view[a, BID_QTY]
+    qa = view[a, ASK_QTY]
+    s = qb + qa
+    imb = (qb - qa) / s if s > 0.0 else 0.0
+    return (bid + ask) / 2.0 + (ask - bid) * imbalance_shape_nb(int(params[1]), imb, params[2:2 + MAX_COEFFICIENTS])
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="fair_value", name="weighted_mid", params=WeightedMidParams, kernel=weighted_mid_nb, pack=_pack,
+        doc="Imbalance-adjusted mid: mid plus the spread times a shape of the top-of-book imbalance.",
+        formula="(bid + ask)/2 + (ask - bid) * f(I), I = (Qb - Qa)/(Qb + Qa) (0 on an empty top)",
+    ))
