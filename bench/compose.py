@@ -87,7 +87,8 @@ print(json.dumps(out))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--catalog", type=Path, default=None, help="catalog with synthetic SYNPERP 20240101 (made if absent)")
+    ap.add_argument("--catalog", type=Path, default=None,
+                    help="catalog with synthetic SYNPERP 20240101 (made if absent)")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 

@@ -28,7 +28,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def real_catalog(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared USD-M BTCUSDT and ETHUSDT windows and spot BTCUSDT, converted once per session."""
+    """The shared USD-M BTCUSDT and ETHUSDT windows, converted once per session through the CLI."""
     import subprocess
     import sys
 
@@ -36,7 +36,6 @@ def real_catalog(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     jobs = [
         ("binance-usdm", "BTCUSDT", ["usdm/btcusdt_20240808.gz"]),
         ("binance-usdm", "ETHUSDT", ["usdm/ethusdt_20240808.gz"]),
-        ("binance-spot", "BTCUSDT", ["spot/btcusdt_20240808.gz", "spot/btcusdt_20240809.gz"]),
     ]
     for fmt, symbol, files in jobs:
         cmd = [sys.executable, "-m", "quotelab.cli", "convert", "--format", fmt, "--symbol", symbol,

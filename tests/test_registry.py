@@ -1,0 +1,138 @@
+"""Plugin loading: built-ins, entry points and local files through one registration path."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quotelab import hookspecs
+from quotelab.engine import run_strategy
+from quotelab.errors import PluginError
+from quotelab.registry import BUILTIN_PLUGINS, load_registry
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "quotelab-plugin-example"
+
+PLUGIN = '''
+from numba import njit
+from quotelab import hookimpl
+from quotelab.component import Component, Params
+
+
+class P(Params):
+    pass
+
+
+@njit(inline="always")
+def k_nb(view, trades, state, params, out):
+    return 0.0
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(role="signal", name="{name}", params=P, kernel=k_nb))
+'''
+
+
+def test_every_hook_is_documented_with_params_and_return():
+    specs = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("quotelab_")]
+    assert specs
+    for spec in specs:
+        doc = inspect.getdoc(spec) or ""
+        for param in inspect.signature(spec).parameters:
+            assert f":param {param}:" in doc, f"{spec.__name__} does not document {param}"
+        assert ":return:" in doc
+
+
+def test_builtins_register_through_the_hook():
+    registry = load_registry(entry_points=False)
+    modules = {c.kernel_ref[0] for c in registry.all()}
+    assert modules <= set(BUILTIN_PLUGINS)
+    assert {c.source for c in registry.all()} == {f"quotelab {__import__('quotelab').__version__}"}
+
+
+def test_example_package_is_found_through_its_entry_point():
+    registry = load_registry()
+    component = registry.get("signal", "trade_sign_ewma")
+    assert component.source == "quotelab-plugin-example 0.1.0"
+
+
+def test_example_plugin_strategy_runs_from_its_installed_package(real_catalog):
+    s = run_strategy(EXAMPLE / "strategy.yaml", catalog=real_catalog).summary
+    seed = run_strategy(REPO / "strategies" / "seed_market_maker.yaml", catalog=real_catalog).summary
+    assert s["num_trades"] > 0
+    assert (s["num_trades"], s["balance"]) != (seed["num_trades"], seed["balance"])  # the signal moved quotes
+
+
+def test_trade_sign_ewma_kernel_against_naive_loop():
+    import numpy as np
+    from quotelab_plugin_example import trade_sign_ewma_nb
+
+    from quotelab import layout as L
+
+    rng = np.random.default_rng(3)
+    view = np.zeros((1, L.VIEW_WIDTH))
+    trades = np.zeros((1, 50, L.TR_WIDTH))
+    state = np.zeros(1)
+    expected = 0.0
+    for _ in range(20):
+        n = rng.integers(0, 50)
+        sides = rng.choice([-1.0, 1.0], size=n)
+        trades[0, :n, L.TR_SIDE] = sides
+        view[0, L.N_TRADES] = n
+        got = trade_sign_ewma_nb(view, trades, state, np.array([0.0, 0.2]), np.zeros(L.OUT_WIDTH))
+        for side in sides:
+            expected = 0.2 * side + 0.8 * expected
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_duplicate_component_names_name_both_plugins(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text(PLUGIN.format(name="twin"))
+    b.write_text(PLUGIN.format(name="twin"))
+    with pytest.raises(PluginError, match=r"two signal components are named 'twin': one from .*a\.py.*b\.py"):
+        load_registry(local_files=[a, b], entry_points=False)
+
+
+def test_duplicate_of_a_builtin_is_an_error(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text(PLUGIN.format(name="book_imbalance"))
+    with pytest.raises(PluginError, match=r"named 'book_imbalance': one from \"quotelab 0\.1\.0\""):
+        load_registry(local_files=[a], entry_points=False)
+
+
+def test_plugin_import_error_names_the_plugin(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    with pytest.raises(PluginError, match=r'Error importing plugin ".*broken\.py": ModuleNotFoundError'):
+        load_registry(local_files=[bad], entry_points=False)
+
+
+def test_plugin_raising_in_its_hook_is_named(tmp_path):
+    bad = tmp_path / "raises.py"
+    bad.write_text("from quotelab import hookimpl\n\n@hookimpl\ndef quotelab_register_components(register):\n"
+                   "    raise RuntimeError('boom')\n")
+    with pytest.raises(PluginError, match=r'Error in plugin ".*raises\.py": RuntimeError: boom'):
+        load_registry(local_files=[bad], entry_points=False)
+
+
+def test_non_inlined_kernel_is_rejected(tmp_path):
+    bad = tmp_path / "slow.py"
+    bad.write_text(PLUGIN.format(name="slow").replace('@njit(inline="always")', "@njit"))
+    with pytest.raises(PluginError, match="must be declared @njit\\(inline='always'\\)"):
+        load_registry(local_files=[bad], entry_points=False)
+
+
+def test_plugins_command_lists_params_units_and_sources():
+    proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "plugins", "--json"], capture_output=True,
+                          text=True, check=True)
+    import json
+
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    spread = {p["name"]: p for p in rows["fixed_spread"]["params"]}
+    assert spread["half_spread"]["unit"] == "ticks" and spread["half_spread"]["default"] == 2.0
+    assert rows["trade_sign_ewma"]["source"] == "quotelab-plugin-example 0.1.0"
