@@ -129,21 +129,32 @@ def render_summary(summary: dict[str, Any]) -> None:
               f"{summary['instrument']['contract']['kind']} × {summary['instrument']['contract']['size']} "
               f"({summary['instrument']['origin']})")
     con.print("messages: " + ", ".join(f"{k} {v:,}" for k, v in m.items() if k != "lines"))
+    # Metrics as rows and days as columns: stays readable in an 80-column terminal.
     t = Table(title="catalog days")
-    for col in ("day", "file", "events", "depth/snap/clear", "trades buy/sell", "first → last (UTC, exch)",
-                "book = bookTicker", "clock offset", "latency p50/p90/p99 ms"):
-        t.add_column(col)
-    for day, d in summary["days"].items():
+    t.add_column("")
+    days = summary["days"]
+    for day in days:
+        t.add_column(day)
+    rows: dict[str, list[str]] = {k: [] for k in (
+        "file", "events", "depth / snapshot / clear", "trades buy / sell", "first (UTC, exch)", "last (UTC, exch)",
+        "book = bookTicker", "clock offset applied", "latency p50/p90/p99", "findings")}
+    for d in days.values():
         c, q = d["counts"], d["quality"]
         a = q.get("agreement") or {}
-        rate = "-" if a.get("rate") is None else f"{a['rate']:.4%} ({a['agreed']:,}/{a['compared']:,})"
         lat = q["latency"]
-        t.add_row(day, d.get("file", ""), f"{d['events']:,}",
-                  f"{c['depth']:,}/{c['depth_snapshot']:,}/{c['depth_clear']}",
-                  f"{c['trade_buy']:,}/{c['trade_sell']:,}",
-                  f"{_ts(d['first_ts'])} → {_ts(d['last_ts'])}", rate,
-                  f"+{q['clock_offset_ns'] / 1e6:.3f} ms",
-                  f"{_ms(lat['p50_ms'])}/{_ms(lat['p90_ms'])}/{_ms(lat['p99_ms'])}")
+        rows["file"].append(d.get("file", ""))
+        rows["events"].append(f"{d['events']:,}")
+        rows["depth / snapshot / clear"].append(f"{c['depth']:,} / {c['depth_snapshot']:,} / {c['depth_clear']}")
+        rows["trades buy / sell"].append(f"{c['trade_buy']:,} / {c['trade_sell']:,}")
+        rows["first (UTC, exch)"].append(_ts(d["first_ts"]))
+        rows["last (UTC, exch)"].append(_ts(d["last_ts"]))
+        rows["book = bookTicker"].append(
+            "-" if a.get("rate") is None else f"{a['rate']:.4%} of {a['compared']:,} depth msgs")
+        rows["clock offset applied"].append(f"+{q['clock_offset_ns'] / 1e6:.3f} ms")
+        rows["latency p50/p90/p99"].append(f"{_ms(lat['p50_ms'])} / {_ms(lat['p90_ms'])} / {_ms(lat['p99_ms'])} ms")
+        rows["findings"].append(", ".join(f["kind"] for f in q["findings"]) or "none")
+    for name, vals in rows.items():
+        t.add_row(name, *vals)
     con.print(t)
     findings = list(summary.get("findings", []))
     for day, d in summary["days"].items():

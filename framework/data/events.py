@@ -37,6 +37,8 @@ DAY_GRACE_NS = 60 * 1_000_000_000
 # Dense books index quantities by tick; past this many ticks per side the memory is not worth it.
 MAX_BOOK_TICKS = 1 << 26
 EV_TYPE_MASK = 0xFF
+BLK_SHIFT = 12
+BLK = 1 << BLK_SHIFT
 
 
 def day_of(ts_ns: int) -> str:
@@ -87,13 +89,14 @@ class Findings:
 
 
 @njit(cache=True, nogil=True)
-def _apply_depth_nb(bid, ask, base, best, lv_side, lv_tick, lv_qty, msg_end, out_bbo):
+def _apply_depth_nb(bid, ask, bid_blk, ask_blk, base, best, lv_side, lv_tick, lv_qty, msg_end, out_bbo):
     """Apply messages' levels to the book; after each message record the best bid/ask.
 
     ``best`` holds ``[best_bid_idx, best_ask_idx, n_bid_levels, n_ask_levels]`` (indexes into the
-    arrays, -1 / len for none) and is updated in place. ``msg_end[k]`` is the end (exclusive) of
-    message k's levels. ``out_bbo[k]`` gets ``bid_px_tick, ask_px_tick, bid_qty, ask_qty`` with ticks
-    as floats (NaN when a side is empty).
+    arrays, -1 / len for none) and is updated in place. ``*_blk`` count the levels in each block of
+    ``BLK`` ticks, so that scans skip empty stretches (a book can span millions of ticks).
+    ``msg_end[k]`` is the end (exclusive) of message k's levels. ``out_bbo[k]`` gets
+    ``bid_px_tick, ask_px_tick, bid_qty, ask_qty`` with ticks as floats (NaN when a side is empty).
     """
     n = bid.shape[0]
     bb = best[0]
@@ -111,34 +114,44 @@ def _apply_depth_nb(bid, ask, base, best, lv_side, lv_tick, lv_qty, msg_end, out
                 bid[i] = q
                 if old == 0.0 and q != 0.0:
                     nb += 1
+                    bid_blk[i >> BLK_SHIFT] += 1
                     if i > bb:
                         bb = i
                 elif old != 0.0 and q == 0.0:
                     nb -= 1
+                    bid_blk[i >> BLK_SHIFT] -= 1
                     if i == bb:
                         if nb == 0:
                             bb = -1
                         else:
                             t = i - 1
                             while bid[t] == 0.0:
-                                t -= 1
+                                if bid_blk[t >> BLK_SHIFT] == 0:
+                                    t = ((t >> BLK_SHIFT) << BLK_SHIFT) - 1
+                                else:
+                                    t -= 1
                             bb = t
             else:
                 old = ask[i]
                 ask[i] = q
                 if old == 0.0 and q != 0.0:
                     na += 1
+                    ask_blk[i >> BLK_SHIFT] += 1
                     if i < ba:
                         ba = i
                 elif old != 0.0 and q == 0.0:
                     na -= 1
+                    ask_blk[i >> BLK_SHIFT] -= 1
                     if i == ba:
                         if na == 0:
                             ba = n
                         else:
                             t = i + 1
                             while ask[t] == 0.0:
-                                t += 1
+                                if ask_blk[t >> BLK_SHIFT] == 0:
+                                    t = ((t >> BLK_SHIFT) + 1) << BLK_SHIFT
+                                else:
+                                    t += 1
                             ba = t
             j += 1
         if nb > 0:
@@ -159,6 +172,11 @@ def _apply_depth_nb(bid, ask, base, best, lv_side, lv_tick, lv_qty, msg_end, out
     best[3] = na
 
 
+def _nonzero_in_blocks(a: np.ndarray, blk: np.ndarray) -> np.ndarray:
+    idx = (np.flatnonzero(blk)[:, None] * BLK + np.arange(BLK)).ravel()
+    return idx[a[idx] != 0.0]
+
+
 class DenseBook:
     """An L2 book as two dense quantity arrays over a tick window that grows on demand."""
 
@@ -167,12 +185,16 @@ class DenseBook:
         self.base = 0
         self.bid = np.zeros(0)
         self.ask = np.zeros(0)
+        self.bid_blk = np.zeros(0, np.int64)
+        self.ask_blk = np.zeros(0, np.int64)
         self.best = np.array([-1, 0, 0, 0], np.int64)
         self.last_id = 0
 
     def clear(self) -> None:
         self.bid[:] = 0.0
         self.ask[:] = 0.0
+        self.bid_blk[:] = 0
+        self.ask_blk[:] = 0
         self.best[:] = [-1, self.bid.shape[0], 0, 0]
 
     def ensure(self, lo_tick: int, hi_tick: int, where: str) -> None:
@@ -189,23 +211,31 @@ class DenseBook:
                 f"that is not a plausible price range for this tick size. Check --tick-size."
             )
         # Leave slack on both sides so that a drifting price does not reallocate every chunk.
-        pad = max(1024, span // 4)
-        new_lo = max(0, lo - pad)
-        new_n = hi + pad - new_lo + 1
+        pad = max(BLK, span // 4)
+        new_lo = max(0, lo - pad) >> BLK_SHIFT << BLK_SHIFT
+        new_n = ((hi + pad - new_lo) >> BLK_SHIFT << BLK_SHIFT) + BLK
         bid = np.zeros(new_n)
         ask = np.zeros(new_n)
+        bid_blk = np.zeros(new_n >> BLK_SHIFT, np.int64)
+        ask_blk = np.zeros(new_n >> BLK_SHIFT, np.int64)
         shift = self.base - new_lo
         if n:
+            # Both windows start on a block boundary, so block counts move over with the levels.
             bid[shift:shift + n] = self.bid
             ask[shift:shift + n] = self.ask
+            bs = shift >> BLK_SHIFT
+            bid_blk[bs:bs + self.bid_blk.shape[0]] = self.bid_blk
+            ask_blk[bs:bs + self.ask_blk.shape[0]] = self.ask_blk
         b0, a0, nb, na = (int(x) for x in self.best)
         self.best[:] = [b0 + shift if nb else -1, a0 + shift if na else new_n, nb, na]
         self.bid, self.ask, self.base = bid, ask, new_lo
+        self.bid_blk, self.ask_blk = bid_blk, ask_blk
 
     def apply(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, msg_end: np.ndarray) -> np.ndarray:
         out = np.empty((msg_end.shape[0], 4))
         if msg_end.shape[0]:
-            _apply_depth_nb(self.bid, self.ask, self.base, self.best, side, tick, qty, msg_end, out)
+            _apply_depth_nb(self.bid, self.ask, self.bid_blk, self.ask_blk, self.base, self.best, side, tick, qty,
+                            msg_end, out)
         return out
 
     def load(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, where: str) -> None:
@@ -217,8 +247,8 @@ class DenseBook:
 
     def levels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(bid ticks best first, bid qtys, ask ticks best first, ask qtys)."""
-        bi = np.flatnonzero(self.bid)[::-1]
-        ai = np.flatnonzero(self.ask)
+        bi = _nonzero_in_blocks(self.bid, self.bid_blk)[::-1]
+        ai = _nonzero_in_blocks(self.ask, self.ask_blk)
         return bi + self.base, self.bid[bi], ai + self.base, self.ask[ai]
 
     def snapshot_rows(self, exch_ts: int, local_ts: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Known instrument specs (tick, lot, contract) for the venues' symbols, with explicit overrides.
 
 The values below were checked against the shared captures: every price there is a multiple of the
-tick and every quantity of the lot (the converter refuses data where that is not so).
+tick and every trade quantity of the lot (the converter refuses data where that is not so; book
+quantities on spot can be finer than the lot, which it reports).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ INSTRUMENTS: dict[tuple[str, str], Instrument] = {
     ("binance-cm", "ETHUSD_PERP"): Instrument(0.01, 1.0, "inverse", 10.0),
     ("binance-spot", "BTCUSDT"): Instrument(0.01, 0.00001),
     ("binance-spot", "ETHUSDT"): Instrument(0.01, 0.0001),
-    ("binance-spot", "NEXOUSDT"): Instrument(0.001, 0.1),
+    # The capture's trades have quantities like 12.34, so the step is 0.01, not the 0.1 once listed.
+    ("binance-spot", "NEXOUSDT"): Instrument(0.001, 0.01),
 }
 
 
