@@ -208,3 +208,42 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "bad.yaml:4: bogus: unknown key" in proc.stderr
+
+
+CONST_PLUGIN = '''
+from numba import njit
+from quotelab import hookimpl
+from quotelab.component import Component, Params
+
+
+class P(Params):
+    pass
+
+
+@njit(inline="always")
+def constant_nb(view, trades, state, params, out):
+    return {value}
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(role="signal", name="constant", params=P, kernel=constant_nb))
+'''
+
+
+def test_edited_plugin_is_never_served_from_a_stale_cache(real_catalog, tmp_path):
+    plugin = tmp_path / "constplug.py"
+    doc = _seed_doc(real_catalog)
+    doc["plugins"] = ["constplug.py"]
+    doc["forecast"] = [{"kind": "constant", "alpha": "1tick"}]
+    path = _write(tmp_path, doc)
+    env = {**__import__("os").environ, "QUOTELAB_CACHE": str(tmp_path / "cache")}
+    results = []
+    for value in ("0.0", "3.0", "0.0"):
+        plugin.write_text(CONST_PLUGIN.format(value=value))
+        proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "run", str(path), "--json"],
+                              capture_output=True, text=True, check=True, env=env)
+        results.append(json.loads(proc.stdout))
+    assert results[0]["balance"] != results[1]["balance"]  # the edit reached the fused kernel
+    assert results[0]["balance"] == results[2]["balance"]  # and reverting it restores the old result
+    assert len(list((tmp_path / "cache" / "kernels").glob("k_*.py"))) == 2
