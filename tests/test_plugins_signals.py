@@ -1,0 +1,135 @@
+"""Signal kernels against references written from their formulas, at every step of real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference_impls import asset, events, local_trades, mids, multi_level_imbalance, ofi, trade_flow
+
+from quotelab import layout as L
+from quotelab.component import PackContext
+from quotelab.composer import Part, compose
+from quotelab.registry import load_registry
+from quotelab.replay import context, replay_component, replay_composition
+
+SYMBOLS = ["usdm_btc", "usdm_eth"]
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry(entry_points=False)
+
+
+def _run(registry, name, params, assets, **kw):
+    res = replay_component(registry.get("signal", name), params, assets, keep_view=True, **kw)
+    assert len(res.values) > 3000 and res.trades_dropped == 0
+    return res
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize("output", ["OI", "QI", "VI", "arrival_rate"])
+@pytest.mark.parametrize("side", ["aggressor", "buyer_is_maker"])
+def test_trade_flow_imbalance_equals_reference(shared_data, registry, key, output, side):
+    res = _run(registry, "trade_flow_imbalance", {"output": output, "side": side}, [asset(shared_data, key)])
+    ref = trade_flow(local_trades(events(shared_data, key)), res.timestamps, 0.1, 1.0 if side == "aggressor" else -1.0)
+    want = ref[output].to_numpy()
+    np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
+    assert np.std(want) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_trade_flow_side_convention_flips_the_sign(shared_data, registry, key):
+    a = [asset(shared_data, key)]
+    aggressor = _run(registry, "trade_flow_imbalance", {"output": "VI"}, a).values
+    maker = _run(registry, "trade_flow_imbalance", {"output": "VI", "side": "buyer_is_maker"}, a).values
+    np.testing.assert_allclose(maker, -aggressor, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_trade_flow_lag_is_the_previous_steps_value(shared_data, registry, key):
+    a = [asset(shared_data, key)]
+    now = _run(registry, "trade_flow_imbalance", {"output": "VI"}, a).values
+    lagged = _run(registry, "trade_flow_imbalance", {"output": "VI", "lag": 1}, a).values
+    assert lagged[0] == 0.0
+    np.testing.assert_array_equal(lagged[1:], now[:-1])
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_composite_imbalance_is_the_seed_formula(shared_data, registry, key):
+    res = _run(registry, "composite_imbalance", {}, [asset(shared_data, key)])
+    vi = trade_flow(local_trades(events(shared_data, key)), res.timestamps, 0.1, 1.0)["VI"].to_numpy()
+    vi_prev = np.concatenate([[0.0], vi[:-1]])
+    book = multi_level_imbalance(res.views, 0, (0.7, 0.2, 0.1))
+    np.testing.assert_allclose(res.values, -1.5 * vi_prev + 0.7 * book ** 3, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_composite_imbalance_generalised_exponent_keeps_sign(shared_data, registry, key):
+    params = {"vi_weight": 0.0, "book_weight": 1.0, "weights": [1.0, 0.5], "exponent": 0.5}
+    res = _run(registry, "composite_imbalance", params, [asset(shared_data, key)])
+    book = multi_level_imbalance(res.views, 0, (1.0, 0.5))
+    np.testing.assert_allclose(res.values, np.sign(book) * np.abs(book) ** 0.5, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize(("weights", "window", "scaled"), [((1.0,), 1, False), ((1.0,), 10, True),
+                                                           ((1.0, 0.5, 0.25), 20, False)])
+def test_order_flow_imbalance_equals_reference(shared_data, registry, key, weights, window, scaled):
+    res = _run(registry, "order_flow_imbalance", {"weights": weights, "window": window, "depth_scaled": scaled},
+               [asset(shared_data, key)])
+    want = ofi(res.views, 0, weights, window, scaled)
+    np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-9)
+    assert np.std(want) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize("horizon", [1, 5, 10])
+def test_returns_equal_reference(shared_data, registry, key, horizon):
+    res = _run(registry, "returns", {"horizon": horizon}, [asset(shared_data, key)])
+    m = mids(res.views, 0)
+    want = np.zeros(len(m))
+    want[horizon:] = 1e4 * np.log(m[horizon:] / m[:-horizon])
+    np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-9)
+
+
+def test_returns_of_a_leader_asset(shared_data, registry):
+    assets = [asset(shared_data, "usdm_btc", "btc"), asset(shared_data, "cm_btc", "leader")]
+    res = _run(registry, "returns", {"asset": "leader", "horizon": 5}, assets)
+    m = mids(res.views, 1)
+    np.testing.assert_allclose(res.values[5:], 1e4 * np.log(m[5:] / m[:-5]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("coin", ["btc", "eth"])
+def test_basis_change_equals_reference(shared_data, registry, coin):
+    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"cm_{coin}", "spot")]
+    res = _run(registry, "basis_change", {"spot": "spot", "horizon": 10}, assets)
+    spot = mids(res.views, 1)
+    basis = 1e4 * (mids(res.views, 0) - spot) / spot
+    want = np.zeros(len(basis))
+    want[10:] = basis[10:] - basis[:-10]
+    np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-9)
+    assert np.std(want) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_linear_forecast_combines_earlier_outputs(shared_data, registry, key):
+    assets = [asset(shared_data, key)]
+    ctx: PackContext = context(assets)
+    mk = lambda role, name, raw: registry.get(role, name).make_params(raw)  # noqa: E731
+    fv = Part(registry.get("fair_value", "mid"), mk("fair_value", "mid", {}), "fair_value[0]")
+    sig = [
+        Part(registry.get("signal", "book_imbalance"), mk("signal", "book_imbalance", {}), "forecast[0]"),
+        Part(registry.get("signal", "returns"), mk("signal", "returns", {"horizon": 5}), "forecast[1]"),
+        Part(registry.get("signal", "linear_forecast"),
+             mk("signal", "linear_forecast", {"inputs": [1, 2], "coefficients": [0.5, -2.0], "intercept": 0.25}),
+             "forecast[2]", alpha_price=1.0),
+    ]
+    quoter = Part(registry.get("quoter", "fixed_spread"), mk("quoter", "fixed_spread", {}), "quoter")
+    comp = compose([fv], sig, [], quoter, ctx)
+    res = replay_composition(comp, assets, keep_view=True)
+    imb = res.outs[:, L.COMPONENTS + 1]
+    ret = res.outs[:, L.COMPONENTS + 2]
+    np.testing.assert_allclose(res.outs[:, L.COMPONENTS + 3], 0.25 + 0.5 * imb - 2.0 * ret, rtol=1e-12)
+    # Only the linear forecast carries an alpha, so it alone is the forecast.
+    np.testing.assert_allclose(res.outs[:, L.FORECAST], res.outs[:, L.COMPONENTS + 3], rtol=1e-12)
+    assert np.std(ret) > 0
