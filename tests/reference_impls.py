@@ -8,6 +8,8 @@ helpers the plugin tests use (converted once per machine into the quotelab cache
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pandas as pd
 from hftbacktest.types import BUY_EVENT, LOCAL_EVENT, TRADE_EVENT
 
 from quotelab import layout as L
+from quotelab.data import catalog as cat
 from quotelab.replay import ReplayAsset
 
 # (folder, file stem(s), tick, lot, contract size, inverse)
@@ -49,13 +52,33 @@ def npz_file(shared_data: Path, key: str) -> Path:
     return out
 
 
+# hftbacktest has no spot converter: spot goes through quotelab's (the day that overlaps USD-M).
+SPOT: dict[str, str] = {"spot_btc": "BTCUSDT", "spot_eth": "ETHUSDT"}
+
+
+def _spot_catalog(shared_data: Path, key: str) -> Path:
+    root = _cache() / "catalog"
+    symbol = SPOT[key]
+    if not cat.day_path(root, "binance-spot", symbol, "20240808").exists():
+        files = [str(shared_data / "binance" / "spot" / f"{symbol.lower()}_{d}.gz") for d in ("20240808", "20240809")]
+        subprocess.run([sys.executable, "-m", "quotelab.cli", "convert", "--format", "binance-spot", "--symbol",
+                        symbol, "--catalog", str(root), *files], check=True, capture_output=True, text=True)
+    return root
+
+
 @cache
 def events(shared_data: Path, key: str) -> np.ndarray:
+    if key in SPOT:
+        return cat.load_day(_spot_catalog(shared_data, key), "binance-spot", SPOT[key], "20240808")
     with np.load(npz_file(shared_data, key)) as z:
         return z["data"]
 
 
 def asset(shared_data: Path, key: str, name: str | None = None) -> ReplayAsset:
+    if key in SPOT:
+        meta = cat.read_meta(_spot_catalog(shared_data, key), "binance-spot", SPOT[key])
+        return ReplayAsset(name=name or key, events=[events(shared_data, key)], tick_size=meta["tick_size"],
+                           lot_size=meta["lot_size"])
     _, _, tick, lot, size, inverse = INSTRUMENTS[key]
     return ReplayAsset(name=name or key, events=[events(shared_data, key)], tick_size=tick, lot_size=lot,
                        contract_size=size, inverse=inverse)

@@ -71,10 +71,12 @@ def test_multi_level_imbalance_mid_equals_reference(shared_data, registry, key, 
 
 @pytest.mark.parametrize("coin", ["btc", "eth"])
 def test_multi_venue_mid_equals_reference_with_inverse_contract(shared_data, registry, coin):
-    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"cm_{coin}", "inverse")]
+    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"cm_{coin}", "inverse"),
+              asset(shared_data, f"spot_{coin}", "spot")]
     assert assets[1].inverse
-    res = _run(registry, "multi_venue_mid", {"assets": ["perp", "inverse"], "weights": [3.0, 1.0]}, assets)
-    want = (3.0 * mids(res.views, 0) + 1.0 * mids(res.views, 1)) / 4.0
+    res = _run(registry, "multi_venue_mid", {"assets": ["perp", "inverse", "spot"], "weights": [3.0, 1.0, 2.0]},
+               assets)
+    want = (3.0 * mids(res.views, 0) + 1.0 * mids(res.views, 1) + 2.0 * mids(res.views, 2)) / 6.0
     np.testing.assert_allclose(res.values, want, rtol=1e-13)
     adjusted = _run(registry, "multi_venue_mid", {"assets": ["perp", "inverse"], "weights": [3.0, 1.0],
                                                   "imbalance_weight": 1.0, "shape": "cubic"}, assets)
@@ -85,9 +87,7 @@ def test_multi_venue_mid_equals_reference_with_inverse_contract(shared_data, reg
 
 @pytest.mark.parametrize("coin", ["btc", "eth"])
 def test_spot_plus_basis_equals_reference(shared_data, registry, coin):
-    # Binance spot has no converter yet (framework/data/binance.py pending): the COIN-M contract plays
-    # the "spot" leg, which exercises the same arithmetic across two assets.
-    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"cm_{coin}", "spot")]
+    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"spot_{coin}", "spot")]
     res = _run(registry, "spot_plus_basis", {"spot": "spot", "half_life": 5.0}, assets)
     spot, perp = mids(res.views, 1), mids(res.views, 0)
     want = spot + time_ewma(perp - spot, res.views[:, 0, L.STEP_SECONDS], 5.0)

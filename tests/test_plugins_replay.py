@@ -29,7 +29,7 @@ def _hbt_views(hbt, view, trades, first_elapse, step, origin, n_levels, max_scan
             break
         first = False
         for a in range(n_assets):
-            _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time)
+            _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, False, True)
         last_time = view[0, L.TIME]
         rec_ts[n] = hbt.current_timestamp
         rec_view[n] = view
@@ -76,7 +76,9 @@ def _hbt_reference(assets: list[ReplayAsset], step_ns: int):
     return rec_ts[:n], rec_view[:n], rec_trades[:n]
 
 
-@pytest.mark.parametrize("keys", [("usdm_btc",), ("usdm_eth",), ("usdm_btc", "cm_btc")])
+@pytest.mark.parametrize(
+    "keys", [("usdm_btc",), ("usdm_eth",), ("usdm_btc", "cm_btc"), ("usdm_eth", "spot_eth", "cm_eth")]
+)
 def test_replay_book_equals_hftbacktest_depth_at_every_step(shared_data, keys):
     assets = [asset(shared_data, k) for k in keys]
     ts, hviews, htrades = _hbt_reference(assets, 100_000_000)

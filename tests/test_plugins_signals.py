@@ -101,7 +101,7 @@ def test_returns_of_a_leader_asset(shared_data, registry):
 
 @pytest.mark.parametrize("coin", ["btc", "eth"])
 def test_basis_change_equals_reference(shared_data, registry, coin):
-    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"cm_{coin}", "spot")]
+    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"spot_{coin}", "spot")]
     res = _run(registry, "basis_change", {"spot": "spot", "horizon": 10}, assets)
     spot = mids(res.views, 1)
     basis = 1e4 * (mids(res.views, 0) - spot) / spot
