@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-from hftbacktest.types import BUY_EVENT, DEPTH_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
+from hftbacktest.types import BUY_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
 from numba import njit
 
-from quotelab.data.events import DAY_NS, ConvertJob, DaySplitter, DenseBook, Findings, Witness
+from quotelab.data.events import DAY_NS, ConvertJob, DaySplitter, DenseBook, Findings, Witness, depth_rows
 from quotelab.errors import DataError
 
 K_BAD, K_BLANK, K_DEPTH, K_TRADE, K_BT, K_SNAP, K_OTHER, K_ERRMSG = -1, 0, 1, 2, 3, 4, 5, 6
@@ -157,6 +157,73 @@ def _dec(b, s, e):
 
 
 @njit(cache=True, nogil=True)
+def _qdec(b, i, e):
+    """A quoted decimal at ``b[i] == '"'`` in one pass → (float, index after the closing quote) or
+    (0.0, -1). Same rounding as :func:`_dec`."""
+    i += 1
+    m = np.int64(0)
+    frac = -1
+    nd = 0
+    m_nz = np.int64(0)
+    f_nz = 0
+    s = i
+    while i < e:
+        c = b[i]
+        if c >= 48 and c <= 57:
+            d = c - 48
+            if m != 0 or d != 0:
+                nd += 1
+                if nd > 18:
+                    return 0.0, -1
+            m = m * 10 + d
+            if frac >= 0:
+                frac += 1
+                if d != 0:
+                    m_nz = m
+                    f_nz = frac
+        elif c == 46 and frac < 0:
+            frac = 0
+            m_nz = m
+        elif c == 34:
+            break
+        else:
+            return 0.0, -1
+        i += 1
+    if i >= e or i == s:
+        return 0.0, -1
+    if frac >= 0:
+        m = m_nz
+        frac = f_nz
+    else:
+        frac = 0
+    if frac > 22 or m >= _TWO53:
+        return m / 10.0**frac, i + 1
+    return m / _POW10[frac], i + 1
+
+
+@njit(cache=True, nogil=True)
+def _key(b, i, e):
+    """Hash of the string at ``b[i] == '"'`` computed while finding its end → (hash, closing quote or -1)."""
+    h = np.int64(0)
+    i += 1
+    while i < e:
+        c = b[i]
+        if c == 34:
+            return h, i
+        if c == 10:
+            return h, -1
+        if c == 92:
+            h = h * np.int64(257) + np.int64(c)
+            i += 1
+            if i >= e:
+                return h, -1
+            c = b[i]
+        h = h * np.int64(257) + np.int64(c)
+        i += 1
+    return h, -1
+
+
+@njit(cache=True, nogil=True)
 def _skip(b, i, e):
     if i >= e:
         return -1
@@ -203,25 +270,19 @@ def _levels(b, i, e, side, lv_side, lv_px, lv_qty, nlv):
         i = _ws(b, i + 1, e)
         if i >= e or b[i] != 34:
             return -1, nlv
-        j = _str_end(b, i, e)
-        if j < 0:
+        px, i = _qdec(b, i, e)
+        if i < 0:
             return -1, nlv
-        px, ok = _dec(b, i + 1, j)
-        if not ok:
-            return -1, nlv
-        i = _ws(b, j + 1, e)
+        i = _ws(b, i, e)
         if i >= e or b[i] != 44:
             return -1, nlv
         i = _ws(b, i + 1, e)
         if i >= e or b[i] != 34:
             return -1, nlv
-        j = _str_end(b, i, e)
-        if j < 0:
+        qty, i = _qdec(b, i, e)
+        if i < 0:
             return -1, nlv
-        qty, ok = _dec(b, i + 1, j)
-        if not ok:
-            return -1, nlv
-        i = _ws(b, j + 1, e)
+        i = _ws(b, i, e)
         if i >= e or b[i] != 93:
             return -1, nlv
         if nlv >= lv_side.shape[0]:
@@ -243,13 +304,7 @@ def _levels(b, i, e, side, lv_side, lv_px, lv_qty, nlv):
 def _str_dec(b, i, e):
     if i >= e or b[i] != 34:
         return 0.0, -1
-    j = _str_end(b, i, e)
-    if j < 0:
-        return 0.0, -1
-    v, ok = _dec(b, i + 1, j)
-    if not ok:
-        return 0.0, -1
-    return v, j + 1
+    return _qdec(b, i, e)
 
 
 @njit(cache=True, nogil=True)
@@ -261,10 +316,9 @@ def _parse_data(b, i, e, li, kind, ints, flts, flags, lv_side, lv_px, lv_qty, nl
     while True:
         if i >= e or b[i] != 34:
             return -1, kind, nlv
-        j = _str_end(b, i, e)
+        h, j = _key(b, i, e)
         if j < 0:
             return -1, kind, nlv
-        h = _hash(b, i + 1, j)
         i = _ws(b, j + 1, e)
         if i >= e or b[i] != 58:
             return -1, kind, nlv
@@ -274,10 +328,9 @@ def _parse_data(b, i, e, li, kind, ints, flts, flags, lv_side, lv_px, lv_qty, nl
         elif h == H_EV:
             if i >= e or b[i] != 34:
                 return -1, kind, nlv
-            j = _str_end(b, i, e)
+            v, j = _key(b, i, e)
             if j < 0:
                 return -1, kind, nlv
-            v = _hash(b, i + 1, j)
             if v == V_DEPTHUPDATE:
                 kind = K_DEPTH
             elif v == V_TRADE:
@@ -389,10 +442,9 @@ def _parse_line(b, s, e, li, ints, flts, flags, lv_side, lv_px, lv_qty, nlv):
         while True:
             if i >= e or b[i] != 34:
                 return K_BAD, nlv, i
-            j = _str_end(b, i, e)
+            h, j = _key(b, i, e)
             if j < 0:
                 return K_BAD, nlv, i
-            h = _hash(b, i + 1, j)
             i = _ws(b, j + 1, e)
             if i >= e or b[i] != 58:
                 return K_BAD, nlv, i
@@ -869,15 +921,9 @@ class BinanceConverter:
             if t.shape[0]:
                 self.book.ensure(int(t.min()), int(t.max()), self.file)
             s = side[l0:l1]
-            bbo = self.book.apply(s, t, qty[l0:l1], (m_end[a:z] - l0).astype(np.int64))
-            counts = np.diff(np.concatenate([[l0], m_end[a:z]]))
-            rows = np.zeros(l1 - l0, event_dtype)
-            rows["ev"] = np.where(s > 0, DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT)
-            rows["exch_ts"] = np.repeat(m_exch[a:z], counts)
-            rows["local_ts"] = np.repeat(m_local[a:z], counts)
-            rows["px"] = px[l0:l1]
-            rows["qty"] = qty[l0:l1]
-            rows["ival"] = np.repeat(m_id[a:z], counts)
+            ends = (m_end[a:z] - l0).astype(np.int64)
+            bbo = self.book.apply(s, t, qty[l0:l1], ends)
+            rows = depth_rows(s, px[l0:l1], qty[l0:l1], ends, m_exch[a:z], m_local[a:z], m_id[a:z])
             self.split.add_rows(d, rows, m_exch[a:z], m_local[a:z])
             self.split.add_bbo(d, m_id[a:z].astype(np.int64), bbo)
             self.book.last_id = int(m_id[z - 1])

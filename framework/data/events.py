@@ -273,6 +273,31 @@ class DenseBook:
         return rows
 
 
+@njit(cache=True, nogil=True)
+def _fill_depth_rows_nb(rows, side, px, qty, msg_end, m_exch, m_local, m_id, buy_ev, sell_ev):
+    j = 0
+    for k in range(msg_end.shape[0]):
+        end = msg_end[k]
+        while j < end:
+            r = rows[j]
+            r.ev = buy_ev if side[j] > 0 else sell_ev
+            r.exch_ts = m_exch[k]
+            r.local_ts = m_local[k]
+            r.px = px[j]
+            r.qty = qty[j]
+            r.ival = m_id[k]
+            j += 1
+
+
+def depth_rows(side: np.ndarray, px: np.ndarray, qty: np.ndarray, msg_end: np.ndarray, m_exch: np.ndarray,
+               m_local: np.ndarray, m_id: np.ndarray) -> np.ndarray:
+    """DEPTH_EVENT rows for messages whose levels end at ``msg_end`` (ival = the message's id)."""
+    rows = np.zeros(px.shape[0], event_dtype)
+    _fill_depth_rows_nb(rows, side, px, qty, msg_end, m_exch, m_local, m_id,
+                        np.uint64(DEPTH_EVENT | BUY_EVENT), np.uint64(DEPTH_EVENT | SELL_EVENT))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # hftbacktest ordering: rows flagged EXCH_EVENT must be sorted by exch_ts, rows flagged LOCAL_EVENT
 # by local_ts. Where the two orders disagree a row is written twice, once per flag.
@@ -543,7 +568,6 @@ class DaySplitter:
     def _close(self, d: int) -> None:
         day = self.days.pop(d)
         self.closed_below = max(self.closed_below, d)
-        rows = day.rows.take(event_dtype)
         exch = day.lat_exch.take(np.int64)
         local = day.lat_local.take(np.int64)
         lat_raw = local - exch
@@ -563,15 +587,22 @@ class DaySplitter:
             day.findings.add("clock_behind",
                              f"capture clock behind exchange: min local − exch was "
                              f"{lat_raw.min() / 1e6:.3f} ms; local_ts shifted by +{self.offset_ns / 1e6:.3f} ms")
-        rows["local_ts"] += self.offset_ns
         snap = day.snapshot if day.snapshot is not None else self.book.snapshot_rows(0, 0)
-        if rows.shape[0]:
-            snap["exch_ts"] = rows["exch_ts"].min()
-            snap["local_ts"] = rows["local_ts"].min()
-        all_rows = np.concatenate([snap, rows])
-        del rows
+        m = snap.shape[0]
+        all_rows = np.concatenate([snap, *day.rows.parts]) if day.rows.parts else snap
+        day.rows.parts = []
+        body = all_rows[m:]
+        body["local_ts"] += self.offset_ns
+        if body.shape[0]:
+            # The snapshot is the state before the day's first event, in both clocks.
+            all_rows["exch_ts"][:m] = body["exch_ts"].min()
+            all_rows["local_ts"][:m] = body["local_ts"].min()
+        counts = count_kinds(all_rows)
+        first_ts = int(all_rows["exch_ts"].min()) if all_rows.shape[0] else None
+        last_ts = int(all_rows["exch_ts"].max()) if all_rows.shape[0] else None
         events = order_and_flag(all_rows)
-        del all_rows
+        counts["local_only_duplicates"] = int(events.shape[0] - all_rows.shape[0])
+        del all_rows, body
         bbo_ids = day.bbo_ids.take(np.int64)
         bbo = day.bbo.take(np.float64).reshape(-1, 4)
         if self.witness is not None:
@@ -581,27 +612,25 @@ class DaySplitter:
             if bbo_ids.shape[0]:
                 self.witness.prune_below(int(bbo_ids[-1]))
         info_q["findings"] = day.findings.as_list()
-        info = {
-            "first_ts": int(events["exch_ts"].min()) if events.shape[0] else None,
-            "last_ts": int(events["exch_ts"].max()) if events.shape[0] else None,
-            "events": int(events.shape[0]),
-            "counts": count_kinds(events),
-            "quality": info_q,
-        }
+        info = {"first_ts": first_ts, "last_ts": last_ts, "events": int(events.shape[0]), "counts": counts,
+                "quality": info_q}
         self.on_day(DayResult(day_of(d * DAY_NS), events, info))
 
 
-def count_kinds(events: np.ndarray) -> dict[str, int]:
-    """Rows by kind, counting each row once (rows flagged only LOCAL are the duplicates)."""
-    ev = events["ev"]
-    once = (ev & EXCH_EVENT) != 0
-    t = ev[once] & EV_TYPE_MASK
-    buy = (ev[once] & BUY_EVENT) != 0
+def count_kinds(rows: np.ndarray) -> dict[str, int]:
+    """Rows by kind. Pass rows before flagging, or flagged events (then rows flagged only LOCAL, the
+    duplicates, are left out and counted apart)."""
+    ev = rows["ev"]
+    flagged = (ev & (EXCH_EVENT | LOCAL_EVENT)) != 0
+    once = (ev & EXCH_EVENT) != 0 if flagged.any() else np.ones(ev.shape[0], bool)
+    key = (ev[once] & EV_TYPE_MASK) * 2 + ((ev[once] & BUY_EVENT) != 0)
+    c = np.bincount(key.astype(np.int64), minlength=2 * (TRADE_EVENT + DEPTH_SNAPSHOT_EVENT + 1))
+    by_kind = c[0::2] + c[1::2]
     return {
-        "depth": int((t == DEPTH_EVENT).sum()),
-        "depth_clear": int((t == DEPTH_CLEAR_EVENT).sum()),
-        "depth_snapshot": int((t == DEPTH_SNAPSHOT_EVENT).sum()),
-        "trade_buy": int(((t == TRADE_EVENT) & buy).sum()),
-        "trade_sell": int(((t == TRADE_EVENT) & ~buy).sum()),
+        "depth": int(by_kind[DEPTH_EVENT]),
+        "depth_clear": int(by_kind[DEPTH_CLEAR_EVENT]),
+        "depth_snapshot": int(by_kind[DEPTH_SNAPSHOT_EVENT]),
+        "trade_buy": int(c[2 * TRADE_EVENT + 1]),
+        "trade_sell": int(c[2 * TRADE_EVENT]),
         "local_only_duplicates": int((~once).sum()),
     }
