@@ -9,6 +9,7 @@ names nearest first. Nothing compiles before both phases pass.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -326,6 +327,48 @@ class LoadedStrategy:
         return out
 
 
+def validate_part(
+    registry: Registry, role: str, at: Path_, spec: PartSpec, path: Path, lines: dict[Path_, int],
+    names: set[str], assets: dict[str, AssetData],
+) -> tuple:
+    """Phase two for one part: its component exists, its params fit its model, its assets have data."""
+    def where(loc: Path_) -> str:
+        return f"{path}:{line_of(lines, loc)}: {fmt_path(loc)}"
+
+    component = registry.get(role, spec.kind, where=f"{where((*at, 'kind'))}: ")
+    try:
+        params = component.params.model_validate(spec.params)
+    except ValidationError as exc:
+        raise_validation(exc, path, lines, prefix=(*at, "params"), model=component.params)
+    for asset in asset_fields(params):
+        if asset not in names:
+            raise ConfigError(
+                f"{where((*at, 'params'))}: {role} {spec.kind!r} reads asset {asset!r}, which has no data; "
+                f"data.assets has: {', '.join(assets)}"
+            )
+    if role != "signal" and spec.alpha != 0.0:
+        raise ConfigError(f"{where((*at, 'alpha'))}: alpha applies to forecast signals only")
+    if role == "signal" and spec.alpha == 0.0:
+        raise ConfigError(f"{where(at)}: signal {spec.kind!r} needs an alpha (e.g. alpha: 2ticks, 1.5bps or 0.3)")
+    return role, at, spec, component, params
+
+
+def check_data_section(data: DataSection, where: Callable[[Path_], str]) -> None:
+    """Structural checks of a data section that pydantic's types can't express."""
+    if data.quote not in data.assets:
+        raise ConfigError(
+            f"{where(('data', 'quote'))}: asset {data.quote!r} is not in data.assets (have: {', '.join(data.assets)})"
+        )
+    for name, a in data.assets.items():
+        at = ("data", "assets", name)
+        if (a.files is None) == (a.venue is None):
+            raise ConfigError(f"{where(at)}: give either venue+symbol+dates (catalog) or files (npz paths)")
+        if a.venue is not None and (a.symbol is None or a.dates is None):
+            raise ConfigError(f"{where(at)}: a catalog asset needs venue, symbol and dates")
+        if a.files is not None and (a.tick_size is None or a.lot_size is None):
+            raise ConfigError(f"{where(at)}: an asset from files needs tick_size and lot_size")
+
+
 def load_strategy(
     path: str | Path, overrides: list[str] = (), registry: Registry | None = None, text: str | None = None
 ) -> tuple[LoadedStrategy, Registry, list]:
@@ -346,46 +389,16 @@ def load_strategy(
     if registry is None:
         local = [(path.parent / p).resolve() for p in config.plugins]
         registry = load_registry(local_files=local)
-    if config.data.quote not in config.data.assets:
-        raise ConfigError(
-            f"{loaded.where(('data', 'quote'))}: asset {config.data.quote!r} is not in data.assets "
-            f"(have: {', '.join(config.data.assets)})"
-        )
-    for name, a in config.data.assets.items():
-        at = ("data", "assets", name)
-        if (a.files is None) == (a.venue is None):
-            raise ConfigError(f"{loaded.where(at)}: give either venue+symbol+dates (catalog) or files (npz paths)")
-        if a.venue is not None and (a.symbol is None or a.dates is None):
-            raise ConfigError(f"{loaded.where(at)}: a catalog asset needs venue, symbol and dates")
-        if a.files is not None and (a.tick_size is None or a.lot_size is None):
-            raise ConfigError(f"{loaded.where(at)}: an asset from files needs tick_size and lot_size")
+    check_data_section(config.data, loaded.where)
     for name in config.engine.assets:
         if name not in config.data.assets:
             raise ConfigError(
                 f"{loaded.where(('engine', 'assets', name))}: no such asset; data.assets has "
                 f"{', '.join(config.data.assets)}"
             )
-    parts = []
     names = set(config.data.assets) | {"quoted"}
-    for role, at, spec in loaded.parts():
-        component = registry.get(role, spec.kind, where=f"{loaded.where((*at, 'kind'))}: ")
-        try:
-            params = component.params.model_validate(spec.params)
-        except ValidationError as exc:
-            raise_validation(exc, path, lines, prefix=(*at, "params"), model=component.params)
-        for asset in asset_fields(params):
-            if asset not in names:
-                raise ConfigError(
-                    f"{loaded.where((*at, 'params'))}: {role} {spec.kind!r} reads asset {asset!r}, which has no "
-                    f"data; data.assets has: {', '.join(config.data.assets)}"
-                )
-        if role != "signal" and spec.alpha != 0.0:
-            raise ConfigError(f"{loaded.where((*at, 'alpha'))}: alpha applies to forecast signals only")
-        if role == "signal" and spec.alpha == 0.0:
-            raise ConfigError(
-                f"{loaded.where(at)}: signal {spec.kind!r} needs an alpha (e.g. alpha: 2ticks, 1.5bps or 0.3)"
-            )
-        parts.append((role, at, spec, component, params))
+    parts = [validate_part(registry, role, at, spec, path, lines, names, config.data.assets)
+             for role, at, spec in loaded.parts()]
     return loaded, registry, parts
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from quotelab import driver as D
 from quotelab import layout as L
 from quotelab.component import PackContext
 from quotelab.composer import STRATEGY_TYPE, Composition, Part, compose
-from quotelab.config import AssetEngine, LoadedStrategy, load_strategy, parse_alpha
+from quotelab.config import AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, DataError, RunError
 
@@ -33,7 +34,7 @@ class AssetFeed:
     lot_size: float
     contract: str  # linear | inverse
     contract_size: float
-    engine: AssetEngine
+    engine: AssetEngine | None
 
     @property
     def n_events(self) -> int:
@@ -60,28 +61,25 @@ class RunResult:
     composition: Composition | None = field(default=None, repr=False)
 
 
-def _resolve_catalog(loaded: LoadedStrategy, catalog: str | Path | None) -> Path | None:
-    if catalog is not None:
-        return Path(catalog)
-    if loaded.config.data.catalog is not None:
-        return (loaded.file.parent / loaded.config.data.catalog).resolve()
-    return None
-
-
-def load_feeds(loaded: LoadedStrategy, catalog: Path | None) -> list[AssetFeed]:
-    cfg = loaded.config
+def load_assets(
+    data: DataSection,
+    base_dir: Path,
+    where: Callable[[tuple], str],
+    catalog: Path | None,
+    engine_for: Callable[[str], AssetEngine | None] = lambda name: None,
+) -> list[AssetFeed]:
+    """Load every asset of a ``data`` section (catalog days or npz files) with its instrument."""
     feeds = []
-    for name, a in cfg.data.assets.items():
-        engine = cfg.engine.assets.get(name, cfg.engine.defaults)
+    for name, a in data.assets.items():
         at = ("data", "assets", name)
         if a.files is not None:
-            events = [cat.load_events((loaded.file.parent / f).resolve()) for f in a.files]
+            events = [cat.load_events((base_dir / f).resolve()) for f in a.files]
             meta: dict[str, Any] = {}
             venue, symbol = a.venue or "files", a.symbol or name
         else:
             if catalog is None:
                 raise ConfigError(
-                    f"{loaded.where(at)}: a catalog asset needs a catalog: pass --catalog DIR or set data.catalog"
+                    f"{where(at)}: a catalog asset needs a catalog: pass --catalog DIR or set data.catalog"
                 )
             meta = cat.read_meta(catalog, a.venue, a.symbol)
             events = [cat.load_day(catalog, a.venue, a.symbol, d) for d in a.dates]
@@ -92,16 +90,31 @@ def load_feeds(loaded: LoadedStrategy, catalog: Path | None) -> list[AssetFeed]:
         for key, value in (("tick_size", tick), ("lot_size", lot)):
             if not value or value <= 0:
                 raise ConfigError(
-                    f"{loaded.where(at)}: {key} must be > 0 (hftbacktest hangs on 0); set data.assets.{name}.{key}"
+                    f"{where(at)}: {key} must be > 0 (hftbacktest hangs on 0); set data.assets.{name}.{key}"
                 )
+        if not any(len(e) for e in events):
+            raise DataError(f"{where(at)}: {venue}/{symbol} has no events")
         feeds.append(AssetFeed(
             name=name, venue=venue, symbol=symbol, events=events, tick_size=float(tick), lot_size=float(lot),
             contract=a.contract or contract.get("kind", "linear"),
-            contract_size=float(a.contract_size or contract.get("size", 1.0)), engine=engine,
+            contract_size=float(a.contract_size or contract.get("size", 1.0)), engine=engine_for(name),
         ))
-        if not any(len(e) for e in events):
-            raise DataError(f"{loaded.where(at)}: {venue}/{symbol} has no events")
     return feeds
+
+
+def load_feeds(loaded: LoadedStrategy, catalog: Path | None) -> list[AssetFeed]:
+    cfg = loaded.config
+    return load_assets(cfg.data, loaded.file.parent, loaded.where, catalog,
+                       lambda name: cfg.engine.assets.get(name, cfg.engine.defaults))
+
+
+def resolve_catalog(base_dir: Path, configured: str | None, catalog: str | Path | None) -> Path | None:
+    """``--catalog`` wins; else ``data.catalog`` relative to the YAML's folder."""
+    if catalog is not None:
+        return Path(catalog)
+    if configured is not None:
+        return (base_dir / configured).resolve()
+    return None
 
 
 def _build_asset(feed: AssetFeed) -> BacktestAsset:
@@ -137,7 +150,7 @@ def run_loaded(
     """Run an already validated strategy."""
     global _DRIVER_COMPILED
     cfg = loaded.config
-    feeds = load_feeds(loaded, _resolve_catalog(loaded, catalog))
+    feeds = load_feeds(loaded, resolve_catalog(loaded.file.parent, loaded.config.data.catalog, catalog))
     names = [f.name for f in feeds]
     q = names.index(cfg.data.quote)
     index = {n: i for i, n in enumerate(names)} | {"quoted": q}
