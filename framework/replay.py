@@ -76,7 +76,7 @@ class ReplayResult:
 
     timestamps: np.ndarray  # int64 ns, grid times of the steps where the kernel ran
     values: np.ndarray  # the kernel's return value
-    outs: np.ndarray | None  # (steps, OUT_WIDTH) copy of ``out`` after the kernel
+    outs: np.ndarray | None  # (steps, len(out_columns)) copy of ``out`` (those slots) after the kernel
     views: np.ndarray | None  # (steps, n_assets, VIEW_WIDTH) copy of ``view`` given to the kernel
     n_trades: np.ndarray  # (steps, n_assets) trades given to the kernel
     grid_steps: int  # grid times visited, including warm-up
@@ -239,7 +239,7 @@ def _fill_levels(view, a, bid, ask, base, bk, tick, n_levels, max_scan):
 @njit
 def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, book_start, bid_all, ask_all, books,
                origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask,
-               rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters):
+               rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols):
     n_assets = view.shape[0]
     cap = trades.shape[1]
     ptr = row_start[:n_assets].copy()
@@ -305,7 +305,8 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
         for a in range(n_assets):
             rec_ntr[n_rec, a] = view[a, L.N_TRADES]
         if keep_out:
-            rec_out[n_rec] = out
+            for c in range(len(out_cols)):
+                rec_out[n_rec, c] = out[out_cols[c]]
         n_rec += 1
     return n_rec
 
@@ -346,6 +347,7 @@ def replay(
     ready: Sequence[int] | None = None,
     keep_out: bool = False,
     keep_view: bool = False,
+    out_columns: Sequence[int] | None = None,
 ) -> ReplayResult:
     """Replay ``assets`` on a grid of ``step`` seconds and call ``kernel`` at every ready step.
 
@@ -353,7 +355,8 @@ def replay(
     The grid is ``origin + k·step``, k ≥ 1, as the engine's: ``origin_ns`` defaults to the quoted
     asset's first event (engine.origin: quoted). A step is ready when every asset in ``ready``
     (default: all) has a two-sided book; before that the kernel is not called (warm-up).
-    ``state`` is updated in place.
+    ``state`` is updated in place. With ``keep_out``, ``out_columns`` (default: all) picks the slots
+    of ``out`` that are kept per step, so a long replay keeps only what it needs.
     """
     if not 1 <= n_levels <= L.MAX_LEVELS:
         raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
@@ -398,7 +401,8 @@ def replay(
     out = np.zeros(L.OUT_WIDTH)
     rec_ts = np.zeros(n_grid, dtype=np.int64)
     rec_values = np.full(n_grid, np.nan)
-    rec_out = np.zeros((n_grid if keep_out else 1, L.OUT_WIDTH))
+    out_cols = np.arange(L.OUT_WIDTH) if out_columns is None else np.asarray(out_columns, dtype=np.int64)
+    rec_out = np.zeros((n_grid if keep_out else 1, len(out_cols)))
     rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
     rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
     counters = np.zeros(2, dtype=np.int64)
@@ -407,7 +411,7 @@ def replay(
         allrows["px"].copy(), allrows["qty"].copy(), row_start, book_base, book_start, bid_all, ask_all, books,
         origin, step_ns, n_grid, view, trades, state, np.ascontiguousarray(params, dtype=np.float64), out,
         n_levels, max_scan_ticks, quoted, ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr,
-        keep_out, keep_view, counters,
+        keep_out, keep_view, counters, out_cols,
     )
     return ReplayResult(
         timestamps=rec_ts[:m], values=rec_values[:m], outs=rec_out[:m] if keep_out else None,
