@@ -332,8 +332,43 @@ def _tick_range(rows: np.ndarray, tick: float, name: str) -> tuple[int, int]:
     return lo, hi - lo + 1
 
 
+@dataclass(frozen=True)
+class ReplayData:
+    """Assets' local rows sorted and flattened once, to replay many kernels over the same data."""
+
+    assets: tuple[ReplayAsset, ...]
+    ev: np.ndarray
+    local_ts: np.ndarray
+    exch_ts: np.ndarray
+    px: np.ndarray
+    qty: np.ndarray
+    row_start: np.ndarray
+    book_base: np.ndarray
+    book_start: np.ndarray
+    first_ts: tuple[int, ...]
+    last_ts: int
+
+
+def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
+    """Sort and flatten the assets' LOCAL_EVENT rows and size each asset's dense book."""
+    n = len(assets)
+    rows = [_local_rows(a.events) for a in assets]
+    row_start = np.zeros(n + 1, dtype=np.int64)
+    row_start[1:] = np.cumsum([len(r) for r in rows])
+    allrows = np.concatenate(rows)
+    ranges = [_tick_range(r, a.tick_size, a.name) for r, a in zip(rows, assets, strict=True)]
+    book_start = np.zeros(n + 1, dtype=np.int64)
+    book_start[1:] = np.cumsum([size for _, size in ranges])
+    return ReplayData(
+        assets=tuple(assets), ev=allrows["ev"].astype(np.int64), local_ts=allrows["local_ts"].copy(),
+        exch_ts=allrows["exch_ts"].copy(), px=allrows["px"].copy(), qty=allrows["qty"].copy(), row_start=row_start,
+        book_base=np.array([lo for lo, _ in ranges], dtype=np.int64), book_start=book_start,
+        first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets),
+    )
+
+
 def replay(
-    assets: Sequence[ReplayAsset],
+    assets: Sequence[ReplayAsset] | ReplayData,
     kernel: Any,
     params: np.ndarray,
     state: np.ndarray | None = None,
@@ -356,28 +391,19 @@ def replay(
     asset's first event (engine.origin: quoted). A step is ready when every asset in ``ready``
     (default: all) has a two-sided book; before that the kernel is not called (warm-up).
     ``state`` is updated in place. With ``keep_out``, ``out_columns`` (default: all) picks the slots
-    of ``out`` that are kept per step, so a long replay keeps only what it needs.
+    of ``out`` that are kept per step, so a long replay keeps only what it needs. Pass
+    :func:`prepare`'s result to replay the same data again without re-sorting it.
     """
     if not 1 <= n_levels <= L.MAX_LEVELS:
         raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
     step_ns = int(round(step * 1e9))
     if step_ns <= 0:
         raise ValueError(f"step must be > 0, got {step}")
-    n = len(assets)
-    origin = assets[quoted].first_ts() if origin_ns is None else int(origin_ns)
-    end = max(a.last_ts() for a in assets)
-    n_grid = max(0, (end - origin) // step_ns)
-
-    rows = [_local_rows(a.events) for a in assets]
-    row_start = np.zeros(n + 1, dtype=np.int64)
-    row_start[1:] = np.cumsum([len(r) for r in rows])
-    allrows = np.concatenate(rows) if n else rows
-    ranges = [_tick_range(r, a.tick_size, a.name) for r, a in zip(rows, assets, strict=True)]
-    book_base = np.array([lo for lo, _ in ranges], dtype=np.int64)
-    book_start = np.zeros(n + 1, dtype=np.int64)
-    book_start[1:] = np.cumsum([size for _, size in ranges])
-    bid_all = np.zeros(int(book_start[-1]))
-    ask_all = np.zeros(int(book_start[-1]))
+    data = assets if isinstance(assets, ReplayData) else prepare(assets)
+    n = len(data.assets)
+    origin = data.first_ts[quoted] if origin_ns is None else int(origin_ns)
+    n_grid = max(0, (data.last_ts - origin) // step_ns)
+    size = int(data.book_start[-1])
     books = np.empty((n, 4), dtype=np.int64)
     books[:, B_BEST_BID] = INVALID_MIN
     books[:, B_BEST_ASK] = INVALID_MAX
@@ -385,7 +411,7 @@ def replay(
     books[:, B_HIGH_ASK] = INVALID_MIN
 
     view = np.full((n, L.VIEW_WIDTH), np.nan)
-    for i, a in enumerate(assets):
+    for i, a in enumerate(data.assets):
         view[i, L.TICK] = a.tick_size
         view[i, L.LOT] = a.lot_size
         view[i, L.CONTRACT_SIZE] = a.contract_size
@@ -407,11 +433,10 @@ def replay(
     rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
     counters = np.zeros(2, dtype=np.int64)
     m = _replay_nb(
-        kernel, allrows["ev"].astype(np.int64), allrows["local_ts"].copy(), allrows["exch_ts"].copy(),
-        allrows["px"].copy(), allrows["qty"].copy(), row_start, book_base, book_start, bid_all, ask_all, books,
-        origin, step_ns, n_grid, view, trades, state, np.ascontiguousarray(params, dtype=np.float64), out,
-        n_levels, max_scan_ticks, quoted, ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr,
-        keep_out, keep_view, counters, out_cols,
+        kernel, data.ev, data.local_ts, data.exch_ts, data.px, data.qty, data.row_start, data.book_base,
+        data.book_start, np.zeros(size), np.zeros(size), books, origin, step_ns, n_grid, view, trades, state,
+        np.ascontiguousarray(params, dtype=np.float64), out, n_levels, max_scan_ticks, quoted, ready_mask, rec_ts,
+        rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols,
     )
     return ReplayResult(
         timestamps=rec_ts[:m], values=rec_values[:m], outs=rec_out[:m] if keep_out else None,
@@ -420,8 +445,9 @@ def replay(
     )
 
 
-def context(assets: Sequence[ReplayAsset], quoted: int = 0) -> PackContext:
+def context(assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0) -> PackContext:
     """The PackContext the engine would build for these assets."""
+    assets = assets.assets if isinstance(assets, ReplayData) else assets
     index = {a.name: i for i, a in enumerate(assets)} | {"quoted": quoted}
     return PackContext(
         asset_index=index, tick_size={a.name: a.tick_size for a in assets},
@@ -430,7 +456,8 @@ def context(assets: Sequence[ReplayAsset], quoted: int = 0) -> PackContext:
 
 
 def replay_component(
-    component: Component, params: Params | dict[str, Any], assets: Sequence[ReplayAsset], quoted: int = 0,
+    component: Component, params: Params | dict[str, Any], assets: Sequence[ReplayAsset] | ReplayData,
+    quoted: int = 0,
     **kw: Any,
 ) -> ReplayResult:
     """Replay one component's kernel alone, with its packed params and initial state.
@@ -448,7 +475,9 @@ def replay_component(
     return replay(assets, component.kernel, packed, state, quoted=quoted, **kw)
 
 
-def replay_composition(composition: Any, assets: Sequence[ReplayAsset], quoted: int = 0, **kw: Any) -> ReplayResult:
+def replay_composition(
+    composition: Any, assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, **kw: Any
+) -> ReplayResult:
     """Replay a composed strategy (a :class:`quotelab.composer.Composition`); ``out`` rows kept."""
     kw.setdefault("keep_out", True)
     return replay(assets, composition.kernel, composition.params, composition.state.copy(), quoted=quoted, **kw)

@@ -11,7 +11,7 @@ from reference_impls import asset
 from quotelab import layout as L
 from quotelab.driver import _fill_view
 from quotelab.plugins.mid import mid_nb
-from quotelab.replay import ReplayAsset, replay
+from quotelab.replay import ReplayAsset, prepare, replay
 
 N_LEVELS = 5
 MAX_SCAN = 2000
@@ -119,3 +119,12 @@ def test_replay_waits_for_a_two_sided_book_of_ready_assets(shared_data):
     assert len(res.values) <= res.grid_steps
     with pytest.raises(ValueError, match="n_levels"):
         replay([a], mid_nb, np.array([0.0]), n_levels=L.MAX_LEVELS + 1)
+
+
+def test_prepared_data_replays_identically_twice(shared_data):
+    data = prepare([asset(shared_data, "usdm_eth")])
+    first = replay(data, mid_nb, np.array([0.0]), n_levels=3, keep_view=True)
+    second = replay(data, mid_nb, np.array([0.0]), n_levels=3, keep_view=True)
+    assert len(first.values) > 3000
+    np.testing.assert_array_equal(first.values, second.values)
+    np.testing.assert_array_equal(first.views, second.views)
