@@ -179,6 +179,62 @@ def convert(
         render_summary(summary)
 
 
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="Training YAML (data, grid, features, target, model, validation).")],
+    catalog: Annotated[
+        Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for report.json, folds/transfer CSV, model.json, forecast.yaml."),
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Record features from signal kernels, fit a forecast walk-forward, score transfer, export it."""
+    from quotelab.train import run_train
+
+    result = run_train(config, catalog=catalog, out_dir=out)
+    rep = result.report
+    if json_:
+        _print_json(rep)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    console = Console()
+    folds = Table(title=f"{rep['name']}: {rep['model']} model of the {rep['horizon_s']:g}s return of {rep['quote']}, "
+                  f"purge {rep['purge_s']:g}s")
+    for col in ("fold", "n_train", "n_test", "is_r2", "oos_r2", "is_ic", "oos_ic"):
+        folds.add_column(col, justify="right")
+    for r in rep.get("folds", []):
+        folds.add_row(*(f(r.get(c)) for c in ("fold", "n_train", "n_test", "is_r2", "oos_r2", "is_ic", "oos_ic")))
+    o = rep["overall"]
+    folds.add_row("all", f(o.get("n")), f(o.get("n_oos")), f(o.get("is_r2")), f(o.get("oos_r2")), f(o.get("is_ic")),
+                  f(o.get("oos_ic")))
+    console.print(folds)
+    if o.get("coef"):
+        coef = Table(title="coefficients (fit on all samples)")
+        coef.add_column("feature")
+        coef.add_column("coefficient", justify="right")
+        for k, v in o["coef"].items():
+            coef.add_row(k, f"{v:.6g}")
+        console.print(coef)
+    if rep.get("transfer"):
+        tr = Table(title="out-of-sample: transfer vs native")
+        for col in ("dataset", "asset", "n", "native_oos_r2", "transfer_r2", "native_oos_ic", "transfer_ic"):
+            tr.add_column(col, justify="left" if col in ("dataset", "asset") else "right")
+        for r in rep["transfer"]:
+            tr.add_row(*(f(r.get(c)) for c in ("dataset", "asset", "n", "native_oos_r2", "transfer_r2",
+                                                 "native_oos_ic", "transfer_ic")))
+        console.print(tr)
+    if result.out_dir is not None:
+        typer.echo(f"results written to {result.out_dir}")
+
+
 def main() -> None:
     try:
         app()
