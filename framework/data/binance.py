@@ -654,8 +654,8 @@ def iter_blocks(path: Path) -> Iterator[tuple[bytes, Parsed]]:
 
     Three stages run at once: a thread inflates, a thread parses, the caller builds the book.
     """
-    raw: queue.Queue = queue.Queue(maxsize=3)
-    q: queue.Queue = queue.Queue(maxsize=3)
+    raw: queue.Queue = queue.Queue(maxsize=2)
+    q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     threads = [threading.Thread(target=_reader_thread, args=(path, raw, stop), daemon=True),
                threading.Thread(target=_parser_thread, args=(raw, q, stop), daemon=True)]
@@ -964,11 +964,9 @@ class BinanceConverter:
             l0 = int(m_end[a - 1]) if a else 0
             l1 = int(m_end[z - 1])
             t = tick[l0:l1]
-            if t.shape[0]:
-                self.book.ensure(int(t.min()), int(t.max()), self.file)
             s = side[l0:l1]
             ends = (m_end[a:z] - l0).astype(np.int64)
-            bbo = self.book.apply(s, t, qty[l0:l1], ends)
+            bbo = self.book.apply(s, t, qty[l0:l1], ends, self.file)
             rows = depth_rows(s, px[l0:l1], qty[l0:l1], ends, m_exch[a:z], m_local[a:z], m_id[a:z])
             self.split.add_rows(d, rows, m_exch[a:z], m_local[a:z])
             self.split.add_bbo(d, m_id[a:z].astype(np.int64), bbo)

@@ -34,11 +34,12 @@ DAY_NS = 86_400 * 1_000_000_000
 # A day is closed once events this far past its end have been seen: trades and depth travel on
 # different streams, so the last trades of a day can arrive after the first depth of the next.
 DAY_GRACE_NS = 60 * 1_000_000_000
-# Dense books index quantities by tick; past this many ticks per side the memory is not worth it.
-MAX_BOOK_TICKS = 1 << 26
+# A book's price range in ticks beyond which the tick size must be wrong.
+MAX_BOOK_TICKS = 1 << 36
 EV_TYPE_MASK = 0xFF
 BLK_SHIFT = 12
 BLK = 1 << BLK_SHIFT
+BLK_MASK = BLK - 1
 
 
 def day_of(ts_ns: int) -> str:
@@ -84,21 +85,23 @@ class Findings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense L2 book: quantity per tick per side. Far levels cost memory, not time, and a lookup is an
-# index, which is what makes the per-level kernel fast.
+# Paged L2 book: quantity per tick per side, in pages of BLK ticks allocated where levels are.
+# A lookup is two indexes, which is what makes the per-level kernel fast, and a far-away order (Binance
+# futures accept bids at 1% of the price) costs one page, not the whole range in between.
 
 
 @njit(cache=True, nogil=True)
-def _apply_depth_nb(bid, ask, bid_blk, ask_blk, base, best, lv_side, lv_tick, lv_qty, msg_end, out_bbo):
+def _apply_depth_nb(bmap, amap, bstore, astore, bcnt, acnt, base, best, lv_side, lv_tick, lv_qty, msg_end,
+                    out_bbo):
     """Apply messages' levels to the book; after each message record the best bid/ask.
 
-    ``best`` holds ``[best_bid_idx, best_ask_idx, n_bid_levels, n_ask_levels]`` (indexes into the
-    arrays, -1 / len for none) and is updated in place. ``*_blk`` count the levels in each block of
-    ``BLK`` ticks, so that scans skip empty stretches (a book can span millions of ticks).
-    ``msg_end[k]`` is the end (exclusive) of message k's levels. ``out_bbo[k]`` gets
-    ``bid_px_tick, ask_px_tick, bid_qty, ask_qty`` with ticks as floats (NaN when a side is empty).
+    ``best`` holds ``[best_bid, best_ask, n_bid_levels, n_ask_levels]`` as tick offsets from ``base``
+    (-1 / span when a side is empty) and is updated in place. ``*map[page]`` is the row of a page in
+    ``*store`` (the caller allocates pages before the call); ``*cnt[page]`` counts its levels, so
+    scans for the next best level skip empty pages. ``msg_end[k]`` is the end (exclusive) of message
+    k's levels; ``out_bbo[k]`` gets ``bid tick, ask tick, bid qty, ask qty`` (NaN for an empty side).
     """
-    n = bid.shape[0]
+    span = bmap.shape[0] << BLK_SHIFT
     bb = best[0]
     ba = best[1]
     nb = best[2]
@@ -108,61 +111,71 @@ def _apply_depth_nb(bid, ask, bid_blk, ask_blk, base, best, lv_side, lv_tick, lv
         end = msg_end[k]
         while j < end:
             i = lv_tick[j] - base
+            pg = i >> BLK_SHIFT
+            off = i & BLK_MASK
             q = lv_qty[j]
             if lv_side[j] > 0:
-                old = bid[i]
-                bid[i] = q
+                row = bmap[pg]
+                old = bstore[row, off]
+                bstore[row, off] = q
                 if old == 0.0 and q != 0.0:
                     nb += 1
-                    bid_blk[i >> BLK_SHIFT] += 1
+                    bcnt[pg] += 1
                     if i > bb:
                         bb = i
                 elif old != 0.0 and q == 0.0:
                     nb -= 1
-                    bid_blk[i >> BLK_SHIFT] -= 1
+                    bcnt[pg] -= 1
                     if i == bb:
                         if nb == 0:
                             bb = -1
                         else:
                             t = i - 1
-                            while bid[t] == 0.0:
-                                if bid_blk[t >> BLK_SHIFT] == 0:
-                                    t = ((t >> BLK_SHIFT) << BLK_SHIFT) - 1
+                            while True:
+                                tp = t >> BLK_SHIFT
+                                if bcnt[tp] == 0:
+                                    t = (tp << BLK_SHIFT) - 1
+                                elif bstore[bmap[tp], t & BLK_MASK] != 0.0:
+                                    break
                                 else:
                                     t -= 1
                             bb = t
             else:
-                old = ask[i]
-                ask[i] = q
+                row = amap[pg]
+                old = astore[row, off]
+                astore[row, off] = q
                 if old == 0.0 and q != 0.0:
                     na += 1
-                    ask_blk[i >> BLK_SHIFT] += 1
+                    acnt[pg] += 1
                     if i < ba:
                         ba = i
                 elif old != 0.0 and q == 0.0:
                     na -= 1
-                    ask_blk[i >> BLK_SHIFT] -= 1
+                    acnt[pg] -= 1
                     if i == ba:
                         if na == 0:
-                            ba = n
+                            ba = span
                         else:
                             t = i + 1
-                            while ask[t] == 0.0:
-                                if ask_blk[t >> BLK_SHIFT] == 0:
-                                    t = ((t >> BLK_SHIFT) + 1) << BLK_SHIFT
+                            while True:
+                                tp = t >> BLK_SHIFT
+                                if acnt[tp] == 0:
+                                    t = (tp + 1) << BLK_SHIFT
+                                elif astore[amap[tp], t & BLK_MASK] != 0.0:
+                                    break
                                 else:
                                     t += 1
                             ba = t
             j += 1
         if nb > 0:
             out_bbo[k, 0] = bb + base
-            out_bbo[k, 2] = bid[bb]
+            out_bbo[k, 2] = bstore[bmap[bb >> BLK_SHIFT], bb & BLK_MASK]
         else:
             out_bbo[k, 0] = np.nan
             out_bbo[k, 2] = np.nan
         if na > 0:
             out_bbo[k, 1] = ba + base
-            out_bbo[k, 3] = ask[ba]
+            out_bbo[k, 3] = astore[amap[ba >> BLK_SHIFT], ba & BLK_MASK]
         else:
             out_bbo[k, 1] = np.nan
             out_bbo[k, 3] = np.nan
@@ -172,84 +185,114 @@ def _apply_depth_nb(bid, ask, bid_blk, ask_blk, base, best, lv_side, lv_tick, lv
     best[3] = na
 
 
-def _nonzero_in_blocks(a: np.ndarray, blk: np.ndarray) -> np.ndarray:
-    idx = (np.flatnonzero(blk)[:, None] * BLK + np.arange(BLK)).ravel()
-    return idx[a[idx] != 0.0]
+class _Side:
+    """One side's pages: ``map[page]`` → row of ``store`` (-1: none yet), ``cnt[page]`` levels."""
+
+    def __init__(self) -> None:
+        self.map = np.zeros(0, np.int64)
+        self.cnt = np.zeros(0, np.int64)
+        self.store = np.zeros((0, BLK))
+        self.used = 0
+
+    def extend(self, before: int, after: int) -> None:
+        self.map = np.concatenate([np.full(before, -1, np.int64), self.map, np.full(after, -1, np.int64)])
+        self.cnt = np.concatenate([np.zeros(before, np.int64), self.cnt, np.zeros(after, np.int64)])
+
+    def alloc(self, pages: np.ndarray) -> None:
+        need = pages[self.map[pages] < 0]
+        if not need.shape[0]:
+            return
+        if self.used + need.shape[0] > self.store.shape[0]:
+            grow = max(self.used + need.shape[0], 2 * self.store.shape[0], 16)
+            store = np.zeros((grow, BLK))
+            store[:self.used] = self.store[:self.used]
+            self.store = store
+        self.map[need] = np.arange(self.used, self.used + need.shape[0])
+        self.used += need.shape[0]
+
+    def clear(self) -> None:
+        self.store[:self.used] = 0.0
+        self.cnt[:] = 0
+
+    def levels(self) -> np.ndarray:
+        """Tick offsets (from the book's base) of all levels, ascending."""
+        pages = np.flatnonzero(self.cnt)
+        rows = self.store[self.map[pages]]
+        r, c = np.nonzero(rows)
+        return (pages[r] << BLK_SHIFT) + c
+
+    def qty(self, offs: np.ndarray) -> np.ndarray:
+        return self.store[self.map[offs >> BLK_SHIFT], offs & BLK_MASK]
 
 
 class DenseBook:
-    """An L2 book as two dense quantity arrays over a tick window that grows on demand."""
+    """An L2 book indexed by tick (paged, see ``_apply_depth_nb``) over a tick range that grows on demand."""
 
     def __init__(self, tick_size: float) -> None:
         self.tick_size = tick_size
         self.base = 0
-        self.bid = np.zeros(0)
-        self.ask = np.zeros(0)
-        self.bid_blk = np.zeros(0, np.int64)
-        self.ask_blk = np.zeros(0, np.int64)
+        self.pages = 0
+        self.bid = _Side()
+        self.ask = _Side()
         self.best = np.array([-1, 0, 0, 0], np.int64)
         self.last_id = 0
 
     def clear(self) -> None:
-        self.bid[:] = 0.0
-        self.ask[:] = 0.0
-        self.bid_blk[:] = 0
-        self.ask_blk[:] = 0
-        self.best[:] = [-1, self.bid.shape[0], 0, 0]
+        self.bid.clear()
+        self.ask.clear()
+        self.best[:] = [-1, self.pages << BLK_SHIFT, 0, 0]
 
-    def ensure(self, lo_tick: int, hi_tick: int, where: str) -> None:
-        """Grow the window to hold ticks ``lo_tick..hi_tick``; a silly range is a data error."""
-        n = self.bid.shape[0]
-        if n and lo_tick >= self.base and hi_tick < self.base + n:
-            return
-        lo = min(lo_tick, self.base) if n else lo_tick
-        hi = max(hi_tick, self.base + n - 1) if n else hi_tick
-        span = hi - lo + 1
-        if span > MAX_BOOK_TICKS or lo < 0:
+    def ensure(self, lo: int, hi: int, where: str) -> None:
+        """Widen the tick range to hold ``lo..hi`` (``apply`` does this itself)."""
+        if lo < 0 or hi - min(lo, self.base if self.pages else lo) > MAX_BOOK_TICKS:
             raise DataError(
-                f"{where}: book prices span ticks {lo}..{hi} ({span:,} ticks of {self.tick_size}); "
-                f"that is not a plausible price range for this tick size. Check --tick-size."
+                f"{where}: book prices span ticks {lo}..{hi} of {self.tick_size}; that is not a plausible "
+                f"price range for this tick size. Check --tick-size."
             )
-        # Leave slack on both sides so that a drifting price does not reallocate every chunk.
-        pad = max(BLK, span // 4)
-        new_lo = max(0, lo - pad) >> BLK_SHIFT << BLK_SHIFT
-        new_n = ((hi + pad - new_lo) >> BLK_SHIFT << BLK_SHIFT) + BLK
-        bid = np.zeros(new_n)
-        ask = np.zeros(new_n)
-        bid_blk = np.zeros(new_n >> BLK_SHIFT, np.int64)
-        ask_blk = np.zeros(new_n >> BLK_SHIFT, np.int64)
-        shift = self.base - new_lo
-        if n:
-            # Both windows start on a block boundary, so block counts move over with the levels.
-            bid[shift:shift + n] = self.bid
-            ask[shift:shift + n] = self.ask
-            bs = shift >> BLK_SHIFT
-            bid_blk[bs:bs + self.bid_blk.shape[0]] = self.bid_blk
-            ask_blk[bs:bs + self.ask_blk.shape[0]] = self.ask_blk
-        b0, a0, nb, na = (int(x) for x in self.best)
-        self.best[:] = [b0 + shift if nb else -1, a0 + shift if na else new_n, nb, na]
-        self.bid, self.ask, self.base = bid, ask, new_lo
-        self.bid_blk, self.ask_blk = bid_blk, ask_blk
+        if not self.pages:
+            self.base = lo >> BLK_SHIFT << BLK_SHIFT
+        top = self.base + (self.pages << BLK_SHIFT)
+        if lo < self.base or hi >= top:
+            new_base = min(lo, self.base) >> BLK_SHIFT << BLK_SHIFT
+            before = (self.base - new_base) >> BLK_SHIFT
+            after = max(0, ((hi - top) >> BLK_SHIFT) + 1)
+            for s in (self.bid, self.ask):
+                s.extend(before, after)
+            shift = before << BLK_SHIFT
+            bb, ba, nb, na = (int(x) for x in self.best)
+            self.pages += before + after
+            self.best[:] = [bb + shift if nb else -1, ba + shift if na else self.pages << BLK_SHIFT, nb, na]
+            self.base = new_base
 
-    def apply(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, msg_end: np.ndarray) -> np.ndarray:
+    def _make_room(self, side: np.ndarray, tick: np.ndarray, where: str) -> None:
+        if not tick.shape[0]:
+            return
+        self.ensure(int(tick.min()), int(tick.max()), where)
+        pages = (tick - self.base) >> BLK_SHIFT
+        buy = side > 0
+        self.bid.alloc(np.unique(pages[buy]))
+        self.ask.alloc(np.unique(pages[~buy]))
+
+    def apply(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, msg_end: np.ndarray,
+              where: str = "") -> np.ndarray:
+        self._make_room(side, tick, where)
         out = np.empty((msg_end.shape[0], 4))
         if msg_end.shape[0]:
-            _apply_depth_nb(self.bid, self.ask, self.bid_blk, self.ask_blk, self.base, self.best, side, tick, qty,
-                            msg_end, out)
+            _apply_depth_nb(self.bid.map, self.ask.map, self.bid.store, self.ask.store, self.bid.cnt, self.ask.cnt,
+                            self.base, self.best, side, tick, qty, msg_end, out)
         return out
 
     def load(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, where: str) -> None:
         """Replace the book by a full snapshot."""
-        if tick.shape[0]:
-            self.ensure(int(tick.min()), int(tick.max()), where)
+        self._make_room(side, tick, where)
         self.clear()
-        self.apply(side, tick, qty, np.array([tick.shape[0]], np.int64))
+        self.apply(side, tick, qty, np.array([tick.shape[0]], np.int64), where)
 
     def levels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(bid ticks best first, bid qtys, ask ticks best first, ask qtys)."""
-        bi = _nonzero_in_blocks(self.bid, self.bid_blk)[::-1]
-        ai = _nonzero_in_blocks(self.ask, self.ask_blk)
-        return bi + self.base, self.bid[bi], ai + self.base, self.ask[ai]
+        bo = self.bid.levels()[::-1]
+        ao = self.ask.levels()
+        return bo + self.base, self.bid.qty(bo), ao + self.base, self.ask.qty(ao)
 
     def snapshot_rows(self, exch_ts: int, local_ts: int) -> np.ndarray:
         """The whole book as CLEAR (per side, up to the deepest level) + SNAPSHOT rows; ival = last id."""
