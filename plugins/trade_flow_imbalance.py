@@ -6,6 +6,10 @@ OI = (λb − λs)/(λb + λs), QI = (Qb − Qs)/(Qb + Qs), VI = (λbQb − λsQ
 sides have a positive interval. ``lag: 1`` returns the value as of the previous step (the seed
 study's one-step shift of VI).
 
+``volume_rate`` is the variant on traded volume per unit of time: each step, per side,
+``rate ← α·(volume in the step / step seconds) + (1−α)·rate`` (starting at the first step's rate),
+and the output is (rate_b − rate_s)/(rate_b + rate_s) (0 while both are 0).
+
 Side convention, explicit because the seed study's differs from the usual one: ``aggressor`` counts
 buyer-initiated trades as buys (Binance ``m`` false); ``buyer_is_maker`` counts the trades whose
 buyer is the maker (Binance ``m`` true, i.e. seller-initiated) as buys, as the seed did.
@@ -21,15 +25,18 @@ from pydantic import Field
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.layout import N_TRADES, STEP_SECONDS, TR_QTY, TR_SIDE
 from quotelab.plugins._kernels import trade_flow_update_nb, trade_flow_value_nb
 
-OUTPUTS = {"OI": 0, "QI": 1, "VI": 2, "arrival_rate": 3}
+OUTPUTS = {"OI": 0, "QI": 1, "VI": 2, "arrival_rate": 3, "volume_rate": 4}
 SIDES = {"aggressor": 1.0, "buyer_is_maker": -1.0}
 
 
 class TradeFlowImbalanceParams(Params):
     asset: Asset = "quoted"
-    output: Literal["OI", "QI", "VI", "arrival_rate"] = Field("VI", description="Which trade-flow quantity.")
+    output: Literal["OI", "QI", "VI", "arrival_rate", "volume_rate"] = Field(
+        "VI", description="Which trade-flow quantity (volume_rate: the volume-per-second variant)."
+    )
     alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of each new trade.")
     side: Literal["aggressor", "buyer_is_maker"] = Field(
         "aggressor", description="Which trades count as buys (see the module doc)."
@@ -42,13 +49,40 @@ def _pack(p: TradeFlowImbalanceParams, ctx: PackContext) -> list[float]:
 
 
 def trade_flow_state(p: Params) -> np.ndarray:
-    return np.full(6, np.nan)
+    # 6 per-trade EWMA slots (see _kernels.trade_flow_update_nb), then the volume-rate EWMAs.
+    return np.full(8, np.nan)
+
+
+@njit(inline="always")
+def volume_rate_nb(view, trades, a, state, alpha, side_sign):
+    dt = view[a, STEP_SECONDS]
+    if dt > 0.0:
+        vb = 0.0
+        vs = 0.0
+        for k in range(int(view[a, N_TRADES])):
+            if trades[a, k, TR_SIDE] * side_sign > 0.0:
+                vb += trades[a, k, TR_QTY]
+            else:
+                vs += trades[a, k, TR_QTY]
+        if state[6] == state[6]:
+            state[6] = alpha * vb / dt + (1.0 - alpha) * state[6]
+            state[7] = alpha * vs / dt + (1.0 - alpha) * state[7]
+        else:
+            state[6] = vb / dt
+            state[7] = vs / dt
+    s = state[6] + state[7]
+    return (state[6] - state[7]) / s if s > 0.0 else 0.0
 
 
 @njit(inline="always")
 def trade_flow_imbalance_nb(view, trades, state, params, out):
     a = int(params[0])
     output = int(params[1])
+    if output == 4:
+        s = state[6] + state[7]
+        before = (state[6] - state[7]) / s if s > 0.0 else 0.0
+        now = volume_rate_nb(view, trades, a, state, params[2], params[3])
+        return before if params[4] != 0.0 else now
     before = trade_flow_value_nb(state, output)
     trade_flow_update_nb(view, trades, a, state, params[2], params[3])
     if params[4] != 0.0:
@@ -63,5 +97,6 @@ def quotelab_register_components(register):
         kernel=trade_flow_imbalance_nb, pack=_pack, state=trade_flow_state,
         reads=lambda p: Reads(assets=(p.asset,), trades=True),
         doc="Trade-flow imbalance from per-side EWMAs of trade intervals and sizes (seed study, alpha 0.1).",
-        formula="VI = (lb*Qb - ls*Qs)/(lb*Qb + ls*Qs), l = 1/EWMA(interval), Q = EWMA(qty); OI, QI alike",
+        formula="VI = (lb*Qb - ls*Qs)/(lb*Qb + ls*Qs), l = 1/EWMA(interval), Q = EWMA(qty); OI, QI alike; "
+                "volume_rate = (Rb - Rs)/(Rb + Rs), R = per-step EWMA of volume/step_seconds",
     ))

@@ -191,3 +191,23 @@ def ewma_sigma_ticks(mid: np.ndarray, dt: np.ndarray, tick: float, prior_ticks: 
             var += (1 - 0.5 ** (dt[i] / half_life)) * ((mid[i] - mid[i - 1]) ** 2 / dt[i] - var)
         out[i] = np.sqrt(var) / tick
     return out
+
+
+def volume_rate_imbalance(trades: pd.DataFrame, step_ts: np.ndarray, step_seconds: np.ndarray, alpha: float,
+                          buy_side: float, prev_grid_ts: int) -> np.ndarray:
+    """Per side, EWMA over steps of the step's traded volume per second; then (Rb - Rs)/(Rb + Rs).
+
+    A step of zero duration (the first) has no rate and leaves the EWMAs as they are.
+    """
+    edges = np.concatenate([[prev_grid_ts], step_ts])
+    step = np.searchsorted(edges, trades["local_ts"].to_numpy(), side="left") - 1
+    inside = (step >= 0) & (step < len(step_ts))
+    t = trades[inside].assign(step=step[inside])
+    vol = {s: np.bincount(t["step"][t["side"] == s], weights=t["qty"][t["side"] == s], minlength=len(step_ts))
+           for s in (1.0, -1.0)}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = {s: pd.Series(np.where(step_seconds > 0, vol[s] / step_seconds, np.nan)) for s in vol}
+    rb = rates[buy_side].ewm(alpha=alpha, adjust=False, ignore_na=True).mean().to_numpy()
+    rs = rates[-buy_side].ewm(alpha=alpha, adjust=False, ignore_na=True).mean().to_numpy()
+    with np.errstate(invalid="ignore"):
+        return np.where(rb + rs > 0, (rb - rs) / (rb + rs), 0.0)

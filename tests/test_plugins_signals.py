@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference_impls import asset, events, local_trades, mids, multi_level_imbalance, ofi, trade_flow
+from reference_impls import (
+    asset,
+    events,
+    local_trades,
+    mids,
+    multi_level_imbalance,
+    ofi,
+    trade_flow,
+    volume_rate_imbalance,
+)
 
 from quotelab import layout as L
 from quotelab.component import PackContext
@@ -133,3 +142,15 @@ def test_linear_forecast_combines_earlier_outputs(shared_data, registry, key):
     # Only the linear forecast carries an alpha, so it alone is the forecast.
     np.testing.assert_allclose(res.outs[:, L.FORECAST], res.outs[:, L.COMPONENTS + 3], rtol=1e-12)
     assert np.std(ret) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize("side", ["aggressor", "buyer_is_maker"])
+def test_trade_flow_volume_rate_variant_equals_reference(shared_data, registry, key, side):
+    res = _run(registry, "trade_flow_imbalance", {"output": "volume_rate", "side": side, "alpha": 0.2},
+               [asset(shared_data, key)])
+    dt = res.views[:, 0, L.STEP_SECONDS]
+    want = volume_rate_imbalance(local_trades(events(shared_data, key)), res.timestamps, dt, 0.2,
+                                 1.0 if side == "aggressor" else -1.0, res.timestamps[0] - 100_000_000)
+    np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
+    assert np.std(want) > 0
