@@ -14,7 +14,7 @@ from quotelab import driver as D
 from quotelab.engine import run_strategy
 
 STRATEGIES = Path(__file__).resolve().parents[1] / "strategies"
-EXAMPLES = ["multi_venue_fair_value", "trade_flow_forecast", "avellaneda_stoikov", "glft"]
+EXAMPLES = ["multi_venue_fair_value", "trade_flow_forecast", "avellaneda_stoikov", "glft", "linear_model"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,10 @@ def test_example_strategy_trades_within_its_limits(venues_catalog, name):
             limit = min(limit, risk["params"]["max_position"])
     # New orders stop at the limit; one order already in flight may still fill.
     assert np.abs(result.records[:, D.R_POSITION]).max() <= limit + size + 1e-9
-    # Every part of the example takes part: the fair value moves off the plain mid, forecasts move.
-    assert np.std(result.records[:, D.R_FAIR_VALUE] - result.records[:, D.R_MID]) > 0 or name == "avellaneda_stoikov"
+    # Every part of the example takes part: a fair value other than the plain mid moves off it, forecasts move.
+    plain_mid = [p for p in doc["fair_value"] if p.get("weight", 1.0) > 0] == [{"kind": "mid", "weight": 1.0}] or (
+        [p["kind"] for p in doc["fair_value"]] == ["mid"])
+    moved = np.std(result.records[:, D.R_FAIR_VALUE] - result.records[:, D.R_MID]) > 0
+    assert moved != plain_mid
     if doc.get("forecast"):
         assert np.std(result.records[:, D.R_FORECAST]) > 0
