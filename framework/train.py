@@ -47,7 +47,7 @@ from quotelab.config import (
 )
 from quotelab.errors import ConfigError, DataError
 from quotelab.registry import Registry
-from quotelab.replay import ReplayAsset, replay
+from quotelab.replay import ReplayAsset, prepare, replay
 from quotelab.units import Seconds
 
 MODEL_KINDS = ("linear", "ridge", "rolling_linear", "ensemble", "gradient_boosting")
@@ -311,12 +311,23 @@ def feature_composition(setup: TrainSetup, ds: Dataset) -> tuple[Composition, li
 
 
 def truncate(assets: Sequence[ReplayAsset], end_ns: int) -> list[ReplayAsset]:
-    """Each asset's events known locally by ``end_ns`` (what a live process would have seen)."""
+    """Each asset's events known locally by ``end_ns`` (what a live process would have seen).
+
+    A no-op row (local flag, no event kind) at ``end_ns`` keeps the grid running up to the cut: the
+    replay's grid ends at the last event, and the step at the cut is the one a one-step look-ahead
+    would change.
+    """
+    from hftbacktest.types import LOCAL_EVENT
+
     out = []
     for a in assets:
         kept = [e[e["local_ts"] <= end_ns] for e in a.events]
-        kept = [e for e in kept if len(e)] or [a.events[0][:0]]
-        out.append(ReplayAsset(a.name, kept, a.tick_size, a.lot_size, a.contract_size, a.inverse))
+        kept = [e for e in kept if len(e)]
+        tick = np.zeros(1, dtype=a.events[0].dtype)
+        tick["ev"] = LOCAL_EVENT
+        tick["local_ts"] = end_ns
+        tick["exch_ts"] = end_ns
+        out.append(ReplayAsset(a.name, [*kept, tick], a.tick_size, a.lot_size, a.contract_size, a.inverse))
     return out
 
 
@@ -379,19 +390,21 @@ class FeatureRecorder:
         self.ds = ds
         self.comp, self.ready, self.levels = feature_composition(setup, ds)
         self.origin_ns = ds.assets[ds.quoted].first_ts()
+        self.data = prepare(ds.assets)
         self.external = [
             _read_external(e, setup.file.parent, setup.where(("external", i, "file")))
             for i, e in enumerate(setup.config.external)
         ]
 
     def __call__(self, end_ns: int | None = None) -> FeatureFrame:
-        assets = self.ds.assets if end_ns is None else truncate(self.ds.assets, end_ns)
+        data = self.data if end_ns is None else truncate(self.ds.assets, end_ns)
         step_ns = self.setup.step_ns
-        res = replay(assets, self.comp.kernel, self.comp.params, self.comp.state.copy(), quoted=self.ds.quoted,
-                     step=self.setup.config.grid.step, origin_ns=self.origin_ns, n_levels=self.levels,
-                     ready=self.ready, keep_out=True)
         n_k = len(self.setup.parts)
-        cols = [res.outs[:, L.COMPONENTS + 1 + i] for i in range(n_k)]
+        # only the mid and the features: a day on a 100 ms grid would keep ~1 GB of full out rows
+        res = replay(data, self.comp.kernel, self.comp.params, self.comp.state.copy(), quoted=self.ds.quoted,
+                     step=self.setup.config.grid.step, origin_ns=self.origin_ns, n_levels=self.levels,
+                     ready=self.ready, keep_out=True, out_columns=range(L.COMPONENTS, L.COMPONENTS + 1 + n_k))
+        cols = [res.outs[:, 1 + i] for i in range(n_k)]
         for spec, (ts, v) in zip(self.setup.config.external, self.external, strict=True):
             if end_ns is not None:
                 keep = ts <= end_ns
@@ -399,7 +412,7 @@ class FeatureRecorder:
             r = resample_external(ts, v, res.timestamps, self.origin_ns, step_ns)
             cols.append(_transform(spec, r, res.timestamps, step_ns))
         X = np.column_stack(cols) if cols else np.zeros((len(res.timestamps), 0))
-        return FeatureFrame(res.timestamps, res.outs[:, L.COMPONENTS].copy(), X, list(self.setup.names),
+        return FeatureFrame(res.timestamps, res.outs[:, 0].copy(), X, list(self.setup.names),
                             self.origin_ns)
 
 

@@ -1,0 +1,385 @@
+"""quotelab train on the shared Binance windows: online/offline feature equality, walk-forward leakage
+guards, transfer, export into a running strategy, and the bad inputs a user hits first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from quotelab import train as T
+from quotelab.driver import R_FORECAST, R_MID
+from quotelab.engine import run_strategy
+from quotelab.errors import ConfigError, DataError
+from quotelab.registry import load_registry
+from quotelab.replay import replay_component
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "strategies" / "train_btc_usdm.yaml"
+
+DATA = """
+data:
+  quote: perp
+  assets:
+    perp: {venue: binance-usdm, symbol: BTCUSDT, dates: [20240808]}
+    other: {venue: binance-usdm, symbol: ETHUSDT, dates: [20240808]}
+"""  # both grids default to 100 ms: train's grid.step and the engine's engine.step
+FEATURES = """
+features:
+  - kind: book_imbalance
+    params: {weights: [0.5, 0.3, 0.2]}
+  - kind: trade_flow_imbalance
+    params: {output: VI, alpha: 0.1}
+  - kind: returns
+    params: {asset: other, horizon: 10}
+"""
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry()
+
+
+@pytest.fixture(scope="module")
+def catalog(real_catalog: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session catalog plus spot BTCUSDT/ETHUSDT and COIN-M BTCUSD_PERP, for transfer."""
+    root = tmp_path_factory.mktemp("train_catalog")
+    shutil.copytree(real_catalog, root, dirs_exist_ok=True)
+    b = shared_data / "binance"
+    for fmt, symbol, files in (
+        ("binance-spot", "BTCUSDT", ["spot/btcusdt_20240808.gz", "spot/btcusdt_20240809.gz"]),
+        ("binance-spot", "ETHUSDT", ["spot/ethusdt_20240808.gz", "spot/ethusdt_20240809.gz"]),
+        ("binance-cm", "BTCUSD_PERP", ["cm/btcusd_perp_20240808.gz", "cm/btcusd_perp_20240809.gz"]),
+    ):
+        subprocess.run([sys.executable, "-m", "quotelab.cli", "convert", "--format", fmt, "--symbol", symbol,
+                        "--catalog", str(root), *(str(b / f) for f in files)], check=True, capture_output=True)
+    return root
+
+
+def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def example(catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> T.TrainResult:
+    """The shipped example, run once with its exports."""
+    return T.run_train(EXAMPLE, catalog=catalog, out_dir=tmp_path_factory.mktemp("train_out"))
+
+
+# ------------------------------------------------------------------------------------------------
+# offline features == online features
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feature", [
+    {"kind": "book_imbalance", "params": {"weights": [0.5, 0.3, 0.2]}},
+    {"kind": "trade_flow_imbalance", "params": {"output": "VI", "alpha": 0.1}},
+    {"kind": "returns", "params": {"asset": "other", "horizon": 10}},
+])
+def test_recorded_features_equal_engine_online_bitwise(catalog, tmp_path, registry, feature):
+    """The engine records out[FORECAST] = v·(alpha + 0·fv·1e-4) = v exactly for one signal with alpha 1.0,
+    so a hftbacktest run of that strategy gives the kernel's online value at every quoting step."""
+    spec = yaml.safe_dump({"forecast": [{**feature, "alpha": 1.0}]})
+    strategy = write(tmp_path, DATA + "fair_value: [{kind: mid}]\n" + spec + "quoter: {kind: fixed_spread}\n",
+                     "strategy.yaml")
+    online = run_strategy(strategy, catalog=catalog)
+
+    train_yaml = write(tmp_path, DATA + "features:\n" + yaml.safe_dump([feature]))
+    setup = T.load_train(train_yaml, registry)
+    ds = T.load_dataset("native", setup.config.data, tmp_path, setup.where, catalog)
+    frame = T.FeatureRecorder(setup, ds)()
+
+    assert len(online.record_ts) > 3000
+    np.testing.assert_array_equal(frame.timestamps, online.record_ts)
+    assert np.array_equal(frame.X[:, 0], online.records[:, R_FORECAST])
+    assert np.array_equal(frame.mid, online.records[:, R_MID])
+    assert np.std(frame.X[:, 0]) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# walk-forward, purge and the look-ahead guards
+# ------------------------------------------------------------------------------------------------
+
+
+def test_walk_forward_trains_only_on_targets_that_end_before_the_test_block():
+    t = np.arange(1000, dtype=np.int64) * 100_000_000
+    purge = 2_000_000_000
+    folds = T.walk_forward(t, 5, purge)
+    assert len(folds) == 5
+    for f in folds:
+        start = t[f.test[0]]
+        assert t[f.train].max() < start - purge + 1
+        assert t[f.train].max() + 1_000_000_000 < start  # a 1 s target window ends before the block
+        assert len(np.intersect1d(f.train, f.test)) == 0
+    assert np.array_equal(np.concatenate([f.test for f in folds]), np.arange(folds[0].test[0], 1000))
+
+
+def test_purge_shorter_than_horizon_is_refused(tmp_path, registry):
+    p = write(tmp_path, DATA + FEATURES + "target: {horizon: 1s}\nvalidation: {folds: 5, purge: 500ms}\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml:\d+: validation\.purge: purge 0\.5s is shorter than "
+                                          r"target\.horizon 1s.*fix: purge >= 1s"):
+        T.load_train(p, registry)
+
+
+def test_example_reports_folds_transfer_and_coefficients(example):
+    rep = example.report
+    assert [f["fold"] for f in rep["folds"]] == [1, 2, 3, 4, 5]
+    o = rep["overall"]
+    # book imbalance predicts the 1 s mid return on this window: positive out-of-sample, IC about 0.3
+    assert o["oos_r2"] > 0.005 and o["oos_ic"] > 0.2
+    assert o["is_r2"] > o["oos_r2"]
+    assert rep["causality"]["ok"] and rep["causality"]["checked_steps"] > 5000
+    smp = example.samples["native"]
+    lin = example.model.linear()
+    ref = np.linalg.lstsq(np.column_stack([np.ones(len(smp.target)), smp.X]), smp.target, rcond=None)[0]
+    np.testing.assert_allclose([lin[1], *lin[0]], ref, rtol=1e-8, atol=1e-12)
+    assert o["coef"]["intercept"] == pytest.approx(ref[0])
+    rows = {r["dataset"]: r for r in rep["transfer"]}
+    assert set(rows) == {"native", "usdm_ethusdt", "spot_btcusdt", "cm_btcusd_perp"}
+    assert rows["cm_btcusd_perp"]["asset"] == "binance-cm/BTCUSD_PERP"
+    for r in rows.values():
+        assert r["n"] > 2000 and r["transfer_ic"] > 0.1 and r["native_oos_ic"] > 0.1
+
+
+def test_permuted_target_collapses_out_of_sample_r2(example):
+    smp = example.samples["native"]
+    spec = T.ModelSpec(kind="linear")
+    honest = T.fit_walk_forward(spec, smp.X, smp.target, smp.t, smp.frame.names, 5, 2_000_000_000)
+    rng = np.random.default_rng(7)
+    shuffled = T.fit_walk_forward(spec, smp.X, rng.permutation(smp.target), smp.t, smp.frame.names, 5,
+                                  2_000_000_000)
+    assert honest.overall["oos_r2"] > 0.005
+    assert -0.02 < shuffled.overall["oos_r2"] < 0.002
+    assert abs(shuffled.overall["oos_ic"]) < 0.05
+
+
+def test_permuted_target_collapses_gradient_boosting_too(example):
+    smp = example.samples["native"]
+    spec = T.ModelSpec(kind="gradient_boosting", max_iter=50)
+    rng = np.random.default_rng(11)
+    shuffled = T.fit_walk_forward(spec, smp.X, rng.permutation(smp.target), smp.t, smp.frame.names, 5,
+                                  2_000_000_000)
+    assert shuffled.overall["oos_r2"] < 0.002
+    assert abs(shuffled.overall["oos_ic"]) < 0.05
+
+
+def test_feature_shifted_one_step_into_the_future_is_caught(catalog, tmp_path, registry):
+    setup = T.load_train(write(tmp_path, DATA + FEATURES), registry)
+    ds = T.load_dataset("native", setup.config.data, tmp_path, setup.where, catalog)
+    recorder = T.FeatureRecorder(setup, ds)
+    full = recorder()
+    cuts = [int(full.timestamps[i]) for i in (1000, 2000, 3000)]
+    assert T.check_causality(recorder, cuts, full=full).checked_steps > 5000
+
+    def shifted(end_ns):
+        f = recorder(end_ns)
+        X = f.X.copy()
+        X[:-1, 1] = X[1:, 1]  # trade-flow VI at t takes its value at t + 1 step
+        X[-1, 1] = np.nan
+        return T.FeatureFrame(f.timestamps, f.mid, X, f.names, f.origin_ns)
+
+    where = lambda j: T._feature_where(setup, j)  # noqa: E731
+    with pytest.raises(T.LookAheadError, match=r"train\.yaml:\d+: features\[1\] \(trade_flow_imbalance.*look-ahead"):
+        T.check_causality(shifted, cuts, where=where)
+
+
+def _external_mid(catalog: Path, tmp_path: Path, registry, origin_ns: int) -> Path:
+    """ETH's mid on a 10 ms grid (the same origin), as a file of (timestamp, mid): an 'external' series."""
+    from quotelab.config import DataSection
+    from quotelab.engine import load_assets
+    from quotelab.replay import ReplayAsset
+
+    data = DataSection.model_validate(
+        {"quote": "eth", "assets": {"eth": {"venue": "binance-usdm", "symbol": "ETHUSDT", "dates": ["20240808"]}}})
+    (feed,) = load_assets(data, tmp_path, str, catalog)
+    a = ReplayAsset("eth", feed.events, feed.tick_size, feed.lot_size)
+    res = replay_component(registry.get("fair_value", "mid"), {"asset": "quoted"}, [a], step=0.01,
+                           origin_ns=origin_ns)
+    path = tmp_path / "eth_mid.parquet"
+    pl.DataFrame({"timestamp": res.timestamps, "mid": res.values}).write_parquet(path)
+    return path
+
+
+EXTERNAL = """
+external:
+  - {name: eth_mid_return, file: eth_mid.parquet, value: mid, transform: log_return, horizon: 10}
+target: {horizon: 1s}
+validation: {folds: 3, purge: 1s}
+"""
+
+
+def test_external_series_resampled_equals_the_kernel_and_a_left_label_is_caught(catalog, tmp_path, registry,
+                                                                              monkeypatch):
+    from quotelab.engine import load_assets
+
+    setup = T.load_train(write(tmp_path, DATA + FEATURES + EXTERNAL), registry)
+    feeds = load_assets(setup.config.data, tmp_path, setup.where, catalog)
+    _external_mid(catalog, tmp_path, registry, feeds[0].first_ts())
+    ds = T.load_dataset("native", setup.config.data, tmp_path, setup.where, catalog)
+    frame = T.FeatureRecorder(setup, ds)()
+    kernel, external = frame.X[:, 2], frame.X[:, 3]
+    ok = np.isfinite(external)
+    ok[:10] = False  # the kernel reports 0 until its horizon has passed; the series is NaN there
+    assert ok.sum() > 3000
+    np.testing.assert_allclose(external[ok], kernel[ok], rtol=1e-12, atol=1e-12)
+
+    result = T.run_train(setup.file, catalog=catalog)
+    assert result.report["causality"]["ok"]
+
+    def left_labelled(ts, values, grid_ns, origin_ns, step_ns):
+        # polars' default window labels: [t, t + step) labelled t, i.e. a value from the next step
+        df = pl.DataFrame({"t": ts - origin_ns, "v": values}).sort("t")
+        res = df.group_by_dynamic("t", every=f"{step_ns}i").agg(pl.col("v").last())
+        grid = pl.DataFrame({"t": grid_ns - origin_ns})
+        return grid.join_asof(res, on="t").get_column("v").fill_null(strategy="forward").to_numpy()
+
+    monkeypatch.setattr(T, "resample_external", left_labelled)
+    with pytest.raises(T.LookAheadError, match=r"train\.yaml:\d+: external\[0\] \(eth_mid_return\).*look-ahead"):
+        T.run_train(setup.file, catalog=catalog)
+
+
+# ------------------------------------------------------------------------------------------------
+# export: the trained block runs in a strategy, unchanged
+# ------------------------------------------------------------------------------------------------
+
+
+def test_exported_forecast_block_runs_in_quotelab_run_unchanged(catalog, tmp_path):
+    train_yaml = write(tmp_path, DATA + FEATURES + "target: {horizon: 1s}\nvalidation: {folds: 4, purge: 1s}\n")
+    out = tmp_path / "out"
+    cli = [sys.executable, "-m", "quotelab.cli"]
+    proc = subprocess.run([*cli, "train", str(train_yaml), "--catalog", str(catalog), "--json", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["outputs"]["forecast"] == "forecast.yaml"
+    block = (out / "forecast.yaml").read_text()
+    doc = json.loads((out / "model.json").read_text())
+
+    strategy = write(tmp_path, DATA + "fair_value:\n  - kind: mid\n" + block + "quoter:\n  kind: fixed_spread\n"
+                     "  params: {half_spread: 2ticks, size: 0.001, max_position: 0.01}\n", "strategy.yaml")
+    run_out = tmp_path / "run"
+    proc = subprocess.run([*cli, "run", str(strategy), "--catalog", str(catalog), "--json", "--out", str(run_out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["quoting_steps"] > 3000
+    series = pl.read_parquet(run_out / "series.parquet")
+
+    # the engine's forecast is the model's prediction (bps) times the fair value, at every step
+    setup = T.load_train(train_yaml)
+    ds = T.load_dataset("native", setup.config.data, tmp_path, setup.where, catalog)
+    frame = T.FeatureRecorder(setup, ds)()
+    pred = doc["intercept"] + frame.X @ np.asarray(doc["coefficients"])
+    np.testing.assert_array_equal(series["timestamp"].to_numpy(), frame.timestamps)
+    np.testing.assert_allclose(series["forecast"].to_numpy(), pred * frame.mid * 1e-4, rtol=1e-9, atol=1e-12)
+    assert np.std(series["forecast"].to_numpy()) > 0
+
+
+def test_non_linear_model_exports_out_of_sample_predictions_with_latency(catalog, tmp_path):
+    p = write(tmp_path, DATA + FEATURES + "model: {kind: ensemble}\nvalidation: {folds: 3, purge: 1s}\n"
+              "export: {latency: 50ms}\n")
+    res = T.run_train(p, catalog=catalog, out_dir=tmp_path / "out")
+    assert "forecast" not in res.report["outputs"]
+    pred = pl.read_parquet(tmp_path / "out" / "predictions_native.parquet")
+    assert (pred["usable_ts"] - pred["timestamp"]).unique().to_list() == [50_000_000]
+    # only test blocks carry values: the first block is training data for every fold
+    first = res.report["folds"][0]["test_start_ns"]
+    assert pred.filter(pl.col("timestamp") < first)["value"].is_nan().all()
+    assert pred.filter(pl.col("timestamp") >= first)["value"].is_nan().mean() < 0.01
+    assert res.report["overall"]["oos_ic"] > 0.1
+
+
+def test_rolling_linear_refits_and_scores(catalog, tmp_path):
+    p = write(tmp_path, DATA + FEATURES + "model: {kind: rolling_linear, window: 60s, refit: 10s}\n"
+              "validation: {folds: 3, purge: 1s}\n")
+    rep = T.run_train(p, catalog=catalog).report
+    assert all(f["refits"] >= 5 for f in rep["folds"])
+    assert rep["overall"]["oos_ic"] > 0.1 and rep["overall"]["n_oos"] > 2000
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_empty_window_is_a_clear_error(catalog, tmp_path, registry):
+    from hftbacktest.types import TRADE_EVENT
+
+    from quotelab.data.catalog import load_day
+
+    ev = load_day(catalog, "binance-usdm", "BTCUSDT", "20240808")
+    np.savez(tmp_path / "trades_only.npz", data=ev[(ev["ev"] & 0xFF) == TRADE_EVENT])
+    text = """
+data:
+  quote: perp
+  assets:
+    perp: {files: [trades_only.npz], tick_size: 0.1, lot_size: 0.001}
+features:
+  - kind: book_imbalance
+"""
+    with pytest.raises(DataError, match=r"train\.yaml:\d+: data: .*empty window.*fix:"):
+        T.run_train(write(tmp_path, text), catalog=catalog)
+    np.savez(tmp_path / "nothing.npz", data=ev[:0])
+    with pytest.raises(DataError, match=r"train\.yaml:\d+: data\.assets\.perp: .* has no events"):
+        T.run_train(write(tmp_path, text.replace("trades_only", "nothing")), catalog=catalog)
+
+
+def test_horizon_longer_than_the_data_is_a_clear_error(catalog, tmp_path):
+    p = write(tmp_path, DATA + FEATURES + "target: {horizon: 1h}\nvalidation: {purge: 1h}\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml:\d+: target\.horizon: horizon 3600s is longer than the data "
+                                          r".*\(34\d\.\ds of ready steps\); fix:"):
+        T.run_train(p, catalog=catalog)
+
+
+def test_model_file_with_other_features_or_order_is_refused(catalog, tmp_path):
+    out = tmp_path / "out"
+    T.run_train(write(tmp_path, DATA + FEATURES + "validation: {folds: 3}\n"), catalog=catalog, out_dir=out)
+    model_ref = "model: {file: out/model.json}\n"
+    swapped = """
+features:
+  - kind: trade_flow_imbalance
+    params: {output: VI, alpha: 0.1}
+  - kind: book_imbalance
+    params: {weights: [0.5, 0.3, 0.2]}
+  - kind: returns
+    params: {asset: other, horizon: 10}
+"""
+    with pytest.raises(ConfigError, match=r"(?s)apply\.yaml:\d+: features: the model file .*model\.json was trained "
+                                          r"on the same features in a different order.*fix: list the features"):
+        T.run_train(write(tmp_path, DATA + swapped + model_ref, "apply.yaml"), catalog=catalog)
+    other = FEATURES.replace("horizon: 10", "horizon: 5")
+    with pytest.raises(ConfigError, match=r"different features; not in the model: \['returns\(asset=\"other\", "
+                                          r"horizon=5\)'\]"):
+        T.run_train(write(tmp_path, DATA + other + model_ref, "apply.yaml"), catalog=catalog)
+    # the matching file applies as is: its scores are those of the model over all this data
+    rep = T.run_train(write(tmp_path, DATA + FEATURES + model_ref, "apply.yaml"), catalog=catalog).report
+    assert rep["overall"]["n_oos"] > 3000 and rep["overall"]["oos_ic"] > 0.2
+
+
+def test_unknown_feature_and_missing_transfer_asset_name_their_lines(tmp_path, registry):
+    bad = DATA + "features:\n  - kind: book_imbalanse\n"
+    with pytest.raises(ConfigError, match=r"train\.yaml:8: features\[0\]\.kind: unknown signal kind "
+                                          r"'book_imbalanse'; registered: book_imbalance"):
+        T.load_train(write(tmp_path, bad), registry)
+    tr = DATA + FEATURES + "transfer:\n  - name: eth\n    assets: {perp: {venue: binance-usdm, symbol: ETHUSDT, " \
+        "dates: [20240808]}}\n"
+    with pytest.raises(ConfigError, match=r"train\.yaml:\d+: transfer\[0\]\.assets: transfer 'eth' has no asset "
+                                          r"named other"):
+        T.load_train(write(tmp_path, tr), registry)
+
+
+def test_cli_reports_a_config_error_without_traceback(tmp_path):
+    p = write(tmp_path, DATA + FEATURES + "target: {horizon: 150ms}\n")
+    proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "train", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.yaml:" in proc.stderr and "whole number of grid steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
