@@ -85,6 +85,38 @@ def run_cmd(
         typer.echo(f"results written to {result.out_dir}")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    config: Annotated[Path, typer.Argument(help="Evaluation YAML (data, targets, horizons, estimators).")],
+    catalog: Annotated[
+        Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the tables (parquet, CSV) and PNGs.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the score table as one JSON object.")] = False,
+) -> None:
+    """Score fair values (and fair value + forecast) against future mids and the next trades."""
+    from quotelab.evaluate import evaluate
+
+    result = evaluate(config, catalog=catalog, out_dir=out)
+    if json_:
+        _print_json({"summary": result.summary, "rows": result.rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.summary['name']}: mean squared error by horizon")
+    horizons = [*result.summary["horizons"], "trade"]
+    for col in ("target", "estimator", *horizons):
+        table.add_column(col, justify="right" if col in horizons else "left")
+    keyed = {(r["target"], r["estimator"], r["horizon"]): r for r in result.rows}
+    for target in result.summary["targets"]:
+        for est in result.summary["estimators"]:
+            table.add_row(target, est, *(f"{keyed[(target, est, h)]['mse']:.6g}" for h in horizons))
+    Console().print(table)
+    if out is not None:
+        typer.echo(f"tables and plots written to {out}")
+
+
 @app.command("plugins")
 def plugins_cmd(
     plugin: Annotated[

@@ -1,0 +1,452 @@
+"""Score fair values and fair value + forecast combinations, built from the strategies' own kernels.
+
+``quotelab evaluate EVAL.yaml`` replays catalog days once per target asset (no hftbacktest: the
+book is rebuilt by :mod:`quotelab.replay`, exactly as a strategy sees it) and, on the engine's
+grid, runs every estimator in one fused kernel, the *bank*. What is evaluated is therefore what a
+strategy would trade. Each estimator is scored against
+
+* the future mid of the target at each horizon (error, bias, IC of its deviation from the mid),
+* the next trades: each trade is matched with the latest estimate at or before its exchange time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
+from pydantic import Field, ValidationError, field_validator
+
+from quotelab import layout as L
+from quotelab.component import Component, PackContext, Params
+from quotelab.composer import HEADER_PER_SIGNAL, _kernel_imports, _load_module
+from quotelab.config import (
+    DataSection,
+    PartSpec,
+    _Model,
+    check_data_section,
+    fmt_path,
+    line_of,
+    load_yaml,
+    parse_alpha,
+    raise_validation,
+    validate_part,
+)
+from quotelab.data import catalog as cat
+from quotelab.engine import AssetFeed, load_assets, resolve_catalog
+from quotelab.errors import ConfigError, DataError
+from quotelab.units import Seconds
+
+PROBE_MID = L.QUOTES
+PROBE_SPREAD = L.QUOTES + 1
+PROBE_IMBALANCE = L.QUOTES + 2
+EST_BASE = L.QUOTES + 3  # estimate j at EST_BASE + 2j, its forecast term at EST_BASE + 2j + 1
+MAX_ESTIMATORS = (L.COMPONENTS - EST_BASE) // 2
+
+
+class EstimatorSpec(_Model):
+    name: str
+    fair_value: list[PartSpec]
+    forecast: list[PartSpec] = []
+
+
+class EvalConfig(_Model):
+    name: str = "evaluation"
+    description: str = ""
+    plugins: list[str] = []
+    data: DataSection
+    targets: list[str] | None = Field(None, description="Assets to score on (default: data.quote).")
+    step: Seconds = 0.1
+    horizons: list[Seconds] = [0.1, 1.0, 10.0, 60.0]
+    estimators: list[EstimatorSpec]
+    imbalance_buckets: int = Field(10, ge=2, le=100)
+    spread_buckets: int = Field(4, ge=1, le=50)
+    plots: bool = True
+
+    @field_validator("estimators")
+    @classmethod
+    def _names(cls, v: list[EstimatorSpec]) -> list[EstimatorSpec]:
+        names = [e.name for e in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"estimator names must be unique; repeated: {', '.join(sorted(dup))}")
+        if not 1 <= len(v) <= MAX_ESTIMATORS:
+            raise ValueError(f"between 1 and {MAX_ESTIMATORS} estimators expected, got {len(v)}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------
+# The bank: every estimator in one kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BankPart:
+    component: Component
+    params: Params
+    role: str
+    weight: float = 1.0
+    alpha_price: float = 0.0
+    alpha_bps: float = 0.0
+
+
+def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state_sizes: list[int]) -> str:
+    flat = [p for est in estimators for p in est]
+    imports, alias = _kernel_imports(flat)  # type: ignore[arg-type]
+    body = [
+        "    q = int(params[0])",
+        "    bb = view[q, BEST_BID]",
+        "    ba = view[q, BEST_ASK]",
+        f"    out[{PROBE_MID}] = (bb + ba) / 2.0",
+        f"    out[{PROBE_SPREAD}] = ba - bb",
+        "    qb = view[q, BID_QTY]",
+        "    qa = view[q, ASK_QTY]",
+        f"    out[{PROBE_IMBALANCE}] = (qb - qa) / (qb + qa) if qb + qa > 0.0 else 0.0",
+    ]
+    p_off, s_off, k = 1, 0, 0
+    for j, est in enumerate(estimators):
+        header = p_off
+        n_fv = sum(1 for p in est if p.role == "fair_value")
+        p_off += n_fv + HEADER_PER_SIGNAL * (len(est) - n_fv)
+        body += ["    fv = 0.0", "    fc = 0.0", "    ok = True"]
+        for i, part in enumerate(est):
+            call = (f"{alias[k]}(view, trades, state[{s_off}:{s_off + state_sizes[k]}], "
+                    f"params[{p_off}:{p_off + pack_sizes[k]}], out)")
+            body.append(f"    v = {call}")
+            body.append("    if not np.isfinite(v):\n        ok = False")
+            body.append(f"    out[{L.COMPONENTS + i}] = v")
+            if part.role == "fair_value":
+                body.append(f"    fv += params[{header + i}] * v")
+            else:
+                h = header + n_fv + HEADER_PER_SIGNAL * (i - n_fv)
+                body.append(f"    fc += v * (params[{h}] + params[{h + 1}] * fv * 1e-4)")
+            p_off += pack_sizes[k]
+            s_off += state_sizes[k]
+            k += 1
+        body.append(f"    out[{EST_BASE + 2 * j}] = fv + fc if ok else np.nan")
+        body.append(f"    out[{EST_BASE + 2 * j + 1}] = fc if ok else np.nan")
+    body.append("    return 0.0")
+    return "\n".join([
+        '"""Generated by quotelab.evaluate: an estimator bank. Do not edit."""',
+        "import numpy as np",
+        "from numba import njit",
+        "from quotelab.composer import STRATEGY_SIG",
+        "from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY",
+        *imports,
+        "",
+        "",
+        "@njit(STRATEGY_SIG, cache=True)",
+        "def strategy(view, trades, state, params, out):",
+        *body,
+        "",
+    ])
+
+
+def build_bank(estimators: list[list[_BankPart]], ctx: PackContext, quoted: int) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Compile (or reuse from the disk cache) the bank kernel; return it with its params and state."""
+    params: list[float] = [float(quoted)]
+    packed_all, states = [], []
+    for est in estimators:
+        fvs = [p for est_part in [est] for p in est_part if p.role == "fair_value"]
+        total = sum(p.weight for p in fvs)
+        if not total > 0:
+            raise ConfigError("fair_value weights of an estimator must sum to a positive number")
+        params += [p.weight / total for p in fvs]
+        for p in est:
+            if p.role == "signal":
+                params += [p.alpha_price, p.alpha_bps]
+        for p in est:
+            packed = [float(x) for x in p.component.pack(p.params, ctx)]
+            packed_all.append(len(packed))
+            params += packed
+            states.append(np.asarray(p.component.state(p.params), dtype=np.float64))
+    source = _bank_source(estimators, packed_all, [len(s) for s in states])
+    modules = sorted({p.component.kernel_ref[0] for est in estimators for p in est})
+    module = _load_module(source, modules)
+    state = np.concatenate([np.zeros(0), *states])
+    return module.strategy, np.asarray(params, dtype=np.float64), state
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+
+
+def horizon_label(seconds: float) -> str:
+    if seconds < 1 and abs(seconds * 1000 - round(seconds * 1000)) < 1e-9:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    rx = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+    ry = np.argsort(np.argsort(y, kind="stable"), kind="stable").astype(float)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def score_against_future_mid(est: np.ndarray, mid: np.ndarray, k: int) -> dict[str, float]:
+    """Error of ``est[t]`` against ``mid[t + k]`` over the steps where both are defined."""
+    n = len(mid)
+    if k >= n:
+        return {"n": 0, "n_undefined": int(np.isfinite(est).sum()), "sse": float("nan"), "mse": float("nan"),
+                "rmse": float("nan"), "mae": float("nan"), "bias": float("nan"), "ic": float("nan")}
+    e, now, fut = est[: n - k], mid[: n - k], mid[k:]
+    ok = np.isfinite(e) & np.isfinite(fut) & np.isfinite(now)
+    err = e[ok] - fut[ok]
+    sse = float(np.sum(err * err))
+    m = int(ok.sum())
+    return {
+        "n": m, "n_undefined": int((~np.isfinite(e)).sum()),
+        "sse": sse, "mse": sse / m if m else float("nan"), "rmse": float(np.sqrt(sse / m)) if m else float("nan"),
+        "mae": float(np.mean(np.abs(err))) if m else float("nan"), "bias": float(np.mean(err)) if m else float("nan"),
+        "ic": _spearman(e[ok] - now[ok], fut[ok] - now[ok]),
+    }
+
+
+def score_against_trades(ts: np.ndarray, est: np.ndarray, trade_ts: np.ndarray, trade_px: np.ndarray
+                         ) -> dict[str, float]:
+    """Each trade against the latest estimate at or before its exchange time (merge_asof backward)."""
+    idx = np.searchsorted(ts, trade_ts, side="right") - 1
+    has = idx >= 0
+    e = np.where(has, est[np.clip(idx, 0, None)], np.nan)
+    ok = np.isfinite(e)
+    err = trade_px[ok] - e[ok]
+    sse = float(np.sum(err * err))
+    m = int(ok.sum())
+    return {"n": m, "n_undefined": int((~ok).sum()), "sse": sse, "mse": sse / m if m else float("nan"),
+            "rmse": float(np.sqrt(sse / m)) if m else float("nan"),
+            "mae": float(np.mean(np.abs(err))) if m else float("nan"),
+            "bias": float(np.mean(-err)) if m else float("nan"), "ic": float("nan")}
+
+
+def _trades_of(feed: AssetFeed) -> tuple[np.ndarray, np.ndarray]:
+    ts, px = [], []
+    for ev in feed.events:
+        # A trade whose local and exchange orders differ is stored twice (exchange-only and local-only
+        # rows); the row with the exchange flag is there exactly once per trade.
+        rows = ev[((ev["ev"] & 0xFF) == TRADE_EVENT) & ((ev["ev"] & EXCH_EVENT) == EXCH_EVENT)]
+        ts.append(rows["exch_ts"])
+        px.append(rows["px"])
+    ts_all, px_all = np.concatenate(ts), np.concatenate(px)
+    order = np.argsort(ts_all, kind="stable")
+    return ts_all[order], px_all[order]
+
+
+def _bucket_bias(err: np.ndarray, imb: np.ndarray, spread_ticks: np.ndarray, n_imb: int, n_spread: int
+                 ) -> list[dict[str, Any]]:
+    ok = np.isfinite(err) & np.isfinite(imb) & np.isfinite(spread_ticks)
+    err, imb, sp = err[ok], imb[ok], spread_ticks[ok]
+    edges = np.linspace(-1.0, 1.0, n_imb + 1)
+    ib = np.clip(np.searchsorted(edges, imb, side="right") - 1, 0, n_imb - 1)
+    sb = np.clip(np.round(sp).astype(np.int64), 1, n_spread)  # 1, 2, ..., n_spread+ ticks
+    rows = []
+    for i in range(n_imb):
+        for s in range(1, n_spread + 1):
+            m = (ib == i) & (sb == s)
+            if m.any():
+                rows.append({"imbalance_lo": float(edges[i]), "imbalance_hi": float(edges[i + 1]),
+                             "spread_ticks": s if s < n_spread else f">={n_spread}", "n": int(m.sum()),
+                             "bias": float(err[m].mean()), "mse": float((err[m] ** 2).mean())})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and running
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    rows: list[dict[str, Any]]
+    bias: list[dict[str, Any]]
+    conditional: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dict]:
+    from quotelab.registry import load_registry
+
+    path = Path(path)
+    raw, lines = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: an evaluation is a mapping with sections data, estimators, ...")
+    try:
+        cfg = EvalConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise_validation(exc, path, lines, model=EvalConfig)
+
+    def where(at: tuple) -> str:
+        return f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
+
+    check_data_section(cfg.data, where)
+    registry = load_registry(local_files=[(path.parent / p).resolve() for p in cfg.plugins])
+    names = set(cfg.data.assets) | {"quoted"}
+    for t in cfg.targets or []:
+        if t not in cfg.data.assets:
+            raise ConfigError(
+                f"{where(('targets',))}: target {t!r} is not in data.assets ({', '.join(cfg.data.assets)})"
+            )
+    estimators = []
+    for j, est in enumerate(cfg.estimators):
+        parts = [validate_part(registry, "fair_value", ("estimators", j, "fair_value", i), spec, path, lines, names,
+                               cfg.data.assets) for i, spec in enumerate(est.fair_value)]
+        parts += [validate_part(registry, "signal", ("estimators", j, "forecast", i), spec, path, lines, names,
+                                cfg.data.assets) for i, spec in enumerate(est.forecast)]
+        if not est.fair_value:
+            raise ConfigError(f"{where(('estimators', j, 'fair_value'))}: at least one fair-value source is required")
+        estimators.append(parts)
+    return cfg, registry, estimators, {"path": path, "lines": lines, "where": where}
+
+
+def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None) -> Evaluation:
+    """Run the evaluation described by the YAML at ``path``."""
+    from quotelab.replay import ReplayAsset, replay
+
+    t_start = time.perf_counter()
+    cfg, _registry, estimators, info = load_eval(path)
+    path = info["path"]
+    feeds = load_assets(cfg.data, path.parent, info["where"], resolve_catalog(path.parent, cfg.data.catalog, catalog))
+    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse")
+              for f in feeds]
+    index = {f.name: i for i, f in enumerate(feeds)}
+    targets = cfg.targets or [cfg.data.quote]
+    steps_per = [int(round(h / cfg.step)) for h in cfg.horizons]
+    for h, k in zip(cfg.horizons, steps_per, strict=True):
+        if k < 1 or abs(k * cfg.step - h) > 1e-9 * max(1.0, h):
+            raise ConfigError(f"{info['where'](('horizons',))}: horizon {h:g}s is not a whole number of steps "
+                              f"of {cfg.step:g}s")
+    rows: list[dict[str, Any]] = []
+    bias_rows: list[dict[str, Any]] = []
+    cond_rows: list[dict[str, Any]] = []
+    replay_s, events = 0.0, 0
+    for target in targets:
+        q = index[target]
+        ctx = PackContext(
+            asset_index={**index, "quoted": q}, tick_size={f.name: f.tick_size for f in feeds},
+            lot_size={f.name: f.lot_size for f in feeds}, quoted=target,
+        )
+        bank_parts, n_levels, ready = [], 1, {q}
+        for parts in estimators:
+            est = []
+            for role, _at, spec, component, params in parts:
+                ap, ab = parse_alpha(spec.alpha, feeds[q].tick_size) if role == "signal" else (0.0, 0.0)
+                est.append(_BankPart(component, params, role, spec.weight, ap, ab))
+                reads = component.reads(params)
+                n_levels = max(n_levels, reads.depth_levels)
+                ready |= {ctx.asset_index[a] for a in reads.assets}
+            bank_parts.append(est)
+        kernel, params, state = build_bank(bank_parts, ctx, q)
+        cols = list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts)))
+        t0 = time.perf_counter()
+        res = replay(assets, kernel, params, state, quoted=q, step=cfg.step, n_levels=n_levels,
+                     ready=sorted(ready), keep_out=True, out_columns=cols)
+        replay_s += time.perf_counter() - t0
+        events += sum(f.n_events for f in feeds)
+        if len(res.timestamps) == 0:
+            raise DataError(f"{path}: target {target!r} never had a two-sided book on the grid: nothing to score")
+        outs = res.outs
+        mid, spread, imb = outs[:, 0], outs[:, 1], outs[:, 2]
+        # the grid skips warm-up steps; horizons count grid steps, so check the kept steps are contiguous
+        contiguous = np.all(np.diff(res.timestamps) == int(round(cfg.step * 1e9)))
+        if not contiguous:
+            raise DataError(f"{path}: target {target!r}: a ready asset lost its book mid-window; horizons would "
+                            "span gaps. Evaluate over days where every asset read has a two-sided book.")
+        trade_ts, trade_px = _trades_of(feeds[q])
+        feed = feeds[q]
+        for j, spec in enumerate(cfg.estimators):
+            est = outs[:, 3 + 2 * j]
+            fc = outs[:, 4 + 2 * j]
+            base = {"estimator": spec.name, "target": target, "venue": feed.venue, "symbol": feed.symbol,
+                    "has_forecast": bool(spec.forecast)}
+            for h, k in zip(cfg.horizons, steps_per, strict=True):
+                rows.append({**base, "horizon": horizon_label(h), "horizon_s": h,
+                             **score_against_future_mid(est, mid, k)})
+                if spec.forecast:
+                    n = len(mid) - k
+                    ok = np.isfinite(fc[:n]) & np.isfinite(mid[k:]) & np.isfinite(mid[:n])
+                    rows[-1]["forecast_ic"] = _spearman(fc[:n][ok], mid[k:][ok] - mid[:n][ok])
+            rows.append({**base, "horizon": "trade", "horizon_s": float("nan"),
+                         **score_against_trades(res.timestamps, est, trade_ts, trade_px)})
+            k1 = steps_per[min(range(len(steps_per)), key=lambda i: abs(cfg.horizons[i] - 1.0))]
+            n = len(mid) - k1
+            if n > 0:
+                for r in _bucket_bias(est[:n] - mid[k1:], imb[:n], spread[:n] / feed.tick_size,
+                                      cfg.imbalance_buckets, cfg.spread_buckets):
+                    bias_rows.append({**base, "horizon": horizon_label(cfg.horizons[steps_per.index(k1)]), **r})
+        for h, k in zip(cfg.horizons, steps_per, strict=True):
+            n = len(mid) - k
+            if n <= 0:
+                continue
+            dm = mid[k:] - mid[:n]
+            edges = np.linspace(-1.0, 1.0, 21)
+            b = np.clip(np.searchsorted(edges, imb[:n], side="right") - 1, 0, 19)
+            for i in range(20):
+                m = b == i
+                if m.any():
+                    cond_rows.append({
+                        "target": target, "venue": feed.venue, "symbol": feed.symbol, "horizon": horizon_label(h),
+                        "imbalance_mid": float((edges[i] + edges[i + 1]) / 2), "n": int(m.sum()),
+                        "mean_mid_change": float(dm[m].mean()),
+                    })
+    summary = {"name": cfg.name, "targets": targets, "estimators": [e.name for e in cfg.estimators],
+               "horizons": [horizon_label(h) for h in cfg.horizons], "events": events,
+               "replay_seconds": round(replay_s, 4), "seconds": round(time.perf_counter() - t_start, 4),
+               "events_per_second": round(events / replay_s) if replay_s > 0 else None}
+    result = Evaluation(rows, bias_rows, cond_rows, summary)
+    if out_dir is not None:
+        write_outputs(result, Path(out_dir), plots=cfg.plots)
+    return result
+
+
+def write_outputs(result: Evaluation, out: Path, plots: bool = True) -> None:
+    """Tidy table (parquet + CSV), bias and conditional-mean tables, per venue/symbol pivot, PNG plots."""
+    import polars as pl
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(df: pl.DataFrame, stem: str) -> None:
+        for ext, write in (("parquet", df.write_parquet), ("csv", df.write_csv)):
+            tmp = out / f".{stem}.{ext}.tmp"
+            write(tmp)
+            tmp.replace(out / f"{stem}.{ext}")
+
+    table = pl.DataFrame(result.rows, infer_schema_length=None)
+    save(table, "scores")
+    if result.bias:
+        save(pl.DataFrame(result.bias, infer_schema_length=None).with_columns(pl.col("spread_ticks").cast(pl.Utf8)),
+             "bias_by_bucket")
+    if result.conditional:
+        save(pl.DataFrame(result.conditional), "conditional_mean")
+    pivot = table.pivot(on="horizon", index=["venue", "symbol", "estimator"], values="mse", aggregate_function="first")
+    save(pivot, "mse_by_venue_symbol")
+    cat.atomic_write_json(out / "summary.json", json.loads(json.dumps(result.summary, default=str)))
+    if plots and result.conditional:
+        _plot_conditional(result.conditional, out)
+
+
+def _plot_conditional(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for target in sorted({r["target"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for h in dict.fromkeys(r["horizon"] for r in rows if r["target"] == target):
+            pts = [(r["imbalance_mid"], r["mean_mid_change"]) for r in rows
+                   if r["target"] == target and r["horizon"] == h]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=h)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xlabel("top-of-book imbalance (Qb - Qa)/(Qb + Qa)")
+        ax.set_ylabel("mean mid change")
+        ax.set_title(f"next mid change by imbalance: {target}")
+        ax.legend(title="horizon")
+        fig.tight_layout()
+        fig.savefig(out / f"conditional_mean_{target}.png", dpi=100)
+        plt.close(fig)
