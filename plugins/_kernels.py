@@ -28,6 +28,7 @@ from quotelab.layout import (
     Q_BID_TICK,
     STEP_SECONDS,
     TICK,
+    TR_PX,
     TR_QTY,
     TR_SIDE,
     TR_TIME,
@@ -174,3 +175,71 @@ def sigma_ticks_nb(view, a, state, prior, half_life):
         state[2] = 1.0
     mid = (view[a, BEST_BID_PRICE] + view[a, BEST_ASK_PRICE]) / 2.0
     return ewma_variance_nb(state, mid, view[a, STEP_SECONDS], half_life) / tick
+
+
+# Online fit of the fill intensity λ(δ) = A·exp(−k·δ) (δ in ticks from the mid) from trade arrivals.
+FIT_MAX_WINDOW = 3000  # steps
+FIT_MAX_TICKS = 50
+# state: [previous mid, pushes, ring of per-step arrival depths (ticks) ..., counts of depth >= d, d = 1..]
+FIT_RING = 2
+FIT_COUNTS = FIT_RING + FIT_MAX_WINDOW
+FIT_STATE_SIZE = FIT_COUNTS + FIT_MAX_TICKS
+
+
+def fit_state() -> np.ndarray:
+    s = np.zeros(FIT_STATE_SIZE)
+    s[0] = np.nan
+    return s
+
+
+@njit(inline="always")
+def arrival_fit_nb(view, trades, a, state, window, n_ticks):
+    """Update the window with this step's deepest trade and return (A, k); (NaN, NaN) until 2 depths fit.
+
+    A step's arrival depth is max |trade price − previous step's mid| / tick over its trades (0 if
+    none). λ(d) = (steps in the window whose depth ≥ d) / (window steps · step seconds) for
+    d = 1..n_ticks; ln λ = ln A − k·d is fitted by least squares over the d with λ > 0.
+    """
+    tick = view[a, TICK]
+    prev_mid = state[0]
+    depth = 0.0
+    if prev_mid == prev_mid:
+        for j in range(int(view[a, N_TRADES])):
+            depth = max(depth, abs(trades[a, j, TR_PX] - prev_mid) / tick)
+    state[0] = (view[a, BEST_BID_PRICE] + view[a, BEST_ASK_PRICE]) / 2.0
+    w = int(window)
+    n = int(state[1])
+    slot = FIT_RING + n % w
+    if n >= w:
+        old = state[slot]
+        for d in range(1, int(n_ticks) + 1):
+            if old >= d:
+                state[FIT_COUNTS + d - 1] -= 1.0
+    state[slot] = depth
+    for d in range(1, int(n_ticks) + 1):
+        if depth >= d:
+            state[FIT_COUNTS + d - 1] += 1.0
+    state[1] = n + 1
+    steps = min(n + 1, w)
+    dt = view[a, STEP_SECONDS]
+    if not dt > 0.0:
+        return np.nan, np.nan
+    sx = 0.0
+    sy = 0.0
+    sxx = 0.0
+    sxy = 0.0
+    m = 0
+    for d in range(1, int(n_ticks) + 1):
+        c = state[FIT_COUNTS + d - 1]
+        if c > 0.0:
+            y = np.log(c / (steps * dt))
+            sx += d
+            sy += y
+            sxx += d * d
+            sxy += d * y
+            m += 1
+    if m < 2:
+        return np.nan, np.nan
+    slope = (m * sxy - sx * sy) / (m * sxx - sx * sx)
+    intercept = (sy - slope * sx) / m
+    return np.exp(intercept), -slope

@@ -211,3 +211,27 @@ def volume_rate_imbalance(trades: pd.DataFrame, step_ts: np.ndarray, step_second
     rs = rates[-buy_side].ewm(alpha=alpha, adjust=False, ignore_na=True).mean().to_numpy()
     with np.errstate(invalid="ignore"):
         return np.where(rb + rs > 0, (rb - rs) / (rb + rs), 0.0)
+
+
+def arrival_fit(trades: pd.DataFrame, step_ts: np.ndarray, mid: np.ndarray, step_seconds: np.ndarray, tick: float,
+                window: int, n_ticks: int, prev_grid_ts: int) -> tuple[np.ndarray, np.ndarray]:
+    """A and k of λ(d) = A exp(-k d) fitted at each step from the deepest trade of each step in the window."""
+    edges = np.concatenate([[prev_grid_ts], step_ts])
+    step = np.searchsorted(edges, trades["local_ts"].to_numpy(), side="left") - 1
+    inside = (step >= 1) & (step < len(step_ts))  # step 0 has no previous mid
+    t = trades[inside].assign(step=step[inside])
+    t["dist"] = (t["px"] - mid[t["step"].to_numpy() - 1]).abs() / tick
+    depth = t.groupby("step")["dist"].max().reindex(range(len(step_ts)), fill_value=0.0).to_numpy()
+    d = np.arange(1, n_ticks + 1)
+    big_a, k = np.full(len(step_ts), np.nan), np.full(len(step_ts), np.nan)
+    for i in range(len(step_ts)):
+        if not step_seconds[i] > 0:
+            continue
+        recent = depth[max(0, i - window + 1): i + 1]
+        counts = (recent[:, None] >= d[None, :]).sum(axis=0)
+        ok = counts > 0
+        if ok.sum() < 2:
+            continue
+        slope, intercept = np.polyfit(d[ok], np.log(counts[ok] / (len(recent) * step_seconds[i])), 1)
+        big_a[i], k[i] = np.exp(intercept), -slope
+    return big_a, k
