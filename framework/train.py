@@ -254,6 +254,9 @@ class FeatureFrame:
     X: np.ndarray
     names: list[str]
     origin_ns: int
+    # The earliest last event among the assets read: after it some book is frozen at its last state,
+    # so features and targets there describe no market (the grid itself runs to the last event of all).
+    data_end_ns: int = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -391,6 +394,7 @@ class FeatureRecorder:
         self.comp, self.ready, self.levels = feature_composition(setup, ds)
         self.origin_ns = ds.assets[ds.quoted].first_ts()
         self.data = prepare(ds.assets)
+        self.data_end_ns = min(ds.assets[i].last_ts() for i in self.ready)
         self.external = [
             _read_external(e, setup.file.parent, setup.where(("external", i, "file")))
             for i, e in enumerate(setup.config.external)
@@ -413,7 +417,7 @@ class FeatureRecorder:
             cols.append(_transform(spec, r, res.timestamps, step_ns))
         X = np.column_stack(cols) if cols else np.zeros((len(res.timestamps), 0))
         return FeatureFrame(res.timestamps, res.outs[:, 0].copy(), X, list(self.setup.names),
-                            self.origin_ns)
+                            self.origin_ns, self.data_end_ns)
 
 
 def future_return(frame: FeatureFrame, horizon_steps: int, step_ns: int) -> np.ndarray:
@@ -769,12 +773,14 @@ def samples(setup: TrainSetup, frame: FeatureFrame, label: str) -> Samples:
     if not len(frame.timestamps):
         raise DataError(f"{setup.where(('data',))}: {label}: empty window: no grid step has a two-sided book on "
                         f"every asset the features read; fix: check the dates and that the data has depth")
-    span = (frame.timestamps[-1] - frame.timestamps[0]) * 1e-9
-    if setup.horizon_steps >= len(frame.timestamps):
+    live = frame.timestamps <= frame.data_end_ns
+    span = (frame.timestamps[live][-1] - frame.timestamps[0]) * 1e-9 if live.any() else 0.0
+    if setup.horizon_steps >= live.sum():
         raise ConfigError(f"{setup.where(('target', 'horizon'))}: horizon {c.target.horizon:g}s is longer than "
                           f"the data of {label} ({span:.1f}s of ready steps); fix: shorten it or add dates")
     y = future_return(frame, setup.horizon_steps, setup.step_ns)
     keep = np.isfinite(y) & np.isfinite(frame.X).all(axis=1)
+    keep &= frame.timestamps + setup.horizon_steps * setup.step_ns <= frame.data_end_ns
     if keep.sum() < 2 * (c.validation.folds + 1) * (frame.X.shape[1] + 2):
         raise DataError(f"{setup.where(('validation', 'folds'))}: {label}: {int(keep.sum())} usable samples are "
                         f"too few for {c.validation.folds} folds of {frame.X.shape[1]} features; fix: fewer folds "

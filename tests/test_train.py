@@ -383,3 +383,17 @@ def test_cli_reports_a_config_error_without_traceback(tmp_path):
     assert "train.yaml:" in proc.stderr and "whole number of grid steps" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+def test_cross_asset_example_stops_where_the_first_read_asset_ends(catalog):
+    """Spot and COIN-M run to 00:05, the USD-M perp to 23:59:59: after that its book is frozen, its
+    mid return is 0 and a sample there would be fiction, so samples end with the perp's data."""
+    res = T.run_train(REPO / "strategies" / "train_cross_asset.yaml", catalog=catalog)
+    smp = res.samples["native"]
+    end = smp.frame.data_end_ns
+    assert smp.frame.timestamps[-1] > end + 60e9  # the grid runs on with the other markets
+    assert smp.t.max() + 1_000_000_000 <= end
+    assert end - smp.t.max() < 2e9
+    rep = res.report
+    assert rep["model"] == "ridge" and len(rep["overall"]["coef"]) == 5
+    assert rep["samples"] == len(smp.t) < 0.6 * rep["steps"]
