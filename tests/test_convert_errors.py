@@ -214,3 +214,10 @@ def test_snapshot_not_covered_by_any_later_diff(eth: list[bytes], tmp_path: Path
     f = write_gz(tmp_path / "nocover.gz", lines)
     with pytest.raises(DataError, match=rf"{f}:{snap_line}: the REST snapshot .* is never covered"):
         convert_files("binance-usdm", [f], "ETHUSDT", tmp_path / "cat")
+
+
+def test_files_out_of_time_order_are_refused(shared_data: Path, tmp_path: Path) -> None:
+    d1 = write_gz(tmp_path / "a.gz", read_lines(shared_data / "binance" / "cm" / "btcusd_perp_20240808.gz", 2_000))
+    d2 = write_gz(tmp_path / "b.gz", read_lines(shared_data / "binance" / "cm" / "btcusd_perp_20240809.gz", 2_000))
+    err = fails(*convert_args("binance-cm", "BTCUSD_PERP", tmp_path / "cat", d2, d1))
+    assert f"{d1}:1: this file starts at local time" in err and "in time order" in err

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import orjson
 from hftbacktest.types import BUY_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
 from numba import njit
 
-from quotelab.data.events import DAY_NS, ConvertJob, DaySplitter, DenseBook, Findings, Witness, depth_rows
+from quotelab.data.events import DAY_GRACE_NS, DAY_NS, ConvertJob, DaySplitter, DenseBook, Findings, Witness, depth_rows
 from quotelab.errors import DataError
 
 try:  # ISA-L inflates gzip ~3x faster than zlib; optional, same API
@@ -672,7 +673,8 @@ def iter_blocks(path: Path) -> Iterator[tuple[bytes, Parsed]]:
     finally:
         # Unblock the reader if the consumer stopped early (an error downstream).
         stop.set()
-        while any(t.is_alive() for t in threads):
+        deadline = time.monotonic() + 10.0  # daemon threads: never hang the caller on them
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             for qq in (raw, q):
                 with contextlib.suppress(queue.Empty):
                     qq.get(timeout=0.02)
@@ -762,8 +764,11 @@ class BinanceConverter:
         self.line0 = 0
         self.factor = 0
         try:
-            for block, parsed in iter_blocks(path):
-                self._block(block, parsed)
+            # closing(): an error in _block must stop the reader threads now, not at garbage collection
+            # (at interpreter exit they could no longer run, and the cleanup would wait forever).
+            with contextlib.closing(iter_blocks(path)) as blocks:
+                for block, parsed in blocks:
+                    self._block(block, parsed)
         except _Damaged as exc:
             cause = exc.args[0]
             what = ("truncated gzip" if isinstance(cause, EOFError)
@@ -857,6 +862,10 @@ class BinanceConverter:
         lt = local[real]
         if not lt.shape[0]:
             return
+        if self.line0 == 0 and lt[0] < self.prev_local - DAY_GRACE_NS:
+            raise DataError(
+                f"{self.file}:1: this file starts at local time {lt[0]}, {(self.prev_local - lt[0]) / 1e9:.0f} s "
+                f"before the previous file ended; pass the files of one symbol in time order.")
         prev = np.concatenate([[self.prev_local], lt[:-1]])
         back = np.flatnonzero(lt < prev)
         if back.shape[0]:

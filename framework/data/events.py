@@ -328,14 +328,16 @@ def _fill_depth_rows_nb(rows, side, px, qty, msg_end, m_exch, m_local, m_id, buy
             r.local_ts = m_local[k]
             r.px = px[j]
             r.qty = qty[j]
+            r.order_id = 0
             r.ival = m_id[k]
+            r.fval = 0.0
             j += 1
 
 
 def depth_rows(side: np.ndarray, px: np.ndarray, qty: np.ndarray, msg_end: np.ndarray, m_exch: np.ndarray,
                m_local: np.ndarray, m_id: np.ndarray) -> np.ndarray:
     """DEPTH_EVENT rows for messages whose levels end at ``msg_end`` (ival = the message's id)."""
-    rows = np.zeros(px.shape[0], event_dtype)
+    rows = np.empty(px.shape[0], event_dtype)  # the kernel sets every field
     _fill_depth_rows_nb(rows, side, px, qty, msg_end, m_exch, m_local, m_id,
                         np.uint64(DEPTH_EVENT | BUY_EVENT), np.uint64(DEPTH_EVENT | SELL_EVENT))
     return rows
