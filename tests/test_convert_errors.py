@@ -221,3 +221,15 @@ def test_files_out_of_time_order_are_refused(shared_data: Path, tmp_path: Path) 
     d2 = write_gz(tmp_path / "b.gz", read_lines(shared_data / "binance" / "cm" / "btcusd_perp_20240809.gz", 2_000))
     err = fails(*convert_args("binance-cm", "BTCUSD_PERP", tmp_path / "cat", d2, d1))
     assert f"{d1}:1: this file starts at local time" in err and "in time order" in err
+
+
+def test_corrupt_gzip_is_an_error_naming_the_file(eth: list[bytes], tmp_path: Path) -> None:
+    data = bytearray(gzip.compress(b"\n".join(eth) + b"\n"))
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(64)  # a run of zeros inside the deflate stream
+    f = tmp_path / "corrupt.gz"
+    f.write_bytes(bytes(data))
+    err = fails(*convert_args("binance-usdm", "ETHUSDT", tmp_path / "cat", f))
+    # Depending on where the damage lands, inflate fails or yields a line that cannot be parsed.
+    assert f"{f}:" in err and ("corrupt gzip" in err or "garbled line" in err or "truncated gzip" in err)
+    assert not (tmp_path / "cat" / "binance-usdm").exists()

@@ -632,18 +632,23 @@ def _reader_thread(path: Path, q: queue.Queue, stop: threading.Event) -> None:
             q.put(None)
     except (EOFError, _zlib.error, OSError) as exc:
         # Complete lines before the damage were handed over; the partial one is what it cut.
+        q.put(_Damaged(exc))
+    except BaseException as exc:  # anything else still reaches the caller instead of a silent hang
         q.put(exc)
 
 
 def _parser_thread(q_in: queue.Queue, q_out: queue.Queue, stop: threading.Event) -> None:
-    while True:
-        item = q_in.get()
-        if item is None or isinstance(item, BaseException):
-            q_out.put(item)
-            return
-        q_out.put((item, parse_lines(item)))
-        if stop.is_set():
-            return
+    try:
+        while True:
+            item = q_in.get()
+            if item is None or isinstance(item, BaseException):
+                q_out.put(item)
+                return
+            q_out.put((item, parse_lines(item)))
+            if stop.is_set():
+                return
+    except BaseException as exc:
+        q_out.put(exc)
 
 
 class _Damaged(Exception):
@@ -668,7 +673,7 @@ def iter_blocks(path: Path) -> Iterator[tuple[bytes, Parsed]]:
             if item is None:
                 break
             if isinstance(item, BaseException):
-                raise _Damaged(item)
+                raise item
             yield item
     finally:
         # Unblock the reader if the consumer stopped early (an error downstream).
