@@ -12,7 +12,7 @@ from typing import Any
 import numba
 import numpy as np
 from hftbacktest import GTC, GTX, BacktestAsset, HashMapMarketDepthBacktest
-from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT, record_dtype
+from hftbacktest.types import record_dtype
 from numba.typed import List
 
 from quotelab import driver as D
@@ -42,14 +42,10 @@ class AssetFeed:
 
     def first_ts(self) -> int:
         """Where hftbacktest starts this asset's clock: its first exchange or local event."""
-        ev = self.events[0]
-        exch = ev["exch_ts"][(ev["ev"] & EXCH_EVENT) == EXCH_EVENT]
-        local = ev["local_ts"][(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
-        return int(min(exch[0] if len(exch) else np.iinfo(np.int64).max,
-                       local[0] if len(local) else np.iinfo(np.int64).max))
+        return cat.first_ts(self.events[0])
 
     def last_ts(self) -> int:
-        return int(max(self.events[-1]["local_ts"].max(), self.events[-1]["exch_ts"].max()))
+        return cat.last_ts(self.events[-1])
 
 
 @dataclass

@@ -24,7 +24,6 @@ from hftbacktest.types import (
     DEPTH_CLEAR_EVENT,
     DEPTH_EVENT,
     DEPTH_SNAPSHOT_EVENT,
-    EXCH_EVENT,
     LOCAL_EVENT,
     SELL_EVENT,
     TRADE_EVENT,
@@ -33,6 +32,7 @@ from numba import njit
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
+from quotelab.data import catalog as cat
 from quotelab.errors import DataError
 
 INVALID_MIN = np.iinfo(np.int64).min
@@ -59,15 +59,11 @@ class ReplayAsset:
     inverse: bool = False
 
     def first_ts(self) -> int:
-        """Where hftbacktest starts this asset's clock (the engine's ``AssetFeed.first_ts``)."""
-        ev = self.events[0]
-        exch = ev["exch_ts"][(ev["ev"] & EXCH_EVENT) == EXCH_EVENT]
-        local = ev["local_ts"][(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
-        big = np.iinfo(np.int64).max
-        return int(min(exch[0] if len(exch) else big, local[0] if len(local) else big))
+        """Where hftbacktest starts this asset's clock: its first exchange or local event."""
+        return cat.first_ts(self.events[0])
 
     def last_ts(self) -> int:
-        return int(max(self.events[-1]["local_ts"].max(), self.events[-1]["exch_ts"].max()))
+        return cat.last_ts(self.events[-1])
 
 
 @dataclass
@@ -311,25 +307,49 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
     return n_rec
 
 
-def _local_rows(events: Sequence[np.ndarray]) -> np.ndarray:
-    ev = np.concatenate(list(events)) if len(events) > 1 else events[0]
-    rows = ev[(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
-    # Stable, so rows with equal local time keep their file order, as in hftbacktest's reader.
-    return rows[np.argsort(rows["local_ts"], kind="stable")]
+@njit(cache=True)
+def _gather_local_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, lohi):
+    # One pass over the structured array's fields: the local rows, and the tick range of their depth.
+    for i in range(len(ev)):
+        e = ev[i]
+        if (e & LOCAL_EVENT) != LOCAL_EVENT:
+            continue
+        out_ev[n] = e
+        out_local[n] = local_ts[i]
+        out_exch[n] = exch_ts[i]
+        out_px[n] = px[i]
+        out_qty[n] = qty[i]
+        kind = e & 0xFF
+        if kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
+            t = np.int64(np.round(px[i] / tick))
+            lohi[0] = min(lohi[0], t)
+            lohi[1] = max(lohi[1], t)
+        n += 1
+    return n
 
 
-def _tick_range(rows: np.ndarray, tick: float, name: str) -> tuple[int, int]:
-    kind = rows["ev"] & 0xFF
-    book = rows[(kind == DEPTH_EVENT) | (kind == DEPTH_SNAPSHOT_EVENT)]
-    if not len(book):
-        return 0, 1
-    ticks = np.round(book["px"] / tick).astype(np.int64)
-    lo, hi = int(ticks.min()), int(ticks.max())
+def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int) -> tuple[int, tuple[int, int]]:
+    """Write the asset's LOCAL_EVENT rows into ``cols`` from ``start`` in local-time order; return the
+    end row and the asset's depth tick range."""
+    lohi = np.array([INVALID_MAX, INVALID_MIN], dtype=np.int64)
+    n = start
+    for e in asset.events:
+        n = _gather_local_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size,
+                             lohi)
+    # Catalog days are already in local order; sort (stably, keeping file order for equal times, as
+    # hftbacktest's reader does) only data that is not.
+    if n - start > 1 and (np.diff(cols[1][start:n]) < 0).any():
+        order = start + np.argsort(cols[1][start:n], kind="stable")
+        for c in cols:
+            c[start:n] = c[order]
+    if lohi[0] > lohi[1]:
+        return n, (0, 1)
+    lo, hi = int(lohi[0]), int(lohi[1])
     if hi - lo + 1 > MAX_BOOK_TICKS:
         raise DataError(
-            f"replay: {name}'s depth prices span {hi - lo + 1} ticks of {tick}; check its tick size"
+            f"replay: {asset.name}'s depth prices span {hi - lo + 1} ticks of {asset.tick_size}; check its tick size"
         )
-    return lo, hi - lo + 1
+    return n, (lo, hi - lo + 1)
 
 
 @dataclass(frozen=True)
@@ -352,16 +372,20 @@ class ReplayData:
 def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
     """Sort and flatten the assets' LOCAL_EVENT rows and size each asset's dense book."""
     n = len(assets)
-    rows = [_local_rows(a.events) for a in assets]
+    size = sum(len(e) for a in assets for e in a.events)
+    cols = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size),
+            np.empty(size))
     row_start = np.zeros(n + 1, dtype=np.int64)
-    row_start[1:] = np.cumsum([len(r) for r in rows])
-    allrows = np.concatenate(rows)
-    ranges = [_tick_range(r, a.tick_size, a.name) for r, a in zip(rows, assets, strict=True)]
+    ranges = []
+    for i, a in enumerate(assets):
+        end, tick_range = _gather_asset(a, cols, int(row_start[i]))
+        row_start[i + 1] = end
+        ranges.append(tick_range)
+    ev, local_ts, exch_ts, px, qty = (c[: row_start[-1]] for c in cols)
     book_start = np.zeros(n + 1, dtype=np.int64)
     book_start[1:] = np.cumsum([size for _, size in ranges])
     return ReplayData(
-        assets=tuple(assets), ev=allrows["ev"].astype(np.int64), local_ts=allrows["local_ts"].copy(),
-        exch_ts=allrows["exch_ts"].copy(), px=allrows["px"].copy(), qty=allrows["qty"].copy(), row_start=row_start,
+        assets=tuple(assets), ev=ev, local_ts=local_ts, exch_ts=exch_ts, px=px, qty=qty, row_start=row_start,
         book_base=np.array([lo for lo, _ in ranges], dtype=np.int64), book_start=book_start,
         first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets),
     )

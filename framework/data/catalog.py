@@ -142,3 +142,27 @@ def load_events(path: Path | str) -> np.ndarray:
     if data.dtype != event_dtype:
         raise DataError(f"{path}: array 'data' has dtype {data.dtype}, expected hftbacktest's event_dtype")
     return data
+
+
+def first_ts(events: np.ndarray) -> int:
+    """Where hftbacktest starts an asset's clock: its first exchange-flagged or local-flagged event."""
+    from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
+
+    big = np.iinfo(np.int64).max
+    found = [big, big]
+    # Both firsts are near the start; look at a growing prefix rather than masking the whole day.
+    size = 4096
+    while True:
+        head = events[:size]
+        for k, (flag, col) in enumerate(((EXCH_EVENT, "exch_ts"), (LOCAL_EVENT, "local_ts"))):
+            if found[k] == big:
+                hits = np.flatnonzero((head["ev"] & flag) == flag)
+                if len(hits):
+                    found[k] = int(head[col][hits[0]])
+        if (found[0] != big and found[1] != big) or size >= len(events):
+            return min(found)
+        size *= 16
+
+
+def last_ts(events: np.ndarray) -> int:
+    return int(max(events["local_ts"].max(), events["exch_ts"].max()))
