@@ -3,7 +3,9 @@
     python bench/convert.py [--data ../shared/data] [--repeat 3]
 
 Both run in this process, after a warm-up (numba compiles once), each ``--repeat`` times; medians
-are printed. Two comparisons, like for like:
+of wall time and of process CPU time are printed (quotelab inflates and parses in two threads ahead
+of the book builder, so on a busy machine wall time depends on the other load; CPU time less so).
+Two comparisons, like for like:
 
 * in memory: quotelab's parse + book + day arrays, against ``binancefutures.convert(opt='')``
   without an output file;
@@ -61,13 +63,15 @@ def quiet_fd1() -> Iterator[None]:
             os.close(saved)
 
 
-def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, list[float], Any]:
-    times, out = [], None
+def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, list[float], float, Any]:
+    """Median wall time, all wall times, median CPU time of the process (all threads), last result."""
+    times, cpu, out = [], [], None
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), times, out
+        cpu.append(time.process_time() - c)
+    return statistics.median(times), times, statistics.median(cpu), out
 
 
 def quotelab_in_memory(path: Path) -> list[DayResult]:
@@ -207,14 +211,14 @@ def main() -> None:
         ("quotelab, to catalog (npz + meta.json)", lambda: quotelab_to_catalog(path)),
         ("hftbacktest, to npz", lambda: hftbacktest_convert(path, out=True)),
     ):
-        med, times, out = median_time(fn, args.repeat)
-        results[name] = (med, out)
-        print(f"{name:42s} median {med:6.3f} s  {lines / med:>10,.0f} lines/s  "
+        med, times, cpu, out = median_time(fn, args.repeat)
+        results[name] = (med, out, cpu)
+        print(f"{name:42s} median {med:6.3f} s  {lines / med:>10,.0f} lines/s  cpu {cpu:6.3f} s  "
               f"(runs: {', '.join(f'{t:.3f}' for t in times)})")
     for kind in ("in memory", "to catalog (npz + meta.json)"):
-        q = results[f"quotelab, {kind}"][0]
-        h = results["hftbacktest, " + ("in memory" if kind == "in memory" else "to npz")][0]
-        print(f"speed-up {kind}: {h / q:.1f}x")
+        q = results[f"quotelab, {kind}"]
+        h = results["hftbacktest, " + ("in memory" if kind == "in memory" else "to npz")]
+        print(f"speed-up {kind}: {h[0] / q[0]:.1f}x wall, {h[2] / q[2]:.1f}x cpu time")
 
     bts, msgs = raw_index(path)
     q_days: list[DayResult] = results["quotelab, in memory"][1]

@@ -662,20 +662,28 @@ class DaySplitter:
         self.on_day(DayResult(day_of(d * DAY_NS), events, info))
 
 
+@njit(cache=True)
+def _count_nb(ev, exch_flag, local_flag, buy_flag):
+    """Counts by (kind, buy) of rows flagged EXCH or unflagged, and of rows flagged only LOCAL."""
+    out = np.zeros((256, 2), np.int64)
+    local_only = 0
+    for k in range(ev.shape[0]):
+        e = ev[k]
+        if (e & exch_flag) == 0 and (e & local_flag) != 0:
+            local_only += 1
+            continue
+        out[e & 0xFF, 1 if (e & buy_flag) != 0 else 0] += 1
+    return out, local_only
+
+
 def count_kinds(rows: np.ndarray) -> dict[str, int]:
-    """Rows by kind. Pass rows before flagging, or flagged events (then rows flagged only LOCAL, the
-    duplicates, are left out and counted apart)."""
-    ev = rows["ev"]
-    flagged = (ev & (EXCH_EVENT | LOCAL_EVENT)) != 0
-    once = (ev & EXCH_EVENT) != 0 if flagged.any() else np.ones(ev.shape[0], bool)
-    key = (ev[once] & EV_TYPE_MASK) * 2 + ((ev[once] & BUY_EVENT) != 0)
-    c = np.bincount(key.astype(np.int64), minlength=2 * (TRADE_EVENT + DEPTH_SNAPSHOT_EVENT + 1))
-    by_kind = c[0::2] + c[1::2]
+    """Rows by kind. Rows flagged only LOCAL (the duplicates of flagged events) are counted apart."""
+    c, local_only = _count_nb(rows["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))
     return {
-        "depth": int(by_kind[DEPTH_EVENT]),
-        "depth_clear": int(by_kind[DEPTH_CLEAR_EVENT]),
-        "depth_snapshot": int(by_kind[DEPTH_SNAPSHOT_EVENT]),
-        "trade_buy": int(c[2 * TRADE_EVENT + 1]),
-        "trade_sell": int(c[2 * TRADE_EVENT]),
-        "local_only_duplicates": int((~once).sum()),
+        "depth": int(c[DEPTH_EVENT].sum()),
+        "depth_clear": int(c[DEPTH_CLEAR_EVENT].sum()),
+        "depth_snapshot": int(c[DEPTH_SNAPSHOT_EVENT].sum()),
+        "trade_buy": int(c[TRADE_EVENT, 1]),
+        "trade_sell": int(c[TRADE_EVENT, 0]),
+        "local_only_duplicates": int(local_only),
     }
