@@ -233,3 +233,22 @@ def test_corrupt_gzip_is_an_error_naming_the_file(eth: list[bytes], tmp_path: Pa
     # Depending on where the damage lands, inflate fails or yields a line that cannot be parsed.
     assert f"{f}:" in err and ("corrupt gzip" in err or "garbled line" in err or "truncated gzip" in err)
     assert not (tmp_path / "cat" / "binance-usdm").exists()
+
+
+def test_plain_zlib_fallback_reads_and_detects_truncation(eth: list[bytes], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """isal is optional: with the standard zlib the same files convert and the same damage is found."""
+    import zlib
+
+    from quotelab.data import binance
+
+    monkeypatch.setattr(binance, "_zlib", zlib)
+    whole = gzip.compress(b"\n".join(eth) + b"\n")
+    good = tmp_path / "good.gz"
+    good.write_bytes(whole + gzip.compress(b""))  # a second, empty gzip member is still one stream
+    s = convert_files("binance-usdm", [good], "ETHUSDT", tmp_path / "cat")
+    assert s["messages"]["lines"] == len(eth)
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=rf"{cut}:\d+: truncated gzip"):
+        convert_files("binance-usdm", [cut], "ETHUSDT", tmp_path / "cat2")
