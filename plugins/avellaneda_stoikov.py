@@ -2,7 +2,9 @@
 
 In ticks: r = s − q·γ·σ²·τ, total spread γσ²τ + (2/γ)·ln(1 + γ/k), with q = position/position_unit,
 σ in ticks per √second (constant or online EWMA) and τ = T − t a constant horizon in seconds
-(a backtest has no terminal time, so the usual rolling-horizon reading).
+(a backtest has no terminal time, so the usual rolling-horizon reading). With ``fit_window`` > 0,
+k is fitted online from trade arrivals at each distance from the mid (as in ``glft``); the constant
+stands in until a fit with a positive k exists.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, PackContext, Params, Reads
 from quotelab.layout import POSITION, RESERVATION, TICK
-from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb, write_quotes_nb
+from quotelab.plugins._kernels import (
+    FIT_MAX_TICKS,
+    FIT_MAX_WINDOW,
+    VOL_STATE,
+    arrival_fit_nb,
+    fit_state,
+    sigma_ticks_nb,
+    write_quotes_nb,
+)
 from quotelab.units import Qty, Seconds, quantity
 
 
@@ -27,11 +37,19 @@ class AvellanedaStoikovParams(Params):
     position_unit: Qty = quantity("qty", 1.0, "q is the position in these units.", gt=0)
     size: Qty = quantity("qty", 1.0, "Order quantity (whole lots).", gt=0)
     max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
+    fit_window: int = quantity("steps", 0, "0: k constant; > 0: fitted from trades over this many steps.",
+                               ge=0, le=FIT_MAX_WINDOW)
+    fit_max_ticks: int = quantity("ticks", 20, "Fit λ(d) at d = 1..this many ticks from the mid.", ge=2,
+                                  le=FIT_MAX_TICKS)
 
 
 def _pack(p: AvellanedaStoikovParams, ctx: PackContext) -> list[float]:
     return [float(ctx.asset_index[p.asset]), p.gamma, p.k, p.volatility, p.volatility_half_life, p.horizon,
-            p.position_unit, p.size, p.max_position]
+            p.position_unit, p.size, p.max_position, float(p.fit_window), float(p.fit_max_ticks)]
+
+
+def _state(p: AvellanedaStoikovParams) -> np.ndarray:
+    return np.concatenate([np.array(VOL_STATE), fit_state()])
 
 
 @njit(inline="always")
@@ -39,11 +57,16 @@ def avellaneda_stoikov_nb(view, trades, state, params, out):
     a = int(params[0])
     tick = view[a, TICK]
     gamma = params[1]
-    sigma = sigma_ticks_nb(view, a, state, params[3], params[4])
+    k = params[2]
+    if params[9] > 0.0:
+        fa, fk = arrival_fit_nb(view, trades, a, state[3:], params[9], params[10])
+        if fa == fa and fk > 0.0:
+            k = fk
+    sigma = sigma_ticks_nb(view, a, state[:3], params[3], params[4])
     q = view[a, POSITION] / params[6]
     risk = gamma * sigma * sigma * params[5]
     r = out[RESERVATION] - q * risk * tick
-    half = (risk + 2.0 / gamma * np.log(1.0 + gamma / params[2])) / 2.0 * tick
+    half = (risk + 2.0 / gamma * np.log(1.0 + gamma / k)) / 2.0 * tick
     write_quotes_nb(view, a, out, r - half, r + half, params[7], 1.0, 1.0, params[8])
     return r
 
@@ -52,7 +75,7 @@ def avellaneda_stoikov_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="quoter", name="avellaneda_stoikov", params=AvellanedaStoikovParams, kernel=avellaneda_stoikov_nb,
-        pack=_pack, state=lambda p: np.array(VOL_STATE),
+        pack=_pack, state=_state, reads=lambda p: Reads(assets=(p.asset,), trades=p.fit_window > 0),
         doc="Avellaneda-Stoikov: inventory-shifted reservation and optimal spread; returns the AS reservation.",
         formula="r = s - q*gamma*sigma^2*tau; spread = gamma*sigma^2*tau + (2/gamma) ln(1 + gamma/k) (ticks)",
     ))
