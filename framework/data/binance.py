@@ -896,7 +896,7 @@ class BinanceConverter:
         if bad.shape[0]:
             j = int(bad[0])
             raise DataError(
-                f"{self.file}:{self._where_level(ints, kinds, j)}: price {px[j]!r} is not a multiple of the tick "
+                f"{self.file}:{self._where_level(ints, kinds, j)}: price {float(px[j])} is not a multiple of the tick "
                 f"size {self.tick} ({self.spec_origin}). Fix: pass the right --tick-size.")
         lf = qty / self.lot
         badq = np.flatnonzero(np.abs(lf - np.rint(lf)) > 1e-6)
@@ -906,7 +906,7 @@ class BinanceConverter:
             j = int(badq[0])
             self.findings.add(
                 "depth_qty_finer_than_lot",
-                f"depth quantities not multiples of the lot size {self.lot} (first: {qty[j]!r}); kept as is",
+                f"depth quantities not multiples of the lot size {self.lot} (first: {float(qty[j])}); kept as is",
                 self.file, self._where_level(ints, kinds, j), int(badq.shape[0]))
         return ticks.astype(np.int64)
 
@@ -1111,13 +1111,13 @@ class BinanceConverter:
         bad = np.flatnonzero(np.abs(tf - np.rint(tf)) > 1e-6)
         if bad.shape[0]:
             k = int(tr[bad[0]])
-            raise DataError(f"{self.file}:{self.line0 + k + 1}: trade price {px[bad[0]]!r} is not a multiple of the "
-                            f"tick size {self.tick} ({self.spec_origin}). Fix: pass the right --tick-size.")
+            raise DataError(f"{self.file}:{self.line0 + k + 1}: trade price {float(px[bad[0]])} is not a multiple of "
+                            f"the tick size {self.tick} ({self.spec_origin}). Fix: pass the right --tick-size.")
         lf = qty / self.lot
         badq = np.flatnonzero(np.abs(lf - np.rint(lf)) > 1e-6)
         if badq.shape[0]:
             k = int(tr[badq[0]])
-            raise DataError(f"{self.file}:{self.line0 + k + 1}: trade quantity {qty[badq[0]]!r} is not a multiple "
+            raise DataError(f"{self.file}:{self.line0 + k + 1}: trade quantity {float(qty[badq[0]])} is not a multiple "
                             f"of the lot size {self.lot} ({self.spec_origin}). Fix: pass the right --lot-size.")
         t_exch = exch[tr]
         start = self.book_start_exch
