@@ -227,11 +227,13 @@ class PartSpec(_Model):
     kind: str
     params: dict[str, Any] = {}
     weight: float = 1.0
-    alpha: float | str = 0.0
+    alpha: float | str | None = Field(
+        None, description="Signals only: multiplier in price units, '<n> ticks' or '<n> bps'; 0 = an input only."
+    )
 
     @field_validator("alpha")
     @classmethod
-    def _alpha(cls, v: float | str) -> float | str:
+    def _alpha(cls, v: float | str | None) -> float | str | None:
         if isinstance(v, str):
             m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|price)?\s*", v)
             if not m:
@@ -255,8 +257,10 @@ class StrategyConfig(_Model):
 _MODEL_BY_TITLE = {m.__name__: m for m in (StrategyConfig,)}
 
 
-def parse_alpha(alpha: float | str, tick: float) -> tuple[float, float]:
+def parse_alpha(alpha: float | str | None, tick: float) -> tuple[float, float]:
     """alpha → (multiplier in price units, multiplier in bps of the fair value)."""
+    if alpha is None:
+        return 0.0, 0.0
     if not isinstance(alpha, str):
         return float(alpha), 0.0
     m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|price)?\s*", alpha)
@@ -346,10 +350,13 @@ def validate_part(
                 f"{where((*at, 'params'))}: {role} {spec.kind!r} reads asset {asset!r}, which has no data; "
                 f"data.assets has: {', '.join(assets)}"
             )
-    if role != "signal" and spec.alpha != 0.0:
+    if role != "signal" and spec.alpha is not None:
         raise ConfigError(f"{where((*at, 'alpha'))}: alpha applies to forecast signals only")
-    if role == "signal" and spec.alpha == 0.0:
-        raise ConfigError(f"{where(at)}: signal {spec.kind!r} needs an alpha (e.g. alpha: 2ticks, 1.5bps or 0.3)")
+    if role == "signal" and spec.alpha is None:
+        raise ConfigError(
+            f"{where(at)}: signal {spec.kind!r} needs an alpha (e.g. alpha: 2ticks, 1.5bps or 0.3; "
+            "alpha: 0 makes it an input of another part, such as linear_forecast, only)"
+        )
     return role, at, spec, component, params
 
 

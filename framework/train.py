@@ -198,8 +198,8 @@ def load_train(path: str | Path, registry: Registry | None = None) -> TrainSetup
     parts = []
     for i, spec in enumerate(config.features):
         at = ("features", i)
-        # validate_part insists on an alpha for signals; a feature has none, so any non-zero stands in.
-        ps = PartSpec(kind=spec.kind, params=spec.params, alpha=1.0)
+        # A feature is a signal used as an input only, which is what alpha 0 says.
+        ps = PartSpec(kind=spec.kind, params=spec.params, alpha=0)
         _, _, _, component, params = validate_part(registry, "signal", at, ps, path, lines, names, config.data.assets)
         if component.name == "linear_forecast":
             raise ConfigError(f"{where((*at, 'kind'))}: linear_forecast reads other components' outputs; "
@@ -728,7 +728,7 @@ def forecast_block(setup: TrainSetup, model: StaticModel) -> str:
     c = setup.config
     first = c.export.fair_values
     items: list[dict[str, Any]] = [
-        {"kind": s.kind, "alpha": "0bps", "params": json.loads(json.dumps(s.params))} for _, s, _, _ in setup.parts
+        {"kind": s.kind, "alpha": 0, "params": json.loads(json.dumps(s.params))} for _, s, _, _ in setup.parts
     ]
     items.append({"kind": "linear_forecast", "alpha": "1bps", "params": {
         "inputs": list(range(first, first + len(setup.parts))),
@@ -736,8 +736,8 @@ def forecast_block(setup: TrainSetup, model: StaticModel) -> str:
     head = (
         f"# Trained by `quotelab train {setup.file.name}`: {c.model.kind} model of the {c.target.horizon:g}s future\n"
         f"# mid return of {c.data.quote!r}, in bps; `alpha: 1bps` turns it into a price offset of the fair value.\n"
-        f"# The features feed linear_forecast only: `alpha: 0bps` (the config needs an alpha on every signal)\n"
-        f"# adds nothing to the forecast directly. linear_forecast's inputs index the strategy's components,\n"
+        f"# The features feed linear_forecast only: `alpha: 0` makes a signal an input, not a forecast term.\n"
+        f"# linear_forecast's inputs index the strategy's components,\n"
         f"# fair values first: paste this into a strategy with {first} fair_value entr{'y' if first == 1 else 'ies'}, "
         f"no other forecast items\n# before these, and the same asset names.\n"
     )
