@@ -252,3 +252,18 @@ def test_plain_zlib_fallback_reads_and_detects_truncation(eth: list[bytes], tmp_
     cut.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match=rf"{cut}:\d+: truncated gzip"):
         convert_files("binance-usdm", [cut], "ETHUSDT", tmp_path / "cat2")
+
+
+def test_trade_arriving_after_its_day_was_closed(shared_data: Path, tmp_path: Path) -> None:
+    day1 = read_lines(shared_data / "binance" / "cm" / "btcusd_perp_20240808.gz")
+    day2 = read_lines(shared_data / "binance" / "cm" / "btcusd_perp_20240809.gz")
+    # A day-1 trade (exchange time 23:5x) logged again five minutes into day 2, long after day 1 was
+    # closed (a day closes once the stream is 60 s past it; closing is checked per block of lines).
+    late = next(ln for ln in day1[len(day1) // 2:] if b"@trade" in ln[:80])
+    assert msg(late)["data"]["T"] < 1723161600000
+    i = len(day2) - 10
+    f2 = write_gz(tmp_path / "d2.gz", day2[:i] + [day2[i].split(b" ", 1)[0] + b" " + late.split(b" ", 1)[1]]
+                  + day2[i:])
+    f1 = write_gz(tmp_path / "d1.gz", day1)
+    err = fails(*convert_args("binance-cm", "BTCUSD_PERP", tmp_path / "cat", f1, f2))
+    assert f"{f2}:{i + 1}: an event of UTC day 20240808 arrived after that day was closed" in err

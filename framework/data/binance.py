@@ -1141,7 +1141,12 @@ class BinanceConverter:
         days = t_exch // DAY_NS
         for d in np.unique(days).tolist():
             sel = days == d
-            self.split.add_rows(int(d), rows[sel], t_exch[sel], local[tr][sel])
+            try:
+                self.split.add_rows(int(d), rows[sel], t_exch[sel], local[tr][sel])
+            except DataError as exc:
+                k = int(tr[np.flatnonzero(sel)[0]])
+                raise DataError(f"{self.file}:{self.line0 + k + 1}: {exc}. Fix: sort the capture by time, or "
+                                f"convert the late part separately.") from None
 
     # -- end -------------------------------------------------------------------------------------
 
