@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -170,10 +171,40 @@ def compose(
     return Composition(module.strategy, params, state, names, module.__name__, source)
 
 
+def kernel_modules(modules: list[str]) -> list[str]:
+    """``modules`` and, recursively, every module whose numba functions or constants they import.
+
+    numba's disk cache does not notice an edit in another file, so the key must cover all of them
+    (a helper kernel in ``plugins/_kernels.py``, the layout constants, ...)."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sys.modules and importlib.util.find_spec(name) is None:
+            continue
+        seen.add(name)
+        mod = importlib.import_module(name)
+        for value in vars(mod).values():
+            owner = getattr(getattr(value, "py_func", None), "__module__", None)
+            if owner is None and inspect.ismodule(value):
+                owner = value.__name__
+            if owner and owner not in seen and _is_project_module(owner):
+                todo.append(owner)
+    return sorted(seen)
+
+
+def _is_project_module(name: str) -> bool:
+    # numba, numpy and the standard library change only with their versions, which the key holds.
+    top = name.split(".")[0]
+    return top not in {"numba", "numpy", "llvmlite", "builtins", "math", "cmath", "hftbacktest"} and \
+        top not in sys.stdlib_module_names
+
+
 def _load_module(source: str, plugin_modules: list[str]):
     h = hashlib.sha256()
     h.update(source.encode())
-    for m in plugin_modules:
+    for m in kernel_modules(plugin_modules):
+        h.update(m.encode())
         h.update(_module_source(m).encode())
     h.update(f"numba={numba.__version__} quotelab={__version__} layout={_module_source('quotelab.layout')}".encode())
     name = f"k_{h.hexdigest()[:20]}"

@@ -247,3 +247,43 @@ def test_edited_plugin_is_never_served_from_a_stale_cache(real_catalog, tmp_path
     assert results[0]["balance"] != results[1]["balance"]  # the edit reached the fused kernel
     assert results[0]["balance"] == results[2]["balance"]  # and reverting it restores the old result
     assert len(list((tmp_path / "cache" / "kernels").glob("k_*.py"))) == 2
+
+
+HELPER_PLUGIN = '''
+from numba import njit
+from helpermod import offset_nb
+from quotelab import hookimpl
+from quotelab.component import Component, Params
+
+
+class P(Params):
+    pass
+
+
+@njit(inline="always")
+def offset_signal_nb(view, trades, state, params, out):
+    return offset_nb()
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(role="signal", name="offset_signal", params=P, kernel=offset_signal_nb))
+'''
+
+
+def test_edited_helper_kernel_in_another_module_is_recompiled(real_catalog, tmp_path):
+    # numba's cache does not see edits of functions in other files: the key must follow the imports.
+    (tmp_path / "helperplug.py").write_text(HELPER_PLUGIN)
+    doc = _seed_doc(real_catalog)
+    doc["plugins"] = ["helperplug.py"]
+    doc["forecast"] = [{"kind": "offset_signal", "alpha": "1tick"}]
+    path = _write(tmp_path, doc)
+    env = {**__import__("os").environ, "QUOTELAB_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    balances = []
+    for value in ("0.0", "3.0"):
+        (tmp_path / "helpermod.py").write_text(f"from numba import njit\n\n\n@njit(inline='always')\n"
+                                               f"def offset_nb():\n    return {value}\n")
+        proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "run", str(path), "--json"],
+                              capture_output=True, text=True, check=True, env=env)
+        balances.append(json.loads(proc.stdout)["balance"])
+    assert balances[0] != balances[1]
