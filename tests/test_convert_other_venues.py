@@ -109,8 +109,11 @@ def cryptofeed_messages(path: Path):
 @pytest.fixture(scope="module")
 def bybit_cat(shared_data, tmp_path_factory):
     cat = tmp_path_factory.mktemp("bybit")
-    r = convert_ok("--format", "bybit", "--symbol", "BTCUSD", "--catalog", cat, "--tick-size", "0.5",
-                   "--lot-size", "1", shared_data / "other-venues" / "BYBIT.ws.26.0.gz")
+    # no --tick-size/--lot-size: the built-in spec knows Bybit's BTCUSD (an inverse contract)
+    r = convert_ok("--format", "bybit", "--symbol", "BTCUSD", "--catalog", cat,
+                   shared_data / "other-venues" / "BYBIT.ws.26.0.gz")
+    meta = json.loads((cat / "bybit" / "BTCUSD" / "meta.json").read_text())
+    assert (meta["tick_size"], meta["lot_size"], meta["contract"]) == (0.5, 1.0, {"kind": "inverse", "size": 1.0})
     return cat, r.stdout
 
 
@@ -231,7 +234,7 @@ def _okx_crc(book: dict[tuple[int, float], float]) -> int:
     return crc - (1 << 32) if crc >= 1 << 31 else crc
 
 
-OKX_ARGS = ["--format", "okx", "--symbol", "BTC-USDT", "--tick-size", "0.1", "--lot-size", "0.00000001"]
+OKX_ARGS = ["--format", "okx", "--symbol", "BTC-USDT"]
 
 
 def test_okx_replayed_book_matches_every_checksum(shared_data, tmp_path):

@@ -26,35 +26,6 @@ from quotelab.errors import DataError
 
 VENUE = "bybit"
 
-# Legacy v2 inverse perpetuals: one contract is 1 USD, quantities are whole contracts.
-INSTRUMENTS: dict[str, dict[str, Any]] = {
-    "BTCUSD": {"tick_size": 0.5, "lot_size": 1.0, "contract": {"kind": "inverse", "size": 1.0}},
-    "ETHUSD": {"tick_size": 0.05, "lot_size": 1.0, "contract": {"kind": "inverse", "size": 1.0}},
-    "EOSUSD": {"tick_size": 0.001, "lot_size": 1.0, "contract": {"kind": "inverse", "size": 1.0}},
-    "XRPUSD": {"tick_size": 0.0001, "lot_size": 1.0, "contract": {"kind": "inverse", "size": 1.0}},
-}
-
-
-def default_instrument(symbol: str) -> dict[str, Any] | None:
-    spec = INSTRUMENTS.get(symbol.upper())
-    return None if spec is None else {**spec, "origin": "built-in Bybit v2 spec"}
-
-
-def adopt_contract(job: ConvertJob, known: dict[str, Any] | None, findings: Findings) -> None:
-    """Give the job this module's contract kind/size where the caller's spec fell back to a default.
-
-    The caller's spec table may not know this venue's symbols yet; its fallback is a linear contract,
-    which is wrong for an inverse one. ``job.instrument`` is the dict the caller writes to meta.json.
-    """
-    if known is None:
-        return
-    have = job.instrument.get("contract")
-    if have != known["contract"]:
-        findings.add("contract_from_venue_spec",
-                     f"contract {have} replaced by the venue spec's {known['contract']} for {job.symbol}")
-        job.instrument["contract"] = dict(known["contract"])
-
-
 def note_others(findings: Findings, counts: dict[str, int], what: str) -> None:
     """Name what was in the input but not converted, so a wrong --symbol is obvious."""
     if counts:
@@ -306,7 +277,6 @@ class BybitConverter:
         self.job = job
         self.symbol = job.symbol.upper()
         self.findings = Findings()
-        adopt_contract(job, default_instrument(self.symbol), self.findings)
         self.feed = MessageFeed(job, self.findings)
         self.book_topic = f"orderBookL2_25.{self.symbol}"
         self.trade_topic = f"trade.{self.symbol}"

@@ -34,10 +34,18 @@ INSTRUMENTS: dict[tuple[str, str], Instrument] = {
     ("binance-spot", "ETHUSDT"): Instrument(0.01, 0.0001),
     # The capture's trades have quantities like 12.34, so the step is 0.01, not the 0.1 once listed.
     ("binance-spot", "NEXOUSDT"): Instrument(0.001, 0.01),
+    # Bybit's legacy v2 inverse perpetuals: 1 USD contracts, whole-contract quantities.
+    ("bybit", "BTCUSD"): Instrument(0.5, 1.0, "inverse", 1.0),
+    ("bybit", "ETHUSD"): Instrument(0.05, 1.0, "inverse", 1.0),
+    ("bybit", "EOSUSD"): Instrument(0.001, 1.0, "inverse", 1.0),
+    ("bybit", "XRPUSD"): Instrument(0.0001, 1.0, "inverse", 1.0),
+    ("okx", "BTC-USDT"): Instrument(0.1, 1e-8),
 }
 
 
 def _default_contract(venue: str, symbol: str) -> tuple[str, float]:
+    if venue == "bybit" and symbol.endswith("USD"):
+        return "inverse", 1.0
     if venue == "binance-cm":
         # Binance COIN-M: BTC contracts are 100 USD, every other coin's are 10 USD.
         return "inverse", 100.0 if symbol.startswith("BTC") else 10.0
