@@ -188,6 +188,48 @@ def synth(
 
 
 @app.command()
+def batch(
+    batch_file: Annotated[Path, typer.Argument(help="Batch YAML: a base strategy and a matrix.")],
+    catalog: Annotated[Path | None, typer.Option("--catalog", help="Event catalog folder.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes (or Ray actors).")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local (process pool) or ray.")] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (e.g. ray://head:10001 or auto).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Result store folder.")] = Path("batch-results"),
+    resume: Annotated[bool, typer.Option("--resume", help="Skip runs already done in --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final counts as one JSON object.")] = False,
+) -> None:
+    """Run a strategy over a matrix of venues, symbols, dates and parameters, in parallel and resumably."""
+    import json
+
+    from quotelab import batch as batch_mod
+
+    summary = batch_mod.run_batch(batch_file, out, catalog=catalog, workers=workers, executor=executor,
+                                  address=address, resume=resume,
+                                  progress=None if as_json else batch_mod.default_progress())
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="A `quotelab batch` --out folder.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default RESULTS_DIR/report).")] = None,
+    stat: Annotated[str, typer.Option("--stat", help="Stat to rank, colour and compare by.")] = "equity",
+    x: Annotated[str | None, typer.Option("--x", help="Heatmap x parameter path.")] = None,
+    y: Annotated[str | None, typer.Option("--y", help="Heatmap y parameter path.")] = None,
+) -> None:
+    """Write a static HTML report (runs table, heatmap, curves, market-making diagnostics) of batch results."""
+    from quotelab.report import build_report
+
+    path = build_report(results_dir, out=out, stat=stat, x=x, y=y)
+    typer.echo(f"report: {path}")
+
+
+@app.command()
 def convert(
     files: Annotated[list[Path], typer.Argument(help="Raw capture files of one symbol, in time order.")],
     fmt: Annotated[str, typer.Option("--format", help="Input format, e.g. binance-usdm, binance-cm, binance-spot.")],

@@ -1,0 +1,402 @@
+"""Market-making diagnostics of a run, and the static HTML report of a batch's results.
+
+Diagnostics come from a run's recorded series (one row per step: mid, position, balance, fee, quotes).
+Fills are inferred from position changes between consecutive records, so several fills inside one
+step show as one net fill at their average price; a step where both sides filled and the position
+did not move shows no fill, and its spread shows up in spread capture all the same.
+
+PnL decomposition (exact, for linear and inverse contracts). With equity ``E = s·balance + V(q, m) − fee``
+(``s = 1, V = q·m·c`` linear; ``s = −1, V = −q·c/m`` inverse) and records ``i−1 → i``:
+
+* spread capture ``s·Δbalance + V(q_i, m_{i−1}) − V(q_{i−1}, m_{i−1})``: the trades valued at the mid
+  quoted against;
+* inventory ``V(q_i, m_i) − V(q_i, m_{i−1})``: the held position marked to the mid's move;
+* fees ``−Δfee`` (rebates are positive).
+
+The three telescope to ``E_end − E_start``; the series is closed with the run's final state, so their
+sum is the recorded equity.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quotelab.errors import QuotelabError
+
+HORIZONS = {"100ms": 100_000_000, "1s": 1_000_000_000, "10s": 10_000_000_000, "60s": 60_000_000_000}
+
+
+class ReportError(QuotelabError):
+    """A results folder cannot be reported on."""
+
+
+def _ffill(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=float).copy()
+    ok = np.isfinite(x)
+    if not ok.any():
+        return x
+    idx = np.where(ok, np.arange(len(x)), 0)
+    np.maximum.accumulate(idx, out=idx)
+    x = x[idx]
+    first = int(np.argmax(ok))
+    x[:first] = x[first]
+    return x
+
+
+def equity_series(frame: dict[str, np.ndarray], inst: dict[str, Any]) -> np.ndarray:
+    inverse = inst.get("contract") == "inverse"
+    cs = float(inst.get("contract_size", 1.0))
+    mid = _ffill(frame["mid"])
+    q, bal, fee = (np.asarray(frame[k], dtype=float) for k in ("position", "balance", "fee"))
+    if inverse:
+        return -bal - q * cs / mid - fee
+    return bal + q * mid * cs - fee
+
+
+def diagnostics(ts: np.ndarray, frame: dict[str, np.ndarray], summary: dict[str, Any],
+                inst: dict[str, Any]) -> dict[str, Any]:
+    """Markouts, PnL split, quote uptime, fill rate by distance and inventory distribution of one run."""
+    n = len(ts)
+    if n == 0:
+        return {"fills": 0}
+    inverse = inst.get("contract") == "inverse"
+    cs = float(inst.get("contract_size", 1.0))
+    tick = float(inst.get("tick_size") or float("nan"))
+    s = -1.0 if inverse else 1.0
+
+    def value(q: np.ndarray, m: np.ndarray) -> np.ndarray:
+        return -q * cs / m if inverse else q * m * cs
+
+    ts = np.asarray(ts, dtype=np.int64)
+    mid = _ffill(frame["mid"])
+    # Close with the final state so the split sums to the recorded equity; open with the empty account.
+    final = [summary.get(k) for k in ("position", "balance", "fee")]
+    have_final = all(isinstance(v, int | float) for v in final) and math.isfinite(float(summary.get("last_mid")
+                                                                                         or np.nan))
+    q = np.concatenate([[0.0], np.asarray(frame["position"], float), [final[0]] if have_final else []])
+    bal = np.concatenate([[0.0], np.asarray(frame["balance"], float), [final[1]] if have_final else []])
+    fee = np.concatenate([[0.0], np.asarray(frame["fee"], float), [final[2]] if have_final else []])
+    m = np.concatenate([[mid[0]], mid, [float(summary["last_mid"])] if have_final else []])
+    t = np.concatenate([[ts[0]], ts, [ts[-1]] if have_final else []])
+
+    dq, dbal, dfee = np.diff(q), np.diff(bal), np.diff(fee)
+    spread = s * dbal + value(q[1:], m[:-1]) - value(q[:-1], m[:-1])
+    inventory = value(q[1:], m[1:]) - value(q[1:], m[:-1])
+    fees = -dfee
+    out: dict[str, Any] = {
+        "pnl_spread": float(np.nansum(spread)), "pnl_inventory": float(np.nansum(inventory)),
+        "pnl_fees": float(np.nansum(fees)),
+    }
+    out["pnl_total"] = out["pnl_spread"] + out["pnl_inventory"] + out["pnl_fees"]
+
+    # Fills: net position change per step, at the price the balance change implies.
+    idx = np.nonzero(np.abs(dq) > 1e-12)[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        px = -dbal[idx] / (dq[idx] * cs) if not inverse else -dq[idx] * cs / dbal[idx]
+    ref = m[idx]
+    # A step with fills on both sides implies a price far from the book; those are left out of markouts.
+    clean = np.isfinite(px) & (np.abs(px / ref - 1.0) < 0.02)
+    f_idx, f_px, f_q = idx[clean], px[clean], dq[idx][clean]
+    f_t = t[f_idx + 1]
+    side, w = np.sign(f_q), np.abs(f_q)
+    out["fills"] = int(len(idx))
+    out["fills_ambiguous"] = int((~clean).sum())
+    out["filled_qty"] = float(np.abs(dq).sum())
+    rec_t, rec_m = ts, mid
+    for name, h in {"0": 0, **HORIZONS}.items():
+        j = np.searchsorted(rec_t, f_t + h, side="left")
+        ok = j < len(rec_t)
+        if not ok.any():
+            out[f"markout_bps_{name}"] = None
+            continue
+        mo = side[ok] * (rec_m[j[ok]] - f_px[ok]) / f_px[ok] * 1e4
+        out[f"markout_bps_{name}"] = float(np.average(mo, weights=w[ok]))
+
+    bid, ask = np.asarray(frame["bid"], float), np.asarray(frame["ask"], float)
+    out["quote_uptime"] = float(np.mean(np.isfinite(bid) & np.isfinite(ask)))
+    out["quote_uptime_any"] = float(np.mean(np.isfinite(bid) | np.isfinite(ask)))
+
+    pos = np.asarray(frame["position"], float)
+    qs = np.nanquantile(pos, [0.05, 0.25, 0.5, 0.75, 0.95]) if len(pos) else [np.nan] * 5
+    out.update({f"inventory_p{p:02d}": float(v) for p, v in zip((5, 25, 50, 75, 95), qs, strict=True)})
+    out["inventory_mean_abs"] = float(np.nanmean(np.abs(pos)))
+    out["inventory_max_abs"] = float(np.nanmax(np.abs(pos)))
+    values, counts = np.unique(np.round(pos, 12), return_counts=True)
+    out["inventory_hist"] = {"values": values.tolist(), "share": (counts / counts.sum()).tolist()}
+
+    # Fill rate by quote distance: a quote resting through a step at d ticks from the mid, and whether
+    # the position moved its way by the next record. Net fills only, so it is a lower bound per side.
+    if math.isfinite(tick) and tick > 0 and n > 1:
+        rates: dict[str, list[float]] = {}
+        dpos = np.diff(pos)
+        for _side, qp, sign in (("bid", bid, 1.0), ("ask", ask, -1.0)):
+            d = np.round(sign * (mid[:-1] - qp[:-1]) / tick)
+            ok = np.isfinite(d)
+            filled = (sign * dpos) > 1e-12
+            for dist in np.unique(np.clip(d[ok], -1, 20)).astype(int):
+                sel = ok & (np.clip(d, -1, 20) == dist)
+                key = str(dist)
+                k = rates.setdefault(key, [0.0, 0.0])
+                k[0] += float(sel.sum())
+                k[1] += float((sel & filled).sum())
+        out["fill_rate_by_distance"] = {k: {"quotes": int(v[0]), "fill_rate": v[1] / v[0] if v[0] else None}
+                                        for k, v in sorted(rates.items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+TABLE_COLS = ["index", "status", "venue", "symbol", "dates", "equity", "num_trades", "position", "fee",
+              "stats.SR", "stats.MaxDrawdown", "diag.pnl_spread", "diag.pnl_inventory", "diag.pnl_fees",
+              "diag.markout_bps_100ms", "diag.markout_bps_1s", "diag.markout_bps_10s", "diag.markout_bps_60s",
+              "diag.quote_uptime", "diag.inventory_mean_abs", "wall_seconds", "run_id", "error"]
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
+  const table = th.closest('table'), body = table.tBodies[0];
+  const asc = th.dataset.dir !== 'asc'; table.querySelectorAll('th').forEach(h => delete h.dataset.dir);
+  th.dataset.dir = asc ? 'asc' : 'desc';
+  const key = r => { const t = r.cells[col].dataset.v ?? r.cells[col].textContent; const x = parseFloat(t);
+                     return isNaN(x) ? t : x; };
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+      const c = (typeof x === typeof y) ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === 'number' ? -1 : 1);
+      return asc ? c : -c; }).forEach(r => body.appendChild(r));
+}));
+"""
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222} table{border-collapse:collapse;font-size:12px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#eee;cursor:pointer;position:sticky;top:0}
+td.s{text-align:left} tr.failed{background:#fee} img{max-width:100%;border:1px solid #ddd;margin:6px 0}
+.note{color:#666;font-size:13px}"""
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str], css: str = "sortable") -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cls = ' class="s"' if isinstance(v, str) else ""
+            dv = f' data-v="{v!r}"' if isinstance(v, float) and math.isfinite(v) else ""
+            cells.append(f"<td{cls}{dv}>{html.escape(_fmt(v))}</td>")
+        body.append(f'<tr class="{html.escape(str(r.get("status", "")))}">{"".join(cells)}</tr>')
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _series(results_dir: Path, run_id: str) -> dict[str, np.ndarray] | None:
+    import polars as pl
+
+    p = results_dir / "runs" / run_id / "series.parquet"
+    if not p.exists():
+        return None
+    df = pl.read_parquet(p)
+    return {c: df[c].to_numpy() for c in df.columns}
+
+
+def build_report(results_dir: str | Path, out: str | Path | None = None, stat: str = "equity",
+                 x: str | None = None, y: str | None = None) -> Path:
+    """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from quotelab.batch import flat_row, read_records
+
+    results_dir = Path(results_dir)
+    records = read_records(results_dir)
+    if not records:
+        raise ReportError(f"{results_dir}: no run records (runs/*/record.json); run `quotelab batch` first")
+    rows = [flat_row(r) for r in records]
+    by_id = {r["run_id"]: r for r in records}
+    if stat not in rows[0] and f"stats.{stat}" in rows[0]:
+        stat = f"stats.{stat}"
+    if not any(isinstance(r.get(stat), float) for r in rows):
+        have = sorted(k for k in rows[0] if isinstance(rows[0][k], float))
+        raise ReportError(f"{results_dir}: no run has a numeric {stat!r}; numeric columns: {', '.join(have)}")
+    out = Path(out) if out is not None else results_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    done = [r for r in rows if r["status"] == "done" and isinstance(r.get(stat), float) and math.isfinite(r[stat])]
+    pcols = [c for c in rows[0] if c.startswith("p.")]
+    varying = [c for c in pcols if len({json.dumps(r.get(c)) for r in rows}) > 1]
+    sections: list[str] = []
+    imgs: list[str] = []
+
+    def save(fig: Any, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        imgs.append(name)
+        return f'<img src="{name}" alt="{html.escape(name)}">'
+
+    n_failed = sum(r["status"] != "done" for r in rows)
+    sections.append(f"<p>{len(rows)} runs: {len(rows) - n_failed} done, {n_failed} failed. "
+                    f"Ranking stat: <b>{html.escape(stat)}</b>. Click a column header to sort.</p>")
+    cols = TABLE_COLS[:5] + pcols + [c for c in TABLE_COLS[5:] if c != stat] + [stat]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    sections.append("<h2>Runs</h2>" + _table(rows, cols))
+
+    # Heatmap of the stat over two params (mean over everything else: venues, symbols, other params).
+    x = f"p.{x}" if x and not x.startswith("p.") else x
+    y = f"p.{y}" if y and not y.startswith("p.") else y
+    if x is None and len(varying) >= 1:
+        x = varying[0]
+    if y is None and len(varying) >= 2:
+        y = varying[1] if varying[1] != x else None
+    if done and x and y:
+        xs = sorted({r[x] for r in done}, key=str)
+        ys = sorted({r[y] for r in done}, key=str)
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for i, yv in enumerate(ys):
+            for j, xv in enumerate(xs):
+                vals = [r[stat] for r in done if r[x] == xv and r[y] == yv]
+                grid[i, j] = np.mean(vals) if vals else np.nan
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdYlGn")
+        ax.set_xticks(range(len(xs)), [_fmt(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [_fmt(v) for v in ys])
+        ax.set_xlabel(x[2:])
+        ax.set_ylabel(y[2:])
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=8)
+        fig.colorbar(im, label=stat)
+        ax.set_title(f"mean {stat} over {x[2:]} × {y[2:]}")
+        sections.append("<h2>Heatmap</h2>" + save(fig, "heatmap.png"))
+    elif done and x:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in sorted({(r["venue"], r["symbol"]) for r in done}):
+            pts = sorted(((r[x], r[stat]) for r in done if (r["venue"], r["symbol"]) == key), key=lambda p: str(p[0]))
+            ax.plot([_fmt(p[0]) for p in pts], [p[1] for p in pts], marker="o", label="/".join(key))
+        ax.set_xlabel(x[2:])
+        ax.set_ylabel(stat)
+        ax.legend(fontsize=7)
+        sections.append(f"<h2>{html.escape(stat)} by {html.escape(x[2:])}</h2>"
+                        '<p class="note">Only one parameter varies, so a line per venue/symbol instead of a '
+                        "heatmap.</p>" + save(fig, "heatmap.png"))
+
+    # Best and worst runs: equity and position curves.
+    if done:
+        ranked = sorted(done, key=lambda r: r[stat])
+        picks = [("best", ranked[-1]), ("worst", ranked[0])] if len(ranked) > 1 else [("best", ranked[-1])]
+        fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+        for tag, r in picks:
+            s = _series(results_dir, r["run_id"])
+            if s is None:
+                continue
+            inst = by_id[r["run_id"]].get("instrument") or {}
+            t = (s["timestamp"] - s["timestamp"][0]) / 1e9
+            axes[0].plot(t, equity_series(s, inst), label=f"{tag}: {r['label']}")
+            axes[1].plot(t, s["position"], label=tag)
+        axes[0].set_ylabel("equity")
+        axes[1].set_ylabel("position")
+        axes[1].set_xlabel("seconds")
+        axes[0].legend(fontsize=7)
+        sections.append(f"<h2>Best and worst runs by {html.escape(stat)}</h2>" + save(fig, "best_worst.png"))
+
+    # Per venue/symbol comparison.
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['venue']}/{r['symbol']}", []).append(r)
+    comp = []
+    for key, rs in groups.items():
+        ok = [r for r in rs if r in done]
+        vals = [r[stat] for r in ok]
+        comp.append({"venue/symbol": key, "runs": len(rs), "failed": sum(r["status"] != "done" for r in rs),
+                     f"mean {stat}": float(np.mean(vals)) if vals else None,
+                     f"best {stat}": float(np.max(vals)) if vals else None,
+                     f"worst {stat}": float(np.min(vals)) if vals else None,
+                     "mean markout 1s (bps)": _mean([r.get("diag.markout_bps_1s") for r in ok]),
+                     "mean quote uptime": _mean([r.get("diag.quote_uptime") for r in ok])})
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(comp)), 4))
+    ax.bar([c["venue/symbol"] for c in comp], [c[f"mean {stat}"] or 0.0 for c in comp], color="#4a7")
+    ax.set_ylabel(f"mean {stat}")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    sections.append("<h2>Per venue / symbol</h2>" + _table(comp, list(comp[0])) + save(fig, "venues.png"))
+
+    # Market-making diagnostics.
+    if done:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        hz = ["0", *HORIZONS]
+        for r in done:
+            ys_ = [r.get(f"diag.markout_bps_{h}") for h in hz]
+            best = r is picks[0][1]
+            axes[0].plot(hz, [np.nan if v is None else v for v in ys_], color="C1" if best else "#999",
+                         alpha=1.0 if best else 0.4, lw=2 if best else 1, marker="o" if best else None)
+        axes[0].axhline(0, color="k", lw=0.5)
+        axes[0].set_title("fill markouts, bps (best run in colour)")
+        axes[0].set_xlabel("horizon")
+        labels = [str(r["index"]) for r in done]
+        bottom_pos = np.zeros(len(done))
+        bottom_neg = np.zeros(len(done))
+        for part, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3")):
+            v = np.array([r.get(f"diag.pnl_{part}") or 0.0 for r in done])
+            base = np.where(v >= 0, bottom_pos, bottom_neg)
+            axes[1].bar(labels, v, bottom=base, color=color, label=part)
+            bottom_pos += np.where(v >= 0, v, 0)
+            bottom_neg += np.where(v < 0, v, 0)
+        axes[1].scatter(labels, [r.get("equity") for r in done], color="k", marker="_", s=200, label="recorded PnL",
+                        zorder=3)
+        axes[1].set_title("PnL split by run index")
+        axes[1].legend(fontsize=7)
+        axes[1].tick_params(axis="x", labelsize=7)
+        best_rec = by_id[picks[0][1]["run_id"]]["diagnostics"]
+        fig2, axes2 = plt.subplots(1, 2, figsize=(11, 4))
+        hist = best_rec.get("inventory_hist") or {}
+        if hist:
+            axes2[0].bar([_fmt(v) for v in hist["values"]], hist["share"], color="C0")
+            axes2[0].tick_params(axis="x", rotation=60, labelsize=7)
+        axes2[0].set_title("inventory distribution (best run, share of steps)")
+        fr = best_rec.get("fill_rate_by_distance") or {}
+        for r in done:
+            d = by_id[r["run_id"]]["diagnostics"].get("fill_rate_by_distance") or {}
+            pts = sorted((int(k), v["fill_rate"]) for k, v in d.items() if v["fill_rate"] is not None)
+            best = r is picks[0][1]
+            if pts:
+                axes2[1].plot(*zip(*pts, strict=True), color="C1" if best else "#999", alpha=1 if best else 0.4,
+                              marker="o" if best else None)
+        axes2[1].set_xlabel("quote distance from mid (ticks)")
+        axes2[1].set_title("fill rate per step by quote distance" + ("" if fr else " (no tick size)"))
+        diag_cols = ["index", "venue", "symbol", *varying, "equity", "diag.pnl_spread", "diag.pnl_inventory",
+                     "diag.pnl_fees", "diag.pnl_total", "diag.fills", "diag.markout_bps_0", "diag.markout_bps_100ms",
+                     "diag.markout_bps_1s", "diag.markout_bps_10s", "diag.markout_bps_60s", "diag.quote_uptime",
+                     "diag.inventory_p05", "diag.inventory_p50", "diag.inventory_p95"]
+        sections.append(
+            "<h2>Market-making diagnostics</h2><p class=note>Fills are inferred from position changes between "
+            "recorded steps; markouts are the mid after the horizon vs the fill price, signed by side, weighted by "
+            "size. The PnL split (spread capture at the mid quoted against, inventory marked to the mid's moves, "
+            "fees/rebates) adds up to the recorded equity.</p>" + save(fig, "diagnostics.png")
+            + save(fig2, "inventory_fills.png") + _table(done, [c for c in diag_cols if any(c in r for r in done)]))
+
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>quotelab batch report</title>"
+            f"<style>{_CSS}</style></head><body><h1>quotelab batch report</h1>"
+            f"<p class=note>{html.escape(str(results_dir.resolve()))}</p>{''.join(sections)}"
+            f"<script>{_SORT_JS}</script></body></html>")
+    from quotelab.data.catalog import _atomic_write_bytes
+
+    path = out / "index.html"
+    _atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
+    return path
+
+
+def _mean(vals: list[Any]) -> float | None:
+    v = [x for x in vals if isinstance(x, float) and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
