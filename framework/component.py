@@ -39,12 +39,24 @@ class Reads:
 
 @dataclass(frozen=True)
 class PackContext:
-    """What packing needs beyond params: asset indices and each asset's instrument."""
+    """What packing needs beyond params: asset indices, each asset's instrument, the grid origin
+    (``view[:, TIME]`` counts seconds from it) and the folder relative paths in params start from."""
 
     asset_index: dict[str, int]
     tick_size: dict[str, float]
     lot_size: dict[str, float]
     quoted: str
+    origin_ns: int = 0
+    base_dir: str = "."
+
+    @classmethod
+    def of(cls, assets: Sequence[Any], quoted: int, origin_ns: int = 0, base_dir: str = ".") -> PackContext:
+        """From assets with ``name``, ``tick_size`` and ``lot_size`` (engine feeds or replay assets)."""
+        return cls(
+            asset_index={a.name: i for i, a in enumerate(assets)} | {"quoted": quoted},
+            tick_size={a.name: a.tick_size for a in assets}, lot_size={a.name: a.lot_size for a in assets},
+            quoted=assets[quoted].name, origin_ns=int(origin_ns), base_dir=str(base_dir),
+        )
 
 
 def _is_asset_field(annotation: Any) -> bool:

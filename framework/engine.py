@@ -149,11 +149,13 @@ def run_loaded(
     feeds = load_feeds(loaded, resolve_catalog(loaded.file.parent, loaded.config.data.catalog, catalog))
     names = [f.name for f in feeds]
     q = names.index(cfg.data.quote)
-    index = {n: i for i, n in enumerate(names)} | {"quoted": q}
-    ctx = PackContext(
-        asset_index=index, tick_size={f.name: f.tick_size for f in feeds},
-        lot_size={f.name: f.lot_size for f in feeds}, quoted=cfg.data.quote,
-    )
+    step_ns = int(round(cfg.engine.step * 1e9))
+    if step_ns <= 0:
+        raise ConfigError(f"{loaded.where(('engine', 'step'))}: step must be > 0")
+    global_first = min(f.first_ts() for f in feeds)
+    origin = _origin(loaded, feeds, q, global_first)
+    ctx = PackContext.of(feeds, q, origin, str(loaded.file.parent))
+    index = ctx.asset_index
     tick_q = feeds[q].tick_size
     fvs, sigs, risks, quoter = [], [], [], None
     ready_mask = np.zeros(len(feeds), dtype=np.bool_)
@@ -182,11 +184,6 @@ def run_loaded(
     fns.append(comp.kernel)
     compose_s = time.perf_counter() - t0
 
-    step_ns = int(round(cfg.engine.step * 1e9))
-    if step_ns <= 0:
-        raise ConfigError(f"{loaded.where(('engine', 'step'))}: step must be > 0")
-    global_first = min(f.first_ts() for f in feeds)
-    origin = _origin(loaded, feeds, q, global_first)
     first_elapse = origin - global_first + (step_ns if cfg.engine.mode == "step" else 0)
     record_every = int(round(cfg.engine.record_every * 1e9))
     span = max(f.last_ts() for f in feeds) - origin

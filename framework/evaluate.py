@@ -329,10 +329,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     cond_rows: list[dict[str, Any]] = []
     for target in targets:
         q = index[target]
-        ctx = PackContext(
-            asset_index={**index, "quoted": q}, tick_size={f.name: f.tick_size for f in feeds},
-            lot_size={f.name: f.lot_size for f in feeds}, quoted=target,
-        )
+        ctx = PackContext.of(feeds, q, data.first_ts[q], str(path.parent))
         bank_parts, n_levels, ready = [], 1, {q}
         for parts in estimators:
             est = []

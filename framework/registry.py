@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quotelab.plugins.volatility_spread",
     "quotelab.plugins.avellaneda_stoikov",
     "quotelab.plugins.glft",
+    "quotelab.plugins.precomputed_forecast",
 )
 
 ENTRY_POINT_GROUP = "quotelab"

@@ -469,14 +469,12 @@ def replay(
     )
 
 
-def context(assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0) -> PackContext:
-    """The PackContext the engine would build for these assets."""
+def context(assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, origin_ns: int | None = None,
+            base_dir: str = ".") -> PackContext:
+    """The PackContext the engine would build for these assets (origin: the quoted asset's first event)."""
     assets = assets.assets if isinstance(assets, ReplayData) else assets
-    index = {a.name: i for i, a in enumerate(assets)} | {"quoted": quoted}
-    return PackContext(
-        asset_index=index, tick_size={a.name: a.tick_size for a in assets},
-        lot_size={a.name: a.lot_size for a in assets}, quoted=assets[quoted].name,
-    )
+    origin = assets[quoted].first_ts() if origin_ns is None else origin_ns
+    return PackContext.of(assets, quoted, origin, base_dir)
 
 
 def replay_component(
@@ -490,7 +488,7 @@ def replay_component(
     read only ``view``/``trades``; use :func:`replay_composition` for parts that read ``out``.
     """
     p = params if isinstance(params, Params) else component.make_params(params)
-    ctx = context(assets, quoted)
+    ctx = context(assets, quoted, kw.get("origin_ns"))
     packed = np.asarray(component.pack(p, ctx), dtype=np.float64)
     state = np.asarray(component.state(p), dtype=np.float64).copy()
     reads = component.reads(p)

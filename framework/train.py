@@ -48,6 +48,7 @@ from quotelab.config import (
 from quotelab.errors import ConfigError, DataError
 from quotelab.registry import Registry
 from quotelab.replay import ReplayAsset, prepare, replay
+from quotelab.replay import context as replay_context
 from quotelab.units import Seconds
 
 MODEL_KINDS = ("linear", "ridge", "rolling_linear", "ensemble", "gradient_boosting")
@@ -286,9 +287,7 @@ def load_dataset(
 
 
 def _context(ds: Dataset) -> PackContext:
-    index = {a.name: i for i, a in enumerate(ds.assets)} | {"quoted": ds.quoted}
-    return PackContext(index, {a.name: a.tick_size for a in ds.assets}, {a.name: a.lot_size for a in ds.assets},
-                       ds.assets[ds.quoted].name)
+    return replay_context(ds.assets, ds.quoted)
 
 
 def feature_composition(setup: TrainSetup, ds: Dataset) -> tuple[Composition, list[int], int]:

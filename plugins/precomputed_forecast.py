@@ -1,0 +1,81 @@
+"""``precomputed_forecast``: a series of (timestamp, value) from a file, looked up point-in-time.
+
+For models that can't run in numba: predict offline, write the predictions with the time each one
+becomes usable, and the kernel returns, at each step, the latest value whose usable time has come
+(0 before the first). ``quotelab train`` writes such files for its non-linear models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+from pydantic import Field
+
+from quotelab import hookimpl
+from quotelab.component import Component, PackContext, Params
+from quotelab.errors import ConfigError
+from quotelab.layout import TIME
+from quotelab.units import Seconds, quantity
+
+
+class PrecomputedForecastParams(Params):
+    file: str = Field(description="Parquet, CSV or npz with a time column (ns since the epoch) and a value column; "
+                                  "a relative path starts from the strategy file's folder.")
+    time_column: str = Field("usable_ts", description="When each value may be used (ns since the epoch).")
+    value_column: str = Field("value", description="The forecast values.")
+    latency: Seconds = quantity("seconds", 0.0, "Added to each time: the delay before a value reaches the strategy.",
+                                ge=0)
+
+
+def load_series(p: PrecomputedForecastParams, base_dir: str = ".") -> tuple[np.ndarray, np.ndarray]:
+    """The file's (time ns, value) pairs, ordered by time; errors name the file and the fix."""
+    path = Path(p.file) if Path(p.file).is_absolute() else Path(base_dir) / p.file
+    if not path.exists():
+        raise ConfigError(f"precomputed_forecast: {path}: file not found")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            cols = {k: z[k] for k in z.files}
+    else:
+        import polars as pl
+
+        df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+        cols = {c: df[c].to_numpy() for c in df.columns}
+    for c in (p.time_column, p.value_column):
+        if c not in cols:
+            raise ConfigError(f"precomputed_forecast: {path} has no column {c!r}; it has: {', '.join(cols)}")
+    t = np.asarray(cols[p.time_column], dtype=np.int64) + int(round(p.latency * 1e9))
+    v = np.asarray(cols[p.value_column], dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    return t[order], v[order]
+
+
+def _pack(p: PrecomputedForecastParams, ctx: PackContext) -> list[float]:
+    t, v = load_series(p, ctx.base_dir)
+    # Seconds from the grid origin, computed from integer ns so that a value usable exactly at a
+    # step's time compares equal to that step's view[TIME].
+    secs = (t - ctx.origin_ns) * 1e-9
+    return [float(len(t)), *secs.tolist(), *v.tolist()]
+
+
+@njit(inline="always")
+def precomputed_forecast_nb(view, trades, state, params, out):
+    n = int(params[0])
+    now = view[0, TIME]
+    i = int(state[0])
+    while i < n and params[1 + i] <= now:
+        i += 1
+    state[0] = i
+    return params[n + i] if i > 0 else 0.0
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="signal", name="precomputed_forecast", params=PrecomputedForecastParams,
+        kernel=precomputed_forecast_nb, pack=_pack, state=lambda p: np.zeros(1),
+        doc="A forecast computed offline, read from a file point-in-time: a value is used only once its time "
+            "(+ latency) has come; 0 before the first.",
+        formula="value[i] for the last i with time[i] + latency <= now",
+    ))
