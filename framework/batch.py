@@ -224,11 +224,17 @@ def load_batch(path: str | Path, catalog: str | Path | None = None) -> Batch:
     for run in runs:
         at = run.config.pop("_at")
         try:
-            loaded, registry, _parts = load_strategy(strategy_path, run.overrides, registry=registry,
+            loaded, registry, parts = load_strategy(strategy_path, run.overrides, registry=registry,
                                                      text=strategy_text)
         except QuotelabError as exc:
             raise BatchError(_blame(exc, run, at, axes, where, strategy_path, strategy_text, registry)) from exc
         cfg = loaded.config.model_dump(mode="json")
+        for _role, part_at, _spec, _component, params in parts:
+            node: Any = cfg
+            for k in part_at:
+                node = node[k]
+            # Each plugin's validated params (units parsed, defaults filled): 2 and 2.0 are the same run.
+            node["params"] = params.model_dump(mode="json")
         if cat_path is None and loaded.config.data.catalog is not None:
             cat_path = (strategy_path.parent / loaded.config.data.catalog).resolve()
         cfg["data"]["catalog"] = None  # where the data lives is not what the run is

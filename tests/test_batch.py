@@ -1,0 +1,158 @@
+"""Batch: expansion and validation, resume after SIGKILL, failure isolation, determinism, Ray vs local."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from quotelab.batch import VOLATILE, BatchError, load_batch, run_batch
+from quotelab.data import synth
+
+REPO = Path(__file__).resolve().parents[1]
+QUOTELAB = [sys.executable, "-m", "quotelab.cli"]
+
+BATCH = """\
+strategy:
+  name: mm
+  data:
+    quote: q
+    assets:
+      q: {{venue: synthetic, symbol: SYNPERP, dates: 20240101}}
+  engine:
+    step: 100ms
+  fair_value:
+    - kind: mid
+  risk:
+    - kind: inventory_skew
+      params: {{risk_aversion: 0.5, position_unit: 0.01, volatility: 10}}
+  quoter:
+    kind: fixed_spread
+    params: {{half_spread: 2, size: 0.01, max_position: 0.1}}
+matrix:
+  assets:
+{assets}
+  params:
+    quoter.params.half_spread: {values}
+"""
+ASSETS = ("    - {venue: synthetic, symbol: SYNPERP, dates: 20240101}\n"
+          "    - {venue: synthetic, symbol: SYNSPOT, dates: 20240101}")
+
+
+@pytest.fixture(scope="session")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("catalog")
+    synth.generate(root, seed=3, start="2024-01-01T00:00:00", duration_s=120)
+    return root
+
+
+def write_batch(path: Path, assets: str = ASSETS, values: str = "[1, 2]") -> Path:
+    path.write_text(BATCH.format(assets=assets, values=values))
+    return path
+
+
+def comparable(out: Path) -> list[dict]:
+    df = pl.read_parquet(out / "results.parquet").drop([c for c in VOLATILE if c in
+                                                        pl.read_parquet_schema(out / "results.parquet")])
+    return sorted(df.to_dicts(), key=lambda r: r["run_id"])
+
+
+def test_expansion_ids_and_ranges(tmp_path: Path, catalog: Path) -> None:
+    f = write_batch(tmp_path / "b.yaml", values="{start: 1, stop: 3, step: 1}")
+    b = load_batch(f, catalog)
+    assert len(b.runs) == 6
+    assert sorted({r.params["quoter.params.half_spread"] for r in b.runs}) == [1, 2, 3]  # stop is inclusive
+    assert len({r.run_id for r in b.runs}) == 6
+    again = load_batch(f, catalog)
+    assert [r.run_id for r in again.runs] == [r.run_id for r in b.runs]
+    # the id is the validated config's: "2" written as a float gives the same run
+    f2 = write_batch(tmp_path / "b2.yaml", values="[2.0]")
+    ids2 = {r.run_id for r in load_batch(f2, catalog).runs}
+    assert ids2 <= {r.run_id for r in b.runs}
+
+
+def test_invalid_run_names_batch_file_line_and_run(tmp_path: Path, catalog: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(BATCH.format(assets=ASSETS, values="[1]") + "    quoter.params.no_such_param: [5]\n")
+    with pytest.raises(BatchError) as exc:
+        load_batch(f, catalog)
+    msg = str(exc.value)
+    line = next(i for i, x in enumerate(f.read_text().splitlines(), 1) if "no_such_param" in x)
+    assert f"{f}:{line}: matrix.params.quoter.params.no_such_param" in msg
+    assert "run #0 synthetic/SYNPERP" in msg and "unknown key" in msg
+
+
+def test_resume_after_sigkill_and_failure_isolation(tmp_path: Path, catalog: Path) -> None:
+    # the third asset has no data for its date: that run fails, is recorded, and the batch goes on
+    assets = ASSETS + "\n    - {venue: synthetic, symbol: SYNPERP, dates: 20240105}"
+    f = write_batch(tmp_path / "b.yaml", assets=assets, values="[1, 2, 3]")
+    out = tmp_path / "out"
+    cmd = [*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob("runs/*/record.json"))) < 3:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: p.read_bytes() for p in out.glob("runs/*/record.json")}
+    assert 3 <= len(before) < 9, "the kill must land halfway"
+
+    # without --resume the store refuses to mix batches
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+    r = subprocess.run([*cmd, "--resume", "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    done_before = sum(json.loads(b)["status"] == "done" for b in before.values())
+    assert counts["total"] == 9 and counts["skipped"] == done_before
+    assert counts["done"] + counts["failed"] + counts["skipped"] == 9
+    assert counts["failed"] == 3 and r.returncode == 1
+    records = {p.parent.name: p.read_bytes() for p in out.glob("runs/*/record.json")}
+    assert len(records) == 9
+    for rid, data in before.items():  # finished runs were not run again
+        if json.loads(data)["status"] == "done":
+            assert records[rid] == data
+    df = pl.read_parquet(out / "results.parquet")
+    assert df.height == 9 and df["run_id"].n_unique() == 9
+    failed = df.filter(pl.col("status") == "failed")
+    assert failed.height == 3 and all("20240105" in e for e in failed["error"])
+    assert set(failed["dates"]) == {"20240105"}
+    ok = df.filter(pl.col("status") == "done")
+    assert all((out / "runs" / rid / "series.parquet").exists() for rid in ok["run_id"])
+
+
+def test_one_and_two_workers_identical(tmp_path: Path, catalog: Path) -> None:
+    f = write_batch(tmp_path / "b.yaml")
+    s1 = run_batch(f, tmp_path / "w1", catalog=catalog, workers=1)
+    s2 = run_batch(f, tmp_path / "w2", catalog=catalog, workers=2)
+    assert s1.done == s2.done == 4 and s1.failed == s2.failed == 0
+    assert comparable(tmp_path / "w1") == comparable(tmp_path / "w2")
+    # each worker compiled the driver once, however many runs it got
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "w2").glob("runs/*/record.json")]
+    per_worker: dict[str, int] = {}
+    for rec in recs:
+        per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0) + rec["driver_compiled"]
+    assert set(per_worker.values()) == {1}
+
+
+def test_ray_local_cluster_matches_local_pool(tmp_path: Path, catalog: Path) -> None:
+    ray = pytest.importorskip("ray")
+    f = write_batch(tmp_path / "b.yaml")
+    run_batch(f, tmp_path / "local", catalog=catalog, workers=1)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        s = run_batch(f, tmp_path / "ray", catalog=catalog, workers=2, executor="ray")
+    finally:
+        ray.shutdown()
+    assert s.done == 4
+    assert comparable(tmp_path / "ray") == comparable(tmp_path / "local")
+    assert all((tmp_path / "ray" / "runs" / r.run_id / "series.parquet").exists()
+               for r in load_batch(f, catalog).runs)
