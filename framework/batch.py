@@ -26,6 +26,11 @@ Store layout under ``--out``::
     runs/<run_id>/summary.json     the engine's summary with stats
     results.parquet                one row per recorded run, rebuilt from the records
     batch.json                     the expanded runs of the last invocation
+
+Ray on several machines: start the cluster (``ray start --head`` on one, ``ray start --address HEAD:6379`` on
+the others, each with quotelab installed in the same Python), make the catalog readable at the same path on
+every node, and pass ``--executor ray --address HEAD:6379`` (or ``auto`` on a cluster node). Artifacts come
+back to the batch process as bytes, so ``--out`` need only exist where the batch runs.
 """
 
 from __future__ import annotations
