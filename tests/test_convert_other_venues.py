@@ -297,7 +297,7 @@ TARDIS_ARGS = ["--format", "tardis", "--symbol", "BTCUSDT", "--tick-size", "0.1"
 
 def test_tardis_book_and_trades_across_midnight(tmp_path):
     out = convert_ok(*TARDIS_ARGS, "--catalog", tmp_path, TARDIS_BOOK, TARDIS_TRADES).stdout
-    venue = "tardis"  # the venue convert.py writes to for this format (see tardis.venue_for for the mapping)
+    venue = "binance-usdm"  # Tardis's exchange id binance-futures names the venue the days are filed under
     assert replay_states(tmp_path, venue, "BTCUSDT") == _tardis_raw_states(TARDIS_BOOK)
     meta = catalog.read_meta(tmp_path, venue, "BTCUSDT")
     assert list(meta["days"]) == ["20200831", "20200901"]
@@ -341,7 +341,7 @@ def test_tardis_delta_before_snapshot_and_backwards_time_are_named(tmp_path):
     assert f"delta_before_snapshot │ 1 │ {f}:2" in out
     assert f"local_ts_backwards │ 1 │ {f}:6" in out
     assert "tardis-deribit" in out
-    assert replay_states(tmp_path / "cat", "tardis", "BTCUSDT")[-1] == {(1, 100.0): 2.0, (-1, 100.6): 4.0}
+    assert replay_states(tmp_path / "cat", "tardis-deribit", "BTCUSDT")[-1] == {(1, 100.0): 2.0, (-1, 100.6): 4.0}
 
 
 def test_tardis_without_tick_size_says_what_to_pass(tmp_path):

@@ -30,6 +30,7 @@ from hftbacktest.types import event_dtype
 from quotelab.errors import DataError
 
 VENUES: tuple[str, ...] = ("binance-spot", "binance-usdm", "binance-cm", "bybit", "okx", "synthetic")
+# ... and `tardis-<exchange>` for Tardis data of exchanges quotelab has no venue name for.
 
 
 def symbol_dir(catalog: Path | str, venue: str, symbol: str) -> Path:

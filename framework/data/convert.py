@@ -1,6 +1,7 @@
 """``quotelab convert``: pick the converter for a format, stage its days, commit them, summarise.
 
-Adding a format is one line in :data:`FORMATS`: a name, the catalog venue it writes, and the
+Adding a format is one line in :data:`FORMATS`: a name, the catalog venue it writes (a converter
+whose data names its venue, like Tardis's, returns ``venue`` and that wins), and the
 converter as ``"module:function"`` (imported only when used). A converter is called as
 ``fn(files, job)`` with a :class:`~quotelab.data.events.ConvertJob`; it hands every finished day to
 ``job.on_day`` and returns conversion-wide facts (files, message counts, findings).
@@ -84,21 +85,23 @@ def convert_files(
     t0 = time.perf_counter()
     try:
         info = _load(fmt)(list(map(Path, files)), job)
+        # A multi-venue format (Tardis) learns the venue from the data and returns it.
+        venue = info.pop("venue", fmt.venue)
         final: dict[str, Path] = {}
         for day, src in staged.items():
-            dst = catalog.day_path(root, fmt.venue, symbol, day)
+            dst = catalog.day_path(root, venue, symbol, day)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             final[day] = dst
         for day, path in final.items():
             days[day]["file"] = str(path)
-        catalog.update_meta(root, fmt.venue, symbol, instrument, days)
+        catalog.update_meta(root, venue, symbol, instrument, days)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     lines = int(info.get("messages", {}).get("lines", 0))
     return {
-        "format": fmt_name, "venue": fmt.venue, "symbol": symbol, "catalog": str(root),
+        "format": fmt_name, "venue": venue, "symbol": symbol, "catalog": str(root),
         "instrument": instrument, "seconds": round(elapsed, 3),
         "lines_per_s": round(lines / elapsed) if elapsed > 0 else None,
         **info,

@@ -202,11 +202,7 @@ class TardisConverter:
         self.stats["dropped_trades"] = self.feed.dropped_trades
         exchange = self.exchange or "?"
         note_others(self.findings, self.other, "symbols")
-        if venue_for(exchange) != self.job.venue:
-            # convert.py files each format under one fixed venue; the exchange's own venue is said here.
-            self.findings.add("venue_of_exchange", f"Tardis exchange {exchange!r} is quotelab venue "
-                              f"{venue_for(exchange)!r}, but this conversion writes under {self.job.venue!r}")
-        return {"exchange": exchange, "venue_for_exchange": venue_for(exchange), "files": self.files,
+        return {"exchange": exchange, "venue": venue_for(exchange), "files": self.files,
                 "messages": self.stats, "other_symbols": dict(sorted(self.other.items())),
                 "findings": self.findings.as_list()}
 
