@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from quotelab.data.bybit import MessageFeed, iter_cryptofeed, note_others
 from quotelab.data.events import ConvertJob, Findings
+from quotelab.data.messages import MessageFeed, iter_cryptofeed, note_others
 from quotelab.errors import DataError
 
 VENUE = "okx"

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from quotelab.data.bybit import MessageFeed, note_others, open_text
 from quotelab.data.events import ConvertJob, Findings
+from quotelab.data.messages import MessageFeed, note_others, open_text
 from quotelab.errors import DataError
 
 BOOK_COLUMNS = ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount"]

@@ -1,0 +1,256 @@
+"""Pieces shared by the converters that parse per message in Python (Bybit, OKX, Tardis).
+
+The cryptofeed recording reader and :class:`MessageFeed`, a per-message sink over events.py's
+``DenseBook`` + ``DaySplitter`` (the Binance converter works in blocks inside its own class).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import orjson
+from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
+
+from quotelab.data.events import DAY_NS, ConvertJob, DaySplitter, DenseBook, Findings
+from quotelab.errors import DataError
+
+
+def note_others(findings: Findings, counts: dict[str, int], what: str) -> None:
+    """Name what was in the input but not converted, so a wrong --symbol is obvious."""
+    if counts:
+        listed = ", ".join(f"{k} ({v:,})" for k, v in sorted(counts.items()))
+        findings.add("other_" + what, f"messages of other {what} not converted: {listed}",
+                     count=sum(counts.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading cryptofeed recordings: `<unix seconds float>: <json>`, plus `<url> <-> ts` (connect) and
+# `<url> <- ts: {...}` (a sent subscription) lines.
+
+
+def open_text(path: Path) -> TextIO:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="") if gz else \
+        open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def seconds_to_ns(text: str) -> int:
+    """Exact decimal seconds → ns (a float would lose the µs digits of a 10-digit epoch)."""
+    sec, _, frac = text.strip().partition(".")
+    if not sec.isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(text)
+    return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+def _garbled(path: Path, line: int, text: str, why: str) -> DataError:
+    snippet = text[:120]
+    return DataError(
+        f"{path}:{line}: garbled line: {why}: {snippet!r}{'…' if len(text) > 120 else ''}. "
+        f"Fix: repair or delete that line (e.g. zcat FILE | sed '{line}d' | gzip > fixed.gz) and convert again.")
+
+
+def iter_cryptofeed(path: Path, findings: Findings, stats: dict[str, int]) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(line, local_ns, message)`` per received message; ``message`` is ``None`` for a connect line.
+
+    Sent subscriptions are skipped; blank lines are skipped, and named unless they trail the file.
+    """
+    path = Path(path)
+    blank_at: int | None = None
+    n_blank = 0
+    with open_text(path) as fh:
+        for line_no, raw in enumerate(fh, 1):
+            text = raw.rstrip("\r\n")
+            if not text.strip():
+                blank_at = blank_at or line_no
+                n_blank += 1
+                continue
+            if blank_at is not None:
+                findings.add("blank_lines", "blank lines skipped", str(path), blank_at, n_blank)
+                blank_at, n_blank = None, 0
+            stats["lines"] += 1
+            if text.startswith(("wss://", "ws://", "https://", "http://")):
+                if " <-> " in text:
+                    stats["connects"] += 1
+                    try:
+                        yield line_no, seconds_to_ns(text.rsplit(" ", 1)[1]), None
+                    except ValueError:
+                        raise _garbled(path, line_no, text, "connect line without a timestamp") from None
+                else:
+                    stats["sent_lines"] += 1
+                continue
+            ts, sep, body = text.partition(": ")
+            try:
+                local = seconds_to_ns(ts)
+            except ValueError:
+                local = -1
+            if not sep or local < 0:
+                raise _garbled(path, line_no, text, "does not start with '<unix seconds>: '")
+            try:
+                msg = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise _garbled(path, line_no, text, f"not valid JSON ({exc})") from None
+            yield line_no, local, msg
+    if stats["lines"] == 0:
+        raise DataError(f"{path}: the file holds no messages")
+
+
+# ---------------------------------------------------------------------------------------------
+# A per-message sink: depth and trade messages in arrival order → DaySplitter rows.
+
+
+class MessageFeed:
+    """Turns parsed depth/trade messages into catalog rows, one message at a time.
+
+    Owns the checks every venue shares: prices on the tick, quantities on the lot, local time not
+    running backwards, depth exchange time not running backwards, deltas before any snapshot.
+    """
+
+    def __init__(self, job: ConvertJob, findings: Findings) -> None:
+        self.job = job
+        self.tick = float(job.instrument["tick_size"])
+        self.lot = float(job.instrument["lot_size"])
+        self.origin = job.instrument.get("origin", "spec")
+        self.book = DenseBook(self.tick)
+        self.split = DaySplitter(self.book, None, job.on_day)
+        self.findings = findings
+        self.synced = False  # the book holds a snapshot and every delta since
+        self.book_start_exch: int | None = None
+        self.prev_local = -(1 << 62)
+        self.prev_depth_exch = -(1 << 62)
+        self.prev_id = -(1 << 62)
+        self.dropped_depth = 0
+        self.dropped_trades = 0
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def check_local(self, local: int, file: str, line: int) -> None:
+        if local < self.prev_local:
+            self.findings.add("local_ts_backwards",
+                              f"local timestamps go backwards (first by {(self.prev_local - local) / 1e6:.3f} ms); "
+                              f"events are re-sorted by local time for hftbacktest", file, line)
+        self.prev_local = max(self.prev_local, local)
+
+    def ticks(self, px: np.ndarray, qty: np.ndarray, file: str, line: int) -> np.ndarray:
+        tf = px / self.tick
+        ticks = np.rint(tf)
+        bad = np.flatnonzero(np.abs(tf - ticks) > 1e-6)
+        if bad.shape[0]:
+            raise DataError(f"{file}:{line}: price {float(px[bad[0]])!r} is not a multiple of the tick size "
+                            f"{self.tick} ({self.origin}). Fix: pass the right --tick-size.")
+        lf = qty / self.lot
+        badq = np.flatnonzero(np.abs(lf - np.rint(lf)) > 1e-6 * np.maximum(1.0, np.abs(lf)))
+        if badq.shape[0]:
+            raise DataError(f"{file}:{line}: quantity {float(qty[badq[0]])!r} is not a multiple of the lot "
+                            f"size {self.lot} ({self.origin}). Fix: pass the right --lot-size.")
+        return ticks.astype(np.int64)
+
+    def _day(self, exch: int, file: str, line: int, depth: bool) -> int:
+        d = exch // DAY_NS
+        try:
+            if depth:
+                self.split.depth_day(d)
+            else:
+                self.split._open(d)  # noqa: SLF001 - raises the same "day already closed" error add_rows would
+        except DataError as exc:
+            raise DataError(f"{file}:{line}: {exc}. Fix: pass the files in time order.") from None
+        return d
+
+    # -- depth -----------------------------------------------------------------------------------
+
+    def snapshot(self, side: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: int, local: int, ival: int,
+                 file: str, line: int) -> None:
+        """Replace the book. The first snapshot of a day is that day's start state; a later one is
+        written as CLEAR + SNAPSHOT rows clearing at least as deep as the book it replaces."""
+        tick = self.ticks(px, qty, file, line)
+        d = exch // DAY_NS
+        fresh = d not in self.split.days
+        old_bt, _, old_at, _ = self.book.levels()
+        keep = qty > 0
+        self.book.load(side[keep], tick[keep], qty[keep], f"{file}:{line}")
+        self.book.last_id = ival
+        if self.book_start_exch is None:
+            self.book_start_exch = exch
+        self.synced = True
+        self.prev_depth_exch = max(self.prev_depth_exch, exch)
+        if fresh:
+            self._day(exch, file, line, depth=True)
+            return
+        self._day(exch, file, line, depth=True)
+        rows = self.book.snapshot_rows(exch, local)
+        clear = (rows["ev"] & 0xFF) == DEPTH_CLEAR_EVENT
+        bid_clear, ask_clear = np.flatnonzero(clear)
+        # hftbacktest clears a side from its best level down to `px`: reach the old book's far end too.
+        if old_bt.shape[0]:
+            rows["px"][bid_clear] = min(rows["px"][bid_clear], old_bt[-1] * self.tick)
+        if old_at.shape[0]:
+            rows["px"][ask_clear] = max(rows["px"][ask_clear], old_at[-1] * self.tick)
+        self.split.add_rows(d, rows, np.array([exch]), np.array([local]))
+
+    def depth(self, side: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: int, local: int, ival: int,
+              file: str, line: int) -> None:
+        """Apply one delta message (absolute quantities per level, 0 removes) and write its rows."""
+        if not self.synced:
+            self.dropped_depth += 1
+            self.findings.add("delta_before_snapshot", "depth deltas before the first snapshot (or after a "
+                              "reconnect / lost sync, before the next snapshot) dropped", file, line)
+            return
+        if exch < self.prev_depth_exch:
+            self.findings.add("exch_ts_backwards", f"depth exchange time goes backwards (first by "
+                              f"{(self.prev_depth_exch - exch) / 1e6:.3f} ms)", file, line)
+        self.prev_depth_exch = max(self.prev_depth_exch, exch)
+        if not px.shape[0]:
+            return
+        tick = self.ticks(px, qty, file, line)
+        d = self._day(exch, file, line, depth=True)
+        self.book.ensure(int(tick.min()), int(tick.max()), f"{file}:{line}")
+        self.book.apply(side, tick, qty, np.array([tick.shape[0]], np.int64))
+        rows = np.zeros(tick.shape[0], event_dtype)
+        rows["ev"] = np.where(side > 0, DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT)
+        rows["exch_ts"] = exch
+        rows["local_ts"] = local
+        rows["px"] = tick * self.tick
+        rows["qty"] = qty
+        rows["ival"] = ival
+        self.book.last_id = ival
+        self.split.add_rows(d, rows, np.array([exch]), np.array([local]))
+
+    def lose_sync(self) -> None:
+        """The book can no longer be trusted: drop deltas until the next snapshot."""
+        self.synced = False
+
+    # -- trades ----------------------------------------------------------------------------------
+
+    def trades(self, buy: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: np.ndarray, local: int,
+               ival: np.ndarray, file: str, line: int) -> None:
+        """Trades of one message; ``buy`` is True where the initiator (taker) bought."""
+        if self.book_start_exch is None:
+            self.dropped_trades += int(px.shape[0])
+            self.findings.add("trades_before_book", "trades before the book was established (no snapshot "
+                              "yet) dropped", file, line, int(px.shape[0]))
+            return
+        self.ticks(px, qty, file, line)
+        rows = np.zeros(px.shape[0], event_dtype)
+        rows["ev"] = np.where(buy, TRADE_EVENT | BUY_EVENT, TRADE_EVENT | SELL_EVENT)
+        rows["exch_ts"] = exch
+        rows["local_ts"] = local
+        rows["px"] = px
+        rows["qty"] = qty
+        rows["ival"] = ival
+        days = exch // DAY_NS
+        for d in np.unique(days).tolist():
+            sel = days == d
+            self._day(int(d) * DAY_NS, file, line, depth=False)
+            self.split.add_rows(int(d), rows[sel], exch[sel], np.full(int(sel.sum()), local, np.int64))
+
+    def finish(self, no_snapshot_hint: str) -> None:
+        if self.book_start_exch is None:
+            raise DataError(f"missing snapshot: {no_snapshot_hint}")
+        self.split.close_ready(final=True)
