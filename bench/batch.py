@@ -44,8 +44,12 @@ def main() -> None:
             t0 = time.perf_counter()
             s = run_batch(BATCH, out, catalog=root / "cat", **kw)
             times[name] = time.perf_counter() - t0
+            recs = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
+            compile_s = sorted(round(r["compile_seconds"] or 0, 1) for r in recs if r["driver_compiled"])
+            run_s = sum(r["wall_seconds"] or 0 for r in recs if not r["driver_compiled"])
             print(f"{name:9s} {times[name]:7.2f} s  done {s.done} failed {s.failed}  "
-                  f"driver compilations per worker: {sorted(per_worker(out).values())}")
+                  f"driver compilations per worker: {sorted(per_worker(out).values())}  "
+                  f"compile s per worker: {compile_s}  wall of warm runs: {run_s:.2f} s")
         print(f"speedup 2 vs 1 local workers: {times['local x1'] / times['local x2']:.2f}x (target >= 1.8x)")
         if "ray x2" in times:
             print(f"ray overhead vs local pool (2 workers, incl. starting the local cluster): "
