@@ -309,6 +309,66 @@ def train_cmd(
         typer.echo(f"results written to {result.out_dir}")
 
 
+@app.command("check-plugin")
+def check_plugin_cmd(
+    name: Annotated[str, typer.Argument(help="Signal registered both as a kernel and as a Python function.")],
+    catalog: CatalogOpt,
+    venue: Annotated[str, typer.Option("--venue", help="Venue in the catalog.")] = "binance-usdm",
+    symbol: Annotated[str, typer.Option("--symbol", help="Symbol in the catalog.")] = "BTCUSDT",
+    date: Annotated[
+        list[str] | None, typer.Option("--date", help="Day YYYYMMDD (repeatable; default: every day of the symbol).")
+    ] = None,
+    params: Annotated[
+        str, typer.Option("--params", help='Params of both versions as JSON, e.g. \'{"alpha": 0.2}\'.')
+    ] = "{}",
+    step: Annotated[str, typer.Option("--step", help="Grid step, e.g. 100ms or 1s.")] = "100ms",
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance.")] = 1e-9,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 1e-12,
+    plugin: Annotated[
+        list[Path] | None, typer.Option("--plugin", help="Also load this local plugin file (repeatable).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Replay real data through a signal's Python function and its kernel side by side; report the first
+    step where they differ (exit code 1), or that they agree at every step."""
+    import json
+
+    from quotelab.errors import ConfigError
+    from quotelab.pysignal import catalog_asset, check_signal
+    from quotelab.registry import load_registry
+    from quotelab.units import parse_quantity
+
+    try:
+        raw = json.loads(params)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--params {params!r}: not JSON ({exc.msg}); e.g. --params '{{\"alpha\": 0.2}}'") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--params {params!r}: expected a JSON object of param names and values")
+    try:
+        step_s = float(parse_quantity(step, "seconds"))
+    except ValueError as exc:
+        raise ConfigError(f"--step {step!r}: {exc}") from None
+    registry = load_registry(local_files=plugin or [])
+    asset = catalog_asset(catalog, venue, symbol, date)
+    res = check_signal(registry, name, [asset], raw, step=step_s, rtol=rtol, atol=atol)
+    d = res.first_difference
+    if json_:
+        _print_json({"name": name, "steps": res.steps, "n_different": res.n_different,
+                     "max_abs_diff": res.max_abs_diff,
+                     "first_difference": None if d is None else {
+                         "step": d.step, "timestamp_ns": d.timestamp_ns, "time_utc": d.time_utc,
+                         "kernel": d.kernel, "python": d.python}})
+    elif d is None:
+        typer.echo(f"{name}: kernel and python agree at all {res.steps} steps of {venue}/{symbol} "
+                   f"(max |diff| {res.max_abs_diff:.3g}, rtol {rtol:g}, atol {atol:g})")
+    else:
+        typer.echo(f"{name}: first difference at step {d.step} of {res.steps}, timestamp {d.timestamp_ns} "
+                   f"({d.time_utc}): kernel {d.kernel!r}, python {d.python!r}; "
+                   f"{res.n_different} steps differ beyond rtol {rtol:g}, atol {atol:g}")
+    if d is not None:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

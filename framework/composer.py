@@ -26,6 +26,7 @@ from quotelab import __version__
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
 from quotelab.errors import ConfigError
+from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
 
 STRATEGY_SIG = types.float64(
     types.float64[:, ::1], types.float64[:, :, ::1], types.float64[::1], types.float64[::1], types.float64[::1]
@@ -107,14 +108,21 @@ def generate_source(
         "    fc = 0.0",
         "    rk = 0.0",
     ]
+    python_parts = False
     for i in range(len(parts)):
         call = (
             f"{alias[i]}(view, trades, state[{s_off}:{s_off + state_sizes[i]}], "
             f"params[{p_off}:{p_off + pack_sizes[i]}], out)"
         )
+        if getattr(parts[i].component, "func", None) is not None:
+            # A Python signal (quotelab.pysignal): called back from the one fused kernel, not a second loop.
+            python_parts = True
+            body += objmode_call(alias[i], parts[i].where, f"state[{s_off}:{s_off + state_sizes[i]}]",
+                                 f"params[{p_off}:{p_off + pack_sizes[i]}]")
+        else:
+            body.append(f"    v = {call}")
         p_off += pack_sizes[i]
         s_off += state_sizes[i]
-        body.append(f"    v = {call}")
         body.append(f"    if not np.isfinite(v):\n        out[0] = {i + 1}.0\n        return v")
         body.append(f"    out[{L.COMPONENTS + i}] = v")
         if i < n_fv:
@@ -137,6 +145,7 @@ def generate_source(
             "import numpy as np",
             "from numba import njit",
             "from quotelab.composer import STRATEGY_SIG",
+            *(OBJMODE_IMPORTS if python_parts else []),
             *imports,
             "",
             "",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from quotelab.component import Component
+    from quotelab.pysignal import PythonSignal
 
 
 # -------------------------------------------------------------------------------------------------
@@ -61,4 +62,25 @@ def quotelab_run_end(run: dict[str, Any], result: dict[str, Any]) -> None:
     :param run: The same description passed to :func:`quotelab_run_start`.
     :param result: The run's summary (the object ``quotelab run --json`` prints).
     :return: Nothing. An exception here is reported, naming the plugin; the result is kept.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Python-function signals
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def quotelab_register_python_signals(register: Callable[[PythonSignal], None]) -> None:
+    """Register signals written as plain Python functions, to try an idea before its kernel exists.
+
+    Called once, after every plugin's :func:`quotelab_register_components`. Each function
+    ``f(view, trades, state, params) -> float`` becomes the signal kind ``py:<name>``: the engine
+    calls it at every step from inside the fused strategy kernel (through ``numba.objmode``, so
+    slowly: a few microseconds per step), with the same arrays a kernel gets. A kernel component
+    may share the name; ``quotelab check-plugin <name>`` then compares the two on real data.
+
+    :param register: Call it with each :class:`quotelab.pysignal.PythonSignal` the plugin provides.
+        A name already registered as a Python signal is an error that names both plugins.
+    :return: Nothing; the return value is ignored.
     """

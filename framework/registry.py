@@ -40,6 +40,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "quotelab.plugins.avellaneda_stoikov",
     "quotelab.plugins.glft",
     "quotelab.plugins.precomputed_forecast",
+    "quotelab.plugins.microprice",
+    "quotelab.plugins.funding_rate",
 )
 
 ENTRY_POINT_GROUP = "quotelab"
@@ -162,4 +164,7 @@ def load_registry(local_files: Iterable[str | Path] = (), entry_points: bool = T
             raise
         except Exception as exc:
             raise PluginError(f'Error in plugin "{plugin_name}": {type(exc).__name__}: {exc}') from exc
+    from quotelab.pysignal import register_python_signals
+
+    register_python_signals(pm, registry, sources)
     return registry
