@@ -1,0 +1,146 @@
+"""``funding_rate``: a perpetual's funding rate from a file, read point-in-time, optionally scaled by
+where the step is in the funding interval.
+
+File format (parquet, CSV or npz), one row per update, any order:
+
+* ``ts``: when the row became known, ns since the epoch (e.g. Binance markPrice's event time ``E``
+  in ms × 10⁶). A row is used from ``ts + latency`` on, never before: no look-ahead.
+* ``rate``: the funding rate per interval as a fraction (Binance's ``r``: 0.0001 = 0.01 % = 1 bp),
+  or in bps with ``rate_unit: bps``.
+* ``next_funding_ts`` (optional): the next settlement time, ns since the epoch (Binance's ``T``).
+  Without it, settlements are every ``interval`` from the epoch (00:00, 08:00, 16:00 UTC for 8 h).
+  A settlement time already past rolls forward by whole intervals.
+
+The output is in bps of the rate, so ``alpha: -1bps`` turns it into −rate · fair value: what a long
+position pays at the settlement. ``mode`` picks how time enters, with τ the time left to the next
+settlement: ``rate``; ``rate_x_time_to_funding`` = rate · τ / interval (fades to 0 at the settlement);
+``rate_x_time_since_funding`` = rate · (1 − τ / interval) (grows to the full rate at the settlement).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from numba import njit
+from pydantic import Field
+
+from quotelab import hookimpl
+from quotelab.component import Component, PackContext, Params
+from quotelab.errors import ConfigError
+from quotelab.layout import TIME
+from quotelab.units import Seconds, quantity
+
+MODES = {"rate": 0, "rate_x_time_to_funding": 1, "rate_x_time_since_funding": 2}
+Mode = Literal["rate", "rate_x_time_to_funding", "rate_x_time_since_funding"]
+# params: mode, interval (s), phase (s since the last scheduled settlement at the grid origin),
+# has next column, n, usable time[n], rate in bps[n], next settlement[n] (s from the origin; if has next)
+P_HEADER = 5
+
+
+class FundingRateParams(Params):
+    file: str = Field(description="Parquet, CSV or npz with ts (ns), rate and optionally next_funding_ts (ns); a "
+                                  "relative path starts from the strategy file's folder.")
+    mode: Mode = Field("rate", description="rate; rate_x_time_to_funding: rate * tau/interval; "
+                                           "rate_x_time_since_funding: rate * (1 - tau/interval); tau = time left "
+                                           "to the next settlement.")
+    interval: Seconds = quantity("seconds", 8 * 3600.0, "Time between settlements (Binance: 8h for most perps).",
+                                 gt=0)
+    latency: Seconds = quantity("seconds", 0.0, "Added to each ts: the delay before a row reaches the strategy.",
+                                ge=0)
+    rate_unit: Literal["fraction", "bps"] = Field("fraction", description="Unit of the rate column.")
+    time_column: str = "ts"
+    rate_column: str = "rate"
+    next_funding_column: str = Field(
+        "next_funding_ts", description="Next settlement time (ns); if the file has no such column (and this is "
+                                       "left at its default), settlements follow the interval from the epoch.")
+
+
+def load_funding(p: FundingRateParams, base_dir: str = ".") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(usable time ns, rate in bps, next settlement ns or None), ordered by time; errors name the file and fix."""
+    path = Path(p.file) if Path(p.file).is_absolute() else Path(base_dir) / p.file
+    if not path.exists():
+        raise ConfigError(f"funding_rate: {path}: file not found; write a parquet/CSV with columns "
+                          f"{p.time_column} (ns) and {p.rate_column} (and optionally {p.next_funding_column})")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                cols = {k: z[k] for k in z.files}
+        else:
+            import polars as pl
+
+            df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+            cols = {c: df[c].to_numpy() for c in df.columns}
+    except Exception as exc:
+        raise ConfigError(f"funding_rate: {path}: unreadable ({type(exc).__name__}: {exc}); "
+                          "use parquet, CSV or npz") from exc
+    for c in (p.time_column, p.rate_column):
+        if c not in cols:
+            raise ConfigError(f"funding_rate: {path} has no column {c!r}; it has: {', '.join(cols)}; "
+                              f"rename it or set {'time_column' if c == p.time_column else 'rate_column'}")
+    nxt = None
+    if p.next_funding_column in cols:
+        nxt = np.asarray(cols[p.next_funding_column], dtype=np.int64)
+    elif "next_funding_column" in p.model_fields_set:
+        raise ConfigError(f"funding_rate: {path} has no column {p.next_funding_column!r}; it has: {', '.join(cols)}")
+    t = np.asarray(cols[p.time_column], dtype=np.int64) + int(round(p.latency * 1e9))
+    rate = np.asarray(cols[p.rate_column], dtype=np.float64) * (1e4 if p.rate_unit == "fraction" else 1.0)
+    if not np.isfinite(rate).all():
+        bad = int(np.flatnonzero(~np.isfinite(rate))[0])
+        raise ConfigError(f"funding_rate: {path}: row {bad} has a non-finite {p.rate_column}; fix or drop it")
+    order = np.argsort(t, kind="stable")
+    return t[order], rate[order], None if nxt is None else nxt[order]
+
+
+def _pack(p: FundingRateParams, ctx: PackContext) -> list[float]:
+    t, rate, nxt = load_funding(p, ctx.base_dir)
+    interval_ns = int(round(p.interval * 1e9))
+    # Integer ns until the last moment, so times far from the epoch keep their precision.
+    phase = (ctx.origin_ns % interval_ns) * 1e-9
+    out = [float(MODES[p.mode]), float(p.interval), phase, 0.0 if nxt is None else 1.0, float(len(t)),
+           *((t - ctx.origin_ns) * 1e-9).tolist(), *rate.tolist()]
+    if nxt is not None:
+        out += ((nxt - ctx.origin_ns) * 1e-9).tolist()
+    return out
+
+
+@njit(inline="always")
+def funding_rate_nb(view, trades, state, params, out):
+    mode = int(params[0])
+    interval = params[1]
+    n = int(params[4])
+    now = view[0, TIME]
+    i = int(state[0])
+    while i < n and params[P_HEADER + i] <= now:
+        i += 1
+    state[0] = i
+    if i == 0:
+        return 0.0
+    rate = params[P_HEADER + n + i - 1]
+    if mode == 0:
+        return rate
+    if params[3] > 0.0:
+        tau = params[P_HEADER + 2 * n + i - 1] - now
+        if tau <= 0.0:
+            tau += (np.floor(-tau / interval) + 1.0) * interval
+    else:
+        since = (now + params[2]) % interval
+        tau = interval - since
+    frac = min(tau / interval, 1.0)
+    if mode == 1:
+        return rate * frac
+    return rate * (1.0 - frac)
+
+
+@hookimpl
+def quotelab_register_components(register):
+    register(Component(
+        role="signal", name="funding_rate", params=FundingRateParams, kernel=funding_rate_nb, pack=_pack,
+        state=lambda p: np.zeros(1),
+        doc="A perpetual's funding rate (in bps) from a file of timestamps and rates, read point-in-time, "
+            "optionally scaled by the time left to (or since) the funding settlement.",
+        formula="r = rate[i] in bps, i the last row with ts[i] + latency <= now (0 before); rate: r; "
+                "rate_x_time_to_funding: r * tau/interval; rate_x_time_since_funding: r * (1 - tau/interval); "
+                "tau = next settlement - now",
+    ))
