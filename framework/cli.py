@@ -309,6 +309,78 @@ def train_cmd(
         typer.echo(f"results written to {result.out_dir}")
 
 
+microprice_app = typer.Typer(help="Stoikov's micro-price: fit g*(imbalance, spread) tables for the microprice "
+                                   "fair value.", no_args_is_help=True)
+app.add_typer(microprice_app, name="microprice")
+
+
+@microprice_app.command("fit")
+def microprice_fit(
+    catalog: CatalogOpt,
+    venue: Annotated[str, typer.Option("--venue", help="Catalog venue, e.g. binance-usdm.")],
+    symbol: Annotated[str, typer.Option("--symbol", help="Catalog symbol, e.g. BTCUSDT.")],
+    dates: Annotated[str, typer.Option("--dates", help="Training days, YYYYMMDD, comma-separated.")],
+    out: Annotated[Path, typer.Option("--out", help="Table file to write (.json or .npz).")],
+    buckets: Annotated[int, typer.Option("--buckets", help="Imbalance buckets over [-1, 1].")] = 10,
+    spreads: Annotated[int, typer.Option("--spreads", help="Spread buckets: 1, 2, ..., >=N ticks.")] = 2,
+    step: Annotated[str, typer.Option("--step", help="Grid step, as the strategy's engine.step.")] = "100ms",
+    edges: Annotated[str, typer.Option("--edges", help="uniform (equal width) or quantile (equal counts).")] = (
+        "uniform"),
+    horizon: Annotated[int, typer.Option("--horizon", help="Grid steps between the two ends of a transition.")] = 1,
+    max_move: Annotated[
+        float | None, typer.Option("--max-move", help="Drop transitions whose mid moved more (ticks); default: none.")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the table as one JSON object.")] = False,
+) -> None:
+    """Fit g*(imbalance bucket, spread bucket) on catalog days replayed on the engine's grid; write the table."""
+    from quotelab.errors import ConfigError
+    from quotelab.microprice import fit_catalog
+    from quotelab.units import parse_quantity
+
+    try:
+        step_s = float(parse_quantity(step, "seconds"))
+    except ValueError as exc:
+        raise ConfigError(f"--step: {exc}") from exc
+    table = fit_catalog(catalog, venue, symbol, [d.strip() for d in dates.split(",") if d.strip()], step=step_s,
+                        n_buckets=buckets, n_spreads=spreads, edges=edges, horizon=horizon, max_move_ticks=max_move)
+    table.save(out)
+    if json_:
+        _print_json(table.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    e = table.imbalance_edges
+    t = Table(title=f"g* in ticks of {table.tick_size:g}: {venue}/{symbol} {dates}, "
+              f"{table.training['transitions']} transitions, {table.iterations} iterations")
+    t.add_column("imbalance")
+    for j in range(table.n_spreads):
+        t.add_column(f"spread {j + 1}{'+' if j == table.n_spreads - 1 else ''} (n)", justify="right")
+    for b in range(table.n_buckets):
+        t.add_row(f"[{e[b]:+.2f}, {e[b + 1]:+.2f})", *(f"{table.g_ticks[b, j]:+.3f} ({int(table.counts[b, j])})"
+                                                     for j in range(table.n_spreads)))
+    Console().print(t)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("new-plugin")
+def new_plugin_cmd(
+    name: Annotated[str, typer.Argument(help="Signal name, snake_case (e.g. trade_burst); also names the package.")],
+    dir_: Annotated[
+        Path | None, typer.Option("--dir", help="Folder to create (default: ./quotelab-NAME, hyphenated).")
+    ] = None,
+) -> None:
+    """Scaffold an installable signal plugin: entry point, params, kernel, Python twin, reference test, strategy."""
+    from quotelab.scaffold import scaffold
+
+    created = scaffold(name, dir_)
+    typer.echo(f"created {created.root}")
+    for path in created.files:
+        typer.echo(f"  {path.relative_to(created.root)}")
+    typer.echo(f"next: pip install -e {created.root} && python -m pytest {created.root / 'tests'}; "
+               f"see docs/writing-plugins.md")
+
+
 @app.command("check-plugin")
 def check_plugin_cmd(
     name: Annotated[str, typer.Argument(help="Signal registered both as a kernel and as a Python function.")],
