@@ -1,0 +1,102 @@
+"""docs/plugins.md is `quotelab plugins --markdown` output, current, and has an entry for every built-in;
+docs/writing-plugins.md names commands and files that exist."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quotelab.registry import BLOCK_ENV, ENTRY_POINT_GROUP, load_registry
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "plugins.md"
+GUIDE = REPO / "docs" / "writing-plugins.md"
+# docs/plugins.md documents the built-ins and the example package that the test setup installs (README);
+# any other installed plugin (another package, a scaffold being tested) is kept out of the comparison.
+DOCUMENTED_ENTRY_POINTS = {"example"}
+
+
+def _regenerate(tmp_path: Path) -> str:
+    others = sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+                    - DOCUMENTED_ENTRY_POINTS)
+    out = tmp_path / "plugins.md"
+    proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "plugins", "--markdown", str(out)],
+                          capture_output=True, text=True, env={**os.environ, BLOCK_ENV: ",".join(others)})
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
+
+
+def entries(markdown: str) -> dict[str, str]:
+    """Component name → its section of the reference page."""
+    parts = re.split(r"^### `([^`]+)`\n", markdown, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def missing_builtins(markdown: str) -> list[str]:
+    """Built-ins without a section, or whose section lacks their formula or a row for a param."""
+    have = entries(markdown)
+    missing = []
+    for c in load_registry(entry_points=False).all():
+        section = have.get(c.name, "")
+        if not section or c.formula not in section or any(f"| `{p}` |" not in section for p in c.params.model_fields):
+            missing.append(c.name)
+    return missing
+
+
+def test_plugins_md_is_the_current_generated_reference(tmp_path):
+    fresh = _regenerate(tmp_path)
+    assert DOC.read_text() == fresh, (
+        "docs/plugins.md is stale; regenerate it with: quotelab plugins --markdown docs/plugins.md"
+    )
+
+
+def test_every_builtin_has_an_entry_in_plugins_md():
+    assert missing_builtins(DOC.read_text()) == []
+
+
+def test_a_missing_or_incomplete_entry_is_caught():
+    text = DOC.read_text()
+    assert "### `glft`" in text
+    without = re.sub(r"^### `glft`\n.*?(?=^### |\Z)", "", text, flags=re.M | re.S)
+    assert missing_builtins(without) == ["glft"]
+    no_param = text.replace("| `half_spread` |", "| `half_spreads` |")
+    assert "fixed_spread" in missing_builtins(no_param)
+
+
+def test_regeneration_notices_a_changed_component(tmp_path):
+    # The stale check compares whole files, so a changed doc string anywhere shows up.
+    fresh = _regenerate(tmp_path)
+    assert fresh.replace("Mid price of one asset.", "Mid price.") != DOC.read_text()
+
+
+COMMAND = re.compile(r"^\s*(?:\$ )?quotelab ([a-z-]+)", re.M)
+
+
+def test_writing_plugins_guide_names_real_commands_files_and_hooks():
+    text = GUIDE.read_text()
+    from typer.main import get_command
+
+    from quotelab.cli import app
+
+    commands = set(get_command(app).commands)
+    used = set(COMMAND.findall(text))
+    assert {"new-plugin", "check-plugin", "plugins", "run"} <= used
+    assert used <= commands, f"the guide uses commands that do not exist: {used - commands}"
+    for path in re.findall(r"`((?:examples|framework|docs|strategies)/[\w./-]+)`", text):
+        assert (REPO / path).exists(), f"the guide names {path}, which does not exist"
+    from quotelab import hookspecs
+
+    for hook in re.findall(r"`(quotelab_[a-z_]+)`", text):
+        assert hasattr(hookspecs, hook), f"the guide names hook {hook}, which hookspecs.py does not declare"
+
+
+@pytest.mark.parametrize("section", ["new-plugin", "check-plugin", "py:", "quotelab-plugin-example",
+                                     "entry-points.quotelab", "@njit(inline=\"always\")"])
+def test_writing_plugins_guide_covers(section):
+    assert section in GUIDE.read_text()
