@@ -280,6 +280,8 @@ def fit_book(
     ``max_move_ticks`` drops transitions whose mid moved by more (Stoikov's own code keeps |dM| <= 1
     tick); by default every transition counts, jumps included."""
     _check_shape(n_buckets, n_spreads, "microprice fit")
+    if horizon < 1:
+        raise ConfigError(f"microprice fit: horizon is a number of grid steps >= 1, got {horizon}")
     if edges == "uniform":
         e = uniform_edges(n_buckets)
     elif edges == "quantile":

@@ -38,8 +38,9 @@ def _asset(real_catalog: Path, symbol: str) -> ReplayAsset:
 # ------------------------------------------------------------------------------------------------
 
 
-def reference_transitions(views: np.ndarray, ts: np.ndarray, tick: float, edges: np.ndarray, m: int) -> pd.DataFrame:
-    """One row per pair of consecutive 100 ms grid steps: buckets now and next, mid change in ticks."""
+def reference_transitions(views: np.ndarray, ts: np.ndarray, tick: float, edges: np.ndarray, m: int,
+                          horizon: int = 1) -> pd.DataFrame:
+    """One row per pair of grid steps ``horizon`` x 100 ms apart: buckets now and then, mid change in ticks."""
     bid, ask = views[:, 0, L.BEST_BID], views[:, 0, L.BEST_ASK]
     qb, qa = views[:, 0, L.BID_QTY], views[:, 0, L.ASK_QTY]
     df = pd.DataFrame({"ts": ts, "mid": (bid + ask) / 2, "I": (qb - qa) / (qb + qa),
@@ -47,11 +48,11 @@ def reference_transitions(views: np.ndarray, ts: np.ndarray, tick: float, edges:
     # pd.cut with right=False: [e_b, e_{b+1}); the top edge 1.0 belongs to the last bucket
     df["i"] = pd.cut(df["I"], bins=[*edges[:-1], np.inf], right=False, labels=False).astype(int)
     df["s"] = df["S"].clip(1, m) - 1
-    nxt = df.shift(-1)
-    df["i2"], df["s2"] = nxt["i"], nxt["s"]
-    df["dM"] = np.round((nxt["mid"] - df["mid"]) / tick * 2) / 2
-    df = df[(nxt["ts"] - df["ts"]) == STEP_NS]
-    return df.astype({"i2": int, "s2": int})
+    later = df[["ts", "mid", "i", "s"]].rename(columns={"mid": "mid2", "i": "i2", "s": "s2"})
+    later["ts"] -= horizon * STEP_NS
+    df = df.merge(later, on="ts", how="inner")
+    df["dM"] = np.round((df["mid2"] - df["mid"]) / tick * 2) / 2
+    return df
 
 
 def reference_g(df: pd.DataFrame, n: int, m: int, tol: float = 1e-10) -> np.ndarray:
@@ -167,14 +168,14 @@ def test_kernel_equals_slow_lookup_at_every_step(real_catalog, fitted, symbol):
 
 
 @pytest.mark.parametrize("symbol", list(SYMBOLS))
-@pytest.mark.parametrize("max_move", [None, 1.0])
-def test_estimator_equals_reference_from_the_paper_on_real_data(real_catalog, symbol, max_move):
+@pytest.mark.parametrize(("max_move", "horizon"), [(None, 1), (1.0, 1), (None, 5)])
+def test_estimator_equals_reference_from_the_paper_on_real_data(real_catalog, symbol, max_move, horizon):
     table = fit_catalog(real_catalog, "binance-usdm", symbol, ["20240808"], n_buckets=10, n_spreads=2,
-                        max_move_ticks=max_move)
+                        max_move_ticks=max_move, horizon=horizon)
     # the reference sees the book through the replayed views a strategy sees, not through the estimator
     comp = load_registry(entry_points=False).get("fair_value", "mid")
     res = replay_component(comp, {}, [_asset(real_catalog, symbol)], keep_view=True)
-    df = reference_transitions(res.views, res.timestamps, SYMBOLS[symbol][0], table.imbalance_edges, 2)
+    df = reference_transitions(res.views, res.timestamps, SYMBOLS[symbol][0], table.imbalance_edges, 2, horizon)
     if max_move is not None:
         df = df[df["dM"].abs() <= max_move]
     assert len(df) == table.training["transitions"] > 2500
@@ -249,6 +250,10 @@ def test_bad_tables_name_the_file_and_the_fix(real_catalog, tmp_path):
     assert len(res.values) > 3000
     with pytest.raises(ConfigError, match=r"40 imbalance buckets x 2 spread buckets; the limits are 1\.\.32"):
         fit_catalog(real_catalog, "binance-usdm", "BTCUSDT", ["20240808"], n_buckets=40)
+    with pytest.raises(ConfigError, match=r"edges must be uniform or quantile, got 'log'"):
+        fit_catalog(real_catalog, "binance-usdm", "BTCUSDT", ["20240808"], edges="log")
+    with pytest.raises(ConfigError, match=r"horizon is a number of grid steps >= 1, got 0"):
+        fit_catalog(real_catalog, "binance-usdm", "BTCUSDT", ["20240808"], horizon=0)
 
 
 # ------------------------------------------------------------------------------------------------
