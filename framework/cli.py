@@ -341,6 +341,8 @@ def microprice_fit(
         step_s = float(parse_quantity(step, "seconds"))
     except ValueError as exc:
         raise ConfigError(f"--step: {exc}") from exc
+    if out.suffix not in (".json", ".npz"):
+        raise ConfigError(f"--out {out}: the table file's name must end in .json or .npz")
     table = fit_catalog(catalog, venue, symbol, [d.strip() for d in dates.split(",") if d.strip()], step=step_s,
                         n_buckets=buckets, n_spreads=spreads, edges=edges, horizon=horizon, max_move_ticks=max_move)
     table.save(out)

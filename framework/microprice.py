@@ -212,8 +212,9 @@ def estimate(
     stuck = _never_moving_states(Q, T, total, n)
     if stuck:
         raise DataError(
-            f"microprice: states {stuck} (imbalance bucket, spread bucket) never lead to a mid change in the sample, "
-            f"so g* is undefined there; use fewer buckets or spreads, or a longer training window"
+            f"microprice: states {stuck} (imbalance bucket, spread bucket) never lead to a mid change in the sample "
+            f"of {len(x)} transitions (symmetrised), so g* is undefined there; use fewer buckets or spreads, or a "
+            f"longer training window"
         )
     A = np.eye(ns) - Q
     G1 = np.linalg.solve(A, R @ K)

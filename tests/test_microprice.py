@@ -125,7 +125,7 @@ def test_symmetrised_estimate_is_odd_in_imbalance_and_zero_at_the_centre(n):
 
 def test_state_that_never_moves_is_named():
     # bucket 1 only ever goes to itself without a mid change: g* is undefined there
-    with pytest.raises(DataError, match=r"states \[\(1, 0\)\] .* never lead to a mid change"):
+    with pytest.raises(DataError, match=r"states \[\(1, 0\)\] .* never lead to a mid change in the sample of 3 tr"):
         estimate(np.array([1, 1, 0]), np.zeros(3, int), np.array([0, 0, 2]), np.array([1, 1, 0]), np.zeros(3, int),
                  n=3, m=1, symmetrise=False)
 
@@ -274,6 +274,8 @@ def test_cli_fit_writes_the_table_fit_catalog_computes(real_catalog, fitted, tmp
     assert got.training["dates"] == ["20240808"] and got.training["step_s"] == 0.1
     bad = subprocess.run([*cmd[:-2], "--step", "5ticks", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--step: unit mismatch" in bad.stderr
+    bad = subprocess.run([*cmd[:-1], str(tmp_path / "t.txt")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "t.txt: the table file's name must end in .json or .npz" in bad.stderr
 
 
 def test_shipped_strategy_trades_within_its_limits(real_catalog, tmp_path):
