@@ -10,6 +10,7 @@ top-of-book imbalance) is there to be replaced; it uses state and a param so eac
 
 from __future__ import annotations
 
+import importlib.util
 import keyword
 import re
 from dataclasses import dataclass
@@ -75,8 +76,6 @@ def scaffold(name: str, dest: Path | str | None = None, check_registry: bool = T
     """Write the plugin package for signal ``name`` into ``dest`` (default ``./quotelab-<name>``)."""
     validate_name(name, _registered() if check_registry else None)
     n = names(name)
-    import importlib.util
-
     if importlib.util.find_spec(n["module"]) is not None:
         raise ScaffoldError(
             f"new-plugin {name!r}: a module named {n['module']} is already importable; pick another name or "
