@@ -8,53 +8,66 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 from quotelab.scaffold import ScaffoldError, names, scaffold, validate_name
 
-# One name per process: a concurrent test run in the same venv must not uninstall our package.
 NAME = f"scaffold_probe_{os.getpid()}"
 
 
-def _run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+def _run(*args: str, cwd: Path | None = None, env: dict | None = None,
+         python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run([python, *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
 def installed(tmp_path):
+    """The scaffold pip-installed (editable) into an overlay of the running venv; yields (root, python).
+
+    Not into the running venv itself: another pytest session in the same venv would then find the
+    package's entry point without the module (an editable install's path hook is read at interpreter
+    start), and every load_registry() in it would fail. The overlay sees all of the running venv's
+    packages through a .pth file and adds only this one."""
     root = tmp_path / "pkg"
     proc = _run("-m", "quotelab.cli", "new-plugin", NAME, "--dir", str(root))
     assert proc.returncode == 0, proc.stderr
-    dist = names(NAME)["dist"]
-    pip = _run("-m", "pip", "install", "-q", "--no-deps", "-e", str(root))
+    env_dir = tmp_path / "venv"
+    venv = _run("-m", "venv", "--without-pip", str(env_dir))
+    assert venv.returncode == 0, venv.stderr
+    python = str(env_dir / "bin" / "python")
+    paths = _run("-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", python=python).stdout.strip()
+    parent = sysconfig.get_paths()["purelib"]
+    (Path(paths) / "_quotelab_parent_venv.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
+    pip = _run("-m", "pip", "--python", python, "install", "-q", "--no-deps", "-e", str(root))
     assert pip.returncode == 0, pip.stderr
-    try:
-        yield root
-    finally:
-        _run("-m", "pip", "uninstall", "-y", "-q", dist)
+    yield root, python
 
 
 def test_scaffolded_plugin_installs_tests_and_runs(installed, real_catalog, tmp_path):
-    root = installed
+    root, python = installed
     n = names(NAME)
-    listed = _run("-m", "quotelab.cli", "plugins", "--json")
+    outside = _run("-m", "quotelab.cli", "plugins", "--json")
+    assert NAME not in {r["name"] for r in json.loads(outside.stdout)}  # the running venv is left alone
+    listed = _run("-m", "quotelab.cli", "plugins", "--json", python=python)
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
     assert rows[NAME]["source"] == f"{n['dist']} 0.1.0" and f"py:{NAME}" in rows
 
     env = {"QUOTELAB_CATALOG": str(real_catalog)}
-    tests = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests"), cwd=root, env=env)
+    tests = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests"), cwd=root, env=env,
+                 python=python)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert re.search(r"\b3 passed\b", tests.stdout), tests.stdout
 
-    run = _run("-m", "quotelab.cli", "run", str(root / "strategy.yaml"), "--catalog", str(real_catalog), "--json")
+    run = _run("-m", "quotelab.cli", "run", str(root / "strategy.yaml"), "--catalog", str(real_catalog), "--json",
+               python=python)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["num_trades"] > 0 and summary["name"] == f"{NAME}_strategy"
 
-    check = _run("-m", "quotelab.cli", "check-plugin", NAME, "--catalog", str(real_catalog))
+    check = _run("-m", "quotelab.cli", "check-plugin", NAME, "--catalog", str(real_catalog), python=python)
     assert check.returncode == 0 and "agree at all" in check.stdout, check.stdout + check.stderr
 
     # The generated reference test must catch a kernel that drifts from the formula.
@@ -62,10 +75,11 @@ def test_scaffolded_plugin_installs_tests_and_runs(installed, real_catalog, tmp_
     module.write_text(module.read_text().replace(
         "state[0] = alpha * imbalance + (1.0 - alpha) * state[0]\n    return state[0]",
         "state[0] = alpha * imbalance + (1.0 - alpha) * state[0]\n    return state[0] * 1.000001", 1))
-    broken = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests"), cwd=root, env=env)
+    broken = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests"), cwd=root, env=env,
+                  python=python)
     assert broken.returncode == 1, broken.stdout
     assert re.search(r"\b3 failed\b", broken.stdout), broken.stdout
-    drift = _run("-m", "quotelab.cli", "check-plugin", NAME, "--catalog", str(real_catalog))
+    drift = _run("-m", "quotelab.cli", "check-plugin", NAME, "--catalog", str(real_catalog), python=python)
     assert drift.returncode == 1 and "first difference at step " in drift.stdout, drift.stdout + drift.stderr
 
 
