@@ -34,7 +34,6 @@ import re
 import shutil
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -716,27 +715,16 @@ class _DaySpool:
 
 
 def _write_npz(path: Path, spool: Path, rows: int) -> None:
-    """The catalog's npz layout (key ``data``), written atomically and byte-for-byte reproducibly.
-
-    ``_catalog.write_day`` stamps the zip entry with the wall-clock time, so two identical runs would
-    differ in a few bytes; here the entry carries a fixed date. The rows are copied from the spool
-    file in 16 MiB blocks behind the same header ``np.save`` writes, so a 40 M-row day never sits in
-    memory (a memmap would: its pages count toward the resident set as they are read).
-    """
-    header = {"descr": np.lib.format.dtype_to_descr(event_dtype), "fortran_order": False, "shape": (rows,)}
+    """The catalog's npz, with the rows copied from the spool file in 16 MiB blocks, so a 40 M-row
+    day never sits in memory (a memmap would: its pages count toward the resident set as read)."""
     if spool.stat().st_size != rows * event_dtype.itemsize:
         raise QuotelabError(f"{spool}: spool holds {spool.stat().st_size} bytes, expected {rows} events")
 
-    def write(fh: Any) -> None:
-        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            info = zipfile.ZipInfo("data.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info._compresslevel = 1  # level 6 is several times slower for ~5% smaller files of noisy floats
-            with zf.open(info, "w", force_zip64=True) as fid, open(spool, "rb") as src:
-                np.lib.format.write_array_header_1_0(fid, header)
-                shutil.copyfileobj(src, fid, 16 << 20)
+    def body(fid: Any) -> None:
+        with open(spool, "rb") as src:
+            shutil.copyfileobj(src, fid, 16 << 20)
 
-    _catalog._atomic_write_bytes(path, write)
+    _catalog.write_event_npz(path, rows, body)
 
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
