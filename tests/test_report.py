@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from quotelab.report import diagnostics
 
+ARTIFACTS = Path(__file__).resolve().parents[1] / "ci-artifacts"  # kept by CI: report.png
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +56,9 @@ def test_pnl_split_sums_for_inverse() -> None:
     assert d["pnl_inventory"] != 0.0 and d["pnl_spread"] != 0.0
 
 
-def test_report_from_a_real_batch(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def real_batch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("report")
     cat = tmp_path / "cat"
     subprocess.run([sys.executable, "-m", "quotelab.cli", "synth", "--catalog", str(cat), "--duration", "120s",
                     "--seed", "5"], check=True, cwd=REPO, capture_output=True)
@@ -63,6 +68,14 @@ def test_report_from_a_real_batch(tmp_path: Path) -> None:
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "batch finished: done 8, failed 0, skipped 0" in r.stdout  # plain lines: not a terminal
+    r = subprocess.run([sys.executable, "-m", "quotelab.cli", "report", str(out), "--stat", "equity"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_report_from_a_real_batch(real_batch: Path) -> None:
+    out = real_batch
     # the decomposition adds up to the recorded PnL of every real run
     for p in out.glob("runs/*/record.json"):
         rec = json.loads(p.read_text())
@@ -70,12 +83,46 @@ def test_report_from_a_real_batch(tmp_path: Path) -> None:
         assert d["pnl_spread"] + d["pnl_inventory"] + d["pnl_fees"] == pytest.approx(
             rec["summary"]["equity"], rel=1e-9, abs=1e-9)
         assert d["fills"] > 0 and d["markout_bps_60s"] is not None
-    r = subprocess.run([sys.executable, "-m", "quotelab.cli", "report", str(out), "--stat", "equity"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
     page = (out / "report" / "index.html").read_text()
     assert page.count("<tr class=\"done\">") >= 8 and "table class=\"sortable\"" in page
     for png in ("heatmap.png", "best_worst.png", "venues.png", "diagnostics.png", "inventory_fills.png"):
         assert f'src="{png}"' in page
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SYNSPOT" in page and "SYNPERP" in page
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+def _colourful_share(chromium: str, page: Path, shot: Path, profile: Path) -> float:
+    """Screenshot ``page``; the share of saturated pixels (plots, not text or table lines)."""
+    import matplotlib.image
+
+    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,2400",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=180, check=True)
+    img = matplotlib.image.imread(shot)[..., :3]
+    assert img.shape[:2] == (2400, 1400)
+    return float(((img.max(-1) - img.min(-1)) > 0.2).mean())
+
+
+def test_report_renders_in_headless_chromium(real_batch: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        msg = "chromium not found (Debian: apt-get install chromium; the README's test command does it)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    page = real_batch / "report" / "index.html"
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=180, check=True).stdout
+    assert dom.count("<tr") >= 9 and dom.count("<img") >= 5
+    ARTIFACTS.mkdir(exist_ok=True)
+    with_images = _colourful_share(chromium, page, ARTIFACTS / "report.png", tmp_path / "p2")
+    # the same page with its images gone: what is left is text and table rules
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(page, bare / "index.html")
+    without = _colourful_share(chromium, bare / "index.html", tmp_path / "bare.png", tmp_path / "p3")
+    assert with_images > 0.01 and with_images > 5 * without
