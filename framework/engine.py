@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from quotelab.component import PackContext
 from quotelab.composer import STRATEGY_TYPE, Composition, Part, compose
 from quotelab.config import AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
-from quotelab.errors import ConfigError, DataError, RunError
+from quotelab.errors import ConfigError, DataError, PluginError, RunError
 
 
 @dataclass
@@ -218,6 +219,11 @@ def run_loaded(
     counters = np.zeros(D.K_WIDTH, dtype=np.int64)
     state = comp.state.copy()
 
+    config_json = cfg.model_dump(mode="json")
+    run_info = {"name": cfg.name, "out_dir": str(out_dir) if out_dir is not None else None,
+                "run_id": hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()[:16],
+                "assets": {f.name: {"venue": f.venue, "symbol": f.symbol} for f in feeds}, "config": config_json}
+    _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
     hbt = HashMapMarketDepthBacktest([_build_asset(f) for f in feeds])
     args = (hbt, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters)
     t1 = time.perf_counter()
@@ -250,9 +256,28 @@ def run_loaded(
         )
     if out_dir is not None:
         result.out_dir = save_result(result, Path(out_dir), feeds[q])
+    _call_hooks(registry, "quotelab_run_end", abort=False, run=run_info, result=summary)
     if "error" in summary:
         raise RunError(summary["error"], result)
     return result
+
+
+def _call_hooks(registry: Any, hook: str, abort: bool, **kwargs: Any) -> None:
+    """Call each plugin's implementation of a lifecycle hook, naming the plugin when one raises.
+
+    A failing ``run_start`` aborts the run (nothing has been computed yet); a failing ``run_end`` is
+    recorded in the summary as ``hook_errors`` so the result already computed is kept.
+    """
+    if registry is None:
+        return
+    for impl in getattr(registry.pm.hook, hook).get_hookimpls():
+        try:
+            impl.function(**kwargs)
+        except Exception as exc:
+            msg = f'Error in plugin "{impl.plugin_name}" ({hook}): {type(exc).__name__}: {exc}'
+            if abort:
+                raise PluginError(msg) from exc
+            kwargs["result"].setdefault("hook_errors", []).append(msg)
 
 
 def _origin(loaded: LoadedStrategy, feeds: list[AssetFeed], q: int, global_first: int) -> int:
@@ -317,7 +342,7 @@ def _summary(name: str, feed: AssetFeed, final: dict[str, Any], rec: np.ndarray,
     }
 
 
-def hbt_records(feed_len: int, rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
+def hbt_records(rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
     """Our records in hftbacktest's record_dtype, for its stats."""
     out = np.zeros(len(rec_ts), record_dtype)
     out["timestamp"] = rec_ts
@@ -349,7 +374,7 @@ def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[
 
     if len(rec_ts) < 3:
         return {}
-    data = hbt_records(len(rec_ts), rec_ts, rec)
+    data = hbt_records(rec_ts, rec)
     record_cls = InverseAssetRecord if feed.contract == "inverse" else LinearAssetRecord
     record = record_cls(data).contract_size(feed.contract_size).resample("1s")
     metrics = [SR("SR", trading_days_per_year=365), Sortino("Sortino", trading_days_per_year=365),

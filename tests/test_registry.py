@@ -136,3 +136,49 @@ def test_plugins_command_lists_params_units_and_sources():
     spread = {p["name"]: p for p in rows["fixed_spread"]["params"]}
     assert spread["half_spread"]["unit"] == "ticks" and spread["half_spread"]["default"] == 2.0
     assert rows["trade_sign_ewma"]["source"] == "quotelab-plugin-example 0.1.0"
+
+
+LIFECYCLE = '''
+import json
+from pathlib import Path
+from quotelab import hookimpl
+
+LOG = Path(__file__).with_name("lifecycle.log")
+
+
+@hookimpl
+def quotelab_run_start(run):
+    if run["name"] == "boom":
+        raise RuntimeError("refused")
+    with LOG.open("a") as fh:
+        fh.write(json.dumps(["start", run["name"], sorted(run["assets"])]) + "\\n")
+
+
+@hookimpl
+def quotelab_run_end(run, result):
+    with LOG.open("a") as fh:
+        fh.write(json.dumps(["end", run["name"], result["num_trades"]]) + "\\n")
+    raise ValueError("end hook broke")
+'''
+
+
+def test_lifecycle_hooks_run_around_a_backtest(real_catalog, tmp_path):
+    import json
+
+    import yaml
+
+    (tmp_path / "life.py").write_text(LIFECYCLE)
+    doc = yaml.safe_load((REPO / "strategies" / "seed_market_maker.yaml").read_text())
+    doc["data"]["catalog"] = str(real_catalog)
+    doc["plugins"] = ["life.py"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    s = run_strategy(tmp_path / "s.yaml").summary
+    log = [json.loads(line) for line in (tmp_path / "lifecycle.log").read_text().splitlines()]
+    assert log == [["start", "seed_market_maker", ["perp"]], ["end", "seed_market_maker", s["num_trades"]]]
+    # a failing end hook is reported with the plugin's name; the result is kept
+    assert len(s["hook_errors"]) == 1 and "life.py" in s["hook_errors"][0] and "end hook broke" in s["hook_errors"][0]
+    doc["name"] = "boom"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    refused = r'Error in plugin ".*life\.py" \(quotelab_run_start\): RuntimeError: refused'
+    with pytest.raises(PluginError, match=refused):
+        run_strategy(tmp_path / "s.yaml")
