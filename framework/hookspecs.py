@@ -47,10 +47,10 @@ def quotelab_register_components(register: Callable[[Component], None]) -> None:
 
 @hookspec
 def quotelab_run_start(run: dict[str, Any]) -> None:
-    """A backtest is about to start, after validation and compilation.
+    """A backtest is about to start: validated and composed, before the replay begins.
 
     :param run: The run's description: ``name``, ``run_id``, ``assets`` (name → venue/symbol),
-        ``out_dir`` (or ``None``) and the validated ``config`` as a plain dict.
+        ``out_dir`` (or ``None``) and the validated ``config`` as a plain dict; ``run_id`` hashes that config.
     :return: Nothing. An exception here aborts the run and names the plugin.
     """
 
