@@ -1,8 +1,7 @@
 """Numba pieces shared by several built-in parts (not a plugin: it registers nothing).
 
-Every function is ``inline="always"`` so the fused strategy kernel stays one flat function.
-Caveat: the composer's cache key hashes the source of each kernel's own module only, so an edit
-here must come with an edit of the modules that import it (or a cleared kernel cache).
+Every function is ``inline="always"`` so the fused strategy kernel stays one flat function. The
+composer's cache key follows a kernel module's imports, so an edit here recompiles its users.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from quotelab.component import Asset, Params, Reads
 from quotelab.layout import (
     ASK_ENABLED,
     ASK_WIDEN_TICKS,
@@ -39,6 +39,7 @@ from quotelab.layout import (
 from quotelab.layout import (
     BEST_BID as BEST_BID_PRICE,
 )
+from quotelab.units import Qty, Seconds, quantity
 
 # Imbalance shapes f(I) of the imbalance-adjusted mid, mid + spread * f(I).
 SHAPES: dict[str, int] = {"linear": 0, "cubic": 1, "nonic": 2, "cubic_linear": 3, "shifted": 4, "polynomial": 5}
@@ -190,6 +191,33 @@ def fit_state() -> np.ndarray:
     s = np.zeros(FIT_STATE_SIZE)
     s[0] = np.nan
     return s
+
+
+class ModelQuoterParams(Params):
+    """What the model quoters (``avellaneda_stoikov``, ``glft``) share: γ, k, σ (constant or EWMA),
+    sizing and limits, and the optional online fit from trade arrivals."""
+
+    asset: Asset = "quoted"
+    gamma: float = quantity("1/ticks", 0.1, "Risk aversion γ.", gt=0)
+    k: float = quantity("1/ticks", 0.5, "Order-arrival decay k with distance from the mid.", gt=0)
+    volatility: float = quantity("ticks/sqrt(s)", 1.0, "σ (or its prior), ticks per √second.", ge=0)
+    volatility_half_life: Seconds = quantity("seconds", 0.0, "0: σ constant; > 0: EWMA half-life.", ge=0)
+    position_unit: Qty = quantity("qty", 1.0, "q is the position in these units.", gt=0)
+    size: Qty = quantity("qty", 1.0, "Order quantity (whole lots).", gt=0)
+    max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
+    fit_window: int = quantity("steps", 0, "0: k constant; > 0: fitted from trades over this many steps.",
+                               ge=0, le=FIT_MAX_WINDOW)
+    fit_max_ticks: int = quantity("ticks", 20, "Fit λ(d) at d = 1..this many ticks from the mid.", ge=2,
+                                  le=FIT_MAX_TICKS)
+
+
+def model_quoter_state(p: ModelQuoterParams) -> np.ndarray:
+    """σ's EWMA state, then the arrival fit's."""
+    return np.concatenate([np.array(VOL_STATE), fit_state()])
+
+
+def model_quoter_reads(p: ModelQuoterParams) -> Reads:
+    return Reads(assets=(p.asset,), trades=p.fit_window > 0)
 
 
 @njit(inline="always")

@@ -13,43 +13,26 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Component, PackContext
 from quotelab.layout import POSITION, RESERVATION, TICK
 from quotelab.plugins._kernels import (
-    FIT_MAX_TICKS,
-    FIT_MAX_WINDOW,
-    VOL_STATE,
+    ModelQuoterParams,
     arrival_fit_nb,
-    fit_state,
+    model_quoter_reads,
+    model_quoter_state,
     sigma_ticks_nb,
     write_quotes_nb,
 )
-from quotelab.units import Qty, Seconds, quantity
+from quotelab.units import Seconds, quantity
 
 
-class AvellanedaStoikovParams(Params):
-    asset: Asset = "quoted"
-    gamma: float = quantity("1/ticks", 0.1, "Risk aversion γ.", gt=0)
-    k: float = quantity("1/ticks", 0.5, "Order-arrival decay k with distance from the mid.", gt=0)
-    volatility: float = quantity("ticks/sqrt(s)", 1.0, "σ (or its prior), ticks per √second.", ge=0)
-    volatility_half_life: Seconds = quantity("seconds", 0.0, "0: σ constant; > 0: EWMA half-life.", ge=0)
+class AvellanedaStoikovParams(ModelQuoterParams):
     horizon: Seconds = quantity("seconds", 10.0, "T − t.", gt=0)
-    position_unit: Qty = quantity("qty", 1.0, "q is the position in these units.", gt=0)
-    size: Qty = quantity("qty", 1.0, "Order quantity (whole lots).", gt=0)
-    max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
-    fit_window: int = quantity("steps", 0, "0: k constant; > 0: fitted from trades over this many steps.",
-                               ge=0, le=FIT_MAX_WINDOW)
-    fit_max_ticks: int = quantity("ticks", 20, "Fit λ(d) at d = 1..this many ticks from the mid.", ge=2,
-                                  le=FIT_MAX_TICKS)
 
 
 def _pack(p: AvellanedaStoikovParams, ctx: PackContext) -> list[float]:
     return [float(ctx.asset_index[p.asset]), p.gamma, p.k, p.volatility, p.volatility_half_life, p.horizon,
             p.position_unit, p.size, p.max_position, float(p.fit_window), float(p.fit_max_ticks)]
-
-
-def _state(p: AvellanedaStoikovParams) -> np.ndarray:
-    return np.concatenate([np.array(VOL_STATE), fit_state()])
 
 
 @njit(inline="always")
@@ -75,7 +58,7 @@ def avellaneda_stoikov_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="quoter", name="avellaneda_stoikov", params=AvellanedaStoikovParams, kernel=avellaneda_stoikov_nb,
-        pack=_pack, state=_state, reads=lambda p: Reads(assets=(p.asset,), trades=p.fit_window > 0),
+        pack=_pack, state=model_quoter_state, reads=model_quoter_reads,
         doc="Avellaneda-Stoikov: inventory-shifted reservation and optimal spread; returns the AS reservation.",
         formula="r = s - q*gamma*sigma^2*tau; spread = gamma*sigma^2*tau + (2/gamma) ln(1 + gamma/k) (ticks)",
     ))

@@ -14,43 +14,30 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Component, PackContext
 from quotelab.layout import POSITION, RESERVATION, TICK
 from quotelab.plugins._kernels import (
-    FIT_MAX_TICKS,
     FIT_MAX_WINDOW,
-    VOL_STATE,
+    ModelQuoterParams,
     arrival_fit_nb,
-    fit_state,
+    model_quoter_reads,
+    model_quoter_state,
     sigma_ticks_nb,
     write_quotes_nb,
 )
-from quotelab.units import Qty, Seconds, quantity
+from quotelab.units import quantity
 
 
-class GlftParams(Params):
-    asset: Asset = "quoted"
+class GlftParams(ModelQuoterParams):
     gamma: float = quantity("1/ticks", 0.05, "Risk aversion γ.", gt=0)
-    k: float = quantity("1/ticks", 0.5, "Order-arrival decay k with distance from the mid.", gt=0)
     arrival_rate: float = quantity("1/s", 1.0, "A: order-arrival intensity at the mid.", gt=0)
-    volatility: float = quantity("ticks/sqrt(s)", 1.0, "σ (or its prior), ticks per √second.", ge=0)
-    volatility_half_life: Seconds = quantity("seconds", 0.0, "0: σ constant; > 0: EWMA half-life.", ge=0)
-    position_unit: Qty = quantity("qty", 1.0, "q is the position in these units.", gt=0)
-    size: Qty = quantity("qty", 1.0, "Order quantity (whole lots).", gt=0)
-    max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
     fit_window: int = quantity("steps", 0, "0: A and k constant; > 0: fitted from trades over this many steps.",
                                ge=0, le=FIT_MAX_WINDOW)
-    fit_max_ticks: int = quantity("ticks", 20, "Fit λ(d) at d = 1..this many ticks from the mid.", ge=2,
-                                  le=FIT_MAX_TICKS)
 
 
 def _pack(p: GlftParams, ctx: PackContext) -> list[float]:
     return [float(ctx.asset_index[p.asset]), p.gamma, p.k, p.arrival_rate, p.volatility, p.volatility_half_life,
             p.position_unit, p.size, p.max_position, float(p.fit_window), float(p.fit_max_ticks)]
-
-
-def _state(p: GlftParams) -> np.ndarray:
-    return np.concatenate([np.array(VOL_STATE), fit_state()])
 
 
 @njit(inline="always")
@@ -79,8 +66,8 @@ def glft_nb(view, trades, state, params, out):
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="quoter", name="glft", params=GlftParams, kernel=glft_nb, pack=_pack, state=_state,
-        reads=lambda p: Reads(assets=(p.asset,), trades=p.fit_window > 0),
+        role="quoter", name="glft", params=GlftParams, kernel=glft_nb, pack=_pack, state=model_quoter_state,
+        reads=model_quoter_reads,
         doc="GLFT closed-form quotes: half spread c1 + omega/2 and inventory skew omega (ticks); returns the "
             "skewed centre.",
         formula="c1 = ln(1 + g/k)/g; omega = sqrt(s^2 g/(2kA) (1 + g/k)^(1 + k/g)); bid/ask = s -/+ (c1 + omega/2) "
