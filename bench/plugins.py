@@ -30,6 +30,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+from compose import bare_elapse  # noqa: E402  (the same anchor loop as bench/compose.py)
 
 FLAG_SHARE = 0.20
 QUOTER = {"kind": "fixed_spread", "params": {"half_spread": 2, "size": 0.01, "max_position": 0.1}}
@@ -91,26 +93,6 @@ def strategy_doc(name: str, catalog: Path, spot: bool, sections: dict[str, Any])
     }
 
 
-def bare_elapse_seconds(data: list) -> float:
-    from handwritten import seed_asset
-    from hftbacktest import HashMapMarketDepthBacktest
-    from numba import njit
-
-    @njit
-    def loop(hbt):
-        n = 0
-        while hbt.elapse(100_000_000) == 0:
-            n += 1
-        return n
-
-    hbt = HashMapMarketDepthBacktest([seed_asset(data)])
-    t = time.perf_counter()
-    loop(hbt)
-    dt = time.perf_counter() - t
-    hbt.close()
-    return dt
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--catalog", type=Path, default=None, help="catalog with synthetic 20240101 (made if absent)")
@@ -150,7 +132,7 @@ def main() -> None:
         return out
 
     assets = {False: prepare(replay_assets(False)), True: prepare(replay_assets(True))}
-    bare_elapse_seconds(data)
+    bare_elapse(data)
     compositions = {name: run_strategy(path).composition for name, path in paths.items()}
 
     def replay_seconds(name: str) -> float:
@@ -166,7 +148,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in paths}
     bare = []
     for _ in range(args.repeat):
-        bare.append(bare_elapse_seconds(data))
+        bare.append(bare_elapse(data))
         for name, path in paths.items():
             times[name].append(run_strategy(path).summary["run_seconds"])
             kernel_times[name].append(replay_seconds(name))
