@@ -25,6 +25,7 @@ from numba import types
 from quotelab import __version__
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
+from quotelab.config import Alpha
 from quotelab.errors import ConfigError
 from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
 
@@ -33,7 +34,22 @@ STRATEGY_SIG = types.float64(
 )
 STRATEGY_TYPE = types.FunctionType(STRATEGY_SIG)
 
-HEADER_PER_SIGNAL = 2  # alpha in price units, alpha in bps of the fair value
+HEADER_PER_SIGNAL = 4  # alpha in price units, in bps of the fair value, in spreads; the quoted asset's index
+
+
+def signal_header(alpha: Alpha, quoted: int) -> list[float]:
+    """A signal's runtime header, read by :func:`forecast_term`."""
+    return [alpha.price, alpha.bps, alpha.spreads, float(quoted)]
+
+
+def forecast_term(j: int) -> str:
+    """Source adding signal value ``v`` times its alpha (header at ``params[j]``) to ``fc``.
+
+    The spread term is guarded: a quoted book with one side missing must not turn a price-only alpha into NaN."""
+    return (f"    fc += v * (params[{j}] + params[{j + 1}] * fv * 1e-4)\n"
+            f"    if params[{j + 2}] != 0.0:\n"
+            f"        sq = int(params[{j + 3}])\n"
+            f"        fc += v * params[{j + 2}] * (view[sq, {L.BEST_ASK}] - view[sq, {L.BEST_BID}])")
 
 
 @dataclass(frozen=True)
@@ -44,8 +60,7 @@ class Part:
     params: Params
     where: str  # config path, e.g. "forecast[1]"
     weight: float = 1.0  # fair-value weight
-    alpha_price: float = 0.0  # signal multiplier in price units
-    alpha_bps: float = 0.0  # signal multiplier in bps of the fair value
+    alpha: Alpha = Alpha()  # signals: the multiplier of the value in the forecast
 
 
 @dataclass(frozen=True)
@@ -131,7 +146,7 @@ def generate_source(
                 body.append(f"    out[{L.FAIR_VALUE}] = fv")
         elif i < n_fv + n_sig:
             j = n_fv + HEADER_PER_SIGNAL * (i - n_fv)
-            body.append(f"    fc += v * (params[{j}] + params[{j + 1}] * fv * 1e-4)")
+            body.append(forecast_term(j))
         elif i < len(parts) - 1:
             body.append("    rk += v")
         if i == len(parts) - 2:
@@ -171,7 +186,7 @@ def compose(
         raise ConfigError("fair_value: weights must sum to a positive number")
     header = [p.weight / total_w for p in fair_values]
     for p in signals:
-        header += [p.alpha_price, p.alpha_bps]
+        header += signal_header(p.alpha, ctx.asset_index["quoted"])
     params = np.concatenate([np.asarray(header, dtype=np.float64), *packed]) if parts else np.zeros(0)
     state = np.concatenate([np.zeros(0), *states])
     source = generate_source(fair_values, signals, risks, quoter, [len(x) for x in packed], [len(s) for s in states])

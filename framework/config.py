@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -223,21 +223,34 @@ class EngineSection(_Model):
     assets: dict[str, AssetEngine] = {}
 
 
+ALPHA_RE = re.compile(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|spreads?|price)?\s*")
+
+
+class Alpha(NamedTuple):
+    """A signal's multiplier: forecast term = value · (price + bps·1e-4·fair value + spreads·spread of the quoted)."""
+
+    price: float = 0.0
+    bps: float = 0.0
+    spreads: float = 0.0
+
+
 class PartSpec(_Model):
     kind: str
     params: dict[str, Any] = {}
     weight: float = 1.0
     alpha: float | str | None = Field(
-        None, description="Signals only: multiplier in price units, '<n> ticks' or '<n> bps'; 0 = an input only."
+        None,
+        description="Signals only: multiplier in price units, '<n> ticks', '<n> bps' (of the fair value) or "
+        "'<n> spreads' (of the quoted asset's current spread); 0 = an input only.",
     )
 
     @field_validator("alpha")
     @classmethod
     def _alpha(cls, v: float | str | None) -> float | str | None:
         if isinstance(v, str):
-            m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|price)?\s*", v)
+            m = ALPHA_RE.fullmatch(v)
             if not m:
-                raise ValueError(f"expected a number (price units), '<n> ticks' or '<n> bps', got {v!r}")
+                raise ValueError(f"expected a number (price units), '<n> ticks', '<n> bps' or '<n> spreads', got {v!r}")
             float(m.group(1))
         return v
 
@@ -257,20 +270,22 @@ class StrategyConfig(_Model):
 _MODEL_BY_TITLE = {m.__name__: m for m in (StrategyConfig,)}
 
 
-def parse_alpha(alpha: float | str | None, tick: float) -> tuple[float, float]:
-    """alpha → (multiplier in price units, multiplier in bps of the fair value)."""
+def parse_alpha(alpha: float | str | None, tick: float) -> Alpha:
+    """A signal's ``alpha:`` as its three multipliers (price units, bps of the fair value, spreads)."""
     if alpha is None:
-        return 0.0, 0.0
+        return Alpha()
     if not isinstance(alpha, str):
-        return float(alpha), 0.0
-    m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|price)?\s*", alpha)
+        return Alpha(price=float(alpha))
+    m = ALPHA_RE.fullmatch(alpha)
     assert m is not None
     value, unit = float(m.group(1)), m.group(2) or "price"
     if unit.startswith("tick"):
-        return value * tick, 0.0
+        return Alpha(price=value * tick)
     if unit == "bps":
-        return 0.0, value
-    return value, 0.0
+        return Alpha(bps=value)
+    if unit.startswith("spread"):
+        return Alpha(spreads=value)
+    return Alpha(price=value)
 
 
 # ------------------------------------------------------------------------------------------------

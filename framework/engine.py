@@ -20,7 +20,7 @@ from quotelab import driver as D
 from quotelab import layout as L
 from quotelab.component import PackContext
 from quotelab.composer import STRATEGY_TYPE, Composition, Part, compose
-from quotelab.config import AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
+from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, DataError, PluginError, RunError
 
@@ -165,8 +165,8 @@ def run_loaded(
     need_trades = False
     for role, at, spec, component, params in parts:
         where = "".join(f"[{p}]" if isinstance(p, int) else p for p in at)
-        alpha_price, alpha_bps = parse_alpha(spec.alpha, tick_q) if role == "signal" else (0.0, 0.0)
-        part = Part(component, params, where, weight=spec.weight, alpha_price=alpha_price, alpha_bps=alpha_bps)
+        alpha = parse_alpha(spec.alpha, tick_q) if role == "signal" else Alpha()
+        part = Part(component, params, where, weight=spec.weight, alpha=alpha)
         reads = component.reads(params)
         for asset in reads.assets:
             ready_mask[index[asset]] = True

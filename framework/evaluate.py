@@ -23,8 +23,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
-from quotelab.composer import HEADER_PER_SIGNAL, _kernel_imports, _load_module
+from quotelab.composer import HEADER_PER_SIGNAL, _kernel_imports, _load_module, forecast_term, signal_header
 from quotelab.config import (
+    Alpha,
     DataSection,
     PartSpec,
     _Model,
@@ -90,8 +91,7 @@ class _BankPart:
     params: Params
     role: str
     weight: float = 1.0
-    alpha_price: float = 0.0
-    alpha_bps: float = 0.0
+    alpha: Alpha = Alpha()
 
 
 def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state_sizes: list[int]) -> str:
@@ -123,7 +123,7 @@ def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state
                 body.append(f"    fv += params[{header + i}] * v")
             else:
                 h = header + n_fv + HEADER_PER_SIGNAL * (i - n_fv)
-                body.append(f"    fc += v * (params[{h}] + params[{h + 1}] * fv * 1e-4)")
+                body.append(forecast_term(h))
             p_off += pack_sizes[k]
             s_off += state_sizes[k]
             k += 1
@@ -158,7 +158,7 @@ def build_bank(estimators: list[list[_BankPart]], ctx: PackContext, quoted: int)
         params += [p.weight / total for p in fvs]
         for p in est:
             if p.role == "signal":
-                params += [p.alpha_price, p.alpha_bps]
+                params += signal_header(p.alpha, quoted)
         for p in est:
             packed = [float(x) for x in p.component.pack(p.params, ctx)]
             packed_all.append(len(packed))
@@ -334,8 +334,8 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
         for parts in estimators:
             est = []
             for role, _at, spec, component, params in parts:
-                ap, ab = parse_alpha(spec.alpha, feeds[q].tick_size) if role == "signal" else (0.0, 0.0)
-                est.append(_BankPart(component, params, role, spec.weight, ap, ab))
+                alpha = parse_alpha(spec.alpha, feeds[q].tick_size) if role == "signal" else Alpha()
+                est.append(_BankPart(component, params, role, spec.weight, alpha))
                 reads = component.reads(params)
                 n_levels = max(n_levels, reads.depth_levels)
                 ready |= {ctx.asset_index[a] for a in reads.assets}

@@ -55,17 +55,19 @@ MAX_COEFFICIENTS = 10
 
 
 @njit(inline="always")
-def imbalance_shape_nb(shape, imb, coefs):
+def imbalance_shape_nb(shape, imb, coefs, inner):
+    """f(I); ``inner`` is the imbalance in the second factor of nonic, cubic_linear and shifted (I itself,
+    except where a part weights it differently, as the seed's adjust_mid_price_8 did)."""
     if shape == 0:
         return imb / 2.0
     if shape == 1:
         return imb ** 3 / 2.0
     if shape == 2:
-        return imb * (imb ** 8 + 1.0) / 4.0
+        return imb * (inner ** 8 + 1.0) / 4.0
     if shape == 3:
-        return imb * (imb ** 2 + 1.0) / 4.0
+        return imb * (inner ** 2 + 1.0) / 4.0
     if shape == 4:
-        return (imb + 0.3) * (imb ** 4 + 0.7) / 3.8
+        return (imb + 0.3) * (inner ** 4 + 0.7) / 3.8
     total = 0.0
     power = 1.0
     for j in range(len(coefs)):
@@ -140,15 +142,15 @@ def trade_flow_update_nb(view, trades, a, state, alpha, side_sign):
 
 
 @njit(inline="always")
-def trade_flow_value_nb(state, output):
+def trade_flow_value_nb(state, output, warmup):
     """0 rate imbalance (OI), 1 size imbalance (QI), 2 volume imbalance (VI), 3 total arrival rate.
 
-    0 until both sides have an interval EWMA above zero.
+    ``warmup`` (0, or NaN for "undefined") until both sides have an interval EWMA above zero.
     """
     ib = state[2]
     isell = state[3]
     if not (ib > 0.0 and isell > 0.0):
-        return 0.0
+        return warmup
     lb = 1.0 / ib
     ls = 1.0 / isell
     if output == 0:

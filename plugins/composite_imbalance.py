@@ -17,7 +17,7 @@ from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, Reads
 from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
 from quotelab.plugins._kernels import trade_flow_update_nb, trade_flow_value_nb
-from quotelab.plugins.trade_flow_imbalance import SIDES, trade_flow_state
+from quotelab.plugins.trade_flow_imbalance import SIDES, WARMUP_DOC, WARMUPS, Warmup, trade_flow_state
 
 
 class CompositeImbalanceParams(Params):
@@ -28,6 +28,7 @@ class CompositeImbalanceParams(Params):
     exponent: float = Field(3.0, gt=0, description="Power applied to the weighted book imbalance.")
     alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of each new trade (VI).")
     side: Literal["aggressor", "buyer_is_maker"] = Field("aggressor", description="Which trades count as buys.")
+    warmup: Warmup = Field("zero", description=WARMUP_DOC)
 
     @field_validator("weights")
     @classmethod
@@ -40,21 +41,21 @@ class CompositeImbalanceParams(Params):
 def _pack(p: CompositeImbalanceParams, ctx: PackContext) -> list[float]:
     w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
     return [float(ctx.asset_index[p.asset]), p.vi_weight, p.book_weight, p.exponent, p.alpha, SIDES[p.side],
-            float(len(p.weights)), *w]
+            WARMUPS[p.warmup], float(len(p.weights)), *w]
 
 
 @njit(inline="always")
 def composite_imbalance_nb(view, trades, state, params, out):
     a = int(params[0])
-    vi = trade_flow_value_nb(state, 2)
+    vi = trade_flow_value_nb(state, 2, params[6])
     trade_flow_update_nb(view, trades, a, state, params[4], params[5])
     book = 0.0
-    for i in range(int(params[6])):
+    for i in range(int(params[7])):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
         s = qb + qa
         if s > 0.0:
-            book += params[7 + i] * (qb - qa) / s
+            book += params[8 + i] * (qb - qa) / s
     p = params[3]
     powered = book ** p if p == np.floor(p) else np.sign(book) * np.abs(book) ** p
     return params[1] * vi + params[2] * powered

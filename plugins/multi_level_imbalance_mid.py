@@ -1,4 +1,8 @@
-"""``multi_level_imbalance_mid``: mid + spread · f(Σ wᵢ Iᵢ), the imbalances of depth levels 1..n combined."""
+"""``multi_level_imbalance_mid``: mid + spread · f(Σ wᵢ Iᵢ), the imbalances of depth levels 1..n combined.
+
+``factor_weights`` weights the levels differently inside the second factor of the two-factor shapes
+(nonic B·(B'⁸+1)/4, cubic_linear, shifted): the seed study's adjust_mid_price_8 did exactly that.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ class MultiLevelImbalanceMidParams(Params):
     weights: tuple[float, ...] = Field((0.7, 0.2, 0.1), description="Weight of each level's imbalance, best first.")
     shape: Shape = Field("linear", description="f: " + "; ".join(f"{k}: {v}" for k, v in SHAPE_FORMULAS.items()))
     coefficients: tuple[float, ...] = Field((), description="polynomial only: c0, c1, ... of f")
+    factor_weights: tuple[float, ...] | None = Field(
+        None, description="Level weights inside the second factor of nonic, cubic_linear or shifted (default: weights)."
+    )
 
     @field_validator("weights")
     @classmethod
@@ -29,12 +36,20 @@ class MultiLevelImbalanceMidParams(Params):
     def _coefficients(self) -> MultiLevelImbalanceMidParams:
         if (self.shape == "polynomial") != bool(self.coefficients) or len(self.coefficients) > MAX_COEFFICIENTS:
             raise ValueError(f"coefficients (1..{MAX_COEFFICIENTS}) go with shape: polynomial, and only with it")
+        if self.factor_weights is not None:
+            if self.shape not in ("nonic", "cubic_linear", "shifted"):
+                raise ValueError("factor_weights apply to the two-factor shapes only: nonic, cubic_linear, shifted")
+            if len(self.factor_weights) != len(self.weights):
+                raise ValueError(f"factor_weights needs one weight per level ({len(self.weights)}), "
+                                 f"got {len(self.factor_weights)}")
         return self
 
 
 def _pack(p: MultiLevelImbalanceMidParams, ctx: PackContext) -> list[float]:
-    w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
-    return [float(ctx.asset_index[p.asset]), float(len(p.weights)), *w, *pack_shape(p.shape, p.coefficients)]
+    pad = [0.0] * (MAX_LEVELS - len(p.weights))
+    inner = p.weights if p.factor_weights is None else p.factor_weights
+    return [float(ctx.asset_index[p.asset]), float(len(p.weights)), *p.weights, *pad, *inner, *pad,
+            *pack_shape(p.shape, p.coefficients)]
 
 
 @njit(inline="always")
@@ -42,16 +57,18 @@ def multi_level_imbalance_mid_nb(view, trades, state, params, out):
     a = int(params[0])
     n = int(params[1])
     imb = 0.0
+    inner = 0.0
     for i in range(n):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
         s = qb + qa
         if s > 0.0:
             imb += params[2 + i] * (qb - qa) / s
-    j = 2 + MAX_LEVELS
+            inner += params[2 + MAX_LEVELS + i] * (qb - qa) / s
+    j = 2 + 2 * MAX_LEVELS
     bid = view[a, BEST_BID]
     ask = view[a, BEST_ASK]
-    f = imbalance_shape_nb(int(params[j]), imb, params[j + 1:j + 1 + MAX_COEFFICIENTS])
+    f = imbalance_shape_nb(int(params[j]), imb, params[j + 1:j + 1 + MAX_COEFFICIENTS], inner)
     return (bid + ask) / 2.0 + (ask - bid) * f
 
 
@@ -62,5 +79,6 @@ def quotelab_register_components(register):
         kernel=multi_level_imbalance_mid_nb, pack=_pack,
         reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights)),
         doc="Mid adjusted by the weighted imbalance of several depth levels (seed: 0.7/0.2/0.1), through f.",
-        formula="(bid + ask)/2 + (ask - bid) * f(sum_i w_i (Qb_i - Qa_i)/(Qb_i + Qa_i))",
+        formula="(bid + ask)/2 + (ask - bid) * f(sum_i w_i (Qb_i - Qa_i)/(Qb_i + Qa_i)); two-factor shapes take "
+                "their second factor's imbalance with factor_weights",
     ))

@@ -66,7 +66,7 @@ def multi_venue_mid_nb(view, trades, state, params, out):
         imb = (qb - qa) / s if s > 0.0 else 0.0
         fv = (bid + ask) / 2.0
         if adj != 0.0:
-            fv += adj * (ask - bid) * imbalance_shape_nb(shape, imb, params[j + 2:j + 2 + MAX_COEFFICIENTS])
+            fv += adj * (ask - bid) * imbalance_shape_nb(shape, imb, params[j + 2:j + 2 + MAX_COEFFICIENTS], imb)
         total += w * fv
         wsum += w
     return total / wsum if wsum > 0.0 else np.nan

@@ -3,7 +3,8 @@
 For each side, every trade updates ``interval ← α·(t − t_prev same side) + (1−α)·interval`` and
 ``size ← α·qty + (1−α)·size`` (each starts at its first observation). With λ = 1/interval:
 OI = (λb − λs)/(λb + λs), QI = (Qb − Qs)/(Qb + Qs), VI = (λbQb − λsQs)/(λbQb + λsQs); 0 until both
-sides have a positive interval. ``lag: 1`` returns the value as of the previous step (the seed
+sides have a positive interval (``warmup: undefined``: NaN instead, so that evaluate leaves those
+rows out, as the seed study's NaNs did). ``lag: 1`` returns the value as of the previous step (the seed
 study's one-step shift of VI).
 
 ``volume_rate`` is the variant on traded volume per unit of time: each step, per side,
@@ -30,6 +31,10 @@ from quotelab.plugins._kernels import trade_flow_update_nb, trade_flow_value_nb
 
 OUTPUTS = {"OI": 0, "QI": 1, "VI": 2, "arrival_rate": 3, "volume_rate": 4}
 SIDES = {"aggressor": 1.0, "buyer_is_maker": -1.0}
+WARMUPS = {"zero": 0.0, "undefined": float("nan")}
+Warmup = Literal["zero", "undefined"]
+WARMUP_DOC = ("Value before both sides have a trade interval: 0, or undefined (NaN: a strategy stops or skips, "
+              "evaluate leaves the row out and counts it).")
 
 
 class TradeFlowImbalanceParams(Params):
@@ -42,10 +47,12 @@ class TradeFlowImbalanceParams(Params):
         "aggressor", description="Which trades count as buys (see the module doc)."
     )
     lag: Literal[0, 1] = Field(0, description="1: the value as of the previous step (the seed's shifted VI).")
+    warmup: Warmup = Field("zero", description=WARMUP_DOC)
 
 
 def _pack(p: TradeFlowImbalanceParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), float(OUTPUTS[p.output]), p.alpha, SIDES[p.side], float(p.lag)]
+    return [float(ctx.asset_index[p.asset]), float(OUTPUTS[p.output]), p.alpha, SIDES[p.side], float(p.lag),
+            WARMUPS[p.warmup]]
 
 
 def trade_flow_state(p: Params) -> np.ndarray:
@@ -83,11 +90,11 @@ def trade_flow_imbalance_nb(view, trades, state, params, out):
         before = (state[6] - state[7]) / s if s > 0.0 else 0.0
         now = volume_rate_nb(view, trades, a, state, params[2], params[3])
         return before if params[4] != 0.0 else now
-    before = trade_flow_value_nb(state, output)
+    before = trade_flow_value_nb(state, output, params[5])
     trade_flow_update_nb(view, trades, a, state, params[2], params[3])
     if params[4] != 0.0:
         return before
-    return trade_flow_value_nb(state, output)
+    return trade_flow_value_nb(state, output, params[5])
 
 
 @hookimpl

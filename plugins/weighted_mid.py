@@ -55,7 +55,8 @@ def weighted_mid_nb(view, trades, state, params, out):
     qa = view[a, ASK_QTY]
     s = qb + qa
     imb = (qb - qa) / s if s > 0.0 else 0.0
-    return (bid + ask) / 2.0 + (ask - bid) * imbalance_shape_nb(int(params[1]), imb, params[2:2 + MAX_COEFFICIENTS])
+    f = imbalance_shape_nb(int(params[1]), imb, params[2:2 + MAX_COEFFICIENTS], imb)
+    return (bid + ask) / 2.0 + (ask - bid) * f
 
 
 @hookimpl

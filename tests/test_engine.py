@@ -150,6 +150,11 @@ def test_config_errors_name_file_line_and_path(real_catalog, tmp_path):
     doc["forecast"][0]["params"]["asset"] = "spot"
     with pytest.raises(ConfigError, match=r"reads asset 'spot', which has no data; data.assets has: perp"):
         run_strategy(_write(tmp_path, doc))
+    doc = _seed_doc(real_catalog)
+    doc["forecast"][0]["alpha"] = "2 spreadz"
+    with pytest.raises(ConfigError, match=r"forecast\[0\]\.alpha: .*'<n> ticks', '<n> bps' or '<n> spreads', "
+                                          r"got '2 spreadz'"):
+        run_strategy(_write(tmp_path, doc))
 
 
 def test_yaml_typo_line_number_is_the_typo_line(real_catalog, tmp_path):

@@ -93,3 +93,27 @@ def test_spot_plus_basis_equals_reference(shared_data, registry, coin):
     want = spot + time_ewma(perp - spot, res.views[:, 0, L.STEP_SECONDS], 5.0)
     np.testing.assert_allclose(res.values, want, rtol=1e-12)
     assert np.abs(res.values - perp).max() > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize("shape", ["nonic", "cubic_linear", "shifted"])
+def test_multi_level_factor_weights_weight_the_second_factor(shared_data, registry, key, shape):
+    w, fw = (0.7, 0.2, 0.1), (0.6, 0.3, 0.1)
+    params = {"weights": w, "factor_weights": fw, "shape": shape}
+    res = _run(registry, "multi_level_imbalance_mid", params, [asset(shared_data, key)])
+    v = res.views
+    b, b2 = multi_level_imbalance(v, 0, w), multi_level_imbalance(v, 0, fw)
+    f = {"nonic": b * (b2 ** 8 + 1) / 4, "cubic_linear": b * (b2 ** 2 + 1) / 4,
+         "shifted": (b + 0.3) * (b2 ** 4 + 0.7) / 3.8}[shape]
+    bid, ask = v[:, 0, L.BEST_BID], v[:, 0, L.BEST_ASK]
+    np.testing.assert_allclose(res.values, (bid + ask) / 2 + (ask - bid) * f, rtol=1e-13)
+    same = _run(registry, "multi_level_imbalance_mid", {"weights": w, "shape": shape}, [asset(shared_data, key)])
+    assert not np.array_equal(res.values, same.values)
+
+
+def test_multi_level_factor_weights_are_checked(registry):
+    comp = registry.get("fair_value", "multi_level_imbalance_mid")
+    with pytest.raises(ValueError, match="two-factor shapes only"):
+        comp.make_params({"shape": "cubic", "factor_weights": [1.0, 0.0, 0.0]})
+    with pytest.raises(ValueError, match=r"one weight per level \(3\), got 2"):
+        comp.make_params({"shape": "nonic", "factor_weights": [1.0, 0.0]})

@@ -18,6 +18,7 @@ from reference_impls import (
 from quotelab import layout as L
 from quotelab.component import PackContext
 from quotelab.composer import Part, compose
+from quotelab.config import Alpha
 from quotelab.registry import load_registry
 from quotelab.replay import context, replay_component, replay_composition
 
@@ -131,7 +132,7 @@ def test_linear_forecast_combines_earlier_outputs(shared_data, registry, key):
         Part(registry.get("signal", "returns"), mk("signal", "returns", {"horizon": 5}), "forecast[1]"),
         Part(registry.get("signal", "linear_forecast"),
              mk("signal", "linear_forecast", {"inputs": [1, 2], "coefficients": [0.5, -2.0], "intercept": 0.25}),
-             "forecast[2]", alpha_price=1.0),
+             "forecast[2]", alpha=Alpha(price=1.0)),
     ]
     quoter = Part(registry.get("quoter", "fixed_spread"), mk("quoter", "fixed_spread", {}), "quoter")
     comp = compose([fv], sig, [], quoter, ctx)
@@ -154,3 +155,34 @@ def test_trade_flow_volume_rate_variant_equals_reference(shared_data, registry, 
                                  1.0 if side == "aggressor" else -1.0, res.timestamps[0] - 100_000_000)
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
     assert np.std(want) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_alpha_units_price_bps_and_spreads_scale_the_forecast(shared_data, registry, key):
+    assets = [asset(shared_data, key)]
+    mk = lambda role, name, raw: registry.get(role, name).make_params(raw)  # noqa: E731
+    fv = Part(registry.get("fair_value", "mid"), mk("fair_value", "mid", {}), "fair_value[0]")
+    sig = [Part(registry.get("signal", "book_imbalance"), mk("signal", "book_imbalance", {}), f"forecast[{i}]",
+                alpha=a) for i, a in enumerate([Alpha(price=0.3), Alpha(bps=2.0), Alpha(spreads=-1.5)])]
+    quoter = Part(registry.get("quoter", "fixed_spread"), mk("quoter", "fixed_spread", {}), "quoter")
+    res = replay_composition(compose([fv], sig, [], quoter, context(assets)), assets, keep_view=True)
+    imb = res.outs[:, L.COMPONENTS + 1]
+    mid = mids(res.views, 0)
+    spread = res.views[:, 0, L.BEST_ASK] - res.views[:, 0, L.BEST_BID]
+    np.testing.assert_allclose(res.outs[:, L.FORECAST], imb * (0.3 + 2e-4 * mid - 1.5 * spread), rtol=1e-12)
+    assert np.std(spread) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize("kind", ["trade_flow_imbalance", "composite_imbalance"])
+def test_warmup_undefined_is_nan_until_both_sides_have_an_interval(shared_data, registry, key, kind):
+    a = [asset(shared_data, key)]
+    zero = _run(registry, kind, {}, a)
+    undefined = _run(registry, kind, {"warmup": "undefined"}, a).values
+    ref = trade_flow(local_trades(events(shared_data, key)), zero.timestamps, 0.1, 1.0)
+    ready = ((ref["i_b"] > 0) & (ref["i_s"] > 0)).to_numpy()
+    if kind == "composite_imbalance":  # it reads the VI of the step before
+        ready = np.concatenate([[False], ready[:-1]])
+    assert 0 < (~ready).sum() < len(ready)
+    np.testing.assert_array_equal(np.isnan(undefined), ~ready)
+    np.testing.assert_array_equal(undefined[ready], zero.values[ready])

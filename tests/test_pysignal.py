@@ -118,11 +118,12 @@ def test_kernel_with_python_part_is_disk_cached_across_processes(tmp_path):
 import numpy as np
 from quotelab.component import PackContext
 from quotelab.composer import Part, compose
+from quotelab.config import Alpha
 from quotelab.registry import load_registry
 r = load_registry(local_files=[{str(plugin)!r}], entry_points=False)
 def part(role, name, params, where):
     c = r.get(role, name)
-    return Part(c, c.make_params(params), where, alpha_price=1.0 if role == "signal" else 0.0)
+    return Part(c, c.make_params(params), where, alpha=Alpha(price=1.0 if role == "signal" else 0.0))
 ctx = PackContext(asset_index={{"quoted": 0}}, tick_size={{"quoted": 0.1}}, lot_size={{"quoted": 0.001}},
                   quoted="quoted")
 comp = compose([part("fair_value", "mid", {{}}, "fair_value[0]")],
