@@ -104,6 +104,21 @@ def evaluate_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    if result.summary.get("score") == "trades":
+        table = Table(title=f"{result.summary['name']}: (trade price - estimate)², n trades scored, undefined left out")
+        width = max(len(r["estimator"]) for r in result.rows)
+        for col in ("target", "estimator", "n", "undefined", "SSE", "MSE"):
+            table.add_column(col, justify="left" if col in ("target", "estimator") else "right", no_wrap=True,
+                             min_width=width if col == "estimator" else None)
+        for r in result.rows:
+            table.add_row(r["target"], r["estimator"], str(r["n"]), str(r["n_undefined"]), f"{r['sse']:.7g}",
+                          f"{r['mse']:.7g}")
+        Console().print(table)
+        for c in result.summary["conventions"]:
+            typer.echo(f"- {c}")
+        if out is not None:
+            typer.echo(f"tables written to {out}")
+        return
     table = Table(title=f"{result.summary['name']}: mean squared error by horizon")
     horizons = [*result.summary["horizons"], "trade"]
     for col in ("target", "estimator", *horizons):

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
@@ -53,6 +53,7 @@ class EstimatorSpec(_Model):
     name: str
     fair_value: list[PartSpec]
     forecast: list[PartSpec] = []
+    note: str = Field("", description="Carried into the output rows, e.g. a convention of the estimator's source.")
 
 
 class EvalConfig(_Model):
@@ -61,6 +62,15 @@ class EvalConfig(_Model):
     plugins: list[str] = []
     data: DataSection
     targets: list[str] | None = Field(None, description="Assets to score on (default: data.quote).")
+    score: Literal["grid", "trades"] = Field(
+        "grid",
+        description="grid: replay on the step grid, score against future mids and the next trades. trades: the "
+        "seed study's procedure, one kernel call per trade on the book as of its exchange time.",
+    )
+    aggregate_trades: bool = Field(
+        True, description="score: trades only: one trade per exchange time and side (first price, summed quantity)."
+    )
+    notes: list[str] = Field([], description="Conventions of the study, echoed into the summary.")
     step: Seconds = 0.1
     horizons: list[Seconds] = [0.1, 1.0, 10.0, 60.0]
     estimators: list[EstimatorSpec]
@@ -214,7 +224,11 @@ def score_against_trades(ts: np.ndarray, est: np.ndarray, trade_ts: np.ndarray, 
     """Each trade against the latest estimate at or before its exchange time (merge_asof backward)."""
     idx = np.searchsorted(ts, trade_ts, side="right") - 1
     has = idx >= 0
-    e = np.where(has, est[np.clip(idx, 0, None)], np.nan)
+    return trade_errors(np.where(has, est[np.clip(idx, 0, None)], np.nan), trade_px)
+
+
+def trade_errors(e: np.ndarray, trade_px: np.ndarray) -> dict[str, float]:
+    """Trade price against the estimate matched to each trade; trades without one are left out and counted."""
     ok = np.isfinite(e)
     err = trade_px[ok] - e[ok]
     sse = float(np.sum(err * err))
@@ -304,6 +318,22 @@ def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dic
     return cfg, registry, estimators, {"path": path, "lines": lines, "where": where}
 
 
+def _bank_parts(estimators: list[list[tuple]], ctx: PackContext, tick: float
+                ) -> tuple[list[list[_BankPart]], int, set[int]]:
+    """The estimators' parts for the bank, the depth levels they read and the assets they need ready."""
+    bank_parts, n_levels, ready = [], 1, {ctx.asset_index["quoted"]}
+    for parts in estimators:
+        est = []
+        for role, _at, spec, component, params in parts:
+            alpha = parse_alpha(spec.alpha, tick) if role == "signal" else Alpha()
+            est.append(_BankPart(component, params, role, spec.weight, alpha))
+            reads = component.reads(params)
+            n_levels = max(n_levels, reads.depth_levels)
+            ready |= {ctx.asset_index[a] for a in reads.assets}
+        bank_parts.append(est)
+    return bank_parts, n_levels, ready
+
+
 def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None) -> Evaluation:
     """Run the evaluation described by the YAML at ``path``."""
     from quotelab.replay import ReplayAsset, prepare, replay
@@ -316,6 +346,11 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
               for f in feeds]
     index = {f.name: i for i, f in enumerate(feeds)}
     targets = cfg.targets or [cfg.data.quote]
+    if cfg.score == "trades":
+        result = _evaluate_trades(cfg, estimators, feeds, assets, targets, info, t_start)
+        if out_dir is not None:
+            write_outputs(result, Path(out_dir), plots=False)
+        return result
     steps_per = [int(round(h / cfg.step)) for h in cfg.horizons]
     for h, k in zip(cfg.horizons, steps_per, strict=True):
         if k < 1 or abs(k * cfg.step - h) > 1e-9 * max(1.0, h):
@@ -330,16 +365,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     for target in targets:
         q = index[target]
         ctx = PackContext.of(feeds, q, data.first_ts[q], str(path.parent))
-        bank_parts, n_levels, ready = [], 1, {q}
-        for parts in estimators:
-            est = []
-            for role, _at, spec, component, params in parts:
-                alpha = parse_alpha(spec.alpha, feeds[q].tick_size) if role == "signal" else Alpha()
-                est.append(_BankPart(component, params, role, spec.weight, alpha))
-                reads = component.reads(params)
-                n_levels = max(n_levels, reads.depth_levels)
-                ready |= {ctx.asset_index[a] for a in reads.assets}
-            bank_parts.append(est)
+        bank_parts, n_levels, ready = _bank_parts(estimators, ctx, feeds[q].tick_size)
         kernel, params, state = build_bank(bank_parts, ctx, q)
         cols = list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts)))
         t0 = time.perf_counter()
@@ -401,6 +427,60 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     if out_dir is not None:
         write_outputs(result, Path(out_dir), plots=cfg.plots)
     return result
+
+
+TRADE_CONVENTIONS = {
+    True: "trades with the same exchange time and side are one trade: first price, summed quantity",
+    False: "every trade is scored as it is (no aggregation)",
+}
+MATCH_CONVENTION = ("each trade is scored against the estimate on the book as of its exchange time, equal times "
+                    "included (pandas merge_asof backward); flow signals update once per trade")
+
+
+def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list[AssetFeed], assets: list[Any],
+                     targets: list[str], info: dict, t_start: float) -> Evaluation:
+    """score: trades: the seed study's procedure, one bank call per (aggregated) trade of each target."""
+    from quotelab.replay import aggregate_trades, prepare, replay_trades
+
+    path, where = info["path"], info["where"]
+    rows: list[dict[str, Any]] = []
+    replay_s, events, raw, scored = 0.0, 0, 0, 0
+    for target in targets:
+        q = next(i for i, f in enumerate(feeds) if f.name == target)
+        for parts in estimators:
+            for _role, at, spec, component, params in parts:
+                other = [a for a in component.reads(params).assets if a not in ("quoted", target)]
+                if other:
+                    raise ConfigError(
+                        f"{where(at)}: {spec.kind!r} reads {other[0]!r}, but score: trades scores one asset at a "
+                        f"time on its exchange clock (target {target!r}); use score: grid for cross-asset estimators"
+                    )
+        feed = feeds[q]
+        t0 = time.perf_counter()
+        data = prepare([assets[q]], clock="exchange")
+        tape = aggregate_trades(data, aggregate=cfg.aggregate_trades)
+        if len(tape.ts) == 0:
+            raise DataError(f"{path}: target {target!r} ({feed.venue} {feed.symbol}) has no trades in the window: "
+                            "nothing to score")
+        ctx = PackContext.of([feed], 0, data.first_ts[0], str(path.parent))
+        bank_parts, n_levels, _ready = _bank_parts(estimators, ctx, feed.tick_size)
+        kernel, params, state = build_bank(bank_parts, ctx, 0)
+        outs = replay_trades(data, tape, kernel, params, state, n_levels=n_levels,
+                             out_columns=list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts))))
+        replay_s += time.perf_counter() - t0
+        events += len(data.ev)
+        raw += tape.raw_trades
+        scored += len(tape.ts)
+        for j, spec in enumerate(cfg.estimators):
+            rows.append({"estimator": spec.name, "target": target, "venue": feed.venue, "symbol": feed.symbol,
+                         "has_forecast": bool(spec.forecast), "horizon": "trade", "horizon_s": float("nan"),
+                         **trade_errors(outs[:, 3 + 2 * j], tape.px), "note": spec.note})
+    summary = {"name": cfg.name, "score": "trades", "targets": targets, "estimators": [e.name for e in cfg.estimators],
+               "horizons": ["trade"], "trades_raw": raw, "trades_scored": scored, "events": events,
+               "conventions": [TRADE_CONVENTIONS[cfg.aggregate_trades], MATCH_CONVENTION, *cfg.notes],
+               "replay_seconds": round(replay_s, 4), "seconds": round(time.perf_counter() - t_start, 4),
+               "events_per_second": round(events / replay_s) if replay_s > 0 else None}
+    return Evaluation(rows, [], [], summary)
 
 
 def write_outputs(result: Evaluation, out: Path, plots: bool = True) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from hftbacktest.types import (
@@ -24,6 +24,7 @@ from hftbacktest.types import (
     DEPTH_CLEAR_EVENT,
     DEPTH_EVENT,
     DEPTH_SNAPSHOT_EVENT,
+    EXCH_EVENT,
     LOCAL_EVENT,
     SELL_EVENT,
     TRADE_EVENT,
@@ -233,6 +234,23 @@ def _fill_levels(view, a, bid, ask, base, bk, tick, n_levels, max_scan):
 
 
 @njit
+def _apply_book_row(e, bid, ask, base, bk, px, q, tick, lot):
+    """Apply a depth, snapshot or clear row to the book; False for any other row (a trade)."""
+    kind = e & 0xFF
+    side = 1 if (e & BUY_EVENT) == BUY_EVENT else (-1 if (e & SELL_EVENT) == SELL_EVENT else 0)
+    if kind == DEPTH_CLEAR_EVENT:
+        _clear(bid, ask, base, bk, side, px, tick)
+    elif kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
+        if side == 1:
+            _update_bid(bid, ask, base, bk, px, q, tick, lot)
+        elif side == -1:
+            _update_ask(bid, ask, base, bk, px, q, tick, lot)
+    else:
+        return False
+    return True
+
+
+@njit
 def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, book_start, bid_all, ask_all, books,
                origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask,
                rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols):
@@ -256,16 +274,7 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
             end = row_start[a + 1]
             while i < end and local_ts[i] <= now_ns:
                 e = ev[i]
-                kind = e & 0xFF
-                side = 1 if (e & BUY_EVENT) == BUY_EVENT else (-1 if (e & SELL_EVENT) == SELL_EVENT else 0)
-                if kind == DEPTH_CLEAR_EVENT:
-                    _clear(bid, ask, base, bk, side, px[i], tick)
-                elif kind in (DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT):
-                    if side == 1:
-                        _update_bid(bid, ask, base, bk, px[i], qty[i], tick, lot)
-                    elif side == -1:
-                        _update_ask(bid, ask, base, bk, px[i], qty[i], tick, lot)
-                elif kind == TRADE_EVENT:
+                if not _apply_book_row(e, bid, ask, base, bk, px[i], qty[i], tick, lot) and (e & 0xFF) == TRADE_EVENT:
                     j = n_tr[a]
                     if j < cap:
                         trades[a, j, L.TR_PX] = px[i]
@@ -308,11 +317,12 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
 
 
 @njit(cache=True)
-def _gather_local_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, lohi):
-    # One pass over the structured array's fields: the local rows, and the tick range of their depth.
+def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, lohi, flag):
+    # One pass over the structured array's fields: the rows seen on one side (LOCAL_EVENT or
+    # EXCH_EVENT), and the tick range of their depth.
     for i in range(len(ev)):
         e = ev[i]
-        if (e & LOCAL_EVENT) != LOCAL_EVENT:
+        if (e & flag) != flag:
             continue
         out_ev[n] = e
         out_local[n] = local_ts[i]
@@ -328,18 +338,19 @@ def _gather_local_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch
     return n
 
 
-def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int) -> tuple[int, tuple[int, int]]:
-    """Write the asset's LOCAL_EVENT rows into ``cols`` from ``start`` in local-time order; return the
-    end row and the asset's depth tick range."""
+def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int, clock: str = "local"
+                  ) -> tuple[int, tuple[int, int]]:
+    """Write the asset's rows seen on ``clock``'s side (LOCAL_EVENT or EXCH_EVENT) into ``cols`` from
+    ``start``, in that clock's order; return the end row and the asset's depth tick range."""
     lohi = np.array([INVALID_MAX, INVALID_MIN], dtype=np.int64)
     n = start
+    flag, key = (LOCAL_EVENT, 1) if clock == "local" else (EXCH_EVENT, 2)
     for e in asset.events:
-        n = _gather_local_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size,
-                             lohi)
-    # Catalog days are already in local order; sort (stably, keeping file order for equal times, as
+        n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, lohi, flag)
+    # Catalog days are already in both orders; sort (stably, keeping file order for equal times, as
     # hftbacktest's reader does) only data that is not.
-    if n - start > 1 and (np.diff(cols[1][start:n]) < 0).any():
-        order = start + np.argsort(cols[1][start:n], kind="stable")
+    if n - start > 1 and (np.diff(cols[key][start:n]) < 0).any():
+        order = start + np.argsort(cols[key][start:n], kind="stable")
         for c in cols:
             c[start:n] = c[order]
     if lohi[0] > lohi[1]:
@@ -350,6 +361,29 @@ def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int) 
             f"replay: {asset.name}'s depth prices span {hi - lo + 1} ticks of {asset.tick_size}; check its tick size"
         )
     return n, (lo, hi - lo + 1)
+
+
+def _empty_books(n: int) -> np.ndarray:
+    books = np.empty((n, 4), dtype=np.int64)
+    books[:, B_BEST_BID] = INVALID_MIN
+    books[:, B_BEST_ASK] = INVALID_MAX
+    books[:, B_LOW_BID] = INVALID_MAX
+    books[:, B_HIGH_ASK] = INVALID_MIN
+    return books
+
+
+def _initial_view(assets: Sequence[ReplayAsset]) -> np.ndarray:
+    view = np.full((len(assets), L.VIEW_WIDTH), np.nan)
+    for i, a in enumerate(assets):
+        view[i, L.TICK] = a.tick_size
+        view[i, L.LOT] = a.lot_size
+        view[i, L.CONTRACT_SIZE] = a.contract_size
+        view[i, L.INVERSE] = 1.0 if a.inverse else 0.0
+        view[i, L.POSITION] = 0.0
+        view[i, L.BALANCE] = 0.0
+        view[i, L.FEE] = 0.0
+        view[i, L.NUM_FILLS] = 0.0
+    return view
 
 
 @dataclass(frozen=True)
@@ -367,10 +401,15 @@ class ReplayData:
     book_start: np.ndarray
     first_ts: tuple[int, ...]
     last_ts: int
+    clock: str = "local"
 
 
-def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
-    """Sort and flatten the assets' LOCAL_EVENT rows and size each asset's dense book."""
+def prepare(assets: Sequence[ReplayAsset], clock: Literal["local", "exchange"] = "local") -> ReplayData:
+    """Sort and flatten the assets' rows and size each asset's dense book.
+
+    ``local``: the LOCAL_EVENT rows in local time, the book a strategy sees. ``exchange``: the
+    EXCH_EVENT rows in exchange time, the book as of each exchange timestamp (:func:`replay_trades`).
+    """
     n = len(assets)
     size = sum(len(e) for a in assets for e in a.events)
     cols = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size),
@@ -378,7 +417,7 @@ def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
     row_start = np.zeros(n + 1, dtype=np.int64)
     ranges = []
     for i, a in enumerate(assets):
-        end, tick_range = _gather_asset(a, cols, int(row_start[i]))
+        end, tick_range = _gather_asset(a, cols, int(row_start[i]), clock)
         row_start[i + 1] = end
         ranges.append(tick_range)
     ev, local_ts, exch_ts, px, qty = (c[: row_start[-1]] for c in cols)
@@ -387,7 +426,7 @@ def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
     return ReplayData(
         assets=tuple(assets), ev=ev, local_ts=local_ts, exch_ts=exch_ts, px=px, qty=qty, row_start=row_start,
         book_base=np.array([lo for lo, _ in ranges], dtype=np.int64), book_start=book_start,
-        first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets),
+        first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets), clock=clock,
     )
 
 
@@ -424,26 +463,14 @@ def replay(
     if step_ns <= 0:
         raise ValueError(f"step must be > 0, got {step}")
     data = assets if isinstance(assets, ReplayData) else prepare(assets)
+    if data.clock != "local":
+        raise ValueError("replay() runs on the local clock; prepare(assets) without clock='exchange'")
     n = len(data.assets)
     origin = data.first_ts[quoted] if origin_ns is None else int(origin_ns)
     n_grid = max(0, (data.last_ts - origin) // step_ns)
     size = int(data.book_start[-1])
-    books = np.empty((n, 4), dtype=np.int64)
-    books[:, B_BEST_BID] = INVALID_MIN
-    books[:, B_BEST_ASK] = INVALID_MAX
-    books[:, B_LOW_BID] = INVALID_MAX
-    books[:, B_HIGH_ASK] = INVALID_MIN
-
-    view = np.full((n, L.VIEW_WIDTH), np.nan)
-    for i, a in enumerate(data.assets):
-        view[i, L.TICK] = a.tick_size
-        view[i, L.LOT] = a.lot_size
-        view[i, L.CONTRACT_SIZE] = a.contract_size
-        view[i, L.INVERSE] = 1.0 if a.inverse else 0.0
-        view[i, L.POSITION] = 0.0
-        view[i, L.BALANCE] = 0.0
-        view[i, L.FEE] = 0.0
-        view[i, L.NUM_FILLS] = 0.0
+    books = _empty_books(n)
+    view = _initial_view(data.assets)
     trades = np.zeros((n, trades_capacity, L.TR_WIDTH))
     ready_mask = np.zeros(n, dtype=np.bool_)
     ready_mask[list(range(n)) if ready is None else list(ready)] = True
@@ -467,6 +494,96 @@ def replay(
         views=rec_view[:m] if keep_view else None, n_trades=rec_ntr[:m], grid_steps=int(counters[0]),
         trades_dropped=int(counters[1]), origin_ns=origin,
     )
+
+
+@dataclass(frozen=True)
+class TradeTape:
+    """An asset's trades on the exchange clock, aggregated: trades with the same exchange time and
+    side are one (first price, summed quantity), ordered by time, then buyer-initiated before
+    seller-initiated (pandas' ``groupby(['transact_time', 'is_buyer_maker'])`` order)."""
+
+    ts: np.ndarray  # int64 ns, exchange time
+    px: np.ndarray
+    qty: np.ndarray
+    side: np.ndarray  # +1 buyer-initiated (Binance m false), -1 seller-initiated
+    raw_trades: int  # before aggregation
+
+
+def aggregate_trades(data: ReplayData, asset: int = 0, aggregate: bool = True) -> TradeTape:
+    """The asset's :class:`TradeTape` from exchange-clock rows (``prepare(..., clock='exchange')``);
+    ``aggregate=False`` keeps every trade, in the same order."""
+    if data.clock != "exchange":
+        raise ValueError("aggregate_trades needs exchange-clock data: prepare(assets, clock='exchange')")
+    lo, hi = int(data.row_start[asset]), int(data.row_start[asset + 1])
+    ev = data.ev[lo:hi]
+    rows = np.flatnonzero((ev & 0xFF) == TRADE_EVENT)
+    ts = data.exch_ts[lo:hi][rows]
+    seller = (ev[rows] & BUY_EVENT) != BUY_EVENT
+    order = np.lexsort((seller, ts))  # stable: the first trade of a group keeps its price
+    ts, seller = ts[order], seller[order]
+    px, qty = data.px[lo:hi][rows][order], data.qty[lo:hi][rows][order]
+    if len(ts) == 0:
+        return TradeTape(ts, px, qty, np.zeros(0), 0)
+    if aggregate:
+        start = np.flatnonzero(np.r_[True, (np.diff(ts) != 0) | (np.diff(seller) != 0)])
+    else:
+        start = np.arange(len(ts))
+    return TradeTape(ts=ts[start], px=px[start], qty=np.add.reduceat(qty, start),
+                     side=np.where(seller[start], -1.0, 1.0), raw_trades=len(ts))
+
+
+@njit
+def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, bk, t_ts, t_px, t_qty, t_side, origin, view,
+                      trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
+    n = len(ev)
+    tick = view[0, L.TICK]
+    lot = view[0, L.LOT]
+    i = 0
+    last = np.nan
+    for g in range(len(t_ts)):
+        # the book as of the trade's exchange time, equal times included (merge_asof backward)
+        while i < n and exch_ts[i] <= t_ts[g]:
+            _apply_book_row(ev[i], bid, ask, base, bk, px[i], qty[i], tick, lot)
+            i += 1
+        _fill_levels(view, 0, bid, ask, base, bk, tick, n_levels, max_scan)
+        now = (t_ts[g] - origin) * 1e-9
+        view[0, L.STEP_SECONDS] = now - last if last == last else 0.0
+        view[0, L.TIME] = now
+        last = now
+        trades[0, 0, L.TR_PX] = t_px[g]
+        trades[0, 0, L.TR_QTY] = t_qty[g]
+        trades[0, 0, L.TR_SIDE] = t_side[g]
+        trades[0, 0, L.TR_TIME] = now
+        view[0, L.N_TRADES] = 1.0
+        kernel(view, trades, state, params, out)
+        for c in range(len(out_cols)):
+            rec_out[g, c] = out[out_cols[c]]
+
+
+def replay_trades(data: ReplayData, tape: TradeTape, kernel: Any, params: np.ndarray, state: np.ndarray, *,
+                  n_levels: int = 1, max_scan_ticks: int = 2000, out_columns: Sequence[int] | None = None
+                  ) -> np.ndarray:
+    """Call ``kernel`` once per trade of ``tape``, on the book as of the trade's exchange time.
+
+    ``data`` holds one asset on the exchange clock. Each call sees that one trade in ``trades`` (so
+    trade-flow parts update per trade, as the seed study's EWMAs did) and ``TIME`` = its exchange
+    time. The kernel runs for every trade, also while a side of the book is empty (its estimates are
+    then NaN): flow state must see every trade. Returns the ``out`` slots ``out_columns``, one row per trade.
+    """
+    if data.clock != "exchange" or len(data.assets) != 1:
+        raise ValueError("replay_trades needs one asset on the exchange clock: prepare([asset], clock='exchange')")
+    if not 1 <= n_levels <= L.MAX_LEVELS:
+        raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
+    size = int(data.book_start[-1])
+    out_cols = np.arange(L.OUT_WIDTH) if out_columns is None else np.asarray(out_columns, dtype=np.int64)
+    rec_out = np.zeros((len(tape.ts), len(out_cols)))
+    _replay_trades_nb(
+        kernel, data.ev, data.exch_ts, data.px, data.qty, int(data.book_base[0]), np.zeros(size), np.zeros(size),
+        _empty_books(1)[0], tape.ts, tape.px, tape.qty, tape.side, data.first_ts[0], _initial_view(data.assets),
+        np.zeros((1, 1, L.TR_WIDTH)), state, np.ascontiguousarray(params, dtype=np.float64), np.zeros(L.OUT_WIDTH),
+        n_levels, max_scan_ticks, rec_out, out_cols,
+    )
+    return rec_out
 
 
 def context(assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, origin_ns: int | None = None,

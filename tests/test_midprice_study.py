@@ -1,0 +1,106 @@
+"""The seed's mid-price study: ``quotelab evaluate strategies/midprice_study.yaml`` against the pandas
+procedure in seed_study.py, on the shared USD-M BTCUSDT and ETHUSDT windows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from seed_study import ESTIMATORS, book_frame, exchange_rows, study_table, trades_frame
+
+from quotelab.data import catalog as cat
+from quotelab.evaluate import evaluate
+from quotelab.replay import ReplayAsset, aggregate_trades, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "strategies" / "midprice_study.yaml"
+WINDOW = ("20240808", "20240809")
+SYMBOLS = {"btc": ("BTCUSDT", 0.1), "eth": ("ETHUSDT", 0.01)}
+
+
+@pytest.fixture(scope="module")
+def study(real_catalog: Path) -> dict:
+    """The table as a user gets it: the CLI in a subprocess, --json."""
+    proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "evaluate", str(STUDY), "--catalog",
+                           str(real_catalog), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _days(catalog: Path, symbol: str) -> list[np.ndarray]:
+    return [cat.load_day(catalog, "binance-usdm", symbol, d) for d in WINDOW]
+
+
+@pytest.mark.parametrize("target", ["btc", "eth"])
+def test_study_table_equals_the_pandas_procedure(study, real_catalog, target):
+    symbol, tick = SYMBOLS[target]
+    rows = exchange_rows(_days(real_catalog, symbol))
+    want = study_table(trades_frame(rows), book_frame(rows, tick, 0.001))
+    got = {r["estimator"]: r for r in study["rows"] if r["target"] == target}
+    assert list(got) == ESTIMATORS
+    for name in ESTIMATORS:
+        w, g = want.loc[name], got[name]
+        assert (g["n"], g["n_undefined"]) == (w["n"], w["n_undefined"]), name
+        assert g["sse"] == pytest.approx(w["sse"], rel=1e-9, abs=0), name
+        assert g["mse"] == pytest.approx(w["mse"], rel=1e-9, abs=0), name
+    # the flow estimators are undefined for the first trades, and only they are
+    assert all(got[n]["n_undefined"] == 0 for n in ESTIMATORS if n not in ("adjust_mid_price_9",
+                                                                           "adjust_mid_price_10",
+                                                                           "adjust_mid_price_11"))
+    assert 0 < got["adjust_mid_price_10"]["n_undefined"] < got["adjust_mid_price_11"]["n_undefined"]
+    # the estimators differ: the table is not one number repeated
+    assert len({round(g["sse"], 6) for g in got.values()}) == len(ESTIMATORS)
+
+
+def test_study_names_its_conventions(study):
+    text = " ".join(study["summary"]["conventions"])
+    for phrase in ("is_buyer_maker == True", "In[28]", "adjust_mid_price_8", "forward-filled", "merge_asof",
+                   "first price, summed quantity"):
+        assert phrase in text
+    notes = {r["estimator"]: r["note"] for r in study["rows"]}
+    assert "different weights" in notes["adjust_mid_price_8"]
+
+
+@pytest.mark.parametrize("target", ["btc", "eth"])
+def test_trade_aggregation_equals_pandas_groupby(real_catalog, target):
+    symbol, tick = SYMBOLS[target]
+    days = _days(real_catalog, symbol)
+    tape = aggregate_trades(prepare([ReplayAsset(target, days, tick, 0.001)], clock="exchange"))
+    df = trades_frame(exchange_rows(days))
+    want = df.groupby(["transact_time", "is_buyer_maker"]).agg({"price": "first", "quantity": "sum"}).reset_index()
+    assert tape.raw_trades == len(df) > len(tape.ts) == len(want)
+    np.testing.assert_array_equal(tape.ts // 1_000_000, want["transact_time"])
+    np.testing.assert_array_equal(tape.side < 0, want["is_buyer_maker"])
+    np.testing.assert_array_equal(tape.px, want["price"])
+    np.testing.assert_allclose(tape.qty, want["quantity"], rtol=1e-12)
+
+
+def _variant(tmp_path: Path, catalog: Path, **changes) -> Path:
+    doc = yaml.safe_load(STUDY.read_text())
+    doc["data"]["catalog"] = str(catalog)
+    doc.update(changes)
+    out = tmp_path / "study.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def test_without_aggregation_every_trade_is_scored(tmp_path, real_catalog):
+    res = evaluate(_variant(tmp_path, real_catalog, aggregate_trades=False, targets=["eth"],
+                            estimators=[{"name": "mid_price", "fair_value": [{"kind": "mid"}]}]))
+    (row,) = res.rows
+    assert row["n"] + row["n_undefined"] == res.summary["trades_raw"] == res.summary["trades_scored"]
+    assert "no aggregation" in res.summary["conventions"][0]
+
+
+def test_trades_mode_rejects_a_cross_asset_estimator_naming_the_place(tmp_path, real_catalog):
+    estimators = [{"name": "mid_price", "fair_value": [{"kind": "mid"}]},
+                  {"name": "two", "fair_value": [{"kind": "mid"}, {"kind": "mid", "params": {"asset": "eth"}}]}]
+    path = _variant(tmp_path, real_catalog, targets=["btc"], estimators=estimators)
+    with pytest.raises(Exception, match=r"study\.yaml:\d+: estimators\[1\]\.fair_value\[1\]: 'mid' reads 'eth'.*"
+                                        r"score: grid"):
+        evaluate(path)
