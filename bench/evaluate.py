@@ -6,6 +6,9 @@
 2. ``quotelab evaluate`` end to end from the catalog against a pandas implementation of the same
    study (mid and weighted mid against future mids and trades) on top-of-book frames and trades
    already built in memory. Prints the ratio and whether the numbers are identical.
+3. The seed's mid-price study (``strategies/midprice_study.yaml``, ``score: trades``) end to end
+   from the catalog, against ``tests/seed_study.py``'s pandas procedure on trades and exchange-time
+   top-of-book frames already built in memory; with the time split (load, replay, rest).
 
 Runs on a synthetic day (>= 20 M events, made if absent) and on the shared USD-M BTCUSDT window.
 
@@ -142,6 +145,90 @@ def bench_one(label: str, catalog: Path, venue: str, symbol: str, date: str, rep
           f"pandas / quotelab time: {p / et:.3f} (target > 1); identical numbers: {same}")
 
 
+def exchange_frames(days: list[np.ndarray], tick: float, lot: float, shared: bool):
+    """The seed study's inputs: its trades frame and the top-3 levels after each exchange timestamp.
+
+    On the shared window the frame comes from seed_study's plain dict book (independent of quotelab);
+    a 20 M-event day is too long for it, so there the levels are recorded by quotelab's exchange-clock
+    replay, called once per depth timestamp."""
+    import pandas as pd
+    from hftbacktest.types import TRADE_EVENT
+    from seed_study import LEVELS, book_frame, exchange_rows, trades_frame
+
+    from quotelab import layout as L
+    from quotelab.composer import STRATEGY_SIG
+    from quotelab.replay import ReplayAsset, TradeTape, prepare, replay_trades
+
+    rows = exchange_rows(days)
+    trades = trades_frame(rows, 1_000_000 if shared else 1)  # the synthetic clock has nanoseconds
+    if shared:
+        return trades, book_frame(rows, tick, lot)
+    from numba import njit
+
+    @njit(STRATEGY_SIG)
+    def levels(view, trades, state, params, out):
+        for k in range(3):
+            out[k] = view[0, L.BID_PX + k]
+            out[3 + k] = view[0, L.BID_SZ + k]
+            out[6 + k] = view[0, L.ASK_PX + k]
+            out[9 + k] = view[0, L.ASK_SZ + k]
+        return 0.0
+
+    data = prepare([ReplayAsset("x", days, tick, lot)], clock="exchange")
+    ts = np.unique(data.exch_ts[(data.ev & 0xFF) != TRADE_EVENT])
+    z = np.zeros(len(ts))
+    got = replay_trades(data, TradeTape(ts, z, z, z + 1.0, 0), levels, np.zeros(0), np.zeros(0), n_levels=LEVELS,
+                        out_columns=list(range(12)))
+    cols = {"transact_time": ts}
+    for k in range(LEVELS):
+        cols |= {f"bid_{k}_price": got[:, k], f"bid_{k}_quantity": got[:, 3 + k], f"ask_{k}_price": got[:, 6 + k],
+                 f"ask_{k}_quantity": got[:, 9 + k]}
+    return trades, pd.DataFrame(cols)
+
+
+def bench_seed_study(label: str, catalog: Path, venue: str, symbol: str, dates: list[str], repeat: int, tmp: Path
+                     ) -> None:
+    from seed_study import study_table
+
+    from quotelab.data import catalog as cat
+    from quotelab.evaluate import evaluate
+
+    doc = yaml.safe_load((REPO / "strategies" / "midprice_study.yaml").read_text())
+    doc["data"] = {"catalog": str(catalog), "quote": "x",
+                   "assets": {"x": {"venue": venue, "symbol": symbol, "dates": [int(d) for d in dates]}}}
+    doc["targets"] = ["x"]
+    path = tmp / f"study_{symbol}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    meta = cat.read_meta(catalog, venue, symbol)
+    days = [cat.load_day(catalog, venue, symbol, d) for d in dates]
+    trades, depths = exchange_frames(days, meta["tick_size"], meta["lot_size"], shared=label == "shared")
+    evaluate(path)  # compile once
+    t_eval, t_replay, t_pandas, t_load = [], [], [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for d in dates:
+            cat.load_day(catalog, venue, symbol, d)
+        t_load.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        res = evaluate(path)
+        t_eval.append(time.perf_counter() - t)
+        t_replay.append(res.summary["replay_seconds"])
+        t = time.perf_counter()
+        ref = study_table(trades, depths)
+        t_pandas.append(time.perf_counter() - t)
+    same = all(r["n"] == ref.loc[r["estimator"], "n"] and abs(r["sse"] - ref.loc[r["estimator"], "sse"])
+               <= 1e-9 * abs(ref.loc[r["estimator"], "sse"]) for r in res.rows)
+    e, rp, pd_, ld = (statistics.median(x) for x in (t_eval, t_replay, t_pandas, t_load))
+    n_ev = sum(len(d) for d in days)
+    print(f"[{label}] seed mid-price study, {venue}/{symbol} {'+'.join(dates)}: {n_ev:,} events, "
+          f"{res.summary['trades_raw']:,} trades -> {res.summary['trades_scored']:,} aggregated, "
+          f"{len(depths):,} book frames")
+    print(f"  evaluate end to end {e:.3f} s (catalog load {ld:.3f} s, exchange-clock replay + bank {rp:.3f} s); "
+          f"pandas on in-memory frames {pd_:.3f} s")
+    print(f"  pandas / quotelab time: {pd_ / e:.3f} (target > 1); replay alone: {pd_ / rp:.3f}; "
+          f"identical numbers: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--catalog", type=Path, default=None)
@@ -161,6 +248,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "quotelab.cli", "convert", "--format", "binance-usdm", "--symbol",
                         "BTCUSDT", "--catalog", str(catalog), str(shared)], check=True, capture_output=True)
         bench_one("shared", catalog, "binance-usdm", "BTCUSDT", "20240808", args.repeat, tmp)
+        bench_seed_study("shared", catalog, "binance-usdm", "BTCUSDT", ["20240808", "20240809"], args.repeat, tmp)
+    bench_seed_study("synthetic", catalog, "synthetic", "SYNPERP", ["20240101"], args.repeat, tmp)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ def exchange_rows(days: list[np.ndarray]) -> np.ndarray:
     return rows[np.argsort(rows["exch_ts"], kind="stable")]
 
 
-def trades_frame(rows: np.ndarray) -> pd.DataFrame:
-    """Binance's aggTrade columns the seed read: transact_time (ms), price, quantity, is_buyer_maker."""
+def trades_frame(rows: np.ndarray, unit_ns: int = 1_000_000) -> pd.DataFrame:
+    """Binance's aggTrade columns the seed read: transact_time (ms; ``unit_ns=1`` keeps a finer clock's
+    nanoseconds), price, quantity, is_buyer_maker."""
     t = rows[(rows["ev"] & 0xFF) == TRADE_EVENT]
     return pd.DataFrame({
-        "transact_time": t["exch_ts"] // 1_000_000, "price": t["px"], "quantity": t["qty"],
+        "transact_time": t["exch_ts"] // unit_ns, "price": t["px"], "quantity": t["qty"],
         "is_buyer_maker": (t["ev"] & BUY_EVENT) != BUY_EVENT,
     })
 
