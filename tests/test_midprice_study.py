@@ -104,3 +104,40 @@ def test_trades_mode_rejects_a_cross_asset_estimator_naming_the_place(tmp_path, 
     with pytest.raises(Exception, match=r"study\.yaml:\d+: estimators\[1\]\.fair_value\[1\]: 'mid' reads 'eth'.*"
                                         r"score: grid"):
         evaluate(path)
+
+
+def test_a_study_estimator_pasted_into_a_strategy_runs_unchanged(real_catalog, tmp_path):
+    import polars as pl
+    from reference_impls import local_trades, trade_flow
+
+    from quotelab import layout as L
+    from quotelab.registry import load_registry
+    from quotelab.replay import replay_component
+
+    study = yaml.safe_load(STUDY.read_text())
+    est = next(e for e in study["estimators"] if e["name"] == "adjust_mid_price_10")
+    doc = {"name": "pasted", "engine": {"step": "100ms", "on_nonfinite": "skip"},
+           "data": {"catalog": str(real_catalog), "quote": "btc", "assets": {"btc": study["data"]["assets"]["btc"]}},
+           "fair_value": est["fair_value"], "forecast": est["forecast"],
+           "quoter": {"kind": "fixed_spread", "params": {"half_spread": "2ticks", "size": 0.001, "max_position": 0.01}}}
+    path = tmp_path / "pasted.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "run", str(path), "--json", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["quoting_steps"] > 3000 and summary["nonfinite_skipped"] > 0  # VI undefined while warming up
+    series = pl.read_parquet(out / "series.parquet")
+    ts = series["timestamp"].to_numpy()
+
+    # forecast = -1.4 spread VI, VI counting seller-initiated trades as buys, written from the formula
+    days = _days(real_catalog, "BTCUSDT")
+    vi = trade_flow(local_trades(np.concatenate(days)), ts, 0.1, -1.0)["VI"].to_numpy()
+    book = replay_component(load_registry(entry_points=False).get("fair_value", "mid"), {},
+                            [ReplayAsset("btc", days, 0.1, 0.001)], keep_view=True)
+    at = np.searchsorted(book.timestamps, ts)
+    assert np.array_equal(book.timestamps[at], ts)
+    spread = book.views[at, 0, L.BEST_ASK] - book.views[at, 0, L.BEST_BID]
+    np.testing.assert_allclose(series["forecast"].to_numpy(), -1.4 * spread * vi, rtol=1e-9, atol=1e-12)
+    assert np.std(series["forecast"].to_numpy()) > 0
