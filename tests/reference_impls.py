@@ -74,6 +74,18 @@ def events(shared_data: Path, key: str) -> np.ndarray:
         return z["data"]
 
 
+def yaml_variant(source: Path, tmp_path: Path, catalog: Path, **changes) -> Path:
+    """A copy of the YAML at ``source`` reading ``catalog``, with top-level keys replaced by ``changes``."""
+    import yaml
+
+    doc = yaml.safe_load(source.read_text())
+    doc["data"]["catalog"] = str(catalog)
+    doc.update(changes)
+    out = tmp_path / source.name
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def asset(shared_data: Path, key: str, name: str | None = None) -> ReplayAsset:
     if key in SPOT:
         meta = cat.read_meta(_spot_catalog(shared_data, key), "binance-spot", SPOT[key])

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from handwritten import seed_asset
 from hftbacktest import HashMapMarketDepthBacktest
 from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
 from numba import njit
+from reference_impls import yaml_variant
 
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError
@@ -64,12 +64,7 @@ def _reference(day: np.ndarray, tick: float, lot: float, horizons_steps: dict[st
 
 
 def _study(real_catalog: Path, tmp_path: Path, **changes) -> Path:
-    doc = yaml.safe_load(STUDY.read_text())
-    doc["data"]["catalog"] = str(real_catalog)
-    doc.update(changes)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return yaml_variant(STUDY, tmp_path, real_catalog, **changes)
 
 
 @pytest.mark.parametrize("symbol,target,tick", [("BTCUSDT", "btc", 0.1), ("ETHUSDT", "eth", 0.01)])

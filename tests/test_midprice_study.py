@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from reference_impls import yaml_variant
 from seed_study import ESTIMATORS, book_frame, exchange_rows, study_table, trades_frame
 
 from quotelab.data import catalog as cat
+from quotelab.errors import ConfigError
 from quotelab.evaluate import evaluate
 from quotelab.replay import ReplayAsset, aggregate_trades, prepare
 
@@ -81,12 +83,7 @@ def test_trade_aggregation_equals_pandas_groupby(real_catalog, target):
 
 
 def _variant(tmp_path: Path, catalog: Path, **changes) -> Path:
-    doc = yaml.safe_load(STUDY.read_text())
-    doc["data"]["catalog"] = str(catalog)
-    doc.update(changes)
-    out = tmp_path / "study.yaml"
-    out.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return out
+    return yaml_variant(STUDY, tmp_path, catalog, **changes)
 
 
 def test_without_aggregation_every_trade_is_scored(tmp_path, real_catalog):
@@ -101,8 +98,8 @@ def test_trades_mode_rejects_a_cross_asset_estimator_naming_the_place(tmp_path, 
     estimators = [{"name": "mid_price", "fair_value": [{"kind": "mid"}]},
                   {"name": "two", "fair_value": [{"kind": "mid"}, {"kind": "mid", "params": {"asset": "eth"}}]}]
     path = _variant(tmp_path, real_catalog, targets=["btc"], estimators=estimators)
-    with pytest.raises(Exception, match=r"study\.yaml:\d+: estimators\[1\]\.fair_value\[1\]: 'mid' reads 'eth'.*"
-                                        r"score: grid"):
+    with pytest.raises(ConfigError, match=r"midprice_study\.yaml:\d+: estimators\[1\]\.fair_value\[1\]: "
+                                          r"'mid' reads 'eth'.*score: grid"):
         evaluate(path)
 
 
