@@ -388,7 +388,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
             est = outs[:, 3 + 2 * j]
             fc = outs[:, 4 + 2 * j]
             base = {"estimator": spec.name, "target": target, "venue": feed.venue, "symbol": feed.symbol,
-                    "has_forecast": bool(spec.forecast)}
+                    "has_forecast": bool(spec.forecast), "note": spec.note}
             for h, k in zip(cfg.horizons, steps_per, strict=True):
                 rows.append({**base, "horizon": horizon_label(h), "horizon_s": h,
                              **score_against_future_mid(est, mid, k)})
@@ -445,8 +445,7 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
     path, where = info["path"], info["where"]
     rows: list[dict[str, Any]] = []
     replay_s, events, raw, scored = 0.0, 0, 0, 0
-    for target in targets:
-        q = next(i for i, f in enumerate(feeds) if f.name == target)
+    for target in targets:  # checked for every target before any is computed
         for parts in estimators:
             for _role, at, spec, component, params in parts:
                 other = [a for a in component.reads(params).assets if a not in ("quoted", target)]
@@ -455,6 +454,8 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
                         f"{where(at)}: {spec.kind!r} reads {other[0]!r}, but score: trades scores one asset at a "
                         f"time on its exchange clock (target {target!r}); use score: grid for cross-asset estimators"
                     )
+    for target in targets:
+        q = next(i for i, f in enumerate(feeds) if f.name == target)
         feed = feeds[q]
         t0 = time.perf_counter()
         data = prepare([assets[q]], clock="exchange")
