@@ -7,6 +7,10 @@ and the same stale entries when a side crosses the other) and fills ``view`` and
 engine's grid exactly like :func:`quotelab.driver._fill_view`. Position, balance, fees and fills are
 0: nothing trades here.
 
+:func:`replay_trades` is the other clock: the EXCH_EVENT rows in exchange time, one kernel call per
+(aggregated) trade on the book as of its exchange timestamp, for studies that match trades to the
+book the way the seed study's ``merge_asof`` did.
+
 The book of each asset is a dense array over the tick range of its depth rows, so a lookup is an
 index, and a scan costs what hftbacktest's hash-map scan costs.
 """
@@ -388,7 +392,8 @@ def _initial_view(assets: Sequence[ReplayAsset]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ReplayData:
-    """Assets' local rows sorted and flattened once, to replay many kernels over the same data."""
+    """Assets' rows of one clock (``local`` or ``exchange``) sorted and flattened once, to replay many
+    kernels over the same data."""
 
     assets: tuple[ReplayAsset, ...]
     ev: np.ndarray
