@@ -40,6 +40,7 @@ from quotelab.config import (
 from quotelab.data import catalog as cat
 from quotelab.engine import AssetFeed, load_assets, resolve_catalog
 from quotelab.errors import ConfigError, DataError
+from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
 from quotelab.units import Seconds
 
 PROBE_MID = L.QUOTES
@@ -102,6 +103,7 @@ class _BankPart:
     role: str
     weight: float = 1.0
     alpha: Alpha = Alpha()
+    where: str = ""  # config path, named when a Python signal raises
 
 
 def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state_sizes: list[int]) -> str:
@@ -118,15 +120,20 @@ def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state
         f"    out[{PROBE_IMBALANCE}] = (qb - qa) / (qb + qa) if qb + qa > 0.0 else 0.0",
     ]
     p_off, s_off, k = 1, 0, 0
+    python_parts = False
     for j, est in enumerate(estimators):
         header = p_off
         n_fv = sum(1 for p in est if p.role == "fair_value")
         p_off += n_fv + HEADER_PER_SIGNAL * (len(est) - n_fv)
         body += ["    fv = 0.0", "    fc = 0.0", "    ok = True"]
         for i, part in enumerate(est):
-            call = (f"{alias[k]}(view, trades, state[{s_off}:{s_off + state_sizes[k]}], "
-                    f"params[{p_off}:{p_off + pack_sizes[k]}], out)")
-            body.append(f"    v = {call}")
+            state_slice = f"state[{s_off}:{s_off + state_sizes[k]}]"
+            params_slice = f"params[{p_off}:{p_off + pack_sizes[k]}]"
+            if getattr(part.component, "func", None) is not None:
+                python_parts = True
+                body += objmode_call(alias[k], part.where, state_slice, params_slice)
+            else:
+                body.append(f"    v = {alias[k]}(view, trades, {state_slice}, {params_slice}, out)")
             body.append("    if not np.isfinite(v):\n        ok = False")
             body.append(f"    out[{L.COMPONENTS + i}] = v")
             if part.role == "fair_value":
@@ -146,6 +153,7 @@ def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state
         "from numba import njit",
         "from quotelab.composer import STRATEGY_SIG",
         "from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY",
+        *(OBJMODE_IMPORTS if python_parts else []),
         *imports,
         "",
         "",
@@ -324,9 +332,9 @@ def _bank_parts(estimators: list[list[tuple]], ctx: PackContext, tick: float
     bank_parts, n_levels, ready = [], 1, {ctx.asset_index["quoted"]}
     for parts in estimators:
         est = []
-        for role, _at, spec, component, params in parts:
+        for role, at, spec, component, params in parts:
             alpha = parse_alpha(spec.alpha, tick) if role == "signal" else Alpha()
-            est.append(_BankPart(component, params, role, spec.weight, alpha))
+            est.append(_BankPart(component, params, role, spec.weight, alpha, fmt_path(at)))
             reads = component.reads(params)
             n_levels = max(n_levels, reads.depth_levels)
             ready |= {ctx.asset_index[a] for a in reads.assets}

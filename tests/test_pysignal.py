@@ -255,3 +255,36 @@ def test_python_signal_never_hides_its_kernel_twin(tmp_path):
     assert registry.get("signal", "book_imbalance").kernel is not None
     py = registry.get("signal", PREFIX + "book_imbalance")
     assert py.func.__name__ == "book_imbalance_py" and py.source.endswith("twin.py")
+
+
+def test_python_signal_scores_like_its_kernel_in_evaluate(real_catalog, tmp_path):
+    from reference_impls import yaml_variant
+
+    from quotelab.evaluate import evaluate
+
+    estimators = [{"name": name, "fair_value": [{"kind": "mid"}], "forecast": [{"kind": kind, "alpha": "1tick"}]}
+                  for name, kind in (("kernel", "book_imbalance"), ("python", "py:book_imbalance"))]
+    path = yaml_variant(REPO / "strategies" / "fair_value_study.yaml", tmp_path, real_catalog, targets=["btc"],
+                        plots=False, estimators=estimators, plugins=[str(_twin_file(tmp_path))])
+    rows = evaluate(path).rows
+    by = {(r["estimator"], r["horizon"]): r for r in rows}
+    horizons = {r["horizon"] for r in rows}
+    assert len(horizons) == 5
+    for h in horizons:
+        k, p = by[("kernel", h)], by[("python", h)]
+        assert (k["n"], k["sse"], k["bias"]) == (p["n"], p["sse"], p["bias"]), h
+    assert by[("kernel", "1s")]["sse"] != by[("kernel", "100ms")]["sse"]
+
+
+def test_python_signal_that_raises_in_evaluate_names_its_place(real_catalog, tmp_path):
+    from reference_impls import yaml_variant
+
+    from quotelab.evaluate import evaluate
+
+    estimators = [{"name": "python", "fair_value": [{"kind": "mid"}],
+                   "forecast": [{"kind": "py:book_imbalance", "alpha": "1tick"}]}]
+    plant = f"if view[a, TIME] > {PLANT_AT_S}:\n        raise ValueError('boom')"
+    path = yaml_variant(REPO / "strategies" / "fair_value_study.yaml", tmp_path, real_catalog, targets=["btc"],
+                        plots=False, estimators=estimators, plugins=[str(_twin_file(tmp_path, plant))])
+    with pytest.raises(PluginError, match=r"estimators\[0\]\.forecast\[0\].*boom"):
+        evaluate(path)
