@@ -111,7 +111,7 @@ def _depth_above(qty, base, start, end):
     return INVALID_MAX
 
 
-@njit
+@njit(inline="always")
 def _qty_at(qty, base, t):
     i = t - base
     if i < 0 or i >= len(qty):
@@ -119,7 +119,7 @@ def _qty_at(qty, base, t):
     return qty[i]
 
 
-@njit
+@njit(inline="always")
 def _update_bid(bid, ask, base, bk, px, q, tick, lot):
     t = np.int64(np.round(px / tick))
     q_lot = np.int64(np.round(q / lot))
@@ -141,7 +141,7 @@ def _update_bid(bid, ask, base, bk, px, q, tick, lot):
         bk[B_LOW_BID] = min(bk[B_LOW_BID], t)
 
 
-@njit
+@njit(inline="always")
 def _update_ask(bid, ask, base, bk, px, q, tick, lot):
     t = np.int64(np.round(px / tick))
     q_lot = np.int64(np.round(q / lot))
@@ -237,7 +237,7 @@ def _fill_levels(view, a, bid, ask, base, bk, tick, n_levels, max_scan):
             k += 1
 
 
-@njit
+@njit(inline="always")
 def _apply_book_row(e, bid, ask, base, bk, px, q, tick, lot):
     """Apply a depth, snapshot or clear row to the book; False for any other row (a trade)."""
     kind = e & 0xFF
