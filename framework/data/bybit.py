@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from quotelab.data.events import ConvertJob, Findings
-from quotelab.data.messages import MessageFeed, iter_cryptofeed, note_others
+from quotelab.data.messages import MessageFeed, finish_summary, iter_cryptofeed
 from quotelab.errors import DataError
 
 VENUE = "bybit"
@@ -147,14 +147,11 @@ class BybitConverter:
 
     def finish(self) -> dict[str, Any]:
         files = ", ".join(f["file"] for f in self.files)
-        self.feed.finish(f"no {self.book_topic} snapshot in {files}, so the book cannot be built. Fix: pass the "
-                         f"files in time order, starting with the one where the subscription was made (Bybit sends "
-                         f"the snapshot right after subscribing), and check --symbol.")
-        self.stats["dropped_depth_msgs"] = self.feed.dropped_depth
-        self.stats["dropped_trades"] = self.feed.dropped_trades
-        note_others(self.findings, self.other_symbols, "symbols")
-        return {"venue": VENUE, "files": self.files, "messages": self.stats,
-                "other_symbols": dict(sorted(self.other_symbols.items())), "findings": self.findings.as_list()}
+        hint = (f"no {self.book_topic} snapshot in {files}, so the book cannot be built. Fix: pass the files in time "
+                f"order, starting with the one where the subscription was made (Bybit sends the snapshot right "
+                f"after subscribing), and check --symbol.")
+        summary = finish_summary(self.feed, hint, self.stats, self.findings, self.other_symbols, "symbols")
+        return {"venue": VENUE, "files": self.files, **summary}
 
 
 def convert(files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:

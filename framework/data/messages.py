@@ -27,6 +27,17 @@ def note_others(findings: Findings, counts: dict[str, int], what: str) -> None:
                      count=sum(counts.values()))
 
 
+def finish_summary(feed: Any, no_snapshot_hint: str, stats: dict[str, int], findings: Findings,
+                   others: dict[str, int], what: str) -> dict[str, Any]:
+    """The tail every message converter shares: flush the feed (no snapshot is an error carrying
+    ``no_snapshot_hint``), count what was dropped, name what was skipped; the summary's common keys."""
+    feed.finish(no_snapshot_hint)
+    stats["dropped_depth_msgs"] = feed.dropped_depth
+    stats["dropped_trades"] = feed.dropped_trades
+    note_others(findings, others, what)
+    return {"messages": stats, f"other_{what}": dict(sorted(others.items())), "findings": findings.as_list()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading cryptofeed recordings: `<unix seconds float>: <json>`, plus `<url> <-> ts` (connect) and
 # `<url> <- ts: {...}` (a sent subscription) lines.

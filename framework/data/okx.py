@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from quotelab.data.events import ConvertJob, Findings
-from quotelab.data.messages import MessageFeed, iter_cryptofeed, note_others
+from quotelab.data.messages import MessageFeed, finish_summary, iter_cryptofeed
 from quotelab.errors import DataError
 
 VENUE = "okx"
@@ -221,19 +221,16 @@ class OkxConverter:
 
     def finish(self) -> dict[str, Any]:
         files = ", ".join(f["file"] for f in self.files)
-        self.feed.finish(f"no books snapshot for {self.inst} in {files}, so the book cannot be built. Fix: pass the "
-                         f"files in time order, starting with the one where the subscription was made (OKX sends "
-                         f"the snapshot right after subscribing), and check --symbol.")
+        hint = (f"no books snapshot for {self.inst} in {files}, so the book cannot be built. Fix: pass the files in "
+                f"time order, starting with the one where the subscription was made (OKX sends the snapshot right "
+                f"after subscribing), and check --symbol.")
+        summary = finish_summary(self.feed, hint, self.stats, self.findings, self.other, "streams")
         if self.lost_at is not None:
             lf, ll, why = self.lost_at
             raise DataError(f"{lf}:{ll}: {why}; the book is wrong from there on and no later snapshot in the input "
                             f"resyncs it. Fix: convert only the lines before it (e.g. zcat FILE | head -n {ll - 1}), "
                             f"or add a capture that resubscribed after it.")
-        self.stats["dropped_depth_msgs"] = self.feed.dropped_depth
-        self.stats["dropped_trades"] = self.feed.dropped_trades
-        note_others(self.findings, self.other, "streams")
-        return {"venue": VENUE, "files": self.files, "messages": self.stats,
-                "other_streams": dict(sorted(self.other.items())), "findings": self.findings.as_list()}
+        return {"venue": VENUE, "files": self.files, **summary}
 
 
 def convert(files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from quotelab.data.events import ConvertJob, Findings
-from quotelab.data.messages import MessageFeed, note_others, open_text
+from quotelab.data.messages import MessageFeed, finish_summary, open_text
 from quotelab.errors import DataError
 
 BOOK_COLUMNS = ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount"]
@@ -195,16 +195,12 @@ class TardisConverter:
 
     def finish(self) -> dict[str, Any]:
         names = ", ".join(f["file"] for f in self.files)
-        self.feed.finish(f"no incremental_book_L2 snapshot rows (is_snapshot=true) for {self.symbol} in {names}, so "
-                         f"the book cannot be built. Fix: pass the day's incremental_book_L2 file (Tardis starts "
-                         f"each with a snapshot), and check --symbol.")
-        self.stats["dropped_depth_msgs"] = self.feed.dropped_depth
-        self.stats["dropped_trades"] = self.feed.dropped_trades
+        hint = (f"no incremental_book_L2 snapshot rows (is_snapshot=true) for {self.symbol} in {names}, so the book "
+                f"cannot be built. Fix: pass the day's incremental_book_L2 file (Tardis starts each with a snapshot), "
+                f"and check --symbol.")
+        summary = finish_summary(self.feed, hint, self.stats, self.findings, self.other, "symbols")
         exchange = self.exchange or "?"
-        note_others(self.findings, self.other, "symbols")
-        return {"exchange": exchange, "venue": venue_for(exchange), "files": self.files,
-                "messages": self.stats, "other_symbols": dict(sorted(self.other.items())),
-                "findings": self.findings.as_list()}
+        return {"exchange": exchange, "venue": venue_for(exchange), "files": self.files, **summary}
 
 
 def convert(files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:
