@@ -349,11 +349,17 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     t_start = time.perf_counter()
     cfg, _registry, estimators, info = load_eval(path)
     path = info["path"]
-    feeds = load_assets(cfg.data, path.parent, info["where"], resolve_catalog(path.parent, cfg.data.catalog, catalog))
+    targets = cfg.targets or [cfg.data.quote]
+    data_section = cfg.data
+    if cfg.score == "trades":  # one asset at a time: check that, then load only the targets
+        _check_single_asset(estimators, targets, info["where"])
+        data_section = cfg.data.model_copy(update={"assets": {n: a for n, a in cfg.data.assets.items()
+                                                              if n in targets}})
+    feeds = load_assets(data_section, path.parent, info["where"],
+                        resolve_catalog(path.parent, cfg.data.catalog, catalog))
     assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse")
               for f in feeds]
     index = {f.name: i for i, f in enumerate(feeds)}
-    targets = cfg.targets or [cfg.data.quote]
     if cfg.score == "trades":
         result = _evaluate_trades(cfg, estimators, feeds, assets, targets, info, t_start)
         if out_dir is not None:
@@ -445,15 +451,9 @@ MATCH_CONVENTION = ("each trade is scored against the estimate on the book as of
                     "included (pandas merge_asof backward); flow signals update once per trade")
 
 
-def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list[AssetFeed], assets: list[Any],
-                     targets: list[str], info: dict, t_start: float) -> Evaluation:
-    """score: trades: the seed study's procedure, one bank call per (aggregated) trade of each target."""
-    from quotelab.replay import aggregate_trades, prepare, replay_trades
-
-    path, where = info["path"], info["where"]
-    rows: list[dict[str, Any]] = []
-    replay_s, events, raw, scored = 0.0, 0, 0, 0
-    for target in targets:  # checked for every target before any is computed
+def _check_single_asset(estimators: list[list[tuple]], targets: list[str], where: Any) -> None:
+    """score: trades replays one asset at a time: no estimator may read another."""
+    for target in targets:
         for parts in estimators:
             for _role, at, spec, component, params in parts:
                 other = [a for a in component.reads(params).assets if a not in ("quoted", target)]
@@ -462,6 +462,16 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
                         f"{where(at)}: {spec.kind!r} reads {other[0]!r}, but score: trades scores one asset at a "
                         f"time on its exchange clock (target {target!r}); use score: grid for cross-asset estimators"
                     )
+
+
+def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list[AssetFeed], assets: list[Any],
+                     targets: list[str], info: dict, t_start: float) -> Evaluation:
+    """score: trades: the seed study's procedure, one bank call per (aggregated) trade of each target."""
+    from quotelab.replay import aggregate_trades, prepare, replay_trades
+
+    path = info["path"]
+    rows: list[dict[str, Any]] = []
+    replay_s, events, raw, scored = 0.0, 0, 0, 0
     for target in targets:
         q = next(i for i, f in enumerate(feeds) if f.name == target)
         feed = feeds[q]
