@@ -50,6 +50,10 @@ EST_BASE = L.QUOTES + 3  # estimate j at EST_BASE + 2j, its forecast term at EST
 MAX_ESTIMATORS = (L.COMPONENTS - EST_BASE) // 2
 
 
+GRID_ONLY = frozenset({"step", "horizons", "imbalance_buckets", "spread_buckets", "plots"})
+TRADES_ONLY = frozenset({"aggregate_trades"})
+
+
 class EstimatorSpec(_Model):
     name: str
     fair_value: list[PartSpec]
@@ -307,6 +311,11 @@ def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dic
         return f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
 
     check_data_section(cfg.data, where)
+    misplaced = sorted((GRID_ONLY if cfg.score == "trades" else TRADES_ONLY) & cfg.model_fields_set)
+    if misplaced:
+        key, other = misplaced[0], "grid" if cfg.score == "trades" else "trades"
+        raise ConfigError(f"{where((key,))}: {key} applies to score: {other} only, and this evaluation has "
+                          f"score: {cfg.score}; remove it or change score")
     registry = load_registry(local_files=[(path.parent / p).resolve() for p in cfg.plugins])
     names = set(cfg.data.assets) | {"quoted"}
     for t in cfg.targets or []:

@@ -138,3 +138,10 @@ def test_a_study_estimator_pasted_into_a_strategy_runs_unchanged(real_catalog, t
     spread = book.views[at, 0, L.BEST_ASK] - book.views[at, 0, L.BEST_BID]
     np.testing.assert_allclose(series["forecast"].to_numpy(), -1.4 * spread * vi, rtol=1e-9, atol=1e-12)
     assert np.std(series["forecast"].to_numpy()) > 0
+
+
+def test_a_grid_only_key_in_a_trades_study_is_an_error_naming_it(tmp_path, real_catalog):
+    with pytest.raises(ConfigError, match=r"midprice_study\.yaml:\d+: horizons: horizons applies to score: grid only"):
+        evaluate(_variant(tmp_path, real_catalog, horizons=["1s"]))
+    with pytest.raises(ConfigError, match=r"aggregate_trades applies to score: trades only"):
+        evaluate(_variant(tmp_path, real_catalog, score="grid"))
