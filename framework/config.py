@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, NoReturn, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -98,7 +98,7 @@ def line_of(lines: dict[Path_, int], at: Path_) -> int:
 def raise_validation(
     exc: ValidationError, file: str | Path, lines: dict[Path_, int], prefix: Path_ = (),
     model: type[BaseModel] | None = None,
-) -> None:
+) -> NoReturn:
     msgs = []
     for err in exc.errors():
         at = (*prefix, *err["loc"])
@@ -391,6 +391,32 @@ def check_data_section(data: DataSection, where: Callable[[Path_], str]) -> None
             raise ConfigError(f"{where(at)}: an asset from files needs tick_size and lot_size")
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_document(path: Path, model: type[M], shape: str, text: str | None = None,
+                  edit: Callable[[dict], None] | None = None) -> tuple[M, dict, dict[Path_, int]]:
+    """Read a YAML document and validate it against ``model`` (errors with file, line and path).
+
+    ``shape`` says what the top level must be, for a file that is not a mapping; ``edit`` may change
+    the raw mapping before validation (``--set`` overrides). Returns the model, the raw mapping and
+    the line of every path."""
+    raw, lines = load_yaml(path, text)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: {shape}")
+    if edit is not None:
+        edit(raw)
+    try:
+        return model.model_validate(raw), raw, lines
+    except ValidationError as exc:
+        raise_validation(exc, path, lines, model=model)
+
+
+def where_in(path: Path, lines: dict[Path_, int]) -> Callable[[Path_], str]:
+    """``where(at)``: "file:line: path" for error messages about the document at ``path``."""
+    return lambda at: f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
+
+
 def load_strategy(
     path: str | Path, overrides: list[str] = (), registry: Registry | None = None, text: str | None = None
 ) -> tuple[LoadedStrategy, Registry, list]:
@@ -398,15 +424,13 @@ def load_strategy(
     from quotelab.registry import load_registry
 
     path = Path(path)
-    raw, lines = load_yaml(path, text)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: a strategy is a mapping with sections data, fair_value, quoter, ...")
-    for o in overrides:
-        apply_override(raw, o)
-    try:
-        config = StrategyConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise_validation(exc, path, lines)
+
+    def edit(raw: dict) -> None:
+        for o in overrides:
+            apply_override(raw, o)
+
+    config, raw, lines = load_document(path, StrategyConfig, "a strategy is a mapping with sections data, "
+                                       "fair_value, quoter, ...", text, edit)
     loaded = LoadedStrategy(config, path, lines, raw)
     if registry is None:
         local = [(path.parent / p).resolve() for p in config.plugins]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
@@ -31,11 +31,10 @@ from quotelab.config import (
     _Model,
     check_data_section,
     fmt_path,
-    line_of,
-    load_yaml,
+    load_document,
     parse_alpha,
-    raise_validation,
     validate_part,
+    where_in,
 )
 from quotelab.data import catalog as cat
 from quotelab.engine import AssetFeed, load_assets, resolve_catalog
@@ -299,16 +298,8 @@ def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dic
     from quotelab.registry import load_registry
 
     path = Path(path)
-    raw, lines = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: an evaluation is a mapping with sections data, estimators, ...")
-    try:
-        cfg = EvalConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise_validation(exc, path, lines, model=EvalConfig)
-
-    def where(at: tuple) -> str:
-        return f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
+    cfg, _raw, lines = load_document(path, EvalConfig, "an evaluation is a mapping with sections data, estimators, ...")
+    where = where_in(path, lines)
 
     check_data_section(cfg.data, where)
     misplaced = sorted((GRID_ONLY if cfg.score == "trades" else TRADES_ONLY) & cfg.model_fields_set)

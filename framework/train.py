@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from quotelab import layout as L
 from quotelab.component import PackContext
@@ -41,9 +41,9 @@ from quotelab.config import (
     check_data_section,
     fmt_path,
     line_of,
-    load_yaml,
-    raise_validation,
+    load_document,
     validate_part,
+    where_in,
 )
 from quotelab.errors import ConfigError, DataError
 from quotelab.registry import Registry
@@ -181,16 +181,9 @@ def load_train(path: str | Path, registry: Registry | None = None) -> TrainSetup
     from quotelab.registry import load_registry
 
     path = Path(path)
-    raw, lines = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: a training file is a mapping with sections data, features, target, model, ...")
-    try:
-        config = TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise_validation(exc, path, lines, model=TrainConfig)
-
-    def where(at: Path_) -> str:
-        return f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
+    config, _raw, lines = load_document(path, TrainConfig, "a training file is a mapping with sections data, "
+                                        "features, target, model, ...")
+    where = where_in(path, lines)
 
     if registry is None:
         registry = load_registry(local_files=[(path.parent / p).resolve() for p in config.plugins])
