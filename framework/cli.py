@@ -36,6 +36,8 @@ def _root(
 
 
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Event catalog folder.")]
+CompressionOpt = Annotated[str, typer.Option(
+    "--compression", help="Day files: deflate (small) or none (~6x the disk, memory-mapped: ~40x faster to load).")]
 
 
 def _print_json(obj: object) -> None:
@@ -183,6 +185,7 @@ def synth(
     assets: Annotated[
         str, typer.Option("--assets", help="Comma-separated: perp (SYNPERP), spot (SYNSPOT).")
     ] = "perp,spot",
+    compression: CompressionOpt = "deflate",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Generate a seeded synthetic spot/perp market (venue `synthetic`) into the catalog."""
@@ -191,7 +194,8 @@ def synth(
     from quotelab.data import synth as synth_mod
 
     summary = synth_mod.generate(
-        catalog, seed=seed, start=start, duration_s=synth_mod.parse_duration(duration), assets=assets
+        catalog, seed=seed, start=start, duration_s=synth_mod.parse_duration(duration), assets=assets,
+        compression=compression,
     )
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
@@ -256,12 +260,14 @@ def convert(
     lot_size: Annotated[
         float | None, typer.Option("--lot-size", help="Quantity step; required for symbols without a built-in spec.")
     ] = None,
+    compression: CompressionOpt = "deflate",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Convert raw captures into catalog days (one npz per UTC day) and report the data's quality."""
     from quotelab.data.convert import convert_files, render_summary
 
-    summary = convert_files(fmt, files, symbol, catalog, tick_size=tick_size, lot_size=lot_size)
+    summary = convert_files(fmt, files, symbol, catalog, tick_size=tick_size, lot_size=lot_size,
+                            compression=compression)
     if as_json:
         _print_json(summary)
     else:

@@ -300,9 +300,14 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
 
 
 @njit(cache=True)
-def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, lohi, flag):
+def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, info, flag):
     # One pass over the structured array's fields: the rows seen on one side (LOCAL_EVENT or
-    # EXCH_EVENT), and the tick range of their depth.
+    # EXCH_EVENT), the tick range of their depth (info[0], info[1]) and whether that side's clock
+    # ever went back (info[2]), so sorted data (every catalog day) costs no second pass to check.
+    lo, hi = info[0], info[1]
+    on_local = flag == LOCAL_EVENT
+    prev = INVALID_MIN
+    back = info[2]
     for i in range(len(ev)):
         e = ev[i]
         if (e & flag) != flag:
@@ -312,12 +317,16 @@ def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_
         out_exch[n] = exch_ts[i]
         out_px[n] = px[i]
         out_qty[n] = qty[i]
+        k = local_ts[i] if on_local else exch_ts[i]
+        back |= k < prev
+        prev = k
         kind = e & 0xFF
         if kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
             t = np.int64(np.round(px[i] / tick))
-            lohi[0] = min(lohi[0], t)
-            lohi[1] = max(lohi[1], t)
+            lo = min(lo, t)
+            hi = max(hi, t)
         n += 1
+    info[0], info[1], info[2] = lo, hi, back
     return n
 
 
@@ -325,20 +334,23 @@ def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int, 
                   ) -> tuple[int, tuple[int, int]]:
     """Write the asset's rows seen on ``clock``'s side (LOCAL_EVENT or EXCH_EVENT) into ``cols`` from
     ``start``, in that clock's order; return the end row and the asset's depth tick range."""
-    lohi = np.array([INVALID_MAX, INVALID_MIN], dtype=np.int64)
+    info = np.array([INVALID_MAX, INVALID_MIN, 0], dtype=np.int64)
     n = start
     flag, key = (LOCAL_EVENT, 1) if clock == "local" else (EXCH_EVENT, 2)
     for e in asset.events:
-        n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, lohi, flag)
+        first = n
+        n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, info, flag)
+        if first > start and n > first and cols[key][first] < cols[key][first - 1]:
+            info[2] = 1  # a day starting before the previous one ended
     # Catalog days are already in both orders; sort (stably, keeping file order for equal times, as
     # hftbacktest's reader does) only data that is not.
-    if n - start > 1 and (np.diff(cols[key][start:n]) < 0).any():
+    if info[2]:
         order = start + np.argsort(cols[key][start:n], kind="stable")
         for c in cols:
             c[start:n] = c[order]
-    if lohi[0] > lohi[1]:
+    if info[0] > info[1]:
         return n, (0, 1)
-    lo, hi = int(lohi[0]), int(lohi[1])
+    lo, hi = int(info[0]), int(info[1])
     if hi - lo + 1 > MAX_BOOK_TICKS:
         raise DataError(
             f"replay: {asset.name}'s depth prices span {hi - lo + 1} ticks of {asset.tick_size}; check its tick size"

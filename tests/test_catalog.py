@@ -28,16 +28,13 @@ def test_zero_tick_size_is_rejected(tmp_path):
         catalog.update_meta(tmp_path, "synthetic", "X", {"tick_size": 0, "lot_size": 1.0}, {})
 
 
-def test_day_files_are_byte_reproducible_and_hftbacktest_reads_them(tmp_path):
+@pytest.mark.parametrize("compression", ["deflate", "none"])
+def test_day_files_are_byte_reproducible_and_hftbacktest_reads_them(tmp_path, compression):
     from hftbacktest import BacktestAsset, HashMapMarketDepthBacktest
-    from hftbacktest.types import BUY_EVENT, DEPTH_EVENT, EXCH_EVENT, LOCAL_EVENT, SELL_EVENT
 
-    ev = np.zeros(4, event_dtype)
-    ev["ev"] = [f | EXCH_EVENT | LOCAL_EVENT for f in (DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT) * 2]
-    ev["exch_ts"] = ev["local_ts"] = [1, 1, 2, 2]
-    ev["px"], ev["qty"] = [100.0, 100.5, 100.1, 100.4], [1.0, 2.0, 3.0, 4.0]
-    a = catalog.write_day(tmp_path / "a", "synthetic", "X", "20240101", ev).read_bytes()
-    b = catalog.write_day(tmp_path / "b", "synthetic", "X", "20240101", ev).read_bytes()
+    ev = _book_rows()
+    a = catalog.write_day(tmp_path / "a", "synthetic", "X", "20240101", ev, compression).read_bytes()
+    b = catalog.write_day(tmp_path / "b", "synthetic", "X", "20240101", ev, compression).read_bytes()
     assert a == b
     path = str(catalog.day_path(tmp_path / "a", "synthetic", "X", "20240101"))
     hbt = HashMapMarketDepthBacktest([BacktestAsset().data([path]).linear_asset(1.0).constant_order_latency(0, 0)
@@ -46,3 +43,39 @@ def test_day_files_are_byte_reproducible_and_hftbacktest_reads_them(tmp_path):
     hbt.elapse(10)
     assert (hbt.depth(0).best_bid_tick, hbt.depth(0).best_ask_tick) == (1001, 1004)
     hbt.close()
+
+
+def _book_rows() -> np.ndarray:
+    from hftbacktest.types import BUY_EVENT, DEPTH_EVENT, EXCH_EVENT, LOCAL_EVENT, SELL_EVENT
+
+    ev = np.zeros(4, event_dtype)
+    ev["ev"] = [f | EXCH_EVENT | LOCAL_EVENT for f in (DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT) * 2]
+    ev["exch_ts"] = ev["local_ts"] = [1, 1, 2, 2]
+    ev["px"], ev["qty"] = [100.0, 100.5, 100.1, 100.4], [1.0, 2.0, 3.0, 4.0]
+    return ev
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 1000])
+def test_uncompressed_days_are_mapped_aligned_and_equal_to_deflated_ones(tmp_path, n):
+    ev = np.resize(_book_rows(), n)
+    ev["local_ts"] = np.arange(n)
+    stored = catalog.write_day(tmp_path / "none", "synthetic", "X", "20240101", ev, compression="none")
+    deflated = catalog.write_day(tmp_path / "deflate", "synthetic", "X", "20240101", ev)
+    mapped = catalog.load_events(stored)
+    np.testing.assert_array_equal(mapped, ev)
+    np.testing.assert_array_equal(catalog.load_events(deflated), ev)
+    with np.load(stored) as npz:  # still a plain npz for any other reader
+        np.testing.assert_array_equal(npz["data"], ev)
+    assert isinstance(catalog.load_events(deflated).base, np.memmap) is False
+    if n:
+        assert isinstance(mapped.base, np.memmap)
+        assert mapped.ctypes.data % 64 == 0 and mapped.flags.writeable
+        before = stored.read_bytes()
+        mapped["px"][:] = -1.0  # copy-on-write: the file keeps its rows
+        assert stored.read_bytes() == before
+    assert stored.stat().st_size > deflated.stat().st_size or n == 0
+
+
+def test_unknown_compression_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="compression must be one of deflate, none, got 'zstd'"):
+        catalog.write_day(tmp_path, "synthetic", "X", "20240101", _book_rows(), compression="zstd")

@@ -299,6 +299,19 @@ def test_cli_in_a_subprocess(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+
+def test_uncompressed_synth_writes_the_same_rows_mapped(tmp_path):
+    args = ["--seed", "9", "--start", "2024-05-01T10:00:00", "--duration", "45s", "--assets", "perp"]
+    for compression in ("deflate", "none"):
+        out = subprocess.run([*_cli(), "synth", "--catalog", str(tmp_path / compression), *args,
+                              "--compression", compression], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    mapped = catalog.load_day(tmp_path / "none", VENUE, "SYNPERP", "20240501")
+    assert isinstance(mapped.base, np.memmap)
+    np.testing.assert_array_equal(mapped, catalog.load_day(tmp_path / "deflate", VENUE, "SYNPERP", "20240501"))
+    with pytest.raises(synth.SynthError, match="unknown compression 'lz4'; use one of deflate, none"):
+        synth.generate(tmp_path / "bad", duration_s=10, compression="lz4")
+
 @pytest.mark.parametrize("symbol", ["SYNPERP", "SYNSPOT"])
 def test_trades_come_in_bursts(hour, symbol):
     ev = _day(hour[0], symbol)

@@ -58,13 +58,17 @@ def convert_files(
     catalog_dir: Path | str,
     tick_size: float | None = None,
     lot_size: float | None = None,
+    compression: str = "deflate",
 ) -> dict[str, Any]:
-    """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary."""
+    """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary.
+    ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`)."""
     fmt = FORMATS.get(fmt_name)
     if fmt is None:
         raise DataError(f"unknown format {fmt_name!r}; known formats: {', '.join(sorted(FORMATS))}")
     if not files:
         raise DataError("no input files given")
+    if compression not in catalog.COMPRESSIONS:
+        raise DataError(f"unknown compression {compression!r}; use one of {', '.join(catalog.COMPRESSIONS)}")
     for f in files:
         if not Path(f).is_file():
             raise DataError(f"{f}: no such file")
@@ -78,7 +82,7 @@ def convert_files(
     def on_day(res: DayResult) -> None:
         if res.day in staged:
             raise DataError(f"{fmt.venue}/{symbol}: day {res.day} produced twice (input files not in time order?)")
-        staged[res.day] = catalog.write_day(staging, fmt.venue, symbol, res.day, res.events)
+        staged[res.day] = catalog.write_day(staging, fmt.venue, symbol, res.day, res.events, compression)
         days[res.day] = res.info
 
     job = ConvertJob(fmt.venue, symbol, instrument, on_day)

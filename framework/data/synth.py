@@ -701,10 +701,10 @@ class _DaySpool:
         self.counts["snapshot"] += int(np.count_nonzero(kind == DEPTH_SNAPSHOT_EVENT))
         self.counts["clear"] += int(np.count_nonzero(kind == DEPTH_CLEAR_EVENT))
 
-    def commit(self, path: Path) -> None:
+    def commit(self, path: Path, compression: str) -> None:
         self.fh.close()
         try:
-            _write_npz(path, self.path, self.rows)
+            _write_npz(path, self.path, self.rows, compression)
         finally:
             self.discard()
 
@@ -714,7 +714,7 @@ class _DaySpool:
         self.path.unlink(missing_ok=True)
 
 
-def _write_npz(path: Path, spool: Path, rows: int) -> None:
+def _write_npz(path: Path, spool: Path, rows: int, compression: str) -> None:
     """The catalog's npz, with the rows copied from the spool file in 16 MiB blocks, so a 40 M-row
     day never sits in memory (a memmap would: its pages count toward the resident set as read)."""
     if spool.stat().st_size != rows * event_dtype.itemsize:
@@ -724,7 +724,7 @@ def _write_npz(path: Path, spool: Path, rows: int) -> None:
         with open(spool, "rb") as src:
             shutil.copyfileobj(src, fid, 16 << 20)
 
-    _catalog.write_event_npz(path, rows, body)
+    _catalog.write_event_npz(path, rows, body, compression)
 
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -783,8 +783,10 @@ def generate(
     duration_s: float = 3600.0,
     assets: str | list[str] | tuple[str, ...] = ("perp", "spot"),
     latent: LatentModel | None = None,
+    compression: str = "deflate",
 ) -> dict[str, Any]:
     """Write the synthetic market for ``[start, start + duration_s)`` into ``catalog``; return a summary.
+    ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`).
 
     Days are UTC days of exchange time; each day file starts with a full snapshot of the book as it
     stands at the day's first instant. Day files that exist are replaced; meta.json is merged.
@@ -794,6 +796,8 @@ def generate(
     t_start = parse_start(start)
     if not duration_s > 0 or not math.isfinite(duration_s):
         raise SynthError(f"duration must be a positive number of seconds, got {duration_s}")
+    if compression not in _catalog.COMPRESSIONS:
+        raise SynthError(f"unknown compression {compression!r}; use one of {', '.join(_catalog.COMPRESSIONS)}")
     if not 0 <= seed < 2**63:
         raise SynthError(f"--seed must be a non-negative 64-bit integer, got {seed}")
     root = Path(catalog)
@@ -856,7 +860,7 @@ def generate(
                 c = c1
             for k, run in runs.items():
                 sp = spools[k]
-                sp.commit(_catalog.day_path(root, VENUE, run.model.symbol, day))
+                sp.commit(_catalog.day_path(root, VENUE, run.model.symbol, day), compression)
                 days_out[run.model.symbol][day] = {
                     "first_ts": sp.first_ts,
                     "last_ts": sp.last_ts,
