@@ -10,7 +10,9 @@
    from the catalog, against ``tests/seed_study.py``'s pandas procedure on trades and exchange-time
    top-of-book frames already built in memory; with the time split (load, replay, rest).
 
-Runs on a synthetic day (>= 20 M events, made if absent) and on the shared USD-M BTCUSDT window.
+Runs on a synthetic day (>= 20 M events, made if absent) and on the shared USD-M BTCUSDT window,
+each from a deflated catalog (the default) and from the same days stored uncompressed
+(``--compression none``, memory-mapped).
 
     python bench/evaluate.py [--catalog DIR] [--hours 24] [--repeat 3]
 """
@@ -201,7 +203,7 @@ def bench_seed_study(label: str, catalog: Path, venue: str, symbol: str, dates: 
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     meta = cat.read_meta(catalog, venue, symbol)
     days = [cat.load_day(catalog, venue, symbol, d) for d in dates]
-    trades, depths = exchange_frames(days, meta["tick_size"], meta["lot_size"], shared=label == "shared")
+    trades, depths = exchange_frames(days, meta["tick_size"], meta["lot_size"], shared=label.startswith("shared"))
     evaluate(path)  # compile once
     t_eval, t_replay, t_pandas, t_load = [], [], [], []
     for _ in range(repeat):
@@ -229,6 +231,19 @@ def bench_seed_study(label: str, catalog: Path, venue: str, symbol: str, dates: 
           f"identical numbers: {same}")
 
 
+def uncompressed_copy(catalog: Path, venue: str, symbol: str, dest: Path) -> Path:
+    """The symbol's days rewritten with ``compression='none'`` (same rows) under ``dest``."""
+    from quotelab.data import catalog as cat
+
+    meta = cat.read_meta(catalog, venue, symbol)
+    for day in meta["days"]:
+        if not cat.day_path(dest, venue, symbol, day).exists():
+            cat.write_day(dest, venue, symbol, day, cat.load_day(catalog, venue, symbol, day), compression="none")
+    cat.update_meta(dest, venue, symbol, {k: v for k, v in meta.items() if k not in ("days", "venue", "symbol")},
+                    meta["days"])
+    return dest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--catalog", type=Path, default=None)
@@ -240,16 +255,22 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="qlbench_eval_"))
     catalog = args.catalog or tmp / "catalog"
+    mapped = tmp / "catalog_uncompressed"
     if not (catalog / "synthetic" / "SYNPERP" / "20240101.npz").exists():
         generate(catalog, seed=7, start="2024-01-01T00:00:00", duration_s=args.hours * 3600, assets=("perp",))
-    bench_one("synthetic", catalog, "synthetic", "SYNPERP", "20240101", args.repeat, tmp)
+    uncompressed_copy(catalog, "synthetic", "SYNPERP", mapped)
     shared = args.shared / "binance" / "usdm" / "btcusdt_20240808.gz"
     if shared.exists():
         subprocess.run([sys.executable, "-m", "quotelab.cli", "convert", "--format", "binance-usdm", "--symbol",
                         "BTCUSDT", "--catalog", str(catalog), str(shared)], check=True, capture_output=True)
-        bench_one("shared", catalog, "binance-usdm", "BTCUSDT", "20240808", args.repeat, tmp)
-        bench_seed_study("shared", catalog, "binance-usdm", "BTCUSDT", ["20240808", "20240809"], args.repeat, tmp)
-    bench_seed_study("synthetic", catalog, "synthetic", "SYNPERP", ["20240101"], args.repeat, tmp)
+        uncompressed_copy(catalog, "binance-usdm", "BTCUSDT", mapped)
+    for form, cat_dir in (("deflated", catalog), ("uncompressed", mapped)):
+        bench_one(f"synthetic, {form}", cat_dir, "synthetic", "SYNPERP", "20240101", args.repeat, tmp)
+        if shared.exists():
+            bench_one(f"shared, {form}", cat_dir, "binance-usdm", "BTCUSDT", "20240808", args.repeat, tmp)
+            bench_seed_study(f"shared, {form}", cat_dir, "binance-usdm", "BTCUSDT", ["20240808", "20240809"],
+                             args.repeat, tmp)
+        bench_seed_study(f"synthetic, {form}", cat_dir, "synthetic", "SYNPERP", ["20240101"], args.repeat, tmp)
 
 
 if __name__ == "__main__":
