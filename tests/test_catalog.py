@@ -79,3 +79,11 @@ def test_uncompressed_days_are_mapped_aligned_and_equal_to_deflated_ones(tmp_pat
 def test_unknown_compression_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="compression must be one of deflate, none, got 'zstd'"):
         catalog.write_day(tmp_path, "synthetic", "X", "20240101", _book_rows(), compression="zstd")
+
+
+def test_truncated_uncompressed_day_names_the_file(tmp_path):
+    ev = np.resize(_book_rows(), 1000)
+    path = catalog.write_day(tmp_path, "synthetic", "X", "20240101", ev, compression="none")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"20240101\.npz: not a readable event file"):
+        catalog.load_events(path)

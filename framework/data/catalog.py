@@ -185,7 +185,8 @@ def load_day(catalog: Path | str, venue: str, symbol: str, day: str) -> np.ndarr
 
 def load_events(path: Path | str) -> np.ndarray:
     """Load an event npz (key ``data``), checking its dtype. An uncompressed day is memory-mapped
-    copy-on-write: no read up front, and writing to the array never touches the file."""
+    copy-on-write: no read up front, and writing to the array never touches the file. Its zip CRC
+    is not checked then (that would read the whole day); a truncated file still fails here."""
     try:
         data = _mapped(Path(path))
         if data is None:
