@@ -153,7 +153,8 @@ def _advance(ev, clock_ts, exch_ts, px, qty, i, end, until, bid, ask, base, bb, 
     ``trades[a]`` (up to its capacity). Returns the next row, the trade count and the four ticks.
 
     The per-row update is written out here, not called: numba increfs and decrefs every array a
-    called (even inlined) function takes, atomically, which cost ~25 ns a row, 5x the update.
+    called (even inlined) function takes, atomically, and that cost ~24 ns a row, twice the update
+    itself (exchange-clock replay of the BTC window: 36 -> 12 ns a row).
     """
     cap = trades.shape[1]
     n_tr = 0
