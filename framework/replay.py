@@ -506,6 +506,21 @@ class TradeTape:
     raw_trades: int  # before aggregation
 
 
+@njit(cache=True)
+def _trade_rows_nb(ev):
+    # np.flatnonzero((ev & 0xFF) == TRADE_EVENT) without its two day-sized temporaries
+    n = 0
+    for i in range(len(ev)):
+        n += (ev[i] & 0xFF) == TRADE_EVENT
+    rows = np.empty(n, dtype=np.int64)
+    n = 0
+    for i in range(len(ev)):
+        if (ev[i] & 0xFF) == TRADE_EVENT:
+            rows[n] = i
+            n += 1
+    return rows
+
+
 def aggregate_trades(data: ReplayData, asset: int = 0, aggregate: bool = True) -> TradeTape:
     """The asset's :class:`TradeTape` from exchange-clock rows (``prepare(..., clock='exchange')``);
     ``aggregate=False`` keeps every trade, in the same order."""
@@ -513,7 +528,7 @@ def aggregate_trades(data: ReplayData, asset: int = 0, aggregate: bool = True) -
         raise ValueError("aggregate_trades needs exchange-clock data: prepare(assets, clock='exchange')")
     lo, hi = int(data.row_start[asset]), int(data.row_start[asset + 1])
     ev = data.ev[lo:hi]
-    rows = np.flatnonzero((ev & 0xFF) == TRADE_EVENT)
+    rows = _trade_rows_nb(ev)
     ts = data.exch_ts[lo:hi][rows]
     seller = (ev[rows] & BUY_EVENT) != BUY_EVENT
     order = np.lexsort((seller, ts))  # stable: the first trade of a group keeps its price
