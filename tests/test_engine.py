@@ -48,8 +48,12 @@ def test_uncompressed_catalog_converts_maps_and_runs_identically(real_catalog, s
     timing = ("compile_seconds", "run_seconds", "events_per_second", "seconds")
     mapped_run, deflated_run = (run_strategy(SEED, catalog=c).summary for c in (tmp_path, real_catalog))
     assert mapped_run["num_trades"] > 50
-    assert {k: v for k, v in mapped_run.items() if k not in timing} == \
-        {k: v for k, v in deflated_run.items() if k not in timing}
+    same = {k for k in mapped_run if k not in timing and not isinstance(mapped_run[k], float)}
+    assert {k: mapped_run[k] for k in same} == {k: deflated_run[k] for k in same}
+    # floats to 1e-12: hftbacktest's balance can differ in its last bits between processes on the
+    # same data (seen on the synthetic demo), so exact float equality would test hftbacktest
+    floats = [k for k in mapped_run if k not in timing and k not in same]
+    np.testing.assert_allclose([mapped_run[k] for k in floats], [deflated_run[k] for k in floats], rtol=1e-12)
     study = REPO / "strategies" / "midprice_study.yaml"
     mapped_rows, deflated_rows = (json.dumps(evaluate(study, catalog=c).rows) for c in (tmp_path, real_catalog))
     assert mapped_rows == deflated_rows  # as text: NaN (the undefined ic) equals itself there
