@@ -51,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from quotelab.config import fmt_path, line_of, load_strategy, load_yaml
+from quotelab.config import load_strategy, load_yaml, where_in
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
 
@@ -134,8 +134,7 @@ def load_batch(path: str | Path, catalog: str | Path | None = None) -> Batch:
     if not isinstance(raw, dict):
         raise BatchError(f"{path}:1: a batch is a mapping with keys strategy and matrix")
 
-    def where(at: tuple) -> str:
-        return f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
+    where = where_in(path, lines)
 
     unknown = set(raw) - {"strategy", "catalog", "asset", "matrix", "name", "description"}
     if unknown:

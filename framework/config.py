@@ -340,7 +340,7 @@ class LoadedStrategy:
         self.raw = raw
 
     def where(self, at: Path_) -> str:
-        return f"{self.file}:{line_of(self.lines, at)}: {fmt_path(at)}"
+        return where_in(self.file, self.lines)(at)
 
     def parts(self) -> list[tuple[str, Path_, PartSpec]]:
         c = self.config
@@ -356,8 +356,7 @@ def validate_part(
     names: set[str], assets: dict[str, AssetData],
 ) -> tuple:
     """Phase two for one part: its component exists, its params fit its model, its assets have data."""
-    def where(loc: Path_) -> str:
-        return f"{path}:{line_of(lines, loc)}: {fmt_path(loc)}"
+    where = where_in(path, lines)
 
     component = registry.get(role, spec.kind, where=f"{where((*at, 'kind'))}: ")
     try:
