@@ -304,11 +304,10 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
 def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, info, flag):
     # One pass over the structured array's fields: the rows seen on one side (LOCAL_EVENT or
     # EXCH_EVENT), the tick range of their depth (info[0], info[1]) and whether that side's clock
-    # ever went back (info[2]), so sorted data (every catalog day) costs no second pass to check.
-    lo, hi = info[0], info[1]
+    # ever went back (info[2]; info[3] is its last time, carried across days), so sorted data
+    # (every catalog day) costs no second pass to check.
+    lo, hi, back, prev = info[0], info[1], info[2], info[3]
     on_local = flag == LOCAL_EVENT
-    prev = INVALID_MIN
-    back = info[2]
     for i in range(len(ev)):
         e = ev[i]
         if (e & flag) != flag:
@@ -327,7 +326,7 @@ def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_
             lo = min(lo, t)
             hi = max(hi, t)
         n += 1
-    info[0], info[1], info[2] = lo, hi, back
+    info[0], info[1], info[2], info[3] = lo, hi, back, prev
     return n
 
 
@@ -335,14 +334,11 @@ def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int, 
                   ) -> tuple[int, tuple[int, int]]:
     """Write the asset's rows seen on ``clock``'s side (LOCAL_EVENT or EXCH_EVENT) into ``cols`` from
     ``start``, in that clock's order; return the end row and the asset's depth tick range."""
-    info = np.array([INVALID_MAX, INVALID_MIN, 0], dtype=np.int64)
+    info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN], dtype=np.int64)
     n = start
     flag, key = (LOCAL_EVENT, 1) if clock == "local" else (EXCH_EVENT, 2)
     for e in asset.events:
-        first = n
         n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, info, flag)
-        if first > start and n > first and cols[key][first] < cols[key][first - 1]:
-            info[2] = 1  # a day starting before the previous one ended
     # Catalog days are already in both orders; sort (stably, keeping file order for equal times, as
     # hftbacktest's reader does) only data that is not.
     if info[2]:
@@ -527,13 +523,11 @@ def aggregate_trades(data: ReplayData, asset: int = 0, aggregate: bool = True) -
     if data.clock != "exchange":
         raise ValueError("aggregate_trades needs exchange-clock data: prepare(assets, clock='exchange')")
     lo, hi = int(data.row_start[asset]), int(data.row_start[asset + 1])
-    ev = data.ev[lo:hi]
-    rows = _trade_rows_nb(ev)
-    ts = data.exch_ts[lo:hi][rows]
-    seller = (ev[rows] & BUY_EVENT) != BUY_EVENT
-    order = np.lexsort((seller, ts))  # stable: the first trade of a group keeps its price
-    ts, seller = ts[order], seller[order]
-    px, qty = data.px[lo:hi][rows][order], data.qty[lo:hi][rows][order]
+    rows = lo + _trade_rows_nb(data.ev[lo:hi])
+    seller = (data.ev[rows] & BUY_EVENT) != BUY_EVENT
+    order = np.lexsort((seller, data.exch_ts[rows]))  # stable: the first trade of a group keeps its price
+    rows, seller = rows[order], seller[order]
+    ts, px, qty = data.exch_ts[rows], data.px[rows], data.qty[rows]
     if len(ts) == 0:
         return TradeTape(ts, px, qty, np.zeros(0), 0)
     if aggregate:
