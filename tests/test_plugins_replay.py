@@ -11,7 +11,7 @@ from reference_impls import asset
 from quotelab import layout as L
 from quotelab.driver import _fill_view
 from quotelab.plugins.mid import mid_nb
-from quotelab.replay import ReplayAsset, prepare, replay
+from quotelab.replay import ReplayAsset, aggregate_trades, prepare, replay
 
 N_LEVELS = 5
 MAX_SCAN = 2000
@@ -128,3 +128,30 @@ def test_prepared_data_replays_identically_twice(shared_data):
     assert len(first.values) > 3000
     np.testing.assert_array_equal(first.values, second.values)
     np.testing.assert_array_equal(first.views, second.views)
+
+
+@pytest.mark.parametrize("clock", ["local", "exchange"])
+def test_prepare_sorts_rows_only_when_given_out_of_order(shared_data, clock):
+    from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
+
+    a = asset(shared_data, "usdm_btc")
+    day = a.events[0]
+    flag, col = (LOCAL_EVENT, "local_ts") if clock == "local" else (EXCH_EVENT, "exch_ts")
+    half = len(day) // 2
+    for parts in ([day[:half], day[half:]], [day[half:], day[:half]]):  # in order, then the halves swapped
+        data = prepare([ReplayAsset("x", parts, a.tick_size, a.lot_size)], clock=clock)
+        rows = np.concatenate(parts)
+        rows = rows[(rows["ev"] & flag) == flag]
+        want = rows[np.argsort(rows[col], kind="stable")]  # stable: equal times keep file order
+        for got, field in ((data.ev, "ev"), (data.exch_ts, "exch_ts"), (data.local_ts, "local_ts"),
+                           (data.px, "px"), (data.qty, "qty")):
+            np.testing.assert_array_equal(got, want[field])
+
+
+def test_aggregate_trades_of_the_second_asset_equals_it_alone(shared_data):
+    btc, eth = asset(shared_data, "usdm_btc"), asset(shared_data, "usdm_eth")
+    both = aggregate_trades(prepare([btc, eth], clock="exchange"), asset=1)
+    alone = aggregate_trades(prepare([eth], clock="exchange"))
+    assert both.raw_trades == alone.raw_trades > 1000
+    for field in ("ts", "px", "qty", "side"):
+        np.testing.assert_array_equal(getattr(both, field), getattr(alone, field))
