@@ -154,12 +154,12 @@ def exchange_frames(days: list[np.ndarray], tick: float, lot: float, shared: boo
     a 20 M-event day is too long for it, so there the levels are recorded by quotelab's exchange-clock
     replay, called once per depth timestamp."""
     import pandas as pd
-    from hftbacktest.types import TRADE_EVENT
+    from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
     from seed_study import LEVELS, book_frame, exchange_rows, trades_frame
 
     from quotelab import layout as L
     from quotelab.composer import STRATEGY_SIG
-    from quotelab.replay import ReplayAsset, TradeTape, prepare, replay_trades
+    from quotelab.replay import ReplayAsset, TradeTape, prepare_exchange, replay_trades
 
     rows = exchange_rows(days)
     trades = trades_frame(rows, 1_000_000 if shared else 1)  # the synthetic clock has nanoseconds
@@ -176,8 +176,9 @@ def exchange_frames(days: list[np.ndarray], tick: float, lot: float, shared: boo
             out[9 + k] = view[0, L.ASK_SZ + k]
         return 0.0
 
-    data = prepare([ReplayAsset("x", days, tick, lot)], clock="exchange")
-    ts = np.unique(data.exch_ts[(data.ev & 0xFF) != TRADE_EVENT])
+    data = prepare_exchange([ReplayAsset("x", days, tick, lot)])
+    ev, exch_ts = np.concatenate([d["ev"] for d in days]), np.concatenate([d["exch_ts"] for d in days])
+    ts = np.unique(exch_ts[((ev & 0xFF) != TRADE_EVENT) & ((ev & EXCH_EVENT) == EXCH_EVENT)])
     z = np.zeros(len(ts))
     got = replay_trades(data, TradeTape(ts, z, z, z + 1.0, 0), levels, np.zeros(0), np.zeros(0), n_levels=LEVELS,
                         out_columns=list(range(12)))

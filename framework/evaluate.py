@@ -467,7 +467,7 @@ def _check_single_asset(estimators: list[list[tuple]], targets: list[str], where
 def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list[AssetFeed], assets: list[Any],
                      targets: list[str], info: dict, t_start: float) -> Evaluation:
     """score: trades: the seed study's procedure, one bank call per (aggregated) trade of each target."""
-    from quotelab.replay import aggregate_trades, prepare, replay_trades
+    from quotelab.replay import aggregate_trades, prepare_exchange, replay_trades
 
     path = info["path"]
     rows: list[dict[str, Any]] = []
@@ -476,7 +476,7 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
         q = next(i for i, f in enumerate(feeds) if f.name == target)
         feed = feeds[q]
         t0 = time.perf_counter()
-        data = prepare([assets[q]], clock="exchange")
+        data = prepare_exchange([assets[q]])
         tape = aggregate_trades(data, aggregate=cfg.aggregate_trades)
         if len(tape.ts) == 0:
             raise DataError(f"{path}: target {target!r} ({feed.venue} {feed.symbol}) has no trades in the window: "
@@ -487,7 +487,7 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
         outs = replay_trades(data, tape, kernel, params, state, n_levels=n_levels,
                              out_columns=list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts))))
         replay_s += time.perf_counter() - t0
-        events += len(data.ev)
+        events += data.n_rows[0]
         raw += tape.raw_trades
         scored += len(tape.ts)
         for j, spec in enumerate(cfg.estimators):

@@ -9,7 +9,8 @@ engine's grid exactly like :func:`quotelab.driver._fill_view`. Position, balance
 
 :func:`replay_trades` is the other clock: the EXCH_EVENT rows in exchange time, one kernel call per
 (aggregated) trade on the book as of its exchange timestamp, for studies that match trades to the
-book the way the seed study's ``merge_asof`` did.
+book the way the seed study's ``merge_asof`` did. It reads catalog days in place
+(:func:`prepare_exchange`): a study's cost is the replay, not a copy of the day.
 
 The book of each asset is a dense array over the tick range of its depth rows, so a lookup is an
 index, and a scan costs what hftbacktest's hash-map scan costs.
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from hftbacktest.types import (
@@ -146,11 +147,13 @@ def _clear(bid, ask, base, bb, ba, lo, hi, side, px, tick):
 
 
 @njit
-def _advance(ev, clock_ts, exch_ts, px, qty, i, end, until, bid, ask, base, bb, ba, lo, hi, tick, lot, trades, a,
-             origin):
-    """Apply rows ``i..`` up to clock time ``until`` (inclusive) to one asset's book, whose best bid,
-    best ask, lowest bid and highest ask ticks are ``bb, ba, lo, hi``; record its trades in
-    ``trades[a]`` (up to its capacity). Returns the next row, the trade count and the four ticks.
+def _advance(ev, clock_ts, exch_ts, px, qty, i, end, until, flag, bid, ask, base, bb, ba, lo, hi, tick, lot, trades,
+             a, origin):
+    """Apply rows ``i..`` flagged ``flag`` (the clock's side) up to clock time ``until`` (inclusive)
+    to one asset's book, whose best bid, best ask, lowest bid and highest ask ticks are ``bb, ba,
+    lo, hi``; record its trades in ``trades[a]`` (up to its capacity). Rows without ``flag`` are
+    skipped, so a catalog day replays in place. Returns the next row, the trade count and the
+    four ticks.
 
     The per-row update is written out here, not called: numba increfs and decrefs every array a
     called (even inlined) function takes, atomically, and that cost ~24 ns a row, twice the update
@@ -158,8 +161,13 @@ def _advance(ev, clock_ts, exch_ts, px, qty, i, end, until, bid, ask, base, bb, 
     """
     cap = trades.shape[1]
     n_tr = 0
-    while i < end and clock_ts[i] <= until:
+    while i < end:
         e = ev[i]
+        if (e & flag) != flag:
+            i += 1
+            continue
+        if clock_ts[i] > until:
+            break
         kind = e & 0xFF
         if kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
             t = np.int64(np.round(px[i] / tick))
@@ -265,7 +273,7 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
             ask = ask_all[book_start[a]:book_start[a + 1]]
             bk = books[a]
             ptr[a], n_tr[a], bk[B_BEST_BID], bk[B_BEST_ASK], bk[B_LOW_BID], bk[B_HIGH_ASK] = _advance(
-                ev, local_ts, exch_ts, px, qty, ptr[a], row_start[a + 1], now_ns, bid, ask, book_base[a],
+                ev, local_ts, exch_ts, px, qty, ptr[a], row_start[a + 1], now_ns, LOCAL_EVENT, bid, ask, book_base[a],
                 bk[B_BEST_BID], bk[B_BEST_ASK], bk[B_LOW_BID], bk[B_HIGH_ASK], view[a, L.TICK], view[a, L.LOT],
                 trades, a, origin)
         for a in range(n_assets):
@@ -330,29 +338,38 @@ def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_
     return n
 
 
-def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int, clock: str = "local"
-                  ) -> tuple[int, tuple[int, int]]:
-    """Write the asset's rows seen on ``clock``'s side (LOCAL_EVENT or EXCH_EVENT) into ``cols`` from
-    ``start``, in that clock's order; return the end row and the asset's depth tick range."""
-    info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN], dtype=np.int64)
-    n = start
-    flag, key = (LOCAL_EVENT, 1) if clock == "local" else (EXCH_EVENT, 2)
-    for e in asset.events:
-        n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, info, flag)
-    # Catalog days are already in both orders; sort (stably, keeping file order for equal times, as
-    # hftbacktest's reader does) only data that is not.
-    if info[2]:
-        order = start + np.argsort(cols[key][start:n], kind="stable")
-        for c in cols:
-            c[start:n] = c[order]
+def _tick_range(asset: ReplayAsset, info: np.ndarray) -> tuple[int, int]:
+    """The dense book's (first tick, size) from a pass's depth tick range ``info[0], info[1]``."""
     if info[0] > info[1]:
-        return n, (0, 1)
+        return 0, 1
     lo, hi = int(info[0]), int(info[1])
     if hi - lo + 1 > MAX_BOOK_TICKS:
         raise DataError(
             f"replay: {asset.name}'s depth prices span {hi - lo + 1} ticks of {asset.tick_size}; check its tick size"
         )
-    return n, (lo, hi - lo + 1)
+    return lo, hi - lo + 1
+
+
+def _pass_info() -> np.ndarray:
+    # depth tick range, whether the clock went back, the clock's last time, rows seen
+    return np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
+
+
+def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int) -> tuple[int, tuple[int, int]]:
+    """Write the asset's LOCAL_EVENT rows into ``cols`` from ``start``, in local time; return the end
+    row and the asset's depth tick range."""
+    info = _pass_info()
+    n = start
+    for e in asset.events:
+        n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, info,
+                       LOCAL_EVENT)
+    # Catalog days are already in both orders; sort (stably, keeping file order for equal times, as
+    # hftbacktest's reader does) only data that is not.
+    if info[2]:
+        order = start + np.argsort(cols[1][start:n], kind="stable")
+        for c in cols:
+            c[start:n] = c[order]
+    return n, _tick_range(asset, info)
 
 
 def _empty_books(n: int) -> np.ndarray:
@@ -380,8 +397,7 @@ def _initial_view(assets: Sequence[ReplayAsset]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ReplayData:
-    """Assets' rows of one clock (``local`` or ``exchange``) sorted and flattened once, to replay many
-    kernels over the same data."""
+    """Assets' LOCAL_EVENT rows sorted and flattened once, to replay many kernels over the same data."""
 
     assets: tuple[ReplayAsset, ...]
     ev: np.ndarray
@@ -394,15 +410,11 @@ class ReplayData:
     book_start: np.ndarray
     first_ts: tuple[int, ...]
     last_ts: int
-    clock: str = "local"
 
 
-def prepare(assets: Sequence[ReplayAsset], clock: Literal["local", "exchange"] = "local") -> ReplayData:
-    """Sort and flatten the assets' rows and size each asset's dense book.
-
-    ``local``: the LOCAL_EVENT rows in local time, the book a strategy sees. ``exchange``: the
-    EXCH_EVENT rows in exchange time, the book as of each exchange timestamp (:func:`replay_trades`).
-    """
+def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
+    """Sort and flatten the assets' LOCAL_EVENT rows (the book a strategy sees, in local time) and
+    size each asset's dense book."""
     n = len(assets)
     size = sum(len(e) for a in assets for e in a.events)
     cols = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size),
@@ -410,7 +422,7 @@ def prepare(assets: Sequence[ReplayAsset], clock: Literal["local", "exchange"] =
     row_start = np.zeros(n + 1, dtype=np.int64)
     ranges = []
     for i, a in enumerate(assets):
-        end, tick_range = _gather_asset(a, cols, int(row_start[i]), clock)
+        end, tick_range = _gather_asset(a, cols, int(row_start[i]))
         row_start[i + 1] = end
         ranges.append(tick_range)
     ev, local_ts, exch_ts, px, qty = (c[: row_start[-1]] for c in cols)
@@ -419,7 +431,7 @@ def prepare(assets: Sequence[ReplayAsset], clock: Literal["local", "exchange"] =
     return ReplayData(
         assets=tuple(assets), ev=ev, local_ts=local_ts, exch_ts=exch_ts, px=px, qty=qty, row_start=row_start,
         book_base=np.array([lo for lo, _ in ranges], dtype=np.int64), book_start=book_start,
-        first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets), clock=clock,
+        first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets),
     )
 
 
@@ -456,8 +468,6 @@ def replay(
     if step_ns <= 0:
         raise ValueError(f"step must be > 0, got {step}")
     data = assets if isinstance(assets, ReplayData) else prepare(assets)
-    if data.clock != "local":
-        raise ValueError("replay() runs on the local clock; prepare(assets) without clock='exchange'")
     n = len(data.assets)
     origin = data.first_ts[quoted] if origin_ns is None else int(origin_ns)
     n_grid = max(0, (data.last_ts - origin) // step_ns)
@@ -490,6 +500,97 @@ def replay(
 
 
 @dataclass(frozen=True)
+class ExchangeData:
+    """Assets' EXCH_EVENT rows for :func:`replay_trades`, read in place: each asset's days as they
+    are (rows without EXCH_EVENT are skipped as the replay goes), or, if their exchange times ever
+    go back, one stably sorted copy. The pass that checks that also sizes each book and collects
+    each asset's trades (exchange time, price, quantity, seller-initiated), in row order."""
+
+    assets: tuple[ReplayAsset, ...]
+    days: tuple[tuple[np.ndarray, ...], ...]
+    day_start: tuple[np.ndarray, ...]  # per asset and day: exchange time of its first row (INVALID_MAX if none)
+    book_base: tuple[int, ...]
+    book_size: tuple[int, ...]
+    trades: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    n_rows: tuple[int, ...]
+    first_ts: tuple[int, ...]
+
+
+@njit(cache=True)
+def _scan_exchange_nb(ev, exch_ts, px, qty, tick, info, t_ts, t_px, t_qty, t_sell, n_tr):
+    # One read-only pass over a day's EXCH_EVENT rows: the depth tick range (info[0], info[1]),
+    # whether exchange time went back (info[2]; info[3] its last value, carried across days), the
+    # row count (info[4]) and the trades, appended to buffers that double when full. Returns the
+    # buffers and the day's first exchange time (INVALID_MAX if it has no such row).
+    lo, hi, back, prev, rows = info[0], info[1], info[2], info[3], info[4]
+    first = INVALID_MAX
+    for i in range(len(ev)):
+        e = ev[i]
+        if (e & EXCH_EVENT) != EXCH_EVENT:
+            continue
+        k = exch_ts[i]
+        if first == INVALID_MAX:
+            first = k
+        back |= k < prev
+        prev = k
+        rows += 1
+        kind = e & 0xFF
+        if kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
+            t = np.int64(np.round(px[i] / tick))
+            lo = min(lo, t)
+            hi = max(hi, t)
+        elif kind == TRADE_EVENT:
+            if n_tr == len(t_ts):
+                t_ts = np.concatenate((t_ts, np.empty_like(t_ts)))
+                t_px = np.concatenate((t_px, np.empty_like(t_px)))
+                t_qty = np.concatenate((t_qty, np.empty_like(t_qty)))
+                t_sell = np.concatenate((t_sell, np.empty_like(t_sell)))
+            t_ts[n_tr] = k
+            t_px[n_tr] = px[i]
+            t_qty[n_tr] = qty[i]
+            t_sell[n_tr] = (e & BUY_EVENT) != BUY_EVENT
+            n_tr += 1
+    info[0], info[1], info[2], info[3], info[4] = lo, hi, back, prev, rows
+    return t_ts, t_px, t_qty, t_sell, n_tr, first
+
+
+def _scan_exchange(asset: ReplayAsset, days: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple, np.ndarray]:
+    info = _pass_info()
+    t_ts, t_px, t_qty, t_sell = np.empty(1024, np.int64), np.empty(1024), np.empty(1024), np.empty(1024, np.bool_)
+    n_tr = 0
+    day_start = np.full(len(days), INVALID_MAX, dtype=np.int64)
+    for d, day in enumerate(days):
+        t_ts, t_px, t_qty, t_sell, n_tr, day_start[d] = _scan_exchange_nb(
+            day["ev"], day["exch_ts"], day["px"], day["qty"], asset.tick_size, info, t_ts, t_px, t_qty, t_sell, n_tr)
+    return info, (t_ts[:n_tr], t_px[:n_tr], t_qty[:n_tr], t_sell[:n_tr]), day_start
+
+
+def prepare_exchange(assets: Sequence[ReplayAsset]) -> ExchangeData:
+    """The assets' EXCH_EVENT rows in exchange time, the book as of each exchange timestamp
+    (:func:`aggregate_trades`, :func:`replay_trades`); catalog days (in order) are not copied."""
+    days, day_start, base, size, trades, n_rows = [], [], [], [], [], []
+    for a in assets:
+        asset_days = tuple(a.events)
+        info, tr, starts = _scan_exchange(a, asset_days)
+        if info[2]:
+            # sort (stably, keeping file order for equal times, as hftbacktest's reader does) only
+            # data that is not in exchange-time order already
+            rows = np.concatenate([d[(d["ev"] & EXCH_EVENT) == EXCH_EVENT] for d in asset_days])
+            asset_days = (rows[np.argsort(rows["exch_ts"], kind="stable")],)
+            info, tr, starts = _scan_exchange(a, asset_days)
+        lo, n = _tick_range(a, info)
+        days.append(asset_days)
+        day_start.append(starts)
+        base.append(lo)
+        size.append(n)
+        trades.append(tr)
+        n_rows.append(int(info[4]))
+    return ExchangeData(assets=tuple(assets), days=tuple(days), day_start=tuple(day_start), book_base=tuple(base),
+                        book_size=tuple(size), trades=tuple(trades), n_rows=tuple(n_rows),
+                        first_ts=tuple(a.first_ts() for a in assets))
+
+
+@dataclass(frozen=True)
 class TradeTape:
     """An asset's trades on the exchange clock, aggregated: trades with the same exchange time and
     side are one (first price, summed quantity), ordered by time, then buyer-initiated before
@@ -502,32 +603,12 @@ class TradeTape:
     raw_trades: int  # before aggregation
 
 
-@njit(cache=True)
-def _trade_rows_nb(ev):
-    # np.flatnonzero((ev & 0xFF) == TRADE_EVENT) without its two day-sized temporaries
-    n = 0
-    for i in range(len(ev)):
-        n += (ev[i] & 0xFF) == TRADE_EVENT
-    rows = np.empty(n, dtype=np.int64)
-    n = 0
-    for i in range(len(ev)):
-        if (ev[i] & 0xFF) == TRADE_EVENT:
-            rows[n] = i
-            n += 1
-    return rows
-
-
-def aggregate_trades(data: ReplayData, asset: int = 0, aggregate: bool = True) -> TradeTape:
-    """The asset's :class:`TradeTape` from exchange-clock rows (``prepare(..., clock='exchange')``);
-    ``aggregate=False`` keeps every trade, in the same order."""
-    if data.clock != "exchange":
-        raise ValueError("aggregate_trades needs exchange-clock data: prepare(assets, clock='exchange')")
-    lo, hi = int(data.row_start[asset]), int(data.row_start[asset + 1])
-    rows = lo + _trade_rows_nb(data.ev[lo:hi])
-    seller = (data.ev[rows] & BUY_EVENT) != BUY_EVENT
-    order = np.lexsort((seller, data.exch_ts[rows]))  # stable: the first trade of a group keeps its price
-    rows, seller = rows[order], seller[order]
-    ts, px, qty = data.exch_ts[rows], data.px[rows], data.qty[rows]
+def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True) -> TradeTape:
+    """The asset's :class:`TradeTape` (:func:`prepare_exchange`); ``aggregate=False`` keeps every
+    trade, in the same order."""
+    ts, px, qty, seller = data.trades[asset]
+    order = np.lexsort((seller, ts))  # stable: the first trade of a group keeps its price
+    ts, px, qty, seller = ts[order], px[order], qty[order], seller[order]
     if len(ts) == 0:
         return TradeTape(ts, px, qty, np.zeros(0), 0)
     if aggregate:
@@ -539,19 +620,22 @@ def aggregate_trades(data: ReplayData, asset: int = 0, aggregate: bool = True) -
 
 
 @njit
-def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, t_ts, t_px, t_qty, t_side, origin, view,
-                      trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
+def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side, g0, g1,
+                      origin, view, trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
+    # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
+    # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high ask ticks) and
+    # clock[0] (the last call's time) carry across days.
     n = len(ev)
     tick = view[0, L.TICK]
     lot = view[0, L.LOT]
     i = 0
-    last = np.nan
-    bb, ba, lo, hi = INVALID_MIN, INVALID_MAX, INVALID_MAX, INVALID_MIN
+    last = clock[0]
+    bb, ba, lo, hi = books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK]
     no_trades = np.zeros((1, 0, L.TR_WIDTH))  # the tape gives the trades; rows only move the book
-    for g in range(len(t_ts)):
+    for g in range(g0, g1):
         # the book as of the trade's exchange time, equal times included (merge_asof backward)
-        i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, t_ts[g], bid, ask, base, bb, ba, lo,
-                                         hi, tick, lot, no_trades, 0, origin)
+        i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, t_ts[g], EXCH_EVENT, bid, ask, base, bb,
+                                         ba, lo, hi, tick, lot, no_trades, 0, origin)
         _fill_levels(view, 0, bid, ask, base, bb, ba, tick, n_levels, max_scan)
         now = (t_ts[g] - origin) * 1e-9
         view[0, L.STEP_SECONDS] = now - last if last == last else 0.0
@@ -565,31 +649,46 @@ def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, t_ts, t_px, 
         kernel(view, trades, state, params, out)
         for c in range(len(out_cols)):
             rec_out[g, c] = out[out_cols[c]]
+    if g1 < len(t_ts):
+        i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, INVALID_MAX, EXCH_EVENT, bid, ask, base,
+                                         bb, ba, lo, hi, tick, lot, no_trades, 0, origin)
+    books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK] = bb, ba, lo, hi
+    clock[0] = last
 
 
-def replay_trades(data: ReplayData, tape: TradeTape, kernel: Any, params: np.ndarray, state: np.ndarray, *,
+def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.ndarray, state: np.ndarray, *,
                   n_levels: int = 1, max_scan_ticks: int = 2000, out_columns: Sequence[int] | None = None
                   ) -> np.ndarray:
     """Call ``kernel`` once per trade of ``tape``, on the book as of the trade's exchange time.
 
-    ``data`` holds one asset on the exchange clock. Each call sees that one trade in ``trades`` (so
-    trade-flow parts update per trade, as the seed study's EWMAs did) and ``TIME`` = its exchange
-    time. The kernel runs for every trade, also while a side of the book is empty (its estimates are
-    then NaN): flow state must see every trade. Returns the ``out`` slots ``out_columns``, one row per trade.
+    ``data`` holds one asset (:func:`prepare_exchange`). Each call sees that one trade in ``trades``
+    (so trade-flow parts update per trade, as the seed study's EWMAs did) and ``TIME`` = its
+    exchange time. The kernel runs for every trade, also while a side of the book is empty (its
+    estimates are then NaN): flow state must see every trade. Returns the ``out`` slots
+    ``out_columns``, one row per trade.
     """
-    if data.clock != "exchange" or len(data.assets) != 1:
-        raise ValueError("replay_trades needs one asset on the exchange clock: prepare([asset], clock='exchange')")
+    if len(data.assets) != 1:
+        raise ValueError("replay_trades needs one asset: prepare_exchange([asset])")
     if not 1 <= n_levels <= L.MAX_LEVELS:
         raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
-    size = int(data.book_start[-1])
     out_cols = np.arange(L.OUT_WIDTH) if out_columns is None else np.asarray(out_columns, dtype=np.int64)
     rec_out = np.zeros((len(tape.ts), len(out_cols)))
-    _replay_trades_nb(
-        kernel, data.ev, data.exch_ts, data.px, data.qty, int(data.book_base[0]), np.zeros(size), np.zeros(size),
-        tape.ts, tape.px, tape.qty, tape.side, data.first_ts[0], _initial_view(data.assets),
-        np.zeros((1, 1, L.TR_WIDTH)), state, np.ascontiguousarray(params, dtype=np.float64), np.zeros(L.OUT_WIDTH),
-        n_levels, max_scan_ticks, rec_out, out_cols,
-    )
+    bid, ask = np.zeros(data.book_size[0]), np.zeros(data.book_size[0])
+    books, clock = _empty_books(1), np.array([np.nan])
+    view, trades, out = _initial_view(data.assets), np.zeros((1, 1, L.TR_WIDTH)), np.zeros(L.OUT_WIDTH)
+    params = np.ascontiguousarray(params, dtype=np.float64)
+    # A day replays the trades before the next day's first row (of the next day that has rows):
+    # later ones need that day's rows.
+    nxt = np.minimum.accumulate(data.day_start[0][::-1])[::-1]
+    ends = np.searchsorted(tape.ts, np.r_[nxt[1:], INVALID_MAX])
+    g0 = 0
+    for day, g1 in zip(data.days[0], ends.tolist(), strict=True):
+        if g0 == len(tape.ts):
+            break
+        _replay_trades_nb(kernel, day["ev"], day["exch_ts"], day["px"], day["qty"], data.book_base[0], bid, ask, books,
+                          clock, tape.ts, tape.px, tape.qty, tape.side, g0, g1, data.first_ts[0], view, trades, state,
+                          params, out, n_levels, max_scan_ticks, rec_out, out_cols)
+        g0 = g1
     return rec_out
 
 

@@ -17,7 +17,7 @@ from seed_study import ESTIMATORS, book_frame, exchange_rows, study_table, trade
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError
 from quotelab.evaluate import evaluate
-from quotelab.replay import ReplayAsset, aggregate_trades, prepare
+from quotelab.replay import ReplayAsset, aggregate_trades, prepare_exchange
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "strategies" / "midprice_study.yaml"
@@ -72,7 +72,7 @@ def test_study_names_its_conventions(study):
 def test_trade_aggregation_equals_pandas_groupby(real_catalog, target):
     symbol, tick = SYMBOLS[target]
     days = _days(real_catalog, symbol)
-    tape = aggregate_trades(prepare([ReplayAsset(target, days, tick, 0.001)], clock="exchange"))
+    tape = aggregate_trades(prepare_exchange([ReplayAsset(target, days, tick, 0.001)]))
     df = trades_frame(exchange_rows(days))
     want = df.groupby(["transact_time", "is_buyer_maker"]).agg({"price": "first", "quantity": "sum"}).reset_index()
     assert tape.raw_trades == len(df) > len(tape.ts) == len(want)

@@ -11,7 +11,7 @@ from reference_impls import asset
 from quotelab import layout as L
 from quotelab.driver import _fill_view
 from quotelab.plugins.mid import mid_nb
-from quotelab.replay import ReplayAsset, aggregate_trades, prepare, replay
+from quotelab.replay import ReplayAsset, aggregate_trades, prepare, prepare_exchange, replay
 
 N_LEVELS = 5
 MAX_SCAN = 2000
@@ -130,28 +130,79 @@ def test_prepared_data_replays_identically_twice(shared_data):
     np.testing.assert_array_equal(first.views, second.views)
 
 
-@pytest.mark.parametrize("clock", ["local", "exchange"])
-def test_prepare_sorts_rows_only_when_given_out_of_order(shared_data, clock):
+def test_prepare_sorts_rows_only_when_given_out_of_order(shared_data):
     from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
 
     a = asset(shared_data, "usdm_btc")
     day = a.events[0]
-    flag, col = (LOCAL_EVENT, "local_ts") if clock == "local" else (EXCH_EVENT, "exch_ts")
     half = len(day) // 2
-    for parts in ([day[:half], day[half:]], [day[half:], day[:half]]):  # in order, then the halves swapped
-        data = prepare([ReplayAsset("x", parts, a.tick_size, a.lot_size)], clock=clock)
+    for parts, in_order in (([day[:half], day[half:]], True), ([day[half:], day[:half]], False)):
+        two = ReplayAsset("x", parts, a.tick_size, a.lot_size)
         rows = np.concatenate(parts)
-        rows = rows[(rows["ev"] & flag) == flag]
-        want = rows[np.argsort(rows[col], kind="stable")]  # stable: equal times keep file order
+        local = rows[(rows["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
+        want = local[np.argsort(local["local_ts"], kind="stable")]  # stable: equal times keep file order
+        data = prepare([two])
         for got, field in ((data.ev, "ev"), (data.exch_ts, "exch_ts"), (data.local_ts, "local_ts"),
                            (data.px, "px"), (data.qty, "qty")):
             np.testing.assert_array_equal(got, want[field])
+        # the exchange clock reads days in place when they are in order, else one sorted copy
+        exch = prepare_exchange([two])
+        flagged = [d[(d["ev"] & EXCH_EVENT) == EXCH_EVENT] for d in exch.days[0]]
+        want = rows[(rows["ev"] & EXCH_EVENT) == EXCH_EVENT]
+        np.testing.assert_array_equal(np.concatenate(flagged), want[np.argsort(want["exch_ts"], kind="stable")])
+        assert len(exch.days[0]) == (2 if in_order else 1)
+        assert np.shares_memory(exch.days[0][0], parts[0]) == in_order
+
+
+@njit
+def _book_and_trade_nb(view, trades, state, params, out):
+    out[0], out[1] = view[0, L.BEST_BID], view[0, L.BEST_ASK]
+    out[2], out[3] = view[0, L.BID_QTY], view[0, L.ASK_QTY]
+    out[4], out[5] = view[0, L.BID_PX + 1], view[0, L.ASK_SZ + 2]
+    out[6], out[7] = view[0, L.TIME], view[0, L.STEP_SECONDS]
+    out[8], out[9] = trades[0, 0, L.TR_PX], trades[0, 0, L.TR_QTY] * trades[0, 0, L.TR_SIDE]
+    return 0.0
+
+
+def test_replay_trades_over_split_days_equals_one_day(shared_data):
+    """Day boundaries anywhere (inside a group of equal exchange times, an empty day, a day of
+    local-only rows) give the same calls, on the same books, as the whole day."""
+    from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
+
+    from quotelab.replay import replay_trades
+
+    a = asset(shared_data, "usdm_btc")
+    day = a.events[0]
+    ev, ts = day["ev"], day["exch_ts"]
+    exch = (ev & EXCH_EVENT) == EXCH_EVENT
+    # a trade followed by a depth row at its exchange time: split between them, so the trade's
+    # book needs the next part's first row (equal times included)
+    j = np.flatnonzero(exch[:-1] & exch[1:] & ((ev[:-1] & 0xFF) == TRADE_EVENT) & ((ev[1:] & 0xFF) != TRADE_EVENT)
+                       & (ts[:-1] == ts[1:]))
+    cuts = sorted(set((j[:: max(1, len(j) // 20)] + 1).tolist()) | set(np.linspace(1, len(day) - 1, 20, dtype=int)))
+    parts = [day[lo:hi] for lo, hi in zip([0, *cuts], [*cuts, len(day)], strict=True)]
+    k1 = int(j[0]) + 1
+    parts[1:1] = [day[:0], day[~exch][:50]]  # an empty day and one of local-only rows
+
+    def run(events):
+        data = prepare_exchange([ReplayAsset("x", events, a.tick_size, a.lot_size)])
+        tape = aggregate_trades(data)
+        return tape, replay_trades(data, tape, _book_and_trade_nb, np.zeros(0), np.zeros(0), n_levels=3,
+                                   out_columns=list(range(10)))
+
+    whole_tape, whole = run([day])
+    split_tape, split = run(parts)
+    assert len(whole_tape.ts) > 1000
+    for field in ("ts", "px", "qty", "side"):
+        np.testing.assert_array_equal(getattr(split_tape, field), getattr(whole_tape, field))
+    np.testing.assert_array_equal(split, whole)
+    assert ts[k1] in whole_tape.ts  # a trade is scored at the first boundary's time
 
 
 def test_aggregate_trades_of_the_second_asset_equals_it_alone(shared_data):
     btc, eth = asset(shared_data, "usdm_btc"), asset(shared_data, "usdm_eth")
-    both = aggregate_trades(prepare([btc, eth], clock="exchange"), asset=1)
-    alone = aggregate_trades(prepare([eth], clock="exchange"))
+    both = aggregate_trades(prepare_exchange([btc, eth]), asset=1)
+    alone = aggregate_trades(prepare_exchange([eth]))
     assert both.raw_trades == alone.raw_trades > 1000
     for field in ("ts", "px", "qty", "side"):
         np.testing.assert_array_equal(getattr(both, field), getattr(alone, field))
