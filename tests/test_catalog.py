@@ -76,6 +76,39 @@ def test_uncompressed_days_are_mapped_aligned_and_equal_to_deflated_ones(tmp_pat
     assert stored.stat().st_size > deflated.stat().st_size or n == 0
 
 
+def test_deflated_days_inflate_in_slices_check_their_crc_and_stay_plain_npz(tmp_path):
+    import zipfile
+
+    rng = np.random.default_rng(3)
+    ev = np.resize(_book_rows(), 200_000)  # ~13 MB of rows, several MB deflated: many slices each way
+    ev["local_ts"] = ev["exch_ts"] = np.sort(rng.integers(0, 10**12, len(ev)))
+    ev["px"] = np.round(rng.uniform(100, 200, len(ev)), 1)
+    ev["qty"] = rng.exponential(1.0, len(ev))
+    path = catalog.write_day(tmp_path, "synthetic", "X", "20240101", ev)
+    assert path.stat().st_size > 2 << 20
+    got = catalog.load_events(path)
+    np.testing.assert_array_equal(got, ev)
+    assert got.flags.writeable and got.flags.aligned
+    with np.load(path) as npz:
+        np.testing.assert_array_equal(npz["data"], ev)
+    # rows that deflate 100x: a slice of input holds more than one slice of output
+    dense = np.resize(_book_rows(), 200_000)
+    dense_path = catalog.write_day(tmp_path / "dense", "synthetic", "X", "20240101", dense)
+    assert dense_path.stat().st_size * 20 < dense.nbytes
+    np.testing.assert_array_equal(catalog.load_events(dense_path), dense)
+    # a flipped byte inside the deflated rows fails the CRC (or the inflate), naming the file
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"20240101\.npz: not a readable event file"):
+        catalog.load_events(path)
+    # members compressed some other way are read by np.load
+    other = tmp_path / "bz2.npz"
+    with zipfile.ZipFile(other, "w", compression=zipfile.ZIP_BZIP2) as zf, zf.open("data.npy", "w") as fh:
+        np.lib.format.write_array(fh, ev[:1000])
+    np.testing.assert_array_equal(catalog.load_events(other), ev[:1000])
+
+
 def test_unknown_compression_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="compression must be one of deflate, none, got 'zstd'"):
         catalog.write_day(tmp_path, "synthetic", "X", "20240101", _book_rows(), compression="zstd")

@@ -20,6 +20,7 @@ Conventions every converter follows and every reader may rely on:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -186,9 +187,10 @@ def load_day(catalog: Path | str, venue: str, symbol: str, day: str) -> np.ndarr
 def load_events(path: Path | str) -> np.ndarray:
     """Load an event npz (key ``data``), checking its dtype. An uncompressed day is memory-mapped
     copy-on-write: no read up front, and writing to the array never touches the file. Its zip CRC
-    is not checked then (that would read the whole day); a truncated file still fails here."""
+    is not checked then (that would read the whole day); a truncated file still fails here. A
+    deflated day is inflated with ISA-L and its CRC checked (BTC window: ~60 -> ~30 ms)."""
     try:
-        data = _mapped(Path(path))
+        data = _read_day(Path(path))
         if data is None:
             with np.load(path) as npz:
                 data = npz["data"]
@@ -199,22 +201,29 @@ def load_events(path: Path | str) -> np.ndarray:
     return data
 
 
-def _mapped(path: Path) -> np.ndarray | None:
-    """The ``data`` array of an npz that stores it uncompressed, mapped in place; None otherwise."""
+def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(fh)
+
+
+def _read_day(path: Path) -> np.ndarray | None:
+    """The ``data`` array of a quotelab day file: mapped in place if stored, inflated if deflated;
+    None for anything else (np.load reads it)."""
     with open(path, "rb") as fh:
         with zipfile.ZipFile(fh) as zf:
             info = zf.getinfo("data.npy")
-            if info.compress_type != zipfile.ZIP_STORED:
-                return None
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            return None
         fh.seek(info.header_offset)
         local = fh.read(30)
         if local[:4] != b"PK\x03\x04":
             raise ValueError("bad zip local header")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         fh.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(fh)
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            return _inflated(fh.read(info.compress_size), info)
+        shape, fortran, dtype = _npy_header(fh)
         if fortran or len(shape) != 1 or dtype != event_dtype:
             return None
         offset = fh.tell()
@@ -223,6 +232,35 @@ def _mapped(path: Path) -> np.ndarray | None:
     if shape[0] == 0:
         return np.empty(0, dtype=event_dtype)
     return np.memmap(path, dtype=event_dtype, mode="c", offset=offset, shape=shape).view(np.ndarray)
+
+
+def _inflated(raw: bytes, info: zipfile.ZipInfo) -> np.ndarray | None:
+    # ISA-L, 1 MB at a time straight into the array: inflating the whole day into one bytes object
+    # and copying it out cost twice as much (page faults on two day-sized buffers).
+    from isal import isal_zlib
+
+    body = np.empty(info.file_size, dtype=np.uint8)
+    inflate = isal_zlib.decompressobj(-15)  # a zip member is a raw deflate stream
+    pos, crc, src = 0, 0, memoryview(raw)
+    # input in slices too: the unconsumed tail is a copy, so feeding it all at once is quadratic
+    for at in range(0, len(src), 1 << 18):
+        rest = src[at:at + (1 << 18)]
+        while rest:
+            part = inflate.decompress(rest, min(1 << 20, len(body) - pos))
+            if not part:
+                break
+            rest = inflate.unconsumed_tail
+            body[pos:pos + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            crc = isal_zlib.crc32(part, crc)
+            pos += len(part)
+    if pos != len(body) or crc != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC or size for {info.filename}")
+    head = io.BytesIO(body[:65536].tobytes())
+    shape, fortran, dtype = _npy_header(head)
+    if fortran or len(shape) != 1 or dtype != event_dtype:
+        return None
+    start = head.tell()
+    return body[start:start + shape[0] * event_dtype.itemsize].view(event_dtype)
 
 
 def first_ts(events: np.ndarray) -> int:
