@@ -118,8 +118,28 @@ def _import_local(path: Path) -> ModuleType:
     return module
 
 
+_SHARED: dict[tuple[bool, str], Registry] = {}
+
+
 def load_registry(local_files: Iterable[str | Path] = (), entry_points: bool = True) -> Registry:
-    """Load built-ins, entry points and ``local_files``; collect their components."""
+    """Load built-ins, entry points and ``local_files``; collect their components.
+
+    Without local files the result is kept for the process (per ``entry_points`` and
+    ``QUOTELAB_BLOCK_PLUGINS`` value): pluggy's scan and entry-point discovery cost ~6 ms a call,
+    which a notebook or batch evaluating in a loop paid every time. A plugin package installed
+    while the process runs is seen by the next process. Local files are imported on every call.
+    """
+    local_files = list(local_files)
+    key = (entry_points, os.environ.get(BLOCK_ENV, ""))
+    if not local_files and key in _SHARED:
+        return _SHARED[key]
+    registry = _load(local_files, entry_points)
+    if not local_files:
+        _SHARED[key] = registry
+    return registry
+
+
+def _load(local_files: list[str | Path], entry_points: bool) -> Registry:
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     for name in filter(None, os.environ.get(BLOCK_ENV, "").split(",")):

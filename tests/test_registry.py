@@ -90,6 +90,25 @@ def test_trade_sign_ewma_kernel_against_naive_loop():
         assert got == pytest.approx(expected, abs=1e-12)
 
 
+def test_registry_is_kept_per_process_unless_local_files_or_blocking_change(tmp_path, monkeypatch):
+    from quotelab.registry import BLOCK_ENV
+
+    monkeypatch.delenv(BLOCK_ENV, raising=False)
+    shared = load_registry()
+    assert load_registry() is shared
+    assert load_registry(entry_points=False) is not shared
+    local = tmp_path / "local.py"
+    local.write_text(PLUGIN.format(name="local_only"))
+    with_local = load_registry(local_files=[local])
+    assert with_local is not shared and with_local.get("signal", "local_only")
+    assert "local_only" not in shared.components["signal"]  # a local file never leaks into the kept one
+    assert load_registry(local_files=[local]) is not with_local  # local files are imported every time
+    monkeypatch.setenv(BLOCK_ENV, "example")  # the example package's entry point
+    blocked = load_registry()
+    assert blocked is not shared and "trade_sign_ewma" not in blocked.components["signal"]
+    assert "trade_sign_ewma" in shared.components["signal"]
+
+
 def test_duplicate_component_names_name_both_plugins(tmp_path):
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text(PLUGIN.format(name="twin"))
