@@ -37,7 +37,7 @@ def _root(
 
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Event catalog folder.")]
 CompressionOpt = Annotated[str, typer.Option(
-    "--compression", help="Day files: deflate (small) or none (~7x the disk, memory-mapped: ~40x faster to load).")]
+    "--compression", help="Day files: deflate (small) or none (~7x the disk, memory-mapped: ~10x faster to load).")]
 
 
 def _print_json(obj: object) -> None:

@@ -4,7 +4,7 @@ Conventions every converter follows and every reader may rely on:
 
 * Each day file holds one array of hftbacktest's ``event_dtype`` under the key ``data``, deflated
   (the default) or stored uncompressed (``compression="none"``: ~7x the disk, but a day is then
-  memory-mapped instead of inflated, ~40x faster to load). Both are plain npz files, ordered
+  memory-mapped instead of inflated, ~10x faster to load). Both are plain npz files, ordered
   for hftbacktest (rows flagged ``EXCH_EVENT`` are non-decreasing in ``exch_ts``, rows flagged
   ``LOCAL_EVENT`` non-decreasing in ``local_ts``).
 * A day is a UTC day of *exchange* time. It starts with a full depth snapshot
