@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
 from pydantic import Field, field_validator
 
 from quotelab import layout as L
@@ -250,19 +249,6 @@ def trade_errors(e: np.ndarray, trade_px: np.ndarray) -> dict[str, float]:
             "bias": float(np.mean(-err)) if m else float("nan"), "ic": float("nan")}
 
 
-def _trades_of(feed: AssetFeed) -> tuple[np.ndarray, np.ndarray]:
-    ts, px = [], []
-    for ev in feed.events:
-        # A trade whose local and exchange orders differ is stored twice (exchange-only and local-only
-        # rows); the row with the exchange flag is there exactly once per trade.
-        rows = ev[((ev["ev"] & 0xFF) == TRADE_EVENT) & ((ev["ev"] & EXCH_EVENT) == EXCH_EVENT)]
-        ts.append(rows["exch_ts"])
-        px.append(rows["px"])
-    ts_all, px_all = np.concatenate(ts), np.concatenate(px)
-    order = np.argsort(ts_all, kind="stable")
-    return ts_all[order], px_all[order]
-
-
 def _bucket_bias(err: np.ndarray, imb: np.ndarray, spread_ticks: np.ndarray, n_imb: int, n_spread: int
                  ) -> list[dict[str, Any]]:
     ok = np.isfinite(err) & np.isfinite(imb) & np.isfinite(spread_ticks)
@@ -344,7 +330,7 @@ def _bank_parts(estimators: list[list[tuple]], ctx: PackContext, tick: float
 
 def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None) -> Evaluation:
     """Run the evaluation described by the YAML at ``path``."""
-    from quotelab.replay import ReplayAsset, prepare, replay
+    from quotelab.replay import ReplayAsset, prepare, prepare_exchange, replay
 
     t_start = time.perf_counter()
     cfg, _registry, estimators, info = load_eval(path)
@@ -396,7 +382,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
         if not contiguous:
             raise DataError(f"{path}: target {target!r}: a ready asset lost its book mid-window; horizons would "
                             "span gaps. Evaluate over days where every asset read has a two-sided book.")
-        trade_ts, trade_px = _trades_of(feeds[q])
+        trade_ts, trade_px, _, _ = prepare_exchange([assets[q]]).trades[0]  # in exchange-time order
         feed = feeds[q]
         for j, spec in enumerate(cfg.estimators):
             est = outs[:, 3 + 2 * j]

@@ -120,3 +120,14 @@ def test_truncated_uncompressed_day_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError, match=r"20240101\.npz: not a readable event file"):
         catalog.load_events(path)
+
+
+def test_last_ts_is_the_latest_time_on_either_clock(shared_data):
+    from reference_impls import asset
+
+    day = asset(shared_data, "usdm_btc").events[0]
+    assert catalog.last_ts(day) == max(int(day["local_ts"].max()), int(day["exch_ts"].max()))
+    late = day[:3].copy()
+    late["exch_ts"][0] = late["local_ts"].max() + 5  # the latest time on the first row, exchange clock
+    assert catalog.last_ts(late) == int(late["exch_ts"][0])
+    assert catalog.last_ts(day[:0]) == np.iinfo(np.int64).min

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 from hftbacktest.types import event_dtype
+from numba import njit
 
 from quotelab.errors import DataError
 
@@ -284,4 +285,14 @@ def first_ts(events: np.ndarray) -> int:
 
 
 def last_ts(events: np.ndarray) -> int:
-    return int(max(events["local_ts"].max(), events["exch_ts"].max()))
+    """The latest local or exchange time of any row (one pass: numpy's two maxima over the strided
+    columns took 0.25 s on a 38 M-row day)."""
+    return int(_latest_nb(events["local_ts"], events["exch_ts"])) if len(events) else int(np.iinfo(np.int64).min)
+
+
+@njit(cache=True)
+def _latest_nb(local_ts: np.ndarray, exch_ts: np.ndarray) -> int:
+    latest = max(local_ts[0], exch_ts[0])
+    for i in range(1, len(local_ts)):
+        latest = max(latest, local_ts[i], exch_ts[i])
+    return latest
