@@ -9,8 +9,11 @@ engine's grid exactly like :func:`quotelab.driver._fill_view`. Position, balance
 
 :func:`replay_trades` is the other clock: the EXCH_EVENT rows in exchange time, one kernel call per
 (aggregated) trade on the book as of its exchange timestamp, for studies that match trades to the
-book the way the seed study's ``merge_asof`` did. It reads catalog days in place
-(:func:`prepare_exchange`): a study's cost is the replay, not a copy of the day.
+book the way the seed study's ``merge_asof`` did.
+
+Both clocks read catalog days in place (:func:`prepare`, :func:`prepare_exchange`): one read-only
+pass checks the clock's order and sizes the book, and the replay skips the other clock's rows as it
+goes. Copying the rows out cost more than replaying them (1.5 GB of fresh pages for a 38 M-row day).
 
 The book of each asset is a dense array over the tick range of its depth rows, so a lookup is an
 index, and a scan costs what hftbacktest's hash-map scan costs.
@@ -34,7 +37,8 @@ from hftbacktest.types import (
     SELL_EVENT,
     TRADE_EVENT,
 )
-from numba import njit
+from numba import njit, types
+from numba.typed import List
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
@@ -148,19 +152,18 @@ def _clear(bid, ask, base, bb, ba, lo, hi, side, px, tick):
 
 @njit
 def _advance(ev, clock_ts, exch_ts, px, qty, i, end, until, flag, bid, ask, base, bb, ba, lo, hi, tick, lot, trades,
-             a, origin):
+             a, n_tr, origin):
     """Apply rows ``i..`` flagged ``flag`` (the clock's side) up to clock time ``until`` (inclusive)
     to one asset's book, whose best bid, best ask, lowest bid and highest ask ticks are ``bb, ba,
-    lo, hi``; record its trades in ``trades[a]`` (up to its capacity). Rows without ``flag`` are
-    skipped, so a catalog day replays in place. Returns the next row, the trade count and the
-    four ticks.
+    lo, hi``; record its trades in ``trades[a]`` after the ``n_tr`` already there (up to its
+    capacity). Rows without ``flag`` are skipped, so a catalog day replays in place. Returns the
+    next row, the trade count and the four ticks.
 
     The per-row update is written out here, not called: numba increfs and decrefs every array a
     called (even inlined) function takes, atomically, and that cost ~24 ns a row, twice the update
     itself (exchange-clock replay of the BTC window: 36 -> 12 ns a row).
     """
     cap = trades.shape[1]
-    n_tr = 0
     while i < end:
         e = ev[i]
         if (e & flag) != flag:
@@ -257,12 +260,15 @@ def _fill_levels(view, a, bid, ask, base, bb, ba, tick, n_levels, max_scan):
 
 
 @njit
-def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, book_start, bid_all, ask_all, books,
+def _replay_nb(kernel, evs, local_ts, exch_ts, pxs, qtys, seg_start, book_base, book_start, bid_all, ask_all, books,
                origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask,
                rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols):
+    # Asset a's days are segments seg_start[a] .. seg_start[a + 1] of the typed lists; seg[a] is the
+    # one being read and ptr[a] the next row in it.
     n_assets = view.shape[0]
     cap = trades.shape[1]
-    ptr = row_start[:n_assets].copy()
+    seg = seg_start[:n_assets].copy()
+    ptr = np.zeros(n_assets, dtype=np.int64)
     n_tr = np.zeros(n_assets, dtype=np.int64)
     last_time = np.nan
     n_rec = 0
@@ -272,10 +278,20 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
             bid = bid_all[book_start[a]:book_start[a + 1]]
             ask = ask_all[book_start[a]:book_start[a + 1]]
             bk = books[a]
-            ptr[a], n_tr[a], bk[B_BEST_BID], bk[B_BEST_ASK], bk[B_LOW_BID], bk[B_HIGH_ASK] = _advance(
-                ev, local_ts, exch_ts, px, qty, ptr[a], row_start[a + 1], now_ns, LOCAL_EVENT, bid, ask, book_base[a],
-                bk[B_BEST_BID], bk[B_BEST_ASK], bk[B_LOW_BID], bk[B_HIGH_ASK], view[a, L.TICK], view[a, L.LOT],
-                trades, a, origin)
+            bb, ba, lo, hi = bk[B_BEST_BID], bk[B_BEST_ASK], bk[B_LOW_BID], bk[B_HIGH_ASK]
+            n = 0
+            while seg[a] < seg_start[a + 1]:
+                d = seg[a]
+                ev = evs[d]
+                ptr[a], n, bb, ba, lo, hi = _advance(
+                    ev, local_ts[d], exch_ts[d], pxs[d], qtys[d], ptr[a], len(ev), now_ns, LOCAL_EVENT, bid, ask,
+                    book_base[a], bb, ba, lo, hi, view[a, L.TICK], view[a, L.LOT], trades, a, n, origin)
+                if ptr[a] < len(ev):
+                    break
+                seg[a] += 1  # the day is read: its next rows are the next day's
+                ptr[a] = 0
+            bk[B_BEST_BID], bk[B_BEST_ASK], bk[B_LOW_BID], bk[B_HIGH_ASK] = bb, ba, lo, hi
+            n_tr[a] = n
         for a in range(n_assets):
             bk = books[a]
             _fill_levels(view, a, bid_all[book_start[a]:book_start[a + 1]], ask_all[book_start[a]:book_start[a + 1]],
@@ -309,33 +325,42 @@ def _replay_nb(kernel, ev, local_ts, exch_ts, px, qty, row_start, book_base, boo
 
 
 @njit(cache=True)
-def _gather_nb(ev, local_ts, exch_ts, px, qty, out_ev, out_local, out_exch, out_px, out_qty, n, tick, info, flag):
-    # One pass over the structured array's fields: the rows seen on one side (LOCAL_EVENT or
-    # EXCH_EVENT), the tick range of their depth (info[0], info[1]) and whether that side's clock
-    # ever went back (info[2]; info[3] is its last time, carried across days), so sorted data
-    # (every catalog day) costs no second pass to check.
-    lo, hi, back, prev = info[0], info[1], info[2], info[3]
-    on_local = flag == LOCAL_EVENT
+def _scan_nb(ev, clock_ts, px, qty, tick, info, flag, collect, t_ts, t_px, t_qty, t_sell, n_tr):
+    # One read-only pass over a day's rows flagged ``flag`` (the clock's side): the depth tick
+    # range (info[0], info[1]), whether the clock went back (info[2]; info[3] its last value,
+    # carried across days), the row count (info[4]) and, with ``collect``, the trades, appended to
+    # buffers that double when full. Returns the buffers, the trade count and the day's first
+    # clock time (INVALID_MAX if it has no such row).
+    lo, hi, back, prev, rows = info[0], info[1], info[2], info[3], info[4]
+    first = INVALID_MAX
     for i in range(len(ev)):
         e = ev[i]
         if (e & flag) != flag:
             continue
-        out_ev[n] = e
-        out_local[n] = local_ts[i]
-        out_exch[n] = exch_ts[i]
-        out_px[n] = px[i]
-        out_qty[n] = qty[i]
-        k = local_ts[i] if on_local else exch_ts[i]
+        k = clock_ts[i]
+        if first == INVALID_MAX:
+            first = k
         back |= k < prev
         prev = k
+        rows += 1
         kind = e & 0xFF
         if kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
             t = np.int64(np.round(px[i] / tick))
             lo = min(lo, t)
             hi = max(hi, t)
-        n += 1
-    info[0], info[1], info[2], info[3] = lo, hi, back, prev
-    return n
+        elif kind == TRADE_EVENT and collect:
+            if n_tr == len(t_ts):
+                t_ts = np.concatenate((t_ts, np.empty_like(t_ts)))
+                t_px = np.concatenate((t_px, np.empty_like(t_px)))
+                t_qty = np.concatenate((t_qty, np.empty_like(t_qty)))
+                t_sell = np.concatenate((t_sell, np.empty_like(t_sell)))
+            t_ts[n_tr] = k
+            t_px[n_tr] = px[i]
+            t_qty[n_tr] = qty[i]
+            t_sell[n_tr] = (e & BUY_EVENT) != BUY_EVENT
+            n_tr += 1
+    info[0], info[1], info[2], info[3], info[4] = lo, hi, back, prev, rows
+    return t_ts, t_px, t_qty, t_sell, n_tr, first
 
 
 def _tick_range(asset: ReplayAsset, info: np.ndarray) -> tuple[int, int]:
@@ -350,26 +375,48 @@ def _tick_range(asset: ReplayAsset, info: np.ndarray) -> tuple[int, int]:
     return lo, hi - lo + 1
 
 
-def _pass_info() -> np.ndarray:
-    # depth tick range, whether the clock went back, the clock's last time, rows seen
-    return np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
+@dataclass(frozen=True)
+class _Clocked:
+    """An asset's days as read on one clock, with what the pass over them found."""
+
+    days: tuple[np.ndarray, ...]
+    book_base: int
+    book_size: int
+    day_start: np.ndarray  # per day: the clock's first time (INVALID_MAX for a day without such rows)
+    trades: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # time, price, quantity, seller; if collected
+    n_rows: int
 
 
-def _gather_asset(asset: ReplayAsset, cols: tuple[np.ndarray, ...], start: int) -> tuple[int, tuple[int, int]]:
-    """Write the asset's LOCAL_EVENT rows into ``cols`` from ``start``, in local time; return the end
-    row and the asset's depth tick range."""
-    info = _pass_info()
-    n = start
-    for e in asset.events:
-        n = _gather_nb(e["ev"], e["local_ts"], e["exch_ts"], e["px"], e["qty"], *cols, n, asset.tick_size, info,
-                       LOCAL_EVENT)
-    # Catalog days are already in both orders; sort (stably, keeping file order for equal times, as
-    # hftbacktest's reader does) only data that is not.
+def _scan(asset: ReplayAsset, days: tuple[np.ndarray, ...], flag: int, collect: bool) -> _Clocked | None:
+    col = "local_ts" if flag == LOCAL_EVENT else "exch_ts"
+    info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
+    cap = 1024 if collect else 0
+    t_ts, t_px, t_qty, t_sell = np.empty(cap, np.int64), np.empty(cap), np.empty(cap), np.empty(cap, np.bool_)
+    n_tr = 0
+    day_start = np.full(len(days), INVALID_MAX, dtype=np.int64)
+    for d, day in enumerate(days):
+        t_ts, t_px, t_qty, t_sell, n_tr, day_start[d] = _scan_nb(
+            day["ev"], day[col], day["px"], day["qty"], asset.tick_size, info, flag, collect, t_ts, t_px, t_qty,
+            t_sell, n_tr)
     if info[2]:
-        order = start + np.argsort(cols[1][start:n], kind="stable")
-        for c in cols:
-            c[start:n] = c[order]
-    return n, _tick_range(asset, info)
+        return None
+    base, size = _tick_range(asset, info)
+    return _Clocked(days, base, size, day_start, (t_ts[:n_tr], t_px[:n_tr], t_qty[:n_tr], t_sell[:n_tr]),
+                    int(info[4]))
+
+
+def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> _Clocked:
+    """The asset's rows flagged ``flag`` in that clock's order: its days in place when they are
+    (every catalog day is, on both clocks), else one stably sorted copy of those rows (equal times
+    keep file order, as hftbacktest's reader does)."""
+    days = tuple(asset.events)
+    found = _scan(asset, days, flag, collect)
+    if found is None:
+        rows = np.concatenate([d[(d["ev"] & flag) == flag] for d in days])
+        rows = rows[np.argsort(rows["local_ts" if flag == LOCAL_EVENT else "exch_ts"], kind="stable")]
+        found = _scan(asset, (rows,), flag, collect)
+        assert found is not None
+    return found
 
 
 def _empty_books(n: int) -> np.ndarray:
@@ -397,15 +444,12 @@ def _initial_view(assets: Sequence[ReplayAsset]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ReplayData:
-    """Assets' LOCAL_EVENT rows sorted and flattened once, to replay many kernels over the same data."""
+    """Assets' LOCAL_EVENT rows in local time, checked and sized once, to replay many kernels over
+    the same data. Catalog days are read in place (rows without LOCAL_EVENT are skipped as the
+    replay goes); only rows out of local-time order are copied, sorted."""
 
     assets: tuple[ReplayAsset, ...]
-    ev: np.ndarray
-    local_ts: np.ndarray
-    exch_ts: np.ndarray
-    px: np.ndarray
-    qty: np.ndarray
-    row_start: np.ndarray
+    days: tuple[tuple[np.ndarray, ...], ...]
     book_base: np.ndarray
     book_start: np.ndarray
     first_ts: tuple[int, ...]
@@ -413,26 +457,32 @@ class ReplayData:
 
 
 def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
-    """Sort and flatten the assets' LOCAL_EVENT rows (the book a strategy sees, in local time) and
-    size each asset's dense book."""
-    n = len(assets)
-    size = sum(len(e) for a in assets for e in a.events)
-    cols = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size),
-            np.empty(size))
-    row_start = np.zeros(n + 1, dtype=np.int64)
-    ranges = []
-    for i, a in enumerate(assets):
-        end, tick_range = _gather_asset(a, cols, int(row_start[i]))
-        row_start[i + 1] = end
-        ranges.append(tick_range)
-    ev, local_ts, exch_ts, px, qty = (c[: row_start[-1]] for c in cols)
-    book_start = np.zeros(n + 1, dtype=np.int64)
-    book_start[1:] = np.cumsum([size for _, size in ranges])
+    """Check the assets' LOCAL_EVENT rows (the book a strategy sees) are in local-time order, or
+    sort a copy, and size each asset's dense book."""
+    clocked = [_on_clock(a, LOCAL_EVENT) for a in assets]
+    book_start = np.zeros(len(assets) + 1, dtype=np.int64)
+    book_start[1:] = np.cumsum([c.book_size for c in clocked])
     return ReplayData(
-        assets=tuple(assets), ev=ev, local_ts=local_ts, exch_ts=exch_ts, px=px, qty=qty, row_start=row_start,
-        book_base=np.array([lo for lo, _ in ranges], dtype=np.int64), book_start=book_start,
+        assets=tuple(assets), days=tuple(c.days for c in clocked),
+        book_base=np.array([c.book_base for c in clocked], dtype=np.int64), book_start=book_start,
         first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets),
     )
+
+
+def _segments(days: tuple[tuple[np.ndarray, ...], ...]) -> tuple[np.ndarray, list[Any]]:
+    """Every asset's days as numba typed lists of the five columns the replay reads (strided views
+    into the days, no copy), and where each asset's days start in them."""
+    seg_start = np.zeros(len(days) + 1, dtype=np.int64)
+    seg_start[1:] = np.cumsum([len(d) for d in days])
+    lists = []
+    for col, kind in (("ev", types.uint64), ("local_ts", types.int64), ("exch_ts", types.int64), ("px", types.float64),
+                      ("qty", types.float64)):
+        items = List.empty_list(types.Array(kind, 1, "A"))
+        for asset_days in days:
+            for day in asset_days:
+                items.append(day[col])
+        lists.append(items)
+    return seg_start, lists
 
 
 def replay(
@@ -486,8 +536,9 @@ def replay(
     rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
     rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
     counters = np.zeros(2, dtype=np.int64)
+    seg_start, (evs, local_ts, exch_ts, pxs, qtys) = _segments(data.days)
     m = _replay_nb(
-        kernel, data.ev, data.local_ts, data.exch_ts, data.px, data.qty, data.row_start, data.book_base,
+        kernel, evs, local_ts, exch_ts, pxs, qtys, seg_start, data.book_base,
         data.book_start, np.zeros(size), np.zeros(size), books, origin, step_ns, n_grid, view, trades, state,
         np.ascontiguousarray(params, dtype=np.float64), out, n_levels, max_scan_ticks, quoted, ready_mask, rec_ts,
         rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols,
@@ -516,78 +567,14 @@ class ExchangeData:
     first_ts: tuple[int, ...]
 
 
-@njit(cache=True)
-def _scan_exchange_nb(ev, exch_ts, px, qty, tick, info, t_ts, t_px, t_qty, t_sell, n_tr):
-    # One read-only pass over a day's EXCH_EVENT rows: the depth tick range (info[0], info[1]),
-    # whether exchange time went back (info[2]; info[3] its last value, carried across days), the
-    # row count (info[4]) and the trades, appended to buffers that double when full. Returns the
-    # buffers and the day's first exchange time (INVALID_MAX if it has no such row).
-    lo, hi, back, prev, rows = info[0], info[1], info[2], info[3], info[4]
-    first = INVALID_MAX
-    for i in range(len(ev)):
-        e = ev[i]
-        if (e & EXCH_EVENT) != EXCH_EVENT:
-            continue
-        k = exch_ts[i]
-        if first == INVALID_MAX:
-            first = k
-        back |= k < prev
-        prev = k
-        rows += 1
-        kind = e & 0xFF
-        if kind == DEPTH_EVENT or kind == DEPTH_SNAPSHOT_EVENT:
-            t = np.int64(np.round(px[i] / tick))
-            lo = min(lo, t)
-            hi = max(hi, t)
-        elif kind == TRADE_EVENT:
-            if n_tr == len(t_ts):
-                t_ts = np.concatenate((t_ts, np.empty_like(t_ts)))
-                t_px = np.concatenate((t_px, np.empty_like(t_px)))
-                t_qty = np.concatenate((t_qty, np.empty_like(t_qty)))
-                t_sell = np.concatenate((t_sell, np.empty_like(t_sell)))
-            t_ts[n_tr] = k
-            t_px[n_tr] = px[i]
-            t_qty[n_tr] = qty[i]
-            t_sell[n_tr] = (e & BUY_EVENT) != BUY_EVENT
-            n_tr += 1
-    info[0], info[1], info[2], info[3], info[4] = lo, hi, back, prev, rows
-    return t_ts, t_px, t_qty, t_sell, n_tr, first
-
-
-def _scan_exchange(asset: ReplayAsset, days: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple, np.ndarray]:
-    info = _pass_info()
-    t_ts, t_px, t_qty, t_sell = np.empty(1024, np.int64), np.empty(1024), np.empty(1024), np.empty(1024, np.bool_)
-    n_tr = 0
-    day_start = np.full(len(days), INVALID_MAX, dtype=np.int64)
-    for d, day in enumerate(days):
-        t_ts, t_px, t_qty, t_sell, n_tr, day_start[d] = _scan_exchange_nb(
-            day["ev"], day["exch_ts"], day["px"], day["qty"], asset.tick_size, info, t_ts, t_px, t_qty, t_sell, n_tr)
-    return info, (t_ts[:n_tr], t_px[:n_tr], t_qty[:n_tr], t_sell[:n_tr]), day_start
-
-
 def prepare_exchange(assets: Sequence[ReplayAsset]) -> ExchangeData:
     """The assets' EXCH_EVENT rows in exchange time, the book as of each exchange timestamp
     (:func:`aggregate_trades`, :func:`replay_trades`); catalog days (in order) are not copied."""
-    days, day_start, base, size, trades, n_rows = [], [], [], [], [], []
-    for a in assets:
-        asset_days = tuple(a.events)
-        info, tr, starts = _scan_exchange(a, asset_days)
-        if info[2]:
-            # sort (stably, keeping file order for equal times, as hftbacktest's reader does) only
-            # data that is not in exchange-time order already
-            rows = np.concatenate([d[(d["ev"] & EXCH_EVENT) == EXCH_EVENT] for d in asset_days])
-            asset_days = (rows[np.argsort(rows["exch_ts"], kind="stable")],)
-            info, tr, starts = _scan_exchange(a, asset_days)
-        lo, n = _tick_range(a, info)
-        days.append(asset_days)
-        day_start.append(starts)
-        base.append(lo)
-        size.append(n)
-        trades.append(tr)
-        n_rows.append(int(info[4]))
-    return ExchangeData(assets=tuple(assets), days=tuple(days), day_start=tuple(day_start), book_base=tuple(base),
-                        book_size=tuple(size), trades=tuple(trades), n_rows=tuple(n_rows),
-                        first_ts=tuple(a.first_ts() for a in assets))
+    clocked = [_on_clock(a, EXCH_EVENT, collect=True) for a in assets]
+    return ExchangeData(assets=tuple(assets), days=tuple(c.days for c in clocked),
+                        day_start=tuple(c.day_start for c in clocked), book_base=tuple(c.book_base for c in clocked),
+                        book_size=tuple(c.book_size for c in clocked), trades=tuple(c.trades for c in clocked),
+                        n_rows=tuple(c.n_rows for c in clocked), first_ts=tuple(a.first_ts() for a in assets))
 
 
 @dataclass(frozen=True)
@@ -635,7 +622,7 @@ def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, books, clock
     for g in range(g0, g1):
         # the book as of the trade's exchange time, equal times included (merge_asof backward)
         i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, t_ts[g], EXCH_EVENT, bid, ask, base, bb,
-                                         ba, lo, hi, tick, lot, no_trades, 0, origin)
+                                         ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
         _fill_levels(view, 0, bid, ask, base, bb, ba, tick, n_levels, max_scan)
         now = (t_ts[g] - origin) * 1e-9
         view[0, L.STEP_SECONDS] = now - last if last == last else 0.0
@@ -651,7 +638,7 @@ def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, books, clock
             rec_out[g, c] = out[out_cols[c]]
     if g1 < len(t_ts):
         i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, INVALID_MAX, EXCH_EVENT, bid, ask, base,
-                                         bb, ba, lo, hi, tick, lot, no_trades, 0, origin)
+                                         bb, ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
     books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK] = bb, ba, lo, hi
     clock[0] = last
 

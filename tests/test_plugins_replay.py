@@ -130,7 +130,7 @@ def test_prepared_data_replays_identically_twice(shared_data):
     np.testing.assert_array_equal(first.views, second.views)
 
 
-def test_prepare_sorts_rows_only_when_given_out_of_order(shared_data):
+def test_prepare_reads_days_in_place_and_sorts_only_rows_out_of_order(shared_data):
     from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
 
     a = asset(shared_data, "usdm_btc")
@@ -139,19 +139,38 @@ def test_prepare_sorts_rows_only_when_given_out_of_order(shared_data):
     for parts, in_order in (([day[:half], day[half:]], True), ([day[half:], day[:half]], False)):
         two = ReplayAsset("x", parts, a.tick_size, a.lot_size)
         rows = np.concatenate(parts)
-        local = rows[(rows["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
-        want = local[np.argsort(local["local_ts"], kind="stable")]  # stable: equal times keep file order
-        data = prepare([two])
-        for got, field in ((data.ev, "ev"), (data.exch_ts, "exch_ts"), (data.local_ts, "local_ts"),
-                           (data.px, "px"), (data.qty, "qty")):
-            np.testing.assert_array_equal(got, want[field])
-        # the exchange clock reads days in place when they are in order, else one sorted copy
-        exch = prepare_exchange([two])
-        flagged = [d[(d["ev"] & EXCH_EVENT) == EXCH_EVENT] for d in exch.days[0]]
-        want = rows[(rows["ev"] & EXCH_EVENT) == EXCH_EVENT]
-        np.testing.assert_array_equal(np.concatenate(flagged), want[np.argsort(want["exch_ts"], kind="stable")])
-        assert len(exch.days[0]) == (2 if in_order else 1)
-        assert np.shares_memory(exch.days[0][0], parts[0]) == in_order
+        for data, flag, col in ((prepare([two]), LOCAL_EVENT, "local_ts"), (prepare_exchange([two]), EXCH_EVENT,
+                                                                            "exch_ts")):
+            seen = [d[(d["ev"] & flag) == flag] for d in data.days[0]]
+            want = rows[(rows["ev"] & flag) == flag]
+            want = want[np.argsort(want[col], kind="stable")]  # stable: equal times keep file order
+            np.testing.assert_array_equal(np.concatenate(seen), want)
+            # days in order are read in place; otherwise the clock's rows are one sorted copy
+            assert len(data.days[0]) == (2 if in_order else 1)
+            assert np.shares_memory(data.days[0][0], parts[0]) == in_order
+
+
+def test_grid_replay_over_split_days_equals_one_day(shared_data):
+    """Days cut anywhere (with an empty day and one of exchange-only rows between) replay to the same
+    views and the same trades per step, for two assets cut at different places."""
+    from hftbacktest.types import LOCAL_EVENT
+
+    def split(a: ReplayAsset, n: int) -> ReplayAsset:
+        day = a.events[0]
+        cuts = np.linspace(1, len(day) - 1, n, dtype=int).tolist()
+        parts = [day[lo:hi] for lo, hi in zip([0, *cuts], [*cuts, len(day)], strict=True)]
+        parts[1:1] = [day[:0], day[(day["ev"] & LOCAL_EVENT) != LOCAL_EVENT][:50]]
+        return ReplayAsset(a.name, parts, a.tick_size, a.lot_size)
+
+    btc, eth = asset(shared_data, "usdm_btc"), asset(shared_data, "usdm_eth")
+    kw = dict(n_levels=3, keep_view=True, trades_capacity=CAPACITY)
+    whole = replay([btc, eth], _signed_trade_qty_nb, np.zeros(0), **kw)
+    cut = replay([split(btc, 40), split(eth, 23)], _signed_trade_qty_nb, np.zeros(0), **kw)
+    assert len(whole.values) > 3000 and np.abs(whole.values).sum() > 0
+    np.testing.assert_array_equal(cut.timestamps, whole.timestamps)
+    np.testing.assert_array_equal(cut.values, whole.values)
+    np.testing.assert_array_equal(cut.n_trades, whole.n_trades)
+    np.testing.assert_array_equal(cut.views, whole.views)
 
 
 @njit
