@@ -55,11 +55,18 @@ def _reference(day: np.ndarray, tick: float, lot: float, horizons_steps: dict[st
     rows = []
     for name, est in estimates.items():
         for label, k in horizons_steps.items():
-            err = (est - df.mid.shift(-k)).dropna()
-            rows.append({"estimator": name, "horizon": label, "n": len(err), "mse": float((err**2).mean())})
+            fut = df.mid.shift(-k)
+            err = (est - fut).dropna()
+            ok = est.notna() & fut.notna()
+            # information coefficient: Spearman (ties share their average rank) of the predicted
+            # move against the realised one
+            ic = (est - df.mid)[ok].corr((fut - df.mid)[ok], method="spearman")
+            rows.append({"estimator": name, "horizon": label, "n": len(err), "mse": float((err**2).mean()),
+                         "ic": float(ic)})
         m = pd.merge_asof(tr, est.rename("est").reset_index(), on="ts", direction="backward",
                           allow_exact_matches=True).dropna()
-        rows.append({"estimator": name, "horizon": "trade", "n": len(m), "mse": float(((m.px - m.est) ** 2).mean())})
+        rows.append({"estimator": name, "horizon": "trade", "n": len(m), "mse": float(((m.px - m.est) ** 2).mean()),
+                     "ic": float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -67,6 +74,7 @@ def _study(real_catalog: Path, tmp_path: Path, **changes) -> Path:
     return yaml_variant(STUDY, tmp_path, real_catalog, **changes)
 
 
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # a plain mid predicts no move: IC undefined
 @pytest.mark.parametrize("symbol,target,tick", [("BTCUSDT", "btc", 0.1), ("ETHUSDT", "eth", 0.01)])
 def test_scores_equal_hftbacktest_book_scored_with_pandas(real_catalog, tmp_path, symbol, target, tick):
     result = evaluate(_study(real_catalog, tmp_path))
@@ -78,6 +86,9 @@ def test_scores_equal_hftbacktest_book_scored_with_pandas(real_catalog, tmp_path
         mine = got[(r.estimator, r.horizon)]
         assert mine["n"] == r.n, (r.estimator, r.horizon)
         assert mine["mse"] == pytest.approx(r.mse, rel=1e-9), (r.estimator, r.horizon)
+        if r.horizon != "trade":
+            assert mine["ic"] == pytest.approx(r.ic, rel=1e-9, nan_ok=True), (r.estimator, r.horizon)
+    assert np.isfinite(got[("weighted_mid", "1s")]["ic"])
     # an estimator with a forecast has an information coefficient, a plain mid has none
     assert np.isfinite(got[("mid+book_imbalance", "1s")]["forecast_ic"])
     assert got[("mid+book_imbalance", "1s")]["forecast_ic"] > 0.05  # imbalance predicts the next move
