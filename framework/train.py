@@ -46,6 +46,7 @@ from quotelab.config import (
     where_in,
 )
 from quotelab.errors import ConfigError, DataError
+from quotelab.evaluate import information_coefficient
 from quotelab.registry import Registry
 from quotelab.replay import ReplayAsset, prepare, replay
 from quotelab.replay import context as replay_context
@@ -516,17 +517,9 @@ def _r2(y: np.ndarray, p: np.ndarray) -> float:
     return 1.0 - float(np.sum((y - p) ** 2)) / sst if sst > 0 else float("nan")
 
 
-def _ic(y: np.ndarray, p: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(y) < 3 or np.ptp(p) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(spearmanr(p, y).statistic)
-
-
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """R² against the block's own mean (sklearn's definition) and the Spearman IC."""
-    return {"r2": _r2(y, p), "ic": _ic(y, p), "n": int(len(y))}
+    return {"r2": _r2(y, p), "ic": information_coefficient(y, p), "n": int(len(y))}
 
 
 @dataclass
@@ -588,7 +581,7 @@ def _rolling_predict(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarra
             is_p.append(m.predict(X[fit_mask]))
         r += refit_ns
     iy, ip = (np.concatenate(is_y), np.concatenate(is_p)) if is_y else (np.zeros(0), np.zeros(0))
-    return pred, coefs, _r2(iy, ip), _ic(iy, ip)
+    return pred, coefs, _r2(iy, ip), information_coefficient(iy, ip)
 
 
 def fit_walk_forward(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarray, names: list[str],

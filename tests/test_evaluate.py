@@ -117,3 +117,17 @@ def test_bad_horizon_and_unknown_target(real_catalog, tmp_path):
         evaluate(_study(real_catalog, tmp_path, targets=["btc", "sol"]))
     with pytest.raises(ConfigError, match=r"estimators\[0\]\.fair_value\[0\]\.kind: unknown fair_value kind 'midd'"):
         evaluate(_study(real_catalog, tmp_path, estimators=[{"name": "x", "fair_value": [{"kind": "midd"}]}]))
+
+
+def test_information_coefficient_is_scipys_spearman_with_ties():
+    from scipy.stats import spearmanr
+
+    from quotelab.evaluate import information_coefficient
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=5000)
+    y = np.round(0.3 * x + rng.normal(size=5000), 0)  # a handful of values: mostly ties
+    assert information_coefficient(x, y) == pytest.approx(spearmanr(x, y).statistic, rel=1e-12)
+    assert information_coefficient(np.round(x), y) == pytest.approx(spearmanr(np.round(x), y).statistic, rel=1e-12)
+    assert np.isnan(information_coefficient(np.ones(10), y[:10]))
+    assert np.isnan(information_coefficient(x[:2], y[:2]))
