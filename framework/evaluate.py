@@ -395,7 +395,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
         if not contiguous:
             raise DataError(f"{path}: target {target!r}: a ready asset lost its book mid-window; horizons would "
                             "span gaps. Evaluate over days where every asset read has a two-sided book.")
-        trade_ts, trade_px, _, _ = prepare_exchange([assets[q]]).trades[0]  # in exchange-time order
+        trade_ts, trade_px, _, _ = prepare_exchange([assets[q]]).rows[0].trades  # in exchange-time order
         feed = feeds[q]
         for j, spec in enumerate(cfg.estimators):
             est = outs[:, 3 + 2 * j]
@@ -486,7 +486,7 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
         outs = replay_trades(data, tape, kernel, params, state, n_levels=n_levels,
                              out_columns=list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts))))
         replay_s += time.perf_counter() - t0
-        events += data.n_rows[0]
+        events += data.rows[0].n_rows
         raw += tape.raw_trades
         scored += len(tape.ts)
         for j, spec in enumerate(cfg.estimators):

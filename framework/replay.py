@@ -376,8 +376,9 @@ def _tick_range(asset: ReplayAsset, info: np.ndarray) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class _Clocked:
-    """An asset's days as read on one clock, with what the pass over them found."""
+class ClockRows:
+    """An asset's days as read on one clock (rows flagged for the other clock are skipped as the
+    replay goes), with what the pass over them found."""
 
     days: tuple[np.ndarray, ...]
     book_base: int
@@ -387,8 +388,11 @@ class _Clocked:
     n_rows: int
 
 
-def _scan(asset: ReplayAsset, days: tuple[np.ndarray, ...], flag: int, collect: bool) -> _Clocked | None:
-    col = "local_ts" if flag == LOCAL_EVENT else "exch_ts"
+_CLOCK = {LOCAL_EVENT: "local_ts", EXCH_EVENT: "exch_ts"}  # a side's flag -> its clock's column
+
+
+def _scan(asset: ReplayAsset, days: tuple[np.ndarray, ...], flag: int, collect: bool) -> ClockRows | None:
+    col = _CLOCK[flag]
     info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
     cap = 1024 if collect else 0
     t_ts, t_px, t_qty, t_sell = np.empty(cap, np.int64), np.empty(cap), np.empty(cap), np.empty(cap, np.bool_)
@@ -401,11 +405,11 @@ def _scan(asset: ReplayAsset, days: tuple[np.ndarray, ...], flag: int, collect: 
     if info[2]:
         return None
     base, size = _tick_range(asset, info)
-    return _Clocked(days, base, size, day_start, (t_ts[:n_tr], t_px[:n_tr], t_qty[:n_tr], t_sell[:n_tr]),
+    return ClockRows(days, base, size, day_start, (t_ts[:n_tr], t_px[:n_tr], t_qty[:n_tr], t_sell[:n_tr]),
                     int(info[4]))
 
 
-def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> _Clocked:
+def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> ClockRows:
     """The asset's rows flagged ``flag`` in that clock's order: its days in place when they are
     (every catalog day is, on both clocks), else one stably sorted copy of those rows (equal times
     keep file order, as hftbacktest's reader does)."""
@@ -413,7 +417,7 @@ def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> _Clocked:
     found = _scan(asset, days, flag, collect)
     if found is None:
         rows = np.concatenate([d[(d["ev"] & flag) == flag] for d in days])
-        rows = rows[np.argsort(rows["local_ts" if flag == LOCAL_EVENT else "exch_ts"], kind="stable")]
+        rows = rows[np.argsort(rows[_CLOCK[flag]], kind="stable")]
         found = _scan(asset, (rows,), flag, collect)
         assert found is not None
     return found
@@ -449,9 +453,7 @@ class ReplayData:
     replay goes); only rows out of local-time order are copied, sorted."""
 
     assets: tuple[ReplayAsset, ...]
-    days: tuple[tuple[np.ndarray, ...], ...]
-    book_base: np.ndarray
-    book_start: np.ndarray
+    rows: tuple[ClockRows, ...]
     first_ts: tuple[int, ...]
     last_ts: int
 
@@ -459,17 +461,11 @@ class ReplayData:
 def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
     """Check the assets' LOCAL_EVENT rows (the book a strategy sees) are in local-time order, or
     sort a copy, and size each asset's dense book."""
-    clocked = [_on_clock(a, LOCAL_EVENT) for a in assets]
-    book_start = np.zeros(len(assets) + 1, dtype=np.int64)
-    book_start[1:] = np.cumsum([c.book_size for c in clocked])
-    return ReplayData(
-        assets=tuple(assets), days=tuple(c.days for c in clocked),
-        book_base=np.array([c.book_base for c in clocked], dtype=np.int64), book_start=book_start,
-        first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets),
-    )
+    return ReplayData(assets=tuple(assets), rows=tuple(_on_clock(a, LOCAL_EVENT) for a in assets),
+                      first_ts=tuple(a.first_ts() for a in assets), last_ts=max(a.last_ts() for a in assets))
 
 
-def _segments(days: tuple[tuple[np.ndarray, ...], ...]) -> tuple[np.ndarray, list[Any]]:
+def _segments(days: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, list[Any]]:
     """Every asset's days as numba typed lists of the five columns the replay reads (strided views
     into the days, no copy), and where each asset's days start in them."""
     seg_start = np.zeros(len(days) + 1, dtype=np.int64)
@@ -521,7 +517,7 @@ def replay(
     n = len(data.assets)
     origin = data.first_ts[quoted] if origin_ns is None else int(origin_ns)
     n_grid = max(0, (data.last_ts - origin) // step_ns)
-    size = int(data.book_start[-1])
+    book_start = np.r_[0, np.cumsum([r.book_size for r in data.rows])].astype(np.int64)
     books = _empty_books(n)
     view = _initial_view(data.assets)
     trades = np.zeros((n, trades_capacity, L.TR_WIDTH))
@@ -536,10 +532,11 @@ def replay(
     rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
     rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
     counters = np.zeros(2, dtype=np.int64)
-    seg_start, (evs, local_ts, exch_ts, pxs, qtys) = _segments(data.days)
+    seg_start, (evs, local_ts, exch_ts, pxs, qtys) = _segments([r.days for r in data.rows])
     m = _replay_nb(
-        kernel, evs, local_ts, exch_ts, pxs, qtys, seg_start, data.book_base,
-        data.book_start, np.zeros(size), np.zeros(size), books, origin, step_ns, n_grid, view, trades, state,
+        kernel, evs, local_ts, exch_ts, pxs, qtys, seg_start, np.array([r.book_base for r in data.rows]),
+        book_start, np.zeros(book_start[-1]), np.zeros(book_start[-1]), books, origin, step_ns, n_grid, view, trades,
+        state,
         np.ascontiguousarray(params, dtype=np.float64), out, n_levels, max_scan_ticks, quoted, ready_mask, rec_ts,
         rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols,
     )
@@ -552,29 +549,20 @@ def replay(
 
 @dataclass(frozen=True)
 class ExchangeData:
-    """Assets' EXCH_EVENT rows for :func:`replay_trades`, read in place: each asset's days as they
-    are (rows without EXCH_EVENT are skipped as the replay goes), or, if their exchange times ever
-    go back, one stably sorted copy. The pass that checks that also sizes each book and collects
-    each asset's trades (exchange time, price, quantity, seller-initiated), in row order."""
+    """Assets' EXCH_EVENT rows for :func:`replay_trades`, per asset: its days in place, or one
+    stably sorted copy if their exchange times ever go back, with each asset's trades (exchange
+    time, price, quantity, seller-initiated) in row order."""
 
     assets: tuple[ReplayAsset, ...]
-    days: tuple[tuple[np.ndarray, ...], ...]
-    day_start: tuple[np.ndarray, ...]  # per asset and day: exchange time of its first row (INVALID_MAX if none)
-    book_base: tuple[int, ...]
-    book_size: tuple[int, ...]
-    trades: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
-    n_rows: tuple[int, ...]
+    rows: tuple[ClockRows, ...]
     first_ts: tuple[int, ...]
 
 
 def prepare_exchange(assets: Sequence[ReplayAsset]) -> ExchangeData:
     """The assets' EXCH_EVENT rows in exchange time, the book as of each exchange timestamp
     (:func:`aggregate_trades`, :func:`replay_trades`); catalog days (in order) are not copied."""
-    clocked = [_on_clock(a, EXCH_EVENT, collect=True) for a in assets]
-    return ExchangeData(assets=tuple(assets), days=tuple(c.days for c in clocked),
-                        day_start=tuple(c.day_start for c in clocked), book_base=tuple(c.book_base for c in clocked),
-                        book_size=tuple(c.book_size for c in clocked), trades=tuple(c.trades for c in clocked),
-                        n_rows=tuple(c.n_rows for c in clocked), first_ts=tuple(a.first_ts() for a in assets))
+    return ExchangeData(assets=tuple(assets), rows=tuple(_on_clock(a, EXCH_EVENT, collect=True) for a in assets),
+                        first_ts=tuple(a.first_ts() for a in assets))
 
 
 @dataclass(frozen=True)
@@ -593,7 +581,7 @@ class TradeTape:
 def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True) -> TradeTape:
     """The asset's :class:`TradeTape` (:func:`prepare_exchange`); ``aggregate=False`` keeps every
     trade, in the same order."""
-    ts, px, qty, seller = data.trades[asset]
+    ts, px, qty, seller = data.rows[asset].trades
     order = np.lexsort((seller, ts))  # stable: the first trade of a group keeps its price
     ts, px, qty, seller = ts[order], px[order], qty[order], seller[order]
     if len(ts) == 0:
@@ -610,8 +598,8 @@ def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True)
 def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side, g0, g1,
                       origin, view, trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
     # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
-    # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high ask ticks) and
-    # clock[0] (the last call's time) carry across days.
+    # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high
+    # ask ticks) and clock[0] (the last call's time) carry across days.
     n = len(ev)
     tick = view[0, L.TICK]
     lot = view[0, L.LOT]
@@ -660,19 +648,20 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
         raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
     out_cols = np.arange(L.OUT_WIDTH) if out_columns is None else np.asarray(out_columns, dtype=np.int64)
     rec_out = np.zeros((len(tape.ts), len(out_cols)))
-    bid, ask = np.zeros(data.book_size[0]), np.zeros(data.book_size[0])
+    rows = data.rows[0]
+    bid, ask = np.zeros(rows.book_size), np.zeros(rows.book_size)
     books, clock = _empty_books(1), np.array([np.nan])
     view, trades, out = _initial_view(data.assets), np.zeros((1, 1, L.TR_WIDTH)), np.zeros(L.OUT_WIDTH)
     params = np.ascontiguousarray(params, dtype=np.float64)
     # A day replays the trades before the next day's first row (of the next day that has rows):
     # later ones need that day's rows.
-    nxt = np.minimum.accumulate(data.day_start[0][::-1])[::-1]
+    nxt = np.minimum.accumulate(rows.day_start[::-1])[::-1]
     ends = np.searchsorted(tape.ts, np.r_[nxt[1:], INVALID_MAX])
     g0 = 0
-    for day, g1 in zip(data.days[0], ends.tolist(), strict=True):
+    for day, g1 in zip(rows.days, ends.tolist(), strict=True):
         if g0 == len(tape.ts):
             break
-        _replay_trades_nb(kernel, day["ev"], day["exch_ts"], day["px"], day["qty"], data.book_base[0], bid, ask, books,
+        _replay_trades_nb(kernel, day["ev"], day["exch_ts"], day["px"], day["qty"], rows.book_base, bid, ask, books,
                           clock, tape.ts, tape.px, tape.qty, tape.side, g0, g1, data.first_ts[0], view, trades, state,
                           params, out, n_levels, max_scan_ticks, rec_out, out_cols)
         g0 = g1

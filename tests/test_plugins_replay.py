@@ -141,13 +141,14 @@ def test_prepare_reads_days_in_place_and_sorts_only_rows_out_of_order(shared_dat
         rows = np.concatenate(parts)
         for data, flag, col in ((prepare([two]), LOCAL_EVENT, "local_ts"), (prepare_exchange([two]), EXCH_EVENT,
                                                                             "exch_ts")):
-            seen = [d[(d["ev"] & flag) == flag] for d in data.days[0]]
+            days = data.rows[0].days
+            seen = [d[(d["ev"] & flag) == flag] for d in days]
             want = rows[(rows["ev"] & flag) == flag]
             want = want[np.argsort(want[col], kind="stable")]  # stable: equal times keep file order
             np.testing.assert_array_equal(np.concatenate(seen), want)
             # days in order are read in place; otherwise the clock's rows are one sorted copy
-            assert len(data.days[0]) == (2 if in_order else 1)
-            assert np.shares_memory(data.days[0][0], parts[0]) == in_order
+            assert len(days) == (2 if in_order else 1)
+            assert np.shares_memory(days[0], parts[0]) == in_order
 
 
 def test_grid_replay_over_split_days_equals_one_day(shared_data):
