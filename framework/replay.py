@@ -36,7 +36,6 @@ from hftbacktest.types import (
     LOCAL_EVENT,
     SELL_EVENT,
     TRADE_EVENT,
-    event_dtype,
 )
 from numba import njit
 
@@ -525,7 +524,7 @@ def replay(
     rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
     rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
     counters = np.zeros(3, dtype=np.int64)  # grid steps, trades dropped, steps recorded
-    days = [[_words(d) for d in r.days] or [_words(np.zeros(0, event_dtype))] for r in data.rows]
+    days = [[_words(d) for d in r.days] for r in data.rows]  # prepare needs a day per asset (first_ts)
     current = [0] * n
     ptr, resume, n_tr, clock = np.zeros(n, np.int64), np.zeros(2, np.int64), np.zeros(n, np.int64), np.array([np.nan])
     base, params = np.array([r.book_base for r in data.rows]), np.ascontiguousarray(params, dtype=np.float64)
