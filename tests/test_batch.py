@@ -93,6 +93,12 @@ def test_resume_after_sigkill_and_failure_isolation(tmp_path: Path, catalog: Pat
     # the third asset has no data for its date: that run fails, is recorded, and the batch goes on
     assets = ASSETS + "\n    - {venue: synthetic, symbol: SYNPERP, dates: 20240105}"
     f = write_batch(tmp_path / "b.yaml", assets=assets, values="[1, 2, 3]")
+    # Runs of the two-minute catalog finish within one 50 ms poll, so the kill could land after the
+    # last one; a run_end hook that waits keeps the batch running long enough to be killed halfway.
+    (tmp_path / "slow_run_end.py").write_text(
+        "import time\nfrom quotelab import hookimpl\n\n\n@hookimpl\ndef quotelab_run_end(run, result):\n"
+        "    time.sleep(0.3)\n")
+    f.write_text(f.read_text().replace("  name: mm\n", "  name: mm\n  plugins: [slow_run_end.py]\n", 1))
     out = tmp_path / "out"
     cmd = [*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
