@@ -35,6 +35,10 @@ class Reads:
     assets: tuple[str, ...] = ()
     depth_levels: int = 1
     trades: bool = False
+    # Other components whose outputs it reads, by composed index (fair values, then forecasts,
+    # then risks, from 0): each must run before it. With ``component_kinds``, the kind each must be.
+    components: tuple[int, ...] = ()
+    component_kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

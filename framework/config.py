@@ -9,7 +9,7 @@ names nearest first. Nothing compiles before both phases pass.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, NoReturn, TypeVar
@@ -379,6 +379,32 @@ def validate_part(
     return role, at, spec, component, params
 
 
+def check_component_inputs(parts: Sequence[tuple], where: Callable[[Path_], str], scope: str) -> None:
+    """Every part that reads other components' outputs (``Reads.components``, e.g. a pasted
+    ``linear_forecast``) reads ones that run before it in ``parts`` (the composed order), of the kinds
+    it names. A later index would read the previous step's value, or in an evaluation another
+    estimator's, and a block pasted after a different list of parts would combine the wrong ones;
+    neither fails on its own."""
+    for k, (_role, at, spec, component, params) in enumerate(parts):
+        reads = component.reads(params)
+        if not reads.components:
+            continue
+        before = "; ".join(f"{i}: {fmt_path(parts[i][1])} ({parts[i][2].kind})" for i in range(k)) or "none"
+        for n, idx in enumerate(reads.components):
+            if idx >= k:
+                raise ConfigError(
+                    f"{where((*at, 'params', 'inputs', n))}: input {idx} is not a component that runs before this "
+                    f"{spec.kind!r} (component {k} of {scope}); it can read {before}"
+                )
+            if reads.component_kinds and parts[idx][2].kind != reads.component_kinds[n]:
+                raise ConfigError(
+                    f"{where((*at, 'params', 'inputs', n))}: input {idx} is {fmt_path(parts[idx][1])} "
+                    f"({parts[idx][2].kind}), but features[{n}] is {reads.component_kinds[n]!r}: the block was made "
+                    f"for another order of parts; {scope} has {before}. Fix: paste it after the same fair values "
+                    "and forecasts it was trained with, or renumber inputs"
+                )
+
+
 def check_data_section(data: DataSection, where: Callable[[Path_], str]) -> None:
     """Structural checks of a data section that pydantic's types can't express."""
     if data.quote not in data.assets:
@@ -449,6 +475,7 @@ def load_strategy(
     names = set(config.data.assets) | {"quoted"}
     parts = [validate_part(registry, role, at, spec, path, lines, names, config.data.assets)
              for role, at, spec in loaded.parts()]
+    check_component_inputs(parts, loaded.where, "the strategy")
     return loaded, registry, parts
 
 

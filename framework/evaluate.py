@@ -28,6 +28,7 @@ from quotelab.config import (
     DataSection,
     PartSpec,
     _Model,
+    check_component_inputs,
     check_data_section,
     fmt_path,
     load_document,
@@ -321,6 +322,7 @@ def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dic
                                 cfg.data.assets) for i, spec in enumerate(est.forecast)]
         if not est.fair_value:
             raise ConfigError(f"{where(('estimators', j, 'fair_value'))}: at least one fair-value source is required")
+        check_component_inputs(parts, where, f"estimator {est.name!r}")
         estimators.append(parts)
     return cfg, registry, estimators, {"path": path, "lines": lines, "where": where}
 

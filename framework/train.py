@@ -717,7 +717,8 @@ def forecast_block(setup: TrainSetup, model: StaticModel) -> str:
     ]
     items.append({"kind": "linear_forecast", "alpha": "1bps", "params": {
         "inputs": list(range(first, first + len(setup.parts))),
-        "coefficients": [float(v) for v in lin[0]], "intercept": float(lin[1])}})
+        "coefficients": [float(v) for v in lin[0]], "intercept": float(lin[1]),
+        "features": [s.kind for _, s, _, _ in setup.parts]}})
     head = (
         f"# Trained by `quotelab train {setup.file.name}`: {c.model.kind} model of the {c.target.horizon:g}s future\n"
         f"# mid return of {c.data.quote!r}, in bps; `alpha: 1bps` turns it into a price offset of the fair value.\n"

@@ -1,8 +1,9 @@
 """``linear_forecast``: intercept + Σ cᵢ · (output of component ``inputs[i]``) — a trained linear model.
 
 ``inputs`` index the strategy's components in the order the composer runs them: fair values first,
-then forecast signals, then risks (0-based). Only components that run before this one hold this
-step's value; a later one still holds the previous step's.
+then forecast signals, then risks (0-based), and must be components that run before this one.
+``features``, which ``quotelab train`` writes, names the kind each input must be, so a block pasted
+after a different list of parts is an error rather than a model of the wrong inputs.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ class LinearForecastParams(Params):
     inputs: tuple[int, ...] = Field(description="Indices of the components whose outputs are combined.")
     coefficients: tuple[float, ...] = Field(description="One coefficient per input.")
     intercept: float = 0.0
+    features: tuple[str, ...] | None = Field(
+        default=None, description="The kind of the component each input must be (written by quotelab train)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LinearForecastParams:
         if not 1 <= len(self.inputs) <= MAX_INPUTS or len(self.coefficients) != len(self.inputs):
             raise ValueError(f"give 1..{MAX_INPUTS} inputs and one coefficient per input")
+        if self.features is not None and len(self.features) != len(self.inputs):
+            raise ValueError("give one feature kind per input, or leave features out")
         if any(not 0 <= i < MAX_COMPONENTS for i in self.inputs):
             raise ValueError(f"inputs are component indices in 0..{MAX_COMPONENTS - 1}")
         return self
@@ -48,7 +54,7 @@ def linear_forecast_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="linear_forecast", params=LinearForecastParams, kernel=linear_forecast_nb,
-        pack=_pack, reads=lambda p: Reads(),
+        pack=_pack, reads=lambda p: Reads(components=p.inputs, component_kinds=p.features or ()),
         doc="Linear combination of earlier components' outputs (how a trained linear model ships).",
         formula="intercept + sum_i c_i * out[COMPONENTS + inputs_i]",
     ))

@@ -326,3 +326,46 @@ def test_edited_helper_kernel_in_another_module_is_recompiled(real_catalog, tmp_
                               capture_output=True, text=True, check=True, env=env)
         balances.append(json.loads(proc.stdout)["balance"])
     assert balances[0] != balances[1]
+
+
+def test_linear_forecast_reads_only_earlier_components_of_the_kinds_it_names(tmp_path):
+    from quotelab.config import load_strategy
+    from quotelab.evaluate import load_eval
+
+    doc = yaml.safe_load((REPO / "strategies" / "linear_model.yaml").read_text())
+    lin = doc["forecast"][1]["params"]
+
+    def load(**params):
+        doc["forecast"][1]["params"] = {**lin, **params}
+        return load_strategy(_write(tmp_path, doc))
+
+    load()
+    load(features=["multi_level_imbalance_mid", "mid", "order_flow_imbalance"])
+    before = (r"it can read 0: fair_value\[0\] \(mid\); 1: fair_value\[1\] \(multi_level_imbalance_mid\); "
+              r"2: forecast\[0\] \(order_flow_imbalance\)")
+    with pytest.raises(ConfigError, match=r"s\.yaml:\d+: forecast\[1\]\.params\.inputs\[2\]: input 3 is not a "
+                                          r"component that runs before this 'linear_forecast' \(component 3 of the "
+                                          r"strategy\); " + before):
+        load(inputs=[1, 0, 3])
+    with pytest.raises(ConfigError, match=r"forecast\[1\]\.params\.inputs\[0\]: input 1 is fair_value\[1\] "
+                                          r"\(multi_level_imbalance_mid\), but features\[0\] is 'mid': the block was "
+                                          r"made for another order of parts"):
+        load(features=["mid", "multi_level_imbalance_mid", "order_flow_imbalance"])
+    with pytest.raises(ConfigError, match=r"forecast\[1\]\.params.*one feature kind per input"):
+        load(features=["mid"])
+
+    # in an evaluation's bank a later slot holds another estimator's output: refused the same way
+    ev = {"name": "e", "data": doc["data"], "estimators": [
+        {"name": "a", "fair_value": [{"kind": "mid"}]},
+        {"name": "b", "fair_value": [{"kind": "mid"}], "forecast": [
+            {"kind": "book_imbalance", "alpha": 0}, {"kind": "linear_forecast", "alpha": 1.0,
+                                                     "params": {"inputs": [1, 2], "coefficients": [1.0, 1.0]}}]}]}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(ev, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"eval\.yaml:\d+: estimators\[1\]\.forecast\[1\]\.params\.inputs\[1\]: "
+                                          r"input 2 is not a component .*estimator 'b'\); it can read 0: "
+                                          r"estimators\[1\]\.fair_value\[0\] \(mid\); 1: estimators\[1\]\.forecast"):
+        load_eval(path)
+    ev["estimators"][1]["forecast"][1]["params"]["inputs"] = [1, 0]
+    path.write_text(yaml.safe_dump(ev, sort_keys=False))
+    load_eval(path)

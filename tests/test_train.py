@@ -4,6 +4,7 @@ guards, transfer, export into a running strategy, and the bad inputs a user hits
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -281,6 +282,16 @@ def test_exported_forecast_block_runs_in_quotelab_run_unchanged(catalog, tmp_pat
     np.testing.assert_array_equal(series["timestamp"].to_numpy(), frame.timestamps)
     np.testing.assert_allclose(series["forecast"].to_numpy(), pred * frame.mid * 1e-4, rtol=1e-9, atol=1e-12)
     assert np.std(series["forecast"].to_numpy()) > 0
+
+    # pasted after another fair value, its inputs would point one part early: refused, not mis-modelled
+    assert "features: [" in block
+    wrong = write(tmp_path, DATA + "fair_value:\n  - kind: mid\n  - kind: weighted_mid\n" + block + "quoter:\n"
+                  "  kind: fixed_spread\n  params: {half_spread: 2ticks, size: 0.001, max_position: 0.01}\n",
+                  "wrong.yaml")
+    proc = subprocess.run([*cli, "run", str(wrong), "--catalog", str(catalog)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert re.search(r"wrong\.yaml:\d+: forecast\[\d\]\.params\.inputs\[0\]: input 1 is fair_value\[1\] "
+                     r"\(weighted_mid\), but features\[0\] is ", proc.stderr), proc.stderr
 
 
 def test_non_linear_model_exports_out_of_sample_predictions_with_latency(catalog, tmp_path):
