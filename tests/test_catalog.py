@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hftbacktest.types import event_dtype
@@ -120,6 +122,35 @@ def test_truncated_uncompressed_day_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError, match=r"20240101\.npz: not a readable event file"):
         catalog.load_events(path)
+
+
+def test_mapped_day_checks_its_crc_once_per_file_version(tmp_path, monkeypatch):
+    ev = np.resize(_book_rows(), 5000)
+    path = catalog.write_day(tmp_path, "synthetic", "X", "20240101", ev, compression="none")
+    np.testing.assert_array_equal(catalog.load_events(path), ev)
+    good = path.read_bytes()
+    rows_at = len(good) - ev.nbytes
+    for at in (rows_at + ev.nbytes // 2 + 3, rows_at - 20):  # a price byte; a pad byte of the npy header
+        raw = bytearray(good)
+        raw[at] ^= 0x40
+        path.write_bytes(bytes(raw))
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a coarse clock must not hide it
+        with pytest.raises(DataError, match=r"20240101\.npz: not a readable event file .*bad CRC .*convert the day"):
+            catalog.load_events(path)
+    path.write_bytes(good)
+    np.testing.assert_array_equal(catalog.load_events(path), ev)
+    # checked once per version: loading the same file again does not read it again
+    from isal import isal_zlib
+
+    calls = []
+    crc32 = isal_zlib.crc32
+    monkeypatch.setattr(isal_zlib, "crc32", lambda *a: calls.append(1) or crc32(*a))
+    np.testing.assert_array_equal(catalog.load_events(path), ev)
+    assert calls == []
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    np.testing.assert_array_equal(catalog.load_events(path), ev)
+    assert calls
 
 
 def test_last_ts_is_the_latest_time_on_either_clock(shared_data):
