@@ -17,10 +17,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
 from numba import types
+from numba.typed import List
 
 from quotelab import __version__
 from quotelab import layout as L
@@ -33,6 +35,15 @@ STRATEGY_SIG = types.float64(
     types.float64[:, ::1], types.float64[:, :, ::1], types.float64[::1], types.float64[::1], types.float64[::1]
 )
 STRATEGY_TYPE = types.FunctionType(STRATEGY_SIG)
+
+
+def kernel_list(kernel: Any) -> List:
+    """``kernel`` (compiled to STRATEGY_SIG if it is not yet) as the one element of a typed list of
+    function pointers. A loop that takes this instead of the dispatcher is compiled once for every
+    kernel, and can be cached on disk: a dispatcher argument is a new type per kernel and process."""
+    fns = List.empty_list(STRATEGY_TYPE)
+    fns.append(kernel)
+    return fns
 
 HEADER_PER_SIGNAL = 4  # alpha in price units, in bps of the fair value, in spreads; the quoted asset's index
 

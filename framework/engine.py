@@ -14,12 +14,11 @@ import numba
 import numpy as np
 from hftbacktest import GTC, GTX, BacktestAsset, HashMapMarketDepthBacktest
 from hftbacktest.types import record_dtype
-from numba.typed import List
 
 from quotelab import driver as D
 from quotelab import layout as L
 from quotelab.component import PackContext
-from quotelab.composer import STRATEGY_TYPE, Composition, Part, compose
+from quotelab.composer import Composition, Part, compose, kernel_list
 from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, DataError, PluginError, RunError
@@ -181,8 +180,7 @@ def run_loaded(
 
     t0 = time.perf_counter()
     comp = compose(fvs, sigs, risks, quoter, ctx)
-    fns = List.empty_list(STRATEGY_TYPE)
-    fns.append(comp.kernel)
+    fns = kernel_list(comp.kernel)
     compose_s = time.perf_counter() - t0
 
     first_elapse = origin - global_first + (step_ns if cfg.engine.mode == "step" else 0)

@@ -21,6 +21,7 @@ index, and a scan costs what hftbacktest's hash-map scan costs.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from numba import njit
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
+from quotelab.composer import kernel_list
 from quotelab.data import catalog as cat
 from quotelab.errors import DataError
 
@@ -54,6 +56,27 @@ B_BEST_BID = 0
 B_BEST_ASK = 1
 B_LOW_BID = 2
 B_HIGH_ASK = 3
+
+# The two replay loops take the kernel as a function pointer (composer.kernel_list), so they compile
+# once and are cached on disk (a cold `quotelab evaluate` spent ~5 s compiling them per kernel). numba
+# checks a cache against this file only, and the loops bake in constants of quotelab.layout and
+# hftbacktest; each loop compares this key of those constants with the one it was compiled with.
+_LAYOUT_KEY = int.from_bytes(hashlib.sha256(repr((
+    sorted((k, v) for k, v in vars(L).items() if k.isupper() and isinstance(v, int)),
+    (BUY_EVENT, SELL_EVENT, DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT, TRADE_EVENT, EXCH_EVENT, LOCAL_EVENT),
+)).encode()).digest()[:8], "little", signed=True)  # not hash(): str hashes differ between processes
+STALE = -2  # what a loop compiled against other constants returns
+
+
+def _run_cached(loop: Any, *args: Any) -> int:
+    """``loop(_LAYOUT_KEY, *args)``, recompiled first if its cached code predates the constants."""
+    got = loop(_LAYOUT_KEY, *args)
+    if got == STALE:
+        loop.recompile()
+        got = loop(_LAYOUT_KEY, *args)
+        if got == STALE:  # pragma: no cover - a compile that ignores the module's constants
+            raise RuntimeError(f"{loop.__name__} still compiled against other layout constants after recompiling")
+    return got
 
 
 @dataclass(frozen=True)
@@ -268,15 +291,18 @@ def _words(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return day.view(np.int64).reshape(-1, 8), day.view(np.float64).reshape(-1, 8)
 
 
-@njit
-def _replay_nb(kernel, ints, floats, more, ptr, resume, book_base, book_start, bid_all, ask_all, books, origin,
-               step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask, rec_ts,
-               rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols, n_tr, clock):
+@njit(cache=True)
+def _replay_nb(layout_key, fns, ints, floats, more, ptr, resume, book_base, book_start, bid_all, ask_all, books,
+               origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask,
+               rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols, n_tr, clock):
     # ints[a], floats[a]: asset a's current day (_words); ptr[a] its next row; more[a]: a later day
     # follows. When a day runs out and another follows, this returns a (the step and asset to
     # resume at in ``resume``, its state in the arrays) so the caller can swap the next day in:
     # one compiled loop for any number of days, where typed lists of days cost ~2.6 s of compile.
     # Returns -1 at the end of the grid.
+    if layout_key != _LAYOUT_KEY:
+        return STALE
+    kernel = fns[0]
     n_assets = view.shape[0]
     cap = trades.shape[1]
     k0, a0 = resume[0], resume[1]
@@ -529,14 +555,15 @@ def replay(
     ptr, resume, n_tr, clock = np.zeros(n, np.int64), np.zeros(2, np.int64), np.zeros(n, np.int64), np.array([np.nan])
     base, params = np.array([r.book_base for r in data.rows]), np.ascontiguousarray(params, dtype=np.float64)
     bid_all, ask_all = np.zeros(book_start[-1]), np.zeros(book_start[-1])
+    fns = kernel_list(kernel)
     while True:
         ints = tuple(days[a][current[a]][0] for a in range(n))
         floats = tuple(days[a][current[a]][1] for a in range(n))
         more = np.array([current[a] + 1 < len(days[a]) for a in range(n)])
-        a = _replay_nb(kernel, ints, floats, more, ptr, resume, base, book_start, bid_all, ask_all, books, origin,
-                       step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan_ticks, quoted, ready_mask,
-                       rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols, n_tr,
-                       clock)
+        a = _run_cached(_replay_nb, fns, ints, floats, more, ptr, resume, base, book_start, bid_all, ask_all, books,
+                        origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan_ticks, quoted,
+                        ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters,
+                        out_cols, n_tr, clock)
         if a < 0:
             break
         current[a] += 1
@@ -596,12 +623,15 @@ def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True)
                      side=np.where(seller[start], -1.0, 1.0), raw_trades=len(ts))
 
 
-@njit
-def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side, g0, g1,
-                      origin, view, trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
+@njit(cache=True)
+def _replay_trades_nb(layout_key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side,
+                      g0, g1, origin, view, trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
     # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
     # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high
     # ask ticks) and clock[0] (the last call's time) carry across days.
+    if layout_key != _LAYOUT_KEY:
+        return STALE
+    kernel = fns[0]
     n = len(ev)
     tick = view[0, L.TICK]
     lot = view[0, L.LOT]
@@ -631,6 +661,7 @@ def _replay_trades_nb(kernel, ev, exch_ts, px, qty, base, bid, ask, books, clock
                                          bb, ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
     books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK] = bb, ba, lo, hi
     clock[0] = last
+    return 0
 
 
 def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.ndarray, state: np.ndarray, *,
@@ -659,14 +690,14 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
     # later ones need that day's rows.
     nxt = np.minimum.accumulate(rows.day_start[::-1])[::-1]
     ends = np.searchsorted(tape.ts, np.r_[nxt[1:], INVALID_MAX])
-    g0 = 0
+    g0, fns = 0, kernel_list(kernel)
     for day, g1 in zip(rows.days, ends.tolist(), strict=True):
         if g0 == len(tape.ts):
             break
         ints, floats = _words(day)
-        _replay_trades_nb(kernel, ints[:, W_EV], ints[:, W_EXCH_TS], floats[:, W_PX], floats[:, W_QTY], rows.book_base,
-                          bid, ask, books, clock, tape.ts, tape.px, tape.qty, tape.side, g0, g1, data.first_ts[0], view,
-                          trades, state, params, out, n_levels, max_scan_ticks, rec_out, out_cols)
+        _run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, W_EXCH_TS], floats[:, W_PX], floats[:, W_QTY],
+                    rows.book_base, bid, ask, books, clock, tape.ts, tape.px, tape.qty, tape.side, g0, g1,
+                    data.first_ts[0], view, trades, state, params, out, n_levels, max_scan_ticks, rec_out, out_cols)
         g0 = g1
     return rec_out
 

@@ -226,3 +226,56 @@ def test_aggregate_trades_of_the_second_asset_equals_it_alone(shared_data):
     assert both.raw_trades == alone.raw_trades > 1000
     for field in ("ts", "px", "qty", "side"):
         np.testing.assert_array_equal(getattr(both, field), getattr(alone, field))
+
+
+_CACHED_REPLAY = '''
+import sys
+import numpy as np
+from quotelab import replay as R
+from quotelab.plugins.mid import mid_nb
+asset = R.load_npz_asset({path!r}, "x", 0.1, 0.001)
+if {layout_key!r} is not None:  # as if quotelab.layout changed since the cache was written
+    R._LAYOUT_KEY = {layout_key!r}
+recompiled = []
+for loop in (R._replay_nb, R._replay_trades_nb):
+    loop.recompile = lambda loop=loop, orig=loop.recompile: (recompiled.append(loop.__name__), orig())[1]
+data = R.prepare_exchange([asset])
+got = R.replay_trades(data, R.aggregate_trades(data), mid_nb, np.zeros(0), np.zeros(0), out_columns=[0])
+print(repr(float(np.nansum(got))), sorted(recompiled))
+if {grid!r}:
+    res = R.replay([asset], mid_nb, np.zeros(0))
+    print(repr(float(res.values.sum())), len(res.values))
+for loop in (R._replay_nb, R._replay_trades_nb):
+    print(loop.__name__, sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values()))
+'''
+
+
+def test_replay_loops_are_disk_cached_and_recompiled_when_the_layout_changes(real_catalog, tmp_path):
+    """Both loops take the kernel as a function pointer, so a new process loads them from numba's
+    cache instead of compiling them per kernel (~5 s); a cache compiled against other layout
+    constants is recompiled, never run."""
+    import os
+    import subprocess
+    import sys
+
+    path = real_catalog / "binance-usdm" / "BTCUSDT" / "20240808.npz"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def run(layout_key: int | None, grid: bool) -> list[str]:
+        script = _CACHED_REPLAY.format(path=str(path), layout_key=layout_key, grid=grid)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    first = run(None, True)
+    assert first[2:] == ["_replay_nb 0 1", "_replay_trades_nb 0 1"]  # hits, misses: compiled and written
+    assert first[0].endswith(" []") and int(first[1].split()[1]) > 1000
+    again = run(None, True)
+    assert again[:2] == first[:2]
+    assert again[2:] == ["_replay_nb 1 0", "_replay_trades_nb 1 0"]  # loaded, not compiled
+    # a cache written with other constants returns STALE and is recompiled, then rewritten
+    changed = run(12345, False)
+    assert changed[0] == first[0].replace("[]", "['_replay_trades_nb']")
+    back = run(None, False)
+    assert back[0] == first[0].replace("[]", "['_replay_trades_nb']")
+    assert run(None, False)[0] == first[0]
