@@ -45,6 +45,7 @@ def kernel_list(kernel: Any) -> List:
     fns.append(kernel)
     return fns
 
+
 HEADER_PER_SIGNAL = 4  # alpha in price units, in bps of the fair value, in spreads; the quoted asset's index
 
 
