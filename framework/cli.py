@@ -422,12 +422,19 @@ def check_plugin_cmd(
     plugin: Annotated[
         list[Path] | None, typer.Option("--plugin", help="Also load this local plugin file (repeatable).")
     ] = None,
+    with_: Annotated[
+        list[str] | None, typer.Option(
+            "--with", help="Another asset the signal reads, NAME=VENUE:SYMBOL (repeatable; same days), "
+                           "e.g. spot=binance-spot:BTCUSDT; params name it as NAME.")
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Replay real data through a signal's Python function and its kernel side by side; report the first
-    step where they differ (exit code 1), or that they agree at every step."""
+    step where they differ (exit code 1), or that they agree at every step. The asset of --venue and
+    --symbol is `quoted`; --with adds the others a cross-asset signal reads."""
     import json
 
+    from quotelab.data import catalog as cat
     from quotelab.errors import ConfigError
     from quotelab.pysignal import catalog_asset, check_signal
     from quotelab.registry import load_registry
@@ -443,9 +450,21 @@ def check_plugin_cmd(
         step_s = float(parse_quantity(step, "seconds"))
     except ValueError as exc:
         raise ConfigError(f"--step {step!r}: {exc}") from None
+    others = []
+    for spec in with_ or []:
+        other, _, where = spec.partition("=")
+        other_venue, _, other_symbol = where.partition(":")
+        if not (other.isidentifier() and other_venue and other_symbol):
+            raise ConfigError(f"--with {spec!r}: expected NAME=VENUE:SYMBOL, e.g. spot=binance-spot:BTCUSDT")
+        if other == "quoted" or other in [o[0] for o in others]:
+            raise ConfigError(f"--with {spec!r}: the name {other!r} is taken; give each asset its own name")
+        others.append((other, other_venue, other_symbol))
     registry = load_registry(local_files=plugin or [])
-    asset = catalog_asset(catalog, venue, symbol, date)
-    res = check_signal(registry, name, [asset], raw, step=step_s, rtol=rtol, atol=atol)
+    days = date or cat.list_days(catalog, venue, symbol)
+    assets = [catalog_asset(catalog, venue, symbol, days),
+              *(catalog_asset(catalog, v, s, days, name=n) for n, v, s in others)]
+    res = check_signal(registry, name, assets, raw, step=step_s, rtol=rtol, atol=atol)
+    market = f"{venue}/{symbol}" + "".join(f", {n}={v}/{s}" for n, v, s in others)
     d = res.first_difference
     if json_:
         _print_json({"name": name, "steps": res.steps, "n_different": res.n_different,
@@ -454,7 +473,7 @@ def check_plugin_cmd(
                          "step": d.step, "timestamp_ns": d.timestamp_ns, "time_utc": d.time_utc,
                          "kernel": d.kernel, "python": d.python}})
     elif d is None:
-        typer.echo(f"{name}: kernel and python agree at all {res.steps} steps of {venue}/{symbol} "
+        typer.echo(f"{name}: kernel and python agree at all {res.steps} steps of {market} "
                    f"(max |diff| {res.max_abs_diff:.3g}, rtol {rtol:g}, atol {atol:g})")
     else:
         typer.echo(f"{name}: first difference at step {d.step} of {res.steps}, timestamp {d.timestamp_ns} "

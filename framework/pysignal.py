@@ -230,6 +230,12 @@ def check_signal(
     raw = params or {}
     p_kernel, p_python = _params(kernel, raw, "kernel"), _params(python, raw, "python")
     ctx = context(assets, quoted)
+    for asset in (*asset_fields(p_kernel), *asset_fields(p_python)):
+        if asset not in ctx.asset_index:
+            raise ConfigError(
+                f"check-plugin {name}: its params read asset {asset!r}, which is not given (assets: "
+                f"{', '.join(ctx.asset_index)}); add it with --with {asset}=VENUE:SYMBOL"
+            )
     pk = np.asarray(kernel.pack(p_kernel, ctx), dtype=np.float64)
     pp = np.asarray(python.pack(p_python, ctx), dtype=np.float64)
     sk = np.asarray(kernel.state(p_kernel), dtype=np.float64)

@@ -195,6 +195,38 @@ def test_check_plugin_passes_when_the_twins_agree(real_catalog, tmp_path):
     assert out["first_difference"] is None and out["steps"] > 3000 and out["max_abs_diff"] == 0.0
 
 
+def test_check_plugin_checks_a_signal_of_another_asset_given_with_with(real_catalog, tmp_path):
+    from quotelab.pysignal import catalog_asset
+    from quotelab.replay import replay_component
+
+    eth = ("--with", "eth=binance-usdm:ETHUSDT", "--params", '{"asset": "eth"}')
+    proc = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog), "--plugin",
+                str(_twin_file(tmp_path, PLANT, "planted.py")), *eth, "--json")
+    assert proc.returncode == 1, proc.stderr
+    got = json.loads(proc.stdout)
+    # the kernel's values are ETH's book imbalance on BTC's grid, steps where both books are two-sided
+    btc = catalog_asset(real_catalog, "binance-usdm", "BTCUSDT")
+    other = catalog_asset(real_catalog, "binance-usdm", "ETHUSDT", name="eth")
+    ref = replay_component(load_registry(entry_points=False).get("signal", "book_imbalance"), {"asset": "eth"},
+                           [btc, other])
+    alone = replay_component(load_registry(entry_points=False).get("signal", "book_imbalance"), {}, [btc])
+    i = got["first_difference"]["step"]
+    assert got["steps"] == len(ref.timestamps) > 3000
+    assert got["first_difference"]["kernel"] == ref.values[i] != alone.values[i]
+    text = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog), "--plugin",
+                str(_twin_file(tmp_path)), *eth)
+    assert text.returncode == 0, text.stderr
+    assert "agree at all" in text.stdout and "of binance-usdm/BTCUSDT, eth=binance-usdm/ETHUSDT" in text.stdout
+
+    missing = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog), "--plugin",
+                   str(_twin_file(tmp_path)), "--params", '{"asset": "eth"}')
+    assert missing.returncode == 2
+    assert "params read asset 'eth', which is not given (assets: quoted); add it with --with eth=VENUE:SYMBOL" \
+        in missing.stderr
+    bad = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog), "--with", "eth=ETHUSDT")
+    assert bad.returncode == 2 and "--with 'eth=ETHUSDT': expected NAME=VENUE:SYMBOL" in bad.stderr
+
+
 def test_check_plugin_without_a_python_twin_says_how_to_add_one(real_catalog):
     proc = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog))
     assert proc.returncode == 2
