@@ -452,8 +452,8 @@ def check_plugin_cmd(
         raise ConfigError(f"--step {step!r}: {exc}") from None
     others = []
     for spec in with_ or []:
-        other, _, where = spec.partition("=")
-        other_venue, _, other_symbol = where.partition(":")
+        other, _, source = spec.partition("=")
+        other_venue, _, other_symbol = source.partition(":")
         if not (other.isidentifier() and other_venue and other_symbol):
             raise ConfigError(f"--with {spec!r}: expected NAME=VENUE:SYMBOL, e.g. spot=binance-spot:BTCUSDT")
         if other == "quoted" or other in [o[0] for o in others]:
