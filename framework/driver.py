@@ -1,20 +1,24 @@
-"""The one loop that touches the hftbacktest object.
+"""The one loop that drives the hftbacktest backtest.
 
-It cannot be disk-cached (the backtest object holds ctypes pointers), so it is compiled once per
-process and reused by every strategy and parameter set: the strategy kernel arrives as a
-first-class function in a typed list (one call per step, so the indirection costs nothing
-measurable) and every parameter is a runtime array.
+It calls hftbacktest's C functions by symbol name (:mod:`quotelab.backtest_c`) on the backtest's
+pointer, rather than through the backtest object, whose ctypes pointers kept it out of numba's disk
+cache. So it is compiled once, cached, and reused by every strategy and parameter set: the
+strategy kernel arrives as a first-class function in a typed list (one call per step, so the
+indirection costs nothing measurable) and every parameter is a runtime array.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from hftbacktest import LIMIT
+from hftbacktest.intrinsic import address_as_void_pointer
 from hftbacktest.order import BUY
 from hftbacktest.types import BUY_EVENT
 from numba import njit
 
+from quotelab import backtest_c as C
 from quotelab import layout as L
+from quotelab.jitcache import KEY, STALE
 
 # cfg (int64) slots
 C_MODE = 0  # 0 fixed step, 1 per event
@@ -59,34 +63,35 @@ K_WIDTH = 8
 
 
 @njit
-def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, account, need_trades):
-    depth = hbt.depth(a)
+def _fill_view(bt, a, view, trades, n_levels, max_scan, origin, last_time, account, need_trades):
+    # bt: the backtest's pointer (a voidptr)
+    depth = C.depth(bt, a)
     tick = view[a, L.TICK]
-    view[a, L.BEST_BID] = depth.best_bid
-    view[a, L.BEST_ASK] = depth.best_ask
-    view[a, L.BID_QTY] = depth.best_bid_qty
-    view[a, L.ASK_QTY] = depth.best_ask_qty
-    view[a, L.BEST_BID_TICK] = depth.best_bid_tick
-    view[a, L.BEST_ASK_TICK] = depth.best_ask_tick
+    view[a, L.BEST_BID] = C.best_bid(depth)
+    view[a, L.BEST_ASK] = C.best_ask(depth)
+    view[a, L.BID_QTY] = C.best_bid_qty(depth)
+    view[a, L.ASK_QTY] = C.best_ask_qty(depth)
+    view[a, L.BEST_BID_TICK] = C.best_bid_tick(depth)
+    view[a, L.BEST_ASK_TICK] = C.best_ask_tick(depth)
     if account:
-        sv = hbt.state_values(a)
+        sv = C.state_values(bt, a)[0]
         view[a, L.POSITION] = sv.position
         view[a, L.BALANCE] = sv.balance
         view[a, L.FEE] = sv.fee
         view[a, L.NUM_FILLS] = sv.num_trades
-    now = (hbt.current_timestamp - origin) * 1e-9
+    now = (C.current_timestamp(bt) - origin) * 1e-9
     view[a, L.STEP_SECONDS] = now - last_time if last_time == last_time else 0.0
     view[a, L.TIME] = now
-    view[a, L.BID_PX] = depth.best_bid
-    view[a, L.BID_SZ] = depth.best_bid_qty
-    view[a, L.ASK_PX] = depth.best_ask
-    view[a, L.ASK_SZ] = depth.best_ask_qty
+    view[a, L.BID_PX] = view[a, L.BEST_BID]
+    view[a, L.BID_SZ] = view[a, L.BID_QTY]
+    view[a, L.ASK_PX] = view[a, L.BEST_ASK]
+    view[a, L.ASK_SZ] = view[a, L.ASK_QTY]
     if n_levels > 1:
         k = 1
-        t = depth.best_bid_tick - 1
+        t = C.best_bid_tick(depth) - 1
         stop = t - max_scan
         while k < n_levels and t > stop:
-            q = depth.bid_qty_at_tick(t)
+            q = C.bid_qty_at_tick(depth, t)
             if q > 0.0:
                 view[a, L.BID_PX + k] = t * tick
                 view[a, L.BID_SZ + k] = q
@@ -97,10 +102,10 @@ def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, acco
             view[a, L.BID_SZ + k] = 0.0
             k += 1
         k = 1
-        t = depth.best_ask_tick + 1
+        t = C.best_ask_tick(depth) + 1
         stop = t + max_scan
         while k < n_levels and t < stop:
-            q = depth.ask_qty_at_tick(t)
+            q = C.ask_qty_at_tick(depth, t)
             if q > 0.0:
                 view[a, L.ASK_PX + k] = t * tick
                 view[a, L.ASK_SZ + k] = q
@@ -112,7 +117,7 @@ def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, acco
             k += 1
     if not need_trades:
         return 0
-    lt = hbt.last_trades(a)
+    lt = C.last_trades(bt, a)
     n = min(len(lt), trades.shape[1])
     for i in range(n):
         trades[a, i, L.TR_PX] = lt[i].px
@@ -121,12 +126,12 @@ def _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, acco
         trades[a, i, L.TR_TIME] = (lt[i].exch_ts - origin) * 1e-9
     view[a, L.N_TRADES] = n
     dropped = len(lt) - n
-    hbt.clear_last_trades(a)
+    C.clear_last_trades(bt, a)
     return dropped
 
 
 @njit
-def _manage_orders(hbt, a, view, out, tif):
+def _manage_orders(bt, a, view, out, tif):
     lot = view[a, L.LOT]
     tick = view[a, L.TICK]
     # Whole lots: ten fills of 0.01 sum to -0.09999999999999999, which a float compare lets through.
@@ -134,11 +139,14 @@ def _manage_orders(hbt, a, view, out, tif):
     lim_lots = np.round(out[L.MAX_POSITION] / lot)
     nb = int(out[L.N_BID]) if pos_lots < lim_lots else 0
     na = int(out[L.N_ASK]) if pos_lots > -lim_lots else 0
-    orders = hbt.orders(a)
-    values = orders.values()
-    while values.has_next():
-        order = values.get()
-        if order.cancellable:
+    orders = C.orders(bt, a)
+    values = C.orders_values(orders)
+    while True:
+        found = C.next_order(values)
+        if len(found) == 0:
+            break
+        order = found[0]
+        if C.cancellable(order):
             keep = False
             if order.side == BUY:
                 for k in range(nb):
@@ -149,27 +157,31 @@ def _manage_orders(hbt, a, view, out, tif):
                     if order.price_tick == np.int64(out[L.Q_ASK_TICK + k]):
                         keep = True
             if not keep:
-                hbt.cancel(a, order.order_id, False)
+                C.cancel(bt, a, order.order_id, np.uint8(0))
     for k in range(nb):
         t = np.int64(out[L.Q_BID_TICK + k])
         qty = out[L.Q_BID_QTY + k]
-        if qty > 0.0 and t > 0 and np.uint64(t) not in orders:
-            hbt.submit_buy_order(a, np.uint64(t), t * tick, qty, tif, LIMIT, False)
+        if qty > 0.0 and t > 0 and C.orders_contains(orders, np.uint64(t)) == 0:
+            C.submit_buy_order(bt, a, np.uint64(t), t * tick, qty, np.uint8(tif), np.uint8(LIMIT), np.uint8(0))
     for k in range(na):
         t = np.int64(out[L.Q_ASK_TICK + k])
         qty = out[L.Q_ASK_QTY + k]
-        if qty > 0.0 and t > 0 and np.uint64(t) not in orders:
-            hbt.submit_sell_order(a, np.uint64(t), t * tick, qty, tif, LIMIT, False)
+        if qty > 0.0 and t > 0 and C.orders_contains(orders, np.uint64(t)) == 0:
+            C.submit_sell_order(bt, a, np.uint64(t), t * tick, qty, np.uint8(tif), np.uint8(LIMIT), np.uint8(0))
 
 
-@njit
-def run_driver(hbt, fns, view, trades, state, params, out, cfg, ready_mask, rec_ts, rec, counters):
+@njit(cache=True)
+def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_mask, rec_ts, rec, counters):
     """Replay to the end of data, calling ``fns[0]`` (the fused strategy) at each step.
 
-    ``ready_mask[a]`` marks the assets the strategy reads: until each has a two-sided book, a
-    step neither quotes nor records (warm-up). Returns nothing; results land in ``rec_ts``,
-    ``rec`` and ``counters``.
+    ``key`` is :data:`quotelab.jitcache.KEY` (call through ``run_cached``), ``bt_addr`` the backtest
+    object's ``ptr``. ``ready_mask[a]`` marks the assets the strategy reads: until each has a
+    two-sided book, a step neither quotes nor records (warm-up). Results land in ``rec_ts``, ``rec``
+    and ``counters``; returns 0, or STALE if this code was cached against other constants.
     """
+    if key != KEY:
+        return STALE
+    bt = address_as_void_pointer(bt_addr)
     strategy = fns[0]
     n_assets = view.shape[0]
     mode = cfg[C_MODE]
@@ -180,13 +192,13 @@ def run_driver(hbt, fns, view, trades, state, params, out, cfg, ready_mask, rec_
     first = True
     while True:
         if mode == 0:
-            r = hbt.elapse(cfg[C_FIRST_ELAPSE_NS] if first else cfg[C_STEP_NS])
+            r = C.elapse(bt, np.uint64(cfg[C_FIRST_ELAPSE_NS] if first else cfg[C_STEP_NS]))
             if r != 0:
                 break
         else:
-            if first and cfg[C_FIRST_ELAPSE_NS] > 0 and hbt.elapse(cfg[C_FIRST_ELAPSE_NS]) != 0:
+            if first and cfg[C_FIRST_ELAPSE_NS] > 0 and C.elapse(bt, np.uint64(cfg[C_FIRST_ELAPSE_NS])) != 0:
                 break
-            r = hbt.wait_next_feed(False, 60_000_000_000)
+            r = C.wait_next_feed(bt, np.uint8(0), 60_000_000_000)
             if r == 1:
                 break
             if r != 0 and r != 2:
@@ -194,10 +206,10 @@ def run_driver(hbt, fns, view, trades, state, params, out, cfg, ready_mask, rec_
         first = False
         counters[K_STEPS] += 1
         for a in range(n_assets):
-            hbt.clear_inactive_orders(a)
+            C.clear_inactive_orders(bt, a)
         for a in range(n_assets):
             counters[K_TRADES_DROPPED] += _fill_view(
-                hbt, a, view, trades, cfg[C_LEVELS], cfg[C_MAX_SCAN_TICKS], origin, last_time, a == q,
+                bt, a, view, trades, cfg[C_LEVELS], cfg[C_MAX_SCAN_TICKS], origin, last_time, a == q,
                 cfg[C_NEED_TRADES] != 0,
             )
         last_time = view[q, L.TIME]
@@ -213,16 +225,16 @@ def run_driver(hbt, fns, view, trades, state, params, out, cfg, ready_mask, rec_
             counters[K_NONFINITE] += 1
             if cfg[C_ON_NONFINITE] == 0:
                 counters[K_STATUS] = np.int64(out[L.STATUS])
-                counters[K_STATUS_TS] = hbt.current_timestamp
+                counters[K_STATUS_TS] = C.current_timestamp(bt)
                 break
             continue
-        _manage_orders(hbt, q, view, out, cfg[C_TIF])
+        _manage_orders(bt, q, view, out, cfg[C_TIF])
         counters[K_QUOTING_STEPS] += 1
-        now = hbt.current_timestamp
+        now = C.current_timestamp(bt)
         i = counters[K_RECORDS]
         if now - last_record >= cfg[C_RECORD_EVERY_NS] and i < rec.shape[0]:
             last_record = now
-            sv = hbt.state_values(q)
+            sv = C.state_values(bt, q)[0]
             rec_ts[i] = now
             rec[i, R_MID] = (view[q, L.BEST_BID] + view[q, L.BEST_ASK]) / 2.0
             rec[i, R_POSITION] = sv.position
@@ -238,3 +250,4 @@ def run_driver(hbt, fns, view, trades, state, params, out, cfg, ready_mask, rec_
             rec[i, R_FORECAST] = out[L.FORECAST]
             rec[i, R_RISK] = out[L.RISK]
             counters[K_RECORDS] = i + 1
+    return 0

@@ -22,6 +22,7 @@ from quotelab.composer import Composition, Part, compose, kernel_list
 from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, DataError, PluginError, RunError
+from quotelab.jitcache import KEY, run_cached
 
 
 @dataclass
@@ -223,15 +224,15 @@ def run_loaded(
                 "assets": {f.name: {"venue": f.venue, "symbol": f.symbol} for f in feeds}, "config": config_json}
     _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
     hbt = HashMapMarketDepthBacktest([_build_asset(f) for f in feeds])
-    args = (hbt, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters)
+    args = (hbt.ptr, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters)
     t1 = time.perf_counter()
-    if not _DRIVER_COMPILED:
-        D.run_driver.compile(tuple(numba.typeof(x) for x in args))
+    if not _DRIVER_COMPILED:  # compiled, or loaded from the disk cache, once per process
+        D.run_driver.compile(tuple(numba.typeof(x) for x in (KEY, *args)))
         _DRIVER_COMPILED = True
     compile_s = compose_s + time.perf_counter() - t1
     t2 = time.perf_counter()
     try:
-        D.run_driver(*args)
+        run_cached(D.run_driver, *args)
         run_s = time.perf_counter() - t2
         sv = hbt.state_values(q)
         final = {"num_trades": int(sv.num_trades), "position": float(sv.position), "balance": float(sv.balance),

@@ -21,7 +21,6 @@ index, and a scan costs what hftbacktest's hash-map scan costs.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from quotelab.component import Component, PackContext, Params
 from quotelab.composer import kernel_list
 from quotelab.data import catalog as cat
 from quotelab.errors import DataError
+from quotelab.jitcache import KEY, STALE, run_cached
 
 INVALID_MIN = np.iinfo(np.int64).min
 INVALID_MAX = np.iinfo(np.int64).max
@@ -56,28 +56,6 @@ B_BEST_BID = 0
 B_BEST_ASK = 1
 B_LOW_BID = 2
 B_HIGH_ASK = 3
-
-# The two replay loops take the kernel as a function pointer (composer.kernel_list), so they compile
-# once and are cached on disk (a cold `quotelab evaluate` spent ~5 s compiling them per kernel). numba
-# checks a cache against this file only, and the loops bake in constants of quotelab.layout and
-# hftbacktest; each loop compares this key of those constants with the one it was compiled with.
-_LAYOUT_KEY = int.from_bytes(hashlib.sha256(repr((
-    sorted((k, v) for k, v in vars(L).items() if k.isupper() and isinstance(v, int)),
-    (BUY_EVENT, SELL_EVENT, DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT, TRADE_EVENT, EXCH_EVENT, LOCAL_EVENT),
-)).encode()).digest()[:8], "little", signed=True)  # not hash(): str hashes differ between processes
-STALE = -2  # what a loop compiled against other constants returns
-
-
-def _run_cached(loop: Any, *args: Any) -> int:
-    """``loop(_LAYOUT_KEY, *args)``, recompiled first if its cached code predates the constants."""
-    got = loop(_LAYOUT_KEY, *args)
-    if got == STALE:
-        loop.recompile()
-        got = loop(_LAYOUT_KEY, *args)
-        if got == STALE:  # pragma: no cover - a compile that ignores the module's constants
-            raise RuntimeError(f"{loop.__name__} still compiled against other layout constants after recompiling")
-    return got
-
 
 @dataclass(frozen=True)
 class ReplayAsset:
@@ -300,7 +278,7 @@ def _replay_nb(layout_key, fns, ints, floats, more, ptr, resume, book_base, book
     # resume at in ``resume``, its state in the arrays) so the caller can swap the next day in:
     # one compiled loop for any number of days, where typed lists of days cost ~2.6 s of compile.
     # Returns -1 at the end of the grid.
-    if layout_key != _LAYOUT_KEY:
+    if layout_key != KEY:  # cached against other constants (jitcache)
         return STALE
     kernel = fns[0]
     n_assets = view.shape[0]
@@ -560,7 +538,7 @@ def replay(
         ints = tuple(days[a][current[a]][0] for a in range(n))
         floats = tuple(days[a][current[a]][1] for a in range(n))
         more = np.array([current[a] + 1 < len(days[a]) for a in range(n)])
-        a = _run_cached(_replay_nb, fns, ints, floats, more, ptr, resume, base, book_start, bid_all, ask_all, books,
+        a = run_cached(_replay_nb, fns, ints, floats, more, ptr, resume, base, book_start, bid_all, ask_all, books,
                         origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan_ticks, quoted,
                         ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters,
                         out_cols, n_tr, clock)
@@ -629,7 +607,7 @@ def _replay_trades_nb(layout_key, fns, ev, exch_ts, px, qty, base, bid, ask, boo
     # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
     # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high
     # ask ticks) and clock[0] (the last call's time) carry across days.
-    if layout_key != _LAYOUT_KEY:
+    if layout_key != KEY:  # cached against other constants (jitcache)
         return STALE
     kernel = fns[0]
     n = len(ev)
@@ -695,7 +673,7 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
         if g0 == len(tape.ts):
             break
         ints, floats = _words(day)
-        _run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, W_EXCH_TS], floats[:, W_PX], floats[:, W_QTY],
+        run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, W_EXCH_TS], floats[:, W_PX], floats[:, W_QTY],
                     rows.book_base, bid, ask, books, clock, tape.ts, tape.px, tape.qty, tape.side, g0, g1,
                     data.first_ts[0], view, trades, state, params, out, n_levels, max_scan_ticks, rec_out, out_cols)
         g0 = g1

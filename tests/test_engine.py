@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,27 @@ def test_cli_run_json_in_subprocess(real_catalog, tmp_path):
     series = pl.read_parquet(out / "series.parquet")
     assert len(series) == s["quoting_steps"]
     assert series["num_trades"][-1] <= s["num_trades"]
+
+
+def test_driver_is_loaded_from_the_disk_cache_in_a_new_process(real_catalog, tmp_path):
+    """The driver calls hftbacktest's C functions by name (backtest_c), so numba caches it: a second
+    process loads it instead of compiling it, and runs the same backtest."""
+    script = (
+        "import json, sys\n"
+        "from quotelab import driver as D\n"
+        "from quotelab.engine import run_strategy\n"
+        f"s = run_strategy({str(SEED)!r}, catalog={str(real_catalog)!r}).summary\n"
+        "print(json.dumps([sum(D.run_driver.stats.cache_hits.values()), sum(D.run_driver.stats.cache_misses.values()),"
+        " [s[k] for k in ('num_trades', 'position', 'balance', 'fee', 'quoting_steps')]]))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "QUOTELAB_CACHE": str(tmp_path / "kernels")}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                                      check=True).stdout) for _ in range(2)]
+    assert runs[0][:2] == [0, 1]  # compiled and written
+    assert runs[1][:2] == [1, 0]  # loaded
+    assert runs[1][2] == runs[0][2] and runs[0][2][0] > 100
+    hand = run_seed_by_hand([cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")])
+    assert runs[1][2] == [hand[k] for k in (*FINAL, "quoting_steps")]
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -29,7 +29,7 @@ def _hbt_views(hbt, view, trades, first_elapse, step, origin, n_levels, max_scan
             break
         first = False
         for a in range(n_assets):
-            _fill_view(hbt, a, view, trades, n_levels, max_scan, origin, last_time, False, True)
+            _fill_view(hbt.ptr, a, view, trades, n_levels, max_scan, origin, last_time, False, True)
         last_time = view[0, L.TIME]
         rec_ts[n] = hbt.current_timestamp
         rec_view[n] = view
@@ -235,7 +235,8 @@ from quotelab import replay as R
 from quotelab.plugins.mid import mid_nb
 asset = R.load_npz_asset({path!r}, "x", 0.1, 0.001)
 if {layout_key!r} is not None:  # as if quotelab.layout changed since the cache was written
-    R._LAYOUT_KEY = {layout_key!r}
+    import quotelab.jitcache as J
+    J.KEY = R.KEY = {layout_key!r}
 recompiled = []
 for loop in (R._replay_nb, R._replay_trades_nb):
     loop.recompile = lambda loop=loop, orig=loop.recompile: (recompiled.append(loop.__name__), orig())[1]

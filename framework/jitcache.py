@@ -1,0 +1,45 @@
+"""Guarding numba's disk cache of loops that bake in other modules' constants.
+
+numba checks a cached function only against its own source file, while the replay loops and the
+driver bake in constants of :mod:`quotelab.layout`, hftbacktest's event flags and the C signatures
+of :mod:`quotelab.backtest_c`. Each such loop takes ``KEY`` as its first argument, compares it with
+the ``KEY`` it was compiled with, and returns ``STALE`` if they differ; :func:`run_cached` then
+recompiles it before it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from hftbacktest.types import (
+    BUY_EVENT,
+    DEPTH_CLEAR_EVENT,
+    DEPTH_EVENT,
+    DEPTH_SNAPSHOT_EVENT,
+    EXCH_EVENT,
+    LOCAL_EVENT,
+    SELL_EVENT,
+    TRADE_EVENT,
+)
+
+from quotelab import backtest_c
+from quotelab import layout as L
+
+KEY = int.from_bytes(hashlib.sha256(repr((
+    sorted((k, v) for k, v in vars(L).items() if k.isupper() and isinstance(v, int)),
+    (BUY_EVENT, SELL_EVENT, DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT, TRADE_EVENT, EXCH_EVENT, LOCAL_EVENT),
+    backtest_c.SIGNATURES,
+)).encode()).digest()[:8], "little", signed=True)  # not hash(): str hashes differ between processes
+STALE = -2  # what a loop compiled against other constants returns
+
+
+def run_cached(loop: Any, *args: Any) -> int:
+    """``loop(KEY, *args)``, recompiled first if its cached code predates the constants."""
+    got = loop(KEY, *args)
+    if got == STALE:
+        loop.recompile()
+        got = loop(KEY, *args)
+        if got == STALE:  # pragma: no cover - a compile that ignores the module's constants
+            raise RuntimeError(f"{loop.__name__} still compiled against other constants after recompiling")
+    return got
