@@ -12,11 +12,12 @@ from typing import Any
 
 import numba
 import numpy as np
-from hftbacktest import GTC, GTX, BacktestAsset, HashMapMarketDepthBacktest
+from hftbacktest import GTC, GTX, BacktestAsset
 from hftbacktest.types import record_dtype
 
 from quotelab import driver as D
 from quotelab import layout as L
+from quotelab.backtest_c import Backtest
 from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose, kernel_list
 from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
@@ -223,7 +224,7 @@ def run_loaded(
                 "run_id": hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()[:16],
                 "assets": {f.name: {"venue": f.venue, "symbol": f.symbol} for f in feeds}, "config": config_json}
     _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
-    hbt = HashMapMarketDepthBacktest([_build_asset(f) for f in feeds])
+    hbt = Backtest([_build_asset(f) for f in feeds])
     args = (hbt.ptr, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters)
     t1 = time.perf_counter()
     if not _DRIVER_COMPILED:  # compiled, or loaded from the disk cache, once per process
@@ -235,9 +236,8 @@ def run_loaded(
         run_cached(D.run_driver, *args)
         run_s = time.perf_counter() - t2
         sv = hbt.state_values(q)
-        final = {"num_trades": int(sv.num_trades), "position": float(sv.position), "balance": float(sv.balance),
-                 "fee": float(sv.fee), "trading_volume": float(sv.trading_volume),
-                 "trading_value": float(sv.trading_value)}
+        final = {"num_trades": int(sv["num_trades"]), **{k: float(sv[k]) for k in (
+            "position", "balance", "fee", "trading_volume", "trading_value")}}
     finally:
         hbt.close()
 
