@@ -2,7 +2,9 @@
 
 Prints wall time, speedup (target >= 1.8x on 2 cores), driver compilations per worker (target 1) and the
 Ray executor's overhead against the local pool (target <= 10%). Each executor starts fresh worker
-processes, so every measurement includes each worker's one driver compile.
+processes, so every measurement includes each worker's start and its one load of the driver (from numba's
+disk cache since the driver calls hftbacktest by symbol name: "compile s" is then ~0). With the default
+10-minute market each run takes ~0.1 s, so the ratios measure start-up; --duration 86400 measures the work.
 
     python bench/batch.py [--duration 600] [--skip-ray]
 """
