@@ -12,24 +12,18 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from hftbacktest.types import (
-    BUY_EVENT,
-    DEPTH_CLEAR_EVENT,
-    DEPTH_EVENT,
-    DEPTH_SNAPSHOT_EVENT,
-    EXCH_EVENT,
-    LOCAL_EVENT,
-    SELL_EVENT,
-    TRADE_EVENT,
-)
+import hftbacktest.types as hbt_types
 
 from quotelab import backtest_c
 from quotelab import layout as L
 
+
+def _constants(module: Any) -> list[tuple[str, int]]:
+    return sorted((k, v) for k, v in vars(module).items() if k.isupper() and isinstance(v, int))
+
+
 KEY = int.from_bytes(hashlib.sha256(repr((
-    sorted((k, v) for k, v in vars(L).items() if k.isupper() and isinstance(v, int)),
-    (BUY_EVENT, SELL_EVENT, DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT, TRADE_EVENT, EXCH_EVENT, LOCAL_EVENT),
-    backtest_c.SIGNATURES,
+    _constants(L), _constants(hbt_types), backtest_c.SIGNATURES,
 )).encode()).digest()[:8], "little", signed=True)  # not hash(): str hashes differ between processes
 STALE = -2  # what a loop compiled against other constants returns
 
