@@ -270,7 +270,7 @@ def _words(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True)
-def _replay_nb(layout_key, fns, ints, floats, more, ptr, resume, book_base, book_start, bid_all, ask_all, books,
+def _replay_nb(key, fns, ints, floats, more, ptr, resume, book_base, book_start, bid_all, ask_all, books,
                origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan, quoted, ready_mask,
                rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters, out_cols, n_tr, clock):
     # ints[a], floats[a]: asset a's current day (_words); ptr[a] its next row; more[a]: a later day
@@ -278,7 +278,7 @@ def _replay_nb(layout_key, fns, ints, floats, more, ptr, resume, book_base, book
     # resume at in ``resume``, its state in the arrays) so the caller can swap the next day in:
     # one compiled loop for any number of days, where typed lists of days cost ~2.6 s of compile.
     # Returns -1 at the end of the grid.
-    if layout_key != KEY:  # cached against other constants (jitcache)
+    if key != KEY:  # cached against other constants (jitcache)
         return STALE
     kernel = fns[0]
     n_assets = view.shape[0]
@@ -602,12 +602,12 @@ def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True)
 
 
 @njit(cache=True)
-def _replay_trades_nb(layout_key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side,
+def _replay_trades_nb(key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side,
                       g0, g1, origin, view, trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
     # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
     # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high
     # ask ticks) and clock[0] (the last call's time) carry across days.
-    if layout_key != KEY:  # cached against other constants (jitcache)
+    if key != KEY:  # cached against other constants (jitcache)
         return STALE
     kernel = fns[0]
     n = len(ev)
