@@ -38,9 +38,13 @@ def _numba_type(ctype: Any) -> types.Type:
     raise TypeError(f"no numba type for {ctype!r}")
 
 
+_DECLARED: list[types.ExternalFunction] = []
+
+
 def _declare(name: str) -> types.ExternalFunction:
     f = getattr(_binding, name)
-    return types.ExternalFunction(name, _numba_type(f.restype)(*map(_numba_type, f.argtypes)))
+    _DECLARED.append(types.ExternalFunction(name, _numba_type(f.restype)(*map(_numba_type, f.argtypes))))
+    return _DECLARED[-1]
 
 
 elapse = _declare("hashmapbt_elapse")
@@ -68,12 +72,8 @@ bid_qty_at_tick = _declare("hashmapdepth_bid_qty_at_tick")
 ask_qty_at_tick = _declare("hashmapdepth_ask_qty_at_tick")
 
 # What code compiled against this module bakes in (jitcache keys cached loops on it).
-SIGNATURES = tuple((f.symbol, str(f.sig)) for f in (
-    elapse, wait_next_feed, current_timestamp, depth, _state_values, _last_trades, clear_last_trades, orders,
-    submit_buy_order, submit_sell_order, cancel, clear_inactive_orders, orders_values, orders_values_next,
-    orders_contains, best_bid_tick, best_ask_tick, best_bid, best_ask, best_bid_qty, best_ask_qty, bid_qty_at_tick,
-    ask_qty_at_tick)) + tuple(str(d.descr) for d in (event_dtype, order_dtype, state_values_dtype)) + (
-    NEW, NONE, PARTIALLY_FILLED)
+SIGNATURES = tuple((f.symbol, str(f.sig)) for f in _DECLARED) + tuple(
+    str(d.descr) for d in (event_dtype, order_dtype, state_values_dtype)) + (NEW, NONE, PARTIALLY_FILLED)
 
 
 @njit(inline="always")

@@ -57,6 +57,7 @@ B_BEST_ASK = 1
 B_LOW_BID = 2
 B_HIGH_ASK = 3
 
+
 @dataclass(frozen=True)
 class ReplayAsset:
     """One asset's events (hftbacktest event_dtype, one or more consecutive arrays) and instrument."""

@@ -229,7 +229,6 @@ def test_aggregate_trades_of_the_second_asset_equals_it_alone(shared_data):
 
 
 _CACHED_REPLAY = '''
-import sys
 import numpy as np
 from quotelab import replay as R
 from quotelab.plugins.mid import mid_nb
