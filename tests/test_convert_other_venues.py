@@ -19,8 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT, LOCAL_EVENT
+from tardis_reference import convert as reference_convert
 
 from quotelab.data import catalog
+from quotelab.data.events import ConvertJob, DayResult
+from quotelab.data.tardis import BOOK_COLUMNS, TRADE_COLUMNS
+from quotelab.data.tardis import convert as convert_tardis
+from quotelab.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tardis"
 TARDIS_BOOK = FIXTURES / "binance-futures_incremental_book_L2_BTCUSDT.csv"
@@ -347,3 +352,113 @@ def test_tardis_delta_before_snapshot_and_backwards_time_are_named(tmp_path):
 def test_tardis_without_tick_size_says_what_to_pass(tmp_path):
     err = convert_fails("--format", "tardis", "--symbol", "BTCUSDT", "--catalog", tmp_path, TARDIS_BOOK)
     assert "--tick-size" in err and "--lot-size" in err
+
+
+def _messy_tardis(tmp_path: Path, seed: int, n: int = 2500) -> tuple[Path, Path]:
+    """A seeded Tardis pair with everything a real export can hold: deltas and a trade before the
+    first snapshot, snapshots mid-stream, other symbols' rows, blank lines, trades without a side or
+    an id, local and exchange time stepping back, and UTC midnight in the middle."""
+    rng = np.random.default_rng(seed)
+    t = 1598918400_000000 - 4_000_000  # µs, four seconds before midnight
+    mid = 11650.0
+    book: list[str] = []
+    trades: list[str] = []
+
+    def row(ts: int, local: int, snap: bool, side: str, px: float, amount: float, symbol: str = "BTCUSDT") -> None:
+        book.append(f"binance-futures,{symbol},{ts},{local},{str(snap).lower()},{side},{px:.1f},{amount:.3f}")
+
+    def snapshot(ts: int) -> None:
+        for i in range(30):  # one message, though its rows' times differ
+            row(ts + i, ts + 1200, True, "bid", mid - 0.1 * (i + 1), rng.integers(1, 900) * 0.001)
+            row(ts + i, ts + 1200, True, "ask", mid + 0.1 * i, rng.integers(1, 900) * 0.001)
+
+    for _ in range(3):
+        row(t, t + 1000, False, "bid", mid - 0.5, 1.0)
+        t += 1000
+    trades.append(f"binance-futures,BTCUSDT,{t},{t + 900},77,buy,{mid:.1f},0.010")
+    snapshot(t)
+    for i in range(n):
+        t += int(rng.integers(0, 6_000))
+        mid = round(mid + 0.1 * int(rng.integers(-1, 2)), 1)
+        r = rng.random()
+        local = t + 1200 + 100 * int(rng.integers(0, 3)) - (5000 if r < 0.01 else 0)
+        if r < 0.004:
+            snapshot(t)
+        elif r < 0.008:
+            book.append("")
+        elif r < 0.012:
+            row(t, local, False, "bid", 400.1, 1.0, symbol="ETHUSDT")
+        else:
+            exch = t - (3000 if r < 0.02 else 0)
+            for _ in range(int(rng.integers(1, 5))):
+                bid = bool(rng.integers(0, 2))
+                px = mid - 0.1 * (1 + int(rng.integers(0, 25))) if bid else mid + 0.1 * int(rng.integers(0, 25))
+                row(exch, local, False, "bid" if bid else "ask", px,
+                    0.0 if rng.random() < 0.3 else rng.integers(1, 5000) * 0.001)
+        if rng.random() < 0.15:
+            side = rng.choice(["buy", "sell", "unknown"], p=[0.45, 0.45, 0.1])
+            tid = rng.choice(["", "-7", str(400000 + i)], p=[0.05, 0.05, 0.9])  # only digits make an id
+            # local times tie with the book's often: the merge must keep the files' order then
+            received = t + 1200 + 100 * int(rng.integers(0, 3))
+            trades.append(f"binance-futures,BTCUSDT,{t},{received},{tid},{side},{mid:.1f},"
+                          f"{rng.integers(1, 90) * 0.001:.3f}")
+    book_path = tmp_path / "binance-futures_incremental_book_L2.csv"
+    book_path.write_text(",".join(BOOK_COLUMNS) + "\n" + "\n".join(book) + "\n")
+    trades_path = tmp_path / "binance-futures_trades.csv.gz"
+    with gzip.open(trades_path, "wt") as fh:
+        fh.write(",".join(TRADE_COLUMNS) + "\n" + "\n".join(trades) + "\n")
+    return book_path, trades_path
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tardis_equals_the_per_message_reference_on_a_messy_pair(tmp_path, seed):
+    """The array converter (polars, day blocks) against the slow one that feeds every message on its
+    own: the same day files to the bit, the same counts and findings."""
+    book, trades = _messy_tardis(tmp_path, seed)
+    summary = json.loads(convert_ok(*TARDIS_ARGS, "--json", "--catalog", tmp_path / "cat", book, trades).stdout)
+    days: list[DayResult] = []
+    instrument = {"tick_size": 0.1, "lot_size": 0.001}
+    expected = reference_convert([book, trades], ConvertJob("binance-usdm", "BTCUSDT", instrument, days.append))
+    assert [d.day for d in days] == ["20200831", "20200901"]
+    for d in days:
+        got = catalog.load_day(tmp_path / "cat", "binance-usdm", "BTCUSDT", d.day)
+        assert got.dtype == d.events.dtype and got.shape == d.events.shape, d.day
+        for field in got.dtype.names:
+            assert np.array_equal(got[field], d.events[field]), (d.day, field)
+        assert summary["days"][d.day]["quality"] == json.loads(json.dumps(d.info["quality"]))
+    assert summary["messages"] == expected["messages"]
+    others = summary["messages"]["other_symbol_rows"]
+    assert summary["other_symbols"] == expected["other_symbols"] == {"ETHUSDT": others} and others > 0
+    by_kind = {f["kind"]: f for f in summary["findings"]}
+    assert by_kind == {f["kind"]: f for f in expected["findings"]}
+    assert {"delta_before_snapshot", "blank_lines", "trade_side_unknown", "local_ts_backwards",
+            "exch_ts_backwards", "other_symbols"} <= set(by_kind)
+    assert summary["messages"]["snapshots"] >= 3
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("deribit,BTCUSDT,1598918390200000,1598918390201000,false,bid,abc,1", "not a number"),
+    ("deribit,BTCUSDT,1598918390200000,1598918390201000,maybe,bid,100.0,1", "is_snapshot must be true/false"),
+    ("deribit,BTCUSDT,1598918390200000,1598918390201000,false,buy,100.0,1", "side bid/ask"),
+    (",,,,,,,", "not a number"),
+    ("deribit,BTCUSDT,1598918390200000,1598918390201000,false,bid,100.05,1", "not a multiple of the tick size"),
+    ("deribit,BTCUSDT,1598918390200000,1598918390201000,false,bid,100.0,0.0005", "not a multiple of the lot size"),
+    ("deribit,BTCUSDT,1598918390200000,1598918390201000,false,bid,nan,1", "price nan is not a positive number"),
+    ("okex,BTCUSDT,1598918390200000,1598918390201000,false,bid,100.0,1", "exchange 'okex', but the input so far"),
+])
+def test_tardis_bad_line_is_named(tmp_path, line, message):
+    f = _tardis_file(tmp_path, ["deribit,BTCUSDT,1598918390100000,1598918390101000,true,bid,100.0,2",
+                                "deribit,BTCUSDT,1598918390100000,1598918390101000,true,ask,100.5,3",
+                                "", line, "deribit,BTCUSDT,1598918390300000,1598918390301000,false,ask,100.5,0"])
+    with pytest.raises(DataError) as err:
+        convert_tardis([f], ConvertJob("tardis-deribit", "BTCUSDT", {"tick_size": 0.1, "lot_size": 0.001},
+                                       lambda day: None))
+    assert str(err.value).startswith(f"{f}:5: ") and message in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_tardis_cut_gzip_is_named(tmp_path):
+    whole = gzip.compress(TARDIS_BOOK.read_bytes())
+    f = tmp_path / "book.csv.gz"
+    f.write_bytes(whole[: len(whole) // 2])
+    err = convert_fails(*TARDIS_ARGS, "--catalog", tmp_path / "cat", f)
+    assert f"{f}: the gzip stream is damaged or cut short" in err and "Fix:" in err

@@ -270,8 +270,9 @@ class DenseBook:
         self.ensure(int(tick.min()), int(tick.max()), where)
         pages = (tick - self.base) >> BLK_SHIFT
         buy = side > 0
-        self.bid.alloc(np.unique(pages[buy]))
-        self.ask.alloc(np.unique(pages[~buy]))
+        for book_side, used in ((self.bid, pages[buy]), (self.ask, pages[~buy])):
+            if used.shape[0]:  # the distinct pages, without np.unique's sort of every level
+                book_side.alloc(np.flatnonzero(np.bincount(used)))
 
     def apply(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, msg_end: np.ndarray,
               where: str = "") -> np.ndarray:

@@ -1,0 +1,135 @@
+"""Benchmark: quotelab's Tardis converter against hftbacktest's, on Tardis CSVs of the synthetic market.
+
+    python bench/tardis.py [--hours 3] [--repeat 3] [--gzip]
+
+The seeded synthetic perpetual (``quotelab.data.synth``) is written as a Tardis ``incremental_book_L2``
+file (the day's opening book as ``is_snapshot=true`` rows, then every depth row) and a ``trades``
+file, µs timestamps as Tardis gives them. Both converters then run in this process, in memory (no
+output file), after a warm-up, each ``--repeat`` times, alternating; medians of wall time are printed
+and the ratio is hftbacktest's time over quotelab's.
+
+Then quotelab's rows are checked against the synthetic market they came from: the book at the end
+(last quantity per price level) and every trade (time, side, price, quantity) must be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from hftbacktest.data.utils import tardis as hbt_tardis
+from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT, EXCH_EVENT, TRADE_EVENT
+from isal import igzip
+
+from quotelab.data import catalog, synth, tardis
+from quotelab.data.events import ConvertJob, DayResult
+
+KIND = 0xFF
+
+
+def write_tardis(events: np.ndarray, out: Path, gz: bool) -> tuple[Path, Path, int]:
+    """The synthetic day as the two Tardis CSVs (binance-futures ids, so the venue is binance-usdm), and
+    their number of rows."""
+    ev = events[(events["ev"] & EXCH_EVENT) != 0]
+    kind = ev["ev"] & KIND
+    buy = (ev["ev"] & BUY_EVENT) != 0
+    book = np.isin(kind, [DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT])
+    b = ev[book]
+
+    def frame(rows: np.ndarray, extra: dict[str, object]) -> pl.DataFrame:
+        return pl.DataFrame({"exchange": "binance-futures", "symbol": "SYNPERP",
+                             "timestamp": rows["exch_ts"] // 1000, "local_timestamp": rows["local_ts"] // 1000,
+                             **extra, "price": rows["px"], "amount": rows["qty"]})
+
+    suffix = ".csv.gz" if gz else ".csv"
+    book_path, trades_path = out / f"book{suffix}", out / f"trades{suffix}"
+    frame(b, {"is_snapshot": np.where((b["ev"] & KIND) == DEPTH_SNAPSHOT_EVENT, "true", "false"),
+              "side": np.where(buy[book], "bid", "ask")}).write_csv(book_path)
+    t = ev[kind == TRADE_EVENT]
+    frame(t, {"id": t["ival"], "side": np.where(buy[kind == TRADE_EVENT], "buy", "sell")}).select(
+        tardis.TRADE_COLUMNS).write_csv(trades_path)
+    if gz:
+        for path in (book_path, trades_path):
+            path.write_bytes(igzip.compress(path.read_bytes(), compresslevel=1))
+    return book_path, trades_path, b.shape[0] + t.shape[0]
+
+
+def final_book(events: np.ndarray) -> dict[tuple[bool, float], float]:
+    """Last quantity per (side, price) in exchange order after the last clear, zeros dropped."""
+    ev = events[(events["ev"] & EXCH_EVENT) != 0]
+    kind = ev["ev"] & KIND
+    clears = np.flatnonzero(kind == DEPTH_CLEAR_EVENT)
+    start = int(clears[-1]) if clears.shape[0] else 0
+    ev, kind = ev[start:], kind[start:]
+    lv = ev[np.isin(kind, [DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT])]
+    book: dict[tuple[bool, float], float] = {}
+    for e, px, qty in zip(lv["ev"].tolist(), np.round(lv["px"], 8).tolist(), lv["qty"].tolist(), strict=True):
+        book[(bool(e & BUY_EVENT), px)] = qty
+    return {k: v for k, v in book.items() if v != 0}
+
+
+def trades_of(events: np.ndarray) -> np.ndarray:
+    t = events[((events["ev"] & KIND) == TRADE_EVENT) & ((events["ev"] & EXCH_EVENT) != 0)]
+    return np.stack([t["exch_ts"] // 1000, (t["ev"] & BUY_EVENT) != 0, t["px"], t["qty"]], axis=1)
+
+
+def quotelab_convert(files: list[Path]) -> list[DayResult]:
+    days: list[DayResult] = []
+    job = ConvertJob("binance-usdm", "SYNPERP", {"tick_size": 0.1, "lot_size": 0.001}, days.append)
+    tardis.convert(files, job)
+    return days
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hours", type=float, default=3.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gzip", action="store_true", help="write and read gzipped CSVs, as Tardis serves them")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synth.generate(root / "cat", seed=7, start="2024-01-01T00:00:00", duration_s=args.hours * 3600,
+                       assets=("perp",), compression="none")
+        source = catalog.load_day(root / "cat", "synthetic", "SYNPERP", "20240101")
+        book_path, trades_path, lines = write_tardis(source, root, args.gzip)
+        size = (book_path.stat().st_size + trades_path.stat().st_size) / 1e6
+        print(f"input: {lines:,} Tardis rows, {size:.0f} MB{' gzipped' if args.gzip else ''} "
+              f"({args.hours:g} h of the synthetic perpetual)")
+
+        runs: dict[str, list[float]] = {"quotelab": [], "hftbacktest": []}
+        convert = {"quotelab": lambda: quotelab_convert([book_path, trades_path]),
+                   # hftbacktest wants the trades file first (see its docstring)
+                   "hftbacktest": lambda: hbt_tardis.convert([str(trades_path), str(book_path)])}
+        out: dict[str, object] = {}
+        for name in convert:  # warm-up: numba compiles or loads its caches
+            out[name] = convert[name]()
+        for _ in range(args.repeat):
+            for name in convert:
+                t0 = time.perf_counter()
+                out[name] = convert[name]()
+                runs[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        for name, m in med.items():
+            print(f"{name:12s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])})")
+        print(f"hftbacktest / quotelab: {med['hftbacktest'] / med['quotelab']:.2f}x")
+
+        days = out["quotelab"]
+        assert isinstance(days, list)
+        ours = np.concatenate([d.events for d in days])
+        book_ok = final_book(ours) == final_book(source)
+        trades_ok = np.array_equal(trades_of(ours), trades_of(source))
+        print(f"quotelab vs the synthetic source: final book {'equal' if book_ok else 'DIFFERENT'}, "
+              f"{trades_of(source).shape[0]:,} trades {'equal' if trades_ok else 'DIFFERENT'}")
+        if not (book_ok and trades_ok):
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
