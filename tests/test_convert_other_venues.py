@@ -21,7 +21,7 @@ import pytest
 from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT, LOCAL_EVENT
 from tardis_reference import convert as reference_convert
 
-from quotelab.data import catalog
+from quotelab.data import catalog, tardis
 from quotelab.data.events import ConvertJob, DayResult
 from quotelab.data.tardis import BOOK_COLUMNS, TRADE_COLUMNS
 from quotelab.data.tardis import convert as convert_tardis
@@ -361,7 +361,7 @@ def _messy_tardis(tmp_path: Path, seed: int, n: int = 2500) -> tuple[Path, Path]
     rng = np.random.default_rng(seed)
     t = 1598918400_000000 - 4_000_000  # µs, four seconds before midnight
     mid = 11650.0
-    book: list[str] = []
+    book: list[str] = [""]  # a blank first line: polars counts a file's columns on it
     trades: list[str] = []
 
     def row(ts: int, local: int, snap: bool, side: str, px: float, amount: float, symbol: str = "BTCUSDT") -> None:
@@ -410,18 +410,13 @@ def _messy_tardis(tmp_path: Path, seed: int, n: int = 2500) -> tuple[Path, Path]
     return book_path, trades_path
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_tardis_equals_the_per_message_reference_on_a_messy_pair(tmp_path, seed):
-    """The array converter (polars, day blocks) against the slow one that feeds every message on its
-    own: the same day files to the bit, the same counts and findings."""
-    book, trades = _messy_tardis(tmp_path, seed)
-    summary = json.loads(convert_ok(*TARDIS_ARGS, "--json", "--catalog", tmp_path / "cat", book, trades).stdout)
+def _check_against_reference(book: Path, trades: Path, summary: dict, load_day) -> None:
     days: list[DayResult] = []
     instrument = {"tick_size": 0.1, "lot_size": 0.001}
     expected = reference_convert([book, trades], ConvertJob("binance-usdm", "BTCUSDT", instrument, days.append))
     assert [d.day for d in days] == ["20200831", "20200901"]
     for d in days:
-        got = catalog.load_day(tmp_path / "cat", "binance-usdm", "BTCUSDT", d.day)
+        got = load_day(d.day)
         assert got.dtype == d.events.dtype and got.shape == d.events.shape, d.day
         for field in got.dtype.names:
             assert np.array_equal(got[field], d.events[field]), (d.day, field)
@@ -434,6 +429,30 @@ def test_tardis_equals_the_per_message_reference_on_a_messy_pair(tmp_path, seed)
     assert {"delta_before_snapshot", "blank_lines", "trade_side_unknown", "local_ts_backwards",
             "exch_ts_backwards", "other_symbols"} <= set(by_kind)
     assert summary["messages"]["snapshots"] >= 3
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tardis_equals_the_per_message_reference_on_a_messy_pair(tmp_path, seed):
+    """The array converter (polars, day blocks) against the slow one that feeds every message on its
+    own: the same day files to the bit, the same counts and findings."""
+    book, trades = _messy_tardis(tmp_path, seed)
+    summary = json.loads(convert_ok(*TARDIS_ARGS, "--json", "--catalog", tmp_path / "cat", book, trades).stdout)
+    _check_against_reference(book, trades, summary,
+                             lambda day: catalog.load_day(tmp_path / "cat", "binance-usdm", "BTCUSDT", day))
+
+
+@pytest.mark.parametrize("chunk", [4000, 30000])
+def test_tardis_read_in_small_chunks_equals_the_reference(tmp_path, monkeypatch, chunk):
+    """A file is parsed a chunk at a time and the files are merged as the chunks come: with chunks of a
+    few lines, messages (the 60-row snapshots too) are cut everywhere, and the result must not change."""
+    book, trades = _messy_tardis(tmp_path, 3)
+    monkeypatch.setattr(tardis, "CHUNK_BYTES", chunk)
+    days: dict[str, DayResult] = {}
+    job = ConvertJob("binance-usdm", "BTCUSDT", {"tick_size": 0.1, "lot_size": 0.001},
+                     lambda d: days.__setitem__(d.day, d))
+    summary = tardis.convert([book, trades], job)
+    summary["days"] = {d: r.info for d, r in days.items()}
+    _check_against_reference(book, trades, json.loads(json.dumps(summary)), lambda day: days[day].events)
 
 
 @pytest.mark.parametrize(("line", "message"), [

@@ -9,18 +9,20 @@ level's absolute amount, 0 removing it, and rows with the same timestamps form o
 are merged by local time, each keeping its own order, so a book file and a trades file of the same
 day can be passed together.
 
-Each file is parsed whole by polars and converted a day at a time (a snapshot is applied on its
-own), so a day of tens of millions of rows converts in seconds. When polars refuses a file, the
-file is read again line by line with Python's csv module to find the line and say what is wrong
-with it; that slow read only ever runs to produce the error.
+Each file is read a chunk of whole lines at a time (``CHUNK_BYTES``), parsed by polars, and the
+files' messages are merged as the chunks come, so memory holds the days being built, not the input.
+A day's messages are converted in blocks (a snapshot on its own) by ``MessageFeed.block``: a day of
+tens of millions of rows converts in seconds. When polars refuses a chunk, the chunk is read again
+line by line with Python's csv module to find the line and say what is wrong with it; that slow
+read only ever runs to produce the error.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ import polars as pl
 from numba import njit
 
 from quotelab.data.events import DAY_NS, ConvertJob, Findings
-from quotelab.data.messages import MessageFeed, finish_summary, read_inflated
+from quotelab.data.messages import MessageFeed, finish_summary, open_binary
 from quotelab.errors import DataError
 
 BOOK_COLUMNS = ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount"]
@@ -67,11 +69,22 @@ def _flag(value: str) -> bool | None:
     return {"true": True, "false": False}.get(value.strip().lower())
 
 
-@dataclass
-class _File:
-    """One file's rows of the symbol, in file order, and its messages as row ranges."""
+def _line_text(block: bytes, line: int) -> str:
+    """Line ``line`` (1-based) of ``block``, for an error message."""
+    start = 0
+    for _ in range(line - 1):
+        start = block.index(b"\n", start) + 1
+    end = block.find(b"\n", start)
+    return block[start:end if end >= 0 else len(block)].decode("utf-8", errors="replace").rstrip("\r")
 
-    name: str
+
+CHUNK_BYTES = 64 << 20  # of CSV text parsed at once: bounds the memory a file takes however long it is
+
+
+@dataclass
+class _Chunk:
+    """Rows of the symbol from one file, in file order, and the messages they form as row ranges."""
+
     line: np.ndarray  # int64, 1-based line of each row
     exch: np.ndarray  # ns
     local: np.ndarray  # ns
@@ -79,24 +92,39 @@ class _File:
     px: np.ndarray
     qty: np.ndarray
     ival: np.ndarray
+    snap: np.ndarray  # bool
+    back: np.ndarray  # ns by which a row's local time is below an earlier row's of the file, else 0
     m_start: np.ndarray
     m_kind: np.ndarray  # int8: DEPTH, SNAPSHOT or TRADE
-    back: np.ndarray  # rows whose local time is below an earlier row's
+
+    ROWS = ("line", "exch", "local", "side", "px", "qty", "ival", "snap", "back")
+
+    @property
+    def m_end(self) -> np.ndarray:
+        return np.append(self.m_start[1:], self.line.shape[0]).astype(np.int64)
+
+    def rows(self, a: int, z: int) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k)[a:z] for k in self.ROWS}
 
 
-def _line_text(raw: bytes, line: int) -> str:
-    """Line ``line`` (1-based) of ``raw``, for an error message."""
-    start = 0
-    for _ in range(line - 1):
-        start = raw.index(b"\n", start) + 1
-    end = raw.find(b"\n", start)
-    return raw[start:end if end >= 0 else len(raw)].decode("utf-8", errors="replace").rstrip("\r")
+def _messages(rows: dict[str, np.ndarray], trades: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Message starts and kinds: a trade row is a message; a run of snapshot rows is one whatever its
+    timestamps; delta rows group per (timestamp, local_timestamp)."""
+    n = rows["line"].shape[0]
+    if trades:
+        return np.arange(n, dtype=np.int64), np.full(n, TRADE, np.int8)
+    snap, exch, local = rows["snap"], rows["exch"], rows["local"]
+    new = np.ones(n, bool)
+    new[1:] = (snap[1:] != snap[:-1]) | (~snap[1:] & ((exch[1:] != exch[:-1]) | (local[1:] != local[:-1])))
+    m_start = np.flatnonzero(new)
+    return m_start, snap[m_start].astype(np.int8)
 
 
 @njit(cache=True)
-def _merge_nb(local: np.ndarray, file_end: np.ndarray) -> np.ndarray:
+def _merge_nb(local: np.ndarray, file_end: np.ndarray, more: np.ndarray) -> np.ndarray:
     """Message order across files: repeatedly the head with the smallest local time, ties to the
-    earlier file. This is heapq.merge's rule, so a file whose local time steps back keeps its order."""
+    earlier file. This is heapq.merge's rule, so a file whose local time steps back keeps its order.
+    Stops when a file with ``more`` to read has no message left here: its next one might come first."""
     k = file_end.shape[0]
     pos = np.empty(k, np.int64)
     pos[0] = 0
@@ -105,11 +133,65 @@ def _merge_nb(local: np.ndarray, file_end: np.ndarray) -> np.ndarray:
     for o in range(out.shape[0]):
         best = -1
         for f in range(k):
-            if pos[f] < file_end[f] and (best < 0 or local[pos[f]] < local[pos[best]]):
-                best = f
+            if pos[f] < file_end[f]:
+                if best < 0 or local[pos[f]] < local[pos[best]]:
+                    best = f
+            elif more[f]:
+                return out[:o]
         out[o] = pos[best]
         pos[best] += 1
     return out
+
+
+class _Source:
+    """One Tardis CSV, plain or gzipped, read a chunk of whole lines at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        self.fh = open_binary(path)
+        self.head = self._read_line()
+        self.line = 2  # of the next chunk's first line
+        self.carry = b""
+        self.done = False
+        self.info: dict[str, Any] = {"file": self.name, "lines": 0, "kind": "?"}
+
+    def _read_line(self) -> bytes:
+        try:
+            return self.fh.readline()
+        except (OSError, EOFError, zlib.error) as exc:
+            raise self._damaged(exc) from None
+
+    def _damaged(self, exc: Exception) -> DataError:
+        return DataError(f"{self.name}: the gzip stream is damaged or cut short ({exc}). Fix: download the file "
+                         f"again.")
+
+    def next_block(self) -> tuple[bytes, int, int] | None:
+        """Whole lines (ending at a newline, but at the end of the file), the line number of the first and
+        how many there are."""
+        while not self.done:
+            try:
+                data = self.fh.read(CHUNK_BYTES)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise self._damaged(exc) from None
+            if not data:
+                self.done = True
+                self.fh.close()
+                block, self.carry = self.carry, b""
+            else:
+                buf = self.carry + data
+                cut = buf.rfind(b"\n") + 1
+                if not cut:  # a line longer than a chunk: read on
+                    self.carry = buf
+                    continue
+                block, self.carry = buf[:cut], buf[cut:]
+            if block:
+                first = self.line
+                n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+                self.line += n
+                return block, first, n
+        return None
 
 
 class TardisConverter:
@@ -123,6 +205,7 @@ class TardisConverter:
         self.other: dict[str, int] = {}
         self.files: list[dict[str, Any]] = []
         self.exchange: str | None = None
+        self.dropped_back: list[Any] = [0, 0, "", 0]  # side-less trades whose local time steps back: count, first
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -131,12 +214,11 @@ class TardisConverter:
         return DataError(f"{file}:{line}: {why}: {text[:120]!r}. Fix: repair or delete that line and "
                          f"convert again.")
 
-    def _diagnose(self, raw: bytes, file: str, book: bool, why: str) -> DataError:
-        """The error for the first line that polars refused, found with the csv module."""
-        reader = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""))
-        next(reader, None)
+    def _diagnose(self, block: bytes, first: int, file: str, book: bool, why: str) -> DataError:
+        """The error for the first line of ``block`` that polars refused, found with the csv module."""
+        reader = csv.reader(io.StringIO(block.decode("utf-8", errors="replace"), newline=""))
         for row in reader:
-            line = reader.line_num
+            line = first + reader.line_num - 1
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) != 8:
@@ -147,8 +229,8 @@ class TardisConverter:
                 return self._bad(file, line, f"not a number ({exc})", row)
             if book and (_flag(row[4]) is None or row[5] not in ("bid", "ask")):
                 return self._bad(file, line, "is_snapshot must be true/false and side bid/ask", row)
-        return DataError(f"{file}: not readable as Tardis CSV ({why.splitlines()[0]}). Fix: check that the file is "
-                         f"a whole Tardis CSV export.")
+        return DataError(f"{file}:{first}: not readable as Tardis CSV ({why.splitlines()[0]}). Fix: check that the "
+                         f"file is a whole Tardis CSV export.")
 
     def _codes(self, df: pl.DataFrame, column: str, mapping: dict[str, int]) -> np.ndarray:
         """A categorical column's values as small ints via ``mapping`` of its (few) distinct values; -99 if unmapped."""
@@ -159,60 +241,55 @@ class TardisConverter:
                 out[(col == value).fill_null(False).to_numpy()] = mapping[value]
         return out
 
-    def _read(self, path: Path) -> _File:
-        file = str(path)
-        info: dict[str, Any] = {"file": file, "lines": 0, "kind": "?"}
+    def _open(self, path: Path) -> tuple[_Source, bool]:
+        src = _Source(path)
+        info = src.info
         self.files.append(info)
-        if not path.is_file():
-            raise DataError(f"{file}: no such file")
-        with open(path, "rb") as fh:
-            plain = fh.read(2) != b"\x1f\x8b"
-            fh.seek(0)
-            first = fh.readline()
-        # polars maps a plain file itself; a gzipped one is inflated here, once.
-        raw = None if plain else read_inflated(path)
-        if raw is not None:
-            first = raw[:raw.find(b"\n") + 1 or len(raw)]
-
-        def text() -> bytes:
-            """The whole file, for the messages of the error paths."""
-            return raw if raw is not None else path.read_bytes()
-
-        head = first.decode("utf-8", errors="replace").rstrip("\r\n")
-        if not head.strip() and not re.search(rb"\S", text()):
-            raise DataError(f"{file}: the file is empty")
+        head = src.head.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not head.strip() and src.next_block() is None:
+            raise DataError(f"{src.name}: the file is empty")
         header = [h.strip() for h in head.split(",")]
         if header == BOOK_COLUMNS:
             info["kind"] = "incremental_book_L2"
         elif header == TRADE_COLUMNS:
             info["kind"] = "trades"
         else:
-            raise DataError(f"{file}:1: header {head.strip()!r} is neither Tardis incremental_book_L2 "
+            raise DataError(f"{src.name}:1: header {head.strip()!r} is neither Tardis incremental_book_L2 "
                             f"({','.join(BOOK_COLUMNS)}) nor trades ({','.join(TRADE_COLUMNS)}). Fix: pass "
                             f"Tardis CSV files with their header line.")
-        book = info["kind"] == "incremental_book_L2"
+        return src, info["kind"] == "incremental_book_L2"
+
+    def _parse(self, src: _Source, book: bool, block: bytes, first: int, n_lines: int,
+               max_local: int) -> dict[str, np.ndarray]:
+        """One block's rows of the symbol (other symbols, blank lines and side-less trades left out)."""
+        file = src.name
         columns = BOOK_COLUMNS if book else TRADE_COLUMNS
+        # polars keeps a blank line as a row of nulls, so rows map to lines, but it counts the columns on
+        # the first line: a block that starts blank is read behind the header (a copy of the block).
+        lead_blank = not block[:block.find(b"\n") + 1 or len(block)].strip()
         try:
-            df = pl.read_csv(path if raw is None else raw, schema={c: _TYPES[c] for c in columns}, has_header=True,
-                             encoding="utf8-lossy")
+            df = pl.read_csv((",".join(columns) + "\n").encode() + block if lead_blank else block,
+                             schema={c: _TYPES[c] for c in columns}, has_header=lead_blank, encoding="utf8-lossy")
         except pl.exceptions.PolarsError as exc:
-            raise self._diagnose(text(), file, book, str(exc)) from None
-        info["lines"] = df.height
-        self.stats["lines"] += df.height
-        line = np.arange(2, df.height + 2, dtype=np.int64)  # polars keeps a blank line as a row of nulls
-        blank = df.select(pl.all_horizontal(pl.all().is_null())).to_series().to_numpy()
+            raise self._diagnose(block, first, file, book, str(exc)) from None
+        if df.height != n_lines:
+            raise self._diagnose(block, first, file, book, f"{df.height} rows read from {n_lines} lines")
+        src.info["lines"] += n_lines
+        self.stats["lines"] += n_lines
+        line = np.arange(first, first + df.height, dtype=np.int64)
+        spaces = [v for v in df["exchange"].drop_nulls().unique().to_list() if not v.strip()]
+        blank = df.select(pl.all_horizontal(pl.exclude("exchange").is_null()) & (
+            pl.col("exchange").is_null() | pl.col("exchange").is_in(spaces))).to_series().to_numpy()
         if blank.any():
-            self._check_blank(text(), file, book, line[blank])
+            self._check_blank(block, first, file, book, line[blank])
             self.findings.add("blank_lines", "blank lines skipped", file, int(line[blank][0]), int(blank.sum()))
         required = _REQUIRED + (["is_snapshot", "side"] if book else [])
         if df.select(pl.any_horizontal(pl.col(required).is_null())).to_series().to_numpy()[~blank].any():
-            raise self._diagnose(text(), file, book, "a field is missing")
-        exch_values = [v for v in df["exchange"].drop_nulls().unique(maintain_order=True).to_list()]
-        exchange_code = self._codes(df, "exchange", {v: i for i, v in enumerate(exch_values)})
+            raise self._diagnose(block, first, file, book, "a field is missing")
+        exch_values = [v for v in df["exchange"].drop_nulls().unique(maintain_order=True).to_list() if v.strip()]
         if self.exchange is None and exch_values:
             self.exchange = exch_values[0]
-        wrong = np.flatnonzero(~blank & (exchange_code != (exch_values.index(self.exchange)
-                                                            if self.exchange in exch_values else -1)))
+        wrong = np.flatnonzero(~blank & (self._codes(df, "exchange", {self.exchange: 1}) != 1))
         if wrong.shape[0]:
             k = int(wrong[0])
             raise DataError(f"{file}:{int(line[k])}: exchange {df['exchange'][k] or ''!r}, but the input so far is "
@@ -224,14 +301,12 @@ class TardisConverter:
             self.stats["other_symbol_rows"] += int(theirs.sum())
             for sym, n in df.filter(pl.Series(theirs))["symbol"].fill_null("").value_counts().iter_rows():
                 self.other[sym] = self.other.get(sym, 0) + n
-        keep = np.flatnonzero(ours)
-        line = line[keep]
+        line = line[ours]
         df = df.filter(pl.Series(ours))  # no nulls left in the required columns, so to_numpy keeps int64
         exch = df["timestamp"].to_numpy() * 1_000
         local = df["local_timestamp"].to_numpy() * 1_000
-        px = df["price"].to_numpy()
-        qty = df["amount"].to_numpy()
-        back = np.flatnonzero(local[1:] < np.maximum.accumulate(local)[:-1]) + 1
+        before = np.maximum.accumulate(np.concatenate([[max_local], local]))[:-1]
+        back = np.where(local < before, before - local, 0)
         if book:
             snap_code = self._codes(df, "is_snapshot", {v: int(f) for v in df["is_snapshot"].drop_nulls().unique()
                                                         .to_list() if (f := _flag(v)) is not None})
@@ -239,71 +314,129 @@ class TardisConverter:
             bad = np.flatnonzero((snap_code < 0) | (side == -99))
             if bad.shape[0]:
                 ln = int(line[bad[0]])
-                raise self._bad(file, ln, "is_snapshot must be true/false and side bid/ask", _line_text(text(), ln))
+                raise self._bad(file, ln, "is_snapshot must be true/false and side bid/ask",
+                                _line_text(block, ln - first + 1))
             snap = snap_code == 1
-            new = np.ones(line.shape[0], bool)
-            # A snapshot run is one message whatever its timestamps; deltas group per timestamp pair.
-            new[1:] = (snap[1:] != snap[:-1]) | (~snap[1:] & ((exch[1:] != exch[:-1]) | (local[1:] != local[:-1])))
             ival = np.zeros(line.shape[0], np.int64)
-            m_start = np.flatnonzero(new)
-            m_kind = snap[m_start].astype(np.int8)
         else:
             side = self._codes(df, "side", {"buy": 1, "sell": -1})
+            snap = np.zeros(line.shape[0], bool)
+            ids = df["id"].fill_null("")
+            digits = ids.str.contains(r"^[0-9]+$").to_numpy()
+            ival = np.where(digits, ids.str.to_integer(strict=False).fill_null(0).to_numpy(), 0).astype(np.int64)
             unknown = np.flatnonzero(side == -99)
             if unknown.shape[0]:
                 self.findings.add("trade_side_unknown", f"trades with side {df['side'][int(unknown[0])]!r} "
                                   f"(no initiator) dropped", file, int(line[unknown[0]]), int(unknown.shape[0]))
-                known = side != -99
-                line, exch, local, px, qty, side = line[known], exch[known], local[known], px[known], qty[known], \
-                    side[known]
-                df = df.filter(pl.Series(known))
-            ids = df["id"].fill_null("")
-            digits = ids.str.contains(r"^[0-9]+$").to_numpy()
-            ival = np.where(digits, ids.str.to_integer(strict=False).fill_null(0).to_numpy(), 0).astype(np.int64)
-            m_start = np.arange(line.shape[0], dtype=np.int64)
-            m_kind = np.full(line.shape[0], TRADE, np.int8)
-        return _File(file, line, exch, local, side.astype(np.int8), px, qty, ival, m_start, m_kind, back)
+        rows = {"line": line, "exch": exch, "local": local, "side": side.astype(np.int8), "px": df["price"].to_numpy(),
+                "qty": df["amount"].to_numpy(), "ival": ival, "snap": snap, "back": back}
+        if not book and unknown.shape[0]:
+            known = side != -99
+            stepped = np.flatnonzero(~known & (back > 0))
+            if stepped.shape[0]:
+                # Dropped before the merge (they must not move it), so counted here and placed only if no
+                # merged row steps back.
+                k = int(stepped[0])
+                if not self.dropped_back[0]:
+                    self.dropped_back[1:] = [int(back[k]), file, int(line[k])]
+                self.dropped_back[0] += int(stepped.shape[0])
+            rows = {k: v[known] for k, v in rows.items()}
+        return rows
 
-    def _check_blank(self, raw: bytes, file: str, book: bool, lines: np.ndarray) -> None:
+    def _check_blank(self, block: bytes, first: int, file: str, book: bool, lines: np.ndarray) -> None:
         """polars reads a line of empty fields as it reads a blank line; only a blank one may be skipped."""
-        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(raw, np.uint8) == 10) + 1, [len(raw)]])
-        for ln in lines.tolist():
-            if raw[starts[ln - 1]:starts[ln]].strip():
-                raise self._diagnose(raw, file, book, f"line {ln} has only empty fields")
+        starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1, [len(block)]])
+        for ln in (lines - first).tolist():
+            if block[starts[ln]:starts[ln + 1]].strip():
+                raise self._diagnose(block, first, file, book, f"line {ln + first} has only empty fields")
+
+    def _chunks(self, path: Path) -> Iterator[_Chunk]:
+        """One file's rows of the symbol, a block at a time, each ending with a whole message (the
+        rows of a message cut by the block's end wait for the next block)."""
+        src, book = self._open(path)
+        pending: dict[str, np.ndarray] | None = None
+        max_local = -(1 << 62)
+        while (got := src.next_block()) is not None:
+            rows = self._parse(src, book, *got, max_local)
+            if rows["local"].shape[0]:
+                max_local = max(max_local, int(rows["local"].max()))
+            if pending is not None:
+                rows = {k: np.concatenate([pending[k], rows[k]]) for k in rows}
+            m_start, m_kind = _messages(rows, not book)
+            keep = rows["line"].shape[0] if src.done or not m_start.shape[0] else int(m_start[-1])
+            pending = {k: v[keep:] for k, v in rows.items()} if keep < rows["line"].shape[0] else None
+            n_msg = int(np.searchsorted(m_start, keep))
+            if n_msg:
+                yield _Chunk(**{k: v[:keep] for k, v in rows.items()}, m_start=m_start[:n_msg], m_kind=m_kind[:n_msg])
+        if pending is not None:
+            m_start, m_kind = _messages(pending, not book)
+            yield _Chunk(**pending, m_start=m_start, m_kind=m_kind)
 
     # -- converting ------------------------------------------------------------------------------
 
     def run(self, paths: Sequence[Path]) -> None:
-        files = [self._read(Path(p)) for p in paths]
-        # Every file's messages, file after file, as row ranges into the files' rows end to end.
-        row0 = np.cumsum([0] + [f.line.shape[0] for f in files])
-        m_start = np.concatenate([f.m_start + row0[i] for i, f in enumerate(files)])
-        m_end = np.concatenate([np.append(f.m_start[1:], f.line.shape[0]) + row0[i] for i, f in enumerate(files)])
-        if not m_start.shape[0]:
-            return
-        m_kind = np.concatenate([f.m_kind for f in files])
-        m_file = np.repeat(np.arange(len(files)), [f.m_start.shape[0] for f in files])
-        m_local = np.maximum.reduceat(np.concatenate([f.local for f in files]), m_start)
-        order = _merge_nb(m_local, np.cumsum([f.m_start.shape[0] for f in files]))
+        streams = [self._chunks(Path(p)) for p in paths]
+        names = [str(p) for p in paths]
+        bufs: list[_Chunk | None] = [None] * len(paths)
+        more = np.ones(len(paths), bool)
+        while True:
+            for f, stream in enumerate(streams):
+                while more[f] and (bufs[f] is None or not bufs[f].m_start.shape[0]):
+                    bufs[f] = next(stream, None)
+                    more[f] = bufs[f] is not None
+            live = [(f, b) for f, b in enumerate(bufs) if b is not None and b.m_start.shape[0]]
+            if not live:
+                return
+            counts = np.array([b.m_start.shape[0] if b is not None else 0 for b in bufs], np.int64)
+            m_local = np.concatenate([np.maximum.reduceat(b.local, b.m_start) for _, b in live])
+            order = _merge_nb(m_local, np.cumsum(counts), more)
+            taken = np.bincount(np.searchsorted(np.cumsum(counts), order, side="right"), minlength=len(bufs))
+            self._emit(bufs, taken, order, counts, names)
+            for f, b in enumerate(bufs):
+                if b is not None and taken[f]:
+                    r = int(b.m_end[taken[f] - 1])
+                    bufs[f] = _Chunk(**b.rows(r, b.line.shape[0]), m_start=b.m_start[taken[f]:] - r,
+                                     m_kind=b.m_kind[taken[f]:])
+
+    def _local_backwards(self, by_ns: int, file: str, line: int, count: int) -> None:
+        self.findings.add("local_ts_backwards", f"local_timestamp goes backwards (first by {by_ns / 1e6:.3f} ms); "
+                          f"events are re-sorted by local time for hftbacktest", file, line, count)
+
+    def _emit(self, bufs: list[_Chunk | None], taken: np.ndarray, order: np.ndarray, counts: np.ndarray,
+              names: list[str]) -> None:
+        """Convert the messages the merge took, in its order."""
+        used = [(f, b) for f, b in enumerate(bufs) if b is not None and taken[f]]
+        n_rows = [int(b.m_end[taken[f] - 1]) for f, b in used]
+        row0 = np.cumsum([0, *n_rows])
+        m_start = np.concatenate([b.m_start[:taken[f]] + row0[i] for i, (f, b) in enumerate(used)])
+        m_end = np.concatenate([b.m_end[:taken[f]] + row0[i] for i, (f, b) in enumerate(used)])
+        m_kind = np.concatenate([b.m_kind[:taken[f]] for f, b in used])
+        m_file = np.repeat([f for f, _ in used], [int(taken[f]) for f, _ in used])
+        # ``order`` indexes every buffered message; renumber it over the taken ones.
+        first_msg = np.cumsum(counts) - counts
+        taken_before = np.cumsum(taken) - taken
+        file_of = np.searchsorted(np.cumsum(counts), order, side="right")
+        order = order - first_msg[file_of] + taken_before[file_of]
         lens = (m_end - m_start)[order]
         new_start = np.cumsum(lens) - lens
-        rows = np.arange(lens.sum()) - np.repeat(new_start - m_start[order], lens)
-        self._local_backwards(files, row0, rows)
-        merged = len(files) > 1 and not np.array_equal(order, np.arange(order.shape[0]))
-        columns = []
-        for a in ("line", "exch", "local", "side", "px", "qty", "ival"):
-            # One column at a time, each file's copy let go as soon as it is merged: a day is big.
-            col = np.concatenate([getattr(f, a) for f in files])
-            for f in files:
-                setattr(f, a, None)
-            columns.append(col[rows] if merged else col)
-        line, exch, local, side, px, qty, ival = columns
-        del columns
-        m_kind, m_file, m_local = m_kind[order], m_file[order], m_local[order]
+        rows = np.arange(int(lens.sum())) - np.repeat(new_start - m_start[order], lens)
+        merged = len(used) > 1
+        cols = {}
+        for k in _Chunk.ROWS:
+            col = np.concatenate([getattr(b, k)[:n] for (_, b), n in zip(used, n_rows, strict=True)])
+            cols[k] = col[rows] if merged else col
+        line, exch, local, side, px, qty, ival, back = (cols[k] for k in ("line", "exch", "local", "side", "px", "qty",
+                                                                          "ival", "back"))
+        m_kind, m_file = m_kind[order], m_file[order]
         m_start, m_end = new_start, new_start + lens
+        m_local = np.maximum.reduceat(local, m_start)
         # A depth message's exchange time is its rows' (one timestamp); a snapshot's the latest of its rows.
         m_exch = np.where(m_kind == SNAPSHOT, np.maximum.reduceat(exch, m_start), exch[m_start])
-        names = [f.name for f in files]
+        row_file = np.repeat(m_file, lens)
+        stepped = np.flatnonzero(back)
+        if stepped.shape[0]:
+            k = int(stepped[0])
+            self._local_backwards(int(back[k]), names[int(row_file[k])], int(line[k]), int(stepped.shape[0]))
 
         def where(msg: int, row: int) -> tuple[str, int]:
             return names[int(m_file[msg])], int(line[row] if row >= 0 else line[m_start[msg]])
@@ -329,22 +462,10 @@ class TardisConverter:
                                 lambda m, r, a=a, r0=r0: where(a + m, r0 + r if r >= 0 else -1))
             self.feed.split.close_ready()
 
-    def _local_backwards(self, files: list[_File], row0: np.ndarray, rows: np.ndarray) -> None:
-        """One finding for all files, placed at the row that comes first once the files are merged."""
-        count = sum(f.back.shape[0] for f in files)
-        if not count:
-            return
-        merged_at = np.empty_like(rows)
-        merged_at[rows] = np.arange(rows.shape[0])
-        f, k = min(((i, int(f.back[0])) for i, f in enumerate(files) if f.back.shape[0]),
-                   key=lambda ik: merged_at[row0[ik[0]] + ik[1]])
-        local = files[f].local
-        self.findings.add("local_ts_backwards",
-                          f"local_timestamp goes backwards (first by {(local[:k].max() - local[k]) / 1e6:.3f} ms); "
-                          f"events are re-sorted by local time for hftbacktest", files[f].name,
-                          int(files[f].line[k]), count)
-
     def finish(self) -> dict[str, Any]:
+        count, by_ns, file, line = self.dropped_back
+        if count:
+            self._local_backwards(by_ns, file, line, count)
         names = ", ".join(f["file"] for f in self.files)
         hint = (f"no incremental_book_L2 snapshot rows (is_snapshot=true) for {self.symbol} in {names}, so the book "
                 f"cannot be built. Fix: pass the day's incremental_book_L2 file (Tardis starts each with a snapshot), "
