@@ -47,8 +47,7 @@ def write_tardis(events: np.ndarray, out: Path, gz: bool) -> tuple[Path, Path, i
                              "timestamp": rows["exch_ts"] // 1000, "local_timestamp": rows["local_ts"] // 1000,
                              **extra, "price": rows["px"], "amount": rows["qty"]})
 
-    suffix = ".csv.gz" if gz else ".csv"
-    book_path, trades_path = out / f"book{suffix}", out / f"trades{suffix}"
+    book_path, trades_path = out / "book.csv", out / "trades.csv"
     frame(b, {"is_snapshot": np.where((b["ev"] & KIND) == DEPTH_SNAPSHOT_EVENT, "true", "false"),
               "side": np.where(buy[book], "bid", "ask")}).write_csv(book_path)
     t = ev[kind == TRADE_EVENT]
@@ -56,7 +55,9 @@ def write_tardis(events: np.ndarray, out: Path, gz: bool) -> tuple[Path, Path, i
         tardis.TRADE_COLUMNS).write_csv(trades_path)
     if gz:
         for path in (book_path, trades_path):
-            path.write_bytes(igzip.compress(path.read_bytes(), compresslevel=1))
+            path.with_suffix(".csv.gz").write_bytes(igzip.compress(path.read_bytes(), compresslevel=1))
+            path.unlink()
+        book_path, trades_path = book_path.with_suffix(".csv.gz"), trades_path.with_suffix(".csv.gz")
     return book_path, trades_path, b.shape[0] + t.shape[0]
 
 
