@@ -1,9 +1,9 @@
 """The slow, obvious Tardis converter the fast one is checked against.
 
 Python's csv module, one row at a time; rows grouped into messages as they come; files merged with
-``heapq.merge``; every message turned into rows on its own with plain numpy (``ReferenceFeed``, not
-``MessageFeed.block``, which the fast converter and the per-message venues share). Snapshots, the
-day splitting and the summary are the converter's own.
+``heapq.merge``; every message handed to ``MessageFeed`` on its own (``snapshot``, ``depth``,
+``trades``), the way the Bybit and OKX converters feed it. Reading and the summary are
+``TardisConverter``'s; only ``run`` differs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hftbacktest.types import BUY_EVENT, DEPTH_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
 
-from quotelab.data.events import DAY_NS, ConvertJob
-from quotelab.data.messages import MessageFeed, open_text
+from quotelab.data.events import ConvertJob
+from quotelab.data.messages import open_text
 from quotelab.data.tardis import BOOK_COLUMNS, TRADE_COLUMNS, TardisConverter, _flag
 from quotelab.errors import DataError
 
@@ -41,67 +40,7 @@ class Msg:
         return (self.local, self.order, self.line) < (other.local, other.order, other.line)
 
 
-class ReferenceFeed(MessageFeed):
-    def _check(self, px: np.ndarray, qty: np.ndarray, file: str, line: int) -> np.ndarray:
-        tf = px / self.tick
-        if not (np.all(px > 0) and np.all(np.abs(tf - np.rint(tf)) <= 1e-6)):
-            raise DataError(f"{file}:{line}: price off the tick")
-        lf = qty / self.lot
-        if not (np.all(qty >= 0) and np.all(np.abs(lf - np.rint(lf)) <= 1e-6 * np.maximum(1.0, np.abs(lf)))):
-            raise DataError(f"{file}:{line}: quantity off the lot")
-        return np.rint(tf).astype(np.int64)
-
-    def depth(self, side: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: int, local: int, ival: int,
-              file: str, line: int) -> None:
-        if not self.synced:
-            self.dropped_depth += 1
-            self.findings.add("delta_before_snapshot", "depth deltas before the first snapshot (or after a "
-                              "reconnect / lost sync, before the next snapshot) dropped", file, line)
-            return
-        if exch < self.prev_depth_exch:
-            self.findings.add("exch_ts_backwards", f"depth exchange time goes backwards (first by "
-                              f"{(self.prev_depth_exch - exch) / 1e6:.3f} ms)", file, line)
-        self.prev_depth_exch = max(self.prev_depth_exch, exch)
-        tick = self._check(px, qty, file, line)
-        d = self._day(exch, file, line, depth=True)
-        self.book.apply(side, tick, qty, np.array([tick.shape[0]], np.int64), f"{file}:{line}")
-        rows = np.zeros(tick.shape[0], event_dtype)
-        rows["ev"] = np.where(side > 0, DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT)
-        rows["exch_ts"] = exch
-        rows["local_ts"] = local
-        rows["px"] = tick * self.tick
-        rows["qty"] = qty
-        rows["ival"] = ival
-        self.book.last_id = ival
-        self.split.add_rows(d, rows, np.array([exch]), np.array([local]))
-
-    def trades(self, buy: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: np.ndarray, local: int,
-               ival: np.ndarray, file: str, line: int) -> None:
-        if self.book_start_exch is None:
-            self.dropped_trades += int(px.shape[0])
-            self.findings.add("trades_before_book", "trades before the book was established (no snapshot "
-                              "yet) dropped", file, line, int(px.shape[0]))
-            return
-        self._check(px, qty, file, line)
-        rows = np.zeros(px.shape[0], event_dtype)
-        rows["ev"] = np.where(buy, TRADE_EVENT | BUY_EVENT, TRADE_EVENT | SELL_EVENT)
-        rows["exch_ts"] = exch
-        rows["local_ts"] = local
-        rows["px"] = px
-        rows["qty"] = qty
-        rows["ival"] = ival
-        days = exch // DAY_NS
-        for d in np.unique(days).tolist():
-            sel = days == d
-            self._day(int(d) * DAY_NS, file, line, depth=False)
-            self.split.add_rows(int(d), rows[sel], exch[sel], np.full(int(sel.sum()), local, np.int64))
-
-
 class ReferenceTardis(TardisConverter):
-    def __init__(self, job: ConvertJob) -> None:
-        super().__init__(job)
-        self.feed = ReferenceFeed(job, self.findings)
-
     def _messages(self, path: Path, order: int) -> Iterator[Msg]:
         file = str(path)
         info = {"file": file, "lines": 0, "kind": "?"}

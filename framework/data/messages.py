@@ -303,9 +303,30 @@ class MessageFeed:
     def depth(self, side: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: int, local: int, ival: int,
               file: str, line: int) -> None:
         """Apply one delta message (absolute quantities per level, 0 removes) and write its rows."""
-        n = px.shape[0]
-        self.block(np.zeros(1, bool), np.array([exch]), np.array([local]), np.array([n]), side, px, qty,
-                   np.full(n, exch), np.full(n, ival), lambda m, r: (file, line))
+        if not self.synced:
+            self.dropped_depth += 1
+            self.findings.add("delta_before_snapshot", "depth deltas before the first snapshot (or after a "
+                              "reconnect / lost sync, before the next snapshot) dropped", file, line)
+            return
+        if exch < self.prev_depth_exch:
+            self.findings.add("exch_ts_backwards", f"depth exchange time goes backwards (first by "
+                              f"{(self.prev_depth_exch - exch) / 1e6:.3f} ms)", file, line)
+        self.prev_depth_exch = max(self.prev_depth_exch, exch)
+        if not px.shape[0]:
+            return
+        tick = self.ticks(px, qty, file, line)
+        d = self._day(exch, file, line, depth=True)
+        self.book.ensure(int(tick.min()), int(tick.max()), f"{file}:{line}")
+        self.book.apply(side, tick, qty, np.array([tick.shape[0]], np.int64))
+        rows = np.zeros(tick.shape[0], event_dtype)
+        rows["ev"] = np.where(side > 0, DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT)
+        rows["exch_ts"] = exch
+        rows["local_ts"] = local
+        rows["px"] = tick * self.tick
+        rows["qty"] = qty
+        rows["ival"] = ival
+        self.book.last_id = ival
+        self.split.add_rows(d, rows, np.array([exch]), np.array([local]))
 
     def lose_sync(self) -> None:
         """The book can no longer be trusted: drop deltas until the next snapshot."""
@@ -316,16 +337,31 @@ class MessageFeed:
     def trades(self, buy: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: np.ndarray, local: int,
                ival: np.ndarray, file: str, line: int) -> None:
         """Trades of one message; ``buy`` is True where the initiator (taker) bought."""
+        if self.book_start_exch is None:
+            self.dropped_trades += int(px.shape[0])
+            self.findings.add("trades_before_book", "trades before the book was established (no snapshot "
+                              "yet) dropped", file, line, int(px.shape[0]))
+            return
+        self.ticks(px, qty, file, line)
+        rows = np.zeros(px.shape[0], event_dtype)
+        rows["ev"] = np.where(buy, TRADE_EVENT | BUY_EVENT, TRADE_EVENT | SELL_EVENT)
+        rows["exch_ts"] = exch
+        rows["local_ts"] = local
+        rows["px"] = px
+        rows["qty"] = qty
+        rows["ival"] = ival
         days = exch // DAY_NS
-        for d in np.unique(days).tolist():  # a block holds one UTC day
+        for d in np.unique(days).tolist():
             sel = days == d
-            self.block(np.ones(1, bool), exch[sel][:1], np.array([local]), np.array([int(sel.sum())]),
-                       np.where(buy[sel], 1, -1), px[sel], qty[sel], exch[sel], ival[sel], lambda m, r: (file, line))
+            self._day(int(d) * DAY_NS, file, line, depth=False)
+            self.split.add_rows(int(d), rows[sel], exch[sel], np.full(int(sel.sum()), local, np.int64))
 
     def block(self, is_trade: np.ndarray, m_exch: np.ndarray, m_local: np.ndarray, m_end: np.ndarray,
               side: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: np.ndarray, ival: np.ndarray,
               where: Callable[[int, int], tuple[str, int]]) -> None:
         """Many messages at once, with the checks and rows of :meth:`depth` and :meth:`trades` per message.
+        Those two stay for the venues that must look at the book after every message (OKX's checksum, Bybit's
+        update ids): one message through here costs ~35 µs more than through them.
 
         The messages are in arrival order, none a snapshot, and every row's exchange time falls on one
         UTC day. Message ``k`` is a trade message if ``is_trade[k]``, else a depth message (absolute
@@ -335,14 +371,8 @@ class MessageFeed:
         """
         if not m_end.shape[0]:
             return
-        # One dtype each, so the kernels below are compiled (and cached) once.
-        is_trade, m_exch, m_local, m_end = (np.asarray(is_trade, bool), np.asarray(m_exch, np.int64),
-                                            np.asarray(m_local, np.int64), np.asarray(m_end, np.int64))
-        side, px, qty, exch, ival = (np.asarray(side, np.int8), np.asarray(px, np.float64),
-                                     np.asarray(qty, np.float64), np.asarray(exch, np.int64),
-                                     np.asarray(ival, np.int64))
         lens = np.diff(m_end, prepend=0)
-        keep = lens > 0  # an empty message changes nothing and is no latency sample
+        keep = np.ones(m_end.shape[0], bool)
         depth_msgs = np.flatnonzero(~is_trade)
         if depth_msgs.shape[0] and not self.synced:
             self.dropped_depth += int(depth_msgs.shape[0])
