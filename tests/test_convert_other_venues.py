@@ -410,10 +410,12 @@ def _messy_tardis(tmp_path: Path, seed: int, n: int = 2500) -> tuple[Path, Path]
     return book_path, trades_path
 
 
-def _check_against_reference(book: Path, trades: Path, summary: dict, load_day) -> None:
+def _check_against_reference(files: list[Path], summary: dict, load_day, loose: tuple[str, ...] = ()) -> None:
+    """``loose``: finding kinds whose count must agree but whose first place may not (the reference
+    records a finding as its reader gets to the row, a message ahead of the merge on each file)."""
     days: list[DayResult] = []
     instrument = {"tick_size": 0.1, "lot_size": 0.001}
-    expected = reference_convert([book, trades], ConvertJob("binance-usdm", "BTCUSDT", instrument, days.append))
+    expected = reference_convert(files, ConvertJob("binance-usdm", "BTCUSDT", instrument, days.append))
     assert [d.day for d in days] == ["20200831", "20200901"]
     for d in days:
         got = load_day(d.day)
@@ -425,9 +427,12 @@ def _check_against_reference(book: Path, trades: Path, summary: dict, load_day) 
     others = summary["messages"]["other_symbol_rows"]
     assert summary["other_symbols"] == expected["other_symbols"] == {"ETHUSDT": others} and others > 0
     by_kind = {f["kind"]: f for f in summary["findings"]}
-    assert by_kind == {f["kind"]: f for f in expected["findings"]}
+    want = {f["kind"]: f for f in expected["findings"]}
+    for kind in loose:
+        assert by_kind.pop(kind)["count"] == want.pop(kind)["count"]
+    assert by_kind == want
     assert {"delta_before_snapshot", "blank_lines", "trade_side_unknown", "local_ts_backwards",
-            "exch_ts_backwards", "other_symbols"} <= set(by_kind)
+            "exch_ts_backwards", "other_symbols"} <= {f["kind"] for f in summary["findings"]}
     assert summary["messages"]["snapshots"] >= 3
 
 
@@ -437,22 +442,32 @@ def test_tardis_equals_the_per_message_reference_on_a_messy_pair(tmp_path, seed)
     own: the same day files to the bit, the same counts and findings."""
     book, trades = _messy_tardis(tmp_path, seed)
     summary = json.loads(convert_ok(*TARDIS_ARGS, "--json", "--catalog", tmp_path / "cat", book, trades).stdout)
-    _check_against_reference(book, trades, summary,
+    _check_against_reference([book, trades], summary,
                              lambda day: catalog.load_day(tmp_path / "cat", "binance-usdm", "BTCUSDT", day))
 
 
-@pytest.mark.parametrize("chunk", [4000, 30000])
-def test_tardis_read_in_small_chunks_equals_the_reference(tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize(("chunk", "pieces"), [(4000, 1), (30000, 1), (1 << 20, 3)])
+def test_tardis_read_in_small_chunks_equals_the_reference(tmp_path, monkeypatch, chunk, pieces):
     """A file is parsed a chunk at a time and the files are merged as the chunks come: with chunks of a
-    few lines, messages (the 60-row snapshots too) are cut everywhere, and the result must not change."""
+    few lines, messages (the 60-row snapshots too) are cut everywhere, and the result must not change.
+    The book cut into three files, the trades between them, is merged as the reference merges it."""
     book, trades = _messy_tardis(tmp_path, 3)
+    files = [book, trades]
+    if pieces > 1:
+        header, *lines = book.read_text().splitlines(keepends=True)
+        cuts = [len(lines) * i // pieces for i in range(pieces + 1)]
+        parts = [tmp_path / f"book_{i}.csv" for i in range(pieces)]
+        for i, part in enumerate(parts):
+            part.write_text(header + "".join(lines[cuts[i]:cuts[i + 1]]))
+        files = [parts[0], trades, *parts[1:]]
     monkeypatch.setattr(tardis, "CHUNK_BYTES", chunk)
     days: dict[str, DayResult] = {}
     job = ConvertJob("binance-usdm", "BTCUSDT", {"tick_size": 0.1, "lot_size": 0.001},
                      lambda d: days.__setitem__(d.day, d))
-    summary = tardis.convert([book, trades], job)
+    summary = tardis.convert(files, job)
     summary["days"] = {d: r.info for d, r in days.items()}
-    _check_against_reference(book, trades, json.loads(json.dumps(summary)), lambda day: days[day].events)
+    _check_against_reference(files, json.loads(json.dumps(summary)), lambda day: days[day].events,
+                             loose=("local_ts_backwards",) if pieces > 1 else ())
 
 
 @pytest.mark.parametrize(("line", "message"), [

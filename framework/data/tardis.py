@@ -79,6 +79,8 @@ def _line_text(block: bytes, line: int) -> str:
 
 
 CHUNK_BYTES = 64 << 20  # of CSV text parsed at once: bounds the memory a file takes however long it is
+FIRST_CHUNK_BYTES = 1 << 20  # a file's first chunks start small and double: of many files given at once,
+# those whose turn in the merge has not come hold little
 
 
 @dataclass
@@ -155,6 +157,7 @@ class _Source:
         self.line = 2  # of the next chunk's first line
         self.carry = b""
         self.done = False
+        self.size = min(FIRST_CHUNK_BYTES, CHUNK_BYTES)
         self.info: dict[str, Any] = {"file": self.name, "lines": 0, "kind": "?"}
 
     def _read_line(self) -> bytes:
@@ -172,7 +175,8 @@ class _Source:
         how many there are."""
         while not self.done:
             try:
-                data = self.fh.read(CHUNK_BYTES)
+                data = self.fh.read(self.size)
+                self.size = min(2 * self.size, CHUNK_BYTES)
             except (OSError, EOFError, zlib.error) as exc:
                 raise self._damaged(exc) from None
             if not data:
