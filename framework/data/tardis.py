@@ -155,7 +155,6 @@ class _Source:
         self.fh = open_binary(path)
         self.head = self._read_line()
         self.line = 2  # of the next chunk's first line
-        self.carry = b""
         self.done = False
         self.size = min(FIRST_CHUNK_BYTES, CHUNK_BYTES)
         self.info: dict[str, Any] = {"file": self.name, "lines": 0, "kind": "?"}
@@ -173,29 +172,23 @@ class _Source:
     def next_block(self) -> tuple[bytes, int, int] | None:
         """Whole lines (ending at a newline, but at the end of the file), the line number of the first and
         how many there are."""
-        while not self.done:
-            try:
-                data = self.fh.read(self.size)
-                self.size = min(2 * self.size, CHUNK_BYTES)
-            except (OSError, EOFError, zlib.error) as exc:
-                raise self._damaged(exc) from None
-            if not data:
-                self.done = True
-                self.fh.close()
-                block, self.carry = self.carry, b""
-            else:
-                buf = self.carry + data
-                cut = buf.rfind(b"\n") + 1
-                if not cut:  # a line longer than a chunk: read on
-                    self.carry = buf
-                    continue
-                block, self.carry = buf[:cut], buf[cut:]
-            if block:
-                first = self.line
-                n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-                self.line += n
-                return block, first, n
-        return None
+        if self.done:
+            return None
+        try:
+            block = self.fh.read(self.size)
+            if block and not block.endswith(b"\n"):
+                block += self.fh.readline()  # whole lines: one copy, where cutting at the last newline made two
+        except (OSError, EOFError, zlib.error) as exc:
+            raise self._damaged(exc) from None
+        self.size = min(2 * self.size, CHUNK_BYTES)
+        if not block:
+            self.done = True
+            self.fh.close()
+            return None
+        first = self.line
+        n = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        self.line += n
+        return block, first, n
 
 
 class TardisConverter:
