@@ -62,11 +62,11 @@ def write_tardis(events: np.ndarray, out: Path, gz: bool) -> tuple[Path, Path, i
 
 
 def final_book(events: np.ndarray) -> dict[tuple[bool, float], float]:
-    """Last quantity per (side, price) in exchange order after the last clear, zeros dropped."""
+    """Last quantity per (side, price) in exchange order from the last snapshot on, zeros dropped."""
     ev = events[(events["ev"] & EXCH_EVENT) != 0]
     kind = ev["ev"] & KIND
     clears = np.flatnonzero(kind == DEPTH_CLEAR_EVENT)
-    start = int(clears[-1]) if clears.shape[0] else 0
+    start = int(clears[-2]) if clears.shape[0] >= 2 else 0  # a snapshot clears the bids, then the asks
     ev, kind = ev[start:], kind[start:]
     lv = ev[np.isin(kind, [DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT])]
     book: dict[tuple[bool, float], float] = {}
