@@ -350,8 +350,24 @@ def test_tardis_delta_before_snapshot_and_backwards_time_are_named(tmp_path):
 
 
 def test_tardis_without_tick_size_says_what_to_pass(tmp_path):
-    err = convert_fails("--format", "tardis", "--symbol", "BTCUSDT", "--catalog", tmp_path, TARDIS_BOOK)
+    f = _tardis_file(tmp_path, ["deribit,BTC-PERPETUAL,1598918390100000,1598918390101000,true,bid,100.0,2"])
+    err = convert_fails("--format", "tardis", "--symbol", "BTC-PERPETUAL", "--catalog", tmp_path / "cat", f)
+    assert "no built-in instrument spec for tardis-deribit/BTC-PERPETUAL" in err
     assert "--tick-size" in err and "--lot-size" in err
+
+
+def test_tardis_takes_the_spec_of_the_market_its_data_names(tmp_path):
+    """Tardis's exchange column picks the venue, and with it the built-in spec: binance-futures BTCUSDT
+    needs no --tick-size, and binance-delivery BTCUSD_PERP is stored as the inverse contract it is."""
+    convert_ok("--format", "tardis", "--symbol", "BTCUSDT", "--catalog", tmp_path, TARDIS_BOOK, TARDIS_TRADES)
+    meta = catalog.read_meta(tmp_path, "binance-usdm", "BTCUSDT")
+    assert (meta["tick_size"], meta["lot_size"], meta["origin"]) == (0.1, 0.001, "built-in spec")
+    f = tmp_path / "delivery.csv"  # the fixture's quantities are not whole contracts: --lot-size overrides
+    f.write_text(TARDIS_BOOK.read_text().replace("binance-futures,", "binance-delivery,").replace(
+        ",BTCUSDT,", ",BTCUSD_PERP,"))
+    convert_ok("--format", "tardis", "--symbol", "BTCUSD_PERP", "--lot-size", "0.001", "--catalog", tmp_path, f)
+    meta = catalog.read_meta(tmp_path, "binance-cm", "BTCUSD_PERP")
+    assert meta["contract"] == {"kind": "inverse", "size": 100.0} and meta["tick_size"] == 0.1
 
 
 def _messy_tardis(tmp_path: Path, seed: int, n: int = 2500) -> tuple[Path, Path]:

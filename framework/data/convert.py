@@ -1,8 +1,9 @@
 """``quotelab convert``: pick the converter for a format, stage its days, commit them, summarise.
 
-Adding a format is one line in :data:`FORMATS`: a name, the catalog venue it writes (a converter
-whose data names its venue, like Tardis's, returns ``venue`` and that wins), and the
-converter as ``"module:function"`` (imported only when used). A converter is called as
+Adding a format is one line in :data:`FORMATS`: a name, the catalog venue it writes, and the
+converter as ``"module:function"`` (imported only when used). A format whose data names its venue,
+like Tardis's exchange column, also gives a ``venue_of(files)`` function: the instrument spec is
+resolved for that venue, and the converter returns the ``venue`` it found, which wins. A converter is called as
 ``fn(files, job)`` with a :class:`~quotelab.data.events.ConvertJob`; it hands every finished day to
 ``job.on_day`` and returns conversion-wide facts (files, message counts, findings).
 
@@ -34,6 +35,9 @@ from quotelab.errors import DataError
 class Format:
     venue: str
     converter: str  # "module:function"
+    # "module:function" giving the venue the files' own data names (Tardis's exchange column), so the
+    # instrument spec (tick, lot, linear or inverse) is the one of the market the data is from
+    venue_of: str | None = None
 
 
 FORMATS: dict[str, Format] = {
@@ -42,12 +46,12 @@ FORMATS: dict[str, Format] = {
     "binance-cm": Format("binance-cm", "quotelab.data.binance:convert_cm"),
     "bybit": Format("bybit", "quotelab.data.bybit:convert"),
     "okx": Format("okx", "quotelab.data.okx:convert"),
-    "tardis": Format("tardis", "quotelab.data.tardis:convert"),
+    "tardis": Format("tardis", "quotelab.data.tardis:convert", "quotelab.data.tardis:venue_of"),
 }
 
 
-def _load(fmt: Format) -> Any:
-    module, func = fmt.converter.split(":")
+def _load(ref: str) -> Any:
+    module, func = ref.split(":")
     return getattr(importlib.import_module(module), func)
 
 
@@ -72,7 +76,8 @@ def convert_files(
     for f in files:
         if not Path(f).is_file():
             raise DataError(f"{f}: no such file")
-    instrument = resolve(fmt.venue, symbol, tick_size, lot_size)
+    venue = _load(fmt.venue_of)(list(map(Path, files))) if fmt.venue_of else fmt.venue
+    instrument = resolve(venue, symbol, tick_size, lot_size)
     root = Path(catalog_dir)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
@@ -85,12 +90,12 @@ def convert_files(
         staged[res.day] = catalog.write_day(staging, fmt.venue, symbol, res.day, res.events, compression)
         days[res.day] = res.info
 
-    job = ConvertJob(fmt.venue, symbol, instrument, on_day)
+    job = ConvertJob(venue, symbol, instrument, on_day)
     t0 = time.perf_counter()
     try:
-        info = _load(fmt)(list(map(Path, files)), job)
+        info = _load(fmt.converter)(list(map(Path, files)), job)
         # A multi-venue format (Tardis) learns the venue from the data and returns it.
-        venue = info.pop("venue", fmt.venue)
+        venue = info.pop("venue", venue)
         final: dict[str, Path] = {}
         for day, src in staged.items():
             dst = catalog.day_path(root, venue, symbol, day)

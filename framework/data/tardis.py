@@ -472,6 +472,22 @@ class TardisConverter:
         return {"exchange": exchange, "venue": venue_for(exchange), "files": self.files, **summary}
 
 
+def venue_of(files: Sequence[Path]) -> str:
+    """The catalog venue of the first data row's exchange, ``tardis`` if no file has a data row."""
+    for path in files:
+        src = _Source(Path(path))
+        try:
+            for raw in iter(src.fh.readline, b""):
+                exchange = raw.split(b",", 1)[0].decode("utf-8", errors="replace").strip()
+                if exchange:
+                    return venue_for(exchange)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise src._damaged(exc) from None
+        finally:
+            src.fh.close()
+    return "tardis"
+
+
 def convert(files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:
     conv = TardisConverter(job)
     conv.run(files)
