@@ -387,8 +387,9 @@ class TardisConverter:
             counts = np.array([b.m_start.shape[0] if b is not None else 0 for b in bufs], np.int64)
             m_local = np.concatenate([np.maximum.reduceat(b.local, b.m_start) for _, b in live])
             order = _merge_nb(m_local, np.cumsum(counts), more)
-            taken = np.bincount(np.searchsorted(np.cumsum(counts), order, side="right"), minlength=len(bufs))
-            self._emit(bufs, taken, order, counts, names)
+            file_of = np.searchsorted(np.cumsum(counts), order, side="right")
+            taken = np.bincount(file_of, minlength=len(bufs))
+            self._emit(bufs, taken, order, file_of, counts, names)
             for f, b in enumerate(bufs):
                 if b is not None and taken[f]:
                     r = int(b.m_end[taken[f] - 1])
@@ -399,8 +400,8 @@ class TardisConverter:
         self.findings.add("local_ts_backwards", f"local_timestamp goes backwards (first by {by_ns / 1e6:.3f} ms); "
                           f"events are re-sorted by local time for hftbacktest", file, line, count)
 
-    def _emit(self, bufs: list[_Chunk | None], taken: np.ndarray, order: np.ndarray, counts: np.ndarray,
-              names: list[str]) -> None:
+    def _emit(self, bufs: list[_Chunk | None], taken: np.ndarray, order: np.ndarray, file_of: np.ndarray,
+              counts: np.ndarray, names: list[str]) -> None:
         """Convert the messages the merge took, in its order."""
         used = [(f, b) for f, b in enumerate(bufs) if b is not None and taken[f]]
         n_rows = [int(b.m_end[taken[f] - 1]) for f, b in used]
@@ -412,18 +413,16 @@ class TardisConverter:
         # ``order`` indexes every buffered message; renumber it over the taken ones.
         first_msg = np.cumsum(counts) - counts
         taken_before = np.cumsum(taken) - taken
-        file_of = np.searchsorted(np.cumsum(counts), order, side="right")
         order = order - first_msg[file_of] + taken_before[file_of]
         lens = (m_end - m_start)[order]
         new_start = np.cumsum(lens) - lens
         rows = np.arange(int(lens.sum())) - np.repeat(new_start - m_start[order], lens)
         merged = len(used) > 1
-        cols = {}
-        for k in _Chunk.ROWS:
+        cols = []
+        for k in ("line", "exch", "local", "side", "px", "qty", "ival", "back"):  # ``snap`` served its messages
             col = np.concatenate([getattr(b, k)[:n] for (_, b), n in zip(used, n_rows, strict=True)])
-            cols[k] = col[rows] if merged else col
-        line, exch, local, side, px, qty, ival, back = (cols[k] for k in ("line", "exch", "local", "side", "px", "qty",
-                                                                          "ival", "back"))
+            cols.append(col[rows] if merged else col)
+        line, exch, local, side, px, qty, ival, back = cols
         m_kind, m_file = m_kind[order], m_file[order]
         m_start, m_end = new_start, new_start + lens
         m_local = np.maximum.reduceat(local, m_start)
