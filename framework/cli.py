@@ -261,13 +261,21 @@ def convert(
         float | None, typer.Option("--lot-size", help="Quantity step; required for symbols without a built-in spec.")
     ] = None,
     compression: CompressionOpt = "deflate",
+    contract: Annotated[
+        str | None, typer.Option("--contract", help="linear or inverse; overrides the built-in spec.")
+    ] = None,
+    contract_size: Annotated[
+        float | None,
+        typer.Option("--contract-size", help="Coin per contract (linear, e.g. 0.01 for OKX BTC-USDT-SWAP) or "
+                                             "quote currency per contract (inverse)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Convert raw captures into catalog days (one npz per UTC day) and report the data's quality."""
     from quotelab.data.convert import convert_files, render_summary
 
     summary = convert_files(fmt, files, symbol, catalog, tick_size=tick_size, lot_size=lot_size,
-                            compression=compression)
+                            compression=compression, contract=contract, contract_size=contract_size)
     if as_json:
         _print_json(summary)
     else:

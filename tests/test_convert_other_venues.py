@@ -368,6 +368,17 @@ def test_tardis_takes_the_spec_of_the_market_its_data_names(tmp_path):
     convert_ok("--format", "tardis", "--symbol", "BTCUSD_PERP", "--lot-size", "0.001", "--catalog", tmp_path, f)
     meta = catalog.read_meta(tmp_path, "binance-cm", "BTCUSD_PERP")
     assert meta["contract"] == {"kind": "inverse", "size": 100.0} and meta["tick_size"] == 0.1
+    # A market without a spec: the contract is stated on the command line (OKX swaps are 0.01 BTC).
+    f = tmp_path / "swap.csv"
+    f.write_text(TARDIS_BOOK.read_text().replace("binance-futures,", "okex-swap,").replace(
+        ",BTCUSDT,", ",BTC-USDT-SWAP,"))
+    args = ("--format", "tardis", "--symbol", "BTC-USDT-SWAP", "--tick-size", "0.1", "--lot-size", "0.001")
+    err = convert_fails(*args, "--contract", "quanto", "--catalog", tmp_path, f)
+    assert "--contract must be linear or inverse, got 'quanto'" in err
+    convert_ok(*args, "--contract-size", "0.01", "--catalog", tmp_path, f)
+    meta = catalog.read_meta(tmp_path, "okx", "BTC-USDT-SWAP")
+    assert meta["contract"] == {"kind": "linear", "size": 0.01}
+    assert meta["origin"] == "overridden on the command line: tick_size, lot_size, contract_size"
 
 
 def _messy_tardis(tmp_path: Path, seed: int, n: int = 2500) -> tuple[Path, Path]:

@@ -63,6 +63,8 @@ def convert_files(
     tick_size: float | None = None,
     lot_size: float | None = None,
     compression: str = "deflate",
+    contract: str | None = None,
+    contract_size: float | None = None,
 ) -> dict[str, Any]:
     """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary.
     ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`)."""
@@ -77,7 +79,7 @@ def convert_files(
         if not Path(f).is_file():
             raise DataError(f"{f}: no such file")
     venue = _load(fmt.venue_of)(list(map(Path, files))) if fmt.venue_of else fmt.venue
-    instrument = resolve(venue, symbol, tick_size, lot_size)
+    instrument = resolve(venue, symbol, tick_size, lot_size, contract, contract_size)
     root = Path(catalog_dir)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))

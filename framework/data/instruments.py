@@ -52,7 +52,8 @@ def _default_contract(venue: str, symbol: str) -> tuple[str, float]:
     return "linear", 1.0
 
 
-def resolve(venue: str, symbol: str, tick_size: float | None = None, lot_size: float | None = None) -> dict[str, Any]:
+def resolve(venue: str, symbol: str, tick_size: float | None = None, lot_size: float | None = None,
+            contract: str | None = None, contract_size: float | None = None) -> dict[str, Any]:
     """The instrument fields for meta.json; overrides win and are recorded as such in ``origin``."""
     known = INSTRUMENTS.get((venue, symbol))
     if known is None and (tick_size is None or lot_size is None):
@@ -62,16 +63,19 @@ def resolve(venue: str, symbol: str, tick_size: float | None = None, lot_size: f
             f"no built-in instrument spec for {venue}/{symbol} (known for {venue}: {have}); pass {missing} "
             f"(from the venue's exchangeInfo: PRICE_FILTER tickSize and LOT_SIZE stepSize)."
         )
-    for name, v in (("--tick-size", tick_size), ("--lot-size", lot_size)):
+    for name, v in (("--tick-size", tick_size), ("--lot-size", lot_size), ("--contract-size", contract_size)):
         if v is not None and not v > 0:
             raise DataError(f"{name} must be > 0, got {v}")
+    if contract not in (None, "linear", "inverse"):
+        raise DataError(f"--contract must be linear or inverse, got {contract!r}")
     kind, size = (known.kind, known.contract_size) if known else _default_contract(venue, symbol)
     inst = Instrument(
         tick_size if tick_size is not None else known.tick_size,  # type: ignore[union-attr]
         lot_size if lot_size is not None else known.lot_size,  # type: ignore[union-attr]
-        kind, size,
+        contract or kind, contract_size if contract_size is not None else size,
     )
     meta = inst.as_meta()
-    overridden = [f for f, v in (("tick_size", tick_size), ("lot_size", lot_size)) if v is not None]
+    overridden = [f for f, v in (("tick_size", tick_size), ("lot_size", lot_size), ("contract", contract),
+                                 ("contract_size", contract_size)) if v is not None]
     meta["origin"] = f"overridden on the command line: {', '.join(overridden)}" if overridden else "built-in spec"
     return meta
