@@ -388,7 +388,6 @@ class MessageFeed:
             self.findings.add("trades_before_book", "trades before the book was established (no snapshot yet) "
                               "dropped", *where(int(trade_msgs[0]), -1), n)
             keep[trade_msgs] = False
-            trade_msgs = trade_msgs[:0]
         if depth_msgs.shape[0]:
             de = m_exch[depth_msgs]
             prev = np.maximum.accumulate(np.concatenate([[self.prev_depth_exch], de]))
@@ -431,7 +430,7 @@ class MessageFeed:
         if depth_msgs.shape[0]:
             at = where(int(np.searchsorted(m_end, wide, side="right")), wide) if wide >= 0 else where(first, -1)
             self.book.apply(d_side[:nd], d_tick[:nd], d_qty[:nd], d_end, f"{at[0]}:{at[1]}")
-            self.book.last_id = int(ival[np.flatnonzero(~np.repeat(is_trade, lens))[-1]])
+            self.book.last_id = int(ival[m_end[depth_msgs[-1]] - 1])  # the last depth message's
         self.split.add_rows(exch0 // DAY_NS, rows, lat_exch[:n_lat], lat_local[:n_lat])
 
     def finish(self, no_snapshot_hint: str) -> None:

@@ -98,6 +98,7 @@ class _Chunk:
     back: np.ndarray  # ns by which a row's local time is below an earlier row's of the file, else 0
     m_start: np.ndarray
     m_kind: np.ndarray  # int8: DEPTH, SNAPSHOT or TRADE
+    m_local: np.ndarray  # a message's local time, its rows' latest: the merge's key
 
     ROWS = ("line", "exch", "local", "side", "px", "qty", "ival", "snap", "back")
 
@@ -109,17 +110,21 @@ class _Chunk:
         return {k: getattr(self, k)[a:z] for k in self.ROWS}
 
 
-def _messages(rows: dict[str, np.ndarray], trades: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Message starts and kinds: a trade row is a message; a run of snapshot rows is one whatever its
-    timestamps; delta rows group per (timestamp, local_timestamp)."""
+def _message_starts(rows: dict[str, np.ndarray], trades: bool) -> np.ndarray:
+    """A trade row is a message; a run of snapshot rows is one whatever its timestamps; delta rows
+    group per (timestamp, local_timestamp)."""
     n = rows["line"].shape[0]
     if trades:
-        return np.arange(n, dtype=np.int64), np.full(n, TRADE, np.int8)
+        return np.arange(n, dtype=np.int64)
     snap, exch, local = rows["snap"], rows["exch"], rows["local"]
     new = np.ones(n, bool)
     new[1:] = (snap[1:] != snap[:-1]) | (~snap[1:] & ((exch[1:] != exch[:-1]) | (local[1:] != local[:-1])))
-    m_start = np.flatnonzero(new)
-    return m_start, snap[m_start].astype(np.int8)
+    return np.flatnonzero(new)
+
+
+def _chunk(rows: dict[str, np.ndarray], m_start: np.ndarray, trades: bool) -> _Chunk:
+    kind = np.full(m_start.shape[0], TRADE, np.int8) if trades else rows["snap"][m_start].astype(np.int8)
+    return _Chunk(**rows, m_start=m_start, m_kind=kind, m_local=np.maximum.reduceat(rows["local"], m_start))
 
 
 @njit(cache=True)
@@ -359,15 +364,14 @@ class TardisConverter:
                 max_local = max(max_local, int(rows["local"].max()))
             if pending is not None:
                 rows = {k: np.concatenate([pending[k], rows[k]]) for k in rows}
-            m_start, m_kind = _messages(rows, not book)
-            keep = rows["line"].shape[0] if src.done or not m_start.shape[0] else int(m_start[-1])
+            m_start = _message_starts(rows, not book)
+            # The last message may go on in the next block; the end of the file releases it below.
+            keep = int(m_start[-1]) if m_start.shape[0] else 0
             pending = {k: v[keep:] for k, v in rows.items()} if keep < rows["line"].shape[0] else None
-            n_msg = int(np.searchsorted(m_start, keep))
-            if n_msg:
-                yield _Chunk(**{k: v[:keep] for k, v in rows.items()}, m_start=m_start[:n_msg], m_kind=m_kind[:n_msg])
+            if keep:
+                yield _chunk({k: v[:keep] for k, v in rows.items()}, m_start[:-1], not book)
         if pending is not None:
-            m_start, m_kind = _messages(pending, not book)
-            yield _Chunk(**pending, m_start=m_start, m_kind=m_kind)
+            yield _chunk(pending, _message_starts(pending, not book), not book)
 
     # -- converting ------------------------------------------------------------------------------
 
@@ -385,16 +389,16 @@ class TardisConverter:
             if not live:
                 return
             counts = np.array([b.m_start.shape[0] if b is not None else 0 for b in bufs], np.int64)
-            m_local = np.concatenate([np.maximum.reduceat(b.local, b.m_start) for _, b in live])
-            order = _merge_nb(m_local, np.cumsum(counts), more)
-            file_of = np.searchsorted(np.cumsum(counts), order, side="right")
+            file_end = np.cumsum(counts)
+            order = _merge_nb(np.concatenate([b.m_local for _, b in live]), file_end, more)
+            file_of = np.searchsorted(file_end, order, side="right")
             taken = np.bincount(file_of, minlength=len(bufs))
             self._emit(bufs, taken, order, file_of, counts, names)
             for f, b in enumerate(bufs):
                 if b is not None and taken[f]:
                     r = int(b.m_end[taken[f] - 1])
                     bufs[f] = _Chunk(**b.rows(r, b.line.shape[0]), m_start=b.m_start[taken[f]:] - r,
-                                     m_kind=b.m_kind[taken[f]:])
+                                     m_kind=b.m_kind[taken[f]:], m_local=b.m_local[taken[f]:])
 
     def _local_backwards(self, by_ns: int, file: str, line: int, count: int) -> None:
         self.findings.add("local_ts_backwards", f"local_timestamp goes backwards (first by {by_ns / 1e6:.3f} ms); "
@@ -409,6 +413,7 @@ class TardisConverter:
         m_start = np.concatenate([b.m_start[:taken[f]] + row0[i] for i, (f, b) in enumerate(used)])
         m_end = np.concatenate([b.m_end[:taken[f]] + row0[i] for i, (f, b) in enumerate(used)])
         m_kind = np.concatenate([b.m_kind[:taken[f]] for f, b in used])
+        m_local = np.concatenate([b.m_local[:taken[f]] for f, b in used])
         m_file = np.repeat([f for f, _ in used], [int(taken[f]) for f, _ in used])
         # ``order`` indexes every buffered message; renumber it over the taken ones.
         first_msg = np.cumsum(counts) - counts
@@ -419,20 +424,20 @@ class TardisConverter:
         rows = np.arange(int(lens.sum())) - np.repeat(new_start - m_start[order], lens)
         merged = len(used) > 1
         cols = []
-        for k in ("line", "exch", "local", "side", "px", "qty", "ival", "back"):  # ``snap`` served its messages
+        # ``snap`` and ``local`` served to form the messages; a row's local time is its message's.
+        for k in ("line", "exch", "side", "px", "qty", "ival", "back"):
             col = np.concatenate([getattr(b, k)[:n] for (_, b), n in zip(used, n_rows, strict=True)])
             cols.append(col[rows] if merged else col)
-        line, exch, local, side, px, qty, ival, back = cols
-        m_kind, m_file = m_kind[order], m_file[order]
+        line, exch, side, px, qty, ival, back = cols
+        m_kind, m_file, m_local = m_kind[order], m_file[order], m_local[order]
         m_start, m_end = new_start, new_start + lens
-        m_local = np.maximum.reduceat(local, m_start)
         # A depth message's exchange time is its rows' (one timestamp); a snapshot's the latest of its rows.
         m_exch = np.where(m_kind == SNAPSHOT, np.maximum.reduceat(exch, m_start), exch[m_start])
-        row_file = np.repeat(m_file, lens)
         stepped = np.flatnonzero(back)
         if stepped.shape[0]:
             k = int(stepped[0])
-            self._local_backwards(int(back[k]), names[int(row_file[k])], int(line[k]), int(stepped.shape[0]))
+            file = names[int(m_file[np.searchsorted(m_end, k, side="right")])]
+            self._local_backwards(int(back[k]), file, int(line[k]), int(stepped.shape[0]))
 
         def where(msg: int, row: int) -> tuple[str, int]:
             return names[int(m_file[msg])], int(line[row] if row >= 0 else line[m_start[msg]])
