@@ -35,16 +35,19 @@ back to the batch process as bytes, so ``--out`` need only exist where the batch
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import itertools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,7 +363,9 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
                 raise
         record["summary"] = {k: v for k, v in result.summary.items() if k not in ("stats", "assets")}
         record["stats"] = result.summary.get("stats", {})
-        inst = _instrument(loaded, catalog if catalog is not None else engine._resolve_catalog(loaded, None))
+        if catalog is None:
+            catalog = engine.resolve_catalog(loaded.file.parent, loaded.config.data.catalog, None)
+        inst = _instrument(loaded, catalog)
         record["instrument"] = inst
         record["diagnostics"] = diagnostics(result.record_ts, _frame(result), record["summary"], inst)
     except Exception as exc:  # a plugin may raise anything; the batch records it and goes on
@@ -481,7 +486,32 @@ class RayWorker:
         return record, files
 
 
+@contextmanager
+def interpreter_kept() -> Iterator[None]:
+    """Put back the process-wide hooks that ``ray.init``/``ray.shutdown`` replace.
+
+    Ray 2.60 leaves ``sys.excepthook`` and the SIGINT/SIGTERM handlers replaced after shutdown, and,
+    when it forwards worker logs, ``builtins.print`` too; numba then fails to compile any function
+    that calls ``print`` (hftbacktest's converters) for the rest of the process.
+    """
+    saved_print, saved_hook = builtins.print, sys.excepthook
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        builtins.print, sys.excepthook = saved_print, saved_hook
+        if threading.current_thread() is threading.main_thread():  # only there may handlers be set
+            for s, handler in saved_signals.items():
+                if handler is not None:  # None: set outside Python, cannot be put back from here
+                    signal.signal(s, handler)
+
+
 def _ray_executor(tasks: list[dict[str, Any]], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
+    with interpreter_kept():
+        yield from _ray_tasks(tasks, workers, address)
+
+
+def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
     try:
         import ray
     except ImportError:
@@ -518,7 +548,7 @@ def _ray_executor(tasks: list[dict[str, Any]], workers: int, address: str | None
                 continue
             out = Path(task["artifacts"])
             for name, data in files.items():
-                cat._atomic_write_bytes(out / name, lambda fh, d=data: fh.write(d))
+                cat.atomic_write_bytes(out / name, lambda fh, d=data: fh.write(d))
             submit(actor)
             yield record
     finally:
@@ -584,7 +614,7 @@ def write_results(out: str | Path) -> Path:
     df = pl.DataFrame({c: pl.Series(c, v, strict=False) for c, v in data.items()}) if rows else pl.DataFrame(
         {"run_id": pl.Series([], dtype=pl.String)})
     path = out / "results.parquet"
-    cat._atomic_write_bytes(path, lambda fh: df.write_parquet(fh))
+    cat.atomic_write_bytes(path, lambda fh: df.write_parquet(fh))
     return path
 
 

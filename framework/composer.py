@@ -109,7 +109,8 @@ def _module_source(modname: str) -> str:
         return modname
 
 
-def _kernel_imports(parts: list[Part]) -> tuple[list[str], dict[int, str]]:
+def kernel_imports(parts: list[Part]) -> tuple[list[str], dict[int, str]]:
+    """The import lines of the parts' kernels, and for each part the alias its kernel is called by."""
     lines, alias = [], {}
     seen: dict[tuple[str, str], str] = {}
     for i, part in enumerate(parts):
@@ -129,7 +130,7 @@ def generate_source(
     parts = [*fair_values, *signals, *risks, quoter]
     if len(parts) > L.MAX_COMPONENTS:
         raise ConfigError(f"a strategy may use at most {L.MAX_COMPONENTS} components, got {len(parts)}")
-    imports, alias = _kernel_imports(parts)
+    imports, alias = kernel_imports(parts)
     n_fv, n_sig = len(fair_values), len(signals)
     header = n_fv + HEADER_PER_SIGNAL * n_sig
     p_off, s_off = header, 0
@@ -212,7 +213,7 @@ def compose(
     params = np.concatenate([np.asarray(header, dtype=np.float64), *packed]) if parts else np.zeros(0)
     state = np.concatenate([np.zeros(0), *states])
     source = generate_source(fair_values, signals, risks, quoter, [len(x) for x in packed], [len(s) for s in states])
-    module = _load_module(source, sorted({p.component.kernel_ref[0] for p in parts}))
+    module = load_module(source, sorted({p.component.kernel_ref[0] for p in parts}))
     names = tuple(f"{p.where} ({p.component.role} {p.component.name!r})" for p in parts)
     return Composition(module.strategy, params, state, names, module.__name__, source)
 
@@ -246,7 +247,12 @@ def _is_project_module(name: str) -> bool:
         top not in sys.stdlib_module_names
 
 
-def _load_module(source: str, plugin_modules: list[str]):
+def load_module(source: str, plugin_modules: list[str]):
+    """Import generated kernel ``source`` as a real module file, so numba's disk cache can hit across processes.
+
+    The file name hashes the source with every plugin kernel module it inlines and the versions that
+    change code generation, since numba checks a cached function only against its own file.
+    """
     h = hashlib.sha256()
     h.update(source.encode())
     for m in kernel_modules(plugin_modules):

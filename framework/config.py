@@ -151,7 +151,9 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors and a validated value is frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -176,7 +178,7 @@ def expand_dates(spec: Any) -> list[str]:
     return [_parse_day(s)]
 
 
-class AssetData(_Model):
+class AssetData(StrictModel):
     venue: str | None = None
     symbol: str | None = None
     dates: list[str] | None = None
@@ -192,23 +194,23 @@ class AssetData(_Model):
         return None if v is None else expand_dates(v if isinstance(v, list) else v)
 
 
-class DataSection(_Model):
+class DataSection(StrictModel):
     catalog: str | None = None
     quote: str = Field(description="Name of the asset the strategy quotes.")
     assets: dict[str, AssetData]
 
 
-class Latency(_Model):
+class Latency(StrictModel):
     entry: Seconds = 0.01
     response: Seconds = 0.01
 
 
-class Fees(_Model):
+class Fees(StrictModel):
     maker: float = -0.00005
     taker: float = 0.0007
 
 
-class AssetEngine(_Model):
+class AssetEngine(StrictModel):
     latency: Latency = Latency()
     queue: Literal["risk_adverse", "log_prob", "power_prob2", "power_prob3"] = "risk_adverse"
     partial_fills: bool = False
@@ -216,7 +218,7 @@ class AssetEngine(_Model):
     last_trades_capacity: int = Field(10000, ge=1)
 
 
-class EngineSection(_Model):
+class EngineSection(StrictModel):
     mode: Literal["step", "event"] = "step"
     step: Seconds = 0.1
     origin: str | int = "quoted"
@@ -239,7 +241,7 @@ class Alpha(NamedTuple):
     spreads: float = 0.0
 
 
-class PartSpec(_Model):
+class PartSpec(StrictModel):
     kind: str
     params: dict[str, Any] = {}
     weight: float = 1.0
@@ -260,7 +262,7 @@ class PartSpec(_Model):
         return v
 
 
-class StrategyConfig(_Model):
+class StrategyConfig(StrictModel):
     name: str = "strategy"
     description: str = ""
     plugins: list[str] = []

@@ -22,12 +22,12 @@ from pydantic import Field, field_validator
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
-from quotelab.composer import HEADER_PER_SIGNAL, _kernel_imports, _load_module, forecast_term, signal_header
+from quotelab.composer import HEADER_PER_SIGNAL, forecast_term, kernel_imports, load_module, signal_header
 from quotelab.config import (
     Alpha,
     DataSection,
     PartSpec,
-    _Model,
+    StrictModel,
     check_component_inputs,
     check_data_section,
     fmt_path,
@@ -53,14 +53,14 @@ GRID_ONLY = frozenset({"step", "horizons", "imbalance_buckets", "spread_buckets"
 TRADES_ONLY = frozenset({"aggregate_trades"})
 
 
-class EstimatorSpec(_Model):
+class EstimatorSpec(StrictModel):
     name: str
     fair_value: list[PartSpec]
     forecast: list[PartSpec] = []
     note: str = Field("", description="Carried into the output rows, e.g. a convention of the estimator's source.")
 
 
-class EvalConfig(_Model):
+class EvalConfig(StrictModel):
     name: str = "evaluation"
     description: str = ""
     plugins: list[str] = []
@@ -111,7 +111,7 @@ class _BankPart:
 
 def _bank_source(estimators: list[list[_BankPart]], pack_sizes: list[int], state_sizes: list[int]) -> str:
     flat = [p for est in estimators for p in est]
-    imports, alias = _kernel_imports(flat)  # type: ignore[arg-type]
+    imports, alias = kernel_imports(flat)  # type: ignore[arg-type]
     body = [
         "    q = int(params[0])",
         "    bb = view[q, BEST_BID]",
@@ -187,7 +187,7 @@ def build_bank(estimators: list[list[_BankPart]], ctx: PackContext, quoted: int)
             states.append(np.asarray(p.component.state(p.params), dtype=np.float64))
     source = _bank_source(estimators, packed_all, [len(s) for s in states])
     modules = sorted({p.component.kernel_ref[0] for est in estimators for p in est})
-    module = _load_module(source, modules)
+    module = load_module(source, modules)
     state = np.concatenate([np.zeros(0), *states])
     return module.strategy, np.asarray(params, dtype=np.float64), state
 

@@ -220,7 +220,7 @@ def check_signal(
 ) -> CheckResult:
     """Replay ``assets`` once, calling the kernel signal ``name`` and the Python signal ``py:name`` at every
     step with identical inputs; compare their values."""
-    from quotelab.composer import _load_module
+    from quotelab.composer import load_module
     from quotelab.replay import context, replay
 
     kernel = _twin(registry, "signal", name, f"no kernel signal {name!r} is registered")
@@ -241,7 +241,7 @@ def check_signal(
     sk = np.asarray(kernel.state(p_kernel), dtype=np.float64)
     sp = np.asarray(python.state(p_python), dtype=np.float64)
     source = twin_source(kernel.kernel_ref, python.kernel_ref, len(sk), len(sp), len(pk), len(pp))
-    module = _load_module(source, sorted({kernel.kernel_ref[0], python.kernel_ref[0]}))
+    module = load_module(source, sorted({kernel.kernel_ref[0], python.kernel_ref[0]}))
     rk, rp = kernel.reads(p_kernel), python.reads(p_python)
     ready = sorted({ctx.asset_index[a] for a in (*rk.assets, *rp.assets)} | {quoted})
     res = replay(assets, module.strategy, np.concatenate([pk, pp]), np.concatenate([sk, sp]), quoted=quoted,

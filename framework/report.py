@@ -390,10 +390,10 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
             f"<style>{_CSS}</style></head><body><h1>quotelab batch report</h1>"
             f"<p class=note>{html.escape(str(results_dir.resolve()))}</p>{''.join(sections)}"
             f"<script>{_SORT_JS}</script></body></html>")
-    from quotelab.data.catalog import _atomic_write_bytes
+    from quotelab.data.catalog import atomic_write_bytes
 
     path = out / "index.html"
-    _atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
+    atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
     return path
 
 

@@ -37,7 +37,7 @@ from quotelab.config import (
     DataSection,
     PartSpec,
     Path_,
-    _Model,
+    StrictModel,
     check_data_section,
     fmt_path,
     line_of,
@@ -62,7 +62,7 @@ MODEL_FILE_VERSION = 1
 # ------------------------------------------------------------------------------------------------
 
 
-class FeatureSpec(_Model):
+class FeatureSpec(StrictModel):
     """A strategy's ``forecast`` item without ``alpha``: any registered signal kernel."""
 
     kind: str
@@ -70,7 +70,7 @@ class FeatureSpec(_Model):
     name: str | None = None
 
 
-class ExternalSpec(_Model):
+class ExternalSpec(StrictModel):
     """A series from a file (e.g. another venue's mid), resampled onto the grid."""
 
     name: str
@@ -81,15 +81,15 @@ class ExternalSpec(_Model):
     horizon: int = Field(1, ge=1, description="Steps of the log return (bps) when transform is log_return.")
 
 
-class GridSpec(_Model):
+class GridSpec(StrictModel):
     step: Seconds = 0.1
 
 
-class TargetSpec(_Model):
+class TargetSpec(StrictModel):
     horizon: Seconds = 1.0
 
 
-class ModelSpec(_Model):
+class ModelSpec(StrictModel):
     kind: Literal["linear", "ridge", "rolling_linear", "ensemble", "gradient_boosting"] = "linear"
     file: str | None = Field(None, description="Apply a model written by an earlier run instead of fitting.")
     alpha: float = Field(1.0, ge=0, description="Ridge penalty.")
@@ -102,25 +102,25 @@ class ModelSpec(_Model):
     seed: int = 0
 
 
-class ValidationSpec(_Model):
+class ValidationSpec(StrictModel):
     folds: int = Field(5, ge=1)
     purge: Seconds | None = Field(None, description="Gap between training targets and a test block; >= horizon.")
     causality_check: bool = True
 
 
-class TransferSpec(_Model):
+class TransferSpec(StrictModel):
     name: str
     catalog: str | None = None
     quote: str | None = None
     assets: dict[str, AssetData]
 
 
-class ExportSpec(_Model):
+class ExportSpec(StrictModel):
     fair_values: int = Field(1, ge=1, description="Fair-value entries of the strategy the forecast is pasted into.")
     latency: Seconds = Field(0.0, ge=0, description="A precomputed value is usable only after timestamp + latency.")
 
 
-class TrainConfig(_Model):
+class TrainConfig(StrictModel):
     name: str = "train"
     description: str = ""
     plugins: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,18 @@ SHARED_DATA = Path(os.environ.get("QUOTELAB_DATA", REPO.parent / "shared" / "dat
 
 def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# CI tests a fresh machine: compiled kernels and converted reference data start empty instead of
+# coming from a warm ~/.cache/quotelab. Set before numba is imported; subprocesses inherit it.
+if _ci():
+    for _var in ("QUOTELAB_CACHE", "NUMBA_CACHE_DIR"):
+        os.environ.setdefault(_var, tempfile.mkdtemp(prefix=f"ci-{_var.lower()}-"))
+
+
+def pytest_report_header() -> list[str]:
+    return [f"quotelab data: {SHARED_DATA}", *(f"{v}: {os.environ[v]}" for v in ("QUOTELAB_CACHE", "NUMBA_CACHE_DIR")
+                                             if v in os.environ)]
 
 
 @pytest.fixture(scope="session")

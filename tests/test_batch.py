@@ -150,15 +150,79 @@ def test_one_and_two_workers_identical(tmp_path: Path, catalog: Path) -> None:
 
 
 def test_ray_local_cluster_matches_local_pool(tmp_path: Path, catalog: Path) -> None:
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     f = write_batch(tmp_path / "b.yaml")
     run_batch(f, tmp_path / "local", catalog=catalog, workers=1)
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        s = run_batch(f, tmp_path / "ray", catalog=catalog, workers=2, executor="ray")
-    finally:
-        ray.shutdown()
+    s = run_batch(f, tmp_path / "ray", catalog=catalog, workers=2, executor="ray")  # starts and stops its own Ray
     assert s.done == 4
     assert comparable(tmp_path / "ray") == comparable(tmp_path / "local")
     assert all((tmp_path / "ray" / "runs" / r.run_id / "series.parquet").exists()
                for r in load_batch(f, catalog).runs)
+
+
+def test_batch_over_files_assets_without_catalog_records_runs_done(tmp_path: Path, catalog: Path) -> None:
+    day = next((catalog / "synthetic" / "SYNPERP").glob("*.npz"))
+    (tmp_path / "b.yaml").write_text(f"""\
+strategy:
+  name: from_files
+  data:
+    quote: q
+    assets:
+      q: {{files: ["{day}"], tick_size: 0.1, lot_size: 0.001}}
+  engine:
+    step: 100ms
+  fair_value:
+    - kind: mid
+  quoter:
+    kind: fixed_spread
+    params: {{half_spread: 2, size: 0.01, max_position: 0.1}}
+matrix:
+  params:
+    quoter.params.half_spread: [1, 2]
+""")
+    s = run_batch(tmp_path / "b.yaml", tmp_path / "out", workers=1)
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("runs/*/record.json")]
+    assert [r["error"] for r in recs] == [None, None]
+    assert s.done == 2 and s.failed == 0
+    assert all(r["instrument"]["tick_size"] == 0.1 for r in recs)
+    assert all(r["summary"]["num_trades"] > 0 for r in recs)
+
+
+RAY_THEN_CONVERT = """\
+import builtins, gzip, signal, sys
+from pathlib import Path
+from quotelab.batch import run_batch
+
+def state():
+    return (builtins.print, sys.excepthook, signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+
+before = state()
+s = run_batch(sys.argv[1], sys.argv[2], catalog=sys.argv[3], workers=1, executor="ray")
+assert s.done == 4, s
+changed = [name for name, a, b in zip(("print", "excepthook", "SIGINT", "SIGTERM"), before, state()) if a is not b]
+assert not changed, f"left replaced after the Ray batch: {changed}"
+
+# hftbacktest's converter compiles njit helpers that call print: fresh NUMBA_CACHE_DIR, so it compiles here
+from hftbacktest.data.utils import binancefutures
+small = Path(sys.argv[2]) / "small.gz"
+with gzip.open(sys.argv[4], "rt") as src, gzip.open(small, "wt") as dst:
+    for _, line in zip(range(5000), src):
+        dst.write(line)
+rows = binancefutures.convert(str(small), buffer_size=100_000)
+assert len(rows) > 1000
+print("converted", len(rows))
+"""
+
+
+def test_ray_batch_leaves_the_interpreter_as_found_and_a_convert_compiles_after(
+        tmp_path: Path, catalog: Path, shared_data: Path) -> None:
+    """In one process: a Ray batch, then hftbacktest's Binance converter, compiled fresh by numba."""
+    pytest.importorskip("ray")
+    script = tmp_path / "ray_then_convert.py"
+    script.write_text(RAY_THEN_CONVERT)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    r = subprocess.run([sys.executable, str(script), str(write_batch(tmp_path / "b.yaml")), str(tmp_path / "out"),
+                        str(catalog), str(shared_data / "binance" / "usdm" / "btcusdt_20240808.gz")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "converted" in r.stdout

@@ -100,3 +100,15 @@ def test_writing_plugins_guide_names_real_commands_files_and_hooks():
                                      "entry-points.quotelab", "@njit(inline=\"always\")"])
 def test_writing_plugins_guide_covers(section):
     assert section in GUIDE.read_text()
+
+
+def test_ci_runs_exactly_the_readmes_test_command_with_the_pinned_set() -> None:
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert blocks[1] == ci_command
+    assert "-c constraints.txt" in blocks[0] and "-c constraints.txt" in ci_command
+    assert "--no-cache-dir" in ci_command and "venv --clear" in ci_command
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
+    for name in ("numpy", "numba", "llvmlite", "hftbacktest", "polars", "ray"):
+        assert importlib.metadata.version(name) == pins[name], f"{name} installed differs from constraints.txt"

@@ -50,7 +50,7 @@ def day_path(catalog: Path | str, venue: str, symbol: str, day: str) -> Path:
     return symbol_dir(catalog, venue, symbol) / f"{day}.npz"
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
+def atomic_write_bytes(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -66,7 +66,7 @@ def _atomic_write_bytes(path: Path, write: Any) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 COMPRESSIONS: tuple[str, ...] = ("deflate", "none")
@@ -101,7 +101,7 @@ def write_event_npz(path: Path, rows: int, write_body: Callable[[IO[bytes]], Non
                 np.lib.format.write_array_header_1_0(fid, header)
                 write_body(fid)
 
-    _atomic_write_bytes(path, write)
+    atomic_write_bytes(path, write)
 
 
 def write_day(catalog: Path | str, venue: str, symbol: str, day: str, events: np.ndarray,
