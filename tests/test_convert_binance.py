@@ -287,3 +287,23 @@ def test_overrides_are_used_recorded_and_checked(shared_data: Path, tmp_path: Pa
 def test_unknown_format_lists_known_ones(tmp_path: Path) -> None:
     r = run_cli("convert", "--format", "binance-options", "--symbol", "X", "--catalog", tmp_path, __file__)
     assert r.returncode == 2 and "binance-usdm" in r.stderr and "binance-spot" in r.stderr
+
+
+@pytest.mark.parametrize("key", [f"{w[0]}/{w[1]}" for w in WINDOWS])
+def test_every_price_and_quantity_is_the_decimal_the_exchange_sent(converted: dict[str, Any], key: str) -> None:
+    from decimal import Decimal
+
+    summary, _, tick = converted["runs"][key]
+    for info in summary["days"].values():
+        ev = np.load(info["file"])["data"]
+        priced = (ev["ev"] & 0xFF) != DEPTH_CLEAR_EVENT
+        # Prices on the tick grid; quantities as sent, to at most 8 decimals (spot sends finer than its lot).
+        for col, step in (("px", Decimal(repr(tick))), ("qty", Decimal("1e-8"))):
+            values = np.unique(ev[col][priced])
+            k = np.rint(values / float(step)).astype(np.int64)
+            # One double per level: a snapshot row and a depth row of the same level agree bit for bit.
+            assert len(np.unique(k)) == len(values), f"{key} {col}: levels stored as two different doubles"
+            # ... and it is the double nearest the decimal, computed a second way through Decimal.
+            want = np.array([float(Decimal(int(i)) * step) for i in k.tolist()])
+            bad = values != want
+            assert not bad.any(), f"{key} {col}: {values[bad][:3]} should be {want[bad][:3]}"

@@ -42,6 +42,29 @@ BLK = 1 << BLK_SHIFT
 BLK_MASK = BLK - 1
 
 
+def decimal_tick(tick_size: float) -> tuple[float, float]:
+    """``(m, s)``, whole ``m`` and ``s = 10**d`` for the fewest decimals ``d`` with ``m / s == tick_size``
+    (0.1 -> (1, 10), 0.25 -> (25, 100)); ``(tick_size, 1)`` for a tick no decimal writes.
+
+    A price ``k`` ticks up is then ``(k*m)/s`` (:func:`tick_prices`): ``k*m`` is exact below 2**53 and
+    one correctly rounded division gives the double nearest the decimal price, the double ``float()``
+    gives the exchange's text. ``k*tick`` can land an ulp away (61800.200000000004 for 61800.2), and a
+    reader keying levels by price then sees two levels where there is one.
+    """
+    for d in range(16):
+        s = 10.0 ** d
+        m = round(tick_size * s)
+        if m > 0 and m / s == tick_size:
+            return float(m), s
+    return float(tick_size), 1.0
+
+
+def tick_prices(ticks: np.ndarray | int, tick_size: float) -> np.ndarray:
+    """The prices of ``ticks`` as the exchange writes them (see :func:`decimal_tick`)."""
+    m, s = decimal_tick(tick_size)
+    return (np.asarray(ticks, dtype=np.float64) * m) / s
+
+
 def day_of(ts_ns: int) -> str:
     return np.datetime64(int(ts_ns) // DAY_NS * DAY_NS, "ns").astype("datetime64[D]").astype(str).replace("-", "")
 
@@ -305,14 +328,14 @@ class DenseBook:
         rows["local_ts"] = local_ts
         rows["ival"] = self.last_id
         rows[0]["ev"] = DEPTH_CLEAR_EVENT | BUY_EVENT
-        rows[0]["px"] = bt[-1] * tick if nb else 0.0
+        rows[0]["px"] = tick_prices(bt[-1], tick) if nb else 0.0
         rows["ev"][1:nb + 1] = DEPTH_SNAPSHOT_EVENT | BUY_EVENT
-        rows["px"][1:nb + 1] = bt * tick
+        rows["px"][1:nb + 1] = tick_prices(bt, tick)
         rows["qty"][1:nb + 1] = bq
         rows[nb + 1]["ev"] = DEPTH_CLEAR_EVENT | SELL_EVENT
-        rows[nb + 1]["px"] = at[-1] * tick if at.shape[0] else 0.0
+        rows[nb + 1]["px"] = tick_prices(at[-1], tick) if at.shape[0] else 0.0
         rows["ev"][nb + 2:] = DEPTH_SNAPSHOT_EVENT | SELL_EVENT
-        rows["px"][nb + 2:] = at * tick
+        rows["px"][nb + 2:] = tick_prices(at, tick)
         rows["qty"][nb + 2:] = aq
         return rows
 

@@ -16,7 +16,16 @@ import orjson
 from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
 from numba import njit
 
-from quotelab.data.events import DAY_NS, MAX_BOOK_TICKS, ConvertJob, DaySplitter, DenseBook, Findings
+from quotelab.data.events import (
+    DAY_NS,
+    MAX_BOOK_TICKS,
+    ConvertJob,
+    DaySplitter,
+    DenseBook,
+    Findings,
+    decimal_tick,
+    tick_prices,
+)
 from quotelab.errors import DataError
 
 try:
@@ -156,7 +165,7 @@ def _off_grid_nb(px, qty, tick, lot):
 
 @njit(cache=True, nogil=True)
 def _block_rows_nb(rows, d_side, d_tick, d_qty, d_end, lat_exch, lat_local, is_trade, m_end, m_exch, m_local, side,
-                   px, qty, exch, ival, tick_size, has_base, base, max_span, evs):
+                   px, qty, exch, ival, tick_size, tick_m, tick_s, has_base, base, max_span, evs):
     """One pass over a block's rows: the event rows, the depth levels for the book, one latency sample per
     depth message and per trade, and the first depth row that would stretch the book past ``max_span``."""
     j = nd = ndm = n_lat = 0
@@ -188,7 +197,7 @@ def _block_rows_nb(rows, d_side, d_tick, d_qty, d_end, lat_exch, lat_local, is_t
                 t = np.int64(np.rint(px[j] / tick_size))
                 r.ev = evs[2] if buy else evs[3]
                 r.exch_ts = m_exch[k]
-                r.px = t * tick_size
+                r.px = (t * tick_m) / tick_s  # the decimal price (events.decimal_tick)
                 d_side[nd] = side[j]
                 d_tick[nd] = t
                 d_qty[nd] = qty[j]
@@ -295,9 +304,9 @@ class MessageFeed:
         bid_clear, ask_clear = np.flatnonzero(clear)
         # hftbacktest clears a side from its best level down to `px`: reach the old book's far end too.
         if old_bt.shape[0]:
-            rows["px"][bid_clear] = min(rows["px"][bid_clear], old_bt[-1] * self.tick)
+            rows["px"][bid_clear] = min(rows["px"][bid_clear], float(tick_prices(old_bt[-1], self.tick)))
         if old_at.shape[0]:
-            rows["px"][ask_clear] = max(rows["px"][ask_clear], old_at[-1] * self.tick)
+            rows["px"][ask_clear] = max(rows["px"][ask_clear], float(tick_prices(old_at[-1], self.tick)))
         self.split.add_rows(d, rows, np.array([exch]), np.array([local]))
 
     def depth(self, side: np.ndarray, px: np.ndarray, qty: np.ndarray, exch: int, local: int, ival: int,
@@ -322,7 +331,7 @@ class MessageFeed:
         rows["ev"] = np.where(side > 0, DEPTH_EVENT | BUY_EVENT, DEPTH_EVENT | SELL_EVENT)
         rows["exch_ts"] = exch
         rows["local_ts"] = local
-        rows["px"] = tick * self.tick
+        rows["px"] = tick_prices(tick, self.tick)
         rows["qty"] = qty
         rows["ival"] = ival
         self.book.last_id = ival
@@ -425,8 +434,9 @@ class MessageFeed:
         d_end = np.empty(depth_msgs.shape[0], np.int64)
         lat_exch, lat_local = np.empty(n, np.int64), np.empty(n, np.int64)
         nd, n_lat, wide = _block_rows_nb(rows, d_side, d_tick, d_qty, d_end, lat_exch, lat_local, is_trade, m_end,
-                                         m_exch, m_local, side, px, qty, exch, ival, self.tick, self.book.pages > 0,
-                                         self.book.base, MAX_BOOK_TICKS, _EVS)
+                                         m_exch, m_local, side, px, qty, exch, ival, self.tick,
+                                         *decimal_tick(self.tick), self.book.pages > 0, self.book.base,
+                                         MAX_BOOK_TICKS, _EVS)
         if depth_msgs.shape[0]:
             at = where(int(np.searchsorted(m_end, wide, side="right")), wide) if wide >= 0 else where(first, -1)
             self.book.apply(d_side[:nd], d_tick[:nd], d_qty[:nd], d_end, f"{at[0]}:{at[1]}")
