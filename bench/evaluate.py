@@ -217,7 +217,7 @@ def bench_seed_study(label: str, catalog: Path, venue: str, symbol: str, dates: 
         t_eval.append(time.perf_counter() - t)
         t_replay.append(res.summary["replay_seconds"])
         t = time.perf_counter()
-        ref = study_table(trades, depths)
+        ref = study_table(trades, depths, meta["tick_size"])
         t_pandas.append(time.perf_counter() - t)
     same = all(r["n"] == ref.loc[r["estimator"], "n"] and abs(r["sse"] - ref.loc[r["estimator"], "sse"])
                <= 1e-9 * abs(ref.loc[r["estimator"], "sse"]) for r in res.rows)

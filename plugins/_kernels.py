@@ -77,6 +77,13 @@ def imbalance_shape_nb(shape, imb, coefs, inner):
 
 
 @njit(inline="always")
+def level_imbalance_nb(qb, qa, empty):
+    """(Qb − Qa)/(Qb + Qa); ``empty`` (0, or NaN for undefined as pandas' 0/0) on an empty level."""
+    s = qb + qa
+    return (qb - qa) / s if s > 0.0 else empty
+
+
+@njit(inline="always")
 def ewma_variance_nb(state, mid, dt, half_life):
     """Update ``state = [previous mid, variance rate]`` with this step's mid; return σ.
 
@@ -115,13 +122,32 @@ def write_quotes_nb(view, a, out, bid_px, ask_px, size, levels, spacing, max_pos
     out[MAX_POSITION] = max_position
 
 
+TRADE_FLOW_WEIGHTS = 8  # first of the four weight-sum slots of the trade-flow state
+TRADE_FLOW_STATE_SIZE = 12
+
+
 @njit(inline="always")
-def trade_flow_update_nb(view, trades, a, state, alpha, side_sign):
+def _ewma_step_nb(state, i, w, x, alpha, adjust):
+    # adjust: pandas' default ewm(adjust=True), the weighted mean of all observations with weights
+    # (1-alpha)^age, which is the recursive form with gain 1/w, w = 1 + (1-alpha)·w_prev.
+    if state[i] == state[i]:
+        w1 = 1.0 + (1.0 - alpha) * state[w]
+        g = 1.0 / w1 if adjust else alpha
+        state[i] += g * (x - state[i])
+        state[w] = w1
+    else:
+        state[i] = x
+        state[w] = 1.0
+
+
+@njit(inline="always")
+def trade_flow_update_nb(view, trades, a, state, alpha, side_sign, adjust):
     """Fold this step's trades into per-side EWMAs.
 
     ``state`` = [last time buy, last time sell, interval EWMA buy, interval EWMA sell,
-    qty EWMA buy, qty EWMA sell]; NaN until observed. A trade is a buy when
-    ``TR_SIDE * side_sign > 0`` (side_sign -1 takes the seller-initiated trades as buys).
+    qty EWMA buy, qty EWMA sell, (2 volume-rate slots), and the four EWMAs' weight sums]; NaN until
+    observed. A trade is a buy when ``TR_SIDE * side_sign > 0`` (side_sign -1 takes the
+    seller-initiated trades as buys). ``adjust`` selects pandas' adjusted EWMA over the recursive one.
     """
     for k in range(int(view[a, N_TRADES])):
         t = trades[a, k, TR_TIME]
@@ -129,16 +155,9 @@ def trade_flow_update_nb(view, trades, a, state, alpha, side_sign):
         s = 0 if trades[a, k, TR_SIDE] * side_sign > 0.0 else 1
         last = state[s]
         if last == last:
-            iv = t - last
-            if state[2 + s] == state[2 + s]:
-                state[2 + s] = alpha * iv + (1.0 - alpha) * state[2 + s]
-            else:
-                state[2 + s] = iv
+            _ewma_step_nb(state, 2 + s, TRADE_FLOW_WEIGHTS + s, t - last, alpha, adjust)
         state[s] = t
-        if state[4 + s] == state[4 + s]:
-            state[4 + s] = alpha * q + (1.0 - alpha) * state[4 + s]
-        else:
-            state[4 + s] = q
+        _ewma_step_nb(state, 4 + s, TRADE_FLOW_WEIGHTS + 2 + s, q, alpha, adjust)
 
 
 @njit(inline="always")

@@ -16,8 +16,16 @@ from pydantic import Field, field_validator
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, Reads
 from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
-from quotelab.plugins._kernels import trade_flow_update_nb, trade_flow_value_nb
-from quotelab.plugins.trade_flow_imbalance import SIDES, WARMUP_DOC, WARMUPS, Warmup, trade_flow_state
+from quotelab.plugins._kernels import level_imbalance_nb, trade_flow_update_nb, trade_flow_value_nb
+from quotelab.plugins.trade_flow_imbalance import (
+    ADJUST_DOC,
+    SIDES,
+    WARMUP_DOC,
+    WARMUPS,
+    Warmup,
+    trade_flow_state,
+)
+from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, EMPTY_LEVELS, EmptyLevel
 
 
 class CompositeImbalanceParams(Params):
@@ -29,6 +37,8 @@ class CompositeImbalanceParams(Params):
     alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of each new trade (VI).")
     side: Literal["aggressor", "buyer_is_maker"] = Field("aggressor", description="Which trades count as buys.")
     warmup: Warmup = Field("zero", description=WARMUP_DOC)
+    adjust: bool = Field(False, description=ADJUST_DOC)
+    empty_level: EmptyLevel = Field("zero", description=EMPTY_LEVEL_DOC)
 
     @field_validator("weights")
     @classmethod
@@ -41,21 +51,19 @@ class CompositeImbalanceParams(Params):
 def _pack(p: CompositeImbalanceParams, ctx: PackContext) -> list[float]:
     w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
     return [float(ctx.asset_index[p.asset]), p.vi_weight, p.book_weight, p.exponent, p.alpha, SIDES[p.side],
-            WARMUPS[p.warmup], float(len(p.weights)), *w]
+            WARMUPS[p.warmup], float(len(p.weights)), *w, float(p.adjust), EMPTY_LEVELS[p.empty_level]]
 
 
 @njit(inline="always")
 def composite_imbalance_nb(view, trades, state, params, out):
     a = int(params[0])
     vi = trade_flow_value_nb(state, 2, params[6])
-    trade_flow_update_nb(view, trades, a, state, params[4], params[5])
+    trade_flow_update_nb(view, trades, a, state, params[4], params[5], params[8 + MAX_LEVELS] != 0.0)
     book = 0.0
     for i in range(int(params[7])):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
-        s = qb + qa
-        if s > 0.0:
-            book += params[8 + i] * (qb - qa) / s
+        book += params[8 + i] * level_imbalance_nb(qb, qa, params[9 + MAX_LEVELS])
     p = params[3]
     powered = book ** p if p == np.floor(p) else np.sign(book) * np.abs(book) ** p
     return params[1] * vi + params[2] * powered

@@ -1,7 +1,8 @@
 """``multi_level_imbalance_mid``: mid + spread · f(Σ wᵢ Iᵢ), the imbalances of depth levels 1..n combined.
 
 ``factor_weights`` weights the levels differently inside the second factor of the two-factor shapes
-(nonic B·(B'⁸+1)/4, cubic_linear, shifted): the seed study's adjust_mid_price_8 did exactly that.
+(nonic, cubic_linear, shifted): the seed study's adjust_mid_price_8 is the shifted shape with
+0.7/0.2/0.1 in its first factor and 0.7/0.3/0.1 in its second.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, Reads
 from quotelab.layout import ASK_SZ, BEST_ASK, BEST_BID, BID_SZ, MAX_LEVELS
-from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb
-from quotelab.plugins.weighted_mid import Shape, pack_shape
+from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb, level_imbalance_nb
+from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, EMPTY_LEVELS, EmptyLevel, Shape, pack_shape
 
 
 class MultiLevelImbalanceMidParams(Params):
@@ -24,6 +25,7 @@ class MultiLevelImbalanceMidParams(Params):
     factor_weights: tuple[float, ...] | None = Field(
         None, description="Level weights inside the second factor of nonic, cubic_linear or shifted (default: weights)."
     )
+    empty_level: EmptyLevel = Field("zero", description=EMPTY_LEVEL_DOC)
 
     @field_validator("weights")
     @classmethod
@@ -49,7 +51,8 @@ def _pack(p: MultiLevelImbalanceMidParams, ctx: PackContext) -> list[float]:
     pad = [0.0] * (MAX_LEVELS - len(p.weights))
     inner = p.weights if p.factor_weights is None else p.factor_weights
     return [float(ctx.asset_index[p.asset]), float(len(p.weights)), *p.weights, *pad, *inner, *pad,
-            *pack_shape(p.shape, p.coefficients)]
+            *pack_shape(p.shape, p.coefficients),
+            EMPTY_LEVELS[p.empty_level]]
 
 
 @njit(inline="always")
@@ -61,10 +64,9 @@ def multi_level_imbalance_mid_nb(view, trades, state, params, out):
     for i in range(n):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
-        s = qb + qa
-        if s > 0.0:
-            imb += params[2 + i] * (qb - qa) / s
-            inner += params[2 + MAX_LEVELS + i] * (qb - qa) / s
+        x = level_imbalance_nb(qb, qa, params[3 + 2 * MAX_LEVELS + MAX_COEFFICIENTS])
+        imb += params[2 + i] * x
+        inner += params[2 + MAX_LEVELS + i] * x
     j = 2 + 2 * MAX_LEVELS
     bid = view[a, BEST_BID]
     ask = view[a, BEST_ASK]

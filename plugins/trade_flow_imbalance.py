@@ -1,7 +1,9 @@
 """``trade_flow_imbalance``: per-side EWMAs of trade intervals and sizes → OI, QI, VI or arrival rate.
 
 For each side, every trade updates ``interval ← α·(t − t_prev same side) + (1−α)·interval`` and
-``size ← α·qty + (1−α)·size`` (each starts at its first observation). With λ = 1/interval:
+``size ← α·qty + (1−α)·size`` (each starts at its first observation). ``adjust: true`` takes pandas'
+default ``ewm(alpha).mean()`` instead (the seed study's): the mean of all the side's observations so
+far weighted by (1−α)^age, which gives the first observations less pull than the recursive form. With λ = 1/interval:
 OI = (λb − λs)/(λb + λs), QI = (Qb − Qs)/(Qb + Qs), VI = (λbQb − λsQs)/(λbQb + λsQs); 0 until both
 sides have a positive interval (``warmup: undefined``: NaN instead, so that evaluate leaves those
 rows out, as the seed study's NaNs did). ``lag: 1`` returns the value as of the previous step (the seed
@@ -27,12 +29,14 @@ from pydantic import Field
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, Reads
 from quotelab.layout import N_TRADES, STEP_SECONDS, TR_QTY, TR_SIDE
-from quotelab.plugins._kernels import trade_flow_update_nb, trade_flow_value_nb
+from quotelab.plugins._kernels import TRADE_FLOW_STATE_SIZE, trade_flow_update_nb, trade_flow_value_nb
 
 OUTPUTS = {"OI": 0, "QI": 1, "VI": 2, "arrival_rate": 3, "volume_rate": 4}
 SIDES = {"aggressor": 1.0, "buyer_is_maker": -1.0}
 WARMUPS = {"zero": 0.0, "undefined": float("nan")}
 Warmup = Literal["zero", "undefined"]
+ADJUST_DOC = ("false: recursive EWMA from the first observation (pandas adjust=False); true: pandas' default "
+              "adjusted EWMA, weights (1-alpha)^age normalised (the seed study's).")
 WARMUP_DOC = ("Value before both sides have a trade interval: 0, or undefined (NaN: a strategy stops or skips, "
               "evaluate leaves the row out and counts it).")
 
@@ -48,16 +52,17 @@ class TradeFlowImbalanceParams(Params):
     )
     lag: Literal[0, 1] = Field(0, description="1: the value as of the previous step (the seed's shifted VI).")
     warmup: Warmup = Field("zero", description=WARMUP_DOC)
+    adjust: bool = Field(False, description=ADJUST_DOC)
 
 
 def _pack(p: TradeFlowImbalanceParams, ctx: PackContext) -> list[float]:
     return [float(ctx.asset_index[p.asset]), float(OUTPUTS[p.output]), p.alpha, SIDES[p.side], float(p.lag),
-            WARMUPS[p.warmup]]
+            WARMUPS[p.warmup], float(p.adjust)]
 
 
 def trade_flow_state(p: Params) -> np.ndarray:
-    # 6 per-trade EWMA slots (see _kernels.trade_flow_update_nb), then the volume-rate EWMAs.
-    return np.full(8, np.nan)
+    # per-trade EWMA slots, the volume-rate EWMAs, the EWMA weight sums (see _kernels.trade_flow_update_nb)
+    return np.full(TRADE_FLOW_STATE_SIZE, np.nan)
 
 
 @njit(inline="always")
@@ -91,7 +96,7 @@ def trade_flow_imbalance_nb(view, trades, state, params, out):
         now = volume_rate_nb(view, trades, a, state, params[2], params[3])
         return before if params[4] != 0.0 else now
     before = trade_flow_value_nb(state, output, params[5])
-    trade_flow_update_nb(view, trades, a, state, params[2], params[3])
+    trade_flow_update_nb(view, trades, a, state, params[2], params[3], params[6] != 0.0)
     if params[4] != 0.0:
         return before
     return trade_flow_value_nb(state, output, params[5])

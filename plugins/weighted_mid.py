@@ -15,8 +15,12 @@ from pydantic import Field, model_validator
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
-from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, SHAPES, imbalance_shape_nb
+from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, SHAPES, imbalance_shape_nb, level_imbalance_nb
 
+EmptyLevel = Literal["zero", "undefined"]
+EMPTY_LEVELS = {"zero": 0.0, "undefined": float("nan")}
+EMPTY_LEVEL_DOC = ("Imbalance of a level with no quantity on either side: 0, or undefined (NaN, as pandas' 0/0 "
+                   "gives: evaluate leaves the row out and counts it).")
 Shape = Literal["linear", "cubic", "nonic", "cubic_linear", "shifted", "polynomial"]
 
 
@@ -26,6 +30,7 @@ class WeightedMidParams(Params):
     coefficients: tuple[float, ...] = Field(
         (), description=f"polynomial only: c0, c1, ... (at most {MAX_COEFFICIENTS}) of f(I) = sum c_j I^j"
     )
+    empty_level: EmptyLevel = Field("zero", description=EMPTY_LEVEL_DOC)
 
     @model_validator(mode="after")
     def _coefficients(self) -> WeightedMidParams:
@@ -43,7 +48,7 @@ def pack_shape(shape: str, coefficients: tuple[float, ...]) -> list[float]:
 
 
 def _pack(p: WeightedMidParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), *pack_shape(p.shape, p.coefficients)]
+    return [float(ctx.asset_index[p.asset]), *pack_shape(p.shape, p.coefficients), EMPTY_LEVELS[p.empty_level]]
 
 
 @njit(inline="always")
@@ -53,8 +58,7 @@ def weighted_mid_nb(view, trades, state, params, out):
     ask = view[a, BEST_ASK]
     qb = view[a, BID_QTY]
     qa = view[a, ASK_QTY]
-    s = qb + qa
-    imb = (qb - qa) / s if s > 0.0 else 0.0
+    imb = level_imbalance_nb(qb, qa, params[2 + MAX_COEFFICIENTS])
     f = imbalance_shape_nb(int(params[1]), imb, params[2:2 + MAX_COEFFICIENTS], imb)
     return (bid + ask) / 2.0 + (ask - bid) * f
 
@@ -64,5 +68,5 @@ def quotelab_register_components(register):
     register(Component(
         role="fair_value", name="weighted_mid", params=WeightedMidParams, kernel=weighted_mid_nb, pack=_pack,
         doc="Imbalance-adjusted mid: mid plus the spread times a shape of the top-of-book imbalance.",
-        formula="(bid + ask)/2 + (ask - bid) * f(I), I = (Qb - Qa)/(Qb + Qa) (0 on an empty top)",
+        formula="(bid + ask)/2 + (ask - bid) * f(I), I = (Qb - Qa)/(Qb + Qa) (empty top: empty_level)",
     ))

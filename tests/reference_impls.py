@@ -149,17 +149,19 @@ def time_ewma(x: np.ndarray, dt: np.ndarray, half_life: float) -> np.ndarray:
     return out
 
 
-def trade_flow(trades: pd.DataFrame, step_ts: np.ndarray, alpha: float, buy_side: float) -> pd.DataFrame:
+def trade_flow(trades: pd.DataFrame, step_ts: np.ndarray, alpha: float, buy_side: float,
+               adjust: bool = False) -> pd.DataFrame:
     """Per-side EWMAs as of each step (trades that arrived by then), with OI, QI, VI and the rate.
 
-    ``buy_side`` +1: buyer-initiated trades are buys; -1: seller-initiated ones are.
+    ``buy_side`` +1: buyer-initiated trades are buys; -1: seller-initiated ones are. ``adjust``: pandas'
+    adjusted EWMA instead of the recursive one.
     """
     cols = {}
     for name, sign in (("b", buy_side), ("s", -buy_side)):
         side = trades[trades["side"] == sign].copy()
         side["interval"] = side["exch_ts"].diff() / 1e9
-        side["i_ewma"] = side["interval"].dropna().ewm(alpha=alpha, adjust=False).mean()
-        side["q_ewma"] = side["qty"].ewm(alpha=alpha, adjust=False).mean()
+        side["i_ewma"] = side["interval"].dropna().ewm(alpha=alpha, adjust=adjust).mean()
+        side["q_ewma"] = side["qty"].ewm(alpha=alpha, adjust=adjust).mean()
         side = side[["local_ts", "i_ewma", "q_ewma"]].ffill()
         at = pd.merge_asof(pd.DataFrame({"local_ts": step_ts}), side, on="local_ts", direction="backward")
         cols[f"i_{name}"] = at["i_ewma"].to_numpy()

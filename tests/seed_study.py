@@ -69,51 +69,66 @@ def book_frame(rows: np.ndarray, tick: float, lot: float) -> pd.DataFrame:
             top = pick(LEVELS, side)
             for k in range(LEVELS):
                 row[f"{name}_{k}_price"] = top[k] * tick if k < len(top) else np.nan
-                row[f"{name}_{k}_quantity"] = side[top[k]] if k < len(top) else 0.0
+                row[f"{name}_{k}_quantity"] = side[top[k]] if k < len(top) else np.nan  # In[9]: no column
         out.append(row)
     return pd.DataFrame(out)
 
 
-def _side_ewm(df: pd.DataFrame, col: str, buy: bool, diff: bool) -> pd.Series:
-    # The EWMA runs over that side's own trades only, then is forward-filled over all rows.
-    side = df[df["is_buyer_maker"] == buy]
-    x = side["transact_time"].diff() if diff else side[col]
-    return x.ewm(alpha=ALPHA, adjust=False).mean().reindex(df.index).ffill()
+def estimates(trades: pd.DataFrame, depths: pd.DataFrame, tick: float) -> pd.DataFrame:
+    """The seed's columns, one row per aggregated trade, cell by cell (In[4], In[15]-In[31]).
 
-
-def estimates(trades: pd.DataFrame, depths: pd.DataFrame) -> pd.DataFrame:
-    """The seed's columns, one row per aggregated trade."""
+    Kept as the cells have it: NaN wherever pandas gives it (0/0 on an empty level, a side's EWMAs
+    before its second trade, the shifted VI), ``ewm(alpha=alpha)`` with pandas' default adjust=True.
+    ``round(ask - bid, 4)`` rounded to the seed's 4 decimals of its 0.0001 tick: here the tick's decimals.
+    """
     trades = trades.groupby(["transact_time", "is_buyer_maker"]).agg(
         {"price": "first", "quantity": "sum"}).reset_index()
     df = pd.merge_asof(trades, depths, on="transact_time", direction="backward")
+    # In[17]
+    df["spread"] = round(df["ask_0_price"] - df["bid_0_price"], max(0, -int(np.floor(np.log10(tick) + 1e-9))))
     df["mid_price"] = (df["bid_0_price"] + df["ask_0_price"]) / 2
-    df["spread"] = df["ask_0_price"] - df["bid_0_price"]
-    for k in range(LEVELS):
-        qb, qa = df[f"bid_{k}_quantity"], df[f"ask_{k}_quantity"]
-        df[f"I_{k + 1}"] = ((qb - qa) / (qb + qa)).where(qb + qa > 0, 0.0)
-    mid, spread, i1 = df["mid_price"], df["spread"], df["I_1"]
-    book = 0.7 * df["I_1"] + 0.2 * df["I_2"] + 0.1 * df["I_3"]
-    df["weight_mid_price"] = mid + spread * i1 / 2
-    df["adjust_mid_price"] = mid + spread * i1 * (i1 ** 8 + 1) / 4
-    df["adjust_mid_price_2"] = mid + spread * i1 * (i1 ** 2 + 1) / 4
-    df["adjust_mid_price_3"] = mid + spread * i1 ** 3 / 2
-    df["adjust_mid_price_4"] = mid + spread * (i1 + 0.3) * (i1 ** 4 + 0.7) / 3.8
-    df["adjust_mid_price_5"] = mid + spread * book / 2
-    df["adjust_mid_price_6"] = mid + spread * book ** 3 / 2
-    df["adjust_mid_price_7"] = mid + spread * (book + 0.3) * (book ** 4 + 0.7) / 3.8
-    other = 0.6 * df["I_1"] + 0.3 * df["I_2"] + 0.1 * df["I_3"]
-    df["adjust_mid_price_8"] = mid + spread * book * (other ** 8 + 1) / 4
-    # "buy" is is_buyer_maker == True, as in the seed: the seller-initiated trades.
-    interval_b, interval_s = _side_ewm(df, "", True, True), _side_ewm(df, "", False, True)
-    qty_b, qty_s = _side_ewm(df, "quantity", True, False), _side_ewm(df, "quantity", False, False)
-    lam_b, lam_s = 1 / interval_b, 1 / interval_s
-    df["OI"] = (lam_b - lam_s) / (lam_b + lam_s)
-    df["VI"] = (lam_b * qty_b - lam_s * qty_s) / (lam_b * qty_b + lam_s * qty_s)
-    df["CI"] = -1.5 * df["VI"].shift() + 0.7 * book ** 3
-    df["adjust_mid_price_9"] = mid - 2 * spread * df["OI"]
-    df["adjust_mid_price_10"] = mid - 1.4 * spread * df["VI"]
-    df["adjust_mid_price_11"] = mid + spread * df["CI"]
-    df["adjust_mid_price@In28"] = mid + spread * book * (book ** 8 + 1) / 4
+    df["I"] = (df["bid_0_quantity"] - df["ask_0_quantity"]) / (df["bid_0_quantity"] + df["ask_0_quantity"])
+    df["weight_mid_price"] = df["mid_price"] + df["spread"] * df["I"] / 2
+    df["adjust_mid_price"] = df["mid_price"] + df["spread"] * (df["I"]) * (df["I"] ** 8 + 1) / 4
+    df["adjust_mid_price_2"] = df["mid_price"] + df["spread"] * df["I"] * (df["I"] ** 2 + 1) / 4
+    df["adjust_mid_price_3"] = df["mid_price"] + df["spread"] * df["I"] ** 3 / 2
+    df["adjust_mid_price_4"] = df["mid_price"] + df["spread"] * (df["I"] + 0.3) * (df["I"] ** 4 + 0.7) / 3.8
+    # In[19]
+    df["I_2"] = (df["bid_1_quantity"] - df["ask_1_quantity"]) / (df["bid_1_quantity"] + df["ask_1_quantity"])
+    df["I_3"] = (df["bid_2_quantity"] - df["ask_2_quantity"]) / (df["bid_2_quantity"] + df["ask_2_quantity"])
+    # In[20]
+    df["adjust_mid_price_5"] = df["mid_price"] + df["spread"] * (0.7 * df["I"] + 0.3 * df["I_2"]) / 2
+    df["adjust_mid_price_6"] = df["mid_price"] + df["spread"] * (0.7 * df["I"] + 0.3 * df["I_2"]) ** 3 / 2
+    df["adjust_mid_price_7"] = df["mid_price"] + df["spread"] * (0.7 * df["I"] + 0.3 * df["I_2"] + 0.3) * (
+        (0.7 * df["I"] + 0.3 * df["I_2"]) ** 4 + 0.7) / 3.8
+    df["adjust_mid_price_8"] = df["mid_price"] + df["spread"] * (
+        0.7 * df["I"] + 0.2 * df["I_2"] + 0.1 * df["I_3"] + 0.3) * (
+        (0.7 * df["I"] + 0.3 * df["I_2"] + 0.1 * df["I_3"]) ** 4 + 0.7) / 3.8
+    # In[22]-In[25]; "buy" is is_buyer_maker == True, as in the seed: the seller-initiated trades
+    alpha = ALPHA
+    buy, sell = df["is_buyer_maker"] == True, df["is_buyer_maker"] == False  # noqa: E712 (the seed's test)
+    for col in ("avg_buy_interval", "avg_sell_interval", "avg_buy_quantity", "avg_sell_quantity"):
+        df[col] = np.nan
+    df.loc[buy, "avg_buy_interval"] = df[buy]["transact_time"].diff().ewm(alpha=alpha).mean()
+    df.loc[sell, "avg_sell_interval"] = df[sell]["transact_time"].diff().ewm(alpha=alpha).mean()
+    df.loc[buy, "avg_buy_quantity"] = df[buy]["quantity"].ewm(alpha=alpha).mean()
+    df.loc[sell, "avg_sell_quantity"] = df[sell]["quantity"].ewm(alpha=alpha).mean()
+    for col in ("avg_buy_quantity", "avg_sell_quantity", "avg_buy_interval", "avg_sell_interval"):
+        df[col] = df[col].ffill()
+    df["avg_buy_rate"] = 1000 / df["avg_buy_interval"]
+    df["avg_sell_rate"] = 1000 / df["avg_sell_interval"]
+    df["avg_buy_volume"] = df["avg_buy_rate"] * df["avg_buy_quantity"]
+    df["avg_sell_volume"] = df["avg_sell_rate"] * df["avg_sell_quantity"]
+    # In[26]
+    df["OI"] = (df["avg_buy_rate"] - df["avg_sell_rate"]) / (df["avg_buy_rate"] + df["avg_sell_rate"])
+    df["VI"] = (df["avg_buy_volume"] - df["avg_sell_volume"]) / (df["avg_buy_volume"] + df["avg_sell_volume"])
+    # In[28]: the first adjust_mid_price is kept under its name; the redefinition gets its own column
+    df["adjust_mid_price@In28"] = df["mid_price"] + df["spread"] * df["I"] / 2
+    df["adjust_mid_price_9"] = df["mid_price"] + df["spread"] * (-df["OI"]) * 2
+    df["adjust_mid_price_10"] = df["mid_price"] + df["spread"] * (-df["VI"]) * 1.4
+    # In[30]-In[31]
+    df["CI"] = -1.5 * df["VI"].shift() + 0.7 * (0.7 * df["I"] + 0.2 * df["I_2"] + 0.1 * df["I_3"]) ** 3
+    df["adjust_mid_price_11"] = df["mid_price"] + df["spread"] * (df["CI"])
     return df
 
 
@@ -121,9 +136,9 @@ ESTIMATORS = ["mid_price", "weight_mid_price", "adjust_mid_price", *(f"adjust_mi
               "adjust_mid_price@In28"]
 
 
-def study_table(trades: pd.DataFrame, depths: pd.DataFrame) -> pd.DataFrame:
+def study_table(trades: pd.DataFrame, depths: pd.DataFrame, tick: float) -> pd.DataFrame:
     """Per estimator: the sum and mean of (price - estimate)², trades scored and trades left out."""
-    df = estimates(trades, depths)
+    df = estimates(trades, depths, tick)
     rows = []
     for name in ESTIMATORS:
         sq = (df["price"] - df[name]) ** 2

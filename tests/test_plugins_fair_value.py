@@ -15,6 +15,7 @@ from reference_impls import (
 )
 
 from quotelab import layout as L
+from quotelab.component import PackContext
 from quotelab.registry import load_registry
 from quotelab.replay import replay_component
 
@@ -117,3 +118,29 @@ def test_multi_level_factor_weights_are_checked(registry):
         comp.make_params({"shape": "cubic", "factor_weights": [1.0, 0.0, 0.0]})
     with pytest.raises(ValueError, match=r"one weight per level \(3\), got 2"):
         comp.make_params({"shape": "nonic", "factor_weights": [1.0, 0.0]})
+
+
+@pytest.mark.parametrize("name", ["weighted_mid", "multi_level_imbalance_mid"])
+def test_empty_level_is_zero_or_undefined_as_asked(shared_data, registry, name):
+    # Real views with the best (weighted_mid) or second level emptied on every 7th step.
+    res = _run(registry, name, {}, [asset(shared_data, "usdm_btc")])
+    views = res.views[:700].copy()
+    level = 0 if name == "weighted_mid" else 1
+    views[::7, 0, L.BID_SZ + level] = 0.0
+    views[::7, 0, L.ASK_SZ + level] = 0.0
+    if level == 0:
+        views[::7, 0, L.BID_QTY] = 0.0
+        views[::7, 0, L.ASK_QTY] = 0.0
+    comp = registry.get("fair_value", name)
+    ctx = PackContext.of([asset(shared_data, "usdm_btc")], 0)
+    out = np.zeros(L.OUT_WIDTH)
+    got = {}
+    for empty in ("zero", "undefined"):
+        params = np.array(comp.pack(comp.make_params({"empty_level": empty}), ctx), dtype=np.float64)
+        got[empty] = np.array([comp.kernel(v, np.zeros((1, 1, L.TR_WIDTH)), np.zeros(1), params, out)
+                               for v in views])
+    emptied = np.zeros(len(views), bool)
+    emptied[::7] = True
+    assert np.isnan(got["undefined"][emptied]).all() and np.isfinite(got["undefined"][~emptied]).all()
+    np.testing.assert_array_equal(got["zero"][~emptied], got["undefined"][~emptied])
+    assert np.isfinite(got["zero"]).all()

@@ -48,6 +48,17 @@ def test_trade_flow_imbalance_equals_reference(shared_data, registry, key, outpu
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
+@pytest.mark.parametrize("output", ["OI", "VI"])
+def test_trade_flow_adjusted_ewma_equals_pandas_default(shared_data, registry, key, output):
+    res = _run(registry, "trade_flow_imbalance", {"output": output, "adjust": True}, [asset(shared_data, key)])
+    trades = local_trades(events(shared_data, key))
+    want = trade_flow(trades, res.timestamps, 0.1, 1.0, adjust=True)[output].to_numpy()
+    np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
+    recursive = trade_flow(trades, res.timestamps, 0.1, 1.0)[output].to_numpy()
+    assert np.max(np.abs(want - recursive)) > 1e-3  # the two forms differ where it is checked
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
 def test_trade_flow_side_convention_flips_the_sign(shared_data, registry, key):
     a = [asset(shared_data, key)]
     aggressor = _run(registry, "trade_flow_imbalance", {"output": "VI"}, a).values
