@@ -186,6 +186,9 @@ def synth(
         str, typer.Option("--assets", help="Comma-separated: perp (SYNPERP), spot (SYNSPOT).")
     ] = "perp,spot",
     compression: CompressionOpt = "deflate",
+    funding_interval: Annotated[
+        str, typer.Option("--funding-interval", help="Time between the perp's funding settlements, e.g. 8h.")
+    ] = "8h",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Generate a seeded synthetic spot/perp market (venue `synthetic`) into the catalog."""
@@ -195,7 +198,7 @@ def synth(
 
     summary = synth_mod.generate(
         catalog, seed=seed, start=start, duration_s=synth_mod.parse_duration(duration), assets=assets,
-        compression=compression,
+        compression=compression, funding_interval_s=synth_mod.parse_duration(funding_interval, "--funding-interval"),
     )
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))

@@ -52,6 +52,7 @@ class PackContext:
     quoted: str
     origin_ns: int = 0
     base_dir: str = "."
+    funding: dict[str, Any] = field(default_factory=dict)  # asset name -> its catalog funding rows, if any
 
     @classmethod
     def of(cls, assets: Sequence[Any], quoted: int, origin_ns: int = 0, base_dir: str = ".") -> PackContext:
@@ -60,6 +61,7 @@ class PackContext:
             asset_index={a.name: i for i, a in enumerate(assets)} | {"quoted": quoted},
             tick_size={a.name: a.tick_size for a in assets}, lot_size={a.name: a.lot_size for a in assets},
             quoted=assets[quoted].name, origin_ns=int(origin_ns), base_dir=str(base_dir),
+            funding={a.name: getattr(a, "funding", None) for a in assets},
         )
 
 

@@ -226,6 +226,9 @@ class EngineSection(StrictModel):
     time_in_force: Literal["gtx", "gtc"] = "gtx"
     record_every: Seconds = 0.0
     max_scan_ticks: int = Field(2000, ge=1)
+    funding: Literal["auto", "off"] = Field(
+        "auto", description="auto: settle the quoted perpetual's funding at each settlement time its catalog "
+                            "funding rows name (nothing without rows); off: never.")
     defaults: AssetEngine = AssetEngine()
     assets: dict[str, AssetEngine] = {}
 

@@ -18,6 +18,7 @@ from numba import njit
 
 from quotelab import backtest_c as C
 from quotelab import layout as L
+from quotelab.funding import payment_nb
 from quotelab.jitcache import KEY, STALE
 
 # cfg (int64) slots
@@ -48,7 +49,15 @@ R_BID = 9
 R_ASK = 10
 R_FORECAST = 11
 R_RISK = 12
-R_WIDTH = 13
+R_FUNDING = 13  # funding received so far (quote currency, coin if inverse); already in R_BALANCE
+R_WIDTH = 14
+
+# settlement columns (quotelab.funding.schedule, then what the driver found at the time)
+S_RATE = 0
+S_MARK = 1
+S_POSITION = 2
+S_AMOUNT = 3
+S_WIDTH = 4
 
 # counters returned
 K_STEPS = 0
@@ -170,14 +179,36 @@ def _manage_orders(bt, a, view, out, tif):
             C.submit_sell_order(bt, a, np.uint64(t), t * tick, qty, np.uint8(tif), np.uint8(LIMIT), np.uint8(0))
 
 
+@njit
+def _settle(bt, q, view, settle, k, fund):
+    position = C.state_values(bt, q)[0].position
+    amount = payment_nb(position, view[q, L.CONTRACT_SIZE], settle[k, S_MARK], settle[k, S_RATE],
+                        view[q, L.INVERSE] != 0.0)
+    settle[k, S_POSITION] = position
+    settle[k, S_AMOUNT] = amount
+    fund[0] += amount
+
+
+@njit(inline="always")
+def _cash(balance, funding, inverse):
+    # hftbacktest's inverse balance counts cash with the opposite sign (equity = -balance - ...)
+    return balance - funding if inverse != 0.0 else balance + funding
+
+
 @njit(cache=True)
-def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_mask, rec_ts, rec, counters):
+def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_mask, rec_ts, rec, counters,
+               settle_ts, settle, fund):
     """Replay to the end of data, calling ``fns[0]`` (the fused strategy) at each step.
 
     ``key`` is :data:`quotelab.jitcache.KEY` (call through ``run_cached``), ``bt_addr`` the backtest
     object's ``ptr``. ``ready_mask[a]`` marks the assets the strategy reads: until each has a
     two-sided book, a step neither quotes nor records (warm-up). Results land in ``rec_ts``, ``rec``
     and ``counters``; returns 0, or STALE if this code was cached against other constants.
+
+    Funding: the quoted asset settles at each ``settle_ts[k]`` (rate and mark in ``settle[k]``), on
+    the position held at that instant: a step that crosses a settlement is elapsed in two parts, and
+    per-event mode waits no longer than the next settlement. The position and amount land in
+    ``settle[k]``, the running total in ``fund[0]``, which the view's and the records' balance include.
     """
     if key != KEY:
         return STALE
@@ -190,19 +221,47 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
     last_time = np.nan
     last_record = -(1 << 62)
     first = True
+    n_settle = len(settle_ts)
+    k = 0
+    inverse = view[q, L.INVERSE]
     while True:
         if mode == 0:
-            r = C.elapse(bt, np.uint64(cfg[C_FIRST_ELAPSE_NS] if first else cfg[C_STEP_NS]))
+            dt = np.int64(cfg[C_FIRST_ELAPSE_NS] if first else cfg[C_STEP_NS])
+            now = C.current_timestamp(bt)
+            r = 0
+            while k < n_settle and settle_ts[k] <= now + dt:
+                if settle_ts[k] > now:
+                    r = C.elapse(bt, np.uint64(settle_ts[k] - now))
+                    if r != 0:
+                        break
+                    dt -= settle_ts[k] - now
+                    now = settle_ts[k]
+                _settle(bt, q, view, settle, k, fund)
+                k += 1
+            if r == 0 and dt > 0:
+                r = C.elapse(bt, np.uint64(dt))
             if r != 0:
                 break
         else:
             if first and cfg[C_FIRST_ELAPSE_NS] > 0 and C.elapse(bt, np.uint64(cfg[C_FIRST_ELAPSE_NS])) != 0:
                 break
-            r = C.wait_next_feed(bt, np.uint8(0), 60_000_000_000)
+            timeout = np.int64(60_000_000_000)
+            if k < n_settle:
+                now = C.current_timestamp(bt)
+                while k < n_settle and settle_ts[k] <= now:
+                    _settle(bt, q, view, settle, k, fund)
+                    k += 1
+                if k < n_settle:
+                    timeout = min(timeout, settle_ts[k] - now)
+            r = C.wait_next_feed(bt, np.uint8(0), timeout)
             if r == 1:
                 break
             if r != 0 and r != 2:
                 break
+            now = C.current_timestamp(bt)
+            while k < n_settle and settle_ts[k] <= now:
+                _settle(bt, q, view, settle, k, fund)
+                k += 1
         first = False
         counters[K_STEPS] += 1
         for a in range(n_assets):
@@ -212,6 +271,7 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
                 bt, a, view, trades, cfg[C_LEVELS], cfg[C_MAX_SCAN_TICKS], origin, last_time, a == q,
                 cfg[C_NEED_TRADES] != 0,
             )
+        view[q, L.BALANCE] = _cash(view[q, L.BALANCE], fund[0], inverse)
         last_time = view[q, L.TIME]
         ready = True
         for a in range(n_assets):
@@ -238,7 +298,7 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
             rec_ts[i] = now
             rec[i, R_MID] = (view[q, L.BEST_BID] + view[q, L.BEST_ASK]) / 2.0
             rec[i, R_POSITION] = sv.position
-            rec[i, R_BALANCE] = sv.balance
+            rec[i, R_BALANCE] = _cash(sv.balance, fund[0], inverse)
             rec[i, R_FEE] = sv.fee
             rec[i, R_NUM_TRADES] = sv.num_trades
             rec[i, R_VOLUME] = sv.trading_volume
@@ -249,5 +309,6 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
             rec[i, R_ASK] = out[L.Q_ASK_TICK] * view[q, L.TICK] if out[L.N_ASK] > 0 else np.nan
             rec[i, R_FORECAST] = out[L.FORECAST]
             rec[i, R_RISK] = out[L.RISK]
+            rec[i, R_FUNDING] = fund[0]
             counters[K_RECORDS] = i + 1
     return 0

@@ -23,6 +23,7 @@ from quotelab.composer import Composition, Part, compose, kernel_list
 from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, DataError, PluginError, RunError
+from quotelab.funding import schedule
 from quotelab.jitcache import KEY, run_cached
 
 
@@ -37,6 +38,7 @@ class AssetFeed:
     contract: str  # linear | inverse
     contract_size: float
     engine: AssetEngine | None
+    funding: np.ndarray | None = None  # quotelab.funding rows of the asset's days, if the catalog has them
 
     @property
     def n_events(self) -> int:
@@ -70,6 +72,7 @@ def load_assets(
     feeds = []
     for name, a in data.assets.items():
         at = ("data", "assets", name)
+        funding = None
         if a.files is not None:
             events = [cat.load_events((base_dir / f).resolve()) for f in a.files]
             meta: dict[str, Any] = {}
@@ -81,6 +84,7 @@ def load_assets(
                 )
             meta = cat.read_meta(catalog, a.venue, a.symbol)
             events = [cat.load_day(catalog, a.venue, a.symbol, d) for d in a.dates]
+            funding = cat.load_funding(catalog, a.venue, a.symbol, a.dates)
             venue, symbol = a.venue, a.symbol
         contract = meta.get("contract", {})
         tick = a.tick_size if a.tick_size is not None else meta.get("tick_size", 0.0)
@@ -96,6 +100,7 @@ def load_assets(
             name=name, venue=venue, symbol=symbol, events=events, tick_size=float(tick), lot_size=float(lot),
             contract=a.contract or contract.get("kind", "linear"),
             contract_size=float(a.contract_size or contract.get("size", 1.0)), engine=engine_for(name),
+            funding=funding,
         ))
     return feeds
 
@@ -218,6 +223,8 @@ def run_loaded(
     rec = np.full((capacity, D.R_WIDTH), np.nan)
     counters = np.zeros(D.K_WIDTH, dtype=np.int64)
     state = comp.state.copy()
+    settle_ts, settle = _settlements(cfg.engine.funding, feeds[q], origin)
+    fund = np.zeros(1)
 
     config_json = cfg.model_dump(mode="json")
     run_info = {"name": cfg.name, "out_dir": str(out_dir) if out_dir is not None else None,
@@ -225,7 +232,8 @@ def run_loaded(
                 "assets": {f.name: {"venue": f.venue, "symbol": f.symbol} for f in feeds}, "config": config_json}
     _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
     hbt = Backtest([_build_asset(f) for f in feeds])
-    args = (hbt.ptr, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters)
+    args = (hbt.ptr, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters,
+            settle_ts, settle, fund)
     t1 = time.perf_counter()
     if not _DRIVER_COMPILED:  # compiled, or loaded from the disk cache, once per process
         D.run_driver.compile(tuple(numba.typeof(x) for x in (KEY, *args)))
@@ -240,11 +248,17 @@ def run_loaded(
             "position", "balance", "fee", "trading_volume", "trading_value")}}
     finally:
         hbt.close()
+    final["funding"] = float(fund[0])
+    final["balance"] += -final["funding"] if feeds[q].contract == "inverse" else final["funding"]
 
     n = int(counters[D.K_RECORDS])
     rec_ts, rec = rec_ts[:n], rec[:n]
     summary = _summary(cfg.name, feeds[q], final, rec, counters, compile_s, run_s, sum(f.n_events for f in feeds))
     summary["origin_ns"] = origin
+    reached = np.isfinite(settle[:, D.S_POSITION])  # NaN: the data ended before the settlement
+    summary["settlements"] = [
+        {"ts": int(t), "rate": float(r[D.S_RATE]), "mark": float(r[D.S_MARK]), "position": float(r[D.S_POSITION]),
+         "amount": float(r[D.S_AMOUNT])} for t, r in zip(settle_ts[reached], settle[reached], strict=True)]
     summary["assets"] = {f.name: {"venue": f.venue, "symbol": f.symbol, "events": f.n_events} for f in feeds}
     result = RunResult(summary, rec_ts, rec, composition=comp)
     if counters[D.K_STATUS] != 0:
@@ -259,6 +273,18 @@ def run_loaded(
     if "error" in summary:
         raise RunError(summary["error"], result)
     return result
+
+
+def _settlements(mode: str, feed: AssetFeed, origin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The quoted asset's funding settlements after ``origin`` (times, and rate/mark/position/amount rows
+    for the driver to fill); none with ``engine.funding: off`` or without funding rows."""
+    if mode == "off" or feed.funding is None:
+        return np.zeros(0, np.int64), np.zeros((0, D.S_WIDTH))
+    ts, rate, mark = schedule(feed.funding, origin, feed.last_ts())
+    settle = np.full((len(ts), D.S_WIDTH), np.nan)
+    settle[:, D.S_RATE] = rate
+    settle[:, D.S_MARK] = mark
+    return ts, settle
 
 
 def _call_hooks(registry: Any, hook: str, abort: bool, **kwargs: Any) -> None:
@@ -395,7 +421,7 @@ def save_result(result: RunResult, out_dir: Path, feed: AssetFeed) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     result.summary["stats"] = compute_stats(feed, result.record_ts, result.records)
     cols = ["mid", "position", "balance", "fee", "num_trades", "trading_volume", "trading_value", "fair_value",
-            "reservation", "bid", "ask", "forecast", "risk"]
+            "reservation", "bid", "ask", "forecast", "risk", "funding"]
     df = pl.DataFrame({"timestamp": result.record_ts, **{c: result.records[:, i] for i, c in enumerate(cols)}})
     tmp = out_dir / ".series.parquet.tmp"
     df.write_parquet(tmp)

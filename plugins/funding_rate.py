@@ -1,5 +1,9 @@
-"""``funding_rate``: a perpetual's funding rate from a file, read point-in-time, optionally scaled by
-where the step is in the funding interval.
+"""``funding_rate``: a perpetual's funding rate from the catalog or a file, read point-in-time,
+optionally scaled by where the step is in the funding interval.
+
+Without ``file``, the rows come from the catalog's funding side table of ``asset`` (the quoted asset
+by default; see :mod:`quotelab.funding`): ``ts`` is the row's exchange time, ``rate`` a fraction and
+``next_funding_ts`` the settlement it announces. A catalog without funding rows is an error.
 
 File format (parquet, CSV or npz), one row per update, any order:
 
@@ -27,7 +31,7 @@ from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Component, PackContext, Params
+from quotelab.component import Asset, Component, PackContext, Params
 from quotelab.errors import ConfigError
 from quotelab.layout import TIME
 from quotelab.units import Seconds, quantity
@@ -40,8 +44,10 @@ P_HEADER = 5
 
 
 class FundingRateParams(Params):
-    file: str = Field(description="Parquet, CSV or npz with ts (ns), rate and optionally next_funding_ts (ns); a "
-                                  "relative path starts from the strategy file's folder.")
+    file: str | None = Field(None, description="Parquet, CSV or npz with ts (ns), rate and optionally "
+                                               "next_funding_ts (ns); a relative path starts from the strategy "
+                                               "file's folder. Unset: the catalog's funding rows of `asset`.")
+    asset: Asset = Field("quoted", description="Whose catalog funding rows to read when no file is given.")
     mode: Mode = Field("rate", description="rate; rate_x_time_to_funding: rate * tau/interval; "
                                            "rate_x_time_since_funding: rate * (1 - tau/interval); tau = time left "
                                            "to the next settlement.")
@@ -57,8 +63,23 @@ class FundingRateParams(Params):
                                        "left at its default), settlements follow the interval from the epoch.")
 
 
+def _from_catalog(p: FundingRateParams, ctx: PackContext) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    name = ctx.quoted if p.asset == "quoted" else p.asset
+    if name not in ctx.asset_index:
+        raise ConfigError(f"funding_rate: asset {p.asset!r} is not in data.assets ({', '.join(ctx.tick_size)})")
+    table = ctx.funding.get(name)
+    if table is None or not len(table):
+        raise ConfigError(f"funding_rate: asset {name!r} has no funding rows in the catalog (its converter found no "
+                          f"mark-price/funding messages); give a file: or convert a capture that has them")
+    keep = np.isfinite(table["rate"])
+    t = table["exch_ts"][keep] + int(round(p.latency * 1e9))
+    nxt = table["next_ts"][keep]
+    return t, table["rate"][keep] * 1e4, (nxt if (nxt > 0).all() else None)
+
+
 def load_funding(p: FundingRateParams, base_dir: str = ".") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(usable time ns, rate in bps, next settlement ns or None), ordered by time; errors name the file and fix."""
+    assert p.file is not None
     path = Path(p.file) if Path(p.file).is_absolute() else Path(base_dir) / p.file
     if not path.exists():
         raise ConfigError(f"funding_rate: {path}: file not found; write a parquet/CSV with columns "
@@ -94,7 +115,7 @@ def load_funding(p: FundingRateParams, base_dir: str = ".") -> tuple[np.ndarray,
 
 
 def _pack(p: FundingRateParams, ctx: PackContext) -> list[float]:
-    t, rate, nxt = load_funding(p, ctx.base_dir)
+    t, rate, nxt = load_funding(p, ctx.base_dir) if p.file is not None else _from_catalog(p, ctx)
     interval_ns = int(round(p.interval * 1e9))
     # Integer ns until the last moment, so times far from the epoch keep their precision.
     phase = (ctx.origin_ns % interval_ns) * 1e-9

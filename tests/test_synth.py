@@ -91,7 +91,8 @@ def test_same_seed_same_bytes_other_seed_other_market(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         synth.generate(tmp_path / name, seed=seed, **args)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 6  # two symbols x (two days + meta.json): the run crosses midnight
+    # two symbols x (two days + meta.json), and the perp's funding table per day: the run crosses midnight
+    assert len(files) == 8
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     day = catalog.load_day(tmp_path / "c", VENUE, "SYNPERP", "20240102")

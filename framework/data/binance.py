@@ -758,6 +758,7 @@ class BinanceConverter:
                                       "snapshots": 0, "other_msgs": 0, "dropped_depth_msgs": 0,
                                       "dropped_trades": 0}
         self.files: list[dict[str, Any]] = []
+        self.funding: list[tuple] = []  # markPriceUpdate rows (quotelab.funding columns)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -850,6 +851,8 @@ class BinanceConverter:
         if bt.shape[0]:
             self.witness.add_bbo(ints[bt, I_U], flts[bt, F_P], flts[bt, F_P2], flts[bt, F_Q], flts[bt, F_Q2])
         other = np.flatnonzero((kinds == K_OTHER) | (kinds == K_ERRMSG))
+        if other.shape[0] and not self.spot:
+            other = self._mark_prices(block, other, ints)
         if other.shape[0]:
             self.stats["other_msgs"] += other.shape[0]
             k = int(other[0])
@@ -862,6 +865,27 @@ class BinanceConverter:
         self._trades(kinds, ints, flts, flags, exch, local)
         self.split.close_ready()
         self.line0 += n
+
+    def _mark_prices(self, block: bytes, other: np.ndarray, ints: np.ndarray) -> np.ndarray:
+        """Keep ``markPriceUpdate`` lines (mark ``p``, index ``i``, rate ``r``, next settlement ``T``)
+        as funding rows; return the other lines still unknown. One a second: parsed in Python."""
+        lines = block.split(b"\n")
+        rest = []
+        for k in other.tolist():
+            line = lines[k]
+            if b"markPriceUpdate" not in line:
+                rest.append(k)
+                continue
+            d = orjson.loads(line[line.find(b" ") + 1:]).get("data", {})
+            try:
+                self.funding.append((int(d["E"]) * 1_000_000, int(ints[k, I_LTS]) * self.factor, float(d["p"]),
+                                     float(d.get("i", "nan")), float(d["r"]) if d.get("r") not in (None, "") else
+                                     np.nan, int(d.get("T") or 0) * 1_000_000))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{self.file}:{self.line0 + k + 1}: markPriceUpdate without a usable {exc}: "
+                                f"{line[:120].decode('utf-8', 'replace')!r}") from None
+        self.stats["mark_price_msgs"] = self.stats.get("mark_price_msgs", 0) + len(other) - len(rest)
+        return np.array(rest, dtype=np.int64)
 
     def _check_local(self, local: np.ndarray, real: np.ndarray) -> None:
         lt = local[real]
@@ -1170,8 +1194,12 @@ class BinanceConverter:
                 f"resync from. Fix: convert only the files before the gap, or add a capture with a snapshot "
                 f"after it.")
         self.split.close_ready(final=True)
-        return {"venue": self.venue, "files": self.files, "messages": self.stats,
-                "findings": self.findings.as_list()}
+        out = {"venue": self.venue, "files": self.files, "messages": self.stats, "findings": self.findings.as_list()}
+        if self.funding:
+            from quotelab.funding import rows
+
+            out["funding"] = rows(*map(np.array, zip(*self.funding, strict=True)))
+        return out
 
 
 def _convert(venue: str, files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:

@@ -50,6 +50,41 @@ def day_path(catalog: Path | str, venue: str, symbol: str, day: str) -> Path:
     return symbol_dir(catalog, venue, symbol) / f"{day}.npz"
 
 
+def funding_path(catalog: Path | str, venue: str, symbol: str, day: str) -> Path:
+    """A day's funding side table (:data:`quotelab.funding.funding_dtype` rows), beside its events."""
+    return symbol_dir(catalog, venue, symbol) / f"{day}.funding.npy"
+
+
+def write_funding(catalog: Path | str, venue: str, symbol: str, day: str, table: np.ndarray) -> Path:
+    """Atomically write one day's funding rows; returns the path."""
+    path = funding_path(catalog, venue, symbol, day)
+    atomic_write_bytes(path, lambda fh: np.save(fh, np.ascontiguousarray(table), allow_pickle=False))
+    return path
+
+
+def load_funding(catalog: Path | str, venue: str, symbol: str, days: list[str]) -> np.ndarray | None:
+    """The funding rows of ``days`` in exchange-time order, or None if no day has a side table."""
+    from quotelab.funding import funding_dtype
+
+    parts = []
+    for day in days:
+        path = funding_path(catalog, venue, symbol, day)
+        if not path.exists():
+            continue
+        try:
+            table = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable funding table ({type(exc).__name__}: {exc}); "
+                            f"convert the day again") from exc
+        if table.dtype != funding_dtype:
+            raise DataError(f"{path}: dtype {table.dtype}, expected quotelab's funding_dtype; convert the day again")
+        parts.append(table)
+    if not parts:
+        return None
+    table = np.concatenate(parts)
+    return table[np.argsort(table["exch_ts"], kind="stable")]
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,12 +98,15 @@ def convert_files(
         info = _load(fmt.converter)(list(map(Path, files)), job)
         # A multi-venue format (Tardis) learns the venue from the data and returns it.
         venue = info.pop("venue", venue)
+        funding = _stage_funding(info.pop("funding", None), staging, fmt.venue, symbol, days, info)
         final: dict[str, Path] = {}
         for day, src in staged.items():
             dst = catalog.day_path(root, venue, symbol, day)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             final[day] = dst
+        for day, src in funding.items():
+            os.replace(src, catalog.funding_path(root, venue, symbol, day))
         for day, path in final.items():
             days[day]["file"] = str(path)
         catalog.update_meta(root, venue, symbol, instrument, days)
@@ -118,6 +121,32 @@ def convert_files(
         **info,
         "days": {d: days[d] for d in sorted(days)},
     }
+
+
+def _stage_funding(table: Any, staging: Path, venue: str, symbol: str, days: dict[str, dict[str, Any]],
+                   info: dict[str, Any]) -> dict[str, Path]:
+    """Write a converter's funding rows (mark, index, rate; :mod:`quotelab.funding`) per UTC day of
+    exchange time beside the days it wrote; rows of days without events are counted, not kept."""
+    import numpy as np
+
+    if table is None or not len(table):
+        return {}
+    day_of = (table["exch_ts"] // 86_400_000_000_000).astype(np.int64)
+    out: dict[str, Path] = {}
+    dropped = 0
+    for d in np.unique(day_of):
+        day = time.strftime("%Y%m%d", time.gmtime(int(d) * 86_400))
+        part = table[day_of == d]
+        if day not in days:
+            dropped += len(part)
+            continue
+        out[day] = catalog.write_funding(staging, venue, symbol, day, part)
+        days[day]["funding_rows"] = len(part)
+    if dropped:
+        info.setdefault("findings", []).append({
+            "kind": "funding_rows_outside_days", "count": dropped,
+            "message": "funding rows on days with no depth or trades were not kept"})
+    return out
 
 
 def _ms(x: float | None) -> str:

@@ -784,12 +784,14 @@ def generate(
     assets: str | list[str] | tuple[str, ...] = ("perp", "spot"),
     latent: LatentModel | None = None,
     compression: str = "deflate",
+    funding_interval_s: float = 8 * 3600.0,
 ) -> dict[str, Any]:
     """Write the synthetic market for ``[start, start + duration_s)`` into ``catalog``; return a summary.
     ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`).
 
     Days are UTC days of exchange time; each day file starts with a full snapshot of the book as it
     stands at the day's first instant. Day files that exist are replaced; meta.json is merged.
+    The perp also gets a funding side table (:class:`_Funding`), settling every ``funding_interval_s``.
     """
     lm = latent or LatentModel()
     keys = parse_assets(assets)
@@ -800,6 +802,8 @@ def generate(
         raise SynthError(f"unknown compression {compression!r}; use one of {', '.join(_catalog.COMPRESSIONS)}")
     if not 0 <= seed < 2**63:
         raise SynthError(f"--seed must be a non-negative 64-bit integer, got {seed}")
+    if not funding_interval_s >= 1 or not math.isfinite(funding_interval_s):
+        raise SynthError(f"--funding-interval must be at least 1 s, got {funding_interval_s}")
     root = Path(catalog)
     t0 = _ns(t_start)
     t1 = t0 + int(round(duration_s * NS))
@@ -825,7 +829,11 @@ def generate(
         for k, run in runs.items():
             fair = px if k == "perp" else ext[:n] - basis
             out[k] = fair / run.model.tick_size
+        out["_px"], out["_index"] = px, ext[:n] - basis
         return out
+
+    funding = _Funding(int(round(funding_interval_s * NS)), ASSETS["perp"].latency_median_ms) if "perp" in runs \
+        else None
 
     # Warm-up: the book evolves before `start` without being written.
     warm0 = t0 - WARMUP_S * NS
@@ -857,6 +865,8 @@ def generate(
                 fairs = fair_chunk(c, c1)
                 for k, run in runs.items():
                     run.run(c1, fairs[k], c, spools[k])
+                if funding is not None:
+                    funding.add(c, c1, fairs["_px"], fairs["_index"])
                 c = c1
             for k, run in runs.items():
                 sp = spools[k]
@@ -868,6 +878,10 @@ def generate(
                     "counts": sp.counts,
                     "quality": _quality(seed, run.model, lm, t0, t1),
                 }
+                if k == "perp" and funding is not None:
+                    table = funding.take()
+                    _catalog.write_funding(root, VENUE, run.model.symbol, day, table)
+                    days_out[run.model.symbol][day]["funding_rows"] = len(table)
         finally:
             for sp in spools.values():
                 sp.discard()
@@ -893,6 +907,36 @@ def generate(
         }
     summary["seconds"] = round(time.perf_counter() - wall, 3)
     return summary
+
+
+class _Funding:
+    """The perp's mark-price stream, once a second: mark = the perp's fair price, index = the spot's
+    (the lagging latent price minus the basis), and the funding rate announced for the next
+    settlement, the mean premium (mark − index) / index since the last one. Binance adds an interest
+    term clamped to ±0.05 % of it, which would pin this market's rate (premium ≈ 0.01 %) at 0.01 %."""
+
+    def __init__(self, interval_ns: int, latency_ms: float) -> None:
+        self.interval = interval_ns
+        self.latency = int(latency_ms * 1e6)
+        self.sum, self.n, self.settle = 0.0, 0, -1
+        self.rows: list[tuple] = []
+
+    def add(self, c0: int, c1: int, px: np.ndarray, index: np.ndarray) -> None:
+        for t in range(-(-c0 // NS) * NS, c1, NS):
+            i = (t - c0) // GRID_NS
+            nxt = (t // self.interval + 1) * self.interval
+            if nxt != self.settle:
+                self.sum, self.n, self.settle = 0.0, 0, nxt
+            self.sum += (px[i] - index[i]) / index[i]
+            self.n += 1
+            self.rows.append((t, t + self.latency, px[i], index[i], self.sum / self.n, nxt))
+
+    def take(self) -> np.ndarray:
+        from quotelab.funding import funding_dtype
+
+        out = np.array(self.rows, dtype=funding_dtype)
+        self.rows = []
+        return out
 
 
 def _instrument(m: AssetModel) -> dict[str, Any]:
