@@ -383,7 +383,7 @@ def _frame(result: Any) -> dict[str, Any]:
 
     r = result.records
     return {"mid": r[:, D.R_MID], "position": r[:, D.R_POSITION], "balance": r[:, D.R_BALANCE],
-            "fee": r[:, D.R_FEE], "bid": r[:, D.R_BID], "ask": r[:, D.R_ASK]}
+            "fee": r[:, D.R_FEE], "bid": r[:, D.R_BID], "ask": r[:, D.R_ASK], "funding": r[:, D.R_FUNDING]}
 
 
 def _json_default(o: Any) -> Any:
@@ -588,8 +588,9 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
     }
     for k, v in (rec.get("params") or {}).items():
         row[f"p.{k}"] = _scalar(v)
-    for k in ("equity", "position", "balance", "fee", "num_trades", "trading_volume", "trading_value", "last_mid",
-              "steps", "quoting_steps", "events", "run_seconds"):
+    for k in ("equity", "pnl_unit", "pnl_usd", "pnl_bps_of_notional", "funding", "traded_notional_usd", "position",
+              "balance", "fee", "num_trades", "trading_volume", "trading_value", "last_mid", "steps",
+              "quoting_steps", "events", "run_seconds"):
         row[k] = _scalar((rec.get("summary") or {}).get(k))
     for k, v in (rec.get("stats") or {}).items():
         row[f"stats.{k}"] = _scalar(v)

@@ -77,12 +77,28 @@ def run_cmd(
 
     s = result.summary
     table = Table(title=f"{s['name']}  ({strategy})", show_header=False)
-    for key in ("num_trades", "position", "balance", "fee", "equity", "trading_volume", "steps", "quoting_steps",
+    unit = s.get("pnl_unit", "")
+    table.add_row("pnl", f"{s['pnl']:.6g} {unit}")
+    if s.get("pnl_usd_method") not in ("USD", "at par"):
+        table.add_row("pnl_usd", f"{s['pnl_usd']:.6g} USD ({s['pnl_usd_method']})")
+    if s.get("pnl_bps_of_notional") is not None:
+        table.add_row("pnl per traded notional", f"{s['pnl_bps_of_notional']:.4g} bps")
+    table.add_row("funding", f"{s['funding']:.6g} {unit} ({len(s['settlements'])} settlements)")
+    for key in ("num_trades", "position", "balance", "fee", "trading_volume", "steps", "quoting_steps",
                 "warmup_steps", "nonfinite_skipped", "events", "compile_seconds", "run_seconds", "events_per_second"):
         table.add_row(key, f"{s[key]:.6g}" if isinstance(s[key], float) else str(s[key]))
     for key, value in (s.get("stats") or {}).items():
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if s.get("days"):  # days as columns, so it fits a narrow terminal
+        days = Table(title=f"per UTC day (PnL in {unit})")
+        days.add_column("")
+        for row in s["days"]:
+            days.add_column(row["day"], justify="right")
+        for c in ("pnl", "spread", "inventory", "fees", "funding", "volume", "trades", "max_abs_position"):
+            days.add_row(c.replace("max_abs_position", "max |position|"),
+                         *(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for r in s["days"]))
+        Console().print(days)
     if result.out_dir is not None:
         typer.echo(f"results written to {result.out_dir}")
 
@@ -240,7 +256,8 @@ def batch(
 def report(
     results_dir: Annotated[Path, typer.Argument(help="A `quotelab batch` --out folder.")],
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default RESULTS_DIR/report).")] = None,
-    stat: Annotated[str, typer.Option("--stat", help="Stat to rank, colour and compare by.")] = "equity",
+    stat: Annotated[str | None, typer.Option(
+        "--stat", help="Stat to rank, colour and compare by (default pnl_usd: unit-free across venues).")] = None,
     x: Annotated[str | None, typer.Option("--x", help="Heatmap x parameter path.")] = None,
     y: Annotated[str | None, typer.Option("--y", help="Heatmap y parameter path.")] = None,
 ) -> None:

@@ -17,6 +17,7 @@ from hftbacktest.types import record_dtype
 
 from quotelab import driver as D
 from quotelab import layout as L
+from quotelab import pnl
 from quotelab.backtest_c import Backtest
 from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose, kernel_list
@@ -260,6 +261,7 @@ def run_loaded(
         {"ts": int(t), "rate": float(r[D.S_RATE]), "mark": float(r[D.S_MARK]), "position": float(r[D.S_POSITION]),
          "amount": float(r[D.S_AMOUNT])} for t, r in zip(settle_ts[reached], settle[reached], strict=True)]
     summary["assets"] = {f.name: {"venue": f.venue, "symbol": f.symbol, "events": f.n_events} for f in feeds}
+    summary.update(_figures(summary, feeds[q], rec_ts, rec))
     result = RunResult(summary, rec_ts, rec, composition=comp)
     if counters[D.K_STATUS] != 0:
         name = comp.names[int(counters[D.K_STATUS]) - 1]
@@ -367,6 +369,25 @@ def _summary(name: str, feed: AssetFeed, final: dict[str, Any], rec: np.ndarray,
     }
 
 
+def _figures(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
+    """PnL in its currency and in USD, per traded notional, and the per-day table (:mod:`quotelab.pnl`)."""
+    inverse = feed.contract == "inverse"
+    unit = pnl.currency(feed.symbol, inverse)
+    mark = summary["last_mid"]
+    usd, how = pnl.in_usd(summary["equity"], unit, inverse, mark)
+    # inverse volume counts contracts of contract_size USD; linear value is in the quote currency
+    notional = summary["trading_volume"] * feed.contract_size if inverse else summary["trading_value"]
+    frame = {"mid": rec[:, D.R_MID], "position": rec[:, D.R_POSITION], "balance": rec[:, D.R_BALANCE],
+             "fee": rec[:, D.R_FEE], "funding": rec[:, D.R_FUNDING], "trading_volume": rec[:, D.R_VOLUME],
+             "num_trades": rec[:, D.R_NUM_TRADES]}
+    return {
+        "pnl": summary["equity"], "pnl_unit": unit, "pnl_usd": usd, "pnl_usd_method": how,
+        "funding_unit": unit, "traded_notional_usd": notional,
+        "pnl_bps_of_notional": usd / notional * 1e4 if notional > 0 else None,
+        "days": pnl.per_day(pnl.parts(rec_ts, frame, summary, inverse, feed.contract_size)) if len(rec_ts) else [],
+    }
+
+
 def hbt_records(rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
     """Our records in hftbacktest's record_dtype, for its stats."""
     out = np.zeros(len(rec_ts), record_dtype)
@@ -382,7 +403,9 @@ def hbt_records(rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
 
 
 def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
-    """hftbacktest's stats with crypto annualisation (365 days)."""
+    """hftbacktest's stats. Annualised (and per-day) figures only for runs of a day or more, whose
+    ``annualised`` entry says how they were computed: extrapolating minutes to a year gives numbers
+    like a Sharpe ratio of 9,000 that mean nothing."""
     from hftbacktest.stats import (
         SR,
         AnnualRet,
@@ -402,16 +425,27 @@ def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[
     data = hbt_records(rec_ts, rec)
     record_cls = InverseAssetRecord if feed.contract == "inverse" else LinearAssetRecord
     record = record_cls(data).contract_size(feed.contract_size).resample("1s")
-    metrics = [SR("SR", trading_days_per_year=365), Sortino("Sortino", trading_days_per_year=365),
-               AnnualRet("AnnualRet", trading_days_per_year=365), MaxDrawdown, DailyNumberOfTrades,
-               DailyTradingValue, ReturnOverMDD, ReturnOverTrade, MaxPositionValue]
+    days = (int(rec_ts[-1]) - int(rec_ts[0])) / pnl.DAY_NS
+    metrics = [MaxDrawdown, ReturnOverMDD, ReturnOverTrade, MaxPositionValue]
+    if days >= 1.0:
+        metrics = [SR("SR", trading_days_per_year=365), Sortino("Sortino", trading_days_per_year=365),
+                   AnnualRet("AnnualRet", trading_days_per_year=365), DailyNumberOfTrades, DailyTradingValue,
+                   *metrics]
+        how = (f"over {days:.2f} days of records: SR and Sortino are the mean of the 1-second equity changes "
+               f"over their standard deviation (Sortino: downside deviation), times sqrt(86,400 x 365); AnnualRet "
+               f"is the PnL ({pnl.currency(feed.symbol, feed.contract == 'inverse')}) / days x 365 (hftbacktest)")
+    else:
+        how = (f"not reported: the run covers {days * 24:.2f} h, less than a day, so SR, Sortino, AnnualRet and "
+               f"the daily rates would be extrapolations")
     try:
         stats = record.stats(metrics)
     except Exception as exc:  # stats of a run with no variation can divide by zero inside polars
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": f"{type(exc).__name__}: {exc}", "annualised": how}
     row = stats.splits[-1]
-    return {k: (float(v) if isinstance(v, int | float | np.floating) else str(v)) for k, v in row.items()
-            if k not in ("start", "end")}
+    out = {k: (float(v) if isinstance(v, int | float | np.floating) else str(v)) for k, v in row.items()
+           if k not in ("start", "end")}
+    out["annualised"] = how
+    return out
 
 
 def save_result(result: RunResult, out_dir: Path, feed: AssetFeed) -> Path:

@@ -5,16 +5,8 @@ Fills are inferred from position changes between consecutive records, so several
 step show as one net fill at their average price; a step where both sides filled and the position
 did not move shows no fill, and its spread shows up in spread capture all the same.
 
-PnL decomposition (exact, for linear and inverse contracts). With equity ``E = s·balance + V(q, m) − fee``
-(``s = 1, V = q·m·c`` linear; ``s = −1, V = −q·c/m`` inverse) and records ``i−1 → i``:
-
-* spread capture ``s·Δbalance + V(q_i, m_{i−1}) − V(q_{i−1}, m_{i−1})``: the trades valued at the mid
-  quoted against;
-* inventory ``V(q_i, m_i) − V(q_i, m_{i−1})``: the held position marked to the mid's move;
-* fees ``−Δfee`` (rebates are positive).
-
-The three telescope to ``E_end − E_start``; the series is closed with the run's final state, so their
-sum is the recorded equity.
+PnL decomposition (exact, for linear and inverse contracts): spread capture, inventory, fees and
+funding, as :mod:`quotelab.pnl` defines them; they sum to the recorded equity.
 """
 
 from __future__ import annotations
@@ -27,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from quotelab import pnl
 from quotelab.errors import QuotelabError
 
 HORIZONS = {"100ms": 100_000_000, "1s": 1_000_000_000, "10s": 10_000_000_000, "60s": 60_000_000_000}
@@ -70,9 +63,6 @@ def diagnostics(ts: np.ndarray, frame: dict[str, np.ndarray], summary: dict[str,
     tick = float(inst.get("tick_size") or float("nan"))
     s = -1.0 if inverse else 1.0
 
-    def value(q: np.ndarray, m: np.ndarray) -> np.ndarray:
-        return -q * cs / m if inverse else q * m * cs
-
     ts = np.asarray(ts, dtype=np.int64)
     mid = _ffill(frame["mid"])
     # Close with the final state so the split sums to the recorded equity; open with the empty account.
@@ -81,19 +71,17 @@ def diagnostics(ts: np.ndarray, frame: dict[str, np.ndarray], summary: dict[str,
                                                                                          or np.nan))
     q = np.concatenate([[0.0], np.asarray(frame["position"], float), [final[0]] if have_final else []])
     bal = np.concatenate([[0.0], np.asarray(frame["balance"], float), [final[1]] if have_final else []])
-    fee = np.concatenate([[0.0], np.asarray(frame["fee"], float), [final[2]] if have_final else []])
     m = np.concatenate([[mid[0]], mid, [float(summary["last_mid"])] if have_final else []])
     t = np.concatenate([[ts[0]], ts, [ts[-1]] if have_final else []])
 
-    dq, dbal, dfee = np.diff(q), np.diff(bal), np.diff(fee)
-    spread = s * dbal + value(q[1:], m[:-1]) - value(q[:-1], m[:-1])
-    inventory = value(q[1:], m[1:]) - value(q[1:], m[:-1])
-    fees = -dfee
-    out: dict[str, Any] = {
-        "pnl_spread": float(np.nansum(spread)), "pnl_inventory": float(np.nansum(inventory)),
-        "pnl_fees": float(np.nansum(fees)),
-    }
-    out["pnl_total"] = out["pnl_spread"] + out["pnl_inventory"] + out["pnl_fees"]
+    if "funding" in frame:  # the recorded balance holds the funding; fills are read from the trades' part
+        fund = np.concatenate([[0.0], np.asarray(frame["funding"], float),
+                               [float(summary.get("funding") or 0.0)] if have_final else []])
+        bal = bal - s * fund
+    dq, dbal = np.diff(q), np.diff(bal)
+    split = pnl.parts(ts, frame, summary, inverse, cs)
+    out: dict[str, Any] = {f"pnl_{k}": float(np.nansum(split[k])) for k in ("spread", "inventory", "fees", "funding")}
+    out["pnl_total"] = out["pnl_spread"] + out["pnl_inventory"] + out["pnl_fees"] + out["pnl_funding"]
 
     # Fills: net position change per step, at the price the balance change implies.
     idx = np.nonzero(np.abs(dq) > 1e-12)[0]
@@ -154,8 +142,9 @@ def diagnostics(ts: np.ndarray, frame: dict[str, np.ndarray], summary: dict[str,
 # The report
 # ------------------------------------------------------------------------------------------------
 
-TABLE_COLS = ["index", "status", "venue", "symbol", "dates", "equity", "num_trades", "position", "fee",
-              "stats.SR", "stats.MaxDrawdown", "diag.pnl_spread", "diag.pnl_inventory", "diag.pnl_fees",
+TABLE_COLS = ["index", "status", "venue", "symbol", "dates", "pnl_usd", "pnl_bps_of_notional", "equity", "pnl_unit",
+              "num_trades", "position", "fee", "funding", "stats.SR", "stats.MaxDrawdown", "diag.pnl_spread",
+              "diag.pnl_inventory", "diag.pnl_fees", "diag.pnl_funding",
               "diag.markout_bps_100ms", "diag.markout_bps_1s", "diag.markout_bps_10s", "diag.markout_bps_60s",
               "diag.quote_uptime", "diag.inventory_mean_abs", "wall_seconds", "run_id", "error"]
 
@@ -210,7 +199,7 @@ def _series(results_dir: Path, run_id: str) -> dict[str, np.ndarray] | None:
     return {c: df[c].to_numpy() for c in df.columns}
 
 
-def build_report(results_dir: str | Path, out: str | Path | None = None, stat: str = "equity",
+def build_report(results_dir: str | Path, out: str | Path | None = None, stat: str | None = None,
                  x: str | None = None, y: str | None = None) -> Path:
     """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path."""
     import matplotlib
@@ -226,6 +215,8 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         raise ReportError(f"{results_dir}: no run records (runs/*/record.json); run `quotelab batch` first")
     rows = [flat_row(r) for r in records]
     by_id = {r["run_id"]: r for r in records}
+    if stat is None:  # PnL in USD compares runs in coin and in USDT; records from before it had only equity
+        stat = "pnl_usd" if any(isinstance(r.get("pnl_usd"), float) for r in rows) else "equity"
     if stat not in rows[0] and f"stats.{stat}" in rows[0]:
         stat = f"stats.{stat}"
     if not any(isinstance(r.get(stat), float) for r in rows):
@@ -304,9 +295,12 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
                 continue
             inst = by_id[r["run_id"]].get("instrument") or {}
             t = (s["timestamp"] - s["timestamp"][0]) / 1e9
-            axes[0].plot(t, equity_series(s, inst), label=f"{tag}: {r['label']}")
+            eq = equity_series(s, inst)
+            if inst.get("contract") == "inverse":  # coin PnL, valued at the mid of its time
+                eq = eq * _ffill(s["mid"])
+            axes[0].plot(t, eq, label=f"{tag}: {r['label']}")
             axes[1].plot(t, s["position"], label=tag)
-        axes[0].set_ylabel("equity")
+        axes[0].set_ylabel("PnL (USD)")
         axes[1].set_ylabel("position")
         axes[1].set_xlabel("seconds")
         axes[0].legend(fontsize=7)
@@ -347,15 +341,15 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         labels = [str(r["index"]) for r in done]
         bottom_pos = np.zeros(len(done))
         bottom_neg = np.zeros(len(done))
-        for part, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3")):
-            v = np.array([r.get(f"diag.pnl_{part}") or 0.0 for r in done])
+        for part, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3"), ("funding", "C4")):
+            v = np.array([(r.get(f"diag.pnl_{part}") or 0.0) * _usd(r) for r in done])
             base = np.where(v >= 0, bottom_pos, bottom_neg)
             axes[1].bar(labels, v, bottom=base, color=color, label=part)
             bottom_pos += np.where(v >= 0, v, 0)
             bottom_neg += np.where(v < 0, v, 0)
-        axes[1].scatter(labels, [r.get("equity") for r in done], color="k", marker="_", s=200, label="recorded PnL",
-                        zorder=3)
-        axes[1].set_title("PnL split by run index")
+        axes[1].scatter(labels, [(r.get("equity") or 0.0) * _usd(r) for r in done], color="k", marker="_", s=200,
+                        label="recorded PnL", zorder=3)
+        axes[1].set_title("PnL split by run index (USD)")
         axes[1].legend(fontsize=7)
         axes[1].tick_params(axis="x", labelsize=7)
         best_rec = by_id[picks[0][1]["run_id"]]["diagnostics"]
@@ -395,6 +389,14 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
     path = out / "index.html"
     atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
     return path
+
+
+def _usd(row: dict[str, Any]) -> float:
+    """USD per unit of a run's PnL: its final mark if the PnL is in coin, else 1 (stablecoins at par)."""
+    unit = row.get("pnl_unit")
+    if unit is None or unit in ("USD", "USDT", "USDC", "BUSD", "FDUSD"):
+        return 1.0
+    return float(row.get("last_mid") or np.nan)
 
 
 def _mean(vals: list[Any]) -> float | None:
