@@ -201,21 +201,57 @@ class DataSection(StrictModel):
 
 
 class Latency(StrictModel):
-    entry: Seconds = 0.01
-    response: Seconds = 0.01
+    """Order latency, in seconds (``10ms``): request to exchange (entry), exchange to response."""
+
+    model: Literal["constant", "recorded", "feed"] = Field(
+        "constant", description="constant: entry and response; recorded: interpolated from `file` "
+                                "(hftbacktest's intp_order_latency); feed: from the asset's own feed latency, "
+                                "entry = entry_scale * (local - exchange time) + entry, response likewise.")
+    entry: Seconds = Field(0.01, ge=0, description="constant: the entry latency; feed: added after scaling.")
+    response: Seconds = Field(0.01, ge=0, description="constant: the response latency; feed: added after scaling.")
+    file: str | None = Field(None, description="recorded: npz/npy/parquet/CSV with req_ts, exch_ts, resp_ts (ns); "
+                                               "relative to the strategy file.")
+    offset: Seconds = Field(0.0, description="recorded: added to every entry and response latency (may be < 0, "
+                                             "as long as no latency becomes negative).")
+    entry_scale: float = Field(1.0, ge=0, description="feed: multiplier of the feed latency for the entry latency.")
+    response_scale: float = Field(1.0, ge=0, description="feed: multiplier of the feed latency for the response.")
+    sample: Seconds = Field(1.0, gt=0, description="feed: one latency row per this much local time.")
 
 
 class Fees(StrictModel):
+    """maker/taker per fill; negative is a rebate."""
+
+    model: Literal["value", "quantity", "flat"] = Field(
+        "value", description="value: a fraction of the traded value; quantity: per unit of quantity, in the "
+                             "quote currency (coin if inverse); flat: per fill, in the same unit.")
     maker: float = -0.00005
     taker: float = 0.0007
 
 
+QUEUE_MODELS = ("risk_adverse", "log_prob", "log_prob_model2", "power_prob", "power_prob_model2",
+                "power_prob_model3", "power_prob2", "power_prob3")
+
+
 class AssetEngine(StrictModel):
     latency: Latency = Latency()
-    queue: Literal["risk_adverse", "log_prob", "power_prob2", "power_prob3"] = "risk_adverse"
+    feed_latency_offset: Seconds = Field(0.0, description="Added to the asset's local (receive) times, e.g. for a "
+                                                          "venue whose feed is recorded elsewhere; hftbacktest's "
+                                                          "latency_offset. A negative feed latency is refused.")
+    queue: Literal[QUEUE_MODELS] = "risk_adverse"  # type: ignore[valid-type]
+    queue_power: float = Field(2.0, gt=0, description="The exponent n of the power_prob models.")
     partial_fills: bool = False
     fees: Fees = Fees()
     last_trades_capacity: int = Field(10000, ge=1)
+
+    @field_validator("partial_fills")
+    @classmethod
+    def _no_partial_fills(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "true is refused: hftbacktest 2.4's partial-fill exchange does not apply a partly filled order's "
+                "fills to position and balance (only a completed order's last chunk; hftbacktest issues #299, "
+                "#316) and can stop with InvalidOrderStatus (#312); use false (whole-order fills)")
+        return v
 
 
 class EngineSection(StrictModel):

@@ -13,7 +13,7 @@ from typing import Any
 import numba
 import numpy as np
 from hftbacktest import GTC, GTX, BacktestAsset
-from hftbacktest.types import record_dtype
+from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT, record_dtype
 
 from quotelab import driver as D
 from quotelab import layout as L
@@ -121,20 +121,120 @@ def resolve_catalog(base_dir: Path, configured: str | None, catalog: str | Path 
     return None
 
 
-def _build_asset(feed: AssetFeed) -> BacktestAsset:
+ORDER_LATENCY_DTYPE = np.dtype([("req_ts", "i8"), ("exch_ts", "i8"), ("resp_ts", "i8"), ("_padding", "i8")],
+                               align=True)  # hftbacktest 2.4's OrderLatencyRow
+
+
+def _build_asset(feed: AssetFeed, order_latency: np.ndarray | None = None) -> BacktestAsset:
     e = feed.engine
     a = BacktestAsset().data(feed.events)
     a = a.inverse_asset(feed.contract_size) if feed.contract == "inverse" else a.linear_asset(feed.contract_size)
-    a = a.constant_order_latency(int(round(e.latency.entry * 1e9)), int(round(e.latency.response * 1e9)))
+    if order_latency is None:
+        a = a.constant_order_latency(int(round(e.latency.entry * 1e9)), int(round(e.latency.response * 1e9)))
+    else:
+        a = a.intp_order_latency(order_latency, 0)
+    if e.feed_latency_offset:
+        a = a.latency_offset(int(round(e.feed_latency_offset * 1e9)))
+    n = e.queue_power
     a = {
         "risk_adverse": lambda: a.risk_adverse_queue_model(),
         "log_prob": lambda: a.log_prob_queue_model(),
+        "log_prob_model2": lambda: a.log_prob_queue_model2(),
+        "power_prob": lambda: a.power_prob_queue_model(n),
+        "power_prob_model2": lambda: a.power_prob_queue_model2(n),
+        "power_prob_model3": lambda: a.power_prob_queue_model3(n),
         "power_prob2": lambda: a.power_prob_queue_model(2.0),
         "power_prob3": lambda: a.power_prob_queue_model(3.0),
     }[e.queue]()
-    a = a.partial_fill_exchange() if e.partial_fills else a.no_partial_fill_exchange()
-    a = a.trading_value_fee_model(e.fees.maker, e.fees.taker)
+    a = a.no_partial_fill_exchange()  # partial fills are refused in the config (AssetEngine)
+    a = {"value": a.trading_value_fee_model, "quantity": a.trading_qty_fee_model,
+         "flat": a.flat_per_trade_fee_model}[e.fees.model](e.fees.maker, e.fees.taker)
     return a.tick_size(feed.tick_size).lot_size(feed.lot_size).last_trades_capacity(e.last_trades_capacity)
+
+
+def order_latency(feed: AssetFeed, where: Callable[[tuple], str], at: tuple, base_dir: Path) -> np.ndarray | None:
+    """The rows of ``recorded`` or ``feed`` order latency for hftbacktest's ``intp_order_latency`` (ns),
+    None for ``constant``. A negative latency, or a feed latency made negative by ``feed_latency_offset``,
+    is an error naming the asset and the fix."""
+    e = feed.engine
+    lat = e.latency
+    offset = int(round(e.feed_latency_offset * 1e9))
+    if offset or lat.model == "feed":
+        fl = _feed_latencies(feed)
+        if len(fl) and fl.min() + offset < 0:
+            raise ConfigError(
+                f"{where((*at, 'feed_latency_offset'))}: {feed.name}'s feed latency (local - exchange time) reaches "
+                f"{(fl.min() + offset) / 1e6:.3f} ms with feed_latency_offset {offset / 1e6:g} ms; a negative latency "
+                f"is impossible: raise feed_latency_offset by at least {-(fl.min() + offset) / 1e6:.3f} ms")
+    if lat.model == "constant":
+        return None
+    if lat.model == "recorded":
+        if lat.file is None:
+            raise ConfigError(f"{where((*at, 'latency', 'file'))}: latency model 'recorded' needs a file of "
+                              f"req_ts, exch_ts, resp_ts (ns)")
+        rows = _read_latency_file((base_dir / lat.file).resolve(), where((*at, "latency", "file")))
+        shift = int(round(lat.offset * 1e9))
+        rows["exch_ts"] += shift
+        rows["resp_ts"] += 2 * shift  # the exchange time moved by shift, and the response latency too
+    else:
+        sample = int(round(lat.sample * 1e9))
+        parts = []
+        for ev in feed.events:
+            both = ev[(ev["ev"] & (EXCH_EVENT | LOCAL_EVENT)) == (EXCH_EVENT | LOCAL_EVENT)]
+            local = both["local_ts"] + offset
+            keep = np.flatnonzero(np.diff(local // sample, prepend=np.iinfo(np.int64).min) != 0)
+            parts.append((local[keep], local[keep] - both["exch_ts"][keep]))
+        local = np.concatenate([p[0] for p in parts])
+        fl = np.concatenate([p[1] for p in parts]).astype(np.float64)
+        rows = np.zeros(len(local), ORDER_LATENCY_DTYPE)
+        rows["req_ts"] = local
+        rows["exch_ts"] = local + np.round(lat.entry_scale * fl + lat.entry * 1e9).astype(np.int64)
+        rows["resp_ts"] = rows["exch_ts"] + np.round(lat.response_scale * fl + lat.response * 1e9).astype(np.int64)
+    entry, resp = rows["exch_ts"] - rows["req_ts"], rows["resp_ts"] - rows["exch_ts"]
+    if not len(rows):
+        raise ConfigError(f"{where((*at, 'latency'))}: no order latency rows for {feed.name}")
+    bad = np.flatnonzero((entry < 0) | (resp < 0))
+    if len(bad):
+        i = int(bad[0])
+        raise ConfigError(
+            f"{where((*at, 'latency'))}: {feed.name}'s order latency is negative at row {i} (entry "
+            f"{entry[i] / 1e6:g} ms, response {resp[i] / 1e6:g} ms); raise latency.entry/response or latency.offset")
+    if np.any(np.diff(rows["req_ts"]) < 0):
+        raise ConfigError(f"{where((*at, 'latency', 'file'))}: req_ts must be non-decreasing; sort the rows")
+    return rows
+
+
+def _feed_latencies(feed: AssetFeed) -> np.ndarray:
+    both = EXCH_EVENT | LOCAL_EVENT
+    return np.concatenate([ev["local_ts"][(ev["ev"] & both) == both] - ev["exch_ts"][(ev["ev"] & both) == both]
+                           for ev in feed.events])
+
+
+def _read_latency_file(path: Path, where: str) -> np.ndarray:
+    if not path.exists():
+        raise ConfigError(f"{where}: {path}: file not found; write npz/npy/parquet/CSV with req_ts, exch_ts, resp_ts "
+                          f"(ns)")
+    try:
+        if path.suffix in (".npz", ".npy"):
+            raw = np.load(path, allow_pickle=False)
+            if path.suffix == ".npz":
+                with raw:
+                    raw = raw["data"] if "data" in raw.files else raw[raw.files[0]]
+            cols = {k: raw[k] for k in raw.dtype.names or ()}
+        else:
+            import polars as pl
+
+            df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+            cols = {c: df[c].to_numpy() for c in df.columns}
+    except Exception as exc:
+        raise ConfigError(f"{where}: {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    missing = [c for c in ("req_ts", "exch_ts", "resp_ts") if c not in cols]
+    if missing:
+        raise ConfigError(f"{where}: {path} has no column {', '.join(missing)}; it has: {', '.join(cols)}")
+    rows = np.zeros(len(cols["req_ts"]), ORDER_LATENCY_DTYPE)
+    for c in ("req_ts", "exch_ts", "resp_ts"):
+        rows[c] = np.asarray(cols[c], dtype=np.int64)
+    return rows
 
 
 _DRIVER_COMPILED = False
@@ -232,7 +332,9 @@ def run_loaded(
                 "run_id": hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()[:16],
                 "assets": {f.name: {"venue": f.venue, "symbol": f.symbol} for f in feeds}, "config": config_json}
     _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
-    hbt = Backtest([_build_asset(f) for f in feeds])
+    latencies = [order_latency(f, loaded.where, ("engine", "assets", f.name) if f.name in cfg.engine.assets else
+                               ("engine", "defaults"), loaded.file.parent) for f in feeds]
+    hbt = Backtest([_build_asset(f, lat) for f, lat in zip(feeds, latencies, strict=True)])
     args = (hbt.ptr, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters,
             settle_ts, settle, fund)
     t1 = time.perf_counter()
