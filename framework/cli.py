@@ -206,11 +206,28 @@ def synth(
         str, typer.Option("--funding-interval", help="Time between the perp's funding settlements, e.g. 8h.")
     ] = "8h",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    arrival: Annotated[str | None, typer.Option(
+        "--arrival", help="A,k[,A_sell,k_sell]: instead, a one-tick market (SYNARRIVAL) whose trades reach δ ticks "
+                          "from the mid at rate A·exp(−kδ) per side, for `quotelab calibrate`.")] = None,
 ) -> None:
     """Generate a seeded synthetic spot/perp market (venue `synthetic`) into the catalog."""
     import json
 
     from quotelab.data import synth as synth_mod
+
+    if arrival is not None:
+        try:
+            nums = [float(x) for x in arrival.split(",")]
+        except ValueError:
+            nums = []
+        if len(nums) not in (2, 4):
+            raise synth_mod.SynthError(f"--arrival {arrival!r}: expected A,k or A,k,A_sell,k_sell (numbers)")
+        res = synth_mod.arrival_market(catalog, buy=(nums[0], nums[1]),
+                                       sell=(nums[2], nums[3]) if len(nums) == 4 else None, seed=seed,
+                                       start=start, duration_s=synth_mod.parse_duration(duration))
+        typer.echo(json.dumps(res, sort_keys=True) if as_json else
+                   f"synthetic/{res['symbol']} {res['day']}: {res['events']:,} events -> {catalog}")
+        return
 
     summary = synth_mod.generate(
         catalog, seed=seed, start=start, duration_s=synth_mod.parse_duration(duration), assets=assets,
@@ -412,6 +429,46 @@ def microprice_fit(
                                                      for j in range(table.n_spreads)))
     Console().print(t)
     typer.echo(f"wrote {out}")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    catalog: CatalogOpt,
+    asset: Annotated[list[str], typer.Option("--asset", help="VENUE/SYMBOL, e.g. binance-usdm/BTCUSDT; repeat.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the table, the plots and params.yaml.")],
+    dates: Annotated[
+        str | None, typer.Option("--dates", help="Days, YYYYMMDD, comma-separated (default: all in the catalog).")
+    ] = None,
+    step: Annotated[str, typer.Option("--step", help="Quoting step, as the strategy's engine.step.")] = "100ms",
+    max_ticks: Annotated[int, typer.Option("--max-ticks", help="Fit λ(δ) at δ = 0.5, 1, ..., this many ticks.")] = 35,
+    json_: Annotated[bool, typer.Option("--json", help="Print the table as JSON rows.")] = False,
+) -> None:
+    """Fit σ and the trade-arrival law λ(δ) = A·exp(−kδ) per asset and day (for avellaneda_stoikov, glft)."""
+    from quotelab.calibrate import calibrate, write
+    from quotelab.errors import ConfigError
+    from quotelab.units import parse_quantity
+
+    try:
+        step_s = float(parse_quantity(step, "seconds"))
+    except ValueError as exc:
+        raise ConfigError(f"--step: {exc}") from exc
+    days = [d.strip() for d in dates.split(",") if d.strip()] if dates else None
+    result = calibrate(catalog, asset, days, step=step_s, max_ticks=max_ticks)
+    written = write(result, out)
+    if json_:
+        _print_json(result.rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"λ(δ) = A·exp(−kδ), δ = 0.5..{max_ticks} ticks; σ in ticks/√s; step {step_s:g} s")
+    for col in ("asset", "day", "side", "A (1/s)", "k (1/tick)", "R²", "points", "σ", "steps"):
+        t.add_column(col, justify="right" if col not in ("asset", "day", "side") else "left")
+    for r in result.rows:
+        t.add_row(r["asset"], r["day"], r["side"], f"{r['A']:.4g}", f"{r['k']:.4g}", f"{r['r2']:.3f}",
+                  str(r["points"]), f"{r['sigma']:.4g}", f"{r['steps']:,}")
+    Console().print(t)
+    typer.echo(f"wrote {len(written)} files to {out} (params block: {out / 'params.yaml'})")
 
 
 @app.command("new-plugin")

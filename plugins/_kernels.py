@@ -199,19 +199,84 @@ def sigma_ticks_nb(view, a, state, prior, half_life):
     return ewma_variance_nb(state, mid, view[a, STEP_SECONDS], half_life) / tick
 
 
-# Online fit of the fill intensity λ(δ) = A·exp(−k·δ) (δ in ticks from the mid) from trade arrivals.
-FIT_MAX_WINDOW = 3000  # steps
+# Online fit of the fill intensity λ(δ) = A·exp(−k·δ) (δ in ticks from the mid) from trade arrivals, measured
+# as hftbacktest's GLFT example does: a step's arrival depth is how far its deepest trade went past the
+# previous step's mid, rounded to half ticks; a quote δ = j/2 ticks from the mid counts as reached when the
+# depth is strictly beyond it (a quote at the trade's own price waits in the queue).
+FIT_MAX_WINDOW = 36_000  # steps: an hour at 100 ms
 FIT_MAX_TICKS = 50
-# state: [previous mid, pushes, ring of per-step arrival depths (ticks) ..., counts of depth >= d, d = 1..]
+# state: [previous mid (ticks), pushes, ring of per-step arrival depths (half ticks) ..., counts per δ = j/2]
 FIT_RING = 2
 FIT_COUNTS = FIT_RING + FIT_MAX_WINDOW
-FIT_STATE_SIZE = FIT_COUNTS + FIT_MAX_TICKS
+FIT_STATE_SIZE = FIT_COUNTS + 2 * FIT_MAX_TICKS
 
 
 def fit_state() -> np.ndarray:
     s = np.zeros(FIT_STATE_SIZE)
     s[0] = np.nan
     return s
+
+
+@njit(inline="always")
+def arrival_depths_nb(view, trades, a, prev_mid_ticks):
+    """This step's deepest buy and sell trade beyond ``prev_mid_ticks``, in half ticks (−1: none).
+
+    A buyer-initiated trade's depth is price/tick − mid; a seller-initiated one's mid − price/tick.
+    """
+    tick = view[a, TICK]
+    buy = -np.inf
+    sell = -np.inf
+    if prev_mid_ticks == prev_mid_ticks:
+        for j in range(int(view[a, N_TRADES])):
+            d = trades[a, j, TR_PX] / tick - prev_mid_ticks
+            if trades[a, j, TR_SIDE] > 0.0:
+                buy = max(buy, d)
+            else:
+                sell = max(sell, -d)
+    hb = float(np.round(2.0 * buy)) if buy > -np.inf else -1.0
+    hs = float(np.round(2.0 * sell)) if sell > -np.inf else -1.0
+    return hb, hs
+
+
+@njit(inline="always")
+def log_linear_fit_nb(counts, n_points, seconds):
+    """Least squares of ln(counts[j−1]/seconds) on δ = j/2, j = 1..n_points, over the j with a count.
+
+    Returns (A, k, R², points used); (NaN, NaN, NaN, points) with fewer than 2 points, k = 0 when every
+    count is equal.
+    """
+    sx = 0.0
+    sy = 0.0
+    sxx = 0.0
+    sxy = 0.0
+    syy = 0.0
+    m = 0
+    c_lo = np.inf
+    c_hi = 0.0
+    for j in range(1, int(n_points) + 1):
+        c = counts[j - 1]
+        if c > 0.0:
+            c_lo = min(c_lo, c)
+            c_hi = max(c_hi, c)
+            x = 0.5 * j
+            y = np.log(c / seconds)
+            sx += x
+            sy += y
+            sxx += x * x
+            sxy += x * y
+            syy += y * y
+            m += 1
+    if m < 2:
+        return np.nan, np.nan, np.nan, m
+    if c_lo == c_hi:  # a flat curve: k is 0, not a rounding residue whose sign would pick the spread
+        return c_lo / seconds, 0.0, np.nan, m
+    vx = m * sxx - sx * sx
+    vy = m * syy - sy * sy
+    cxy = m * sxy - sx * sy
+    slope = cxy / vx
+    intercept = (sy - slope * sx) / m
+    r2 = cxy * cxy / (vx * vy)
+    return np.exp(intercept), -slope, r2, m
 
 
 class ModelQuoterParams(Params):
@@ -228,8 +293,8 @@ class ModelQuoterParams(Params):
     max_position: Qty = quantity("qty", 1.0, "No new orders on a side once |position| reaches this.", ge=0)
     fit_window: int = quantity("steps", 0, "0: k constant; > 0: fitted from trades over this many steps.",
                                ge=0, le=FIT_MAX_WINDOW)
-    fit_max_ticks: int = quantity("ticks", 20, "Fit λ(d) at d = 1..this many ticks from the mid.", ge=2,
-                                  le=FIT_MAX_TICKS)
+    fit_max_ticks: int = quantity("ticks", 20, "Fit λ(δ) at δ = 0.5, 1, ..., this many ticks from the mid.",
+                                  ge=1, le=FIT_MAX_TICKS)
 
 
 def model_quoter_state(p: ModelQuoterParams) -> np.ndarray:
@@ -243,52 +308,33 @@ def model_quoter_reads(p: ModelQuoterParams) -> Reads:
 
 @njit(inline="always")
 def arrival_fit_nb(view, trades, a, state, window, n_ticks):
-    """Update the window with this step's deepest trade and return (A, k); (NaN, NaN) until 2 depths fit.
+    """Update the window with this step's arrival depth and return (A, k); (NaN, NaN) until 2 depths fit.
 
-    A step's arrival depth is max |trade price − previous step's mid| / tick over its trades (0 if
-    none). λ(d) = (steps in the window whose depth ≥ d) / (window steps · step seconds) for
-    d = 1..n_ticks; ln λ = ln A − k·d is fitted by least squares over the d with λ > 0.
+    The step's depth is the deeper of its buy and sell depths (:func:`arrival_depths_nb`);
+    λ(δ) = (steps in the window whose depth is beyond δ) / (window steps · step seconds) at
+    δ = 0.5, 1, ..., n_ticks; ln λ = ln A − k·δ is fitted by least squares (:func:`log_linear_fit_nb`),
+    as ``quotelab calibrate`` does offline.
     """
-    tick = view[a, TICK]
-    prev_mid = state[0]
-    depth = 0.0
-    if prev_mid == prev_mid:
-        for j in range(int(view[a, N_TRADES])):
-            depth = max(depth, abs(trades[a, j, TR_PX] - prev_mid) / tick)
-    state[0] = (view[a, BEST_BID_PRICE] + view[a, BEST_ASK_PRICE]) / 2.0
+    hb, hs = arrival_depths_nb(view, trades, a, state[0])
+    depth = max(hb, hs)
+    state[0] = (view[a, BEST_BID_TICK] + view[a, BEST_ASK_TICK]) / 2.0
     w = int(window)
     n = int(state[1])
+    n_half = 2 * int(n_ticks)
     slot = FIT_RING + n % w
     if n >= w:
         old = state[slot]
-        for d in range(1, int(n_ticks) + 1):
-            if old >= d:
-                state[FIT_COUNTS + d - 1] -= 1.0
+        for j in range(1, n_half + 1):
+            if old > j:
+                state[FIT_COUNTS + j - 1] -= 1.0
     state[slot] = depth
-    for d in range(1, int(n_ticks) + 1):
-        if depth >= d:
-            state[FIT_COUNTS + d - 1] += 1.0
+    for j in range(1, n_half + 1):
+        if depth > j:
+            state[FIT_COUNTS + j - 1] += 1.0
     state[1] = n + 1
     steps = min(n + 1, w)
     dt = view[a, STEP_SECONDS]
     if not dt > 0.0:
         return np.nan, np.nan
-    sx = 0.0
-    sy = 0.0
-    sxx = 0.0
-    sxy = 0.0
-    m = 0
-    for d in range(1, int(n_ticks) + 1):
-        c = state[FIT_COUNTS + d - 1]
-        if c > 0.0:
-            y = np.log(c / (steps * dt))
-            sx += d
-            sy += y
-            sxx += d * d
-            sxy += d * y
-            m += 1
-    if m < 2:
-        return np.nan, np.nan
-    slope = (m * sxy - sx * sy) / (m * sxx - sx * sx)
-    intercept = (sy - slope * sx) / m
-    return np.exp(intercept), -slope
+    fa, fk, _, _ = log_linear_fit_nb(state[FIT_COUNTS:FIT_COUNTS + n_half], n_half, steps * dt)
+    return fa, fk

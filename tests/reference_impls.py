@@ -227,25 +227,47 @@ def volume_rate_imbalance(trades: pd.DataFrame, step_ts: np.ndarray, step_second
         return np.where(rb + rs > 0, (rb - rs) / (rb + rs), 0.0)
 
 
-def arrival_fit(trades: pd.DataFrame, step_ts: np.ndarray, mid: np.ndarray, step_seconds: np.ndarray, tick: float,
-                window: int, n_ticks: int, prev_grid_ts: int) -> tuple[np.ndarray, np.ndarray]:
-    """A and k of λ(d) = A exp(-k d) fitted at each step from the deepest trade of each step in the window."""
+def arrival_depths(trades: pd.DataFrame, step_ts: np.ndarray, mid_ticks: np.ndarray, tick: float,
+                   prev_grid_ts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step, the deepest buy and sell trade past the previous step's mid, in half ticks (-1: none)."""
     edges = np.concatenate([[prev_grid_ts], step_ts])
     step = np.searchsorted(edges, trades["local_ts"].to_numpy(), side="left") - 1
     inside = (step >= 1) & (step < len(step_ts))  # step 0 has no previous mid
     t = trades[inside].assign(step=step[inside])
-    t["dist"] = (t["px"] - mid[t["step"].to_numpy() - 1]).abs() / tick
-    depth = t.groupby("step")["dist"].max().reindex(range(len(step_ts)), fill_value=0.0).to_numpy()
-    d = np.arange(1, n_ticks + 1)
+    t["dist"] = t["side"] * (t["px"] / tick - mid_ticks[t["step"].to_numpy() - 1])
+    out = []
+    for sign in (1.0, -1.0):
+        deepest = t[t["side"] == sign].groupby("step")["dist"].max()
+        h = np.full(len(step_ts), -1.0)
+        h[deepest.index.to_numpy()] = np.round(2 * deepest.to_numpy())
+        out.append(h)
+    return out[0], out[1]
+
+
+def log_linear_fit(depth_h: np.ndarray, n_ticks: int, seconds: float) -> tuple[float, float, float, int]:
+    """A, k, R², points of ln λ(δ) = ln A - k δ, λ(δ) = #(depth > δ)/seconds at δ = 0.5, 1, ..., n_ticks."""
+    j = np.arange(1, 2 * n_ticks + 1)
+    counts = (depth_h[:, None] > j[None, :]).sum(axis=0)
+    ok = counts > 0
+    if ok.sum() < 2:
+        return np.nan, np.nan, np.nan, int(ok.sum())
+    x, y = j[ok] / 2, np.log(counts[ok] / seconds)
+    if len(set(counts[ok])) == 1:
+        return float(counts[ok][0] / seconds), 0.0, np.nan, int(ok.sum())
+    slope, intercept = np.polyfit(x, y, 1)
+    r2 = np.corrcoef(x, y)[0, 1] ** 2
+    return float(np.exp(intercept)), float(-slope), float(r2), int(ok.sum())
+
+
+def arrival_fit(trades: pd.DataFrame, step_ts: np.ndarray, mid: np.ndarray, step_seconds: np.ndarray, tick: float,
+                window: int, n_ticks: int, prev_grid_ts: int) -> tuple[np.ndarray, np.ndarray]:
+    """A and k of λ(δ) = A exp(-k δ) fitted at each step over the window's arrival depths (both sides)."""
+    hb, hs = arrival_depths(trades, step_ts, mid / tick, tick, prev_grid_ts)
+    depth = np.maximum(hb, hs)
     big_a, k = np.full(len(step_ts), np.nan), np.full(len(step_ts), np.nan)
     for i in range(len(step_ts)):
         if not step_seconds[i] > 0:
             continue
         recent = depth[max(0, i - window + 1): i + 1]
-        counts = (recent[:, None] >= d[None, :]).sum(axis=0)
-        ok = counts > 0
-        if ok.sum() < 2:
-            continue
-        slope, intercept = np.polyfit(d[ok], np.log(counts[ok] / (len(recent) * step_seconds[i])), 1)
-        big_a[i], k[i] = np.exp(intercept), -slope
+        big_a[i], k[i], _, _ = log_linear_fit(recent, n_ticks, len(recent) * step_seconds[i])
     return big_a, k

@@ -955,3 +955,90 @@ def _quality(seed: int, m: AssetModel, lm: LatentModel, t0: int, t1: int) -> dic
         q["lag_behind_latent_s"] = lm.spot_lag_s
         q["basis_mean"] = lm.basis_mean
     return q
+
+
+# ---------------------------------------------------------------------------------------------------
+# A market with a known trade-arrival law, for `quotelab calibrate`
+
+ARRIVAL_SYMBOL = "SYNARRIVAL"
+
+
+def arrival_market(
+    catalog: Path | str,
+    buy: tuple[float, float] = (0.5, 0.3),
+    sell: tuple[float, float] | None = None,
+    move_prob: float = 0.2,
+    step_s: float = 0.1,
+    seed: int = 7,
+    start: str | datetime = "2024-01-01T00:00:00",
+    duration_s: float = 3600.0,
+    tick_size: float = 0.1,
+    price0: float = 60_000.0,
+) -> dict[str, Any]:
+    """Write ``synthetic/SYNARRIVAL``: a one-tick market whose trades follow λ(δ) = A·e^(−kδ) per side.
+
+    Every ``step_s`` the mid moves one tick up or down, each with probability ``move_prob``/2, so
+    σ = √(move_prob/step_s) ticks per √second. Within each step, the deepest buyer-initiated trade
+    goes beyond δ ticks above the step's opening mid with probability λ(δ)·step_s, for every δ on the
+    half-tick grid (its depth is sampled continuously and rounded up to half ticks, so trade prices
+    can sit between ticks); ``buy`` = (A, k) for those, ``sell`` (default: ``buy``) for the deepest
+    seller-initiated trade below. A·step_s must be at most 1. The fit of ``quotelab calibrate`` measures
+    exactly this per-step reach probability, so it should recover A and k up to sampling noise.
+    """
+    sell = buy if sell is None else sell
+    for name, (a, k) in (("buy", buy), ("sell", sell)):
+        if not (a > 0 and k > 0 and a * step_s <= 1):
+            raise SynthError(f"arrival {name}: need A > 0, k > 0 and A·step ≤ 1, got A={a}, k={k}, step={step_s}")
+    if not 0 <= move_prob <= 1:
+        raise SynthError(f"move_prob must be in [0, 1], got {move_prob}")
+    rng = np.random.default_rng(seed)
+    t0 = _ns(parse_start(start))
+    dt = int(round(step_s * NS))
+    n = int(duration_s / step_s)
+    if n < 3:
+        raise SynthError(f"duration {duration_s} s holds fewer than 3 steps of {step_s} s")
+    u = rng.random(n)
+    move = np.where(u < move_prob / 2, -1, np.where(u < move_prob, 1, 0))
+    move[0] = 0
+    bid = int(round(price0 / tick_size)) + np.cumsum(move)  # bid tick after step k's move
+    rows: list[tuple[int, int, float, float]] = []  # (ts, ev, px, qty)
+    snap = DEPTH_SNAPSHOT_EVENT | EXCH_EVENT | LOCAL_EVENT
+    rows += [(t0, snap | BUY_EVENT, bid[0] * tick_size, 1.0), (t0, snap | SELL_EVENT, (bid[0] + 1) * tick_size, 1.0)]
+    depth_ev = DEPTH_EVENT | EXCH_EVENT | LOCAL_EVENT
+    for k in np.flatnonzero(move):
+        t = t0 + int(k) * dt - 1000
+        old, new = int(bid[k - 1]), int(bid[k])
+        # The side the mid moves toward is moved first, so the book never crosses.
+        first = [(t, depth_ev | SELL_EVENT, (old + 1) * tick_size, 0.0),
+                 (t, depth_ev | SELL_EVENT, (new + 1) * tick_size, 1.0)]
+        second = [(t, depth_ev | BUY_EVENT, old * tick_size, 0.0), (t, depth_ev | BUY_EVENT, new * tick_size, 1.0)]
+        rows += first + second if new > old else second + first
+    trade_ev = TRADE_EVENT | EXCH_EVENT | LOCAL_EVENT
+    for sign, (a, kk), flag in ((1, buy, BUY_EVENT), (-1, sell, SELL_EVENT)):
+        # P(depth > δ) = A·step·e^(−kδ): depth = ln(A·step/U)/k, rounded up to half ticks.
+        depth = np.log(a * step_s / rng.random(n)) / kk
+        half = np.ceil(2 * depth)
+        steps = np.flatnonzero(half >= 1)
+        steps = steps[(steps >= 1) & (steps < n - 1)]
+        for k in steps:
+            mid = bid[k] + 0.5
+            rows.append((t0 + int(k) * dt + dt // 2, trade_ev | flag, (mid + sign * half[k] / 2) * tick_size, 1.0))
+    rows.sort(key=lambda r: r[0])
+    ev = np.zeros(len(rows), dtype=event_dtype)
+    ev["exch_ts"] = ev["local_ts"] = [r[0] for r in rows]
+    ev["ev"] = [r[1] for r in rows]
+    ev["px"] = [r[2] for r in rows]
+    ev["qty"] = [r[3] for r in rows]
+    day = datetime.fromtimestamp(t0 // NS, UTC).strftime("%Y%m%d")
+    if datetime.fromtimestamp((t0 + n * dt) // NS, UTC).strftime("%Y%m%d") != day:
+        raise SynthError("the arrival market must fit in one UTC day; shorten --duration or move --start")
+    _catalog.write_day(catalog, VENUE, ARRIVAL_SYMBOL, day, ev)
+    truth = {"buy": {"A": buy[0], "k": buy[1]}, "sell": {"A": sell[0], "k": sell[1]},
+             "sigma": math.sqrt(move_prob / step_s), "step_s": step_s}
+    _catalog.update_meta(catalog, VENUE, ARRIVAL_SYMBOL,
+                         {"tick_size": tick_size, "lot_size": 1.0, "contract": {"kind": "linear", "size": 1.0},
+                          "market": "perp"},
+                         {day: {"first_ts": int(ev["exch_ts"][0]), "last_ts": int(ev["exch_ts"][-1]),
+                                "events": len(ev), "quality": {"synthetic": True, "seed": seed,
+                                                               "arrival": truth}}})
+    return {"symbol": ARRIVAL_SYMBOL, "day": day, "events": len(ev), "truth": truth}
