@@ -271,17 +271,22 @@ def batch(
 
 @app.command()
 def report(
-    results_dir: Annotated[Path, typer.Argument(help="A `quotelab batch` --out folder.")],
+    results_dir: Annotated[Path, typer.Argument(help="A `quotelab batch` --out folder, or one run's `quotelab run` "
+                                                     "--out folder.")],
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default RESULTS_DIR/report).")] = None,
     stat: Annotated[str | None, typer.Option(
         "--stat", help="Stat to rank, colour and compare by (default pnl_usd: unit-free across venues).")] = None,
     x: Annotated[str | None, typer.Option("--x", help="Heatmap x parameter path.")] = None,
     y: Annotated[str | None, typer.Option("--y", help="Heatmap y parameter path.")] = None,
 ) -> None:
-    """Write a static HTML report (runs table, heatmap, curves, market-making diagnostics) of batch results."""
-    from quotelab.report import build_report
+    """Write a static HTML report of batch results (summary, charts, failures, runs table) or of one run
+    (PnL and its parts over time, position, quotes and fills, the per-day table)."""
+    from quotelab.report import build_report, build_run_report
 
-    path = build_report(results_dir, out=out, stat=stat, x=x, y=y)
+    if (results_dir / "summary.json").exists() and not (results_dir / "runs").exists():
+        path = build_run_report(results_dir, out=out)
+    else:
+        path = build_report(results_dir, out=out, stat=stat, x=x, y=y)
     typer.echo(f"report: {path}")
 
 

@@ -364,6 +364,9 @@ def run_loaded(
          "amount": float(r[D.S_AMOUNT])} for t, r in zip(settle_ts[reached], settle[reached], strict=True)]
     summary["assets"] = {f.name: {"venue": f.venue, "symbol": f.symbol, "events": f.n_events} for f in feeds}
     summary.update(_figures(summary, feeds[q], rec_ts, rec))
+    fq = feeds[q]
+    summary["instrument"] = {"venue": fq.venue, "symbol": fq.symbol, "contract": fq.contract,
+                             "contract_size": fq.contract_size, "tick_size": fq.tick_size, "lot_size": fq.lot_size}
     result = RunResult(summary, rec_ts, rec, composition=comp)
     if counters[D.K_STATUS] != 0:
         name = comp.names[int(counters[D.K_STATUS]) - 1]

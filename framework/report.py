@@ -164,7 +164,9 @@ document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventL
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222} table{border-collapse:collapse;font-size:12px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right} th{background:#eee;cursor:pointer;position:sticky;top:0}
 td.s{text-align:left} tr.failed{background:#fee} img{max-width:100%;border:1px solid #ddd;margin:6px 0}
-.note{color:#666;font-size:13px}"""
+.note{color:#666;font-size:13px} td.err{white-space:nowrap;max-width:30em;overflow:hidden;text-overflow:ellipsis}
+details.fail{font-size:13px;margin:2px 0} details.fail pre{white-space:pre-wrap;background:#fafafa;padding:6px}
+.lead{font-size:15px} .lead b{font-size:17px}"""
 
 
 def _fmt(v: Any) -> str:
@@ -175,13 +177,41 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+_LABELS = {
+    "index": "#", "pnl_usd": "PnL (USD)", "pnl_bps_of_notional": "PnL / traded notional (bps)",
+    "equity": "PnL (own unit)", "pnl_unit": "unit", "num_trades": "fills", "position": "final position",
+    "fee": "fees paid", "funding": "funding received", "stats.SR": "Sharpe (annualised)",
+    "stats.MaxDrawdown": "max drawdown", "diag.pnl_spread": "spread capture", "diag.pnl_inventory": "inventory PnL",
+    "diag.pnl_fees": "fees (rebates +)", "diag.pnl_funding": "funding PnL", "diag.pnl_total": "PnL total",
+    "diag.fills": "fills (net per step)", "diag.quote_uptime": "two-sided quote uptime",
+    "diag.inventory_mean_abs": "mean |inventory|", "wall_seconds": "wall time (s)", "run_id": "run id",
+    "traded_notional_usd": "traded notional (USD)",
+}
+
+
+def label(col: str) -> str:
+    """A results column as a person reads it: ``p.quoter.params.half_spread`` → ``quoter › half_spread``."""
+    if col in _LABELS:
+        return _LABELS[col]
+    if col.startswith("p."):
+        return " › ".join(x for x in col[2:].split(".") if x != "params")
+    if col.startswith("diag.markout_bps_"):
+        return f"markout {col.rsplit('_', 1)[1]} (bps)"
+    if col.startswith("diag.inventory_p"):
+        return f"inventory p{int(col[16:])}"
+    return col.split(".", 1)[-1].replace("_", " ")
+
+
 def _table(rows: list[dict[str, Any]], cols: list[str], css: str = "sortable") -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f'<th title="{html.escape(c)}">{html.escape(label(c))}</th>' for c in cols)
     body = []
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c)
+            if c == "error" and isinstance(v, str):  # one line; the whole message on hover
+                cells.append(f'<td class="s err" title="{html.escape(v)}">{html.escape(v.splitlines()[0][:80])}</td>')
+                continue
             cls = ' class="s"' if isinstance(v, str) else ""
             dv = f' data-v="{v!r}"' if isinstance(v, float) and math.isfinite(v) else ""
             cells.append(f"<td{cls}{dv}>{html.escape(_fmt(v))}</td>")
@@ -238,11 +268,20 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         return f'<img src="{name}" alt="{html.escape(name)}">'
 
     n_failed = sum(r["status"] != "done" for r in rows)
-    sections.append(f"<p>{len(rows)} runs: {len(rows) - n_failed} done, {n_failed} failed. "
-                    f"Ranking stat: <b>{html.escape(stat)}</b>. Click a column header to sort.</p>")
+    lead = (f"<p class=lead>{len(rows)} runs: {len(rows) - n_failed} done, {n_failed} failed. "
+            f"Ranked by <b>{html.escape(label(stat))}</b>.")
+    if done:
+        top = max(done, key=lambda r: r[stat])
+        low = min(done, key=lambda r: r[stat])
+        for tag, r in (("Best", top), ("Worst", low)):
+            bps = r.get("pnl_bps_of_notional")
+            lead += (f"<br>{tag}: {html.escape(str(r.get('label') or r['index']))}: {html.escape(label(stat))} "
+                     f"<b>{_fmt(r[stat])}</b>"
+                     + (f", {bps:.3g} bps of traded notional" if isinstance(bps, float) else ""))
+    sections.append(lead + "</p>")
     cols = TABLE_COLS[:5] + pcols + [c for c in TABLE_COLS[5:] if c != stat] + [stat]
     cols = [c for c in cols if any(c in r for r in rows)]
-    sections.append("<h2>Runs</h2>" + _table(rows, cols))
+    tables: list[str] = []  # after the charts: the per-venue and diagnostics tables, then every run
 
     # Heatmap of the stat over two params (mean over everything else: venues, symbols, other params).
     x = f"p.{x}" if x and not x.startswith("p.") else x
@@ -263,24 +302,24 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdYlGn")
         ax.set_xticks(range(len(xs)), [_fmt(v) for v in xs])
         ax.set_yticks(range(len(ys)), [_fmt(v) for v in ys])
-        ax.set_xlabel(x[2:])
-        ax.set_ylabel(y[2:])
+        ax.set_xlabel(label(x))
+        ax.set_ylabel(label(y))
         for i in range(len(ys)):
             for j in range(len(xs)):
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=8)
-        fig.colorbar(im, label=stat)
-        ax.set_title(f"mean {stat} over {x[2:]} × {y[2:]}")
+        fig.colorbar(im, label=label(stat))
+        ax.set_title(f"mean {label(stat)} over {label(x)} × {label(y)}")
         sections.append("<h2>Heatmap</h2>" + save(fig, "heatmap.png"))
     elif done and x:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in sorted({(r["venue"], r["symbol"]) for r in done}):
             pts = sorted(((r[x], r[stat]) for r in done if (r["venue"], r["symbol"]) == key), key=lambda p: str(p[0]))
             ax.plot([_fmt(p[0]) for p in pts], [p[1] for p in pts], marker="o", label="/".join(key))
-        ax.set_xlabel(x[2:])
-        ax.set_ylabel(stat)
+        ax.set_xlabel(label(x))
+        ax.set_ylabel(label(stat))
         ax.legend(fontsize=7)
-        sections.append(f"<h2>{html.escape(stat)} by {html.escape(x[2:])}</h2>"
+        sections.append(f"<h2>{html.escape(label(stat))} by {html.escape(label(x))}</h2>"
                         '<p class="note">Only one parameter varies, so a line per venue/symbol instead of a '
                         "heatmap.</p>" + save(fig, "heatmap.png"))
 
@@ -304,7 +343,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         axes[1].set_ylabel("position")
         axes[1].set_xlabel("seconds")
         axes[0].legend(fontsize=7)
-        sections.append(f"<h2>Best and worst runs by {html.escape(stat)}</h2>" + save(fig, "best_worst.png"))
+        sections.append(f"<h2>Best and worst runs by {html.escape(label(stat))}</h2>" + save(fig, "best_worst.png"))
 
     # Per venue/symbol comparison.
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -315,16 +354,17 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         ok = [r for r in rs if r in done]
         vals = [r[stat] for r in ok]
         comp.append({"venue/symbol": key, "runs": len(rs), "failed": sum(r["status"] != "done" for r in rs),
-                     f"mean {stat}": float(np.mean(vals)) if vals else None,
-                     f"best {stat}": float(np.max(vals)) if vals else None,
-                     f"worst {stat}": float(np.min(vals)) if vals else None,
+                     f"mean {label(stat)}": float(np.mean(vals)) if vals else None,
+                     f"best {label(stat)}": float(np.max(vals)) if vals else None,
+                     f"worst {label(stat)}": float(np.min(vals)) if vals else None,
                      "mean markout 1s (bps)": _mean([r.get("diag.markout_bps_1s") for r in ok]),
                      "mean quote uptime": _mean([r.get("diag.quote_uptime") for r in ok])})
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(comp)), 4))
-    ax.bar([c["venue/symbol"] for c in comp], [c[f"mean {stat}"] or 0.0 for c in comp], color="#4a7")
-    ax.set_ylabel(f"mean {stat}")
+    ax.bar([c["venue/symbol"] for c in comp], [c[f"mean {label(stat)}"] or 0.0 for c in comp], color="#4a7")
+    ax.set_ylabel(f"mean {label(stat)}")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    sections.append("<h2>Per venue / symbol</h2>" + _table(comp, list(comp[0])) + save(fig, "venues.png"))
+    sections.append("<h2>Per venue / symbol</h2>" + save(fig, "venues.png"))
+    tables.append("<h2>Per venue / symbol</h2>" + _table(comp, list(comp[0])))
 
     # Market-making diagnostics.
     if done:
@@ -370,15 +410,29 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         axes2[1].set_xlabel("quote distance from mid (ticks)")
         axes2[1].set_title("fill rate per step by quote distance" + ("" if fr else " (no tick size)"))
         diag_cols = ["index", "venue", "symbol", *varying, "equity", "diag.pnl_spread", "diag.pnl_inventory",
-                     "diag.pnl_fees", "diag.pnl_total", "diag.fills", "diag.markout_bps_0", "diag.markout_bps_100ms",
-                     "diag.markout_bps_1s", "diag.markout_bps_10s", "diag.markout_bps_60s", "diag.quote_uptime",
-                     "diag.inventory_p05", "diag.inventory_p50", "diag.inventory_p95"]
+                     "diag.pnl_fees", "diag.pnl_funding", "diag.pnl_total", "diag.fills", "diag.markout_bps_0",
+                     "diag.markout_bps_100ms", "diag.markout_bps_1s", "diag.markout_bps_10s",
+                     "diag.markout_bps_60s", "diag.quote_uptime", "diag.inventory_p05", "diag.inventory_p50",
+                     "diag.inventory_p95"]
         sections.append(
             "<h2>Market-making diagnostics</h2><p class=note>Fills are inferred from position changes between "
             "recorded steps; markouts are the mid after the horizon vs the fill price, signed by side, weighted by "
             "size. The PnL split (spread capture at the mid quoted against, inventory marked to the mid's moves, "
-            "fees/rebates) adds up to the recorded equity.</p>" + save(fig, "diagnostics.png")
-            + save(fig2, "inventory_fills.png") + _table(done, [c for c in diag_cols if any(c in r for r in done)]))
+            "fees/rebates, funding) adds up to the recorded PnL; the chart shows it in USD.</p>"
+            + save(fig, "diagnostics.png") + save(fig2, "inventory_fills.png"))
+        tables.append("<h2>Market-making diagnostics</h2>"
+                      + _table(done, [c for c in diag_cols if any(c in r for r in done)]))
+
+    failed = [r for r in rows if r["status"] != "done"]
+    if failed:  # one line each; the message on demand
+        sections.append(f"<h2>Failed runs ({len(failed)})</h2>" + "".join(
+            f'<details class=fail><summary>#{r["index"]} {html.escape(str(r["venue"]))}/'
+            f'{html.escape(str(r["symbol"]))} {html.escape(str(r.get("label") or ""))}: '
+            f'{html.escape(str(r.get("error") or "no error recorded").splitlines()[0][:100])}</summary>'
+            f'<pre>{html.escape(str(r.get("error") or ""))}</pre></details>' for r in failed))
+    sections.extend(tables)
+    sections.append("<h2>All runs</h2><p class=note>Click a column header to sort; hover a header for its "
+                    "field name.</p>" + _table(rows, cols))
 
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>quotelab batch report</title>"
             f"<style>{_CSS}</style></head><body><h1>quotelab batch report</h1>"
@@ -402,3 +456,144 @@ def _usd(row: dict[str, Any]) -> float:
 def _mean(vals: list[Any]) -> float | None:
     v = [x for x in vals if isinstance(x, float) and math.isfinite(x)]
     return float(np.mean(v)) if v else None
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+# ------------------------------------------------------------------------------------------------
+
+
+def _fills(ts: np.ndarray, s: dict[str, np.ndarray], inst: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """(time, price, signed qty) of the net fill of each step, its price from the trades' balance change."""
+    inverse = inst.get("contract") == "inverse"
+    cs = float(inst.get("contract_size", 1.0))
+    sign = -1.0 if inverse else 1.0
+    q = np.concatenate([[0.0], s["position"]])
+    bal = np.concatenate([[0.0], s["balance"] - sign * s.get("funding", np.zeros(len(ts)))])
+    dq, dbal = np.diff(q), np.diff(bal)
+    k = np.flatnonzero(np.abs(dq) > 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        px = -dq[k] * cs / dbal[k] if inverse else -dbal[k] / (dq[k] * cs)
+    return ts[k], px, dq[k]
+
+
+def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``<out>/index.html`` for one ``quotelab run --out`` folder: the figures, PnL and its parts
+    over time, position, the quotes around the mid with fills, the per-day table; return the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import polars as pl
+
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        df = pl.read_parquet(run_dir / "series.parquet")
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{run_dir}: not a readable run folder ({exc}); write one with `quotelab run ... --out`"
+                          ) from exc
+    s = {c: df[c].to_numpy() for c in df.columns}
+    ts = s["timestamp"]
+    if not len(ts):
+        raise ReportError(f"{run_dir}: the run recorded no steps; nothing to plot")
+    inst = summary.get("instrument") or {}
+    inverse = inst.get("contract") == "inverse"
+    unit = summary.get("pnl_unit", "")
+    out = Path(out) if out is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    t = (ts - ts[0]) / 6e10
+    parts = pnl.parts(ts, s, summary, inverse, float(inst.get("contract_size", 1.0)))
+    n = len(ts)
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 10), sharex=True, gridspec_kw={"height_ratios": [3, 1.3, 3]})
+    for name, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3"), ("funding", "C4")):
+        axes[0].plot(t, np.cumsum(parts[name])[:n], color=color, lw=1, label=name)
+    total = np.cumsum(parts["spread"] + parts["inventory"] + parts["fees"] + parts["funding"])[:n]
+    axes[0].plot(t, total, color="k", lw=1.6, label="PnL")
+    axes[0].axhline(0, color="#888", lw=0.5)
+    axes[0].set_ylabel(f"PnL ({unit})")
+    axes[0].legend(fontsize=8, ncol=5)
+    axes[0].set_title(f"{summary.get('name', '')}: PnL and its parts")
+    axes[1].step(t, s["position"], where="post", color="C1")
+    axes[1].axhline(0, color="#888", lw=0.5)
+    axes[1].set_ylabel("position")
+    # quotes around the mid, in ticks: readable over hours where absolute prices are not
+    tick = float(inst.get("tick_size") or 1.0)
+    mid = _ffill(s["mid"])
+    axes[2].step(t, (s["bid"] - mid) / tick, where="post", color="C2", lw=0.6, label="our bid − mid")
+    axes[2].step(t, (s["ask"] - mid) / tick, where="post", color="C3", lw=0.6, label="our ask − mid")
+    axes[2].axhline(0, color="k", lw=0.5)
+    ft, fpx, fq = _fills(ts, s, inst)
+    ok = np.isfinite(fpx)
+    at = np.clip(np.searchsorted(ts, ft) - 1, 0, n - 1)  # the mid the fill was quoted against
+    for side, mark, color in ((1, "^", "C2"), (-1, "v", "C3")):
+        k = ok & (np.sign(fq) == side)
+        axes[2].scatter((ft[k] - ts[0]) / 6e10, (fpx[k] - mid[at[k]]) / tick, marker=mark, s=12, color=color,
+                        edgecolor="k", linewidth=0.3, label="buy fills" if side > 0 else "sell fills", zorder=3)
+    axes[2].set_ylabel("ticks from the mid")
+    axes[2].set_xlabel("minutes from the first step")
+    axes[2].legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out / "run.png", dpi=90)
+    plt.close(fig)
+
+    # a zoom on the quotes: the window with the most fills, short enough to see each (~60 at most)
+    if len(ft):
+        span = 60_000_000_000
+        while span > 2_000_000_000 and np.bincount(((ft - ts[0]) // span).astype(np.int64)).max() > 60:
+            span //= 3
+        busiest = np.bincount(((ft - ts[0]) // span).astype(np.int64)).argmax()
+        lo, hi = ts[0] + busiest * span, ts[0] + (busiest + 1) * span
+        w = (ts >= lo) & (ts < hi)
+        fig, ax = plt.subplots(figsize=(11, 4))
+        tw = (ts[w] - lo) / 1e9
+        ax.plot(tw, s["mid"][w], color="k", lw=0.8, label="mid")
+        ax.step(tw, s["bid"][w], where="post", color="C2", lw=1, label="our bid")
+        ax.step(tw, s["ask"][w], where="post", color="C3", lw=1, label="our ask")
+        k = ok & (ft >= lo) & (ft < hi)
+        ax.scatter((ft[k] - lo) / 1e9, fpx[k], c=np.where(fq[k] > 0, "C2", "C3"), marker="o", s=30, zorder=3,
+                   label="fills")
+        ax.set_xlabel(f"seconds from {(lo - ts[0]) / 1e9:g} s into the run (the {span / 1e9:g} s with the most "
+                      f"fills)")
+        ax.set_ylabel("price")
+        ax.legend(fontsize=8, ncol=4)
+        fig.tight_layout()
+        fig.savefig(out / "quotes.png", dpi=90)
+        plt.close(fig)
+
+    figures = [("PnL", f"{_fmt(summary.get('pnl'))} {unit}")]
+    if summary.get("pnl_usd_method") not in (None, "USD", "at par"):
+        figures.append(("PnL in USD", f"{_fmt(summary.get('pnl_usd'))} ({summary['pnl_usd_method']})"))
+    figures += [("PnL per traded notional", f"{_fmt(summary.get('pnl_bps_of_notional'))} bps"),
+                ("funding", f"{_fmt(summary.get('funding'))} {unit}, {len(summary.get('settlements') or [])} "
+                            "settlements"),
+                ("fills", _fmt(summary.get("num_trades"))), ("fees paid", f"{_fmt(summary.get('fee'))} {unit}"),
+                ("final position", _fmt(summary.get("position"))),
+                ("traded notional", f"{_fmt(summary.get('traded_notional_usd'))} USD")]
+    stats = summary.get("stats") or {}
+    figures += [(label(k), _fmt(v)) for k, v in stats.items()]
+    head = "".join(f"<tr><td class=s>{html.escape(k)}</td><td class=s>{html.escape(v)}</td></tr>" for k, v in figures)
+    day_cols = ["day", "pnl", "spread", "inventory", "fees", "funding", "volume", "trades", "max_abs_position"]
+    days = [{**d, "max |position|": d.get("max_abs_position")} for d in summary.get("days") or []]
+    sections = [
+        f"<h1>{html.escape(str(summary.get('name', 'run')))}</h1><p class=note>{html.escape(str(run_dir.resolve()))}"
+        f" — {html.escape(str(inst.get('venue', '')))}/{html.escape(str(inst.get('symbol', '')))}, "
+        f"{html.escape(str(inst.get('contract', '')))}</p>",
+        f"<table>{head}</table>",
+        '<h2>PnL, position, quotes</h2><img src="run.png" alt="run.png">',
+    ]
+    if len(ft):
+        sections.append('<img src="quotes.png" alt="quotes.png">')
+    sections.append(f"<h2>Per UTC day ({html.escape(unit)})</h2>"
+                    + _table(days, [c if c != "max_abs_position" else "max |position|" for c in day_cols], css=""))
+    if summary.get("settlements"):
+        sections.append("<h2>Funding settlements</h2>" + _table(summary["settlements"],
+                                                                 ["ts", "rate", "mark", "position", "amount"], css=""))
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>quotelab run report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
+    from quotelab.data.catalog import atomic_write_bytes
+
+    path = out / "index.html"
+    atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
+    return path

@@ -89,6 +89,47 @@ def test_report_from_a_real_batch(real_batch: Path) -> None:
         assert f'src="{png}"' in page
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SYNSPOT" in page and "SYNPERP" in page
+    # top-down: the summary and charts first, the full table last, columns named for people
+    assert page.index("<p class=lead>") < page.index('src="heatmap.png"') < page.index("<h2>All runs")
+    assert page.index('src="diagnostics.png"') < page.index("<h2>All runs")
+    assert ">inventory PnL<" in page and ">diag.pnl_inventory<" not in page
+
+
+def test_failed_runs_are_one_line_each_with_the_error_on_demand(real_batch: Path, tmp_path: Path) -> None:
+    from quotelab.report import build_report
+
+    copy = tmp_path / "b"
+    shutil.copytree(real_batch / "runs", copy / "runs")
+    rec_path = sorted((copy / "runs").glob("*/record.json"))[0]
+    rec = json.loads(rec_path.read_text())
+    error = "RunError: " + "a long message " * 40 + "\nTraceback line two"
+    rec.update(status="failed", error=error)
+    rec_path.write_text(json.dumps(rec))
+    page = build_report(copy).read_text()
+    assert page.count("<details class=fail>") == 1
+    start = page.index("<details class=fail>")
+    summary_line = page[start:page.index("</summary>", start)]
+    assert "RunError: a long message" in summary_line and "line two" not in summary_line
+    assert "Traceback line two</pre>" in page  # the whole message, on demand
+    assert page.index("<details class=fail>") < page.index("<h2>All runs")
+    assert '<td class="s err" title=' in page  # in the table: one line, the rest on hover
+
+
+def test_report_of_one_run(real_catalog: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "quotelab.cli", "run", "strategies/seed_market_maker.yaml", "--catalog",
+                    str(real_catalog), "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "quotelab.cli", "report", str(out)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    page = (out / "report" / "index.html").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    for png in ("run.png", "quotes.png"):
+        assert f'src="{png}"' in page and (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (day,) = summary["days"]
+    assert f"<td>{day['day']}</td>" in page.replace('<td class="s">', "<td>")
+    assert f"{day['pnl']:.6g}" in page and f"{summary['pnl']:.6g} USDT" in page
+    assert "not reported: the run covers" in page  # the stats say why there is no Sharpe ratio
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
