@@ -192,3 +192,13 @@ def test_synthetic_perp_funding_and_the_signal_read_from_the_catalog(tmp_path):
     assert len(res.summary["settlements"]) == 2  # 240 s and 480 s; 720 s is after the data
     fc = res.records[:, D.R_FORECAST]
     assert np.isfinite(fc).all() and np.unique(fc).size > 10
+
+
+def test_the_funding_and_latency_example_runs(tmp_path):
+    from quotelab.data import synth
+
+    synth.generate(tmp_path, duration_s=900, assets="perp", funding_interval_s=300)
+    s = run_strategy(REPO / "strategies" / "perp_funding_latency.yaml", catalog=tmp_path).summary
+    assert s["num_trades"] > 50 and len(s["settlements"]) == 2  # 5 and 10 min; 15 is the end of the data
+    assert s["funding"] == pytest.approx(sum(x["amount"] for x in s["settlements"]))
+    assert any(x["position"] != 0 for x in s["settlements"])
