@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from quotelab.data.events import ConvertJob
+from quotelab.data.events import LOCAL_BACK, ConvertJob
 from quotelab.data.messages import open_text
 from quotelab.data.tardis import BOOK_COLUMNS, TRADE_COLUMNS, TardisConverter, _flag
 from quotelab.errors import DataError
@@ -72,11 +72,12 @@ class ReferenceTardis(TardisConverter):
                     self.other[symbol] = self.other.get(symbol, 0) + 1
                     continue
                 exch, local, px, qty = int(row[2]) * 1_000, int(row[3]) * 1_000, float(row[6]), float(row[7])
-                if local < prev_local:
-                    self.findings.add("local_ts_backwards",
-                                      f"local_timestamp goes backwards (first by {(prev_local - local) / 1e6:.3f} ms);"
-                                      f" events are re-sorted by local time for hftbacktest", file, line)
-                prev_local = max(prev_local, local)
+                if local < prev_local:  # the line arrived after the one before it: it takes that one's time
+                    by = prev_local - local
+                    self.findings.add("local_ts_backwards", LOCAL_BACK.format(ms=by / 1e6), file, line,
+                                      last=(file, line), amount_ms=by / 1e6)
+                    local = prev_local
+                prev_local = local
                 if book:
                     snap = _flag(row[4])
                     side = {"bid": 1, "ask": -1}[row[5]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,67 @@ def test_trade_arriving_after_its_day_was_closed(shared_data: Path, tmp_path: Pa
     f1 = write_gz(tmp_path / "d1.gz", day1)
     err = fails(*convert_args("binance-cm", "BTCUSD_PERP", tmp_path / "cat", f1, f2))
     assert f"{f2}:{i + 1}: an event of UTC day 20240808 arrived after that day was closed" in err
+
+
+# --- the data against the command --------------------------------------------------------------
+
+
+def test_data_of_another_market_or_symbol_is_refused_naming_file_line_and_fix(shared_data: Path, eth: list[bytes],
+                                                                               tmp_path: Path) -> None:
+    cat = tmp_path / "cat"
+    coin = shared_data / "binance" / "cm" / "btcusd_perp_20240808.gz"
+    err = fails(*convert_args("binance-usdm", "BTCUSDT", cat, coin))
+    assert f"{coin}:1: " in err and "COIN-M" in err and "BTCUSD_PERP" in err
+    assert "Fix: convert it with --format binance-cm --symbol BTCUSD_PERP" in err
+    spot = shared_data / "binance" / "spot" / "btcusdt_20240808.gz"
+    err = fails(*convert_args("binance-usdm", "BTCUSDT", cat, spot))
+    assert f"{spot}:1: " in err and "Binance spot BTCUSDT" in err and "--format binance-spot" in err
+    # The file starts right; one line further on is another symbol's: the converter names that line.
+    other = read_lines(shared_data / "binance" / "usdm" / "btcusdt_20240808.gz", 40)
+    btc_depth = next(ln for ln in other if b"btcusdt@depth" in ln)
+    lines = list(eth)
+    lines.insert(5000, btc_depth)
+    f = write_gz(tmp_path / "eth_with_btc.gz", lines)
+    err = fails(*convert_args("binance-usdm", "ETHUSDT", cat, f))
+    assert f"{f}:5001: this line is Binance USD-M futures BTCUSDT" in err and "--symbol ETHUSDT" in err
+    assert _tree(cat) == {}
+
+
+def test_a_file_of_another_format_says_what_it_is(shared_data: Path, tmp_path: Path) -> None:
+    usdm = shared_data / "binance" / "usdm" / "btcusdt_20240808.gz"
+    err = fails(*convert_args("tardis", "BTCUSDT", tmp_path / "cat", usdm))
+    assert f"{usdm}:1: this file is a collector capture of Binance USD-M futures BTCUSDT" in err
+    assert "Fix: convert it with --format binance-usdm --symbol BTCUSDT" in err and '{"stream"' not in err
+    tardis = Path(__file__).parent / "fixtures" / "tardis" / "binance-futures_trades_BTCUSDT.csv.gz"
+    err = fails(*convert_args("binance-usdm", "BTCUSDT", tmp_path / "cat", tardis))
+    assert "this file is a Tardis trades CSV of binance-futures BTCUSDT" in err and "--format tardis" in err
+    bybit = shared_data / "other-venues" / "BYBIT.ws.26.0.gz"
+    assert "cryptofeed capture of Bybit" in fails(*convert_args("okx", "BTC-USDT", tmp_path / "cat", bybit))
+
+
+def _with_local(lines: list[bytes], at: range, local: Callable[[int], int]) -> list[bytes]:
+    out = list(lines)
+    for i in at:
+        ts, rest = out[i].split(b" ", 1)
+        out[i] = str(local(int(ts))).encode() + b" " + rest
+    return out
+
+
+def test_a_clock_stepping_back_on_a_few_lines_is_a_finding_about_them_not_a_shift_of_the_day(
+        eth: list[bytes], tmp_path: Path) -> None:
+    steps = range(6000, 6011)  # eleven lines whose local clock is 600 s behind
+    stepped = write_gz(tmp_path / "stepped.gz", _with_local(eth, steps, lambda ts: ts - 600 * 10**9))
+    # The reference, by hand: each of those lines takes the local time of the line before them.
+    before = int(eth[steps[0] - 1].split(b" ", 1)[0])
+    fixed = write_gz(tmp_path / "fixed.gz", _with_local(eth, steps, lambda ts: before))
+    got = convert_json("binance-usdm", "ETHUSDT", [stepped], tmp_path / "a")
+    ref = convert_json("binance-usdm", "ETHUSDT", [fixed], tmp_path / "b")
+    q, q_ref = got["days"]["20240808"]["quality"], ref["days"]["20240808"]["quality"]
+    assert q["clock_offset_ns"] == q_ref["clock_offset_ns"] < 2 * 10**9
+    assert q["latency"] == q_ref["latency"]
+    (back,) = [x for x in got["findings"] if x["kind"] == "local_ts_backwards"]
+    assert (back["count"], back["file"], back["line"], back["last_line"]) == (11, str(stepped), 6001, 6011)
+    assert 599_990 < back["max_ms"] <= 600_000 and "the rest of the day keeps its clock" in back["message"]
+    assert not [x for x in ref["findings"] if x["kind"] == "local_ts_backwards"]
+    np.testing.assert_array_equal(np.load(got["days"]["20240808"]["file"])["data"],
+                                  np.load(ref["days"]["20240808"]["file"])["data"])

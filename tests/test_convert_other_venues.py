@@ -207,8 +207,9 @@ def test_bybit_delta_before_snapshot_and_backwards_time_are_named(tmp_path):
     assert f"delta_before_snapshot │ 1 │ {f}:1" in out
     assert f"local_ts_backwards │ 1 │ {f}:4" in out
     assert f"exch_ts_backwards │ 1 │ {f}:4" in out
-    # hftbacktest's local view follows local_ts, so the later-stamped line 3 lands last: hence the finding.
-    assert replay_states(tmp_path / "cat", "bybit", "BTCUSD")[-1] == {(1, 100.0): 6.0, (-1, 100.5): 7.0}
+    # Line 4 was written after line 3, so it arrived after it: its local time is set to line 3's, and the
+    # local view applies it last, as its sequence number (12 after 11) says the venue did.
+    assert replay_states(tmp_path / "cat", "bybit", "BTCUSD")[-1] == {(1, 100.0): 8.0, (-1, 100.5): 7.0}
 
 
 def test_bybit_price_off_the_tick_is_an_error(tmp_path):

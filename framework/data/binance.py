@@ -33,7 +33,18 @@ import orjson
 from hftbacktest.types import BUY_EVENT, SELL_EVENT, TRADE_EVENT, event_dtype
 from numba import njit
 
-from quotelab.data.events import DAY_GRACE_NS, DAY_NS, ConvertJob, DaySplitter, DenseBook, Findings, Witness, depth_rows
+from quotelab.data.events import (
+    DAY_GRACE_NS,
+    DAY_NS,
+    LOCAL_BACK,
+    ConvertJob,
+    DaySplitter,
+    DenseBook,
+    Findings,
+    Witness,
+    clamp_local,
+    depth_rows,
+)
 from quotelab.errors import DataError
 
 try:  # ISA-L inflates gzip ~3x faster than zlib; optional, same API
@@ -43,11 +54,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 K_BAD, K_BLANK, K_DEPTH, K_TRADE, K_BT, K_SNAP, K_OTHER, K_ERRMSG = -1, 0, 1, 2, 3, 4, 5, 6
 # Columns of the per-line integer and float outputs of the parser.
-I_LTS, I_E, I_T, I_UU, I_U, I_PU, I_TID, I_LV0, I_LV1 = range(9)
-N_INT = 9
+I_LTS, I_E, I_T, I_UU, I_U, I_PU, I_TID, I_LV0, I_LV1, I_SYM = range(10)
+N_INT = 10
 F_P, F_Q, F_P2, F_Q2 = range(4)
-# Per-line byte flags: trade maker flag (-1 absent) and whether a futures trade is a MARKET trade.
-B_M, B_MARKET = range(2)
+# Per-line byte flags: trade maker flag (-1 absent), whether a futures trade is a MARKET trade, and
+# whether the message names a pair (``ps``: COIN-M's messages do, USD-M's and spot's do not).
+B_M, B_MARKET, B_PS = range(3)
 
 _POW10 = np.array([10.0**k for k in range(23)])
 _TWO53 = 1 << 53
@@ -62,9 +74,9 @@ def _h(s: str) -> int:
 
 
 _KEYS = ["stream", "data", "lastUpdateId", "bids", "asks", "E", "T", "U", "u", "pu", "t", "b", "a",
-         "B", "A", "p", "q", "m", "X", "e", "code"]
+         "B", "A", "p", "q", "m", "X", "e", "code", "s", "ps"]
 (H_STREAM, H_DATA, H_LASTID, H_BIDS, H_ASKS, H_E, H_T, H_UU, H_U, H_PU, H_TID, H_B, H_A, H_BQ, H_AQ,
- H_P, H_Q, H_M, H_X, H_EV, H_CODE) = (_h(k) for k in _KEYS)
+ H_P, H_Q, H_M, H_X, H_EV, H_CODE, H_S, H_PS) = (_h(k) for k in _KEYS)
 V_DEPTHUPDATE, V_TRADE, V_BOOKTICKER, V_MARKET = _h("depthUpdate"), _h("trade"), _h("bookTicker"), _h("MARKET")
 assert len({_h(k) for k in _KEYS}) == len(_KEYS)
 
@@ -389,6 +401,17 @@ def _parse_data(b, i, e, li, kind, ints, flts, flags, lv_side, lv_px, lv_qty, nl
                 return -1, kind, nlv
             flags[li, B_MARKET] = 1 if _hash(b, i + 1, j) == V_MARKET else 0
             i = j + 1
+        elif h == H_S:
+            if i >= e or b[i] != 34:
+                return -1, kind, nlv
+            v, j = _key(b, i, e)
+            if j < 0:
+                return -1, kind, nlv
+            ints[li, I_SYM] = v
+            i = j + 1
+        elif h == H_PS:
+            flags[li, B_PS] = 1
+            i = _skip(b, i, e)
         else:
             i = _skip(b, i, e)
         if i < 0:
@@ -522,8 +545,10 @@ def _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty):
         ints[li, I_U] = -1
         ints[li, I_PU] = -1
         ints[li, I_TID] = -1
+        ints[li, I_SYM] = 0
         flags[li, B_M] = -1
         flags[li, B_MARKET] = 1
+        flags[li, B_PS] = 0
         k, nlv, e = _parse_line(b, s, n, li, ints, flts, flags, lv_side, lv_px, lv_qty, nlv)
         kinds[li] = k
         li += 1
@@ -567,7 +592,7 @@ def parse_lines(block: bytes) -> Parsed:
         kinds = np.empty(n_lines, np.int8)
         ints = np.empty((n_lines, N_INT), np.int64)
         flts = np.zeros((n_lines, 4))
-        flags = np.empty((n_lines, 2), np.int8)
+        flags = np.empty((n_lines, 3), np.int8)
         n, nlv, bad, used = _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty)
         if used >= len(block) or bad >= 0:
             break
@@ -726,6 +751,25 @@ class _Gap:
 
 _MAX_BUFFERED = 200_000
 _UNITS = {1: "ns", 1_000: "us", 1_000_000: "ms"}
+# Each venue's depth messages: whether they carry ``pu`` (futures) and ``ps`` (COIN-M).
+_MARKETS = {"binance-spot": (False, False), "binance-usdm": (True, False), "binance-cm": (True, True)}
+_MARKET_NAMES = {"binance-spot": "Binance spot", "binance-usdm": "Binance USD-M futures",
+                 "binance-cm": "Binance COIN-M futures"}
+
+
+def market_of(data: dict[str, Any]) -> tuple[str | None, str]:
+    """The venue a combined-stream payload's fields say it is from, and which fields said so."""
+    if "ps" in data:
+        return "binance-cm", "it names a pair, 'ps'"
+    if "pu" in data:
+        return "binance-usdm", "its depth update has 'pu' and no 'ps'"
+    if "X" in data:
+        return "binance-usdm", "its trade has 'X' and no 'ps'"
+    if data.get("e") == "depthUpdate":
+        return "binance-spot", "its depth update has no 'pu'"
+    if "M" in data or ("e" not in data and "u" in data):
+        return "binance-spot", "its fields are spot's"
+    return None, ""
 
 
 class BinanceConverter:
@@ -737,6 +781,7 @@ class BinanceConverter:
         self.venue = venue
         self.spot = venue == "binance-spot"
         self.job = job
+        self.sym_hash = _h(job.symbol)
         self.tick = float(job.instrument["tick_size"])
         self.lot = float(job.instrument["lot_size"])
         self.spec_origin = job.instrument.get("origin", "spec")
@@ -840,8 +885,8 @@ class BinanceConverter:
             idx = np.flatnonzero(~real)
             self.findings.add("blank_lines", "blank lines skipped", self.file,
                               self.line0 + int(idx[0]) + 1, int(idx.shape[0]))
-        local = ints[:, I_LTS] * self.factor
-        self._check_local(local, real)
+        self._check_market(block, kinds, ints, flags)
+        local = self._check_local(ints[:, I_LTS] * self.factor, real)
         self.stats["lines"] += int(real.sum())
 
         ticks = self._ticks(lv_px, lv_qty, ints, kinds)
@@ -887,24 +932,47 @@ class BinanceConverter:
         self.stats["mark_price_msgs"] = self.stats.get("mark_price_msgs", 0) + len(other) - len(rest)
         return np.array(rest, dtype=np.int64)
 
-    def _check_local(self, local: np.ndarray, real: np.ndarray) -> None:
+    def _check_market(self, block: bytes, kinds: np.ndarray, ints: np.ndarray, flags: np.ndarray) -> None:
+        """Every message is of the symbol asked for, and every depth message of the venue's market."""
+        msgs = (kinds == K_DEPTH) | (kinds == K_TRADE) | (kinds == K_BT)
+        sym = ints[:, I_SYM]
+        want_futures, want_coin = _MARKETS[self.venue]
+        market = ((ints[:, I_PU] != -1) == want_futures) & ((flags[:, B_PS] == 1) == want_coin)
+        wrong = np.flatnonzero((msgs & (sym != 0) & (sym != self.sym_hash)) | ((kinds == K_DEPTH) & ~market))
+        if not wrong.shape[0]:
+            return
+        k = int(wrong[0])
+        text = block.split(b"\n", k + 1)[k]
+        data = orjson.loads(text[text.find(b" ") + 1:]).get("data", {})
+        symbol = str(data.get("s", "?"))
+        venue, why = market_of(data)
+        saw = f"{_MARKET_NAMES.get(venue, 'Binance')} {symbol}" + (f" ({why})" if why else "")
+        fix = f"--format {venue or self.venue} --symbol {symbol}"
+        raise DataError(
+            f"{self.file}:{self.line0 + k + 1}: this line is {saw}, but the command converts "
+            f"--format {self.venue} --symbol {self.job.symbol}. Fix: convert these files with {fix}, or pass the "
+            f"captures of {self.job.symbol} on {_MARKET_NAMES[self.venue]}.")
+
+    def _check_local(self, local: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """``local`` with the lines whose clock stepped back set to the latest local time before them."""
         lt = local[real]
         if not lt.shape[0]:
-            return
+            return local
         if self.line0 == 0 and lt[0] < self.prev_local - DAY_GRACE_NS:
             raise DataError(
                 f"{self.file}:1: this file starts at local time {lt[0]}, {(self.prev_local - lt[0]) / 1e9:.0f} s "
                 f"before the previous file ended; pass the files of one symbol in time order.")
-        prev = np.concatenate([[self.prev_local], lt[:-1]])
-        back = np.flatnonzero(lt < prev)
+        fixed, by = clamp_local(lt, self.prev_local)
+        back = np.flatnonzero(by)
         if back.shape[0]:
-            k = int(np.flatnonzero(real)[back[0]])
-            self.findings.add(
-                "local_ts_backwards",
-                f"local timestamps go backwards (first by {(prev[back[0]] - lt[back[0]]) / 1e6:.3f} ms); "
-                f"events are re-sorted by local time for hftbacktest",
-                self.file, self.line0 + k + 1, int(back.shape[0]))
-        self.prev_local = int(lt[-1])
+            at = np.flatnonzero(real)[back]
+            self.findings.add("local_ts_backwards", LOCAL_BACK.format(ms=by[back[0]] / 1e6), self.file,
+                              self.line0 + int(at[0]) + 1, int(back.shape[0]),
+                              last=(self.file, self.line0 + int(at[-1]) + 1), amount_ms=float(by.max()) / 1e6)
+            local = local.copy()
+            local[real] = fixed
+        self.prev_local = int(fixed[-1])
+        return local
 
     def _where_level(self, ints: np.ndarray, kinds: np.ndarray, j: int) -> int:
         has = np.flatnonzero((kinds == K_DEPTH) | (kinds == K_SNAP))

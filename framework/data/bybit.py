@@ -52,7 +52,7 @@ class BybitConverter:
                 # A new connection gets a new snapshot; deltas until then would not fit the old book.
                 self.feed.lose_sync()
                 continue
-            self.feed.check_local(local, file, line)
+            local = self.feed.check_local(local, file, line)
             topic = msg.get("topic") if isinstance(msg, dict) else None
             if topic is None:
                 self.stats["control_msgs"] += 1

@@ -15,18 +15,45 @@ Conventions every converter follows and every reader may rely on:
   ``BUY_EVENT``/``SELL_EVENT`` flag.
 * ``exch_ts`` is the venue's transaction time in ns (futures ``T``; spot depth has only ``E``).
   ``local_ts`` is the capture time in ns, shifted by the estimated clock offset recorded in the
-  day's ``quality`` (never silently).
+  day's ``quality`` (never silently). Lines whose local clock steps back behind an earlier line take
+  that line's time, and are reported with their count and range (``local_ts_backwards``): a few
+  bad lines never move the offset of the whole day.
+
+meta.json describes what the folder holds, and loading checks it:
+
+* Per day it records the event count, the rows' CRC-32 and size (``crc32``, ``bytes``: the zip
+  member's, which every read of the rows verifies, so comparing them with meta.json costs nothing
+  more) and the ``tick_size`` and ``lot_size`` the day was converted with. :func:`load_days` refuses
+  a day meta.json does not list, a file that is not the one listed, a top-level tick or lot that
+  differs from the day's, and prices off the tick grid (a sample), each with an error naming
+  meta.json or the day file. Days of older catalogs, without these fields, get the checks they can.
+* :func:`list_days` lists the days whose files are there; a deleted day is not present.
+
+Writes are atomic as a set, per symbol (:class:`Staging`): days are written into a private
+``.staging-*`` folder of the catalog; the commit takes the symbol folder's lock, merges meta.json,
+and renames the staged folder, new meta.json included, to ``<symbol>/.commit`` (the commit point),
+then moves its days and meta.json (last) into place. A writer killed before the commit point leaves
+the old state (and a staging folder the next writer removes: a live writer holds a lock on its
+own); one killed after it leaves ``.commit``, which the next reader or writer of the symbol
+finishes first. Readers hold the symbol's lock shared while they read meta.json and open the days,
+so they see the old state or the new one, never a mix. Locks are ``flock`` on the folders
+themselves: no lock files, and a read-only catalog can still be read. Files get the mode a plain
+``open`` would (0666 less the umask), so other accounts can read what the umask allows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import math
 import os
+import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,11 +112,26 @@ def load_funding(catalog: Path | str, venue: str, symbol: str, days: list[str]) 
     return table[np.argsort(table["exch_ts"], kind="stable")]
 
 
+def _umask() -> int:
+    try:  # Linux states it; os.umask can only be read by setting it, which races with other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write through a temporary file in the same folder, then rename: readers never see half a file.
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600, so
+    other accounts (a Ray node) can read catalogs and results where the umask lets them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -156,19 +198,97 @@ def write_day(catalog: Path | str, venue: str, symbol: str, day: str, events: np
     return path
 
 
+META = "meta.json"
+_COMMIT = ".commit"  # a symbol's pending commit: new day files and meta.json, moved into place together
+_STAGING = ".staging-"
+
+
+@contextlib.contextmanager
+def _flock(folder: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on a folder itself (flock works on a directory's descriptor), so there are no
+    lock files to leave behind, and a read-only catalog can be locked for reading."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _roll_forward(sym: Path) -> None:
+    """Finish a commit whose ``.commit`` folder exists (its writer may have been killed half way): days
+    first, meta.json last, then the folder goes. Call with the symbol's lock held exclusively."""
+    pending = sym / _COMMIT
+    if not pending.is_dir():
+        return
+    for p in sorted(pending.iterdir()):
+        if p.name != META and not p.name.startswith("."):
+            os.replace(p, sym / p.name)
+    if (pending / META).exists():
+        os.replace(pending / META, sym / META)
+    _fsync_dir(sym)
+    shutil.rmtree(pending)
+
+
+@contextlib.contextmanager
+def _reading(sym: Path) -> Iterator[None]:
+    """Hold the symbol's lock shared, so no commit moves files while meta.json and its days are read. A
+    commit left half done by a killed writer is finished first (readers see old or new, never a mix)."""
+    if (sym / _COMMIT).is_dir():
+        try:
+            with _flock(sym, exclusive=True):
+                _roll_forward(sym)
+        except OSError as exc:
+            raise DataError(
+                f"{sym / _COMMIT}: a write to this catalog was interrupted while committing, and it cannot be "
+                f"completed from here ({exc.strerror}). Fix: run any `quotelab convert` of this symbol, or this "
+                f"command, as an account that can write {sym}.") from None
+    with _flock(sym, exclusive=False):
+        yield
+
+
+def _read_meta_file(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: corrupt meta.json at line {exc.lineno}: {exc.msg}") from exc
+
+
 def read_meta(catalog: Path | str, venue: str, symbol: str) -> dict[str, Any]:
-    path = symbol_dir(catalog, venue, symbol) / "meta.json"
-    if not path.exists():
+    sym = symbol_dir(catalog, venue, symbol)
+    if not (sym / META).exists() and not (sym / _COMMIT / META).exists():
         known = list_symbols(catalog)
         raise DataError(
             f"no meta.json for {venue}/{symbol} in catalog {catalog}; "
             f"the catalog holds: {', '.join(known) or 'nothing'}. Convert data with `quotelab convert` "
             f"or generate it with `quotelab synth`."
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: corrupt meta.json at line {exc.lineno}: {exc.msg}") from exc
+    with _reading(sym):
+        return _read_meta_file(sym / META)
+
+
+def _check_instrument(venue: str, symbol: str, instrument: dict[str, Any]) -> None:
+    for key in ("tick_size", "lot_size"):
+        if not instrument.get(key, 0) > 0:
+            raise DataError(
+                f"{venue}/{symbol}: {key} must be > 0 (hftbacktest hangs on 0), got {instrument.get(key)}"
+            )
+
+
+def _merge_meta(sym: Path, venue: str, symbol: str, instrument: dict[str, Any], days: dict[str, dict[str, Any]]
+                ) -> dict[str, Any]:
+    meta: dict[str, Any] = _read_meta_file(sym / META) if (sym / META).exists() else {}
+    meta.update({"venue": venue, "symbol": symbol, **instrument})
+    meta.setdefault("days", {}).update(days)
+    return meta
 
 
 def update_meta(
@@ -178,23 +298,114 @@ def update_meta(
     instrument: dict[str, Any],
     days: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Merge ``instrument`` fields and per-day entries into meta.json (atomic) and return it.
+    """Merge ``instrument`` fields and per-day entries into meta.json (atomic, under the symbol's lock)
+    and return it. Writers of day files use :class:`Staging` instead, which moves days and meta together.
 
     ``instrument`` holds at least ``tick_size``, ``lot_size`` and ``contract`` (``{"kind":
     "linear"|"inverse", "size": float}``). ``days`` maps ``YYYYMMDD`` to ``{"first_ts", "last_ts",
     "events", "counts", "quality"}``.
     """
-    for key in ("tick_size", "lot_size"):
-        if not instrument.get(key, 0) > 0:
-            raise DataError(
-                f"{venue}/{symbol}: {key} must be > 0 (hftbacktest hangs on 0), got {instrument.get(key)}"
-            )
-    path = symbol_dir(catalog, venue, symbol) / "meta.json"
-    meta: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    meta.update({"venue": venue, "symbol": symbol, **instrument})
-    meta.setdefault("days", {}).update(days)
-    atomic_write_json(path, meta)
+    _check_instrument(venue, symbol, instrument)
+    sym = symbol_dir(catalog, venue, symbol)
+    sym.mkdir(parents=True, exist_ok=True)
+    with _flock(sym, exclusive=True):
+        _roll_forward(sym)
+        meta = _merge_meta(sym, venue, symbol, instrument, days)
+        atomic_write_json(sym / META, meta)
     return meta
+
+
+def day_record(path: Path, instrument: dict[str, Any]) -> dict[str, Any]:
+    """What meta.json records of a written day file so loading can tell it is the file described: its
+    rows' CRC-32 and size (the zip member's, which every read of the rows verifies) and the tick and lot
+    its prices and quantities were checked against when it was written."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("data.npy")
+    return {"crc32": info.CRC, "bytes": info.file_size, "tick_size": instrument["tick_size"],
+            "lot_size": instrument["lot_size"]}
+
+
+class Staging:
+    """A writer's private folder in the catalog (``.staging-*``); days are written there and committed
+    with their meta.json entries, per symbol, all at once.
+
+    The folder is locked while its writer lives, so the next writer removes those of killed writers.
+    :meth:`commit` holds the symbol's lock, merges meta.json, then renames the symbol's staged folder
+    (days plus the new meta.json) to ``<symbol>/.commit``: that rename is the commit point. The files
+    are then moved into place, meta.json last; a writer killed during the moves leaves ``.commit``
+    behind, and the next reader or writer of the symbol finishes the moves before anything else.
+    """
+
+    def __init__(self, catalog: Path | str) -> None:
+        self.root = Path(catalog)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _flock(self.root, exclusive=True):
+            _clean_dead_staging(self.root)
+            self.dir = Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
+            self._owner = os.open(self.dir, os.O_RDONLY)
+            fcntl.flock(self._owner, fcntl.LOCK_EX)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owner >= 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._owner)
+            self._owner = -1
+
+    def day_path(self, venue: str, symbol: str, day: str) -> Path:
+        return day_path(self.dir, venue, symbol, day)
+
+    def write_day(self, venue: str, symbol: str, day: str, events: np.ndarray, compression: str = "deflate"
+                  ) -> Path:
+        return write_day(self.dir, venue, symbol, day, events, compression)
+
+    def commit(self, venue: str, symbol: str, instrument: dict[str, Any], days: dict[str, dict[str, Any]],
+               staged_venue: str | None = None) -> dict[str, Any]:
+        """Move the staged days of ``staged_venue/symbol`` (default ``venue``) to ``venue/symbol`` together
+        with their meta.json entries ``days``; returns the new meta."""
+        _check_instrument(venue, symbol, instrument)
+        src = symbol_dir(self.dir, staged_venue or venue, symbol)
+        src.mkdir(parents=True, exist_ok=True)
+        sym = symbol_dir(self.root, venue, symbol)
+        records = {}
+        for day, entry in days.items():
+            staged = src / f"{day}.npz"
+            if not staged.exists():
+                raise DataError(f"{venue}/{symbol}: day {day} was never staged")
+            records[day] = {**entry, **day_record(staged, instrument)}
+        sym.mkdir(parents=True, exist_ok=True)
+        with _flock(sym, exclusive=True):
+            _roll_forward(sym)
+            meta = _merge_meta(sym, venue, symbol, instrument, records)
+            atomic_write_json(src / META, meta)
+            _fsync_dir(src)
+            os.rename(src, sym / _COMMIT)
+            _fsync_dir(sym)
+            _roll_forward(sym)
+        return meta
+
+
+def _clean_dead_staging(root: Path) -> None:
+    """Remove the staging folders of writers that died (their lock is free). Call with the catalog's lock."""
+    for d in root.glob(f"{_STAGING}*"):
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer's
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+    for d in root.glob(".convert-*"):  # the staging folders of quotelab before Staging, never locked
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def list_symbols(catalog: Path | str) -> list[str]:
@@ -205,19 +416,98 @@ def list_symbols(catalog: Path | str) -> list[str]:
 
 
 def list_days(catalog: Path | str, venue: str, symbol: str) -> list[str]:
-    return sorted(read_meta(catalog, venue, symbol).get("days", {}))
+    """The days meta.json describes whose files are there (a deleted day is not listed)."""
+    meta = read_meta(catalog, venue, symbol)
+    return sorted(d for d in meta.get("days", {}) if day_path(catalog, venue, symbol, d).exists())
 
 
 def load_day(catalog: Path | str, venue: str, symbol: str, day: str) -> np.ndarray:
-    """Load one catalog day; a missing or unreadable day names the day, the catalog and what exists."""
-    path = day_path(catalog, venue, symbol, day)
-    if not path.exists():
-        have = list_days(catalog, venue, symbol) if (path.parent / "meta.json").exists() else []
+    """Load one catalog day, checked against its meta.json entry (see :func:`load_days`)."""
+    return load_days(catalog, venue, symbol, [day])[1][0]
+
+
+def load_days(catalog: Path | str, venue: str, symbol: str, days: Sequence[str]
+              ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """meta.json and the ``days`` it describes, read together under the symbol's lock.
+
+    Each day is checked against its entry: listed at all, the same rows (CRC-32, size and event count,
+    where the entry has them), converted with the tick and lot meta.json now states, and prices on that
+    tick grid (a sample: the day-start book and the first and last rows). A missing day names the
+    catalog and the days present.
+    """
+    sym = symbol_dir(catalog, venue, symbol)
+    meta = read_meta(catalog, venue, symbol)
+    out = []
+    with _reading(sym):
+        meta = _read_meta_file(sym / META)
+        for day in days:
+            path = day_path(catalog, venue, symbol, day)
+            if not path.exists():
+                listed = meta.get("days", {})
+                have = sorted(d for d in listed if day_path(catalog, venue, symbol, d).exists())
+                gone = f" ({sym / META} lists it, but its file is gone)" if day in listed else ""
+                raise DataError(
+                    f"catalog day {venue}/{symbol}/{day} is missing from catalog {catalog} (looked for {path})"
+                    f"{gone}; days present: {', '.join(have) or 'none'}"
+                )
+            events, info = _load_events_info(path)
+            _check_day(sym / META, meta, day, path, events, info)
+            out.append(events)
+    return meta, out
+
+
+_GRID_SAMPLE = 1 << 16
+
+
+def off_grid(events: np.ndarray, tick: float) -> tuple[int, float] | None:
+    """The first (row, price) among the day's first and last ``_GRID_SAMPLE`` rows of book events whose
+    price is not a multiple of ``tick``, or None. The day-start book alone holds hundreds of prices, so a
+    wrong tick is all but certain to show. Only book prices must be on the grid (hftbacktest keys its book
+    by tick); trade prices of a synthetic market may sit between ticks."""
+    from hftbacktest.types import DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT
+
+    n = len(events)
+    for start in (0, max(_GRID_SAMPLE, n - _GRID_SAMPLE)):
+        part = events[start:start + _GRID_SAMPLE]
+        kind = part["ev"] & np.uint64(0xFF)
+        book = (kind == DEPTH_EVENT) | (kind == DEPTH_SNAPSHOT_EVENT)
+        ratio = part["px"] / tick
+        bad = np.flatnonzero(book & (np.abs(ratio - np.rint(ratio)) > 1e-6))
+        if bad.shape[0]:
+            return start + int(bad[0]), float(part["px"][bad[0]])
+    return None
+
+
+def _check_day(meta_path: Path, meta: dict[str, Any], day: str, path: Path, events: np.ndarray,
+               info: zipfile.ZipInfo | None) -> None:
+    rec = meta.get("days", {}).get(day)
+    if rec is None:
         raise DataError(
-            f"catalog day {venue}/{symbol}/{day} is missing from catalog {catalog} (looked for {path}); "
-            f"days present: {', '.join(have) or 'none'}"
-        )
-    return load_events(path)
+            f"{path}: day {day} is not described by {meta_path}, so it cannot be trusted (left by an interrupted "
+            f"write, or copied in by hand?). Fix: convert the day again.")
+    found = {"events": len(events)}
+    if info is not None:
+        found.update(crc32=info.CRC, bytes=info.file_size)
+    differ = [f"{k} {rec[k]} in meta.json, {v} in the file" for k, v in found.items()
+              if rec.get(k) is not None and rec[k] != v]
+    if differ:
+        raise DataError(
+            f"{path}: not the day file {meta_path} describes ({'; '.join(differ)}): it was replaced after meta.json "
+            f"was written. Fix: convert the day again.")
+    for key in ("tick_size", "lot_size"):
+        if rec.get(key) is not None and not math.isclose(float(rec[key]), float(meta.get(key, 0.0)), rel_tol=1e-9):
+            option = "--" + key.replace("_", "-")
+            raise DataError(
+                f"{meta_path}: {key} is {meta.get(key)}, but day {day} was converted with {key} {rec[key]}. Fix: set "
+                f"{key} back to {rec[key]} in meta.json, or convert the days again with the right {option}.")
+    tick = meta.get("tick_size")
+    if isinstance(tick, (int, float)) and tick > 0:
+        bad = off_grid(events, float(tick))
+        if bad is not None:
+            raise DataError(
+                f"{meta_path}: tick_size {tick} does not fit day {day}: price {bad[1]} (row {bad[0]} of {path.name}) "
+                f"is not a multiple of it. Fix: set tick_size in meta.json to the venue's tick, or convert the day "
+                f"again with the right --tick-size.")
 
 
 def load_events(path: Path | str) -> np.ndarray:
@@ -225,16 +515,24 @@ def load_events(path: Path | str) -> np.ndarray:
     memory-mapped copy-on-write: writing to the array never touches the file, and its CRC is checked
     once per process (until the file changes). A deflated day is inflated with ISA-L (BTC window:
     ~60 -> ~30 ms)."""
+    return _load_events_info(path)[0]
+
+
+def _load_events_info(path: Path | str) -> tuple[np.ndarray, zipfile.ZipInfo | None]:
+    """:func:`load_events` and the zip entry of the rows (None for an npz of another writer)."""
+    info = None
     try:
-        data = _read_day(Path(path))
-        if data is None:
+        got = _read_day(Path(path))
+        if got is None:
             with np.load(path) as npz:
                 data = npz["data"]
+        else:
+            data, info = got
     except Exception as exc:  # zipfile, pickle and key errors all mean the same to a user
         raise DataError(f"{path}: not a readable event file ({type(exc).__name__}: {exc})") from exc
     if data.dtype != event_dtype:
         raise DataError(f"{path}: array 'data' has dtype {data.dtype}, expected hftbacktest's event_dtype")
-    return data
+    return data, info
 
 
 def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -243,9 +541,9 @@ def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read_header(fh)
 
 
-def _read_day(path: Path) -> np.ndarray | None:
-    """The ``data`` array of a quotelab day file: mapped in place if stored, inflated if deflated;
-    None for anything else (np.load reads it)."""
+def _read_day(path: Path) -> tuple[np.ndarray, zipfile.ZipInfo] | None:
+    """The ``data`` array of a quotelab day file and its zip entry: mapped in place if stored, inflated
+    if deflated; None for anything else (np.load reads it)."""
     with open(path, "rb") as fh:
         with zipfile.ZipFile(fh) as zf:
             info = zf.getinfo("data.npy")
@@ -258,7 +556,8 @@ def _read_day(path: Path) -> np.ndarray | None:
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         fh.seek(info.header_offset + 30 + name_len + extra_len)
         if info.compress_type == zipfile.ZIP_DEFLATED:
-            return _inflated(fh.read(info.compress_size), info)
+            data = _inflated(fh.read(info.compress_size), info)
+            return None if data is None else (data, info)
         start = fh.tell()
         shape, fortran, dtype = _npy_header(fh)
         if fortran or len(shape) != 1 or dtype != event_dtype:
@@ -272,7 +571,7 @@ def _read_day(path: Path) -> np.ndarray | None:
     data = (np.empty(0, dtype=event_dtype) if shape[0] == 0 else
             np.memmap(path, dtype=event_dtype, mode="c", offset=offset, shape=shape).view(np.ndarray))
     _check_stored_crc(path, stat, header, data, info)
-    return data
+    return data, info
 
 
 _VERIFIED: set[tuple[int, ...]] = set()  # stored days whose CRC this process has checked, by file identity

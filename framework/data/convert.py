@@ -7,18 +7,15 @@ resolved for that venue, and the converter returns the ``venue`` it found, which
 ``fn(files, job)`` with a :class:`~quotelab.data.events.ConvertJob`; it hands every finished day to
 ``job.on_day`` and returns conversion-wide facts (files, message counts, findings).
 
-All or nothing: days are written (each atomically, by ``catalog.write_day``) into a staging folder
-inside the catalog; only when the whole conversion succeeded are they moved into place (a rename on
-the same file system) and meta.json updated, last. A failure on any day removes the staging folder,
-so the catalog and its meta.json stay exactly as they were.
+All or nothing: days are written into a :class:`~quotelab.data.catalog.Staging` folder inside the
+catalog; only when the whole conversion succeeded are they committed, together with their meta.json
+entries (see the catalog's docstring). A failure on any day removes the staging folder, so the
+catalog and its meta.json stay exactly as they were.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from typing import Any
 from quotelab.data import catalog
 from quotelab.data.events import ConvertJob, DayResult
 from quotelab.data.instruments import resolve
+from quotelab.data.sniff import sniff
 from quotelab.errors import DataError
 
 
@@ -78,40 +76,31 @@ def convert_files(
     for f in files:
         if not Path(f).is_file():
             raise DataError(f"{f}: no such file")
+        seen = sniff(Path(f))
+        if seen is not None and seen.format != fmt_name:
+            fix = f"--format {seen.format}" + (f" --symbol {seen.symbol}" if seen.symbol else "")
+            raise DataError(f"{f}:{seen.line}: this file is {seen.what}, not --format {fmt_name}. Fix: convert it "
+                            f"with {fix}.")
     venue = _load(fmt.venue_of)(list(map(Path, files))) if fmt.venue_of else fmt.venue
     instrument = resolve(venue, symbol, tick_size, lot_size, contract, contract_size)
     root = Path(catalog_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
     days: dict[str, dict[str, Any]] = {}
-    staged: dict[str, Path] = {}
-
-    def on_day(res: DayResult) -> None:
-        if res.day in staged:
-            raise DataError(f"{fmt.venue}/{symbol}: day {res.day} produced twice (input files not in time order?)")
-        staged[res.day] = catalog.write_day(staging, fmt.venue, symbol, res.day, res.events, compression)
-        days[res.day] = res.info
-
-    job = ConvertJob(venue, symbol, instrument, on_day)
     t0 = time.perf_counter()
-    try:
-        info = _load(fmt.converter)(list(map(Path, files)), job)
+    with catalog.Staging(root) as stage:
+        def on_day(res: DayResult) -> None:
+            if res.day in days:
+                raise DataError(f"{fmt.venue}/{symbol}: day {res.day} produced twice (input files not in time order?)")
+            stage.write_day(fmt.venue, symbol, res.day, res.events, compression)
+            days[res.day] = res.info
+
+        info = _load(fmt.converter)(list(map(Path, files)), ConvertJob(venue, symbol, instrument, on_day))
         # A multi-venue format (Tardis) learns the venue from the data and returns it.
         venue = info.pop("venue", venue)
-        funding = _stage_funding(info.pop("funding", None), staging, fmt.venue, symbol, days, info)
-        final: dict[str, Path] = {}
-        for day, src in staged.items():
-            dst = catalog.day_path(root, venue, symbol, day)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-            final[day] = dst
-        for day, src in funding.items():
-            os.replace(src, catalog.funding_path(root, venue, symbol, day))
-        for day, path in final.items():
-            days[day]["file"] = str(path)
-        catalog.update_meta(root, venue, symbol, instrument, days)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _stage_funding(info.pop("funding", None), stage.dir, fmt.venue, symbol, days, info)
+        for day, entry in days.items():
+            entry["file"] = str(catalog.day_path(root, venue, symbol, day))
+        meta = stage.commit(venue, symbol, instrument, days, staged_venue=fmt.venue)
+    days = {d: meta["days"][d] for d in days}
     elapsed = time.perf_counter() - t0
     lines = int(info.get("messages", {}).get("lines", 0))
     return {
@@ -208,5 +197,9 @@ def render_summary(summary: dict[str, Any]) -> None:
             ft.add_column(col)
         for f in findings:
             where = f"{f.get('file', '')}:{f['line']}" if f.get("line") else f.get("day", "")
+            last = (f.get("last_file"), f.get("last_line"))
+            if last[1] is not None and last != (f.get("file"), f.get("line")):
+                same = last[0] == f.get("file")
+                where += f" – {'' if same else f.get('last_file', '') + ':'}{f['last_line']}"
             ft.add_row(f["kind"], str(f["count"]), where, f["message"])
         con.print(ft)

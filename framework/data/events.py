@@ -80,13 +80,15 @@ class Finding:
     file: str | None = None
     line: int | None = None
     count: int = 1
+    last_file: str | None = None  # where the last occurrence is, for findings that give a range
+    last_line: int | None = None
+    max_ms: float | None = None  # the largest amount, for findings that measure one
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "message": self.message, "count": self.count}
-        if self.file is not None:
-            out["file"] = self.file
-        if self.line is not None:
-            out["line"] = self.line
+        for key in ("file", "line", "last_file", "last_line", "max_ms"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -97,14 +99,33 @@ class Findings:
     items: dict[str, Finding] = field(default_factory=dict)
 
     def add(self, kind: str, message: str, file: str | None = None, line: int | None = None,
-            count: int = 1) -> None:
-        if kind in self.items:
-            self.items[kind].count += count
-        else:
-            self.items[kind] = Finding(kind, message, file, line, count)
+            count: int = 1, last: tuple[str | None, int | None] | None = None, amount_ms: float | None = None
+            ) -> None:
+        """``last``: where this batch of occurrences ends, kept as the range's end; ``amount_ms``: kept as
+        the maximum."""
+        f = self.items.get(kind)
+        if f is None:
+            f = self.items[kind] = Finding(kind, message, file, line, 0)
+        f.count += count
+        if last is not None:
+            f.last_file, f.last_line = last
+        if amount_ms is not None:
+            f.max_ms = amount_ms if f.max_ms is None else max(f.max_ms, amount_ms)
 
     def as_list(self) -> list[dict[str, Any]]:
         return [f.as_dict() for f in self.items.values()]
+
+
+LOCAL_BACK = ("local time steps back on these lines (first by {ms:.3f} ms): each is set to the latest local time "
+              "before it, since lines are written as they arrive; the rest of the day keeps its clock")
+
+
+def clamp_local(local: np.ndarray, prev: int) -> tuple[np.ndarray, np.ndarray]:
+    """Local receive times raised to the latest one before them (``prev`` before the first), and how far
+    each stepped back (0 where it did not). A clock that steps back on a few lines must not pass its
+    error on: it would be read as latency, and the clock offset of the whole day would follow it."""
+    before = np.maximum.accumulate(np.concatenate([[prev], local]))[:-1]
+    return np.maximum(local, before), np.maximum(before - local, 0)
 
 
 # ---------------------------------------------------------------------------------------------

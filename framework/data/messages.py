@@ -18,6 +18,7 @@ from numba import njit
 
 from quotelab.data.events import (
     DAY_NS,
+    LOCAL_BACK,
     MAX_BOOK_TICKS,
     ConvertJob,
     DaySplitter,
@@ -238,12 +239,15 @@ class MessageFeed:
 
     # -- checks ----------------------------------------------------------------------------------
 
-    def check_local(self, local: int, file: str, line: int) -> None:
+    def check_local(self, local: int, file: str, line: int) -> int:
+        """The message's local time, set to the latest before it where the clock stepped back."""
         if local < self.prev_local:
-            self.findings.add("local_ts_backwards",
-                              f"local timestamps go backwards (first by {(self.prev_local - local) / 1e6:.3f} ms); "
-                              f"events are re-sorted by local time for hftbacktest", file, line)
-        self.prev_local = max(self.prev_local, local)
+            by = self.prev_local - local
+            self.findings.add("local_ts_backwards", LOCAL_BACK.format(ms=by / 1e6), file, line,
+                              last=(file, line), amount_ms=by / 1e6)
+            return self.prev_local
+        self.prev_local = local
+        return local
 
     def off_grid(self, px: np.ndarray, qty: np.ndarray) -> tuple[int, str] | None:
         """The first row whose price is not a positive multiple of the tick or whose quantity is

@@ -105,7 +105,7 @@ class OkxConverter:
             if msg is None:
                 self.feed.lose_sync()
                 continue
-            self.feed.check_local(local, file, line)
+            local = self.feed.check_local(local, file, line)
             if not isinstance(msg, dict) or "data" not in msg or not isinstance(msg.get("arg"), dict):
                 self.stats["control_msgs"] += 1
                 if isinstance(msg, dict) and msg.get("event") == "error":

@@ -790,7 +790,8 @@ def generate(
     ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`).
 
     Days are UTC days of exchange time; each day file starts with a full snapshot of the book as it
-    stands at the day's first instant. Day files that exist are replaced; meta.json is merged.
+    stands at the day's first instant. Day files that exist are replaced; meta.json is merged, each
+    symbol's days and meta.json committed together.
     The perp also gets a funding side table (:class:`_Funding`), settling every ``funding_interval_s``.
     """
     lm = latent or LatentModel()
@@ -849,43 +850,46 @@ def generate(
         c = c1
 
     days_out: dict[str, dict[str, dict[str, Any]]] = {ASSETS[k].symbol: {} for k in runs}
-    day_start = t0
-    while day_start < t1:
-        d = datetime.fromtimestamp(day_start // NS, UTC)
-        next_midnight = _ns(datetime(d.year, d.month, d.day, tzinfo=UTC) + timedelta(days=1))
-        day_end = min(t1, next_midnight)
-        day = d.strftime("%Y%m%d")
-        spools = {k: _DaySpool(_catalog.symbol_dir(root, VENUE, run.model.symbol)) for k, run in runs.items()}
-        try:
-            for k, run in runs.items():
-                spools[k](run.snapshot(day_start))
-            c = day_start
-            while c < day_end:
-                c1 = min(day_end, c + CHUNK_S * NS)
-                fairs = fair_chunk(c, c1)
+    with _catalog.Staging(root) as stage:
+        day_start = t0
+        while day_start < t1:
+            d = datetime.fromtimestamp(day_start // NS, UTC)
+            next_midnight = _ns(datetime(d.year, d.month, d.day, tzinfo=UTC) + timedelta(days=1))
+            day_end = min(t1, next_midnight)
+            day = d.strftime("%Y%m%d")
+            spools = {k: _DaySpool(stage.day_path(VENUE, run.model.symbol, day).parent) for k, run in runs.items()}
+            try:
                 for k, run in runs.items():
-                    run.run(c1, fairs[k], c, spools[k])
-                if funding is not None:
-                    funding.add(c, c1, fairs["_px"], fairs["_index"])
-                c = c1
-            for k, run in runs.items():
-                sp = spools[k]
-                sp.commit(_catalog.day_path(root, VENUE, run.model.symbol, day), compression)
-                days_out[run.model.symbol][day] = {
-                    "first_ts": sp.first_ts,
-                    "last_ts": sp.last_ts,
-                    "events": sp.rows,
-                    "counts": sp.counts,
-                    "quality": _quality(seed, run.model, lm, t0, t1),
-                }
-                if k == "perp" and funding is not None:
-                    table = funding.take()
-                    _catalog.write_funding(root, VENUE, run.model.symbol, day, table)
-                    days_out[run.model.symbol][day]["funding_rows"] = len(table)
-        finally:
-            for sp in spools.values():
-                sp.discard()
-        day_start = day_end
+                    spools[k](run.snapshot(day_start))
+                c = day_start
+                while c < day_end:
+                    c1 = min(day_end, c + CHUNK_S * NS)
+                    fairs = fair_chunk(c, c1)
+                    for k, run in runs.items():
+                        run.run(c1, fairs[k], c, spools[k])
+                    if funding is not None:
+                        funding.add(c, c1, fairs["_px"], fairs["_index"])
+                    c = c1
+                for k, run in runs.items():
+                    sp = spools[k]
+                    sp.commit(stage.day_path(VENUE, run.model.symbol, day), compression)
+                    days_out[run.model.symbol][day] = {
+                        "first_ts": sp.first_ts,
+                        "last_ts": sp.last_ts,
+                        "events": sp.rows,
+                        "counts": sp.counts,
+                        "quality": _quality(seed, run.model, lm, t0, t1),
+                    }
+                    if k == "perp" and funding is not None:
+                        table = funding.take()
+                        _catalog.write_funding(stage.dir, VENUE, run.model.symbol, day, table)
+                        days_out[run.model.symbol][day]["funding_rows"] = len(table)
+            finally:
+                for sp in spools.values():
+                    sp.discard()
+            day_start = day_end
+        for run in runs.values():
+            stage.commit(VENUE, run.model.symbol, _instrument(run.model), days_out[run.model.symbol])
 
     summary: dict[str, Any] = {
         "catalog": str(root),
@@ -897,7 +901,6 @@ def generate(
     }
     for run in runs.values():
         m = run.model
-        _catalog.update_meta(root, VENUE, m.symbol, _instrument(m), days_out[m.symbol])
         days = days_out[m.symbol]
         summary["symbols"][m.symbol] = {
             "days": sorted(days),
@@ -1032,13 +1035,13 @@ def arrival_market(
     day = datetime.fromtimestamp(t0 // NS, UTC).strftime("%Y%m%d")
     if datetime.fromtimestamp((t0 + n * dt) // NS, UTC).strftime("%Y%m%d") != day:
         raise SynthError("the arrival market must fit in one UTC day; shorten --duration or move --start")
-    _catalog.write_day(catalog, VENUE, ARRIVAL_SYMBOL, day, ev)
     truth = {"buy": {"A": buy[0], "k": buy[1]}, "sell": {"A": sell[0], "k": sell[1]},
              "sigma": math.sqrt(move_prob / step_s), "step_s": step_s}
-    _catalog.update_meta(catalog, VENUE, ARRIVAL_SYMBOL,
-                         {"tick_size": tick_size, "lot_size": 1.0, "contract": {"kind": "linear", "size": 1.0},
-                          "market": "perp"},
-                         {day: {"first_ts": int(ev["exch_ts"][0]), "last_ts": int(ev["exch_ts"][-1]),
-                                "events": len(ev), "quality": {"synthetic": True, "seed": seed,
-                                                               "arrival": truth}}})
+    with _catalog.Staging(catalog) as stage:
+        stage.write_day(VENUE, ARRIVAL_SYMBOL, day, ev)
+        stage.commit(VENUE, ARRIVAL_SYMBOL,
+                     {"tick_size": tick_size, "lot_size": 1.0, "contract": {"kind": "linear", "size": 1.0},
+                      "market": "perp"},
+                     {day: {"first_ts": int(ev["exch_ts"][0]), "last_ts": int(ev["exch_ts"][-1]),
+                            "events": len(ev), "quality": {"synthetic": True, "seed": seed, "arrival": truth}}})
     return {"symbol": ARRIVAL_SYMBOL, "day": day, "events": len(ev), "truth": truth}

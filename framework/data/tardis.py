@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 from numba import njit
 
-from quotelab.data.events import DAY_NS, ConvertJob, Findings
+from quotelab.data.events import DAY_NS, LOCAL_BACK, ConvertJob, Findings, clamp_local
 from quotelab.data.messages import MessageFeed, finish_summary, open_binary
 from quotelab.errors import DataError
 
@@ -207,7 +207,8 @@ class TardisConverter:
         self.other: dict[str, int] = {}
         self.files: list[dict[str, Any]] = []
         self.exchange: str | None = None
-        self.dropped_back: list[Any] = [0, 0, "", 0]  # side-less trades whose local time steps back: count, first
+        # side-less trades whose local time steps back: count, first (ns, file, line), last (file, line), most ns
+        self.dropped_back: list[Any] = [0, 0, "", 0, None, 0]
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -307,8 +308,7 @@ class TardisConverter:
         df = df.filter(pl.Series(ours))  # no nulls left in the required columns, so to_numpy keeps int64
         exch = df["timestamp"].to_numpy() * 1_000
         local = df["local_timestamp"].to_numpy() * 1_000
-        before = np.maximum.accumulate(np.concatenate([[max_local], local]))[:-1]
-        back = np.where(local < before, before - local, 0)
+        local, back = clamp_local(local, max_local)
         if book:
             snap_code = self._codes(df, "is_snapshot", {v: int(f) for v in df["is_snapshot"].drop_nulls().unique()
                                                         .to_list() if (f := _flag(v)) is not None})
@@ -340,8 +340,10 @@ class TardisConverter:
                 # merged row steps back.
                 k = int(stepped[0])
                 if not self.dropped_back[0]:
-                    self.dropped_back[1:] = [int(back[k]), file, int(line[k])]
+                    self.dropped_back[1:4] = [int(back[k]), file, int(line[k])]
                 self.dropped_back[0] += int(stepped.shape[0])
+                self.dropped_back[4] = (file, int(line[stepped[-1]]))
+                self.dropped_back[5] = max(self.dropped_back[5], int(back[stepped].max()))
             rows = {k: v[known] for k, v in rows.items()}
         return rows
 
@@ -400,9 +402,10 @@ class TardisConverter:
                     bufs[f] = _Chunk(**b.rows(r, b.line.shape[0]), m_start=b.m_start[taken[f]:] - r,
                                      m_kind=b.m_kind[taken[f]:], m_local=b.m_local[taken[f]:])
 
-    def _local_backwards(self, by_ns: int, file: str, line: int, count: int) -> None:
-        self.findings.add("local_ts_backwards", f"local_timestamp goes backwards (first by {by_ns / 1e6:.3f} ms); "
-                          f"events are re-sorted by local time for hftbacktest", file, line, count)
+    def _local_backwards(self, by_ns: int, file: str, line: int, count: int, last: tuple[str, int] | None,
+                         max_ns: int) -> None:
+        self.findings.add("local_ts_backwards", LOCAL_BACK.format(ms=by_ns / 1e6), file, line, count,
+                          last=last, amount_ms=max(max_ns, by_ns) / 1e6)
 
     def _emit(self, bufs: list[_Chunk | None], taken: np.ndarray, order: np.ndarray, file_of: np.ndarray,
               counts: np.ndarray, names: list[str]) -> None:
@@ -435,9 +438,11 @@ class TardisConverter:
         m_exch = np.where(m_kind == SNAPSHOT, np.maximum.reduceat(exch, m_start), exch[m_start])
         stepped = np.flatnonzero(back)
         if stepped.shape[0]:
-            k = int(stepped[0])
+            k, z = int(stepped[0]), int(stepped[-1])
             file = names[int(m_file[np.searchsorted(m_end, k, side="right")])]
-            self._local_backwards(int(back[k]), file, int(line[k]), int(stepped.shape[0]))
+            last = names[int(m_file[np.searchsorted(m_end, z, side="right")])]
+            self._local_backwards(int(back[k]), file, int(line[k]), int(stepped.shape[0]), (last, int(line[z])),
+                                  int(back.max()))
 
         def where(msg: int, row: int) -> tuple[str, int]:
             return names[int(m_file[msg])], int(line[row] if row >= 0 else line[m_start[msg]])
@@ -464,9 +469,11 @@ class TardisConverter:
             self.feed.split.close_ready()
 
     def finish(self) -> dict[str, Any]:
-        count, by_ns, file, line = self.dropped_back
+        count, by_ns, file, line, last, most = self.dropped_back
         if count:
-            self._local_backwards(by_ns, file, line, count)
+            # The range is the merged rows' if any stepped back; these only add to the count and maximum.
+            merged = "local_ts_backwards" in self.findings.items
+            self._local_backwards(by_ns, file, line, count, None if merged else last, most)
         names = ", ".join(f["file"] for f in self.files)
         hint = (f"no incremental_book_L2 snapshot rows (is_snapshot=true) for {self.symbol} in {names}, so the book "
                 f"cannot be built. Fix: pass the day's incremental_book_L2 file (Tardis starts each with a snapshot), "
