@@ -202,3 +202,41 @@ def test_the_funding_and_latency_example_runs(tmp_path):
     assert s["num_trades"] > 50 and len(s["settlements"]) == 2  # 5 and 10 min; 15 is the end of the data
     assert s["funding"] == pytest.approx(sum(x["amount"] for x in s["settlements"]))
     assert any(x["position"] != 0 for x in s["settlements"])
+
+
+def test_tardis_derivative_ticker_becomes_funding_rows_across_midnight(tmp_path):
+    fixtures = Path(__file__).parent / "fixtures" / "tardis"
+    book = fixtures / "binance-futures_incremental_book_L2_BTCUSDT.csv"
+    trades = fixtures / "binance-futures_trades_BTCUSDT.csv.gz"
+    # 2020-08-31 23:59:55 .. 2020-09-01 00:00:05 (µs); an ETHUSDT row to skip, a row without a mark
+    lines = ["exchange,symbol,timestamp,local_timestamp,funding_timestamp,funding_rate,predicted_funding_rate,"
+             "open_interest,last_price,index_price,mark_price",
+             "binance-futures,BTCUSDT,1598918395000000,1598918395004000,1598918400000000,0.0001,0.0002,5,11650,"
+             "11649.5,11650.25",
+             "binance-futures,ETHUSDT,1598918396000000,1598918396004000,1598918400000000,0.0009,0.0002,5,400,400,400",
+             "binance-futures,BTCUSDT,1598918399000000,1598918399004000,1598918400000000,0.00012,,5,11651,11650.5,",
+             "binance-futures,BTCUSDT,1598918405000000,1598918405004000,1598947200000000,0.00003,,5,11652,11651.5,"
+             "11652.0"]
+    deriv = tmp_path / "binance-futures_derivative_ticker_BTCUSDT.csv.gz"
+    deriv.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    args = [sys.executable, "-m", "quotelab.cli", "convert", "--format", "tardis", "--symbol", "BTCUSDT",
+            "--tick-size", "0.1", "--lot-size", "0.001", "--catalog"]
+    proc = subprocess.run([*args, str(tmp_path / "c"), str(book), str(trades), str(deriv)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    subprocess.run([*args, str(tmp_path / "plain"), str(book), str(trades)], check=True, capture_output=True,
+                   timeout=600)
+    first = cat.load_funding(tmp_path / "c", "binance-usdm", "BTCUSDT", ["20200831"])
+    second = cat.load_funding(tmp_path / "c", "binance-usdm", "BTCUSDT", ["20200901"])
+    assert first["exch_ts"].tolist() == [1598918395000000000, 1598918399000000000]
+    assert first["local_ts"].tolist() == [1598918395004000000, 1598918399004000000]
+    assert first["rate"].tolist() == [0.0001, 0.00012]
+    assert first["mark"].tolist() == [11650.25, 11650.25]  # the second row had no mark: the last one holds
+    assert first["index"].tolist() == [11649.5, 11650.5]
+    assert set(first["next_ts"].tolist()) == {1598918400000000000}
+    assert second["rate"].tolist() == [0.00003] and second["next_ts"].tolist() == [1598947200000000000]
+    ts, rate, mark = schedule(np.concatenate([first, second]), 0, 1598918500000000000)
+    assert ts.tolist() == [1598918400000000000] and rate.tolist() == [0.00012] and mark.tolist() == [11650.25]
+    for day in ("20200831", "20200901"):
+        assert np.array_equal(cat.load_day(tmp_path / "c", "binance-usdm", "BTCUSDT", day),
+                              cat.load_day(tmp_path / "plain", "binance-usdm", "BTCUSDT", day))

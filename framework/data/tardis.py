@@ -258,8 +258,8 @@ class TardisConverter:
             info["kind"] = "trades"
         else:
             raise DataError(f"{src.name}:1: header {head.strip()!r} is neither Tardis incremental_book_L2 "
-                            f"({','.join(BOOK_COLUMNS)}) nor trades ({','.join(TRADE_COLUMNS)}). Fix: pass "
-                            f"Tardis CSV files with their header line.")
+                            f"({','.join(BOOK_COLUMNS)}), trades ({','.join(TRADE_COLUMNS)}) nor "
+                            f"derivative_ticker. Fix: pass Tardis CSV files with their header line.")
         return src, info["kind"] == "incremental_book_L2"
 
     def _parse(self, src: _Source, book: bool, block: bytes, first: int, n_lines: int,
@@ -499,7 +499,46 @@ def venue_of(files: Sequence[Path]) -> str:
     return "tardis"
 
 
+DERIVATIVE_COLUMNS = ["exchange", "symbol", "timestamp", "local_timestamp", "funding_timestamp", "funding_rate",
+                      "predicted_funding_rate", "open_interest", "last_price", "index_price", "mark_price"]
+
+
+def _header(path: Path) -> list[str]:
+    src = _Source(Path(path))
+    src.fh.close()
+    return [h.strip() for h in src.head.decode("utf-8", errors="replace").rstrip("\r\n").split(",")]
+
+
+def derivative_ticker(path: Path, symbol: str) -> np.ndarray:
+    """A Tardis ``derivative_ticker`` CSV's rows of ``symbol`` as funding rows (:mod:`quotelab.funding`):
+    mark, index, ``funding_rate`` and ``funding_timestamp`` (the settlement it is for; 0 if empty), µs → ns.
+    Rows without a mark price (a venue sends some fields alone) keep the last mark seen."""
+    from quotelab.funding import rows
+
+    with open_binary(Path(path)) as fh:
+        raw = fh.read()
+    try:
+        df = pl.read_csv(io.BytesIO(raw), schema_overrides={
+            "symbol": pl.String, "timestamp": pl.Int64, "local_timestamp": pl.Int64, "funding_timestamp": pl.Int64,
+            "funding_rate": pl.Float64, "index_price": pl.Float64, "mark_price": pl.Float64})
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable Tardis derivative_ticker CSV ({exc}). Fix: download the file again."
+                        ) from None
+    df = df.filter(pl.col("symbol") == symbol).with_columns(pl.col("mark_price").forward_fill())
+    return rows(df["timestamp"].to_numpy() * 1000, df["local_timestamp"].to_numpy() * 1000,
+                df["mark_price"].fill_null(np.nan).to_numpy(), df["index_price"].fill_null(np.nan).to_numpy(),
+                df["funding_rate"].fill_null(np.nan).to_numpy(), df["funding_timestamp"].fill_null(0).to_numpy() * 1000)
+
+
 def convert(files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:
+    """Book and trades files make the days; ``derivative_ticker`` files give their funding rows."""
+    deriv = [f for f in files if _header(f) == DERIVATIVE_COLUMNS]
     conv = TardisConverter(job)
-    conv.run(files)
-    return conv.finish()
+    conv.run([f for f in files if f not in deriv])
+    out = conv.finish()
+    if deriv:
+        tables = [derivative_ticker(f, job.symbol) for f in deriv]
+        out["funding"] = np.concatenate(tables)
+        out["files"] = [*out["files"], *({"file": str(f), "kind": "derivative_ticker", "lines": len(t)}
+                                         for f, t in zip(deriv, tables, strict=True))]
+    return out
