@@ -436,6 +436,34 @@ def microprice_fit(
     typer.echo(f"wrote {out}")
 
 
+@app.command("optimize")
+def optimize_cmd(
+    opt_file: Annotated[Path, typer.Argument(help="Optimisation YAML: base strategy, space, objective, days.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder: optuna.db, runs/, trials.parquet, best.yaml.")],
+    catalog: Annotated[Path | None, typer.Option("--catalog", help="Event catalog folder.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes (or Ray actors).")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local (process pool) or ray.")] = "local",
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="Trials per fold (default: the file's).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the folds as JSON.")] = False,
+) -> None:
+    """Search strategy parameters with Optuna, walk-forward; resumes from OUT/optuna.db when run again."""
+    from quotelab.optimize import optimize
+
+    res = optimize(opt_file, out, catalog=catalog, workers=workers, executor=executor, address=address,
+                   trials=trials, progress=(lambda m: None) if json_ else typer.echo)
+    if json_:
+        _print_json({"folds": res.folds, "best_yaml": str(res.best_yaml), "runs_done": res.runs_done,
+                     "runs_reused": res.runs_reused, "seconds": round(res.seconds, 3)})
+        return
+    for f in res.folds:
+        oos = f.get("oos_value")
+        typer.echo(f"fold {f['fold']}: train {','.join(f['train'])} -> {f['params']}  in-sample {f['is_value']:.6g}"
+                   + (f"  out-of-sample ({','.join(f['test'])}) {oos:.6g}" if oos is not None else ""))
+    typer.echo(f"best strategy: {res.best_yaml}; trials: {out / 'trials.parquet'}; "
+               f"{res.runs_done} runs, {res.runs_reused} reused, {res.seconds:.1f} s")
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     catalog: CatalogOpt,

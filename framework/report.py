@@ -279,6 +279,11 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
                      f"<b>{_fmt(r[stat])}</b>"
                      + (f", {bps:.3g} bps of traded notional" if isinstance(bps, float) else ""))
     sections.append(lead + "</p>")
+    from quotelab.optimize import report_section
+
+    optimisation = report_section(results_dir, out, save)  # a `quotelab optimize` folder: its trials first
+    if optimisation:
+        sections.append(optimisation)
     cols = TABLE_COLS[:5] + pcols + [c for c in TABLE_COLS[5:] if c != stat] + [stat]
     cols = [c for c in cols if any(c in r for r in rows)]
     tables: list[str] = []  # after the charts: the per-venue and diagnostics tables, then every run

@@ -1,0 +1,555 @@
+"""``quotelab optimize OPT.yaml``: Optuna search over strategy parameters, walk-forward, on the batch machinery.
+
+An optimisation file names a base strategy, a search space over any strategy path, an objective
+computed from run summaries, and the days: ``walk_forward: {days, train, test}`` makes folds whose
+parameters are chosen on ``train`` days and scored on the ``test`` days after them.
+
+Every (parameters, day) pair is one run of :func:`quotelab.batch.execute_run`, stored under
+``runs/<run_id>/record.json`` as a batch stores its runs, and executed by a local process pool or
+Ray actors that each compile the driver once. A trial runs its training days in order; after each
+day its objective so far is reported to Optuna, so the pruner can stop a poor trial early.
+
+Reproducibility. Trials go out in rounds of ``workers`` trials that advance one day at a time in
+lockstep, and each round's sampler is seeded from (seed, fold, trials finished): what the sampler
+and pruner see does not depend on which worker finishes first, so the same seed gives the same
+trials, with one worker or several. ``parallel_trials`` (default 2) is the round's size, a property
+of the search, not of the machine; ``--workers`` only sets how many runs execute at once. An
+interrupted study resumes from its SQLite storage: trials left running are marked failed and not
+counted, finished ones are kept, and runs already recorded under ``runs/`` are not run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from quotelab.batch import RECORD, _clean, _watch_parent, execute_run, read_records, write_results
+from quotelab.config import apply_override, load_strategy, load_yaml, where_in
+from quotelab.data import catalog as cat
+from quotelab.errors import ConfigError, QuotelabError
+
+METRICS = ("pnl_usd", "pnl_per_notional", "sharpe_daily")
+OPT_FILE = "optimize.json"
+
+
+class OptimizeError(ConfigError):
+    """An optimisation file is invalid."""
+
+
+@dataclass
+class Param:
+    path: str
+    kind: str  # int, float, categorical
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: list[Any] = field(default_factory=list)
+
+    def distribution(self) -> Any:
+        import optuna.distributions as D
+
+        if self.kind == "categorical":
+            return D.CategoricalDistribution(self.choices)
+        if self.kind == "int":
+            return D.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return D.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+
+@dataclass
+class Objective:
+    metric: str = "pnl_usd"
+    inventory_penalty: float = 0.0  # per unit of mean |position| (the run's inventory_mean_abs)
+
+    def value(self, recs: list[dict[str, Any]]) -> float:
+        """The objective over these day records (higher is better); NaN when it is not defined yet."""
+        pnl = np.array([float(r["summary"].get("pnl_usd") or 0.0) for r in recs])
+        if self.metric == "pnl_usd":
+            v = float(pnl.sum())
+        elif self.metric == "pnl_per_notional":
+            notional = sum(float(r["summary"].get("traded_notional_usd") or 0.0) for r in recs)
+            v = float(pnl.sum() / notional * 1e4) if notional > 0 else 0.0
+        else:
+            sd = float(np.std(pnl, ddof=1)) if len(pnl) > 1 else math.nan
+            v = float(pnl.mean() / sd) if sd > 0 else math.nan
+        if self.inventory_penalty:
+            inv = np.mean([float(r["diagnostics"].get("inventory_mean_abs") or 0.0) for r in recs])
+            v -= self.inventory_penalty * float(inv)
+        return v
+
+
+@dataclass
+class OptConfig:
+    file: Path
+    name: str
+    strategy_path: Path
+    strategy_text: str
+    catalog: Path | None
+    asset: str
+    space: list[Param]
+    objective: Objective
+    folds: list[tuple[list[str], list[str]]]  # (train days, test days)
+    trials: int
+    seed: int
+    sampler: str
+    pruner: str
+    parallel_trials: int = 2
+    dated_assets: list[str] = field(default_factory=list)
+
+
+def _param(path: str, spec: Any, where: str) -> Param:
+    if isinstance(spec, list):
+        spec = {"choices": spec}
+    if not isinstance(spec, dict):
+        raise OptimizeError(f"{where}: expected {{low, high[, step][, log]}} or {{choices: [...]}}")
+    if "choices" in spec:
+        if set(spec) != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise OptimizeError(f"{where}: a categorical is {{choices: [a, b, ...]}} (a non-empty list) alone")
+        return Param(path, "categorical", choices=spec["choices"])
+    bad = set(spec) - {"low", "high", "step", "log"}
+    if bad or not {"low", "high"} <= set(spec):
+        raise OptimizeError(f"{where}: a range is {{low, high[, step][, log]}}, got keys {sorted(spec)}")
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), bool(spec.get("log", False))
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high, *([step] if step else []))):
+        raise OptimizeError(f"{where}: low, high and step must be numbers")
+    if not high > low or (step is not None and step <= 0) or (log and (low <= 0 or step is not None)):
+        raise OptimizeError(f"{where}: need high > low, step > 0, and log only with low > 0 and no step")
+    ints = isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int))
+    return Param(path, "int" if ints else "float", float(low), float(high), step, log)
+
+
+def load_opt(path: str | Path, catalog: str | Path | None = None) -> OptConfig:
+    """Parse and validate an optimisation file; errors name file:line and the key."""
+    path = Path(path).resolve()
+    raw, lines = load_yaml(path)
+    where = where_in(path, lines)
+    if not isinstance(raw, dict):
+        raise OptimizeError(f"{path}:1: an optimisation file is a mapping with strategy, space, objective, days")
+    known = {"name", "strategy", "catalog", "asset", "space", "objective", "days", "walk_forward", "trials",
+             "seed", "sampler", "pruner", "parallel_trials", "description"}
+    for k in raw:
+        if k not in known:
+            raise OptimizeError(f"{where((k,))}: unknown key; expected one of: {', '.join(sorted(known))}")
+    if not isinstance(raw.get("strategy"), str):
+        raise OptimizeError(f"{path}:1: strategy: required, the path of the base strategy YAML")
+    strategy_path = (path.parent / raw["strategy"]).resolve()
+    if not strategy_path.exists():
+        raise OptimizeError(f"{where(('strategy',))}: base strategy {strategy_path} not found")
+    strategy_text = strategy_path.read_text()
+    base, _ = load_yaml(strategy_path, strategy_text)
+    asset = raw.get("asset") or (base.get("data") or {}).get("quote")
+    if asset not in ((base.get("data") or {}).get("assets") or {}):
+        raise OptimizeError(f"{where(('asset',))}: asset {asset!r} is not in the base strategy's data.assets")
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise OptimizeError(f"{where(('space',))}: expected a mapping PATH: {{low, high, ...}} or {{choices}}")
+    space = [_param(k, v, where(("space", k))) for k, v in space_raw.items()]
+    obj_raw = raw.get("objective") or {}
+    if isinstance(obj_raw, str):
+        obj_raw = {"metric": obj_raw}
+    if set(obj_raw) - {"metric", "inventory_penalty"} or obj_raw.get("metric", "pnl_usd") not in METRICS:
+        raise OptimizeError(f"{where(('objective',))}: expected {{metric: {'|'.join(METRICS)}, "
+                            f"inventory_penalty: number}}, got {obj_raw}")
+    objective = Objective(obj_raw.get("metric", "pnl_usd"), float(obj_raw.get("inventory_penalty", 0.0)))
+    if ("days" in raw) == ("walk_forward" in raw):
+        raise OptimizeError(f"{path}:1: give days (all in-sample) or walk_forward: {{days, train, test}}, one of them")
+    if "days" in raw:
+        days = [str(d) for d in raw["days"]]
+        folds = [(days, [])]
+    else:
+        wf = raw["walk_forward"]
+        if not isinstance(wf, dict) or set(wf) - {"days", "train", "test"} or not {"days", "train", "test"} <= set(wf):
+            raise OptimizeError(f"{where(('walk_forward',))}: expected {{days: [...], train: N, test: M}}")
+        days, n_train, n_test = [str(d) for d in wf["days"]], int(wf["train"]), int(wf["test"])
+        if n_train < 1 or n_test < 1 or n_train + n_test > len(days):
+            raise OptimizeError(f"{where(('walk_forward',))}: need train >= 1, test >= 1 and train + test <= "
+                                f"{len(days)} days")
+        folds = [(days[s:s + n_train], days[s + n_train:s + n_train + n_test])
+                 for s in range(0, len(days) - n_train - n_test + 1, n_test)]
+    if objective.metric == "sharpe_daily" and min(len(tr) for tr, _ in folds) < 2:
+        raise OptimizeError(f"{where(('objective',))}: sharpe_daily needs at least 2 training days per fold")
+    sampler, pruner = str(raw.get("sampler", "tpe")), str(raw.get("pruner", "median"))
+    if sampler not in ("tpe", "random") or pruner not in ("median", "none"):
+        raise OptimizeError(f"{path}:1: sampler is tpe or random, pruner median or none; got {sampler}, {pruner}")
+    trials = int(raw.get("trials", 20))
+    if trials < 1:
+        raise OptimizeError(f"{where(('trials',))}: at least 1 trial")
+    cat_path = Path(catalog).resolve() if catalog is not None else (
+        (path.parent / raw["catalog"]).resolve() if raw.get("catalog") else None)
+    if cat_path is None and (base.get("data") or {}).get("catalog"):
+        cat_path = (strategy_path.parent / base["data"]["catalog"]).resolve()
+    cfg = OptConfig(path, str(raw.get("name", path.stem)), strategy_path, strategy_text, cat_path, asset, space,
+                    objective, folds, trials, int(raw.get("seed", 0)), sampler, pruner,
+                    int(raw.get("parallel_trials", 2)))
+    cfg.dated_assets = [a for a, spec in base["data"]["assets"].items() if isinstance(spec, dict) and "dates" in spec]
+    if cfg.parallel_trials < 1:
+        raise OptimizeError(f"{where(('parallel_trials',))}: at least 1")
+    # Every path must be settable to every end of its range: checked now, before anything runs.
+    for p in space:
+        for v in (p.choices if p.kind == "categorical" else [_cast(p, p.low), _cast(p, p.high)]):
+            try:
+                load_strategy(strategy_path, overrides(cfg, {p.path: v}, folds[0][0][0]), text=strategy_text)
+            except QuotelabError as exc:
+                raise OptimizeError(f"{where(('space', p.path))}: value {v!r} makes the strategy invalid:\n  "
+                                    f"{exc}") from exc
+    return cfg
+
+
+def _cast(p: Param, v: Any) -> Any:
+    return int(v) if p.kind == "int" else v
+
+
+def overrides(cfg: OptConfig, params: dict[str, Any], day: str) -> list[str]:
+    """A run of ``params`` on ``day``: every asset of the strategy that reads catalog days reads that day."""
+    days = [f"data.assets.{a}.dates={json.dumps([day])}" for a in cfg.dated_assets or [cfg.asset]]
+    return days + [f"{k}={json.dumps(v)}" for k, v in params.items()]
+
+
+def run_id(cfg: OptConfig, ovr: list[str]) -> str:
+    text = json.dumps({"strategy": cfg.strategy_text, "overrides": ovr}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Executors: map a list of run tasks to their records, in order, with workers kept between calls
+# ------------------------------------------------------------------------------------------------
+
+
+class LocalPool:
+    def __init__(self, workers: int) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                        initializer=_watch_parent)
+
+    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(self.pool.map(execute_run, tasks))
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class RayPool:
+    def __init__(self, workers: int, address: str | None) -> None:
+        from quotelab.batch import RayWorker, interpreter_kept
+
+        try:
+            import ray
+        except ImportError:
+            raise QuotelabError("the ray executor needs ray: pip install 'quotelab[ray]'") from None
+        self.ray = ray
+        self._kept = interpreter_kept()
+        self._kept.__enter__()
+        self.started = not ray.is_initialized()
+        if self.started:
+            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers}
+            ray.init(**kwargs, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        self.actors = [ray.remote(num_cpus=1)(RayWorker).remote() for _ in range(workers)]
+
+    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        refs = [self.actors[i % len(self.actors)].run.remote(t) for i, t in enumerate(tasks)]
+        out = []
+        for task, (record, files) in zip(tasks, self.ray.get(refs), strict=True):
+            for name, data in files.items():
+                cat.atomic_write_bytes(Path(task["artifacts"]) / name, lambda fh, d=data: fh.write(d))
+            out.append(record)
+        return out
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+        self._kept.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The search
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Optimizer:
+    cfg: OptConfig
+    out: Path
+    pool: Any
+    workers: int
+    progress: Callable[[str], None] = print
+    runs_done: int = 0
+    runs_reused: int = 0
+
+    def records(self, params_list: list[dict[str, Any]], day: str) -> list[dict[str, Any]]:
+        """Run (or reuse the stored, finished run of) each parameter set on ``day``."""
+        tasks, recs = [], {}
+        for i, params in enumerate(params_list):
+            ovr = overrides(self.cfg, params, day)
+            rid = run_id(self.cfg, ovr)
+            stored = self.out / "runs" / rid / RECORD
+            if stored.exists():
+                rec = json.loads(stored.read_text())
+                if rec.get("status") == "done":
+                    recs[i] = rec
+                    self.runs_reused += 1
+                    continue
+            tasks.append((i, {"run_id": rid, "index": 0, "label": f"{day} {params}", "venue": "", "symbol": "",
+                              "dates": [day], "params": params, "overrides": ovr,
+                              "strategy_path": str(self.cfg.strategy_path), "strategy_text": self.cfg.strategy_text,
+                              "catalog": str(self.cfg.catalog) if self.cfg.catalog else None,
+                              "artifacts": str(self.out / "runs" / rid)}))
+        for (i, task), rec in zip(tasks, self.pool.map([t for _, t in tasks]), strict=True):
+            rec["executor"] = "optimize"
+            cat.atomic_write_json(self.out / "runs" / task["run_id"] / RECORD, _clean(rec))
+            recs[i] = rec
+            self.runs_done += 1
+        return [recs[i] for i in range(len(params_list))]
+
+    def study(self, fold: int) -> Any:
+        import optuna
+
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=max(2, self.cfg.parallel_trials), n_warmup_steps=0) \
+            if self.cfg.pruner == "median" else optuna.pruners.NopPruner()
+        study = optuna.create_study(study_name=f"{self.cfg.name}-fold{fold}", storage=storage_url(self.out),
+                                    direction="maximize", load_if_exists=True, pruner=pruner)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left running by an interrupted process
+        return study
+
+    def sampler(self, fold: int, finished: int) -> Any:
+        import optuna
+
+        seed = (self.cfg.seed * 1_000_003 + fold * 10_007 + finished) % (2 ** 32)
+        if self.cfg.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, 2 * self.cfg.parallel_trials))
+
+    def search(self, fold: int, days: list[str]) -> Any:
+        import optuna
+
+        TS = optuna.trial.TrialState
+        study = self.study(fold)
+        dists = {p.path: p.distribution() for p in self.cfg.space}
+        while True:
+            finished = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED)))
+            if finished >= self.cfg.trials:
+                return study
+            study.sampler = self.sampler(fold, finished)
+            trials = [study.ask(dists) for _ in range(min(self.cfg.parallel_trials, self.cfg.trials - finished))]
+            # Outcomes are told together once the round ends: a round cut short leaves all its trials
+            # running, so a resume asks the same round again with the same sampler seed.
+            outcome: dict[int, Any] = {}
+            active = list(range(len(trials)))
+            per_day: dict[int, list[dict[str, Any]]] = {i: [] for i in active}
+            for d, day in enumerate(days):
+                recs = self.records([trials[i].params for i in active], day)
+                still = []
+                for i, rec in zip(active, recs, strict=True):
+                    t = trials[i]
+                    if rec.get("status") != "done":
+                        t.set_user_attr("error", str(rec.get("error")))
+                        outcome[i] = TS.FAIL
+                        continue
+                    per_day[i].append(rec)
+                    t.set_user_attr(f"day_{day}", _day_summary(rec))
+                    v = self.cfg.objective.value(per_day[i])
+                    if math.isfinite(v):
+                        t.report(v, d)
+                        if d < len(days) - 1 and t.should_prune():
+                            outcome[i] = TS.PRUNED
+                            continue
+                    still.append(i)
+                active = still
+            for i in active:
+                v = self.cfg.objective.value(per_day[i])
+                outcome[i] = v if math.isfinite(v) else TS.FAIL
+            for i, t in enumerate(trials):
+                o = outcome[i]
+                if isinstance(o, TS):
+                    study.tell(t, state=o)
+                else:
+                    study.tell(t, o)
+            self.progress(f"fold {fold}: {len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED)))}"
+                          f"/{self.cfg.trials} trials, best {study.best_value if _has_best(study) else 'none'}")
+
+
+def _has_best(study: Any) -> bool:
+    import optuna
+
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def _day_summary(rec: dict[str, Any]) -> dict[str, Any]:
+    s, d = rec.get("summary") or {}, rec.get("diagnostics") or {}
+    return {"pnl_usd": s.get("pnl_usd"), "traded_notional_usd": s.get("traded_notional_usd"),
+            "inventory_mean_abs": d.get("inventory_mean_abs"), "run_id": rec.get("run_id")}
+
+
+def storage_url(out: Path) -> str:
+    return f"sqlite:///{(out / 'optuna.db').resolve()}"
+
+
+@dataclass
+class OptResult:
+    out: Path
+    folds: list[dict[str, Any]]
+    best_yaml: Path
+    runs_done: int
+    runs_reused: int
+    seconds: float
+
+
+def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None = None, workers: int = 1,
+             executor: str = "local", address: str | None = None, trials: int | None = None,
+             progress: Callable[[str], None] = print) -> OptResult:
+    """Run (or resume) the optimisation; write trials.parquet, folds.json, best.yaml and optimize.json."""
+    try:
+        import optuna
+    except ImportError:
+        raise QuotelabError("quotelab optimize needs optuna: pip install 'quotelab[optimize]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = load_opt(opt_file, catalog)
+    if trials is not None:
+        cfg.trials = trials
+    if executor not in ("local", "ray") or workers < 1:
+        raise OptimizeError(f"--executor must be local or ray and --workers >= 1, got {executor}, {workers}")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pool = RayPool(workers, address) if executor == "ray" else LocalPool(workers)
+    opt = Optimizer(cfg, out, pool, workers, progress)
+    folds = []
+    try:
+        for f, (train, test) in enumerate(cfg.folds):
+            study = opt.search(f, train)
+            if not _has_best(study):
+                raise OptimizeError(f"{cfg.file}: fold {f}: no trial completed; see the run records in {out}/runs")
+            best = study.best_trial
+            row: dict[str, Any] = {"fold": f, "train": train, "test": test, "best_trial": best.number,
+                                   "params": best.params, "is_value": best.value,
+                                   "is_per_day": [best.user_attrs.get(f"day_{d}") for d in train]}
+            if test:
+                recs = [opt.records([best.params], d)[0] for d in test]
+                ok = all(r.get("status") == "done" for r in recs)
+                row["oos_value"] = cfg.objective.value(recs) if ok else None
+                row["oos_per_day"] = [_day_summary(r) for r in recs]
+            folds.append(row)
+    finally:
+        pool.close()
+    write_results(out)
+    trials_table(cfg, out)
+    best_yaml = write_best(cfg, folds[-1]["params"], out)
+    res = OptResult(out, folds, best_yaml, opt.runs_done, opt.runs_reused, time.perf_counter() - t0)
+    cat.atomic_write_json(out / OPT_FILE, _clean({
+        "name": cfg.name, "file": str(cfg.file), "strategy": str(cfg.strategy_path), "storage": storage_url(out),
+        "objective": {"metric": cfg.objective.metric, "inventory_penalty": cfg.objective.inventory_penalty},
+        "space": [p.__dict__ for p in cfg.space], "trials": cfg.trials, "seed": cfg.seed, "folds": folds,
+        "best_yaml": str(best_yaml), "runs_done": opt.runs_done, "runs_reused": opt.runs_reused,
+        "seconds": round(res.seconds, 3)}))
+    return res
+
+
+def trials_table(cfg: OptConfig, out: Path) -> Path:
+    """trials.parquet: one row per trial of every fold, params as p.<path>, value, state, per-day values."""
+    import optuna
+    import polars as pl
+
+    rows = []
+    for f in range(len(cfg.folds)):
+        try:
+            study = optuna.load_study(study_name=f"{cfg.name}-fold{f}", storage=storage_url(out))
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False):
+            row: dict[str, Any] = {"fold": f, "number": t.number, "state": t.state.name, "value": t.value,
+                                   "intermediate": json.dumps(t.intermediate_values),
+                                   "seconds": t.duration.total_seconds() if t.duration else None}
+            row |= {f"p.{k}": (json.dumps(v) if isinstance(v, str | list) else float(v)) for k, v in t.params.items()}
+            rows.append(row)
+    path = out / "trials.parquet"
+    df = pl.DataFrame(rows, strict=False) if rows else pl.DataFrame({"fold": pl.Series([], dtype=pl.Int64)})
+    cat.atomic_write_bytes(path, lambda fh: df.write_parquet(fh))
+    return path
+
+
+def write_best(cfg: OptConfig, params: dict[str, Any], out: Path) -> Path:
+    """The base strategy with the best parameters of the last fold applied: a strategy YAML ready to run."""
+    raw, _ = load_yaml(cfg.strategy_path, cfg.strategy_text)
+    for k, v in params.items():
+        apply_override(raw, f"{k}={json.dumps(v)}")
+    if (raw.get("data") or {}).get("catalog") and not Path(raw["data"]["catalog"]).is_absolute():
+        raw["data"]["catalog"] = str((cfg.strategy_path.parent / raw["data"]["catalog"]).resolve())
+    if cfg.catalog is not None:
+        raw["data"]["catalog"] = str(cfg.catalog)
+    path = out / "best.yaml"
+    head = (f"# quotelab optimize {cfg.file.name}: best of the last fold's trials, chosen on "
+            f"{', '.join(cfg.folds[-1][0])}\n# " + ", ".join(f"{k} = {v}" for k, v in params.items()) + "\n")
+    path.write_text(head + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def report_section(results_dir: Path, out: Path, save: Callable[[Any, str], str]) -> str | None:
+    """HTML for `quotelab report`: optimisation history, parameter importance and in- vs out-of-sample."""
+    path = results_dir / OPT_FILE
+    if not path.exists():
+        return None
+    import html
+
+    import matplotlib.pyplot as plt
+    import optuna
+
+    info = json.loads(path.read_text())
+    parts = ["<h2>Optimisation</h2>",
+             f"<p>{html.escape(info['name'])}: objective {html.escape(info['objective']['metric'])}"
+             f"{_penalty_text(info['objective']['inventory_penalty'])}"
+             f", {info['trials']} trials per fold, seed {info['seed']}</p>"]
+    rows = "".join(
+        f"<tr><td>{f['fold']}</td><td>{', '.join(f['train'])}</td><td>{', '.join(f['test']) or '–'}</td>"
+        f"<td>{html.escape(json.dumps(f['params']))}</td><td>{f['is_value']:.6g}</td>"
+        f"<td>{'' if f.get('oos_value') is None else format(f['oos_value'], '.6g')}</td></tr>"
+        for f in info["folds"])
+    parts.append("<table><tr><th>fold</th><th>train days</th><th>test days</th><th>best params</th>"
+                 f"<th>in-sample</th><th>out-of-sample</th></tr>{rows}</table>")
+    for f in info["folds"]:
+        study = optuna.load_study(study_name=f"{info['name']}-fold{f['fold']}", storage=info["storage"])
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        nums, vals = [t.number for t in done], [t.value for t in done]
+        ax.plot(nums, vals, "o", ms=4, label="trial")
+        ax.plot(nums, np.maximum.accumulate(vals), "-", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(info["objective"]["metric"])
+        ax.set_title(f"fold {f['fold']}: history")
+        ax.legend()
+        parts.append(save(fig, f"opt_history_fold{f['fold']}.png"))
+        if len(done) >= 3 and len(info["space"]) > 1:
+            try:
+                imp = optuna.importance.get_param_importances(study)
+            except (RuntimeError, ValueError):
+                imp = {}
+            if imp:
+                fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(imp)))
+                ax.barh(list(imp)[::-1], list(imp.values())[::-1])
+                ax.set_xlabel("importance (fANOVA)")
+                ax.set_title(f"fold {f['fold']}: parameter importance")
+                parts.append(save(fig, f"opt_importance_fold{f['fold']}.png"))
+    return "\n".join(parts)
+
+
+def _penalty_text(penalty: float) -> str:
+    return f" − {penalty}·mean|inventory|" if penalty else ""
+
+
+def summary_of(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / OPT_FILE).read_text())
+
+
+__all__ = ["optimize", "load_opt", "OptResult", "Objective", "read_records"]
