@@ -83,8 +83,7 @@ def load_assets(
                 raise ConfigError(
                     f"{where(at)}: a catalog asset needs a catalog: pass --catalog DIR or set data.catalog"
                 )
-            meta = cat.read_meta(catalog, a.venue, a.symbol)
-            events = [cat.load_day(catalog, a.venue, a.symbol, d) for d in a.dates]
+            meta, events = cat.load_days(catalog, a.venue, a.symbol, a.dates)
             funding = cat.load_funding(catalog, a.venue, a.symbol, a.dates)
             venue, symbol = a.venue, a.symbol
         contract = meta.get("contract", {})
@@ -97,6 +96,13 @@ def load_assets(
                 )
         if not any(len(e) for e in events):
             raise DataError(f"{where(at)}: {venue}/{symbol} has no events")
+        if a.tick_size is not None:  # the catalog's own tick is checked where it is read, naming meta.json
+            for e in events:
+                if (bad := cat.off_grid(e, float(tick))) is not None:
+                    raise ConfigError(
+                        f"{where((*at, 'tick_size'))}: tick_size {tick} does not fit {venue}/{symbol}: book price "
+                        f"{bad[1]} (row {bad[0]}) is not a multiple of it. Fix: set the venue's tick, or leave "
+                        f"tick_size out to use the catalog's.")
         feeds.append(AssetFeed(
             name=name, venue=venue, symbol=symbol, events=events, tick_size=float(tick), lot_size=float(lot),
             contract=a.contract or contract.get("kind", "linear"),

@@ -897,7 +897,7 @@ class BinanceConverter:
             self.witness.add_bbo(ints[bt, I_U], flts[bt, F_P], flts[bt, F_P2], flts[bt, F_Q], flts[bt, F_Q2])
         other = np.flatnonzero((kinds == K_OTHER) | (kinds == K_ERRMSG))
         if other.shape[0] and not self.spot:
-            other = self._mark_prices(block, other, ints)
+            other = self._mark_prices(block, other, local)
         if other.shape[0]:
             self.stats["other_msgs"] += other.shape[0]
             k = int(other[0])
@@ -911,7 +911,7 @@ class BinanceConverter:
         self.split.close_ready()
         self.line0 += n
 
-    def _mark_prices(self, block: bytes, other: np.ndarray, ints: np.ndarray) -> np.ndarray:
+    def _mark_prices(self, block: bytes, other: np.ndarray, local: np.ndarray) -> np.ndarray:
         """Keep ``markPriceUpdate`` lines (mark ``p``, index ``i``, rate ``r``, next settlement ``T``)
         as funding rows; return the other lines still unknown. One a second: parsed in Python."""
         lines = block.split(b"\n")
@@ -923,7 +923,7 @@ class BinanceConverter:
                 continue
             d = orjson.loads(line[line.find(b" ") + 1:]).get("data", {})
             try:
-                self.funding.append((int(d["E"]) * 1_000_000, int(ints[k, I_LTS]) * self.factor, float(d["p"]),
+                self.funding.append((int(d["E"]) * 1_000_000, int(local[k]), float(d["p"]),
                                      float(d.get("i", "nan")), float(d["r"]) if d.get("r") not in (None, "") else
                                      np.nan, int(d.get("T") or 0) * 1_000_000))
             except (KeyError, TypeError, ValueError) as exc:

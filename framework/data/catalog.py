@@ -436,7 +436,7 @@ def load_days(catalog: Path | str, venue: str, symbol: str, days: Sequence[str]
     catalog and the days present.
     """
     sym = symbol_dir(catalog, venue, symbol)
-    meta = read_meta(catalog, venue, symbol)
+    read_meta(catalog, venue, symbol)  # names the catalog's symbols if this one is not there
     out = []
     with _reading(sym):
         meta = _read_meta_file(sym / META)
@@ -478,6 +478,9 @@ def off_grid(events: np.ndarray, tick: float) -> tuple[int, float] | None:
     return None
 
 
+_ON_GRID: set[tuple] = set()  # (file identity, tick) whose sample this process found on the grid
+
+
 def _check_day(meta_path: Path, meta: dict[str, Any], day: str, path: Path, events: np.ndarray,
                info: zipfile.ZipInfo | None) -> None:
     rec = meta.get("days", {}).get(day)
@@ -502,8 +505,14 @@ def _check_day(meta_path: Path, meta: dict[str, Any], day: str, path: Path, even
                 f"{key} back to {rec[key]} in meta.json, or convert the days again with the right {option}.")
     tick = meta.get("tick_size")
     if isinstance(tick, (int, float)) and tick > 0:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, float(tick))
+        if key in _ON_GRID:
+            return
         bad = off_grid(events, float(tick))
-        if bad is not None:
+        if bad is None:
+            _ON_GRID.add(key)
+        else:
             raise DataError(
                 f"{meta_path}: tick_size {tick} does not fit day {day}: price {bad[1]} (row {bad[0]} of {path.name}) "
                 f"is not a multiple of it. Fix: set tick_size in meta.json to the venue's tick, or convert the day "
