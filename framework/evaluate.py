@@ -358,7 +358,8 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
                                                               if n in targets}})
     feeds = load_assets(data_section, path.parent, info["where"],
                         resolve_catalog(path.parent, cfg.data.catalog, catalog))
-    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse")
+    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse",
+                          f.funding)
               for f in feeds]
     index = {f.name: i for i, f in enumerate(feeds)}
     if cfg.score == "trades":

@@ -22,7 +22,7 @@ index, and a scan costs what hftbacktest's hash-map scan costs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class ReplayAsset:
     lot_size: float
     contract_size: float = 1.0
     inverse: bool = False
+    funding: np.ndarray | None = field(default=None, compare=False)  # catalog funding rows, for funding_rate
 
     def first_ts(self) -> int:
         """Where hftbacktest starts this asset's clock: its first exchange or local event."""

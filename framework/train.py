@@ -274,7 +274,8 @@ def load_dataset(
     from quotelab.engine import load_assets, resolve_catalog
 
     feeds = load_assets(data, base_dir, where, resolve_catalog(base_dir, data.catalog, catalog))
-    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse")
+    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse",
+                          f.funding)
               for f in feeds]
     return Dataset(name, assets, [f.name for f in feeds].index(data.quote),
                    {f.name: f"{f.venue}/{f.symbol}" for f in feeds})
@@ -323,7 +324,7 @@ def truncate(assets: Sequence[ReplayAsset], end_ns: int) -> list[ReplayAsset]:
         tick["ev"] = LOCAL_EVENT
         tick["local_ts"] = end_ns
         tick["exch_ts"] = end_ns
-        out.append(ReplayAsset(a.name, [*kept, tick], a.tick_size, a.lot_size, a.contract_size, a.inverse))
+        out.append(ReplayAsset(a.name, [*kept, tick], a.tick_size, a.lot_size, a.contract_size, a.inverse, a.funding))
     return out
 
 
