@@ -524,3 +524,12 @@ def test_tardis_cut_gzip_is_named(tmp_path):
     f.write_bytes(whole[: len(whole) // 2])
     err = convert_fails(*TARDIS_ARGS, "--catalog", tmp_path / "cat", f)
     assert f"{f}: the gzip stream is damaged or cut short" in err and "Fix:" in err
+
+
+def test_data_without_the_symbol_asked_for_names_the_symbols_it_holds(shared_data, tmp_path):
+    err = convert_fails("--format", "tardis", "--symbol", "ETHUSDT", "--catalog", tmp_path / "cat", TARDIS_BOOK,
+                        TARDIS_TRADES)
+    assert "for ETHUSDT" in err and "check --symbol. The files hold other symbols: BTCUSDT (41)." in err
+    bybit = shared_data / "other-venues" / "BYBIT.ws.26.0.gz"
+    err = convert_fails("--format", "bybit", "--symbol", "ETHUSD", "--catalog", tmp_path / "cat", bybit)
+    assert "The files hold other symbols: BTCUSD (570), EOSUSD (524)." in err

@@ -47,7 +47,14 @@ def finish_summary(feed: Any, no_snapshot_hint: str, stats: dict[str, int], find
                    others: dict[str, int], what: str) -> dict[str, Any]:
     """The tail every message converter shares: flush the feed (no snapshot is an error carrying
     ``no_snapshot_hint``), count what was dropped, name what was skipped; the summary's common keys."""
-    feed.finish(no_snapshot_hint)
+    try:
+        feed.finish(no_snapshot_hint)
+    except DataError as exc:
+        if not others:
+            raise
+        # Most often the data is of another symbol than --symbol: say which ones it holds.
+        held = ", ".join(f"{k} ({v:,})" for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:5])
+        raise DataError(f"{exc} The files hold other {what}: {held}.") from None
     stats["dropped_depth_msgs"] = feed.dropped_depth
     stats["dropped_trades"] = feed.dropped_trades
     note_others(findings, others, what)
