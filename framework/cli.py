@@ -58,13 +58,15 @@ def run_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, stats and series.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse to run a trained model on its own training days (in-sample).")] = False,
 ) -> None:
     """Validate, compose and backtest a strategy YAML."""
     from quotelab.engine import run_strategy
     from quotelab.errors import RunError
 
     try:
-        result = run_strategy(strategy, catalog=catalog, overrides=set_ or [], out_dir=out)
+        result = run_strategy(strategy, catalog=catalog, overrides=set_ or [], out_dir=out, strict=strict)
     except RunError as exc:
         if json_ and getattr(exc.result, "summary", None) is not None:
             _print_json(exc.result.summary)
@@ -334,12 +336,14 @@ def train_cmd(
         Path | None,
         typer.Option("--out", help="Folder for report.json, folds/transfer CSV, model.json, forecast.yaml."),
     ] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse to score a model file on its own training days (in-sample).")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Record features from signal kernels, fit a forecast walk-forward, score transfer, export it."""
     from quotelab.train import run_train
 
-    result = run_train(config, catalog=catalog, out_dir=out)
+    result = run_train(config, catalog=catalog, out_dir=out, strict=strict)
     rep = result.report
     if json_:
         _print_json(rep)

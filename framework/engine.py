@@ -581,7 +581,19 @@ def run_strategy(
     overrides: list[str] = (),
     out_dir: str | Path | None = None,
     registry: Any = None,
+    strict: bool = False,
 ) -> RunResult:
-    """Validate, compose and run the strategy YAML at ``path``."""
+    """Validate, compose and run the strategy YAML at ``path``.
+
+    A trained model's part (``provenance`` param) must share the run's grid step; days it was trained on
+    are listed in ``summary["in_sample"]`` (refused with ``strict``).
+    """
+    from quotelab.provenance import strategy_in_sample
+
     loaded, registry, parts = load_strategy(path, overrides, registry=registry)
-    return run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir)
+    in_sample = strategy_in_sample(loaded, parts, strict)
+    result = run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir)
+    result.summary["in_sample"] = in_sample
+    if out_dir is not None and in_sample:
+        cat.atomic_write_json(Path(out_dir) / "summary.json", json.loads(json.dumps(result.summary, default=str)))
+    return result

@@ -30,6 +30,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from quotelab import layout as L
+from quotelab import provenance
 from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose
 from quotelab.config import (
@@ -638,9 +639,10 @@ def _importance(model: StaticModel, X: np.ndarray, y: np.ndarray, names: list[st
 # ------------------------------------------------------------------------------------------------
 
 
-def model_document(setup: TrainSetup, model: StaticModel) -> dict[str, Any]:
+def model_document(setup: TrainSetup, model: StaticModel, provenance: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     c = setup.config
-    doc: dict[str, Any] = {
+    doc: dict[str, Any] = {"provenance": provenance,
         "quotelab_model": MODEL_FILE_VERSION, "kind": c.model.kind, "features": list(setup.names),
         "feature_specs": [{"kind": s.kind, "params": s.params} for _, s, _, _ in setup.parts]
         + [e.model_dump() for e in c.external],
@@ -703,7 +705,7 @@ def load_model_file(setup: TrainSetup) -> StaticModel:
     return m
 
 
-def forecast_block(setup: TrainSetup, model: StaticModel) -> str:
+def forecast_block(setup: TrainSetup, model: StaticModel, provenance: dict[str, Any] | None = None) -> str:
     """A ``forecast:`` block that reproduces the linear model inside a strategy (paste it as is)."""
     lin = model.linear()
     if lin is None:
@@ -719,7 +721,7 @@ def forecast_block(setup: TrainSetup, model: StaticModel) -> str:
     items.append({"kind": "linear_forecast", "alpha": "1bps", "params": {
         "inputs": list(range(first, first + len(setup.parts))),
         "coefficients": [float(v) for v in lin[0]], "intercept": float(lin[1]),
-        "features": [s.kind for _, s, _, _ in setup.parts]}})
+        "features": [s.kind for _, s, _, _ in setup.parts]} | ({"provenance": provenance} if provenance else {})})
     head = (
         f"# Trained by `quotelab train {setup.file.name}`: {c.model.kind} model of the {c.target.horizon:g}s future\n"
         f"# mid return of {c.data.quote!r}, in bps; `alpha: 1bps` turns it into a price offset of the fair value.\n"
@@ -797,7 +799,7 @@ def _clean(obj: Any) -> Any:
 
 
 def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None,
-              registry: Registry | None = None) -> TrainResult:
+              registry: Registry | None = None, strict: bool = False) -> TrainResult:
     """Validate, record features, walk forward, transfer, export. Returns the report and fitted model."""
     setup = load_train(path, registry)
     c = setup.config
@@ -822,11 +824,20 @@ def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str 
         report["folds"] = fit.folds
         report["overall"] = fit.overall
         test_blocks = [f for f in walk_forward(smp.t, c.validation.folds, purge_ns)]
+        report["provenance"] = provenance.training_provenance(c.data.assets, c.grid.step, c.target.horizon,
+                                                              smp.X, smp.target)
     else:
         model = load_model_file(setup)
+        prov = json.loads((setup.file.parent / c.model.file).resolve().read_text()).get("provenance")
+        days = provenance.check(prov, c.grid.step, c.data.assets, setup.where(("model", "file")),
+                                f"the model file {c.model.file}", strict)
+        provenance.warn(days, f"the model file {c.model.file}")
+        report["in_sample"] = days
         s = scores(smp.target, model.predict(smp.X))
-        report["overall"] = {"oos_r2": s["r2"], "oos_ic": s["ic"], "n_oos": s["n"], "coef": _coef_dict(setup.names,
-                                                                                                          model)}
+        # scores on the model's own training days are in-sample, whatever the column is called
+        kind = "is" if days else "oos"
+        report["overall"] = {f"{kind}_r2": s["r2"], f"{kind}_ic": s["ic"], f"n_{kind}": s["n"],
+                             "coef": _coef_dict(setup.names, model)}
         test_blocks = []
     if c.validation.causality_check:
         cuts = _cuts(smp.t, test_blocks, c.validation.folds)
@@ -918,10 +929,11 @@ def write_outputs(setup: TrainSetup, result: TrainResult, out: Path) -> Path:
         files["transfer"] = "transfer.csv"
     model = result.model
     if model is not None and setup.config.model.file is None:
-        atomic_write_json(out / "model.json", _clean(model_document(setup, model)))
+        prov = rep.get("provenance")
+        atomic_write_json(out / "model.json", _clean(model_document(setup, model, prov)))
         files["model"] = "model.json"
         if model.linear() is not None and not setup.config.external:
-            (out / "forecast.yaml").write_text(forecast_block(setup, model))
+            (out / "forecast.yaml").write_text(forecast_block(setup, model, prov))
             files["forecast"] = "forecast.yaml"
     latency_ns = int(round(setup.config.export.latency * 1e9))
     for name, smp in result.samples.items():

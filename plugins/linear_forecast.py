@@ -8,6 +8,8 @@ after a different list of parts is an error rather than a model of the wrong inp
 
 from __future__ import annotations
 
+from typing import Any
+
 from numba import njit
 from pydantic import Field, model_validator
 
@@ -24,6 +26,10 @@ class LinearForecastParams(Params):
     intercept: float = 0.0
     features: tuple[str, ...] | None = Field(
         default=None, description="The kind of the component each input must be (written by quotelab train)."
+    )
+    provenance: dict[str, Any] | None = Field(
+        default=None, description="Written by quotelab train: assets and days, grid step, horizon and data hash "
+        "of the fit. run refuses another step and labels results on those days in-sample (--strict: refuses)."
     )
 
     @model_validator(mode="after")

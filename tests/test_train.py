@@ -271,7 +271,17 @@ def test_exported_forecast_block_runs_in_quotelab_run_unchanged(catalog, tmp_pat
     proc = subprocess.run([*cli, "run", str(strategy), "--catalog", str(catalog), "--json", "--out", str(run_out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["quoting_steps"] > 3000
+    summary = json.loads(proc.stdout)
+    assert summary["quoting_steps"] > 3000
+    # the block was fitted on this very day: the run says so, and --strict refuses it
+    assert summary["in_sample"] == ["perp binance-usdm/BTCUSDT 20240808", "other binance-usdm/ETHUSDT 20240808"]
+    assert "warning: in-sample" in proc.stderr
+    strict = subprocess.run([*cli, "run", str(strategy), "--catalog", str(catalog), "--strict"],
+                            capture_output=True, text=True)
+    assert strict.returncode == 2 and "--strict refuses" in strict.stderr
+    step = subprocess.run([*cli, "run", str(strategy), "--catalog", str(catalog), "--set", "engine.step=50ms"],
+                          capture_output=True, text=True)
+    assert step.returncode == 2 and "trained on a 0.1 s grid, this run steps 0.05 s" in step.stderr
     series = pl.read_parquet(run_out / "series.parquet")
 
     # the engine's forecast is the model's prediction (bps) times the fair value, at every step
@@ -370,9 +380,21 @@ features:
     with pytest.raises(ConfigError, match=r"different features; not in the model: \['returns\(asset=\"other\", "
                                           r"horizon=5\)'\]"):
         T.run_train(write(tmp_path, DATA + other + model_ref, "apply.yaml"), catalog=catalog)
-    # the matching file applies as is: its scores are those of the model over all this data
+    # the matching file applies as is, on its own training day: the scores are labelled in-sample
     rep = T.run_train(write(tmp_path, DATA + FEATURES + model_ref, "apply.yaml"), catalog=catalog).report
-    assert rep["overall"]["n_oos"] > 3000 and rep["overall"]["oos_ic"] > 0.2
+    assert rep["overall"]["n_is"] > 3000 and rep["overall"]["is_ic"] > 0.2 and "oos_ic" not in rep["overall"]
+    assert rep["in_sample"] == ["perp binance-usdm/BTCUSDT 20240808", "other binance-usdm/ETHUSDT 20240808"]
+    with pytest.raises(ConfigError, match=r"apply\.yaml:\d+: model\.file: the model file out/model\.json was trained "
+                                          r"on perp binance-usdm/BTCUSDT 20240808.*--strict"):
+        T.run_train(write(tmp_path, DATA + FEATURES + model_ref, "apply.yaml"), catalog=catalog, strict=True)
+    doc = json.loads((out / "model.json").read_text())
+    prov = doc["provenance"]
+    assert prov["step_s"] == 0.1 and prov["horizon_s"] == 1.0 and len(prov["data_sha256"]) == 16
+    assert prov["assets"]["perp"] == {"venue": "binance-usdm", "symbol": "BTCUSDT", "dates": ["20240808"]}
+    with pytest.raises(ConfigError, match=r"grid\.step: the model file .* was trained with step_s 0\.1, "
+                                          r"this file has 0\.05"):
+        T.run_train(write(tmp_path, DATA + FEATURES + model_ref.replace("}\n", "}\ngrid: {step: 50ms}\n"),
+                          "apply.yaml"), catalog=catalog)
 
 
 def test_unknown_feature_and_missing_transfer_asset_name_their_lines(tmp_path, registry):
