@@ -365,6 +365,9 @@ def train_cmd(
     folds.add_row("all", f(o.get("n")), f(o.get("n_oos")), f(o.get("is_r2")), f(o.get("oos_r2")), f(o.get("is_ic")),
                   f(o.get("oos_ic")))
     console.print(folds)
+    if o.get("oos_ic_fold_mean") is not None:
+        typer.echo(f"out-of-sample IC per fold: mean {f(o['oos_ic_fold_mean'])} ± {f(o.get('oos_ic_fold_std'))} "
+                   f"(std over folds); 'all' ranks the test blocks pooled, each demeaned first")
     if o.get("coef"):
         coef = Table(title="coefficients (fit on all samples)")
         coef.add_column("feature")

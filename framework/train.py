@@ -524,6 +524,39 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"r2": _r2(y, p), "ic": information_coefficient(y, p), "n": int(len(y))}
 
 
+def block_scores(y: np.ndarray, p: np.ndarray, blocks: list[np.ndarray]) -> dict[str, Any]:
+    """IC per test block, their mean and spread, and the pooled IC of within-block demeaned values.
+
+    Each block's model has its own intercept: ranking the raw concatenation scores those level shifts
+    (a pure-noise feature got |IC| > 0.05 that way); demeaning each block first removes them.
+    """
+    ics, yd, pd_ = [], [], []
+    for b in blocks:
+        b = b[np.isfinite(p[b])]
+        if len(b) < 3:
+            continue
+        ics.append(information_coefficient(y[b], p[b]))
+        yd.append(y[b] - y[b].mean())
+        pd_.append(p[b] - p[b].mean())
+    pooled = information_coefficient(np.concatenate(yd), np.concatenate(pd_)) if yd else float("nan")
+    finite = [v for v in ics if math.isfinite(v)]
+    return {"ic": pooled, "ic_fold_mean": float(np.mean(finite)) if finite else float("nan"),
+            "ic_fold_std": float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan"), "ic_folds": ics}
+
+
+def causal_transfer_predict(spec: ModelSpec, X_src: np.ndarray, y_src: np.ndarray, t_src: np.ndarray,
+                            X_dst: np.ndarray, t_dst: np.ndarray, blocks: list[np.ndarray], purge_ns: int
+                            ) -> np.ndarray:
+    """Predictions on each target test block from a source model fitted only on source samples whose
+    targets end before the block starts (t < start − purge), as the walk-forward does natively."""
+    pred = np.full(len(t_dst), np.nan)
+    for b in blocks:
+        train = t_src < t_dst[b[0]] - purge_ns
+        if train.sum() > X_src.shape[1] + 1:
+            pred[b] = StaticModel(spec).fit(X_src[train], y_src[train]).predict(X_dst[b])
+    return pred
+
+
 @dataclass
 class Fold:
     index: int
@@ -617,8 +650,10 @@ def fit_walk_forward(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarra
         rows.append(row)
     ok = np.isfinite(oos)
     s_oos = scores(y[ok], oos[ok])
+    bs = block_scores(y, oos, [f.test for f in walk_forward(t, folds, purge_ns)])
     final = None if spec.kind == "rolling_linear" else StaticModel(spec).fit(X, y)
-    overall: dict[str, Any] = {"oos_r2": s_oos["r2"], "oos_ic": s_oos["ic"], "n_oos": s_oos["n"], "n": int(len(y))}
+    overall: dict[str, Any] = {"oos_r2": s_oos["r2"], "oos_ic": bs["ic"], "oos_ic_fold_mean": bs["ic_fold_mean"],
+                               "oos_ic_fold_std": bs["ic_fold_std"], "n_oos": s_oos["n"], "n": int(len(y))}
     if final is not None:
         s_in = scores(y, final.predict(X))
         overall |= {"is_r2": s_in["r2"], "is_ic": s_in["ic"], "coef": _coef_dict(names, final)}
@@ -743,6 +778,7 @@ class Samples:
     frame: FeatureFrame
     y: np.ndarray
     keep: np.ndarray  # rows of frame with finite features and target
+    pred: np.ndarray | None = None  # causal out-of-sample predictions (transfer), NaN outside test blocks
 
     @property
     def X(self) -> np.ndarray:
@@ -872,8 +908,9 @@ def _transfer(setup: TrainSetup, c: TrainConfig, base: Path, catalog: Path | Non
     if fit is not None:
         ok = np.isfinite(fit.oos_pred)
         s = scores(smp.target[ok], fit.oos_pred[ok])
+        ic = fit.overall["oos_ic"]
         rows.append({"dataset": "native", "asset": native.describe(), "n": s["n"], "native_oos_r2": s["r2"],
-                     "native_oos_ic": s["ic"], "transfer_r2": s["r2"], "transfer_ic": s["ic"]})
+                     "native_oos_ic": ic, "transfer_r2": s["r2"], "transfer_ic": ic})
     for i, t in enumerate(c.transfer):
         data = DataSection(catalog=t.catalog if t.catalog is not None else c.data.catalog,
                            quote=t.quote or c.data.quote, assets=t.assets)
@@ -895,13 +932,20 @@ def _transfer(setup: TrainSetup, c: TrainConfig, base: Path, catalog: Path | Non
                     "native_oos_ic": nf.overall["oos_ic"], "transfer_r2": None, "transfer_ic": None,
                     "note": "an adaptive model refits on the target's own data; no transfer"}
         elif fit is not None:
-            # native: the same model spec walked forward on the target; transfer: the source model on the
-            # same test blocks, so both are scored on identical samples
+            # native: the same model spec walked forward on the target; transfer: on the same test blocks, a
+            # source model fitted only on source samples from before each block (minus the purge), so both
+            # are causal and scored on identical samples
             nf = fit_walk_forward(c.model, ts.X, ts.target, ts.t, setup.names, c.validation.folds, purge_ns)
-            ok = np.isfinite(nf.oos_pred)
-            st = scores(ts.target[ok], model.predict(ts.X[ok]))
+            blocks = [f.test for f in walk_forward(ts.t, c.validation.folds, purge_ns)]
+            pred = causal_transfer_predict(c.model, smp.X, smp.target, smp.t, ts.X, ts.t, blocks, purge_ns)
+            pred[~np.isfinite(nf.oos_pred)] = np.nan
+            ts.pred = pred
+            ok = np.isfinite(pred)
+            st = scores(ts.target[ok], pred[ok])
+            bs = block_scores(ts.target, pred, blocks)
             row |= {"n": st["n"], "native_oos_r2": nf.overall["oos_r2"], "native_oos_ic": nf.overall["oos_ic"],
-                    "transfer_r2": st["r2"], "transfer_ic": st["ic"]}
+                    "transfer_r2": st["r2"], "transfer_ic": bs["ic"], "transfer_ic_fold_mean": bs["ic_fold_mean"],
+                    "transfer_ic_fold_std": bs["ic_fold_std"]}
         else:
             st = scores(ts.target, model.predict(ts.X))
             row |= {"n": st["n"], "native_oos_r2": None, "native_oos_ic": None, "transfer_r2": st["r2"],
@@ -939,6 +983,8 @@ def write_outputs(setup: TrainSetup, result: TrainResult, out: Path) -> Path:
     for name, smp in result.samples.items():
         if name == "native" and result.fit is not None:
             pred = result.fit.oos_pred  # out-of-sample only: in-sample predictions would leak into a backtest
+        elif smp.pred is not None:
+            pred = smp.pred  # transfer: the causal source models' predictions, NaN outside test blocks
         elif model is not None:
             pred = model.predict(smp.X)
         else:

@@ -430,3 +430,57 @@ def test_cross_asset_example_stops_where_the_first_read_asset_ends(catalog):
     rep = res.report
     assert rep["model"] == "ridge" and len(rep["overall"]["coef"]) == 5
     assert rep["samples"] == len(smp.t) < 0.6 * rep["steps"]
+
+
+# ------------------------------------------------------------------------------------------------
+# out-of-sample numbers with noise features and planted signals
+# ------------------------------------------------------------------------------------------------
+
+
+def _trending(rng: np.random.Generator, n: int = 3000, k: int = 1, beta: float = 0.0):
+    """Targets with a level that drifts over time (each test block has its own mean), features of noise
+    plus ``beta`` times a planted signal in the first column."""
+    t = np.arange(n, dtype=np.int64) * 100_000_000
+    X = rng.standard_normal((n, k))
+    y = np.linspace(-3.0, 3.0, n) + beta * X[:, 0] + rng.standard_normal(n)
+    return X, y, t
+
+
+def test_pooled_ic_is_demeaned_within_folds_noise_scores_zero_and_a_planted_signal_does_not():
+    spec = T.ModelSpec(kind="linear")
+    raw, demeaned, fold_means = [], [], []
+    for seed in range(40):
+        X, y, t = _trending(np.random.default_rng(seed))
+        fit = T.fit_walk_forward(spec, X, y, t, ["noise"], 5, 0)
+        ok = np.isfinite(fit.oos_pred)
+        raw.append(T.information_coefficient(y[ok], fit.oos_pred[ok]))  # the old pooled figure
+        demeaned.append(fit.overall["oos_ic"])
+        fold_means.append(fit.overall["oos_ic_fold_mean"])
+        assert len(fit.folds) == 5 and fit.overall["oos_ic_fold_std"] > 0
+    # ranking the concatenated blocks scores each block's intercept: a noise feature looks predictive
+    assert abs(np.mean(raw)) > 0.05 and min(abs(v) for v in raw) > 0.02
+    assert abs(np.mean(demeaned)) < 0.01 and abs(np.mean(fold_means)) < 0.01
+    X, y, t = _trending(np.random.default_rng(99), beta=0.5)
+    planted = T.fit_walk_forward(spec, X, y, t, ["signal"], 5, 0).overall
+    assert planted["oos_ic"] > 0.3 and planted["oos_ic_fold_mean"] > 0.3
+
+
+def test_transfer_models_are_causal_a_noise_fit_does_not_transfer():
+    # Source and target share features and targets (two venues of one market): a model fitted on all the
+    # source data has seen the target's test blocks, so its noise fit "transfers"; causal models do not.
+    spec = T.ModelSpec(kind="linear")
+    final_ics, causal_ics = [], []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        n, k = 2000, 30
+        t = np.arange(n, dtype=np.int64) * 100_000_000
+        X, y = rng.standard_normal((n, k)), rng.standard_normal(n)
+        blocks = [f.test for f in T.walk_forward(t, 4, 0)]
+        test = np.concatenate(blocks)
+        final = T.StaticModel(spec).fit(X, y)
+        final_ics.append(T.information_coefficient(y[test], final.predict(X[test])))
+        pred = T.causal_transfer_predict(spec, X, y, t, X, t, blocks, 0)
+        causal_ics.append(T.block_scores(y, pred, blocks)["ic"])
+        assert np.isfinite(pred[test]).all() and np.isnan(np.delete(pred, test)).all()
+    assert np.mean(final_ics) > 0.05
+    assert abs(np.mean(causal_ics)) < 0.02
