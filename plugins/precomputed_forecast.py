@@ -1,13 +1,20 @@
 """``precomputed_forecast``: a series of (timestamp, value) from a file, looked up point-in-time.
 
 For models that can't run in numba: predict offline, write the predictions with the time each one
-becomes usable, and the kernel returns, at each step, the latest value whose usable time has come
-(0 before the first). ``quotelab train`` writes such files for its non-linear models.
+becomes usable, and the kernel returns, at each step, the latest value whose usable time has come.
+``quotelab train`` writes such files for its non-linear models; its walk-forward files hold NaN where
+no out-of-sample prediction exists (the first fold's training span comes first).
+
+Before the first usable value, and while the value in force is NaN, ``missing`` decides:
+``fallback`` (default) returns ``fallback`` (0: no forecast term, the strategy quotes around its fair
+value); ``skip`` returns NaN, so with ``engine.on_nonfinite: skip`` those steps are not quoted (with
+``stop`` the run stops there and names this part).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from numba import njit
@@ -27,6 +34,10 @@ class PrecomputedForecastParams(Params):
     value_column: str = Field("value", description="The forecast values.")
     latency: Seconds = quantity("seconds", 0.0, "Added to each time: the delay before a value reaches the strategy.",
                                 ge=0)
+    missing: Literal["fallback", "skip"] = Field(
+        "fallback", description="Before the first value and while the value in force is NaN: return fallback, "
+                                "or NaN (skip: with engine.on_nonfinite: skip those steps are not quoted).")
+    fallback: float = Field(0.0, description="The value used by missing: fallback.")
 
 
 def load_series(p: PrecomputedForecastParams, base_dir: str = ".") -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +67,8 @@ def _pack(p: PrecomputedForecastParams, ctx: PackContext) -> list[float]:
     # Seconds from the grid origin, computed from integer ns so that a value usable exactly at a
     # step's time compares equal to that step's view[TIME].
     secs = (t - ctx.origin_ns) * 1e-9
-    return [float(len(t)), *secs.tolist(), *v.tolist()]
+    missing = p.fallback if p.missing == "fallback" else float("nan")
+    return [float(len(t)), missing, *secs.tolist(), *v.tolist()]
 
 
 @njit(inline="always")
@@ -64,10 +76,11 @@ def precomputed_forecast_nb(view, trades, state, params, out):
     n = int(params[0])
     now = view[0, TIME]
     i = int(state[0])
-    while i < n and params[1 + i] <= now:
+    while i < n and params[2 + i] <= now:
         i += 1
     state[0] = i
-    return params[n + i] if i > 0 else 0.0
+    v = params[1 + n + i] if i > 0 else params[1]
+    return v if v == v else params[1]
 
 
 @hookimpl
@@ -76,6 +89,6 @@ def quotelab_register_components(register):
         role="signal", name="precomputed_forecast", params=PrecomputedForecastParams,
         kernel=precomputed_forecast_nb, pack=_pack, state=lambda p: np.zeros(1),
         doc="A forecast computed offline, read from a file point-in-time: a value is used only once its time "
-            "(+ latency) has come; 0 before the first.",
-        formula="value[i] for the last i with time[i] + latency <= now",
+            "(+ latency) has come; before the first and on NaN, a fallback (0) or NaN (missing: skip).",
+        formula="value[i] for the last i with time[i] + latency <= now; missing value -> fallback or NaN",
     ))

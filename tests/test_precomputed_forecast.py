@@ -66,3 +66,39 @@ def test_missing_file_or_column_is_named(real_catalog, tmp_path):
     pl.DataFrame({"ts": [1], "value": [0.0]}).write_csv(tmp_path / "f.csv")
     with pytest.raises(ConfigError, match=r"has no column 'usable_ts'; it has: ts, value"):
         replay_component(comp, {"file": str(tmp_path / "f.csv")}, [_btc(real_catalog)])
+
+
+def test_before_the_first_value_and_on_nan_a_fallback_or_a_skip(real_catalog, tmp_path):
+    # A walk-forward predictions file: NaN over the first fold's training span, then values.
+    asset = _btc(real_catalog)
+    comp = load_registry(entry_points=False).get("signal", "book_imbalance")
+    rec = replay_component(comp, {}, [asset])
+    values = rec.values.copy()
+    values[: len(values) // 4] = np.nan
+    pl.DataFrame({"usable_ts": rec.timestamps + 50_000_000, "value": values}).write_parquet(tmp_path / "p.parquet")
+    pre = load_registry(entry_points=False).get("signal", "precomputed_forecast")
+    got = {}
+    for missing in ("fallback", "skip"):
+        params = pre.make_params({"file": str(tmp_path / "p.parquet"), "missing": missing, "fallback": 0.25})
+        got[missing] = replay_component(pre, params, [asset]).values
+    # the value in force at each step: the last one usable at or before it, written the slow way
+    idx = np.searchsorted(rec.timestamps + 50_000_000, rec.timestamps, side="right") - 1
+    want = np.where(idx >= 0, values[np.clip(idx, 0, None)], np.nan)
+    missing = np.isnan(want)
+    assert missing[: len(values) // 4].all() and not missing[len(values) // 4 + 1:].any()
+    np.testing.assert_array_equal(got["fallback"], np.where(missing, 0.25, want))
+    np.testing.assert_array_equal(got["skip"][~missing], want[~missing])
+    assert np.isnan(got["skip"][missing]).all()
+
+    # the shipped example on such a file quotes from the first step to the last (it stopped at step 1)
+    doc = yaml.safe_load((REPO / "strategies" / "precomputed_forecast.yaml").read_text())
+    doc["data"]["catalog"] = str(real_catalog)
+    doc["forecast"][0]["params"]["file"] = str(tmp_path / "p.parquet")
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(doc))
+    s = run_strategy(tmp_path / "pre.yaml").summary
+    assert s["quoting_steps"] == s["steps"] > 3000 and s["num_trades"] > 0
+    doc["forecast"][0]["params"]["missing"] = "skip"
+    doc["engine"]["on_nonfinite"] = "skip"
+    (tmp_path / "skip.yaml").write_text(yaml.safe_dump(doc))
+    s = run_strategy(tmp_path / "skip.yaml").summary
+    assert s["nonfinite_skipped"] == int(missing.sum()) and s["quoting_steps"] == s["steps"] - int(missing.sum())
