@@ -102,7 +102,7 @@ class Batch:
 
 
 def _value_literal(v: Any) -> str:
-    # JSON is a subset of YAML flow syntax, so apply_override's yaml.safe_load gives back the same type.
+    # JSON is a subset of YAML flow syntax, so apply_override's YAML loader gives back the same type.
     return json.dumps(v)
 
 
@@ -561,13 +561,19 @@ def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -
 # ------------------------------------------------------------------------------------------------
 
 
-def read_records(out: str | Path) -> list[dict[str, Any]]:
+def read_records(out: str | Path, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+    """The run records in ``out``; each one that cannot be read is left out and, with ``unreadable``,
+    named there with why (records are written atomically, so this is a damaged or hand-edited file)."""
     recs = []
     for p in sorted(Path(out).glob(f"runs/*/{RECORD}")):
         try:
-            recs.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue  # never happens with atomic writes; a hand-edited file must not stop a resume
+            rec = json.loads(p.read_text())
+            if not isinstance(rec, dict) or "run_id" not in rec:
+                raise ValueError("not a run record (no run_id)")
+            recs.append(rec)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            if unreadable is not None:
+                unreadable.append(f"{p}: {exc}")
     return sorted(recs, key=lambda r: r.get("index", 0))
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from quotelab import __version__
-from quotelab.errors import QuotelabError
+from quotelab.errors import PluginError, QuotelabError
 
 app = typer.Typer(
     name="quotelab",
@@ -30,6 +32,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print the full traceback of an error (also accepted after the command).")
     ] = False,
 ) -> None:
     """quotelab command line."""
@@ -60,13 +65,19 @@ def run_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Refuse to run a trained model on its own training days (in-sample).")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Compile the kernels with bounds checking: a plugin kernel indexing outside its arrays "
+                        "stops the run with an error naming it (slower; the results are the same otherwise).")] = False,
 ) -> None:
     """Validate, compose and backtest a strategy YAML."""
     from quotelab.engine import run_strategy
     from quotelab.errors import RunError
+    from quotelab.outputs import check_output_dir
 
+    check_output_dir(out)
     try:
-        result = run_strategy(strategy, catalog=catalog, overrides=set_ or [], out_dir=out, strict=strict)
+        result = run_strategy(strategy, catalog=catalog, overrides=set_ or [], out_dir=out, strict=strict,
+                              check=check)
     except RunError as exc:
         if json_ and getattr(exc.result, "summary", None) is not None:
             _print_json(exc.result.summary)
@@ -116,7 +127,9 @@ def evaluate_cmd(
 ) -> None:
     """Score fair values (and fair value + forecast) against future mids and the next trades."""
     from quotelab.evaluate import evaluate
+    from quotelab.outputs import check_output_dir
 
+    check_output_dir(out)
     result = evaluate(config, catalog=catalog, out_dir=out)
     if json_:
         _print_json({"summary": result.summary, "rows": result.rows})
@@ -164,8 +177,10 @@ def plugins_cmd(
 ) -> None:
     """List every registered component: role, name, params (defaults, units) and where it came from."""
     from quotelab.docs import describe_components, markdown_reference
+    from quotelab.outputs import check_output_file
     from quotelab.registry import load_registry
 
+    check_output_file(markdown, "--markdown")
     registry = load_registry(local_files=plugin or [])
     rows = describe_components(registry)
     if markdown is not None:
@@ -261,7 +276,9 @@ def batch(
     import json
 
     from quotelab import batch as batch_mod
+    from quotelab.outputs import check_output_dir
 
+    check_output_dir(out)
     summary = batch_mod.run_batch(batch_file, out, catalog=catalog, workers=workers, executor=executor,
                                   address=address, resume=resume,
                                   progress=None if as_json else batch_mod.default_progress())
@@ -283,12 +300,17 @@ def report(
 ) -> None:
     """Write a static HTML report of batch results (summary, charts, failures, runs table) or of one run
     (PnL and its parts over time, position, quotes and fills, the per-day table)."""
+    from quotelab.outputs import check_output_dir
     from quotelab.report import build_report, build_run_report
 
+    check_output_dir(out)
     if (results_dir / "summary.json").exists() and not (results_dir / "runs").exists():
         path = build_run_report(results_dir, out=out)
     else:
-        path = build_report(results_dir, out=out, stat=stat, x=x, y=y)
+        unreadable: list[str] = []
+        path = build_report(results_dir, out=out, stat=stat, x=x, y=y, unreadable=unreadable)
+        for line in unreadable:
+            typer.secho(f"warning: run record left out, cannot be read: {line}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"report: {path}")
 
 
@@ -341,8 +363,10 @@ def train_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Record features from signal kernels, fit a forecast walk-forward, score transfer, export it."""
+    from quotelab.outputs import check_output_dir
     from quotelab.train import run_train
 
+    check_output_dir(out)
     result = run_train(config, catalog=catalog, out_dir=out, strict=strict)
     rep = result.report
     if json_:
@@ -413,6 +437,7 @@ def microprice_fit(
     """Fit g*(imbalance bucket, spread bucket) on catalog days replayed on the engine's grid; write the table."""
     from quotelab.errors import ConfigError
     from quotelab.microprice import fit_catalog
+    from quotelab.outputs import check_output_file
     from quotelab.units import parse_quantity
 
     try:
@@ -421,6 +446,7 @@ def microprice_fit(
         raise ConfigError(f"--step: {exc}") from exc
     if out.suffix not in (".json", ".npz"):
         raise ConfigError(f"--out {out}: the table file's name must end in .json or .npz")
+    check_output_file(out)
     table = fit_catalog(catalog, venue, symbol, [d.strip() for d in dates.split(",") if d.strip()], step=step_s,
                         n_buckets=buckets, n_spreads=spreads, edges=edges, horizon=horizon, max_move_ticks=max_move)
     table.save(out)
@@ -608,12 +634,47 @@ def check_plugin_cmd(
         raise typer.Exit(1)
 
 
+DEBUG_ENV = "QUOTELAB_DEBUG"
+
+
+def _write_traceback(exc: BaseException) -> Path:
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="quotelab-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"quotelab {__version__}: {' '.join(sys.argv)}\n\n")
+        fh.write("".join(traceback.format_exception(exc)))
+    return Path(name)
+
+
 def main() -> None:
+    """The one place errors end: a known error is one line (exit 2); anything else is a one-line summary
+    and the file holding its traceback (exit 1). ``--debug`` (or QUOTELAB_DEBUG=1) prints the traceback."""
+    args = sys.argv[1:]
+    cut = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:cut] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
     try:
-        app()
+        app(args=args, prog_name="quotelab")
     except QuotelabError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        # A plugin's own exception wrapped in a PluginError is a bug in that plugin: keep its traceback.
+        inner = isinstance(exc, PluginError) and exc.__cause__ is not None
+        if debug:
+            traceback.print_exception(exc)
+        message = f"error: {exc}"
+        if inner and not debug:
+            message += f" (traceback: {_write_traceback(exc)})"
+        typer.secho(message, fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Exception as exc:
+        if debug:
+            traceback.print_exception(exc)
+        summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        message = f"error: unexpected {type(exc).__name__}" + (f": {summary}" if summary else "")
+        if not debug:
+            message += f"; the full traceback is in {_write_traceback(exc)} (rerun with --debug to print it)"
+        typer.secho(message, fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

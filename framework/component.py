@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from quotelab.errors import ConfigError, PluginError
+from quotelab.units import DomainModel
 
 Role = Literal["fair_value", "signal", "risk", "quoter"]
 ROLES: tuple[str, ...] = ("fair_value", "signal", "risk", "quoter")
@@ -22,10 +22,8 @@ class AssetName(str):
 Asset = Annotated[str, AssetName]
 
 
-class Params(BaseModel):
-    """Base of every component's params: frozen, unknown keys rejected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Params(DomainModel):
+    """Base of every component's params: frozen, unknown keys rejected, every number finite and bounded."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,21 @@ class Composition:
     names: tuple[str, ...]  # component index → "where kind"
     module: str
     source: str
+    parts: tuple[Part, ...] = ()
+    boundscheck: bool = False
+
+    def failed_part(self, exc: BaseException, state: np.ndarray) -> Part | None:
+        """The part whose kernel raised ``exc`` while running on ``state``: in the checked build, the one
+        marked running; else the one whose kernel is the deepest frame of the traceback, if any."""
+        if self.boundscheck and len(state) and np.isfinite(state[-1]):
+            return self.parts[int(state[-1])]
+        frames = [(f.filename, f.name) for f in traceback.extract_tb(exc.__traceback__)]
+        for filename, name in reversed(frames):
+            for part in self.parts:
+                code = part.component.kernel.py_func.__code__
+                if (code.co_filename, code.co_name) == (filename, name):
+                    return part
+        return None
 
 
 def cache_dir() -> Path:
@@ -124,9 +140,13 @@ def kernel_imports(parts: list[Part]) -> tuple[list[str], dict[int, str]]:
 
 def generate_source(
     fair_values: list[Part], signals: list[Part], risks: list[Part], quoter: Part, pack_sizes: list[int],
-    state_sizes: list[int],
+    state_sizes: list[int], boundscheck: bool = False,
 ) -> str:
-    """The strategy kernel's source. Offsets are structural constants; every value is a runtime param."""
+    """The strategy kernel's source. Offsets are structural constants; every value is a runtime param.
+
+    ``boundscheck``: compiled with numba's bounds checking (an index outside an array raises IndexError
+    instead of reading other memory), and each component's index is stored in the last element of
+    ``state`` before it runs, so the one that raised can be named."""
     parts = [*fair_values, *signals, *risks, quoter]
     if len(parts) > L.MAX_COMPONENTS:
         raise ConfigError(f"a strategy may use at most {L.MAX_COMPONENTS} components, got {len(parts)}")
@@ -147,7 +167,10 @@ def generate_source(
         "    rk = 0.0",
     ]
     python_parts = False
+    marker = sum(state_sizes)
     for i in range(len(parts)):
+        if boundscheck:
+            body.append(f"    state[{marker}] = {i}.0")
         call = (
             f"{alias[i]}(view, trades, state[{s_off}:{s_off + state_sizes[i]}], "
             f"params[{p_off}:{p_off + pack_sizes[i]}], out)"
@@ -187,7 +210,7 @@ def generate_source(
             *imports,
             "",
             "",
-            "@njit(STRATEGY_SIG, cache=True)",
+            f"@njit(STRATEGY_SIG, cache=True{', boundscheck=True' if boundscheck else ''})",
             "def strategy(view, trades, state, params, out):",
             *body,
             "",
@@ -196,9 +219,13 @@ def generate_source(
 
 
 def compose(
-    fair_values: list[Part], signals: list[Part], risks: list[Part], quoter: Part, ctx: PackContext
+    fair_values: list[Part], signals: list[Part], risks: list[Part], quoter: Part, ctx: PackContext,
+    boundscheck: bool = False,
 ) -> Composition:
-    """Pack params and state, generate (or reuse) the fused module and return its compiled kernel."""
+    """Pack params and state, generate (or reuse) the fused module and return its compiled kernel.
+
+    ``boundscheck`` builds the checked variant (see :func:`generate_source`); its source differs, so it
+    is a module of its own and never served from the unchecked one's cache."""
     if not fair_values:
         raise ConfigError("fair_value: at least one source is required")
     parts = [*fair_values, *signals, *risks, quoter]
@@ -211,11 +238,12 @@ def compose(
     for p in signals:
         header += signal_header(p.alpha, ctx.asset_index["quoted"])
     params = np.concatenate([np.asarray(header, dtype=np.float64), *packed]) if parts else np.zeros(0)
-    state = np.concatenate([np.zeros(0), *states])
-    source = generate_source(fair_values, signals, risks, quoter, [len(x) for x in packed], [len(s) for s in states])
+    state = np.concatenate([np.zeros(0), *states, [np.nan] if boundscheck else []])
+    source = generate_source(fair_values, signals, risks, quoter, [len(x) for x in packed], [len(s) for s in states],
+                             boundscheck)
     module = load_module(source, sorted({p.component.kernel_ref[0] for p in parts}))
     names = tuple(f"{p.where} ({p.component.role} {p.component.name!r})" for p in parts)
-    return Composition(module.strategy, params, state, names, module.__name__, source)
+    return Composition(module.strategy, params, state, names, module.__name__, source, tuple(parts), boundscheck)
 
 
 def kernel_modules(modules: list[str]) -> list[str]:

@@ -8,19 +8,20 @@ names nearest first. Nothing compiles before both phases pass.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from quotelab.component import asset_fields
 from quotelab.errors import ConfigError
 from quotelab.registry import Registry
-from quotelab.units import Price, Qty, Seconds
+from quotelab.units import DAY, MICROSECOND, Delay, DomainModel, Offset, Price, Qty, Step, seconds_between
 
 Path_ = tuple[str | int, ...]
 
@@ -40,46 +41,92 @@ _COMPOSER = getattr(yaml, "CSafeLoader", _LineLoader)
 
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Bounds of a document once its aliases are expanded: a config has hundreds of values, so these
+# only stop an alias bomb (nested anchors that expand exponentially) or a self-referencing alias
+# before they exhaust memory or the stack.
+MAX_VALUES = 100_000
+MAX_DEPTH = 100
+_DATA_ONLY = "(config files are data; only a local plugin file named under plugins: runs code)"
 
 
 def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path_, int]]:
-    """Parse YAML safely; return the data and a map from path tuple to 1-based line."""
+    """Parse YAML safely; return the data and a map from path tuple to 1-based line.
+
+    The one loader of every YAML quotelab reads (strategies, batches, evaluations, trainings and
+    ``--set`` values): safe tags only, a duplicate key is an error naming both lines, ``<<`` merges
+    a mapping (keys written beside it win), and aliases expand to at most ``MAX_VALUES`` values."""
     path = Path(path)
     if text is None:
         if not path.exists():
             raise ConfigError(f"{path}: file not found")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
         node = yaml.compose(text, Loader=_COMPOSER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     lines: dict[Path_, int] = {}
+    count = 0
+    inside: set[int] = set()  # nodes being expanded: meeting one again is an alias of its own ancestor
+
+    def fail(n: yaml.Node, at: Path_, msg: str) -> NoReturn:
+        raise ConfigError(f"{path}:{n.start_mark.line + 1}: {fmt_path(at)}: {msg}")
 
     def walk(n: yaml.Node, at: Path_) -> Any:
-        lines[at] = n.start_mark.line + 1
-        if isinstance(n, yaml.MappingNode | yaml.SequenceNode) and n.tag not in _PLAIN_TAGS:
-            raise ConfigError(
-                f"{path}:{n.start_mark.line + 1}: {fmt_path(at)}: tag {n.tag!r} is not allowed "
-                "(strategy files are data; only a local plugin file named under plugins: runs code)"
-            )
-        if isinstance(n, yaml.MappingNode):
-            out = {}
-            for k, v in n.value:
-                key = k.value
-                lines[(*at, key)] = k.start_mark.line + 1
-                out[key] = walk(v, (*at, key))
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [walk(v, (*at, i)) for i, v in enumerate(n.value)]
+        nonlocal count
+        count += 1
+        if count > MAX_VALUES:
+            fail(n, at, f"the document expands to more than {MAX_VALUES} values (nested aliases?); "
+                        "a config needs far fewer: write the values out or use fewer alias levels")
+        if len(at) > MAX_DEPTH:
+            fail(n, at, f"nested more than {MAX_DEPTH} levels deep")
+        lines.setdefault(at, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode | yaml.SequenceNode):
+            if n.tag not in _PLAIN_TAGS:
+                fail(n, at, f"tag {n.tag!r} is not allowed {_DATA_ONLY}")
+            if id(n) in inside:
+                fail(n, at, "an alias refers to a mapping or list that contains it (a recursive alias)")
+            inside.add(id(n))
+            try:
+                return mapping(n, at) if isinstance(n, yaml.MappingNode) else [
+                    walk(v, (*at, i)) for i, v in enumerate(n.value)]
+            finally:
+                inside.discard(id(n))
         try:
             return constructor.construct_object(n, deep=True)
-        except yaml.constructor.ConstructorError as exc:
-            raise ConfigError(
-                f"{path}:{n.start_mark.line + 1}: {fmt_path(at)}: {exc.problem} "
-                "(strategy files are data; only a local plugin file named under plugins: runs code)"
-            ) from exc
+        except Exception as exc:  # a safe tag with a bad value (!!int abc, !!binary ...) as much as an unsafe one
+            problem = getattr(exc, "problem", None) or f"{type(exc).__name__}: {exc}"
+            fail(n, at, f"{problem} {_DATA_ONLY}" if "tag" in problem else f"invalid value: {problem}")
+
+    def mapping(n: yaml.MappingNode, at: Path_) -> dict:
+        out: dict = {}
+        first: dict[Any, int] = {}
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        for k, v in n.value:
+            if k.tag == _MERGE_TAG:
+                merged += [(k, m) for m in (v.value if isinstance(v, yaml.SequenceNode) else [v])]
+                continue
+            if not isinstance(k, yaml.ScalarNode):
+                fail(k, at, "a key must be a plain value (a name or a number), not a mapping or a list")
+            key = k.value
+            line = k.start_mark.line + 1
+            if key in first:
+                fail(k, (*at, key), f"duplicate key (first at line {first[key]}); remove one")
+            first[key] = line
+            lines.setdefault((*at, key), line)
+            out[key] = walk(v, (*at, key))
+        for k, m in merged:  # keys written in the mapping itself win over merged ones
+            if not isinstance(m, yaml.MappingNode):
+                fail(k, at, "<< merges a mapping or a list of mappings")
+            for key, value in walk(m, at).items():
+                out.setdefault(key, value)
+        return out
 
     constructor = _LineLoader("")
     data = walk(node, ()) if node is not None else {}
@@ -151,10 +198,9 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
 # ------------------------------------------------------------------------------------------------
 
 
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors and a validated value is frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class StrictModel(DomainModel):
+    """Base of every config model: unknown keys are errors, a validated value is frozen, numbers are finite
+    and bounded (:class:`quotelab.units.DomainModel`)."""
 
 
 def _parse_day(v: Any) -> str:
@@ -183,10 +229,10 @@ class AssetData(StrictModel):
     symbol: str | None = None
     dates: list[str] | None = None
     files: list[str] | None = None
-    tick_size: Price | None = None
-    lot_size: Qty | None = None
+    tick_size: Annotated[Price, Field(gt=0)] | None = None
+    lot_size: Annotated[Qty, Field(gt=0)] | None = None
     contract: Literal["linear", "inverse"] | None = None
-    contract_size: float | None = None
+    contract_size: float | None = Field(None, gt=0)
 
     @field_validator("dates", mode="before")
     @classmethod
@@ -207,15 +253,15 @@ class Latency(StrictModel):
         "constant", description="constant: entry and response; recorded: interpolated from `file` "
                                 "(hftbacktest's intp_order_latency); feed: from the asset's own feed latency, "
                                 "entry = entry_scale * (local - exchange time) + entry, response likewise.")
-    entry: Seconds = Field(0.01, ge=0, description="constant: the entry latency; feed: added after scaling.")
-    response: Seconds = Field(0.01, ge=0, description="constant: the response latency; feed: added after scaling.")
+    entry: Delay = Field(0.01, description="constant: the entry latency; feed: added after scaling.")
+    response: Delay = Field(0.01, description="constant: the response latency; feed: added after scaling.")
     file: str | None = Field(None, description="recorded: npz/npy/parquet/CSV with req_ts, exch_ts, resp_ts (ns); "
                                                "relative to the strategy file.")
-    offset: Seconds = Field(0.0, description="recorded: added to every entry and response latency (may be < 0, "
+    offset: Offset = Field(0.0, description="recorded: added to every entry and response latency (may be < 0, "
                                              "as long as no latency becomes negative).")
     entry_scale: float = Field(1.0, ge=0, description="feed: multiplier of the feed latency for the entry latency.")
     response_scale: float = Field(1.0, ge=0, description="feed: multiplier of the feed latency for the response.")
-    sample: Seconds = Field(1.0, gt=0, description="feed: one latency row per this much local time.")
+    sample: Step = Field(1.0, description="feed: one latency row per this much local time.")
 
 
 class Fees(StrictModel):
@@ -227,6 +273,14 @@ class Fees(StrictModel):
     maker: float = -0.00005
     taker: float = 0.0007
 
+    @field_validator("maker", "taker")
+    @classmethod
+    def _fraction(cls, v: float, info: ValidationInfo) -> float:
+        # 1% of the traded value is far above any venue's fee, and catches a fee given in bps
+        if info.data.get("model", "value") == "value" and abs(v) > 0.01:
+            raise ValueError(f"a value fee is a fraction of the traded value (0.0002 = 2 bps); {v:g} is over 1%")
+        return v
+
 
 QUEUE_MODELS = ("risk_adverse", "log_prob", "log_prob_model2", "power_prob", "power_prob_model2",
                 "power_prob_model3", "power_prob2", "power_prob3")
@@ -234,14 +288,15 @@ QUEUE_MODELS = ("risk_adverse", "log_prob", "log_prob_model2", "power_prob", "po
 
 class AssetEngine(StrictModel):
     latency: Latency = Latency()
-    feed_latency_offset: Seconds = Field(0.0, description="Added to the asset's local (receive) times, e.g. for a "
+    feed_latency_offset: Offset = Field(0.0, description="Added to the asset's local (receive) times, e.g. for a "
                                                           "venue whose feed is recorded elsewhere; hftbacktest's "
                                                           "latency_offset. A negative feed latency is refused.")
     queue: Literal[QUEUE_MODELS] = "risk_adverse"  # type: ignore[valid-type]
     queue_power: float = Field(2.0, gt=0, description="The exponent n of the power_prob models.")
     partial_fills: bool = False
     fees: Fees = Fees()
-    last_trades_capacity: int = Field(10000, ge=1)
+    # Allocated per asset up front (32 bytes a trade): the ceiling keeps that under 32 MB.
+    last_trades_capacity: int = Field(10000, ge=1, le=1_000_000)
 
     @field_validator("partial_fills")
     @classmethod
@@ -256,12 +311,12 @@ class AssetEngine(StrictModel):
 
 class EngineSection(StrictModel):
     mode: Literal["step", "event"] = "step"
-    step: Seconds = 0.1
+    step: Step = 0.1
     origin: str | int = "quoted"
     on_nonfinite: Literal["stop", "skip"] = "stop"
     time_in_force: Literal["gtx", "gtc"] = "gtx"
-    record_every: Seconds = 0.0
-    max_scan_ticks: int = Field(2000, ge=1)
+    record_every: seconds_between(MICROSECOND, DAY, zero=True) = 0.0
+    max_scan_ticks: int = Field(2000, ge=1, le=1_000_000)
     funding: Literal["auto", "off"] = Field(
         "auto", description="auto: settle the quoted perpetual's funding at each settlement time its catalog "
                             "funding rows name (nothing without rows); off: never.")
@@ -295,9 +350,12 @@ class PartSpec(StrictModel):
     def _alpha(cls, v: float | str | None) -> float | str | None:
         if isinstance(v, str):
             m = ALPHA_RE.fullmatch(v)
-            if not m:
+            try:
+                number = float(m.group(1)) if m else math.nan
+            except ValueError:
+                number = math.nan
+            if not m or not math.isfinite(number):
                 raise ValueError(f"expected a number (price units), '<n> ticks', '<n> bps' or '<n> spreads', got {v!r}")
-            float(m.group(1))
         return v
 
 
@@ -361,7 +419,12 @@ def apply_override(raw: dict, assignment: str) -> None:
                 continue
             raise ConfigError(f"--set {assignment!r}: {fmt_path(tuple(keys[: i + 1]))} does not exist") from None
     try:
-        node[keys[-1]] = yaml.safe_load(value)
+        value_of = load_yaml("--set", value)[0] if value.strip() else None
+    except ConfigError as exc:  # the value's own line and path say nothing on a command line
+        problem = str(exc).split(": ", 1)[-1].removeprefix("(top level): ")
+        raise ConfigError(f"--set {assignment!r}: {problem}") from None
+    try:
+        node[keys[-1]] = value_of
     except (TypeError, IndexError) as exc:
         raise ConfigError(f"--set {assignment!r}: cannot assign at {fmt_path(tuple(keys))}") from exc
 

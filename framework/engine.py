@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,8 +257,12 @@ def run_loaded(
     parts: list,
     catalog: str | Path | None = None,
     out_dir: str | Path | None = None,
+    check: bool = False,
 ) -> RunResult:
-    """Run an already validated strategy."""
+    """Run an already validated strategy.
+
+    ``check``: the fused kernel is compiled with bounds checking, so a plugin kernel that indexes past
+    its arrays stops the run with an error naming it instead of reading other memory (slower)."""
     global _DRIVER_COMPILED
     cfg = loaded.config
     feeds = load_feeds(loaded, resolve_catalog(loaded.file.parent, loaded.config.data.catalog, catalog))
@@ -293,7 +298,7 @@ def run_loaded(
     _check_sizes(loaded, parts, feeds[q])
 
     t0 = time.perf_counter()
-    comp = compose(fvs, sigs, risks, quoter, ctx)
+    comp = compose(fvs, sigs, risks, quoter, ctx, boundscheck=check)
     fns = kernel_list(comp.kernel)
     compose_s = time.perf_counter() - t0
 
@@ -350,7 +355,13 @@ def run_loaded(
     compile_s = compose_s + time.perf_counter() - t1
     t2 = time.perf_counter()
     try:
-        run_cached(D.run_driver, *args)
+        try:
+            run_cached(D.run_driver, *args)
+        except Exception as exc:
+            err = _kernel_error(comp, exc, state)
+            if err is exc:
+                raise
+            raise err from exc
         run_s = time.perf_counter() - t2
         sv = hbt.state_values(q)
         final = {"num_trades": int(sv["num_trades"]), **{k: float(sv[k]) for k in (
@@ -381,7 +392,14 @@ def run_loaded(
             f"(engine.on_nonfinite: stop; set it to skip to skip such quotes and count them)"
         )
     if out_dir is not None:
-        result.out_dir = save_result(result, Path(out_dir), feeds[q])
+        try:
+            result.out_dir = save_result(result, Path(out_dir), feeds[q])
+        except OSError as exc:
+            # The run is done: keep what it computed where it can be found, and say where.
+            result.out_dir = save_result(result, Path(tempfile.mkdtemp(prefix="quotelab-run-")), feeds[q])
+            lost = (f"could not write the results to {out_dir} ({exc.strerror or exc}); they were saved to "
+                    f"{result.out_dir} instead")
+            summary["error"] = f"{summary['error']}; {lost}" if "error" in summary else lost
     _call_hooks(registry, "quotelab_run_end", abort=False, run=run_info, result=summary)
     if "error" in summary:
         raise RunError(summary["error"], result)
@@ -398,6 +416,19 @@ def _settlements(mode: str, feed: AssetFeed, origin: int) -> tuple[np.ndarray, n
     settle[:, D.S_RATE] = rate
     settle[:, D.S_MARK] = mark
     return ts, settle
+
+
+def _kernel_error(comp: Composition, exc: Exception, state: np.ndarray) -> Exception:
+    """``exc`` raised while the fused kernel ran, as an error naming the plugin whose kernel raised it."""
+    part = comp.failed_part(exc, state)
+    if part is None:
+        return exc
+    py = part.component.kernel.py_func
+    what = f"raised {type(exc).__name__}: {exc}"
+    if comp.boundscheck and isinstance(exc, IndexError):
+        what = f"indexed outside its arrays ({type(exc).__name__}: {exc}; found by bounds checking)"
+    return PluginError(f'Error in plugin "{part.component.source}": kernel {py.__name__} of '
+                       f"{part.where} ({part.component.role} {part.component.name!r}) {what}")
 
 
 def _call_hooks(registry: Any, hook: str, abort: bool, **kwargs: Any) -> None:
@@ -582,18 +613,19 @@ def run_strategy(
     out_dir: str | Path | None = None,
     registry: Any = None,
     strict: bool = False,
+    check: bool = False,
 ) -> RunResult:
     """Validate, compose and run the strategy YAML at ``path``.
 
     A trained model's part (``provenance`` param) must share the run's grid step; days it was trained on
-    are listed in ``summary["in_sample"]`` (refused with ``strict``).
+    are listed in ``summary["in_sample"]`` (refused with ``strict``). ``check``: see :func:`run_loaded`.
     """
     from quotelab.provenance import strategy_in_sample
 
     loaded, registry, parts = load_strategy(path, overrides, registry=registry)
     in_sample = strategy_in_sample(loaded, parts, strict)
-    result = run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir)
+    result = run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir, check=check)
     result.summary["in_sample"] = in_sample
-    if out_dir is not None and in_sample:
-        cat.atomic_write_json(Path(out_dir) / "summary.json", json.loads(json.dumps(result.summary, default=str)))
+    if result.out_dir is not None and in_sample:
+        cat.atomic_write_json(result.out_dir / "summary.json", json.loads(json.dumps(result.summary, default=str)))
     return result

@@ -39,8 +39,9 @@ from quotelab.config import (
 from quotelab.data import catalog as cat
 from quotelab.engine import AssetFeed, load_assets, resolve_catalog
 from quotelab.errors import ConfigError, DataError
+from quotelab.outputs import write_or_rescue
 from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
-from quotelab.units import Seconds
+from quotelab.units import Horizon, Step
 
 PROBE_MID = L.QUOTES
 PROBE_SPREAD = L.QUOTES + 1
@@ -75,8 +76,8 @@ class EvalConfig(StrictModel):
         True, description="score: trades only: one trade per exchange time and side (first price, summed quantity)."
     )
     notes: list[str] = Field([], description="Conventions of the study, echoed into the summary.")
-    step: Seconds = 0.1
-    horizons: list[Seconds] = [0.1, 1.0, 10.0, 60.0]
+    step: Step = 0.1
+    horizons: list[Horizon] = Field([0.1, 1.0, 10.0, 60.0], min_length=1)
     estimators: list[EstimatorSpec]
     imbalance_buckets: int = Field(10, ge=2, le=100)
     spread_buckets: int = Field(4, ge=1, le=50)
@@ -365,13 +366,20 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     if cfg.score == "trades":
         result = _evaluate_trades(cfg, estimators, feeds, assets, targets, info, t_start)
         if out_dir is not None:
-            write_outputs(result, Path(out_dir), plots=False)
+            write_or_rescue(lambda d: write_outputs(result, d, plots=False), Path(out_dir), "evaluation tables")
         return result
     steps_per = [int(round(h / cfg.step)) for h in cfg.horizons]
     for h, k in zip(cfg.horizons, steps_per, strict=True):
         if k < 1 or abs(k * cfg.step - h) > 1e-9 * max(1.0, h):
             raise ConfigError(f"{info['where'](('horizons',))}: horizon {h:g}s is not a whole number of steps "
                               f"of {cfg.step:g}s")
+    for t in targets:
+        span = (feeds[index[t]].last_ts() - feeds[index[t]].first_ts()) / 1e9
+        i = int(np.argmax(cfg.horizons))
+        if cfg.horizons[i] >= span:
+            raise ConfigError(f"{info['where'](('horizons', i))}: horizon {cfg.horizons[i]:g}s is not shorter than "
+                              f"the data of target {t!r} ({span:g}s), so no step could be scored; use a shorter "
+                              "horizon or more days")
     t0 = time.perf_counter()
     data = prepare(assets)  # sorted and flattened once, replayed once per target
     replay_s, events = time.perf_counter() - t0, 0
@@ -441,7 +449,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
                "events_per_second": round(events / replay_s) if replay_s > 0 else None}
     result = Evaluation(rows, bias_rows, cond_rows, summary)
     if out_dir is not None:
-        write_outputs(result, Path(out_dir), plots=cfg.plots)
+        write_or_rescue(lambda d: write_outputs(result, d, plots=cfg.plots), Path(out_dir), "evaluation tables")
     return result
 
 

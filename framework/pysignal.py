@@ -202,7 +202,9 @@ def twin_source(kernel_ref: tuple[str, str], func_ref: tuple[str, str], n_state:
         f"from {func_ref[0]} import {func_ref[1]} as p0",
         "",
         "",
-        "@njit(STRATEGY_SIG, cache=True)",
+        # bounds checked: a kernel indexing past its state or params raises here instead of reading the
+        # twin's, which would look like a difference between the two
+        "@njit(STRATEGY_SIG, cache=True, boundscheck=True)",
         "def strategy(view, trades, state, params, out):",
         f"    v = k0(view, trades, state[0:{n_state}], params[0:{n_pack}], out)",
         f"    out[{k0}] = v",
@@ -244,9 +246,14 @@ def check_signal(
     module = load_module(source, sorted({kernel.kernel_ref[0], python.kernel_ref[0]}))
     rk, rp = kernel.reads(p_kernel), python.reads(p_python)
     ready = sorted({ctx.asset_index[a] for a in (*rk.assets, *rp.assets)} | {quoted})
-    res = replay(assets, module.strategy, np.concatenate([pk, pp]), np.concatenate([sk, sp]), quoted=quoted,
-                 step=step, n_levels=max(rk.depth_levels, rp.depth_levels), ready=ready, keep_out=True,
-                 out_columns=[L.COMPONENTS, L.COMPONENTS + 1])
+    try:
+        res = replay(assets, module.strategy, np.concatenate([pk, pp]), np.concatenate([sk, sp]), quoted=quoted,
+                     step=step, n_levels=max(rk.depth_levels, rp.depth_levels), ready=ready, keep_out=True,
+                     out_columns=[L.COMPONENTS, L.COMPONENTS + 1])
+    except IndexError as exc:
+        py = kernel.kernel.py_func
+        raise PluginError(f'Error in plugin "{kernel.source}": kernel {py.__name__} of signal '
+                          f"{name!r} indexed outside its arrays ({exc}; found by bounds checking)") from exc
     assert res.outs is not None
     return compare(name, res.timestamps, res.outs[:, 0], res.outs[:, 1], rtol=rtol, atol=atol)
 

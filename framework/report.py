@@ -230,8 +230,10 @@ def _series(results_dir: Path, run_id: str) -> dict[str, np.ndarray] | None:
 
 
 def build_report(results_dir: str | Path, out: str | Path | None = None, stat: str | None = None,
-                 x: str | None = None, y: str | None = None) -> Path:
-    """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path."""
+                 x: str | None = None, y: str | None = None, unreadable: list[str] | None = None) -> Path:
+    """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path.
+
+    Run records that cannot be read are listed in the report and appended to ``unreadable``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,9 +242,14 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
     from quotelab.batch import flat_row, read_records
 
     results_dir = Path(results_dir)
-    records = read_records(results_dir)
+    bad: list[str] = []
+    records = read_records(results_dir, bad)
+    if unreadable is not None:
+        unreadable.extend(bad)
     if not records:
-        raise ReportError(f"{results_dir}: no run records (runs/*/record.json); run `quotelab batch` first")
+        raise ReportError(f"{results_dir}: no readable run records (runs/*/record.json)"
+                          + (f"; {len(bad)} could not be read, e.g. {bad[0]}" if bad else
+                             "; run `quotelab batch` first"))
     rows = [flat_row(r) for r in records]
     by_id = {r["run_id"]: r for r in records}
     if stat is None:  # PnL in USD compares runs in coin and in USDT; records from before it had only equity
@@ -286,6 +293,10 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         sections.append(optimisation)
     cols = TABLE_COLS[:5] + pcols + [c for c in TABLE_COLS[5:] if c != stat] + [stat]
     cols = [c for c in cols if any(c in r for r in rows)]
+    if bad:
+        sections.append(f"<h2>Unreadable run records ({len(bad)})</h2><p class=note>Left out of every table and "
+                        "plot; rerun them with <code>quotelab batch --resume</code>.</p><ul>"
+                        + "".join(f"<li>{html.escape(b)}</li>" for b in bad) + "</ul>")
     tables: list[str] = []  # after the charts: the per-venue and diagnostics tables, then every run
 
     # Heatmap of the stat over two params (mean over everything else: venues, symbols, other params).

@@ -48,10 +48,11 @@ from quotelab.config import (
 )
 from quotelab.errors import ConfigError, DataError
 from quotelab.evaluate import information_coefficient
+from quotelab.outputs import write_or_rescue
 from quotelab.registry import Registry
 from quotelab.replay import ReplayAsset, prepare, replay
 from quotelab.replay import context as replay_context
-from quotelab.units import Seconds
+from quotelab.units import Delay, Horizon, Step
 
 MODEL_KINDS = ("linear", "ridge", "rolling_linear", "ensemble", "gradient_boosting")
 LINEAR_KINDS = ("linear", "ridge")
@@ -83,19 +84,19 @@ class ExternalSpec(StrictModel):
 
 
 class GridSpec(StrictModel):
-    step: Seconds = 0.1
+    step: Step = 0.1
 
 
 class TargetSpec(StrictModel):
-    horizon: Seconds = 1.0
+    horizon: Horizon = 1.0
 
 
 class ModelSpec(StrictModel):
     kind: Literal["linear", "ridge", "rolling_linear", "ensemble", "gradient_boosting"] = "linear"
     file: str | None = Field(None, description="Apply a model written by an earlier run instead of fitting.")
     alpha: float = Field(1.0, ge=0, description="Ridge penalty.")
-    window: Seconds = Field(60.0, gt=0, description="rolling_linear: trailing window of samples.")
-    refit: Seconds = Field(10.0, gt=0, description="rolling_linear: refit every this long.")
+    window: Horizon = Field(60.0, description="rolling_linear: trailing window of samples.")
+    refit: Horizon = Field(10.0, description="rolling_linear: refit every this long.")
     members: list[Literal["linear", "ridge", "gradient_boosting"]] = ["linear", "ridge", "gradient_boosting"]
     max_iter: int = Field(100, ge=1, description="gradient_boosting: boosting iterations.")
     max_depth: int = Field(3, ge=1)
@@ -105,7 +106,7 @@ class ModelSpec(StrictModel):
 
 class ValidationSpec(StrictModel):
     folds: int = Field(5, ge=1)
-    purge: Seconds | None = Field(None, description="Gap between training targets and a test block; >= horizon.")
+    purge: Horizon | None = Field(None, description="Gap between training targets and a test block; >= horizon.")
     causality_check: bool = True
 
 
@@ -118,7 +119,7 @@ class TransferSpec(StrictModel):
 
 class ExportSpec(StrictModel):
     fair_values: int = Field(1, ge=1, description="Fair-value entries of the strategy the forecast is pasted into.")
-    latency: Seconds = Field(0.0, ge=0, description="A precomputed value is usable only after timestamp + latency.")
+    latency: Delay = Field(0.0, description="A precomputed value is usable only after timestamp + latency.")
 
 
 class TrainConfig(StrictModel):
@@ -882,7 +883,7 @@ def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str 
     report["transfer"] = _transfer(setup, c, base, catalog, ds, smp, fit, model, purge_ns, all_samples)
     result = TrainResult(_clean(report), fit, model, all_samples)
     if out_dir is not None:
-        result.out_dir = write_outputs(setup, result, Path(out_dir))
+        result.out_dir = write_or_rescue(lambda d: write_outputs(setup, result, d), Path(out_dir), "training results")
     return result
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Zµ%]*)\s*$")
@@ -56,7 +56,60 @@ def _unit_type(unit: str) -> Any:
     return Annotated[float, BeforeValidator(lambda v: parse_quantity(v, unit))]
 
 
+# A float of any config or params model must be finite and at most this large: no price, size, time or
+# coefficient is near it, while a typo (1e308, a unit's exponent) would overflow what is derived from it.
+MAX_MAGNITUDE = 1e15
+MICROSECOND = 1e-6
+DAY = 86400.0
+
+
+class DomainModel(BaseModel):
+    """Base of every config and params model: frozen, unknown keys rejected, numbers finite and bounded.
+
+    Checked on the model, so every field of every plugin's params has the domain without declaring it;
+    signs and tighter bounds are declared per field (``ge``, ``gt``, ``le``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, v: Any) -> Any:
+        for x in v if isinstance(v, tuple | list) else (v,):
+            if isinstance(x, float) and abs(x) > MAX_MAGNITUDE:
+                raise ValueError(f"{x:g} is out of range (at most {MAX_MAGNITUDE:g} in magnitude); check the value "
+                                 "and its unit")
+        return v
+
+
+def _fmt_seconds(s: float) -> str:
+    for unit, f in ((" days", DAY), (" h", 3600.0), (" s", 1.0), (" ms", 1e-3), (" µs", 1e-6)):
+        if abs(s) >= f:
+            return f"{s / f:g}{unit}".replace("1 days", "1 day")
+    return f"{s:g} s"
+
+
+def seconds_between(lo: float, hi: float, *, zero: bool = False) -> Any:
+    """A ``seconds`` field in [lo, hi] (``zero``: 0 too, meaning off), with the bounds in the error message.
+
+    ``lo`` keeps allocations sane: a grid step of 1 ns over a day is 8.6e13 records."""
+
+    def check(v: float) -> float:
+        if zero and v == 0:
+            return v
+        if not lo <= v <= hi:
+            off = " (or 0 for off)" if zero else ""
+            raise ValueError(f"expected between {_fmt_seconds(lo)} and {_fmt_seconds(hi)}{off}, got {v:g} s")
+        return v
+
+    return Annotated[float, BeforeValidator(lambda v: parse_quantity(v, "seconds")), AfterValidator(check),
+                     Field(json_schema_extra={"unit": "seconds"})]
+
+
 Seconds = _unit_type("seconds")
+Step = seconds_between(MICROSECOND, DAY)  # a grid step
+Horizon = seconds_between(MICROSECOND, 30 * DAY)  # how far ahead a score or a target looks
+Delay = seconds_between(0.0, 3600.0)  # a latency
+Offset = seconds_between(-3600.0, 3600.0)  # a shift of times, either way
 Ticks = _unit_type("ticks")
 Bps = _unit_type("bps")
 Price = _unit_type("price")

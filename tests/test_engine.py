@@ -217,7 +217,8 @@ def test_missing_day_and_zero_tick(real_catalog, tmp_path):
         run_strategy(_write(tmp_path, doc))
     doc = _seed_doc(real_catalog)
     doc["data"]["assets"]["perp"]["tick_size"] = 0
-    with pytest.raises(ConfigError, match="tick_size must be > 0"):
+    with pytest.raises(ConfigError, match=r"s\.yaml:\d+: data\.assets\.perp\.tick_size: Input should be greater "
+                                          r"than 0"):
         run_strategy(_write(tmp_path, doc))
 
 

@@ -1,0 +1,66 @@
+"""Where results go: checked before any work starts, so a long run never ends unable to save."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from quotelab.errors import ConfigError, RunError
+
+T = TypeVar("T")
+
+
+def _writable_ancestor(path: Path, option: str, start: Path | None = None) -> None:
+    """The nearest existing folder at or above ``start`` (default ``path``) is a folder this process
+    may create entries in."""
+    anc = (start or path).absolute()
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{option} {path}: {anc} is a file, so {path} cannot be created; give another path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _read_only(anc) else "is not writable by this user"
+        raise ConfigError(f"{option} {path}: {anc} {why}; give a folder you can write to")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_output_dir(path: Path | None, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: a file of that name exists; give a folder (it is created if missing)")
+    _writable_ancestor(path, option)
+
+
+def check_output_file(path: Path | None, option: str = "--out") -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path}: exists and is not writable ({os.strerror(errno.EACCES)})")
+    _writable_ancestor(path, option, start=path.parent)
+
+
+def write_or_rescue(write: Callable[[Path], T], out: Path, what: str) -> T:
+    """``write(out)``; if that fails, ``write`` into a new temporary folder, then raise an error saying
+    where the results went: work already done is never lost to an output folder gone bad meanwhile."""
+    try:
+        return write(out)
+    except OSError as exc:
+        rescue = Path(tempfile.mkdtemp(prefix="quotelab-results-"))
+        write(rescue)
+        raise RunError(f"could not write the {what} to {out} ({exc.strerror or exc}); they were saved to "
+                       f"{rescue} instead") from exc
