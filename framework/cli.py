@@ -438,12 +438,9 @@ def microprice_fit(
     from quotelab.errors import ConfigError
     from quotelab.microprice import fit_catalog
     from quotelab.outputs import check_output_file
-    from quotelab.units import parse_quantity
+    from quotelab.units import step_option
 
-    try:
-        step_s = float(parse_quantity(step, "seconds"))
-    except ValueError as exc:
-        raise ConfigError(f"--step: {exc}") from exc
+    step_s = step_option(step)
     if out.suffix not in (".json", ".npz"):
         raise ConfigError(f"--out {out}: the table file's name must end in .json or .npz")
     check_output_file(out)
@@ -589,7 +586,7 @@ def check_plugin_cmd(
     from quotelab.errors import ConfigError
     from quotelab.pysignal import catalog_asset, check_signal
     from quotelab.registry import load_registry
-    from quotelab.units import parse_quantity
+    from quotelab.units import step_option
 
     try:
         raw = json.loads(params)
@@ -597,10 +594,7 @@ def check_plugin_cmd(
         raise ConfigError(f"--params {params!r}: not JSON ({exc.msg}); e.g. --params '{{\"alpha\": 0.2}}'") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--params {params!r}: expected a JSON object of param names and values")
-    try:
-        step_s = float(parse_quantity(step, "seconds"))
-    except ValueError as exc:
-        raise ConfigError(f"--step {step!r}: {exc}") from None
+    step_s = step_option(step)
     others = []
     for spec in with_ or []:
         other, _, source = spec.partition("=")

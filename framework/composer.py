@@ -107,8 +107,8 @@ class Composition:
         frames = [(f.filename, f.name) for f in traceback.extract_tb(exc.__traceback__)]
         for filename, name in reversed(frames):
             for part in self.parts:
-                code = part.component.kernel.py_func.__code__
-                if (code.co_filename, code.co_name) == (filename, name):
+                code = getattr(getattr(part.component.kernel, "py_func", None), "__code__", None)
+                if code is not None and (code.co_filename, code.co_name) == (filename, name):
                     return part
         return None
 

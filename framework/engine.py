@@ -24,7 +24,7 @@ from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose, kernel_list
 from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
 from quotelab.data import catalog as cat
-from quotelab.errors import ConfigError, DataError, PluginError, RunError
+from quotelab.errors import ConfigError, DataError, PluginError, QuotelabError, RunError
 from quotelab.funding import schedule
 from quotelab.jitcache import KEY, run_cached
 
@@ -273,6 +273,16 @@ def run_loaded(
         raise ConfigError(f"{loaded.where(('engine', 'step'))}: step must be > 0")
     global_first = min(f.first_ts() for f in feeds)
     origin = _origin(loaded, feeds, q, global_first)
+    record_every = int(round(cfg.engine.record_every * 1e9))
+    span = max(f.last_ts() for f in feeds) - origin
+    if cfg.engine.mode == "step":
+        capacity = span // max(step_ns, record_every or 1) + 2
+    else:
+        capacity = (span // record_every + 2) if record_every > 0 else sum(f.n_events for f in feeds) + 2
+    every = max(step_ns, record_every) if cfg.engine.mode == "step" else record_every
+    check_record_budget(capacity, 8 * (D.R_WIDTH + 1), loaded.where(("engine", "record_every")),
+                        f"{span / 1e9:g} s of data recorded every " + (f"{every / 1e9:g} s" if every else "event"),
+                        "set engine.record_every (e.g. 1s) or a longer engine.step")
     ctx = PackContext.of(feeds, q, origin, str(loaded.file.parent))
     index = ctx.asset_index
     tick_q = feeds[q].tick_size
@@ -303,12 +313,6 @@ def run_loaded(
     compose_s = time.perf_counter() - t0
 
     first_elapse = origin - global_first + (step_ns if cfg.engine.mode == "step" else 0)
-    record_every = int(round(cfg.engine.record_every * 1e9))
-    span = max(f.last_ts() for f in feeds) - origin
-    if cfg.engine.mode == "step":
-        capacity = span // max(step_ns, record_every or 1) + 2
-    else:
-        capacity = (span // record_every + 2) if record_every > 0 else sum(f.n_events for f in feeds) + 2
 
     view = np.full((len(feeds), L.VIEW_WIDTH), np.nan)
     for i, f in enumerate(feeds):
@@ -357,6 +361,8 @@ def run_loaded(
     try:
         try:
             run_cached(D.run_driver, *args)
+        except QuotelabError:  # a Python signal's own error already names it
+            raise
         except Exception as exc:
             err = _kernel_error(comp, exc, state)
             if err is exc:
@@ -418,12 +424,24 @@ def _settlements(mode: str, feed: AssetFeed, origin: int) -> tuple[np.ndarray, n
     return ts, settle
 
 
+# What the per-step records of one run or replay may allocate up front; more is a config asking for
+# billions of rows (a 1 µs grid over a day), refused before anything is allocated or compiled.
+MAX_RECORD_BYTES = 2 << 30
+
+
+def check_record_budget(rows: int, row_bytes: int, where: str, what: str, fix: str) -> None:
+    """Refuse ``rows`` records of ``row_bytes`` when they would take more than ``MAX_RECORD_BYTES``."""
+    if rows * row_bytes > MAX_RECORD_BYTES:
+        raise ConfigError(f"{where}: {what} is {rows:,} records, {rows * row_bytes / 2**30:.3g} GiB held in memory "
+                          f"(at most {MAX_RECORD_BYTES / 2**30:g} GiB); {fix}")
+
+
 def _kernel_error(comp: Composition, exc: Exception, state: np.ndarray) -> Exception:
     """``exc`` raised while the fused kernel ran, as an error naming the plugin whose kernel raised it."""
     part = comp.failed_part(exc, state)
-    if part is None:
+    py = getattr(getattr(part, "component", None) and part.component.kernel, "py_func", None)
+    if py is None:
         return exc
-    py = part.component.kernel.py_func
     what = f"raised {type(exc).__name__}: {exc}"
     if comp.boundscheck and isinstance(exc, IndexError):
         what = f"indexed outside its arrays ({type(exc).__name__}: {exc}; found by bounds checking)"

@@ -37,7 +37,7 @@ from quotelab.config import (
     where_in,
 )
 from quotelab.data import catalog as cat
-from quotelab.engine import AssetFeed, load_assets, resolve_catalog
+from quotelab.engine import AssetFeed, check_record_budget, load_assets, resolve_catalog
 from quotelab.errors import ConfigError, DataError
 from quotelab.outputs import write_or_rescue
 from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
@@ -380,6 +380,8 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
             raise ConfigError(f"{info['where'](('horizons', i))}: horizon {cfg.horizons[i]:g}s is not shorter than "
                               f"the data of target {t!r} ({span:g}s), so no step could be scored; use a shorter "
                               "horizon or more days")
+        check_record_budget(int(span / cfg.step), 8 * (5 + 2 * len(estimators) + len(feeds)), info["where"](("step",)),
+                            f"{span:g} s of target {t!r} on a {cfg.step:g} s grid", "use a longer step or fewer days")
     t0 = time.perf_counter()
     data = prepare(assets)  # sorted and flattened once, replayed once per target
     replay_s, events = time.perf_counter() - t0, 0

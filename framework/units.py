@@ -114,3 +114,15 @@ Ticks = _unit_type("ticks")
 Bps = _unit_type("bps")
 Price = _unit_type("price")
 Qty = _unit_type("qty")
+
+
+def step_option(text: str, option: str = "--step") -> float:
+    """A command-line grid step in seconds, in the same domain as ``engine.step``."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from quotelab.errors import ConfigError
+
+    try:
+        return float(TypeAdapter(Step).validate_python(text))
+    except ValidationError as exc:
+        raise ConfigError(f"{option} {text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None

@@ -273,7 +273,7 @@ def test_cli_fit_writes_the_table_fit_catalog_computes(real_catalog, fitted, tmp
     np.testing.assert_array_equal(got.g_ticks, fitted["BTCUSDT"][0].g_ticks)
     assert got.training["dates"] == ["20240808"] and got.training["step_s"] == 0.1
     bad = subprocess.run([*cmd[:-2], "--step", "5ticks", "--out", str(out)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--step: unit mismatch" in bad.stderr
+    assert bad.returncode == 2 and "--step '5ticks': unit mismatch" in bad.stderr
     bad = subprocess.run([*cmd[:-1], str(tmp_path / "t.txt")], capture_output=True, text=True)
     assert bad.returncode == 2 and "t.txt: the table file's name must end in .json or .npz" in bad.stderr
 

@@ -370,6 +370,34 @@ def _nodes(doc: object, at: tuple = ()) -> list[tuple]:
     return out
 
 
+HOSTILE = st.sampled_from([1e308, float("inf"), float("nan"), 0, -1, 10**11, "1ns", "1e20ms", "-10ms", 2**63])
+
+
+def _numbers(doc: object) -> list[tuple]:
+    out = []
+    for at in _nodes(doc)[1:]:
+        if at[0] == "data":  # a date or a tick size only picks data: the defects were in what runs
+            continue
+        node = doc
+        for k in at:
+            node = node[k]
+        if isinstance(node, int | float) and not isinstance(node, bool) or isinstance(node, str) and node[:1].isdigit():
+            out.append(at)
+    return out
+
+
+@st.composite
+def hostile_numbers(draw: st.DrawFn, catalog: str) -> str:
+    """The seed strategy with one to three of its numbers (with or without a unit) replaced by hostile values."""
+    doc = yaml.safe_load(_seed_text(catalog))
+    for at in draw(st.lists(st.sampled_from(_numbers(doc)), min_size=1, max_size=3, unique=True)):
+        parent = doc
+        for k in at[:-1]:
+            parent = parent[k]
+        parent[at[-1]] = draw(HOSTILE)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 @st.composite
 def strategy_texts(draw: st.DrawFn, catalog: str = "../catalog") -> str:
     """The seed strategy with a few random edits: values of any type replaced, keys removed or added,
@@ -417,13 +445,14 @@ def test_any_strategy_yaml_validates_or_is_a_clean_error(tmp_path, text):
         assert _is_one_line_per_problem(str(exc), path), str(exc)
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(data=st.data())
 def test_generated_strategies_run_or_fail_cleanly_through_the_cli(real_catalog, tmp_path, data):
-    """A few of the same strategies through a real `quotelab run`: exit 0 with a result, or exit 2 with
-    one error line per problem; exit 1 (unexpected) or a traceback fails the test."""
-    text = data.draw(strategy_texts(str(real_catalog)))
+    """A few strategies with hostile numbers through a real `quotelab run` (where most of issue 16's
+    tracebacks were): exit 0 with a result, or exit 2 with one error line per problem; exit 1
+    (unexpected) or a traceback fails the test."""
+    text = data.draw(hostile_numbers(str(real_catalog)))
     path = tmp_path / "h.yaml"
     path.write_text(text)
     r = _cli("run", str(path), "--json")
@@ -432,3 +461,24 @@ def test_generated_strategies_run_or_fail_cleanly_through_the_cli(real_catalog, 
     else:
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
         assert _is_one_line_per_problem(r.stderr.removeprefix("error: "), path), r.stderr
+
+
+def _limited_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a regression fails here, not the machine
+
+
+def test_a_grid_that_records_billions_of_rows_is_refused_before_allocating(real_catalog, tmp_path):
+    """Seen red: a 1 µs step over the 343 s window tried to allocate 35.8 GiB of records (MemoryError
+    traceback under a 4 GB limit). Run in a process with that limit, so a regression cannot take the machine."""
+    path = tmp_path / "s.yaml"
+    path.write_text(_seed_text(real_catalog).replace("step: 100ms", "step: 1us"))
+    r = subprocess.run([sys.executable, "-m", "quotelab.cli", "run", str(path)], capture_output=True, text=True,
+                       preexec_fn=_limited_memory, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert re.fullmatch(r"error: \S+s\.yaml:\d+: engine\.record_every: 343\.4\d+ s of data recorded every 1e-06 s is "
+                        r"343,4\d\d,\d\d\d records, \d+\.\d GiB held in memory \(at most 2 GiB\); "
+                        r"set engine\.record_every \(e\.g\. 1s\) or a longer engine\.step\n", r.stderr), r.stderr
+    path.write_text(_seed_text(real_catalog).replace("step: 100ms", "step: 1us\n  record_every: 1s"))
+    assert load_strategy(path)  # recording every second is what the message suggests, and it validates
