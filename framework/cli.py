@@ -479,7 +479,9 @@ def optimize_cmd(
 ) -> None:
     """Search strategy parameters with Optuna, walk-forward; resumes from OUT/optuna.db when run again."""
     from quotelab.optimize import optimize
+    from quotelab.outputs import check_output_dir
 
+    check_output_dir(out)
     res = optimize(opt_file, out, catalog=catalog, workers=workers, executor=executor, address=address,
                    trials=trials, progress=(lambda m: None) if json_ else typer.echo)
     if json_:
@@ -508,13 +510,11 @@ def calibrate_cmd(
 ) -> None:
     """Fit σ and the trade-arrival law λ(δ) = A·exp(−kδ) per asset and day (for avellaneda_stoikov, glft)."""
     from quotelab.calibrate import calibrate, write
-    from quotelab.errors import ConfigError
-    from quotelab.units import parse_quantity
+    from quotelab.outputs import check_output_dir
+    from quotelab.units import step_option
 
-    try:
-        step_s = float(parse_quantity(step, "seconds"))
-    except ValueError as exc:
-        raise ConfigError(f"--step: {exc}") from exc
+    step_s = step_option(step)
+    check_output_dir(out)
     days = [d.strip() for d in dates.split(",") if d.strip()] if dates else None
     result = calibrate(catalog, asset, days, step=step_s, max_ticks=max_ticks)
     written = write(result, out)

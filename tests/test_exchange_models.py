@@ -88,7 +88,7 @@ def test_feed_latency_runs_and_negative_offsets_are_refused(real_catalog, tmp_pa
     assert feed["num_trades"] > 100
     with pytest.raises(ConfigError, match=r"engine.defaults.feed_latency_offset: perp's feed latency .* reaches"):
         _run(real_catalog, tmp_path, "neg", feed_latency_offset="-5ms")
-    with pytest.raises(ConfigError, match="greater than or equal to 0"):
+    with pytest.raises(ConfigError, match=r"latency\.entry: expected between 0 s and 1 h, got -0\.001 s"):
         _run(real_catalog, tmp_path, "negc", latency={"entry": "-1ms"})
 
 

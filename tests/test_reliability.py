@@ -143,7 +143,8 @@ def test_set_values_go_through_the_same_loader(value, expect):
     ("engine.step", ".nan", r"Input should be a finite number"),
     ("engine.defaults.last_trades_capacity", "100000000000", r"Input should be less than or equal to 1000000"),
     ("engine.defaults.fees.maker", ".nan", r"Input should be a finite number"),
-    ("engine.defaults.fees.taker", "2", r"a value fee is a fraction of the traded value \(0\.0002 = 2 bps\); 2 is over 1%"),
+    ("engine.defaults.fees.taker", "2", r"a value fee is a fraction of the traded value \(0\.0002 = 2 bps\); 2 is "
+                                        r"over 1%"),
     ("engine.defaults.latency.entry", "-10ms", r"expected between 0 s and 1 h, got -0\.01 s"),
     ("quoter.params.half_spread", ".inf", r"Input should be a finite number"),
     ("engine.record_every", "1ns", r"expected between 1 µs and 1 day \(or 0 for off\)"),
