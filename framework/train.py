@@ -101,6 +101,9 @@ class ModelSpec(StrictModel):
     max_iter: int = Field(100, ge=1, description="gradient_boosting: boosting iterations.")
     max_depth: int = Field(3, ge=1)
     learning_rate: float = Field(0.05, gt=0)
+    early_stopping: bool = Field(True, description="gradient_boosting: choose the iterations on the last "
+                                 "validation_fraction of the training samples in time (purged), then refit on all.")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 0
 
 
@@ -484,8 +487,11 @@ def _estimator(kind: str, spec: ModelSpec) -> Any:
     if kind == "ridge":
         return Ridge(alpha=spec.alpha)
     if kind == "gradient_boosting":
+        # sklearn's own early stopping validates on a random split (on by default past 10,000 samples):
+        # with overlapping targets that leaks the future into the choice; train.py splits by time instead.
         return HistGradientBoostingRegressor(max_iter=spec.max_iter, max_depth=spec.max_depth,
-                                             learning_rate=spec.learning_rate, random_state=spec.seed)
+                                             learning_rate=spec.learning_rate, random_state=spec.seed,
+                                             early_stopping=False)
     raise ConfigError(f"unknown model kind {kind!r}")
 
 
@@ -497,8 +503,11 @@ class StaticModel:
         kinds = spec.members if spec.kind == "ensemble" else [spec.kind]
         self.members = [_estimator(k, spec) for k in kinds]
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> StaticModel:
-        for m in self.members:
+    def fit(self, X: np.ndarray, y: np.ndarray, t: np.ndarray | None = None, purge_ns: int = 0) -> StaticModel:
+        """Fit on samples in time order (``t``, ns: needed for gradient boosting's early stopping)."""
+        for i, m in enumerate(self.members):
+            if type(m).__name__ == "HistGradientBoostingRegressor" and self.spec.early_stopping and t is not None:
+                self.members[i] = m = _boosting_iterations(m, X, y, t, purge_ns, self.spec.validation_fraction)
             m.fit(X, y)
         return self
 
@@ -511,6 +520,28 @@ class StaticModel:
             m = self.members[0]
             return np.asarray(m.coef_, dtype=np.float64), float(m.intercept_)
         return None
+
+
+def _boosting_iterations(est: Any, X: np.ndarray, y: np.ndarray, t: np.ndarray, purge_ns: int,
+                         fraction: float) -> Any:
+    """A copy of ``est`` whose max_iter is the best on a time-ordered validation split.
+
+    Validation: the last ``fraction`` of the samples in time; training: the samples whose targets end
+    before it (t < its start − purge). The iteration count with the lowest validation MSE is kept.
+    """
+    from sklearn.base import clone
+
+    n_val = int(len(y) * fraction)
+    if n_val < 20:
+        return est
+    start = t[len(y) - n_val]
+    train = t < start - purge_ns
+    if train.sum() < 20:
+        return est
+    probe = clone(est).fit(X[train], y[train])
+    val = slice(len(y) - n_val, len(y))
+    losses = [float(np.mean((y[val] - p) ** 2)) for p in probe.staged_predict(X[val])]
+    return clone(est).set_params(max_iter=int(np.argmin(losses)) + 1)
 
 
 def _r2(y: np.ndarray, p: np.ndarray) -> float:
@@ -554,7 +585,7 @@ def causal_transfer_predict(spec: ModelSpec, X_src: np.ndarray, y_src: np.ndarra
     for b in blocks:
         train = t_src < t_dst[b[0]] - purge_ns
         if train.sum() > X_src.shape[1] + 1:
-            pred[b] = StaticModel(spec).fit(X_src[train], y_src[train]).predict(X_dst[b])
+            pred[b] = StaticModel(spec).fit(X_src[train], y_src[train], t_src[train], purge_ns).predict(X_dst[b])
     return pred
 
 
@@ -641,7 +672,7 @@ def fit_walk_forward(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarra
             if len(f.train) <= X.shape[1] + 1:
                 raise DataError(f"fold {f.index}: {len(f.train)} training samples after the purge; use fewer "
                                 f"folds, a shorter purge or more data")
-            m = StaticModel(spec).fit(X[f.train], y[f.train])
+            m = StaticModel(spec).fit(X[f.train], y[f.train], t[f.train], purge_ns)
             s_in = scores(y[f.train], m.predict(X[f.train]))
             p = m.predict(X[f.test])
             oos[f.test] = p
@@ -652,7 +683,7 @@ def fit_walk_forward(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarra
     ok = np.isfinite(oos)
     s_oos = scores(y[ok], oos[ok])
     bs = block_scores(y, oos, [f.test for f in walk_forward(t, folds, purge_ns)])
-    final = None if spec.kind == "rolling_linear" else StaticModel(spec).fit(X, y)
+    final = None if spec.kind == "rolling_linear" else StaticModel(spec).fit(X, y, t, purge_ns)
     overall: dict[str, Any] = {"oos_r2": s_oos["r2"], "oos_ic": bs["ic"], "oos_ic_fold_mean": bs["ic_fold_mean"],
                                "oos_ic_fold_std": bs["ic_fold_std"], "n_oos": s_oos["n"], "n": int(len(y))}
     if final is not None:

@@ -484,3 +484,26 @@ def test_transfer_models_are_causal_a_noise_fit_does_not_transfer():
         assert np.isfinite(pred[test]).all() and np.isnan(np.delete(pred, test)).all()
     assert np.mean(final_ics) > 0.05
     assert abs(np.mean(causal_ics)) < 0.02
+
+
+def test_gradient_boosting_chooses_its_iterations_on_a_time_ordered_split():
+    # A planted signal that fades out over time: a random validation split mixes early and late samples,
+    # the last-in-time block sees only the late regime. The choice must be the time-ordered one.
+    rng = np.random.default_rng(3)
+    n = 4000
+    t = np.arange(n, dtype=np.int64) * 100_000_000
+    X = rng.standard_normal((n, 3))
+    y = np.where(np.arange(n) < 3000, 1.5 * X[:, 0], 0.0) + rng.standard_normal(n)
+    spec = T.ModelSpec(kind="gradient_boosting", max_iter=60, learning_rate=0.1)
+    m = T.StaticModel(spec).fit(X, y, t, 1_000_000_000).members[0]
+    assert m.early_stopping is False  # sklearn's random split is never used
+    # the slow way: fit on samples whose targets end 1 s before the last 10 %, score each iteration there
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    val = slice(3600, n)
+    train = t < t[3600] - 1_000_000_000
+    probe = HistGradientBoostingRegressor(max_iter=60, max_depth=3, learning_rate=0.1, random_state=0,
+                                          early_stopping=False).fit(X[train], y[train])
+    best = int(np.argmin([np.mean((y[val] - p) ** 2) for p in probe.staged_predict(X[val])])) + 1
+    assert m.max_iter == best == m.n_iter_ and best < 60
+    assert T.StaticModel(spec.model_copy(update={"early_stopping": False})).fit(X, y, t).members[0].n_iter_ == 60
