@@ -740,18 +740,22 @@ class RichProgress:
     def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from quotelab.progress import console
+
         self.bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("done {task.fields[done]} failed {task.fields[failed]} "
-                                       "skipped {task.fields[skipped]}"), TimeRemainingColumn())
+                                       "skipped {task.fields[skipped]} left {task.fields[left]}"),
+                            TimeRemainingColumn(), console=console())
         self.task: Any = None
 
     def __call__(self, event: str, rec: dict[str, Any] | None, s: BatchSummary) -> None:
         if event == "start":
             self.bar.start()
             self.task = self.bar.add_task("batch", total=s.total, completed=s.skipped, done=0, failed=0,
-                                          skipped=s.skipped)
+                                          skipped=s.skipped, left=s.total - s.skipped)
         elif event == "run" and rec is not None:
-            self.bar.update(self.task, advance=1, done=s.done, failed=s.failed)
+            self.bar.update(self.task, advance=1, done=s.done, failed=s.failed,
+                            left=s.total - s.skipped - s.done - s.failed)
             if rec["status"] != "done":
                 self.bar.console.print(f"[red]failed[/red] {rec['label']}: {str(rec.get('error')).splitlines()[0]}")
         elif event == "end":
@@ -761,4 +765,6 @@ class RichProgress:
 
 
 def default_progress() -> Callable[[str, dict[str, Any] | None, BatchSummary], None]:
-    return RichProgress() if sys.stdout.isatty() else plain_progress
+    from quotelab.progress import wanted
+
+    return RichProgress() if wanted() else plain_progress

@@ -70,6 +70,7 @@ def run_cmd(
                         "stops the run with an error naming it (slower; the results are the same otherwise).")] = False,
 ) -> None:
     """Validate, compose and backtest a strategy YAML."""
+    from quotelab import progress
     from quotelab.engine import run_strategy
     from quotelab.errors import RunError
     from quotelab.outputs import check_output_dir
@@ -77,7 +78,7 @@ def run_cmd(
     check_output_dir(out)
     try:
         result = run_strategy(strategy, catalog=catalog, overrides=set_ or [], out_dir=out, strict=strict,
-                              check=check)
+                              check=check, progress=progress.wanted(json_))
     except RunError as exc:
         if json_ and getattr(exc.result, "summary", None) is not None:
             _print_json(exc.result.summary)
@@ -126,10 +127,12 @@ def evaluate_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the score table as one JSON object.")] = False,
 ) -> None:
     """Score fair values (and fair value + forecast) against future mids and the next trades."""
+    from quotelab import progress
     from quotelab.evaluate import evaluate
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
+    progress.enable(progress.wanted(json_))
     result = evaluate(config, catalog=catalog, out_dir=out)
     if json_:
         _print_json({"summary": result.summary, "rows": result.rows})
@@ -338,10 +341,12 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Convert raw captures into catalog days (one npz per UTC day) and report the data's quality."""
+    from quotelab import progress
     from quotelab.data.convert import convert_files, render_summary
 
     summary = convert_files(fmt, files, symbol, catalog, tick_size=tick_size, lot_size=lot_size,
-                            compression=compression, contract=contract, contract_size=contract_size)
+                            compression=compression, contract=contract, contract_size=contract_size,
+                            progress=progress.wanted(as_json))
     if as_json:
         _print_json(summary)
     else:
@@ -363,10 +368,12 @@ def train_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Record features from signal kernels, fit a forecast walk-forward, score transfer, export it."""
+    from quotelab import progress
     from quotelab.outputs import check_output_dir
     from quotelab.train import run_train
 
     check_output_dir(out)
+    progress.enable(progress.wanted(json_))
     result = run_train(config, catalog=catalog, out_dir=out, strict=strict)
     rep = result.report
     if json_:

@@ -33,7 +33,8 @@ C_RECORD_EVERY_NS = 7
 C_ORIGIN_NS = 8
 C_MAX_SCAN_TICKS = 9
 C_NEED_TRADES = 10  # 0: no component reads trades, so the engine leaves hftbacktest's buffer alone
-C_WIDTH = 11
+C_PAUSE_STEPS = 11  # return PAUSED after this many steps (0: never), for progress; call again to go on
+C_WIDTH = 12
 
 # record columns
 R_MID = 0
@@ -68,7 +69,13 @@ K_STATUS = 4  # 0 ok, k > 0: stopped on component k-1 producing a non-finite val
 K_STATUS_TS = 5
 K_RECORDS = 6
 K_TRADES_DROPPED = 7
-K_WIDTH = 8
+K_STARTED = 8  # the first elapse is done (the loop's state between calls, with K_LAST_RECORD_TS)
+K_LAST_RECORD_TS = 9
+K_NOW_TS = 10  # the backtest's time when the driver returned
+K_SETTLED = 11  # funding settlements done
+K_WIDTH = 12
+
+PAUSED = 1  # run_driver's return when it stopped early: the record buffer is full, or C_PAUSE_STEPS
 
 
 @njit
@@ -203,7 +210,9 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
     ``key`` is :data:`quotelab.jitcache.KEY` (call through ``run_cached``), ``bt_addr`` the backtest
     object's ``ptr``. ``ready_mask[a]`` marks the assets the strategy reads: until each has a
     two-sided book, a step neither quotes nor records (warm-up). Results land in ``rec_ts``, ``rec``
-    and ``counters``; returns 0, or STALE if this code was cached against other constants.
+    and ``counters``; returns 0 at the end of the data, PAUSED when ``rec`` is full or after
+    ``cfg[C_PAUSE_STEPS]`` steps (empty ``rec``, reset ``counters[K_RECORDS]`` and call again to
+    go on), or STALE if this code was cached against other constants.
 
     Funding: the quoted asset settles at each ``settle_ts[k]`` (rate and mark in ``settle[k]``), on
     the position held at that instant: a step that crosses a settlement is elapsed in two parts, and
@@ -218,13 +227,18 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
     mode = cfg[C_MODE]
     q = cfg[C_QUOTED]
     origin = cfg[C_ORIGIN_NS]
-    last_time = np.nan
-    last_record = -(1 << 62)
-    first = True
+    first = counters[K_STARTED] == 0
+    last_time = np.nan if first else view[q, L.TIME]
+    last_record = -(1 << 62) if first else counters[K_LAST_RECORD_TS]
+    pause_at = counters[K_STEPS] + cfg[C_PAUSE_STEPS] if cfg[C_PAUSE_STEPS] > 0 else -1
     n_settle = len(settle_ts)
-    k = 0
+    k = counters[K_SETTLED]
     inverse = view[q, L.INVERSE]
     while True:
+        if counters[K_STEPS] == pause_at:
+            counters[K_NOW_TS] = C.current_timestamp(bt)
+            counters[K_SETTLED] = k
+            return PAUSED
         if mode == 0:
             dt = np.int64(cfg[C_FIRST_ELAPSE_NS] if first else cfg[C_STEP_NS])
             now = C.current_timestamp(bt)
@@ -263,6 +277,7 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
                 _settle(bt, q, view, settle, k, fund)
                 k += 1
         first = False
+        counters[K_STARTED] = 1
         counters[K_STEPS] += 1
         for a in range(n_assets):
             C.clear_inactive_orders(bt, a)
@@ -294,6 +309,7 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
         i = counters[K_RECORDS]
         if now - last_record >= cfg[C_RECORD_EVERY_NS] and i < rec.shape[0]:
             last_record = now
+            counters[K_LAST_RECORD_TS] = now
             sv = C.state_values(bt, q)[0]
             rec_ts[i] = now
             rec[i, R_MID] = (view[q, L.BEST_BID] + view[q, L.BEST_ASK]) / 2.0
@@ -311,4 +327,9 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
             rec[i, R_RISK] = out[L.RISK]
             rec[i, R_FUNDING] = fund[0]
             counters[K_RECORDS] = i + 1
+            if i + 1 == rec.shape[0]:
+                counters[K_NOW_TS] = now
+                counters[K_SETTLED] = k
+                return PAUSED
+    counters[K_NOW_TS] = C.current_timestamp(bt)
     return 0

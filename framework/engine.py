@@ -6,7 +6,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT, record_dtype
 from quotelab import driver as D
 from quotelab import layout as L
 from quotelab import pnl
+from quotelab import progress as P
 from quotelab.backtest_c import Backtest
 from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose, kernel_list
@@ -34,7 +35,7 @@ class AssetFeed:
     name: str
     venue: str
     symbol: str
-    events: list[np.ndarray]
+    events: Sequence[np.ndarray]  # catalog.EventFiles (streamed, the default) or arrays held in memory
     tick_size: float
     lot_size: float
     contract: str  # linear | inverse
@@ -44,6 +45,8 @@ class AssetFeed:
 
     @property
     def n_events(self) -> int:
+        if isinstance(self.events, cat.EventFiles):
+            return sum(self.events.rows())
         return int(sum(len(e) for e in self.events))
 
     def first_ts(self) -> int:
@@ -69,14 +72,24 @@ def load_assets(
     where: Callable[[tuple], str],
     catalog: Path | None,
     engine_for: Callable[[str], AssetEngine | None] = lambda name: None,
+    preload: bool = False,
 ) -> list[AssetFeed]:
-    """Load every asset of a ``data`` section (catalog days or npz files) with its instrument."""
+    """Every asset of a ``data`` section (catalog days or npz files) with its instrument.
+
+    The events are :class:`~quotelab.data.catalog.EventFiles`, read a part file at a time by whoever
+    replays them, so memory does not grow with the days; ``preload`` loads them all instead (the
+    way to compare, or to replay the same short data many times from memory).
+    """
     feeds = []
     for name, a in data.assets.items():
         at = ("data", "assets", name)
         funding = None
+        events: Sequence[np.ndarray]
         if a.files is not None:
-            events = [cat.load_events((base_dir / f).resolve()) for f in a.files]
+            for f in a.files:
+                if not (base_dir / f).exists():
+                    raise DataError(f"{where(at)}: {base_dir / f}: no such file")
+            events = cat.EventFiles([p for f in a.files for p in cat.parts_of((base_dir / f).resolve())])
             meta: dict[str, Any] = {}
             venue, symbol = a.venue or "files", a.symbol or name
         else:
@@ -84,7 +97,7 @@ def load_assets(
                 raise ConfigError(
                     f"{where(at)}: a catalog asset needs a catalog: pass --catalog DIR or set data.catalog"
                 )
-            meta, events = cat.load_days(catalog, a.venue, a.symbol, a.dates)
+            meta, events = cat.stream_days(catalog, a.venue, a.symbol, a.dates)
             funding = cat.load_funding(catalog, a.venue, a.symbol, a.dates)
             venue, symbol = a.venue, a.symbol
         contract = meta.get("contract", {})
@@ -95,28 +108,32 @@ def load_assets(
                 raise ConfigError(
                     f"{where(at)}: {key} must be > 0 (hftbacktest hangs on 0); set data.assets.{name}.{key}"
                 )
-        if not any(len(e) for e in events):
-            raise DataError(f"{where(at)}: {venue}/{symbol} has no events")
         if a.tick_size is not None:  # the catalog's own tick is checked where it is read, naming meta.json
-            for e in events:
-                if (bad := cat.off_grid(e, float(tick))) is not None:
-                    raise ConfigError(
-                        f"{where((*at, 'tick_size'))}: tick_size {tick} does not fit {venue}/{symbol}: book price "
-                        f"{bad[1]} (row {bad[0]}) is not a multiple of it. Fix: set the venue's tick, or leave "
-                        f"tick_size out to use the catalog's.")
-        feeds.append(AssetFeed(
+            first = events[0]  # a sample, as the catalog's check: the first file's first and last rows
+            if (bad := cat.off_grid(first, float(tick))) is not None:
+                raise ConfigError(
+                    f"{where((*at, 'tick_size'))}: tick_size {tick} does not fit {venue}/{symbol}: book price "
+                    f"{bad[1]} (row {bad[0]}) is not a multiple of it. Fix: set the venue's tick, or leave "
+                    f"tick_size out to use the catalog's.")
+            del first
+        feed = AssetFeed(
             name=name, venue=venue, symbol=symbol, events=events, tick_size=float(tick), lot_size=float(lot),
             contract=a.contract or contract.get("kind", "linear"),
             contract_size=float(a.contract_size or contract.get("size", 1.0)), engine=engine_for(name),
             funding=funding,
-        ))
+        )
+        if not feed.n_events:
+            raise DataError(f"{where(at)}: {venue}/{symbol} has no events")
+        if preload:
+            feed.events = [cat.load_events(p) for p in events.paths]  # type: ignore[attr-defined]
+        feeds.append(feed)
     return feeds
 
 
-def load_feeds(loaded: LoadedStrategy, catalog: Path | None) -> list[AssetFeed]:
+def load_feeds(loaded: LoadedStrategy, catalog: Path | None, preload: bool = False) -> list[AssetFeed]:
     cfg = loaded.config
     return load_assets(cfg.data, loaded.file.parent, loaded.where, catalog,
-                       lambda name: cfg.engine.assets.get(name, cfg.engine.defaults))
+                       lambda name: cfg.engine.assets.get(name, cfg.engine.defaults), preload)
 
 
 def resolve_catalog(base_dir: Path, configured: str | None, catalog: str | Path | None) -> Path | None:
@@ -134,7 +151,9 @@ ORDER_LATENCY_DTYPE = np.dtype([("req_ts", "i8"), ("exch_ts", "i8"), ("resp_ts",
 
 def _build_asset(feed: AssetFeed, order_latency: np.ndarray | None = None) -> BacktestAsset:
     e = feed.engine
-    a = BacktestAsset().data(feed.events)
+    # Paths: hftbacktest reads them a file at a time (and the next one ahead); arrays it holds whole.
+    events = feed.events
+    a = BacktestAsset().data([str(p) for p in events.paths] if isinstance(events, cat.EventFiles) else list(events))
     a = a.inverse_asset(feed.contract_size) if feed.contract == "inverse" else a.linear_asset(feed.contract_size)
     if order_latency is None:
         a = a.constant_order_latency(int(round(e.latency.entry * 1e9)), int(round(e.latency.response * 1e9)))
@@ -245,6 +264,47 @@ def _read_latency_file(path: Path, where: str) -> np.ndarray:
 
 
 _DRIVER_COMPILED = False
+REC_CHUNK = 1 << 16  # records held in memory (7 MB); more go to a spool file, read back memory-mapped
+PAUSE_STEPS = 1 << 16  # the driver returns this often (~6 s of market at 100 ms steps) for progress
+
+
+class _RecordSpool:
+    """The driver's records, chunk by chunk: the first chunk stays in memory; from the second on they
+    are appended to an unlinked temporary file and read back memory-mapped (file-backed pages the
+    OS can drop), so a month of records costs disk, not private memory."""
+
+    def __init__(self) -> None:
+        self.first: np.ndarray | None = None
+        self.fh: Any = None
+        self.rows = 0
+
+    def add(self, ts: np.ndarray, rec: np.ndarray) -> None:
+        if not len(ts):
+            return
+        block = np.empty((len(ts), 1 + D.R_WIDTH))
+        block[:, 0] = ts.view(np.float64)  # the int64 bits, viewed back in arrays()
+        block[:, 1:] = rec
+        if self.first is None and self.fh is None:
+            self.first = block
+        else:
+            if self.fh is None:
+                import tempfile
+
+                self.fh = tempfile.TemporaryFile(prefix="quotelab-records-")  # noqa: SIM115 - lives with the result
+                self.fh.write(self.first.tobytes())
+                self.first = None
+            self.fh.write(block.tobytes())
+        self.rows += len(ts)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.fh is not None:
+            self.fh.flush()
+            block = np.memmap(self.fh, dtype=np.float64, mode="r", shape=(self.rows, 1 + D.R_WIDTH))
+        elif self.first is not None:
+            block = self.first
+        else:
+            block = np.empty((0, 1 + D.R_WIDTH))
+        return block[:, 0].view(np.int64), block[:, 1:]
 
 
 def driver_compiled() -> bool:
@@ -258,14 +318,20 @@ def run_loaded(
     catalog: str | Path | None = None,
     out_dir: str | Path | None = None,
     check: bool = False,
+    preload: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Run an already validated strategy.
 
     ``check``: the fused kernel is compiled with bounds checking, so a plugin kernel that indexes past
-    its arrays stops the run with an error naming it instead of reading other memory (slower)."""
+    its arrays stops the run with an error naming it instead of reading other memory (slower).
+    ``preload``: see :func:`load_assets`. ``on_progress`` is called with the backtest's time (ns)
+    every :data:`PAUSE_STEPS` steps and at the end; ``progress`` shows it on stderr
+    (:mod:`quotelab.progress`)."""
     global _DRIVER_COMPILED
     cfg = loaded.config
-    feeds = load_feeds(loaded, resolve_catalog(loaded.file.parent, loaded.config.data.catalog, catalog))
+    feeds = load_feeds(loaded, resolve_catalog(loaded.file.parent, loaded.config.data.catalog, catalog), preload)
     names = [f.name for f in feeds]
     q = names.index(cfg.data.quote)
     step_ns = int(round(cfg.engine.step * 1e9))
@@ -283,6 +349,7 @@ def run_loaded(
     check_record_budget(capacity, 8 * (D.R_WIDTH + 1), loaded.where(("engine", "record_every")),
                         f"{span / 1e9:g} s of data recorded every " + (f"{every / 1e9:g} s" if every else "event"),
                         "set engine.record_every (e.g. 1s) or a longer engine.step")
+    capacity = min(capacity, REC_CHUNK)  # a full buffer pauses the driver and goes to a spool file
     ctx = PackContext.of(feeds, q, origin, str(loaded.file.parent))
     index = ctx.asset_index
     tick_q = feeds[q].tick_size
@@ -335,6 +402,7 @@ def run_loaded(
     cfg_arr[D.C_ORIGIN_NS] = origin
     cfg_arr[D.C_MAX_SCAN_TICKS] = cfg.engine.max_scan_ticks
     cfg_arr[D.C_NEED_TRADES] = int(need_trades)
+    cfg_arr[D.C_PAUSE_STEPS] = PAUSE_STEPS
     rec_ts = np.zeros(capacity, dtype=np.int64)
     rec = np.full((capacity, D.R_WIDTH), np.nan)
     counters = np.zeros(D.K_WIDTH, dtype=np.int64)
@@ -358,16 +426,26 @@ def run_loaded(
         _DRIVER_COMPILED = True
     compile_s = compose_s + time.perf_counter() - t1
     t2 = time.perf_counter()
+    spool = _RecordSpool()
     try:
-        try:
-            run_cached(D.run_driver, *args)
-        except QuotelabError:  # a Python signal's own error already names it
-            raise
-        except Exception as exc:
-            err = _kernel_error(comp, exc, state)
-            if err is exc:
-                raise
-            raise err from exc
+        with P.Replay(f"run {cfg.name}", origin, origin + span, sum(f.n_events for f in feeds), progress) as bar:
+            while True:
+                try:
+                    r = run_cached(D.run_driver, *args)
+                except QuotelabError:  # a Python signal's own error already names it
+                    raise
+                except Exception as exc:
+                    err = _kernel_error(comp, exc, state)
+                    if err is exc:
+                        raise
+                    raise err from exc
+                spool.add(rec_ts[:counters[D.K_RECORDS]], rec[:counters[D.K_RECORDS]])
+                counters[D.K_RECORDS] = 0
+                bar.at(int(counters[D.K_NOW_TS]))
+                if on_progress is not None:
+                    on_progress(int(counters[D.K_NOW_TS]))
+                if r != D.PAUSED:
+                    break
         run_s = time.perf_counter() - t2
         sv = hbt.state_values(q)
         final = {"num_trades": int(sv["num_trades"]), **{k: float(sv[k]) for k in (
@@ -377,8 +455,7 @@ def run_loaded(
     final["funding"] = float(fund[0])
     final["balance"] += -final["funding"] if feeds[q].contract == "inverse" else final["funding"]
 
-    n = int(counters[D.K_RECORDS])
-    rec_ts, rec = rec_ts[:n], rec[:n]
+    rec_ts, rec = spool.arrays()
     summary = _summary(cfg.name, feeds[q], final, rec, counters, compile_s, run_s, sum(f.n_events for f in feeds))
     summary["origin_ns"] = origin
     reached = np.isfinite(settle[:, D.S_POSITION])  # NaN: the data ended before the settlement
@@ -632,6 +709,9 @@ def run_strategy(
     registry: Any = None,
     strict: bool = False,
     check: bool = False,
+    preload: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Validate, compose and run the strategy YAML at ``path``.
 
@@ -642,7 +722,8 @@ def run_strategy(
 
     loaded, registry, parts = load_strategy(path, overrides, registry=registry)
     in_sample = strategy_in_sample(loaded, parts, strict)
-    result = run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir, check=check)
+    result = run_loaded(loaded, registry, parts, catalog=catalog, out_dir=out_dir, check=check, preload=preload,
+                        on_progress=on_progress, progress=progress)
     result.summary["in_sample"] = in_sample
     if result.out_dir is not None and in_sample:
         cat.atomic_write_json(result.out_dir / "summary.json", json.loads(json.dumps(result.summary, default=str)))

@@ -40,6 +40,7 @@ from hftbacktest.types import (
 from numba import njit
 
 from quotelab import layout as L
+from quotelab import progress
 from quotelab.component import Component, PackContext, Params
 from quotelab.composer import kernel_list
 from quotelab.data import catalog as cat
@@ -394,7 +395,7 @@ class ClockRows:
     """An asset's days as read on one clock (rows flagged for the other clock are skipped as the
     replay goes), with what the pass over them found."""
 
-    days: tuple[np.ndarray, ...]
+    days: Sequence[np.ndarray]  # catalog.EventFiles read a file at a time, or arrays
     book_base: int
     book_size: int
     day_start: np.ndarray  # per day: the clock's first time (INVALID_MAX for a day without such rows)
@@ -405,7 +406,7 @@ class ClockRows:
 _CLOCK = {LOCAL_EVENT: "local_ts", EXCH_EVENT: "exch_ts"}  # a side's flag -> its clock's column
 
 
-def _scan(asset: ReplayAsset, days: tuple[np.ndarray, ...], flag: int, collect: bool) -> ClockRows | None:
+def _scan(asset: ReplayAsset, days: Sequence[np.ndarray], flag: int, collect: bool) -> ClockRows | None:
     col = _CLOCK[flag]
     info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
     cap = 1024 if collect else 0
@@ -427,7 +428,7 @@ def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> ClockRows
     """The asset's rows flagged ``flag`` in that clock's order: its days in place when they are
     (every catalog day is, on both clocks), else one stably sorted copy of those rows (equal times
     keep file order, as hftbacktest's reader does)."""
-    days = tuple(asset.events)
+    days = asset.events if isinstance(asset.events, cat.EventFiles) else tuple(asset.events)
     found = _scan(asset, days, flag, collect)
     if found is None:
         rows = np.concatenate([d[(d["ev"] & flag) == flag] for d in days])
@@ -530,24 +531,30 @@ def replay(
     rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
     rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
     counters = np.zeros(3, dtype=np.int64)  # grid steps, trades dropped, steps recorded
-    days = [[_words(d) for d in r.days] for r in data.rows]  # prepare needs a day per asset (first_ts)
+    # One file per asset at a time: EventFiles load it here and drop it when the next one comes.
+    words = [_words(r.days[0]) for r in data.rows]  # prepare needs a day per asset (first_ts)
     current = [0] * n
     ptr, resume, n_tr, clock = np.zeros(n, np.int64), np.zeros(2, np.int64), np.zeros(n, np.int64), np.array([np.nan])
     base, params = np.array([r.book_base for r in data.rows]), np.ascontiguousarray(params, dtype=np.float64)
     bid_all, ask_all = np.zeros(book_start[-1]), np.zeros(book_start[-1])
     fns = kernel_list(kernel)
-    while True:
-        ints = tuple(days[a][current[a]][0] for a in range(n))
-        floats = tuple(days[a][current[a]][1] for a in range(n))
-        more = np.array([current[a] + 1 < len(days[a]) for a in range(n)])
-        a = run_cached(_replay_nb, fns, ints, floats, more, ptr, resume, base, book_start, bid_all, ask_all, books,
-                        origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan_ticks, quoted,
-                        ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view, counters,
-                        out_cols, n_tr, clock)
-        if a < 0:
-            break
-        current[a] += 1
-        ptr[a] = 0
+    with progress.Replay("replay", origin, origin + n_grid * step_ns, sum(r.n_rows for r in data.rows),
+                         progress.enabled()) as bar:
+        while True:
+            ints = tuple(w[0] for w in words)
+            floats = tuple(w[1] for w in words)
+            more = np.array([current[a] + 1 < len(data.rows[a].days) for a in range(n)])
+            a = run_cached(_replay_nb, fns, ints, floats, more, ptr, resume, base, book_start, bid_all, ask_all,
+                           books, origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan_ticks,
+                           quoted, ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view,
+                           counters, out_cols, n_tr, clock)
+            bar.at(origin + (int(resume[0]) if a >= 0 else n_grid) * step_ns)
+            if a < 0:
+                break
+            current[a] += 1
+            ptr[a] = 0
+            del ints, floats
+            words[a] = _words(data.rows[a].days[current[a]])
     m = int(counters[2])
     return ReplayResult(
         timestamps=rec_ts[:m], values=rec_values[:m], outs=rec_out[:m] if keep_out else None,

@@ -2,6 +2,13 @@
 
 Conventions every converter follows and every reader may rely on:
 
+* A day is one file or, past :data:`PART_ROWS` rows, consecutive parts: ``<YYYYMMDD>.npz`` holds its
+  first rows, ``<YYYYMMDD>.1.npz``, ``<YYYYMMDD>.2.npz``, ... the rest, in order; meta.json's day
+  entry says how many (``parts``, absent for one). Each part is a plain npz like a whole day, so
+  numpy reads it and hftbacktest takes the list of paths, reading a file at a time (and the next
+  one ahead); replays stream them the same way (:class:`EventFiles`), so memory holds a part or
+  two, not a day or a month. A catalog written before parts existed is read as it is: each of its
+  days is one part.
 * Each day file holds one array of hftbacktest's ``event_dtype`` under the key ``data``, deflated
   (the default) or stored uncompressed (``compression="none"``: ~7x the disk, but a day is then
   memory-mapped instead of inflated, ~10x faster to load). Both are plain npz files, ordered
@@ -150,40 +157,134 @@ COMPRESSIONS: tuple[str, ...] = ("deflate", "none")
 _ALIGN = 64  # numpy pads the npy header to 64 bytes; the zip header is padded so the rows are too
 
 
-def write_event_npz(path: Path, rows: int, write_body: Callable[[IO[bytes]], None], compression: str = "deflate"
-                    ) -> None:
-    """An npz holding ``data``, an event array of ``rows`` rows whose raw bytes ``write_body`` writes.
+PART_ROWS = 1 << 20  # rows per part file (64 MiB of rows): what a replay holds of a day at a time
 
-    Atomic and byte-for-byte reproducible (the zip entry carries a fixed date, where ``np.savez``
-    stamps the wall clock). ``deflate`` compresses at level 1: level 6 is several times slower for
-    files ~5% smaller, since event floats are noisy. ``none`` stores the rows at a 64-byte aligned
-    offset, so :func:`load_events` maps them without a copy. ``np.load`` and hftbacktest read both.
+
+def part_path(path: Path | str, k: int) -> Path:
+    """Part ``k`` of the day file ``path``: the file itself for k = 0, else ``<day>.<k>.npz`` beside it."""
+    path = Path(path)
+    return path if k == 0 else path.with_name(f"{path.stem}.{k}.npz")
+
+
+def parts_of(path: Path | str) -> list[Path]:
+    """A day file and its further parts, in order (see the module docstring)."""
+    found = [Path(path)]
+    while (nxt := part_path(path, len(found))).exists():
+        found.append(nxt)
+    return found
+
+
+class _PartFile:
+    """One part being written: a temporary file in the target folder holding an open zip entry."""
+
+    def __init__(self, path: Path, rows: int, compression: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # as atomic_write_bytes
+        self.fh = os.fdopen(fd, "wb")
+        self.zf = zipfile.ZipFile(self.fh, "w", allowZip64=True)
+        info = zipfile.ZipInfo("data.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        if compression == "deflate":
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info._compresslevel = 1  # public as compress_level only from Python 3.13
+        else:
+            info.compress_type = zipfile.ZIP_STORED
+            # local header: 30 bytes + name + zip64 field (20) + this padding field (4 + n)
+            used = 30 + len(info.filename) + 20 + 4
+            info.extra = struct.pack("<HH", _PAD_FIELD, -used % _ALIGN) + bytes(-used % _ALIGN)
+        self.fid = self.zf.open(info, "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(event_dtype), "fortran_order": False, "shape": (rows,)}
+        np.lib.format.write_array_header_1_0(self.fid, header)
+        self.left = rows * event_dtype.itemsize
+
+    def close(self) -> None:
+        self.fid.close()
+        self.zf.close()
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+    def discard(self) -> None:
+        self.fh.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+class _PartWriter:
+    """A binary sink that cuts the rows written to it into part files of ``part_rows`` rows."""
+
+    def __init__(self, path: Path, rows: int, compression: str, part_rows: int) -> None:
+        self.path, self.compression = path, compression
+        self.sizes = [min(part_rows, rows - at) for at in range(0, rows, part_rows)] or [0]
+        self.done: list[_PartFile] = []
+        self.open: _PartFile | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        while True:
+            if self.open is None:
+                self.open = _PartFile(part_path(self.path, len(self.done)), self.sizes[len(self.done)],
+                                      self.compression)
+            take = min(self.open.left, len(view))
+            self.open.fid.write(view[:take])
+            self.open.left -= take
+            view = view[take:]
+            if self.open.left == 0 and len(self.done) + 1 < len(self.sizes):
+                self.open.close()
+                self.done.append(self.open)
+                self.open = None
+            if not len(view):
+                return n
+
+    def commit(self) -> None:
+        if self.open is None:  # no rows at all: an empty day is one empty part
+            self.open = _PartFile(self.path, 0, self.compression)
+        self.open.close()
+        self.done.append(self.open)
+        self.open = None
+        if len(self.done) != len(self.sizes) or any(p.left for p in self.done):
+            raise ValueError(f"{self.path}: the body wrote a different number of rows than announced")
+        # Later parts first, the day file last, then stale parts of an earlier, longer write.
+        for part in reversed(self.done):
+            os.replace(part.tmp, part.path)
+        k = len(self.done)
+        while (stale := part_path(self.path, k)).exists():
+            stale.unlink()
+            k += 1
+
+    def discard(self) -> None:
+        for part in (*self.done, *([self.open] if self.open else [])):
+            part.discard()
+
+
+def write_event_npz(path: Path, rows: int, write_body: Callable[[IO[bytes]], None], compression: str = "deflate",
+                    part_rows: int = PART_ROWS) -> None:
+    """An npz holding ``data``, an event array of ``rows`` rows whose raw bytes ``write_body`` writes,
+    cut into parts of ``part_rows`` rows (:func:`parts_of`) as the bytes arrive.
+
+    Atomic per part and byte-for-byte reproducible (the zip entry carries a fixed date, where
+    ``np.savez`` stamps the wall clock); the parts are renamed into place together once all are
+    written. ``deflate`` compresses at level 1: level 6 is several times slower for files ~5% smaller,
+    since event floats are noisy. ``none`` stores the rows at a 64-byte aligned offset, so
+    :func:`load_events` maps them without a copy. ``np.load`` and hftbacktest read both.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-    header = {"descr": np.lib.format.dtype_to_descr(event_dtype), "fortran_order": False, "shape": (rows,)}
-
-    def write(fh: IO[bytes]) -> None:
-        with zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
-            info = zipfile.ZipInfo("data.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            if compression == "deflate":
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info._compresslevel = 1  # public as compress_level only from Python 3.13
-            else:
-                info.compress_type = zipfile.ZIP_STORED
-                # local header: 30 bytes + name + zip64 field (20) + this padding field (4 + n)
-                used = 30 + len(info.filename) + 20 + 4
-                info.extra = struct.pack("<HH", _PAD_FIELD, -used % _ALIGN) + bytes(-used % _ALIGN)
-            with zf.open(info, "w", force_zip64=True) as fid:
-                np.lib.format.write_array_header_1_0(fid, header)
-                write_body(fid)
-
-    atomic_write_bytes(path, write)
+    if part_rows < 1:
+        raise ValueError(f"part_rows must be >= 1, got {part_rows}")
+    out = _PartWriter(Path(path), rows, compression, part_rows)
+    try:
+        write_body(out)  # type: ignore[arg-type]
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
 
 
 def write_day(catalog: Path | str, venue: str, symbol: str, day: str, events: np.ndarray,
-              compression: str = "deflate") -> Path:
-    """Atomically write one day's events (see :func:`write_event_npz` for ``compression``); returns the path."""
+              compression: str = "deflate", part_rows: int = PART_ROWS) -> Path:
+    """Atomically write one day's events (see :func:`write_event_npz`); returns the day file's path."""
     if events.dtype != event_dtype:
         raise TypeError(f"events must have hftbacktest's event_dtype, got {events.dtype}")
     path = day_path(catalog, venue, symbol, day)
@@ -194,7 +295,7 @@ def write_day(catalog: Path | str, venue: str, symbol: str, day: str, events: np
         for i in range(0, len(raw), block):
             fid.write(raw[i:i + block].data)
 
-    write_event_npz(path, len(events), body, compression)
+    write_event_npz(path, len(events), body, compression, part_rows)
     return path
 
 
@@ -319,10 +420,18 @@ def day_record(path: Path, instrument: dict[str, Any]) -> dict[str, Any]:
     """What meta.json records of a written day file so loading can tell it is the file described: its
     rows' CRC-32 and size (the zip member's, which every read of the rows verifies) and the tick and lot
     its prices and quantities were checked against when it was written."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("data.npy")
-    return {"crc32": info.CRC, "bytes": info.file_size, "tick_size": instrument["tick_size"],
-            "lot_size": instrument["lot_size"]}
+    parts = parts_of(path)
+    infos = []
+    for p in parts:
+        with zipfile.ZipFile(p) as zf:
+            infos.append(zf.getinfo("data.npy"))
+    rec = {"crc32": infos[0].CRC, "bytes": infos[0].file_size, "tick_size": instrument["tick_size"],
+           "lot_size": instrument["lot_size"]}
+    if len(parts) > 1:  # the first part's crc32 and bytes above; every part's here
+        rec["parts"] = len(parts)
+        rec["part_crc32"] = [i.CRC for i in infos]
+        rec["part_bytes"] = [i.file_size for i in infos]
+    return rec
 
 
 class Staging:
@@ -360,9 +469,9 @@ class Staging:
     def day_path(self, venue: str, symbol: str, day: str) -> Path:
         return day_path(self.dir, venue, symbol, day)
 
-    def write_day(self, venue: str, symbol: str, day: str, events: np.ndarray, compression: str = "deflate"
-                  ) -> Path:
-        return write_day(self.dir, venue, symbol, day, events, compression)
+    def write_day(self, venue: str, symbol: str, day: str, events: np.ndarray, compression: str = "deflate",
+                  part_rows: int = PART_ROWS) -> Path:
+        return write_day(self.dir, venue, symbol, day, events, compression, part_rows)
 
     def commit(self, venue: str, symbol: str, instrument: dict[str, Any], days: dict[str, dict[str, Any]],
                staged_venue: str | None = None) -> dict[str, Any]:
@@ -422,13 +531,34 @@ def list_days(catalog: Path | str, venue: str, symbol: str) -> list[str]:
 
 
 def load_day(catalog: Path | str, venue: str, symbol: str, day: str) -> np.ndarray:
-    """Load one catalog day, checked against its meta.json entry (see :func:`load_days`)."""
+    """Load one catalog day (its parts joined), checked against its meta.json entry (see :func:`load_days`)."""
     return load_days(catalog, venue, symbol, [day])[1][0]
+
+
+def _day_parts(catalog: Path | str, venue: str, symbol: str, meta: dict[str, Any], day: str) -> list[Path]:
+    """The files of a listed day, as meta.json counts them; a missing day names the catalog and the days present."""
+    sym = symbol_dir(catalog, venue, symbol)
+    path = day_path(catalog, venue, symbol, day)
+    if not path.exists():
+        listed = meta.get("days", {})
+        have = sorted(d for d in listed if day_path(catalog, venue, symbol, d).exists())
+        gone = f" ({sym / META} lists it, but its file is gone)" if day in listed else ""
+        raise DataError(
+            f"catalog day {venue}/{symbol}/{day} is missing from catalog {catalog} (looked for {path})"
+            f"{gone}; days present: {', '.join(have) or 'none'}"
+        )
+    rec = meta.get("days", {}).get(day) or {}
+    paths = [part_path(path, k) for k in range(int(rec.get("parts", 1)))]
+    for part in paths[1:]:
+        if not part.exists():
+            raise DataError(f"{part}: part of day {day} listed in {sym / META} is missing. Fix: convert the day again.")
+    return paths
 
 
 def load_days(catalog: Path | str, venue: str, symbol: str, days: Sequence[str]
               ) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """meta.json and the ``days`` it describes, read together under the symbol's lock.
+    """meta.json and the ``days`` it describes (each one array, its parts joined), read together under
+    the symbol's lock.
 
     Each day is checked against its entry: listed at all, the same rows (CRC-32, size and event count,
     where the entry has them), converted with the tick and lot meta.json now states, and prices on that
@@ -441,19 +571,71 @@ def load_days(catalog: Path | str, venue: str, symbol: str, days: Sequence[str]
     with _reading(sym):
         meta = _read_meta_file(sym / META)
         for day in days:
-            path = day_path(catalog, venue, symbol, day)
-            if not path.exists():
-                listed = meta.get("days", {})
-                have = sorted(d for d in listed if day_path(catalog, venue, symbol, d).exists())
-                gone = f" ({sym / META} lists it, but its file is gone)" if day in listed else ""
-                raise DataError(
-                    f"catalog day {venue}/{symbol}/{day} is missing from catalog {catalog} (looked for {path})"
-                    f"{gone}; days present: {', '.join(have) or 'none'}"
-                )
-            events, info = _load_events_info(path)
-            _check_day(sym / META, meta, day, path, events, info)
+            paths = _day_parts(catalog, venue, symbol, meta, day)
+            loaded = [_load_events_info(p) for p in paths]
+            events = loaded[0][0] if len(loaded) == 1 else np.concatenate([e for e, _ in loaded])
+            _check_record(sym / META, meta, day, paths[0], len(events), [i for _, i in loaded])
+            _check_grid(sym / META, meta, day, paths[0], loaded[0][0])
             out.append(events)
     return meta, out
+
+
+def stream_days(catalog: Path | str, venue: str, symbol: str, days: Sequence[str]
+                ) -> tuple[dict[str, Any], EventFiles]:
+    """meta.json and the files of ``days``, to be read a file at a time (:class:`EventFiles`).
+
+    The checks of :func:`load_days`, without inflating a day: the counts, CRC-32s and sizes come from
+    each part's zip directory and npy header; the tick-grid sample from the first part. The files are
+    read later, outside the lock: a conversion of the same days during the replay is not guarded.
+    """
+    sym = symbol_dir(catalog, venue, symbol)
+    read_meta(catalog, venue, symbol)
+    files: list[Path] = []
+    with _reading(sym):
+        meta = _read_meta_file(sym / META)
+        for day in days:
+            paths = _day_parts(catalog, venue, symbol, meta, day)
+            infos = []
+            for p in paths:
+                with zipfile.ZipFile(p) as zf:
+                    infos.append(zf.getinfo("data.npy"))
+            _check_record(sym / META, meta, day, paths[0], sum(count_rows(p) for p in paths), infos)
+            _check_grid(sym / META, meta, day, paths[0], None)
+            files += paths
+    return meta, EventFiles(files)
+
+
+class EventFiles(Sequence[np.ndarray]):
+    """Event files read one at a time: item ``i`` is file ``i``, loaded (:func:`load_events`) each
+    time it is asked for and let go by the caller, so a replay holds one file, not every day."""
+
+    def __init__(self, paths: Sequence[Path | str]) -> None:
+        self.paths = tuple(Path(p) for p in paths)
+        self._rows: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return load_events(self.paths[i])
+
+    def rows(self) -> list[int]:
+        """Each file's row count, from its npy header (nothing inflated)."""
+        if self._rows is None:
+            self._rows = [count_rows(p) for p in self.paths]
+        return self._rows
+
+
+def count_rows(path: Path | str) -> int:
+    """The row count of an event npz, read from its header."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("data.npy") as fh:
+            shape, _, dtype = _npy_header(fh)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable event file ({type(exc).__name__}: {exc})") from exc
+    if dtype != event_dtype or len(shape) != 1:
+        raise DataError(f"{path}: array 'data' has dtype {dtype}, expected hftbacktest's event_dtype")
+    return int(shape[0])
 
 
 _GRID_SAMPLE = 1 << 16
@@ -481,16 +663,18 @@ def off_grid(events: np.ndarray, tick: float) -> tuple[int, float] | None:
 _ON_GRID: set[tuple] = set()  # (file identity, tick) whose sample this process found on the grid
 
 
-def _check_day(meta_path: Path, meta: dict[str, Any], day: str, path: Path, events: np.ndarray,
-               info: zipfile.ZipInfo | None) -> None:
+def _check_record(meta_path: Path, meta: dict[str, Any], day: str, path: Path, events: int,
+                  infos: list[zipfile.ZipInfo | None]) -> None:
     rec = meta.get("days", {}).get(day)
     if rec is None:
         raise DataError(
             f"{path}: day {day} is not described by {meta_path}, so it cannot be trusted (left by an interrupted "
             f"write, or copied in by hand?). Fix: convert the day again.")
-    found = {"events": len(events)}
-    if info is not None:
-        found.update(crc32=info.CRC, bytes=info.file_size)
+    found: dict[str, Any] = {"events": events}
+    if infos[0] is not None:
+        found.update(crc32=infos[0].CRC, bytes=infos[0].file_size)
+    if len(infos) > 1 and all(i is not None for i in infos):
+        found.update(part_crc32=[i.CRC for i in infos], part_bytes=[i.file_size for i in infos])  # type: ignore[union-attr]
     differ = [f"{k} {rec[k]} in meta.json, {v} in the file" for k, v in found.items()
               if rec.get(k) is not None and rec[k] != v]
     if differ:
@@ -503,13 +687,17 @@ def _check_day(meta_path: Path, meta: dict[str, Any], day: str, path: Path, even
             raise DataError(
                 f"{meta_path}: {key} is {meta.get(key)}, but day {day} was converted with {key} {rec[key]}. Fix: set "
                 f"{key} back to {rec[key]} in meta.json, or convert the days again with the right {option}.")
+
+
+def _check_grid(meta_path: Path, meta: dict[str, Any], day: str, path: Path, events: np.ndarray | None) -> None:
+    """The tick-grid sample of :func:`off_grid` on the day's first file (loaded here if ``events`` is None)."""
     tick = meta.get("tick_size")
     if isinstance(tick, (int, float)) and tick > 0:
         st = path.stat()
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, float(tick))
         if key in _ON_GRID:
             return
-        bad = off_grid(events, float(tick))
+        bad = off_grid(load_events(path) if events is None else events, float(tick))
         if bad is None:
             _ON_GRID.add(key)
         else:

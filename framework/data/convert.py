@@ -27,6 +27,7 @@ from quotelab.data.events import ConvertJob, DayResult
 from quotelab.data.instruments import resolve
 from quotelab.data.sniff import sniff
 from quotelab.errors import DataError
+from quotelab.progress import Days
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ def convert_files(
     compression: str = "deflate",
     contract: str | None = None,
     contract_size: float | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary.
+    """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary
+    (``progress``: days and events written so far on stderr, :mod:`quotelab.progress`).
     ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`)."""
     fmt = FORMATS.get(fmt_name)
     if fmt is None:
@@ -92,8 +95,10 @@ def convert_files(
                 raise DataError(f"{fmt.venue}/{symbol}: day {res.day} produced twice (input files not in time order?)")
             stage.write_day(fmt.venue, symbol, res.day, res.events, compression)
             days[res.day] = res.info
+            bar.add(len(res.events))
 
-        info = _load(fmt.converter)(list(map(Path, files)), ConvertJob(venue, symbol, instrument, on_day))
+        with Days(f"convert {symbol}", progress) as bar:
+            info = _load(fmt.converter)(list(map(Path, files)), ConvertJob(venue, symbol, instrument, on_day))
         # A multi-venue format (Tardis) learns the venue from the data and returns it.
         venue = info.pop("venue", venue)
         _stage_funding(info.pop("funding", None), stage.dir, fmt.venue, symbol, days, info)

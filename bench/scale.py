@@ -1,0 +1,153 @@
+"""Benchmark: quotelab at scale. Memory as peak private memory (RssAnon) of a child process.
+
+    python bench/scale.py [--hours 2] [--repeat 3] [--tardis-hours 0.5] [--full]
+
+1. ``run`` and ``evaluate`` on 4 days against 1 day of the synthetic market (``--hours`` of it a
+   day, deflated, days cut into parts): the ratio of peak RssAnon (target <= 1.05).
+2. Throughput of ``run`` streamed from the part files against the same run on days preloaded
+   into memory (``preload=True``, the path before streaming), same data, same process, medians
+   (target >= 0.95). The preloaded run's time excludes its loading; the streamed one's includes it.
+3. Tardis ``convert`` against hftbacktest's ``tardis.convert`` (bench/tardis.py, its ratio line).
+4. With ``--full``: one whole synthetic day (~38 M events, ~450 events/s) through ``run``,
+   ``evaluate`` and ``convert --format tardis``, peak RssAnon each (target <= 1.5 GB; a real
+   busy day has ~127 M events). Slow: run it once, on a quiet machine.
+
+Each measurement is the median of ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _mem import peak_rss_anon  # noqa: E402
+
+QL = [sys.executable, "-m", "quotelab.cli"]
+DAYS = ["20240101", "20240102", "20240103", "20240104"]
+STRATEGY = {
+    "name": "scale",
+    "data": {"quote": "perp", "assets": {"perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": []}}},
+    "engine": {"step": "100ms", "defaults": {"latency": {"entry": "10ms", "response": "10ms"},
+                                              "fees": {"maker": -0.00005, "taker": 0.0007}}},
+    "fair_value": [{"kind": "mid", "params": {"asset": "perp"}}],
+    "forecast": [{"kind": "book_imbalance", "alpha": "2ticks",
+                  "params": {"asset": "perp", "weights": [0.7, 0.2, 0.1]}}],
+    "risk": [{"kind": "inventory_skew", "params": {"risk_aversion": 0.5, "position_unit": 0.01,
+                                                   "volatility": "10ticks"}}],
+    "quoter": {"kind": "fixed_spread", "params": {"half_spread": "3ticks", "size": 0.01, "max_position": 0.1}},
+}
+EVALUATION = {
+    "name": "scale_eval",
+    "data": {"quote": "perp", "assets": {"perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": []}}},
+    "step": "100ms", "horizons": ["1s", "10s"],
+    "estimators": [{"name": "mid", "fair_value": [{"kind": "mid"}]},
+                   {"name": "weighted_mid", "fair_value": [{"kind": "weighted_mid"}]}],
+}
+
+
+def _write(doc: dict, path: Path, catalog: Path, days: list[str]) -> Path:
+    doc = json.loads(json.dumps(doc))
+    doc["data"]["catalog"] = str(catalog)
+    doc["data"]["assets"]["perp"]["dates"] = [int(d) for d in days]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _median_peak(cmd: list[str], repeat: int) -> float:
+    return statistics.median(peak_rss_anon(cmd)[0] for _ in range(repeat))
+
+
+def memory(root: Path, hours: float, repeat: int) -> None:
+    cat = root / "cat"
+    for day in DAYS:
+        start = f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00"
+        subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--start", start,
+                        "--duration", f"{hours}h", "--json"], check=True, capture_output=True)
+    print(f"synthetic perp, {hours:g} h a day, deflated, parts of 1 M rows; medians of {repeat}")
+    for verb, doc in (("run", STRATEGY), ("evaluate", EVALUATION)):
+        peaks = {}
+        for n in (1, 4):
+            path = _write(doc, root / f"{verb}{n}.yaml", cat, DAYS[:n])
+            peaks[n] = _median_peak([*QL, verb, str(path), "--json"], repeat)
+        print(f"{verb:9s} peak RssAnon: 1 day {peaks[1]:6.0f} MB, 4 days {peaks[4]:6.0f} MB, "
+              f"4 days / 1 day {peaks[4] / peaks[1]:.3f}x (target <= 1.05)")
+
+
+THROUGHPUT = """
+import json, statistics, sys
+from quotelab.engine import run_strategy
+path, repeat = sys.argv[1], int(sys.argv[2])
+run_strategy(path)  # compile (or load) the driver, warm the page cache
+rates = {True: [], False: []}
+for _ in range(repeat):
+    for preload in (True, False):
+        rates[preload].append(run_strategy(path, preload=preload).summary["events_per_second"])
+print(json.dumps({k: statistics.median(v) for k, v in (("preloaded", rates[True]), ("streamed", rates[False]))}))
+"""
+
+
+def throughput(root: Path, repeat: int) -> None:
+    path = _write(STRATEGY, root / "tp.yaml", root / "cat", DAYS[:1])
+    out = subprocess.run([sys.executable, "-c", THROUGHPUT, str(path), str(repeat)], check=True, capture_output=True,
+                         text=True).stdout
+    r = json.loads(out)
+    print(f"run throughput: streamed {r['streamed'] / 1e6:.2f} M ev/s, preloaded {r['preloaded'] / 1e6:.2f} M ev/s, "
+          f"streamed / preloaded {r['streamed'] / r['preloaded']:.3f} (target >= 0.95)")
+
+
+def tardis(hours: float, repeat: int) -> None:
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "tardis.py"), "--hours", str(hours),
+                          "--repeat", str(repeat)], check=True, capture_output=True, text=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("hftbacktest / quotelab")), out)
+    print(f"tardis convert, {hours:g} h synthetic: {line} (target >= 1x)")
+
+
+def full(root: Path) -> None:
+    from quotelab.data import catalog
+
+    cat = root / "full"
+    subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--duration", "1d", "--json"],
+                   check=True, capture_output=True)
+    events = sum(catalog.stream_days(cat, "synthetic", "SYNPERP", DAYS[:1])[1].rows())
+    print(f"one full synthetic day: {events:,} events")
+    for verb, doc in (("run", STRATEGY), ("evaluate", EVALUATION)):
+        path = _write(doc, root / f"full_{verb}.yaml", cat, DAYS[:1])
+        mb, s, _ = peak_rss_anon([*QL, verb, str(path), "--json"])
+        print(f"{verb:9s} peak RssAnon {mb:6.0f} MB in {s:.0f} s (target <= 1536 MB)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tardis import write_tardis
+
+    book, trades, rows = write_tardis(catalog.load_day(cat, "synthetic", "SYNPERP", DAYS[0]), root, gz=False)
+    mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", "--symbol", "BTCUSDT", "--catalog",
+                              str(root / "conv"), str(book), str(trades), "--json"])
+    print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, {rows:,} Tardis rows (target <= 1536 MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hours", type=float, default=2.0, help="synthetic hours a day for the memory ratios")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tardis-hours", type=float, default=0.5)
+    ap.add_argument("--full", action="store_true", help="also the one full-day measurement (slow)")
+    ap.add_argument("--skip-tardis", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="quotelab-scale-") as tmp:
+        root = Path(tmp)
+        memory(root, args.hours, args.repeat)
+        throughput(root, args.repeat)
+        if not args.skip_tardis:
+            tardis(args.tardis_hours, args.repeat)
+        if args.full:
+            full(root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Days stored as parts and replayed a file at a time give what the whole days held in memory give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hftbacktest.types import event_dtype
+
+from quotelab.data import catalog as cat
+from quotelab.data.synth import generate
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = ("num_trades", "position", "trading_volume")
+
+
+@pytest.fixture(scope="module")
+def two_catalogs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The synthetic market over midnight (two days), as one file a day and as parts of 20 k rows."""
+    whole = tmp_path_factory.mktemp("whole")
+    generate(whole, start="2024-01-01T23:57:00", duration_s=360.0, compression="deflate")
+    parts = tmp_path_factory.mktemp("parts")
+    for symbol in ("SYNPERP", "SYNSPOT"):
+        meta = cat.read_meta(whole, "synthetic", symbol)
+        with cat.Staging(parts) as stage:
+            for i, day in enumerate(sorted(meta["days"])):
+                # a mixed catalog: parts deflated on one day, stored (memory-mapped) on the other
+                stage.write_day("synthetic", symbol, day, cat.load_day(whole, "synthetic", symbol, day),
+                                compression=("deflate", "none")[i % 2], part_rows=20_000)
+            drop = ("crc32", "bytes", "parts", "part_crc32", "part_bytes")
+            stage.commit("synthetic", symbol, {k: meta[k] for k in ("tick_size", "lot_size", "contract")},
+                         {d: {k: v for k, v in e.items() if k not in drop} for d, e in meta["days"].items()})
+    return whole, parts
+
+
+def test_parts_round_trip_and_are_plain_npz(two_catalogs):
+    whole, parts = two_catalogs
+    _, files = cat.stream_days(parts, "synthetic", "SYNPERP", ["20240101"])
+    files = list(files.paths)
+    assert cat.read_meta(parts, "synthetic", "SYNPERP")["days"]["20240101"]["parts"] == len(files)
+    assert len(files) > 3 and [f.name for f in files[:3]] == ["20240101.npz", "20240101.1.npz", "20240101.2.npz"]
+    joined = np.concatenate([np.load(f)["data"] for f in files])  # numpy reads each part as it is
+    np.testing.assert_array_equal(joined, cat.load_day(whole, "synthetic", "SYNPERP", "20240101"))
+    assert all(cat.count_rows(f) == 20_000 for f in files[:-1])
+    # A shorter rewrite leaves no stale part behind.
+    cat.write_day(parts / "again", "synthetic", "X", "20240101", joined, part_rows=20_000)
+    cat.write_day(parts / "again", "synthetic", "X", "20240101", joined[:30_000], part_rows=20_000)
+    assert len(cat.parts_of(cat.day_path(parts / "again", "synthetic", "X", "20240101"))) == 2
+
+
+def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs, tmp_path, monkeypatch):
+    from quotelab import engine
+    from quotelab.engine import run_strategy
+
+    whole, parts = two_catalogs
+    doc = yaml.safe_load((REPO / "strategies" / "demo_synthetic.yaml").read_text())
+    for asset in doc["data"]["assets"].values():
+        asset["dates"] = [20240101, 20240102]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    preloaded = run_strategy(path, catalog=whole, preload=True)
+    # The driver pauses and resumes, and its records go through the spool file, many times over.
+    monkeypatch.setattr(engine, "REC_CHUNK", 500)
+    monkeypatch.setattr(engine, "PAUSE_STEPS", 700)
+    seen: list[int] = []
+    streamed = run_strategy(path, catalog=parts, on_progress=seen.append)
+    assert len(seen) > len(preloaded.record_ts) // 500 and seen == sorted(seen)
+    assert isinstance(streamed.records.base, np.memmap) or isinstance(streamed.records, np.memmap)
+    assert preloaded.summary["num_trades"] > 20  # it trades, on both days
+    assert len(set((preloaded.record_ts // 86_400_000_000_000).tolist())) == 2
+    assert {k: streamed.summary[k] for k in FINAL} == {k: preloaded.summary[k] for k in FINAL}
+    np.testing.assert_array_equal(streamed.record_ts, preloaded.record_ts)
+    np.testing.assert_allclose(streamed.records, preloaded.records, rtol=1e-12, equal_nan=True)
+
+
+def test_streamed_replay_equals_the_preloaded_replay(two_catalogs):
+    from quotelab.config import DataSection
+    from quotelab.engine import load_assets
+    from quotelab.registry import load_registry
+    from quotelab.replay import ReplayAsset, replay_component
+
+    whole, parts = two_catalogs
+    section = DataSection.model_validate({"quote": "perp", "assets": {
+        "perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": [20240101, 20240102]},
+        "spot": {"venue": "synthetic", "symbol": "SYNSPOT", "dates": [20240101, 20240102]}}})
+    results = []
+    for root, preload in ((whole, True), (parts, False)):
+        feeds = load_assets(section, REPO, str, root, preload=preload)
+        assert isinstance(feeds[0].events, list if preload else cat.EventFiles)
+        assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size) for f in feeds]
+        component = load_registry(entry_points=False).get("fair_value", "weighted_mid")
+        results.append(replay_component(component, {"asset": "spot"}, assets, n_levels=3))
+    a, b = results
+    assert len(a.timestamps) > 2000
+    np.testing.assert_array_equal(a.timestamps, b.timestamps)
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.n_trades, b.n_trades)
+
+
+def test_empty_day_is_one_empty_part(tmp_path):
+    path = cat.write_day(tmp_path, "synthetic", "X", "20240101", np.zeros(0, event_dtype), part_rows=10)
+    assert cat.parts_of(path) == [path] and len(cat.load_events(path)) == 0
