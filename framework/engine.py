@@ -614,15 +614,40 @@ def _figures(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: 
     usd, how = pnl.in_usd(summary["equity"], unit, inverse, mark)
     # inverse volume counts contracts of contract_size USD; linear value is in the quote currency
     notional = summary["trading_volume"] * feed.contract_size if inverse else summary["trading_value"]
-    frame = {"mid": rec[:, D.R_MID], "position": rec[:, D.R_POSITION], "balance": rec[:, D.R_BALANCE],
-             "fee": rec[:, D.R_FEE], "funding": rec[:, D.R_FUNDING], "trading_volume": rec[:, D.R_VOLUME],
-             "num_trades": rec[:, D.R_NUM_TRADES]}
     return {
         "pnl": summary["equity"], "pnl_unit": unit, "pnl_usd": usd, "pnl_usd_method": how,
         "funding_unit": unit, "traded_notional_usd": notional,
         "pnl_bps_of_notional": usd / notional * 1e4 if notional > 0 else None,
-        "days": pnl.per_day(pnl.parts(rec_ts, frame, summary, inverse, feed.contract_size)) if len(rec_ts) else [],
+        "days": _per_day(summary, feed, rec_ts, rec),
     }
+
+
+FIGURE_CHUNK = 1 << 16  # records per chunk of the per-day table: its temporaries stay ~10 MB
+
+
+def _per_day(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> list[dict[str, Any]]:
+    """:func:`pnl.per_day` of the run's records, a chunk at a time (a month of records is GBs of
+    temporaries at once). Each chunk after the first starts one record early and drops that row's
+    figures, so every step is differenced against the record before it, as in one pass."""
+    days: dict[str, dict[str, Any]] = {}
+    n = len(rec_ts)
+    for start in range(0, n, FIGURE_CHUNK):
+        lo, hi = max(start - 1, 0), min(start + FIGURE_CHUNK, n)
+        r = rec[lo:hi]
+        frame = {"mid": r[:, D.R_MID], "position": r[:, D.R_POSITION], "balance": r[:, D.R_BALANCE],
+                 "fee": r[:, D.R_FEE], "funding": r[:, D.R_FUNDING], "trading_volume": r[:, D.R_VOLUME],
+                 "num_trades": r[:, D.R_NUM_TRADES]}
+        p = pnl.parts(np.asarray(rec_ts[lo:hi]), frame, summary if hi == n else {}, feed.contract == "inverse",
+                      feed.contract_size)
+        if lo < start:
+            p = {k: v[1:] for k, v in p.items()}
+        for row in pnl.per_day(p):
+            have = days.setdefault(row["day"], row)
+            if have is not row:
+                for k in ("spread", "inventory", "fees", "funding", "pnl", "volume", "trades"):
+                    have[k] += row[k]
+                have["max_abs_position"] = max(have["max_abs_position"], row["max_abs_position"])
+    return [days[d] for d in sorted(days)]
 
 
 def hbt_records(rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:

@@ -340,8 +340,8 @@ def fit_catalog(
     if not dates:
         raise ConfigError("microprice fit: give at least one date (--dates YYYYMMDD[,YYYYMMDD...])")
     meta = cat.read_meta(catalog, venue, symbol)
-    asset = ReplayAsset(symbol, [cat.load_day(catalog, venue, symbol, d) for d in dates], float(meta["tick_size"]),
-                        float(meta["lot_size"]))
+    asset = ReplayAsset(symbol, cat.EventFiles([f for d in dates for f in cat.day_files(catalog, venue, symbol, d)]),
+                        float(meta["tick_size"]), float(meta["lot_size"]))
     book = top_of_book([asset], step=step)
     ts = book["ts"]
     training = {"venue": venue, "symbol": symbol, "dates": list(dates), "samples": len(ts),
