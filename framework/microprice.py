@@ -340,7 +340,7 @@ def fit_catalog(
     if not dates:
         raise ConfigError("microprice fit: give at least one date (--dates YYYYMMDD[,YYYYMMDD...])")
     meta = cat.read_meta(catalog, venue, symbol)
-    asset = ReplayAsset(symbol, cat.EventFiles([f for d in dates for f in cat.day_files(catalog, venue, symbol, d)]),
+    asset = ReplayAsset(symbol, cat.stream_days(catalog, venue, symbol, dates)[1],
                         float(meta["tick_size"]), float(meta["lot_size"]))
     book = top_of_book([asset], step=step)
     ts = book["ts"]

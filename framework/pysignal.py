@@ -294,7 +294,7 @@ def catalog_asset(catalog: str | Path, venue: str, symbol: str, dates: Sequence[
     meta = cat.read_meta(catalog, venue, symbol)
     contract = meta.get("contract", {})
     return ReplayAsset(
-        name=name, events=cat.EventFiles([f for d in days for f in cat.day_files(catalog, venue, symbol, d)]),
+        name=name, events=cat.stream_days(catalog, venue, symbol, days)[1],
         tick_size=float(meta["tick_size"]),
         lot_size=float(meta["lot_size"]), contract_size=float(contract.get("size", 1.0)),
         inverse=contract.get("kind") == "inverse",
