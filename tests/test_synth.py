@@ -212,7 +212,7 @@ def _backtest_mids(root: Path) -> np.ndarray:
         (day,) = meta["days"]
         assets.append(
             BacktestAsset()
-            .data([str(catalog.day_path(root, VENUE, symbol, day))])
+            .data([str(p) for p in catalog.stream_days(root, VENUE, symbol, [day])[1].paths])  # every part
             .linear_asset(1.0)
             .constant_order_latency(1_000_000, 1_000_000)
             .risk_adverse_queue_model()
