@@ -27,10 +27,8 @@ from numba.typed import List
 
 from quotelab import __version__
 from quotelab import layout as L
-from quotelab.component import Component, PackContext, Params
-from quotelab.config import Alpha
+from quotelab.component import Alpha, Component, PackContext, Params
 from quotelab.errors import ConfigError
-from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
 
 STRATEGY_SIG = types.float64(
     types.float64[:, ::1], types.float64[:, :, ::1], types.float64[::1], types.float64[::1], types.float64[::1]
@@ -111,6 +109,18 @@ class Composition:
                 if code is not None and (code.co_filename, code.co_name) == (filename, name):
                     return part
         return None
+
+
+def objmode_call(alias: str, where: str, state: str, params: str, indent: str = "    ") -> list[str]:
+    """Source lines that set ``v`` to the Python signal ``alias``'s value from inside a kernel (see
+    :func:`quotelab.pysignal.call`)."""
+    return [
+        f'{indent}with numba.objmode(v="float64"):',
+        f"{indent}    v = _pycall({alias}, {where!r}, view, trades, {state}, {params})",
+    ]
+
+
+OBJMODE_IMPORTS = ["import numba", "from quotelab.pysignal import call as _pycall"]
 
 
 def cache_dir() -> Path:
@@ -286,6 +296,11 @@ def load_module(source: str, plugin_modules: list[str]):
     for m in kernel_modules(plugin_modules):
         h.update(m.encode())
         h.update(_module_source(m).encode())
+        # Params offsets (quotelab.component.param_offsets) are computed, not written in the source: a
+        # field added to a shared base model moves them without editing this module.
+        for value in vars(sys.modules[m]).values():
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                h.update(repr(value).encode())
     h.update(f"numba={numba.__version__} quotelab={__version__} layout={_module_source('quotelab.layout')}".encode())
     name = f"k_{h.hexdigest()[:20]}"
     if name in sys.modules:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from quotelab import layout as L
 from quotelab.errors import ConfigError, DataError
@@ -316,10 +317,20 @@ def fit_book(
 # ------------------------------------------------------------------------------------------------
 
 
+@njit(inline="always")
+def top_of_book_nb(view, trades, state, params, out):
+    # Not a component: replayed to record what the microprice kernel reads (params: the asset's row).
+    a = int(params[0])
+    out[L.COMPONENTS] = view[a, L.BEST_BID]
+    out[L.COMPONENTS + 1] = view[a, L.BEST_ASK]
+    out[L.COMPONENTS + 2] = view[a, L.BID_QTY]
+    out[L.COMPONENTS + 3] = view[a, L.ASK_QTY]
+    return (view[a, L.BEST_BID] + view[a, L.BEST_ASK]) / 2.0
+
+
 def top_of_book(assets: Sequence[Any] | Any, quoted: int = 0, step: float = 0.1,
                 origin_ns: int | None = None) -> dict[str, np.ndarray]:
     """The quoted asset's top of book at every ready step of the engine's grid (the replayer's view)."""
-    from quotelab.plugins.microprice import top_of_book_nb
     from quotelab.replay import replay
 
     cols = [L.COMPONENTS + k for k in range(4)]

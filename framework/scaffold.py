@@ -166,7 +166,7 @@ from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, Params, Reads, param_offsets
 from quotelab.layout import ASK_QTY, BID_QTY
 from quotelab.pysignal import PythonSignal
 
@@ -176,9 +176,9 @@ class $params_cls(Params):
     alpha: float = Field(0.1, gt=0, le=1, description="Weight of each step's imbalance in the EWMA.")
 
 
-def _pack(p: $params_cls, ctx: PackContext) -> list[float]:
-    # The kernel reads params by position: asset index first, then alpha.
-    return [float(ctx.asset_index[p.asset]), p.alpha]
+# Where the kernel reads each param: P.asset, P.alpha. Generated from the fields (the asset name packs as
+# its index), so adding a field never shifts a read; the default pack puts the values there.
+P = param_offsets($params_cls)
 
 
 def _state(p: $params_cls) -> np.ndarray:
@@ -191,8 +191,8 @@ def _reads(p: $params_cls) -> Reads:
 
 @njit(inline="always")
 def $kernel(view, trades, state, params, out):
-    a = int(params[0])
-    alpha = params[1]
+    a = int(params[P.asset])
+    alpha = params[P.alpha]
     qb = view[a, BID_QTY]
     qa = view[a, ASK_QTY]
     total = qb + qa
@@ -202,8 +202,8 @@ def $kernel(view, trades, state, params, out):
 
 
 def $pyfunc(view, trades, state, params):
-    a = int(params[0])
-    alpha = params[1]
+    a = int(params[P.asset])
+    alpha = params[P.alpha]
     qb, qa = view[a, BID_QTY], view[a, ASK_QTY]
     imbalance = (qb - qa) / (qb + qa) if qb + qa > 0.0 else 0.0
     state[0] = alpha * imbalance + (1.0 - alpha) * state[0]
@@ -211,8 +211,7 @@ def $pyfunc(view, trades, state, params):
 
 
 COMPONENT = Component(
-    role="signal", name="$name", params=$params_cls, kernel=$kernel,
-    pack=_pack, state=_state, reads=_reads,
+    role="signal", name="$name", params=$params_cls, kernel=$kernel, state=_state, reads=_reads,
     doc="EWMA over steps of the top-of-book imbalance (Qb - Qa) / (Qb + Qa).",
     formula="s <- alpha * (Qb - Qa) / (Qb + Qa) + (1 - alpha) * s, once per step",
 )

@@ -160,9 +160,16 @@ def trade_flow_update_nb(view, trades, a, state, alpha, side_sign, adjust):
         _ewma_step_nb(state, 4 + s, TRADE_FLOW_WEIGHTS + 2 + s, q, alpha, adjust)
 
 
+# What trade_flow_value_nb returns: rate imbalance, size imbalance, volume imbalance, total arrival rate.
+TF_OI = 0
+TF_QI = 1
+TF_VI = 2
+TF_ARRIVAL_RATE = 3
+
+
 @njit(inline="always")
 def trade_flow_value_nb(state, output, warmup):
-    """0 rate imbalance (OI), 1 size imbalance (QI), 2 volume imbalance (VI), 3 total arrival rate.
+    """``output``: TF_OI rate imbalance, TF_QI size imbalance, TF_VI volume imbalance, TF_ARRIVAL_RATE total rate.
 
     ``warmup`` (0, or NaN for "undefined") until both sides have an interval EWMA above zero.
     """
@@ -172,11 +179,11 @@ def trade_flow_value_nb(state, output, warmup):
         return warmup
     lb = 1.0 / ib
     ls = 1.0 / isell
-    if output == 0:
+    if output == TF_OI:
         return (lb - ls) / (lb + ls)
-    if output == 1:
+    if output == TF_QI:
         return (state[4] - state[5]) / (state[4] + state[5])
-    if output == 2:
+    if output == TF_VI:
         vb = lb * state[4]
         vs = ls * state[5]
         return (vb - vs) / (vb + vs)

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Component, PackContext
+from quotelab.component import Component, param_offsets
 from quotelab.layout import POSITION, RESERVATION, TICK
 from quotelab.plugins._kernels import (
     ModelQuoterParams,
@@ -30,27 +30,25 @@ class AvellanedaStoikovParams(ModelQuoterParams):
     horizon: Seconds = quantity("seconds", 10.0, "T − t.", gt=0)
 
 
-def _pack(p: AvellanedaStoikovParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.gamma, p.k, p.volatility, p.volatility_half_life, p.horizon,
-            p.position_unit, p.size, p.max_position, float(p.fit_window), float(p.fit_max_ticks)]
+P = param_offsets(AvellanedaStoikovParams)
 
 
 @njit(inline="always")
 def avellaneda_stoikov_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     tick = view[a, TICK]
-    gamma = params[1]
-    k = params[2]
-    if params[9] > 0.0:
-        fa, fk = arrival_fit_nb(view, trades, a, state[3:], params[9], params[10])
+    gamma = params[P.gamma]
+    k = params[P.k]
+    if params[P.fit_window] > 0.0:
+        fa, fk = arrival_fit_nb(view, trades, a, state[3:], params[P.fit_window], params[P.fit_max_ticks])
         if fa == fa and fk > 0.0:
             k = fk
-    sigma = sigma_ticks_nb(view, a, state[:3], params[3], params[4])
-    q = view[a, POSITION] / params[6]
-    risk = gamma * sigma * sigma * params[5]
+    sigma = sigma_ticks_nb(view, a, state[:3], params[P.volatility], params[P.volatility_half_life])
+    q = view[a, POSITION] / params[P.position_unit]
+    risk = gamma * sigma * sigma * params[P.horizon]
     r = out[RESERVATION] - q * risk * tick
     half = (risk + 2.0 / gamma * np.log(1.0 + gamma / k)) / 2.0 * tick
-    write_quotes_nb(view, a, out, r - half, r + half, params[7], 1.0, 1.0, params[8])
+    write_quotes_nb(view, a, out, r - half, r + half, params[P.size], 1.0, 1.0, params[P.max_position])
     return r
 
 
@@ -58,7 +56,7 @@ def avellaneda_stoikov_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="quoter", name="avellaneda_stoikov", params=AvellanedaStoikovParams, kernel=avellaneda_stoikov_nb,
-        pack=_pack, state=model_quoter_state, reads=model_quoter_reads,
+        state=model_quoter_state, reads=model_quoter_reads,
         doc="Avellaneda-Stoikov: inventory-shifted reservation and optimal spread; returns the AS reservation.",
         formula="r = s - q*gamma*sigma^2*tau; spread = gamma*sigma^2*tau + (2/gamma) ln(1 + gamma/k) (ticks)",
     ))

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import BEST_ASK, BEST_BID
 from quotelab.plugins.returns import RING, ring_ago_nb, ring_push_nb
 from quotelab.units import quantity
@@ -18,18 +18,17 @@ class BasisChangeParams(Params):
     horizon: int = quantity("steps", 10, "Change over this many steps.", ge=1, le=RING - 1)
 
 
-def _pack(p: BasisChangeParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.spot]), float(ctx.asset_index[p.perp]), float(p.horizon)]
+P = param_offsets(BasisChangeParams)
 
 
 @njit(inline="always")
 def basis_change_nb(view, trades, state, params, out):
-    s = int(params[0])
-    p = int(params[1])
+    s = int(params[P.spot])
+    p = int(params[P.perp])
     spot = (view[s, BEST_BID] + view[s, BEST_ASK]) / 2.0
     basis = 1e4 * ((view[p, BEST_BID] + view[p, BEST_ASK]) / 2.0 - spot) / spot
     ring_push_nb(state, basis)
-    past = ring_ago_nb(state, int(params[2]))
+    past = ring_ago_nb(state, int(params[P.horizon]))
     if past != past:
         return 0.0
     return basis - past
@@ -38,7 +37,7 @@ def basis_change_nb(view, trades, state, params, out):
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="signal", name="basis_change", params=BasisChangeParams, kernel=basis_change_nb, pack=_pack,
+        role="signal", name="basis_change", params=BasisChangeParams, kernel=basis_change_nb,
         state=lambda p: np.zeros(1 + RING),
         doc="Change of the perp-spot basis over a horizon, in bps of the spot mid.",
         formula="b_t - b_{t-h}, b = 1e4 * (mid_perp - mid_spot) / mid_spot",

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from numba import njit
 from pydantic import Field, field_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, Params, Reads, Width, param_offsets
 from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
 
 
 class BookImbalanceParams(Params):
     asset: Asset = "quoted"
-    weights: tuple[float, ...] = Field(
+    # Padded to MAX_LEVELS: the params size stays fixed, so sweeping the depth never recompiles.
+    weights: Annotated[tuple[float, ...], Width(MAX_LEVELS)] = Field(
         (1.0,), description="Weight of each depth level's imbalance, best level first; its length is the depth."
     )
 
@@ -24,23 +27,20 @@ class BookImbalanceParams(Params):
         return v
 
 
-def _pack(p: BookImbalanceParams, ctx: PackContext) -> list[float]:
-    # Padding to MAX_LEVELS keeps the params size fixed, so sweeping the depth never recompiles.
-    w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
-    return [float(ctx.asset_index[p.asset]), float(len(p.weights)), *w]
+P = param_offsets(BookImbalanceParams)
 
 
 @njit(inline="always")
 def book_imbalance_nb(view, trades, state, params, out):
-    a = int(params[0])
-    n = int(params[1])
+    a = int(params[P.asset])
+    n = int(params[P.n_weights])
     total = 0.0
     for i in range(n):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
         s = qb + qa
         imb = (qb - qa) / s if s > 0.0 else 0.0
-        total += params[2 + i] * imb
+        total += params[P.weights + i] * imb
     return total
 
 
@@ -48,7 +48,7 @@ def book_imbalance_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="book_imbalance", params=BookImbalanceParams, kernel=book_imbalance_nb,
-        pack=_pack, reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights)),
+        reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights)),
         doc="Order-book imbalance, weighted over depth levels (0 where a level is empty on both sides).",
         formula="sum_i w_i * (Qb_i - Qa_i) / (Qb_i + Qa_i)",
     ))

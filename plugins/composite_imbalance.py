@@ -7,35 +7,29 @@ levels (an integer exponent is a plain power; any other keeps B's sign: sign(B)|
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
 import numpy as np
 from numba import njit
 from pydantic import Field, field_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, Params, Reads, Width, param_offsets
 from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
-from quotelab.plugins._kernels import level_imbalance_nb, trade_flow_update_nb, trade_flow_value_nb
-from quotelab.plugins.trade_flow_imbalance import (
-    ADJUST_DOC,
-    SIDES,
-    WARMUP_DOC,
-    WARMUPS,
-    Warmup,
-    trade_flow_state,
-)
-from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, EMPTY_LEVELS, EmptyLevel
+from quotelab.plugins._kernels import TF_VI, level_imbalance_nb, trade_flow_update_nb, trade_flow_value_nb
+from quotelab.plugins.trade_flow_imbalance import ADJUST_DOC, WARMUP_DOC, Side, Warmup, trade_flow_state
+from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, EmptyLevel
 
 
 class CompositeImbalanceParams(Params):
     asset: Asset = "quoted"
     vi_weight: float = Field(-1.5, description="Weight of the previous step's VI.")
     book_weight: float = Field(0.7, description="Weight of the powered book imbalance.")
-    weights: tuple[float, ...] = Field((0.7, 0.2, 0.1), description="Depth-level weights of the book imbalance.")
+    weights: Annotated[tuple[float, ...], Width(MAX_LEVELS)] = Field(
+        (0.7, 0.2, 0.1), description="Depth-level weights of the book imbalance.")
     exponent: float = Field(3.0, gt=0, description="Power applied to the weighted book imbalance.")
     alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of each new trade (VI).")
-    side: Literal["aggressor", "buyer_is_maker"] = Field("aggressor", description="Which trades count as buys.")
+    side: Side = Field("aggressor", description="Which trades count as buys.")
     warmup: Warmup = Field("zero", description=WARMUP_DOC)
     adjust: bool = Field(False, description=ADJUST_DOC)
     empty_level: EmptyLevel = Field("zero", description=EMPTY_LEVEL_DOC)
@@ -48,32 +42,29 @@ class CompositeImbalanceParams(Params):
         return v
 
 
-def _pack(p: CompositeImbalanceParams, ctx: PackContext) -> list[float]:
-    w = list(p.weights) + [0.0] * (MAX_LEVELS - len(p.weights))
-    return [float(ctx.asset_index[p.asset]), p.vi_weight, p.book_weight, p.exponent, p.alpha, SIDES[p.side],
-            WARMUPS[p.warmup], float(len(p.weights)), *w, float(p.adjust), EMPTY_LEVELS[p.empty_level]]
+P = param_offsets(CompositeImbalanceParams)
 
 
 @njit(inline="always")
 def composite_imbalance_nb(view, trades, state, params, out):
-    a = int(params[0])
-    vi = trade_flow_value_nb(state, 2, params[6])
-    trade_flow_update_nb(view, trades, a, state, params[4], params[5], params[8 + MAX_LEVELS] != 0.0)
+    a = int(params[P.asset])
+    vi = trade_flow_value_nb(state, TF_VI, params[P.warmup])
+    trade_flow_update_nb(view, trades, a, state, params[P.alpha], params[P.side], params[P.adjust] != 0.0)
     book = 0.0
-    for i in range(int(params[7])):
+    for i in range(int(params[P.n_weights])):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
-        book += params[8 + i] * level_imbalance_nb(qb, qa, params[9 + MAX_LEVELS])
-    p = params[3]
+        book += params[P.weights + i] * level_imbalance_nb(qb, qa, params[P.empty_level])
+    p = params[P.exponent]
     powered = book ** p if p == np.floor(p) else np.sign(book) * np.abs(book) ** p
-    return params[1] * vi + params[2] * powered
+    return params[P.vi_weight] * vi + params[P.book_weight] * powered
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="composite_imbalance", params=CompositeImbalanceParams, kernel=composite_imbalance_nb,
-        pack=_pack, state=trade_flow_state,
+        state=trade_flow_state,
         reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights), trades=True),
         doc="The seed study's composite imbalance: shifted trade-flow VI plus a powered multi-level book imbalance.",
         formula="vi_weight * VI_{t-1} + book_weight * (sum_i w_i I_i)^exponent",

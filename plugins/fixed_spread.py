@@ -7,7 +7,7 @@ from numba import njit
 from pydantic import model_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import (
     ASK_ENABLED,
     ASK_WIDEN_TICKS,
@@ -44,37 +44,36 @@ class FixedSpreadParams(Params):
         return self
 
 
-def _pack(p: FixedSpreadParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.half_spread, p.size, p.max_position, p.levels, p.level_spacing]
+P = param_offsets(FixedSpreadParams)
 
 
 @njit(inline="always")
 def fixed_spread_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     tick = view[a, TICK]
     r = out[RESERVATION]
-    half = params[1] * tick
+    half = params[P.half_spread] * tick
     bid = np.round((r - half) / tick)
     ask = np.round((r + half) / tick)
     # Never cross the touch: a post-only quote through the best price would be rejected or take.
     bid = min(bid, view[a, BEST_BID_TICK]) - out[BID_WIDEN_TICKS]
     ask = max(ask, view[a, BEST_ASK_TICK]) + out[ASK_WIDEN_TICKS]
-    n = int(params[4])
+    n = int(params[P.levels])
     for k in range(n):
-        out[Q_BID_TICK + k] = bid - k * params[5]
-        out[Q_BID_QTY + k] = params[2]
-        out[Q_ASK_TICK + k] = ask + k * params[5]
-        out[Q_ASK_QTY + k] = params[2]
+        out[Q_BID_TICK + k] = bid - k * params[P.level_spacing]
+        out[Q_BID_QTY + k] = params[P.size]
+        out[Q_ASK_TICK + k] = ask + k * params[P.level_spacing]
+        out[Q_ASK_QTY + k] = params[P.size]
     out[N_BID] = n if out[BID_ENABLED] != 0.0 else 0
     out[N_ASK] = n if out[ASK_ENABLED] != 0.0 else 0
-    out[MAX_POSITION] = params[3]
+    out[MAX_POSITION] = params[P.max_position]
     return r
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="quoter", name="fixed_spread", params=FixedSpreadParams, kernel=fixed_spread_nb, pack=_pack,
+        role="quoter", name="fixed_spread", params=FixedSpreadParams, kernel=fixed_spread_nb,
         doc="Fixed half spread around the reservation price; never inside the touch.",
         formula="bid = min(round((r - h*tick)/tick), best_bid_tick) - k*spacing; ask symmetric",
     ))

@@ -31,16 +31,12 @@ from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, PackContext, Params, pack_fields, param_choices, param_offsets
 from quotelab.errors import ConfigError
 from quotelab.layout import TIME
 from quotelab.units import Seconds, quantity
 
-MODES = {"rate": 0, "rate_x_time_to_funding": 1, "rate_x_time_since_funding": 2}
 Mode = Literal["rate", "rate_x_time_to_funding", "rate_x_time_since_funding"]
-# params: mode, interval (s), phase (s since the last scheduled settlement at the grid origin),
-# has next column, n, usable time[n], rate in bps[n], next settlement[n] (s from the origin; if has next)
-P_HEADER = 5
 
 
 class FundingRateParams(Params):
@@ -61,6 +57,13 @@ class FundingRateParams(Params):
     next_funding_column: str = Field(
         "next_funding_ts", description="Next settlement time (ns); if the file has no such column (and this is "
                                        "left at its default), settlements follow the interval from the epoch.")
+
+
+# Derived at packing: phase (s since the last scheduled settlement at the grid origin), has_next (next
+# settlement times are known), n rows, then the schedule: usable time[n], rate in bps[n] and, with
+# has_next, next settlement[n], all in seconds from the grid origin.
+P = param_offsets(FundingRateParams, phase=1, has_next=1, n=1, schedule=None)
+MODE = param_choices(FundingRateParams, "mode")
 
 
 def _from_catalog(p: FundingRateParams, ctx: PackContext) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -119,37 +122,36 @@ def _pack(p: FundingRateParams, ctx: PackContext) -> list[float]:
     interval_ns = int(round(p.interval * 1e9))
     # Integer ns until the last moment, so times far from the epoch keep their precision.
     phase = (ctx.origin_ns % interval_ns) * 1e-9
-    out = [float(MODES[p.mode]), float(p.interval), phase, 0.0 if nxt is None else 1.0, float(len(t)),
-           *((t - ctx.origin_ns) * 1e-9).tolist(), *rate.tolist()]
+    schedule = [*((t - ctx.origin_ns) * 1e-9).tolist(), *rate.tolist()]
     if nxt is not None:
-        out += ((nxt - ctx.origin_ns) * 1e-9).tolist()
-    return out
+        schedule += ((nxt - ctx.origin_ns) * 1e-9).tolist()
+    return pack_fields(p, ctx, phase=phase, has_next=0.0 if nxt is None else 1.0, n=len(t), schedule=schedule)
 
 
 @njit(inline="always")
 def funding_rate_nb(view, trades, state, params, out):
-    mode = int(params[0])
-    interval = params[1]
-    n = int(params[4])
+    mode = int(params[P.mode])
+    interval = params[P.interval]
+    n = int(params[P.n])
     now = view[0, TIME]
     i = int(state[0])
-    while i < n and params[P_HEADER + i] <= now:
+    while i < n and params[P.schedule + i] <= now:
         i += 1
     state[0] = i
     if i == 0:
         return 0.0
-    rate = params[P_HEADER + n + i - 1]
-    if mode == 0:
+    rate = params[P.schedule + n + i - 1]
+    if mode == MODE.rate:
         return rate
-    if params[3] > 0.0:
-        tau = params[P_HEADER + 2 * n + i - 1] - now
+    if params[P.has_next] > 0.0:
+        tau = params[P.schedule + 2 * n + i - 1] - now
         if tau <= 0.0:
             tau += (np.floor(-tau / interval) + 1.0) * interval
     else:
-        since = (now + params[2]) % interval
+        since = (now + params[P.phase]) % interval
         tau = interval - since
     frac = min(tau / interval, 1.0)
-    if mode == 1:
+    if mode == MODE.rate_x_time_to_funding:
         return rate * frac
     return rate * (1.0 - frac)
 

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Component, PackContext
+from quotelab.component import Component, param_offsets
 from quotelab.layout import POSITION, RESERVATION, TICK
 from quotelab.plugins._kernels import (
     FIT_MAX_WINDOW,
@@ -35,38 +35,36 @@ class GlftParams(ModelQuoterParams):
                                ge=0, le=FIT_MAX_WINDOW)
 
 
-def _pack(p: GlftParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.gamma, p.k, p.arrival_rate, p.volatility, p.volatility_half_life,
-            p.position_unit, p.size, p.max_position, float(p.fit_window), float(p.fit_max_ticks)]
+P = param_offsets(GlftParams)
 
 
 @njit(inline="always")
 def glft_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     tick = view[a, TICK]
-    gamma = params[1]
-    k = params[2]
-    big_a = params[3]
-    if params[9] > 0.0:
-        fa, fk = arrival_fit_nb(view, trades, a, state[3:], params[9], params[10])
+    gamma = params[P.gamma]
+    k = params[P.k]
+    big_a = params[P.arrival_rate]
+    if params[P.fit_window] > 0.0:
+        fa, fk = arrival_fit_nb(view, trades, a, state[3:], params[P.fit_window], params[P.fit_max_ticks])
         if fa == fa and fk > 0.0:
             big_a = fa
             k = fk
-    sigma = sigma_ticks_nb(view, a, state[:3], params[4], params[5])
+    sigma = sigma_ticks_nb(view, a, state[:3], params[P.volatility], params[P.volatility_half_life])
     c1 = np.log(1.0 + gamma / k) / gamma
     omega = np.sqrt(sigma * sigma * gamma / (2.0 * k * big_a) * (1.0 + gamma / k) ** (1.0 + k / gamma))
-    q = view[a, POSITION] / params[6]
+    q = view[a, POSITION] / params[P.position_unit]
     s = out[RESERVATION]
     half = c1 + omega / 2.0
-    write_quotes_nb(view, a, out, s - (half + omega * q) * tick, s + (half - omega * q) * tick, params[7], 1.0,
-                    1.0, params[8])
+    write_quotes_nb(view, a, out, s - (half + omega * q) * tick, s + (half - omega * q) * tick, params[P.size],
+                    1.0, 1.0, params[P.max_position])
     return s - omega * q * tick
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="quoter", name="glft", params=GlftParams, kernel=glft_nb, pack=_pack, state=model_quoter_state,
+        role="quoter", name="glft", params=GlftParams, kernel=glft_nb, state=model_quoter_state,
         reads=model_quoter_reads,
         doc="GLFT closed-form quotes: half spread c1 + omega/2 and inventory skew omega (ticks); returns the "
             "skewed centre.",

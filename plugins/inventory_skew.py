@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import POSITION, TICK
 from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb
 from quotelab.units import Qty, Seconds, Ticks, quantity
@@ -30,26 +30,27 @@ class InventorySkewParams(Params):
     )
 
 
-def _pack(p: InventorySkewParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.risk_aversion, p.position_unit, p.volatility,
-            p.volatility_half_life, p.volatility_horizon]
+P = param_offsets(InventorySkewParams)
 
 
 @njit(inline="always")
 def inventory_skew_nb(view, trades, state, params, out):
-    a = int(params[0])
-    if params[4] <= 0.0:
+    a = int(params[P.asset])
+    aversion = params[P.risk_aversion]
+    unit = params[P.position_unit]
+    half_life = params[P.volatility_half_life]
+    if half_life <= 0.0:
         # Left to right, as in risk_aversion * (position / unit) * volatility * tick.
-        return params[1] * (view[a, POSITION] / params[2]) * params[3] * view[a, TICK]
-    sqrt_h = np.sqrt(params[5])
-    vol_ticks = sigma_ticks_nb(view, a, state, params[3] / sqrt_h, params[4]) * sqrt_h
-    return params[1] * (view[a, POSITION] / params[2]) * vol_ticks * view[a, TICK]
+        return aversion * (view[a, POSITION] / unit) * params[P.volatility] * view[a, TICK]
+    sqrt_h = np.sqrt(params[P.volatility_horizon])
+    vol_ticks = sigma_ticks_nb(view, a, state, params[P.volatility] / sqrt_h, half_life) * sqrt_h
+    return aversion * (view[a, POSITION] / unit) * vol_ticks * view[a, TICK]
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="risk", name="inventory_skew", params=InventorySkewParams, kernel=inventory_skew_nb, pack=_pack,
+        role="risk", name="inventory_skew", params=InventorySkewParams, kernel=inventory_skew_nb,
         state=lambda p: np.array(VOL_STATE),
         doc="Reservation shift against inventory (subtracted from the reservation price).",
         formula="risk_aversion * (position / position_unit) * volatility_ticks * tick; volatility_ticks constant "

@@ -15,15 +15,10 @@ from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, PackContext, Params, pack_fields, param_offsets
 from quotelab.errors import ConfigError
-from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY, COMPONENTS, TICK
+from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY, TICK
 from quotelab.microprice import MAX_BUCKETS, MAX_SPREADS, MicropriceTable
-
-# params: asset, n, m, edges[MAX_BUCKETS + 1], g_ticks[MAX_BUCKETS * MAX_SPREADS] (row b, column j)
-P_EDGES = 3
-P_TABLE = P_EDGES + MAX_BUCKETS + 1
-P_WIDTH = P_TABLE + MAX_BUCKETS * MAX_SPREADS
 
 
 class MicropriceParams(Params):
@@ -34,19 +29,25 @@ class MicropriceParams(Params):
                                                "are in that tick); false applies it in this asset's ticks.")
 
 
+# The table is packed at a fixed width whatever its size, so a sweep over tables never recompiles the
+# strategy: n imbalance buckets, m spread buckets, their edges, and g* in ticks (row b, column j).
+P = param_offsets(MicropriceParams, n_buckets=1, n_spreads=1, edges=MAX_BUCKETS + 1,
+                  g_ticks=MAX_BUCKETS * MAX_SPREADS)
+
+
 def load_table(p: MicropriceParams, base_dir: str = ".") -> MicropriceTable:
     path = Path(p.table) if Path(p.table).is_absolute() else Path(base_dir) / p.table
     return MicropriceTable.load(path)
 
 
-def pack_table(table: MicropriceTable) -> list[float]:
-    """Fixed width whatever the table's size, so a sweep over tables never recompiles the strategy."""
+def pack_table(table: MicropriceTable) -> dict[str, object]:
+    """The derived values ``P`` declares, for :func:`quotelab.component.pack_fields`."""
     n, m = table.n_buckets, table.n_spreads
     edges = np.full(MAX_BUCKETS + 1, 2.0)  # unused edges above every imbalance: the bucket search stops at n-1
     edges[: n + 1] = table.imbalance_edges
     g = np.zeros((MAX_BUCKETS, MAX_SPREADS))
     g[:n, :m] = table.g_ticks
-    return [float(n), float(m), *edges.tolist(), *g.ravel().tolist()]
+    return {"n_buckets": n, "n_spreads": m, "edges": edges, "g_ticks": g}
 
 
 def _pack(p: MicropriceParams, ctx: PackContext) -> list[float]:
@@ -58,14 +59,14 @@ def _pack(p: MicropriceParams, ctx: PackContext) -> list[float]:
             f"microprice: table {p.table} was fitted with tick {table.tick_size:g} but {asset} has tick {tick:g}; "
             f"fit a table on {asset}, or set check_tick: false to use it in {asset}'s ticks"
         )
-    return [float(ctx.asset_index[p.asset]), *pack_table(table)]
+    return pack_fields(p, ctx, **pack_table(table))
 
 
 @njit(inline="always")
 def microprice_nb(view, trades, state, params, out):
-    a = int(params[0])
-    n = int(params[1])
-    m = int(params[2])
+    a = int(params[P.asset])
+    n = int(params[P.n_buckets])
+    m = int(params[P.n_spreads])
     bid = view[a, BEST_BID]
     ask = view[a, BEST_ASK]
     qb = view[a, BID_QTY]
@@ -73,23 +74,12 @@ def microprice_nb(view, trades, state, params, out):
     s = qb + qa
     imb = (qb - qa) / s if s > 0.0 else 0.0
     b = 0
-    while b < n - 1 and imb >= params[P_EDGES + 1 + b]:
+    while b < n - 1 and imb >= params[P.edges + 1 + b]:
         b += 1
     tick = view[a, TICK]
     st = int(np.rint((ask - bid) / tick))
     j = min(max(st, 1), m) - 1
-    return (bid + ask) / 2.0 + params[P_TABLE + b * MAX_SPREADS + j] * tick
-
-
-@njit(inline="always")
-def top_of_book_nb(view, trades, state, params, out):
-    # Not a component: the estimator replays it to record what the microprice kernel reads.
-    a = int(params[0])
-    out[COMPONENTS] = view[a, BEST_BID]
-    out[COMPONENTS + 1] = view[a, BEST_ASK]
-    out[COMPONENTS + 2] = view[a, BID_QTY]
-    out[COMPONENTS + 3] = view[a, ASK_QTY]
-    return (view[a, BEST_BID] + view[a, BEST_ASK]) / 2.0
+    return (bid + ask) / 2.0 + params[P.g_ticks + b * MAX_SPREADS + j] * tick
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import BEST_ASK, BEST_BID
 
 
@@ -13,9 +13,12 @@ class MidParams(Params):
     asset: Asset = "quoted"
 
 
+P = param_offsets(MidParams)
+
+
 @njit(inline="always")
 def mid_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     return (view[a, BEST_BID] + view[a, BEST_ASK]) / 2.0
 
 

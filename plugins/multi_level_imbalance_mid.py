@@ -7,21 +7,24 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from numba import njit
 from pydantic import Field, field_validator, model_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, PackContext, Params, Reads, Width, pack_fields, param_offsets
 from quotelab.layout import ASK_SZ, BEST_ASK, BEST_BID, BID_SZ, MAX_LEVELS
 from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb, level_imbalance_nb
-from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, EMPTY_LEVELS, EmptyLevel, Shape, pack_shape
+from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, Coefficients, EmptyLevel, Shape
 
 
 class MultiLevelImbalanceMidParams(Params):
     asset: Asset = "quoted"
-    weights: tuple[float, ...] = Field((0.7, 0.2, 0.1), description="Weight of each level's imbalance, best first.")
+    weights: Annotated[tuple[float, ...], Width(MAX_LEVELS)] = Field(
+        (0.7, 0.2, 0.1), description="Weight of each level's imbalance, best first.")
     shape: Shape = Field("linear", description="f: " + "; ".join(f"{k}: {v}" for k, v in SHAPE_FORMULAS.items()))
-    coefficients: tuple[float, ...] = Field((), description="polynomial only: c0, c1, ... of f")
+    coefficients: Coefficients = Field((), description="polynomial only: c0, c1, ... of f")
     factor_weights: tuple[float, ...] | None = Field(
         None, description="Level weights inside the second factor of nonic, cubic_linear or shifted (default: weights)."
     )
@@ -47,30 +50,30 @@ class MultiLevelImbalanceMidParams(Params):
         return self
 
 
+# inner: the level weights of the second factor (factor_weights, or weights when not given).
+P = param_offsets(MultiLevelImbalanceMidParams, inner=MAX_LEVELS)
+
+
 def _pack(p: MultiLevelImbalanceMidParams, ctx: PackContext) -> list[float]:
-    pad = [0.0] * (MAX_LEVELS - len(p.weights))
-    inner = p.weights if p.factor_weights is None else p.factor_weights
-    return [float(ctx.asset_index[p.asset]), float(len(p.weights)), *p.weights, *pad, *inner, *pad,
-            *pack_shape(p.shape, p.coefficients),
-            EMPTY_LEVELS[p.empty_level]]
+    return pack_fields(p, ctx, inner=p.weights if p.factor_weights is None else p.factor_weights)
 
 
 @njit(inline="always")
 def multi_level_imbalance_mid_nb(view, trades, state, params, out):
-    a = int(params[0])
-    n = int(params[1])
+    a = int(params[P.asset])
+    n = int(params[P.n_weights])
     imb = 0.0
     inner = 0.0
     for i in range(n):
         qb = view[a, BID_SZ + i]
         qa = view[a, ASK_SZ + i]
-        x = level_imbalance_nb(qb, qa, params[3 + 2 * MAX_LEVELS + MAX_COEFFICIENTS])
-        imb += params[2 + i] * x
-        inner += params[2 + MAX_LEVELS + i] * x
-    j = 2 + 2 * MAX_LEVELS
+        x = level_imbalance_nb(qb, qa, params[P.empty_level])
+        imb += params[P.weights + i] * x
+        inner += params[P.inner + i] * x
     bid = view[a, BEST_BID]
     ask = view[a, BEST_ASK]
-    f = imbalance_shape_nb(int(params[j]), imb, params[j + 1:j + 1 + MAX_COEFFICIENTS], inner)
+    f = imbalance_shape_nb(int(params[P.shape]), imb, params[P.coefficients:P.coefficients + MAX_COEFFICIENTS],
+                           inner)
     return (bid + ask) / 2.0 + (ask - bid) * f
 
 

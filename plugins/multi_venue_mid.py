@@ -7,26 +7,30 @@ An asset whose book is one-sided this step is left out and the weights of the ot
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from numba import njit
 from pydantic import Field, model_validator
 
 from quotelab import hookimpl
-from quotelab.component import Component, PackContext, Params, Reads
+from quotelab.component import AssetName, Component, Params, Reads, Width, param_offsets
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
 from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb
-from quotelab.plugins.weighted_mid import Shape, pack_shape
+from quotelab.plugins.weighted_mid import Coefficients, Shape
 
 MAX_VENUES = 8
 
 
 class MultiVenueMidParams(Params):
-    assets: tuple[str, ...] = Field(description="Assets of data.assets whose mids are combined.")
-    weights: tuple[float, ...] = Field(description="One weight per asset (normalised over available assets).")
+    assets: Annotated[tuple[str, ...], AssetName, Width(MAX_VENUES)] = Field(
+        description="Assets of data.assets whose mids are combined.")
+    weights: Annotated[tuple[float, ...], Width(MAX_VENUES)] = Field(
+        description="One weight per asset (normalised over available assets).")
     shape: Shape = Field("linear", description="Each asset's mid is mid + spread·f(I)·imbalance_weight; f: "
                          + "; ".join(f"{k}: {v}" for k, v in SHAPE_FORMULAS.items()))
     imbalance_weight: float = Field(0.0, description="0 combines plain mids; 1 combines the shape-adjusted mids.")
-    coefficients: tuple[float, ...] = Field((), description="polynomial only: c0, c1, ... of f")
+    coefficients: Coefficients = Field((), description="polynomial only: c0, c1, ... of f")
 
     @model_validator(mode="after")
     def _check(self) -> MultiVenueMidParams:
@@ -39,23 +43,19 @@ class MultiVenueMidParams(Params):
         return self
 
 
-def _pack(p: MultiVenueMidParams, ctx: PackContext) -> list[float]:
-    idx = [float(ctx.asset_index[a]) for a in p.assets] + [0.0] * (MAX_VENUES - len(p.assets))
-    w = list(p.weights) + [0.0] * (MAX_VENUES - len(p.weights))
-    return [float(len(p.assets)), *idx, *w, p.imbalance_weight, *pack_shape(p.shape, p.coefficients)]
+P = param_offsets(MultiVenueMidParams)
 
 
 @njit(inline="always")
 def multi_venue_mid_nb(view, trades, state, params, out):
-    n = int(params[0])
-    j = 1 + 2 * MAX_VENUES
-    adj = params[j]
-    shape = int(params[j + 1])
+    n = int(params[P.n_assets])
+    adj = params[P.imbalance_weight]
+    shape = int(params[P.shape])
     total = 0.0
     wsum = 0.0
     for i in range(n):
-        a = int(params[1 + i])
-        w = params[1 + MAX_VENUES + i]
+        a = int(params[P.assets + i])
+        w = params[P.weights + i]
         bid = view[a, BEST_BID]
         ask = view[a, BEST_ASK]
         if not (bid == bid and ask == ask) or w == 0.0:
@@ -66,7 +66,8 @@ def multi_venue_mid_nb(view, trades, state, params, out):
         imb = (qb - qa) / s if s > 0.0 else 0.0
         fv = (bid + ask) / 2.0
         if adj != 0.0:
-            fv += adj * (ask - bid) * imbalance_shape_nb(shape, imb, params[j + 2:j + 2 + MAX_COEFFICIENTS], imb)
+            coefs = params[P.coefficients:P.coefficients + MAX_COEFFICIENTS]
+            fv += adj * (ask - bid) * imbalance_shape_nb(shape, imb, coefs, imb)
         total += w * fv
         wsum += w
     return total / wsum if wsum > 0.0 else np.nan
@@ -76,7 +77,7 @@ def multi_venue_mid_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="fair_value", name="multi_venue_mid", params=MultiVenueMidParams, kernel=multi_venue_mid_nb,
-        pack=_pack, reads=lambda p: Reads(assets=tuple(p.assets)),
+        reads=lambda p: Reads(assets=tuple(p.assets)),
         doc="Weighted mids of several venues/contracts (e.g. USD-M, spot, COIN-M) for one instrument.",
         formula="sum_v w_v m_v / sum_v w_v over venues with a two-sided book; "
                 "m_v = mid_v + imbalance_weight * spread_v * f(I_v)",

@@ -8,12 +8,14 @@ depth D = mean over the levels of (Qb + Qa)/2. 0 on the first step.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from numba import njit
 from pydantic import Field, field_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, Params, Reads, Width, param_offsets
 from quotelab.layout import ASK_PX, ASK_SZ, BID_PX, BID_SZ
 from quotelab.units import quantity
 
@@ -28,7 +30,8 @@ STATE_SIZE = _D + RING
 
 class OrderFlowImbalanceParams(Params):
     asset: Asset = "quoted"
-    weights: tuple[float, ...] = Field((1.0,), description="Weight of each level's OFI, best level first.")
+    weights: Annotated[tuple[float, ...], Width(MAX_OFI_LEVELS)] = Field(
+        (1.0,), description="Weight of each level's OFI, best level first.")
     window: int = quantity("steps", 10, "Sum over this many steps.", ge=1, le=RING)
     depth_scaled: bool = Field(False, description="Divide by the window's mean depth.")
 
@@ -40,15 +43,13 @@ class OrderFlowImbalanceParams(Params):
         return v
 
 
-def _pack(p: OrderFlowImbalanceParams, ctx: PackContext) -> list[float]:
-    w = list(p.weights) + [0.0] * (MAX_OFI_LEVELS - len(p.weights))
-    return [float(ctx.asset_index[p.asset]), float(len(p.weights)), float(p.window), float(p.depth_scaled), *w]
+P = param_offsets(OrderFlowImbalanceParams)
 
 
 @njit(inline="always")
 def order_flow_imbalance_nb(view, trades, state, params, out):
-    a = int(params[0])
-    n = int(params[1])
+    a = int(params[P.asset])
+    n = int(params[P.n_weights])
     e = 0.0
     depth = 0.0
     for i in range(n):
@@ -67,7 +68,7 @@ def order_flow_imbalance_nb(view, trades, state, params, out):
                 ei -= qa
             if pa >= state[j + 2]:
                 ei += state[j + 3]
-            e += params[4 + i] * ei
+            e += params[P.weights + i] * ei
         depth += (qb + qa) / 2.0
         state[j] = pb
         state[j + 1] = qb
@@ -81,13 +82,13 @@ def order_flow_imbalance_nb(view, trades, state, params, out):
     state[_D + c % RING] = depth / n
     c += 1
     state[1] = c
-    m = min(c, int(params[2]))
+    m = min(c, int(params[P.window]))
     total = 0.0
     dsum = 0.0
     for k in range(m):
         total += state[_E + (c - 1 - k) % RING]
         dsum += state[_D + (c - 1 - k) % RING]
-    if params[3] != 0.0:
+    if params[P.depth_scaled] != 0.0:
         return total / (dsum / m) if dsum > 0.0 else 0.0
     return total
 
@@ -96,7 +97,7 @@ def order_flow_imbalance_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="order_flow_imbalance", params=OrderFlowImbalanceParams,
-        kernel=order_flow_imbalance_nb, pack=_pack, state=lambda p: np.zeros(STATE_SIZE),
+        kernel=order_flow_imbalance_nb, state=lambda p: np.zeros(STATE_SIZE),
         reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights)),
         doc="Cont-Kukanov-Stoikov order-flow imbalance over a window of steps, optionally multi-level and "
             "scaled by depth.",

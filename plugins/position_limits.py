@@ -12,7 +12,7 @@ from numba import njit
 from pydantic import model_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import ASK_ENABLED, ASK_WIDEN_TICKS, BID_ENABLED, BID_WIDEN_TICKS, LOT, POSITION
 from quotelab.units import Qty, Ticks, quantity
 
@@ -30,32 +30,31 @@ class PositionLimitsParams(Params):
         return self
 
 
-def _pack(p: PositionLimitsParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.max_position, p.soft_position, p.max_widen_ticks]
+P = param_offsets(PositionLimitsParams)
 
 
 @njit(inline="always")
 def position_limits_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     lot = view[a, LOT]
     pos = np.round(view[a, POSITION] / lot)
-    limit = np.round(params[1] / lot)
-    soft = np.round(params[2] / lot)
+    limit = np.round(params[P.max_position] / lot)
+    soft = np.round(params[P.soft_position] / lot)
     if pos >= limit:
         out[BID_ENABLED] = 0.0
     if pos <= -limit:
         out[ASK_ENABLED] = 0.0
     if pos > soft:
-        out[BID_WIDEN_TICKS] += np.ceil(params[3] * min(1.0, (pos - soft) / (limit - soft)))
+        out[BID_WIDEN_TICKS] += np.ceil(params[P.max_widen_ticks] * min(1.0, (pos - soft) / (limit - soft)))
     if pos < -soft:
-        out[ASK_WIDEN_TICKS] += np.ceil(params[3] * min(1.0, (-pos - soft) / (limit - soft)))
+        out[ASK_WIDEN_TICKS] += np.ceil(params[P.max_widen_ticks] * min(1.0, (-pos - soft) / (limit - soft)))
     return 0.0
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="risk", name="position_limits", params=PositionLimitsParams, kernel=position_limits_nb, pack=_pack,
+        role="risk", name="position_limits", params=PositionLimitsParams, kernel=position_limits_nb,
         doc="Hard position limit per side with a soft zone that widens the side adding to the position.",
         formula="side off at |pos| >= max; widen ceil(W * (|pos| - soft)/(max - soft)) ticks beyond soft",
     ))

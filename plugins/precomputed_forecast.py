@@ -21,7 +21,7 @@ from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Component, PackContext, Params
+from quotelab.component import Component, PackContext, Params, pack_fields, param_offsets
 from quotelab.errors import ConfigError
 from quotelab.layout import TIME
 from quotelab.units import Seconds, quantity
@@ -38,6 +38,11 @@ class PrecomputedForecastParams(Params):
         "fallback", description="Before the first value and while the value in force is NaN: return fallback, "
                                 "or NaN (skip: with engine.on_nonfinite: skip those steps are not quoted).")
     fallback: float = Field(0.0, description="The value used by missing: fallback.")
+
+
+# Derived at packing: n values, the value returned when none is in force (fallback or NaN), then the
+# series: usable time[n] (seconds from the grid origin), value[n].
+P = param_offsets(PrecomputedForecastParams, n=1, missing_value=1, series=None)
 
 
 def load_series(p: PrecomputedForecastParams, base_dir: str = ".") -> tuple[np.ndarray, np.ndarray]:
@@ -68,19 +73,19 @@ def _pack(p: PrecomputedForecastParams, ctx: PackContext) -> list[float]:
     # step's time compares equal to that step's view[TIME].
     secs = (t - ctx.origin_ns) * 1e-9
     missing = p.fallback if p.missing == "fallback" else float("nan")
-    return [float(len(t)), missing, *secs.tolist(), *v.tolist()]
+    return pack_fields(p, ctx, n=len(t), missing_value=missing, series=[*secs.tolist(), *v.tolist()])
 
 
 @njit(inline="always")
 def precomputed_forecast_nb(view, trades, state, params, out):
-    n = int(params[0])
+    n = int(params[P.n])
     now = view[0, TIME]
     i = int(state[0])
-    while i < n and params[2 + i] <= now:
+    while i < n and params[P.series + i] <= now:
         i += 1
     state[0] = i
-    v = params[1 + n + i] if i > 0 else params[1]
-    return v if v == v else params[1]
+    v = params[P.series + n + i - 1] if i > 0 else params[P.missing_value]
+    return v if v == v else params[P.missing_value]
 
 
 @hookimpl

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import BEST_ASK, BEST_BID
 from quotelab.units import quantity
 
@@ -22,8 +22,7 @@ class ReturnsParams(Params):
     horizon: int = quantity("steps", 1, "Return over this many steps.", ge=1, le=RING - 1)
 
 
-def _pack(p: ReturnsParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), float(p.horizon)]
+P = param_offsets(ReturnsParams)
 
 
 @njit(inline="always")
@@ -45,10 +44,10 @@ def ring_ago_nb(state, h):
 
 @njit(inline="always")
 def returns_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     mid = (view[a, BEST_BID] + view[a, BEST_ASK]) / 2.0
     ring_push_nb(state, mid)
-    past = ring_ago_nb(state, int(params[1]))
+    past = ring_ago_nb(state, int(params[P.horizon]))
     if past != past:
         return 0.0
     return 1e4 * np.log(mid / past)
@@ -57,7 +56,7 @@ def returns_nb(view, trades, state, params, out):
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="signal", name="returns", params=ReturnsParams, kernel=returns_nb, pack=_pack,
+        role="signal", name="returns", params=ReturnsParams, kernel=returns_nb,
         state=lambda p: np.zeros(1 + RING),
         doc="Lagged log return of any asset's mid, in bps (lead-lag when the asset is not the quoted one).",
         formula="1e4 * ln(mid_t / mid_{t-h})",

@@ -20,21 +20,30 @@ buyer is the maker (Binance ``m`` true, i.e. seller-initiated) as buys, as the s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, Encode, Params, Reads, param_choices, param_offsets
 from quotelab.layout import N_TRADES, STEP_SECONDS, TR_QTY, TR_SIDE
-from quotelab.plugins._kernels import TRADE_FLOW_STATE_SIZE, trade_flow_update_nb, trade_flow_value_nb
+from quotelab.plugins._kernels import (
+    TF_ARRIVAL_RATE,
+    TF_OI,
+    TF_QI,
+    TF_VI,
+    TRADE_FLOW_STATE_SIZE,
+    trade_flow_update_nb,
+    trade_flow_value_nb,
+)
 
-OUTPUTS = {"OI": 0, "QI": 1, "VI": 2, "arrival_rate": 3, "volume_rate": 4}
-SIDES = {"aggressor": 1.0, "buyer_is_maker": -1.0}
-WARMUPS = {"zero": 0.0, "undefined": float("nan")}
-Warmup = Literal["zero", "undefined"]
+Output = Annotated[Literal["OI", "QI", "VI", "arrival_rate", "volume_rate"],
+                   Encode(OI=TF_OI, QI=TF_QI, VI=TF_VI, arrival_rate=TF_ARRIVAL_RATE, volume_rate=4)]
+# A trade is a buy when its TR_SIDE times the packed side is positive.
+Side = Annotated[Literal["aggressor", "buyer_is_maker"], Encode(aggressor=1.0, buyer_is_maker=-1.0)]
+Warmup = Annotated[Literal["zero", "undefined"], Encode(zero=0.0, undefined=float("nan"))]
 ADJUST_DOC = ("false: recursive EWMA from the first observation (pandas adjust=False); true: pandas' default "
               "adjusted EWMA, weights (1-alpha)^age normalised (the seed study's).")
 WARMUP_DOC = ("Value before both sides have a trade interval: 0, or undefined (NaN: a strategy stops or skips, "
@@ -43,11 +52,11 @@ WARMUP_DOC = ("Value before both sides have a trade interval: 0, or undefined (N
 
 class TradeFlowImbalanceParams(Params):
     asset: Asset = "quoted"
-    output: Literal["OI", "QI", "VI", "arrival_rate", "volume_rate"] = Field(
+    output: Output = Field(
         "VI", description="Which trade-flow quantity (volume_rate: the volume-per-second variant)."
     )
     alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of each new trade.")
-    side: Literal["aggressor", "buyer_is_maker"] = Field(
+    side: Side = Field(
         "aggressor", description="Which trades count as buys (see the module doc)."
     )
     lag: Literal[0, 1] = Field(0, description="1: the value as of the previous step (the seed's shifted VI).")
@@ -55,9 +64,8 @@ class TradeFlowImbalanceParams(Params):
     adjust: bool = Field(False, description=ADJUST_DOC)
 
 
-def _pack(p: TradeFlowImbalanceParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), float(OUTPUTS[p.output]), p.alpha, SIDES[p.side], float(p.lag),
-            WARMUPS[p.warmup], float(p.adjust)]
+P = param_offsets(TradeFlowImbalanceParams)
+OUTPUT = param_choices(TradeFlowImbalanceParams, "output")
 
 
 def trade_flow_state(p: Params) -> np.ndarray:
@@ -88,25 +96,25 @@ def volume_rate_nb(view, trades, a, state, alpha, side_sign):
 
 @njit(inline="always")
 def trade_flow_imbalance_nb(view, trades, state, params, out):
-    a = int(params[0])
-    output = int(params[1])
-    if output == 4:
+    a = int(params[P.asset])
+    output = int(params[P.output])
+    if output == OUTPUT.volume_rate:
         s = state[6] + state[7]
         before = (state[6] - state[7]) / s if s > 0.0 else 0.0
-        now = volume_rate_nb(view, trades, a, state, params[2], params[3])
-        return before if params[4] != 0.0 else now
-    before = trade_flow_value_nb(state, output, params[5])
-    trade_flow_update_nb(view, trades, a, state, params[2], params[3], params[6] != 0.0)
-    if params[4] != 0.0:
+        now = volume_rate_nb(view, trades, a, state, params[P.alpha], params[P.side])
+        return before if params[P.lag] != 0.0 else now
+    before = trade_flow_value_nb(state, output, params[P.warmup])
+    trade_flow_update_nb(view, trades, a, state, params[P.alpha], params[P.side], params[P.adjust] != 0.0)
+    if params[P.lag] != 0.0:
         return before
-    return trade_flow_value_nb(state, output, params[5])
+    return trade_flow_value_nb(state, output, params[P.warmup])
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="trade_flow_imbalance", params=TradeFlowImbalanceParams,
-        kernel=trade_flow_imbalance_nb, pack=_pack, state=trade_flow_state,
+        kernel=trade_flow_imbalance_nb, state=trade_flow_state,
         reads=lambda p: Reads(assets=(p.asset,), trades=True),
         doc="Trade-flow imbalance from per-side EWMAs of trade intervals and sizes (seed study, alpha 0.1).",
         formula="VI = (lb*Qb - ls*Qs)/(lb*Qb + ls*Qs), l = 1/EWMA(interval), Q = EWMA(qty); OI, QI alike; "

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Params, param_offsets
 from quotelab.layout import MAX_QUOTES, RESERVATION, TICK
 from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb, write_quotes_nb
 from quotelab.units import Qty, Seconds, Ticks, quantity
@@ -29,19 +29,18 @@ class VolatilitySpreadParams(Params):
     level_spacing: int = quantity("ticks", 1, "Ticks between consecutive levels.", ge=1)
 
 
-def _pack(p: VolatilitySpreadParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.min_half_spread, p.multiplier, p.volatility, p.volatility_half_life,
-            p.horizon, p.size, p.max_position, float(p.levels), float(p.level_spacing)]
+P = param_offsets(VolatilitySpreadParams)
 
 
 @njit(inline="always")
 def volatility_spread_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     tick = view[a, TICK]
-    sigma = sigma_ticks_nb(view, a, state, params[3], params[4])
-    half = max(params[1], params[2] * sigma * np.sqrt(params[5])) * tick
+    sigma = sigma_ticks_nb(view, a, state, params[P.volatility], params[P.volatility_half_life])
+    half = max(params[P.min_half_spread], params[P.multiplier] * sigma * np.sqrt(params[P.horizon])) * tick
     r = out[RESERVATION]
-    write_quotes_nb(view, a, out, r - half, r + half, params[6], params[8], params[9], params[7])
+    write_quotes_nb(view, a, out, r - half, r + half, params[P.size], params[P.levels], params[P.level_spacing],
+                    params[P.max_position])
     return half
 
 
@@ -49,7 +48,7 @@ def volatility_spread_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="quoter", name="volatility_spread", params=VolatilitySpreadParams, kernel=volatility_spread_nb,
-        pack=_pack, state=lambda p: np.array(VOL_STATE),
+        state=lambda p: np.array(VOL_STATE),
         doc="Half spread proportional to the mid's volatility, floored; bids round down, asks up, never "
             "through the touch. Returns the half spread.",
         formula="half = max(min_ticks, c * sigma * sqrt(horizon)) * tick; bid = r - half, ask = r + half",

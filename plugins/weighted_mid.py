@@ -7,27 +7,28 @@ f is a parameter: ``linear`` (I/2, the classic weighted mid), the seed study's `
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from numba import njit
 from pydantic import Field, model_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params
+from quotelab.component import Asset, Component, Encode, Params, Width, param_offsets
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
 from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, SHAPES, imbalance_shape_nb, level_imbalance_nb
 
-EmptyLevel = Literal["zero", "undefined"]
-EMPTY_LEVELS = {"zero": 0.0, "undefined": float("nan")}
+EmptyLevel = Annotated[Literal["zero", "undefined"], Encode(zero=0.0, undefined=float("nan"))]
 EMPTY_LEVEL_DOC = ("Imbalance of a level with no quantity on either side: 0, or undefined (NaN, as pandas' 0/0 "
                    "gives: evaluate leaves the row out and counts it).")
-Shape = Literal["linear", "cubic", "nonic", "cubic_linear", "shifted", "polynomial"]
+Shape = Annotated[Literal["linear", "cubic", "nonic", "cubic_linear", "shifted", "polynomial"], Encode(**SHAPES)]
+# Fixed width, so changing the shape or the polynomial's degree never recompiles.
+Coefficients = Annotated[tuple[float, ...], Width(MAX_COEFFICIENTS)]
 
 
 class WeightedMidParams(Params):
     asset: Asset = "quoted"
     shape: Shape = Field("linear", description="f(I): " + "; ".join(f"{k}: {v}" for k, v in SHAPE_FORMULAS.items()))
-    coefficients: tuple[float, ...] = Field(
+    coefficients: Coefficients = Field(
         (), description=f"polynomial only: c0, c1, ... (at most {MAX_COEFFICIENTS}) of f(I) = sum c_j I^j"
     )
     empty_level: EmptyLevel = Field("zero", description=EMPTY_LEVEL_DOC)
@@ -41,32 +42,25 @@ class WeightedMidParams(Params):
         return self
 
 
-def pack_shape(shape: str, coefficients: tuple[float, ...]) -> list[float]:
-    # Fixed width, so changing the shape or the polynomial's degree never recompiles.
-    c = list(coefficients) + [0.0] * (MAX_COEFFICIENTS - len(coefficients))
-    return [float(SHAPES[shape]), *c]
-
-
-def _pack(p: WeightedMidParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), *pack_shape(p.shape, p.coefficients), EMPTY_LEVELS[p.empty_level]]
+P = param_offsets(WeightedMidParams)
 
 
 @njit(inline="always")
 def weighted_mid_nb(view, trades, state, params, out):
-    a = int(params[0])
+    a = int(params[P.asset])
     bid = view[a, BEST_BID]
     ask = view[a, BEST_ASK]
     qb = view[a, BID_QTY]
     qa = view[a, ASK_QTY]
-    imb = level_imbalance_nb(qb, qa, params[2 + MAX_COEFFICIENTS])
-    f = imbalance_shape_nb(int(params[1]), imb, params[2:2 + MAX_COEFFICIENTS], imb)
+    imb = level_imbalance_nb(qb, qa, params[P.empty_level])
+    f = imbalance_shape_nb(int(params[P.shape]), imb, params[P.coefficients:P.coefficients + MAX_COEFFICIENTS], imb)
     return (bid + ask) / 2.0 + (ask - bid) * f
 
 
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="fair_value", name="weighted_mid", params=WeightedMidParams, kernel=weighted_mid_nb, pack=_pack,
+        role="fair_value", name="weighted_mid", params=WeightedMidParams, kernel=weighted_mid_nb,
         doc="Imbalance-adjusted mid: mid plus the spread times a shape of the top-of-book imbalance.",
         formula="(bid + ask)/2 + (ask - bid) * f(I), I = (Qb - Qa)/(Qb + Qa) (empty top: empty_level)",
     ))

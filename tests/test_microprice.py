@@ -15,11 +15,12 @@ import yaml
 
 from quotelab import driver as D
 from quotelab import layout as L
+from quotelab.component import PackContext, pack_fields
 from quotelab.data import catalog as cat
 from quotelab.engine import run_strategy
 from quotelab.errors import ConfigError, DataError
 from quotelab.microprice import MAX_BUCKETS, MicropriceTable, estimate, fit_book, fit_catalog, top_of_book
-from quotelab.plugins.microprice import microprice_nb, pack_table
+from quotelab.plugins.microprice import MicropriceParams, microprice_nb, pack_table
 from quotelab.registry import load_registry
 from quotelab.replay import ReplayAsset, replay_component
 
@@ -209,8 +210,13 @@ def _table(n: int, m: int) -> MicropriceTable:
 
 def test_spread_beyond_the_last_bucket_uses_the_last_and_packing_has_a_fixed_size():
     t = _table(4, 2)
-    params = np.array([0.0, *pack_table(t)])
-    assert len(params) == 1 + len(pack_table(_table(MAX_BUCKETS, 1))) == 1 + len(pack_table(_table(3, 8)))
+    ctx = PackContext(asset_index={"quoted": 0}, tick_size={}, lot_size={}, quoted="quoted")
+
+    def pack(table):
+        return np.array(pack_fields(MicropriceParams(table="unused"), ctx, **pack_table(table)))
+
+    params = pack(t)
+    assert len(params) == len(pack(_table(MAX_BUCKETS, 1))) == len(pack(_table(3, 8)))
     view = np.zeros((1, L.VIEW_WIDTH))
     view[0, L.TICK] = 0.5
     cases = [  # (bid, ask, qb, qa) -> g row, column

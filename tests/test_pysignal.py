@@ -28,7 +28,7 @@ TWIN = '''
 from quotelab import hookimpl
 from quotelab.component import Reads
 from quotelab.layout import ASK_SZ, BID_SZ, TIME
-from quotelab.plugins.book_imbalance import BookImbalanceParams, _pack
+from quotelab.plugins.book_imbalance import P, BookImbalanceParams
 from quotelab.pysignal import PythonSignal
 
 CALLS = [0]
@@ -36,11 +36,11 @@ CALLS = [0]
 
 def book_imbalance_py(view, trades, state, params):
     CALLS[0] += 1
-    a = int(params[0])
+    a = int(params[P.asset])
     total = 0.0
-    for i in range(int(params[1])):
+    for i in range(int(params[P.n_weights])):
         qb, qa = view[a, BID_SZ + i], view[a, ASK_SZ + i]
-        total += params[2 + i] * ((qb - qa) / (qb + qa) if qb + qa > 0.0 else 0.0)
+        total += params[P.weights + i] * ((qb - qa) / (qb + qa) if qb + qa > 0.0 else 0.0)
     {plant}
     return total
 
@@ -48,7 +48,7 @@ def book_imbalance_py(view, trades, state, params):
 @hookimpl
 def quotelab_register_python_signals(register):
     register(PythonSignal(
-        name="book_imbalance", func=book_imbalance_py, params=BookImbalanceParams, pack=_pack,
+        name="book_imbalance", func=book_imbalance_py, params=BookImbalanceParams,
         reads=lambda p: Reads(assets=(p.asset,), depth_levels=len(p.weights)),
     ))
 '''

@@ -7,7 +7,7 @@ from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, PackContext, Params, Reads
+from quotelab.component import Asset, Component, Params, Reads, param_offsets
 from quotelab.layout import N_TRADES, TR_SIDE
 
 
@@ -16,14 +16,13 @@ class TradeSignEwmaParams(Params):
     alpha: float = Field(0.1, gt=0, le=1, description="Weight of each new trade's sign.")
 
 
-def _pack(p: TradeSignEwmaParams, ctx: PackContext) -> list[float]:
-    return [float(ctx.asset_index[p.asset]), p.alpha]
+P = param_offsets(TradeSignEwmaParams)
 
 
 @njit(inline="always")
 def trade_sign_ewma_nb(view, trades, state, params, out):
-    a = int(params[0])
-    alpha = params[1]
+    a = int(params[P.asset])
+    alpha = params[P.alpha]
     value = state[0]
     for k in range(int(view[a, N_TRADES])):
         value = alpha * trades[a, k, TR_SIDE] + (1.0 - alpha) * value
@@ -34,7 +33,7 @@ def trade_sign_ewma_nb(view, trades, state, params, out):
 @hookimpl
 def quotelab_register_components(register):
     register(Component(
-        role="signal", name="trade_sign_ewma", params=TradeSignEwmaParams, kernel=trade_sign_ewma_nb, pack=_pack,
+        role="signal", name="trade_sign_ewma", params=TradeSignEwmaParams, kernel=trade_sign_ewma_nb,
         state=lambda p: np.zeros(1), reads=lambda p: Reads(assets=(p.asset,), trades=True),
         doc="EWMA of market trade signs, trade by trade (+1 buy-initiated, -1 sell-initiated).",
         formula="s <- alpha * side + (1 - alpha) * s, for each trade",
