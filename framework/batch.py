@@ -236,12 +236,12 @@ def load_batch(path: str | Path, catalog: str | Path | None = None) -> Batch:
         except QuotelabError as exc:
             raise BatchError(_blame(exc, run, at, axes, where, strategy_path, strategy_text, registry)) from exc
         cfg = loaded.config.model_dump(mode="json")
-        for _role, part_at, _spec, _component, params in parts:
+        for part in parts:
             node: Any = cfg
-            for k in part_at:
+            for k in part.at:
                 node = node[k]
             # Each plugin's validated params (units parsed, defaults filled): 2 and 2.0 are the same run.
-            node["params"] = params.model_dump(mode="json")
+            node["params"] = part.params.model_dump(mode="json")
         if cat_path is None and loaded.config.data.catalog is not None:
             cat_path = (strategy_path.parent / loaded.config.data.catalog).resolve()
         cfg["data"]["catalog"] = None  # where the data lives is not what the run is

@@ -13,15 +13,17 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
-from quotelab.component import asset_fields
+from quotelab.component import Alpha, PartRef, asset_fields
 from quotelab.errors import ConfigError
-from quotelab.registry import Registry
 from quotelab.units import DAY, MICROSECOND, Delay, DomainModel, Offset, Price, Qty, Step, seconds_between
+
+if TYPE_CHECKING:
+    from quotelab.registry import Registry
 
 Path_ = tuple[str | int, ...]
 
@@ -327,16 +329,14 @@ class EngineSection(StrictModel):
 ALPHA_RE = re.compile(r"\s*([-+0-9.eE]+)\s*(ticks?|bps|spreads?|price)?\s*")
 
 
-class Alpha(NamedTuple):
-    """A signal's multiplier: forecast term = value · (price + bps·1e-4·fair value + spreads·spread of the quoted)."""
-
-    price: float = 0.0
-    bps: float = 0.0
-    spreads: float = 0.0
+PART_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class PartSpec(StrictModel):
     kind: str
+    name: str | None = Field(
+        None, description="Optional: how other parts refer to this one (e.g. linear_forecast's inputs), instead of "
+        "its position in the composed order.")
     params: dict[str, Any] = {}
     weight: float = 1.0
     alpha: float | str | None = Field(
@@ -344,6 +344,13 @@ class PartSpec(StrictModel):
         description="Signals only: multiplier in price units, '<n> ticks', '<n> bps' (of the fair value) or "
         "'<n> spreads' (of the quoted asset's current spread); 0 = an input only.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not PART_NAME_RE.fullmatch(v):
+            raise ValueError(f"a part name is a letter or _ then letters, digits or _ (like imbalance_1), got {v!r}")
+        return v
 
     @field_validator("alpha")
     @classmethod
@@ -455,10 +462,21 @@ class LoadedStrategy:
         return out
 
 
+class ValidatedPart(NamedTuple):
+    """One part of a strategy (or an evaluation's bank) after phase two: its role, where it is in the
+    YAML (``("forecast", 1)``), the spec as written, the registered component and its validated params."""
+
+    role: str
+    at: Path_
+    spec: PartSpec
+    component: Any  # quotelab.component.Component or quotelab.pysignal.PythonSignal
+    params: Any  # an instance of component.params
+
+
 def validate_part(
     registry: Registry, role: str, at: Path_, spec: PartSpec, path: Path, lines: dict[Path_, int],
     names: set[str], assets: dict[str, AssetData],
-) -> tuple:
+) -> ValidatedPart:
     """Phase two for one part: its component exists, its params fit its model, its assets have data."""
     where = where_in(path, lines)
 
@@ -480,33 +498,78 @@ def validate_part(
             f"{where(at)}: signal {spec.kind!r} needs an alpha (e.g. alpha: 2ticks, 1.5bps or 0.3; "
             "alpha: 0 makes it an input of another part, such as linear_forecast, only)"
         )
-    return role, at, spec, component, params
+    return ValidatedPart(role, at, spec, component, params)
 
 
-def check_component_inputs(parts: Sequence[tuple], where: Callable[[Path_], str], scope: str) -> None:
+def resolve_part_names(parts: Sequence[ValidatedPart], where: Callable[[Path_], str], scope: str
+                       ) -> list[ValidatedPart]:
+    """``parts`` with every name in a :class:`~quotelab.component.PartRef` field (``linear_forecast``'s
+    ``inputs``) replaced by that part's composed index; an unknown name, a name used twice, or a part
+    that runs later is an error naming the place and the parts that can be read."""
+    index: dict[str, int] = {}
+    for k, part in enumerate(parts):
+        name = part.spec.name
+        if name is None:
+            continue
+        if name in index:
+            raise ConfigError(f"{where((*part.at, 'name'))}: name {name!r} is already "
+                              f"{fmt_path(parts[index[name]].at)}'s; names must be unique in {scope}")
+        index[name] = k
+    out = []
+    for k, part in enumerate(parts):
+        update = {}
+        for field, info in type(part.params).model_fields.items():
+            values = getattr(part.params, field)
+            if PartRef not in info.metadata or not isinstance(values, tuple):
+                continue
+            resolved = []
+            for n, v in enumerate(values):
+                if not isinstance(v, str):
+                    resolved.append(v)
+                    continue
+                readable = ", ".join(f"{m!r} ({fmt_path(parts[i].at)})" for m, i in index.items() if i < k) or "none"
+                if v not in index:
+                    raise ConfigError(f"{where((*part.at, 'params', field, n))}: no part is named {v!r} in {scope}; "
+                                      f"named parts that run before this one: {readable}")
+                if index[v] >= k:
+                    raise ConfigError(
+                        f"{where((*part.at, 'params', field, n))}: {v!r} is {fmt_path(parts[index[v]].at)}, which "
+                        f"runs after this {part.spec.kind!r} (parts run fair values, forecasts, risks, in order); "
+                        f"named parts before it: {readable}")
+                resolved.append(index[v])
+            update[field] = tuple(resolved)
+        out.append(part._replace(params=part.params.model_copy(update=update)) if update else part)
+    return out
+
+
+def check_component_inputs(parts: Sequence[ValidatedPart], where: Callable[[Path_], str], scope: str
+                           ) -> list[ValidatedPart]:
     """Every part that reads other components' outputs (``Reads.components``, e.g. a pasted
     ``linear_forecast``) reads ones that run before it in ``parts`` (the composed order), of the kinds
     it names. A later index would read the previous step's value, or in an evaluation another
     estimator's, and a block pasted after a different list of parts would combine the wrong ones;
-    neither fails on its own."""
-    for k, (_role, at, spec, component, params) in enumerate(parts):
-        reads = component.reads(params)
+    neither fails on its own. Returns ``parts`` with part names resolved to indices."""
+    parts = resolve_part_names(parts, where, scope)
+    for k, part in enumerate(parts):
+        at, spec = part.at, part.spec
+        reads = part.component.reads(part.params)
         if not reads.components:
             continue
-        before = "; ".join(f"{i}: {fmt_path(parts[i][1])} ({parts[i][2].kind})" for i in range(k)) or "none"
+        before = "; ".join(f"{i}: {fmt_path(parts[i].at)} ({parts[i].spec.kind})" for i in range(k)) or "none"
         for n, idx in enumerate(reads.components):
             if idx >= k:
                 raise ConfigError(
                     f"{where((*at, 'params', 'inputs', n))}: input {idx} is not a component that runs before this "
                     f"{spec.kind!r} (component {k} of {scope}); it can read {before}"
                 )
-            if reads.component_kinds and parts[idx][2].kind != reads.component_kinds[n]:
+            if reads.component_kinds and parts[idx].spec.kind != reads.component_kinds[n]:
                 raise ConfigError(
-                    f"{where((*at, 'params', 'inputs', n))}: input {idx} is {fmt_path(parts[idx][1])} "
-                    f"({parts[idx][2].kind}), but features[{n}] is {reads.component_kinds[n]!r}: the block was made "
+                    f"{where((*at, 'params', 'inputs', n))}: input {idx} is {fmt_path(parts[idx].at)} "
+                    f"({parts[idx].spec.kind}), but features[{n}] is {reads.component_kinds[n]!r}: the block was made "
                     f"for another order of parts; {scope} has {before}. Fix: paste it after the same fair values "
                     "and forecasts it was trained with, or renumber inputs"
                 )
+    return parts
 
 
 def check_data_section(data: DataSection, where: Callable[[Path_], str]) -> None:
@@ -553,7 +616,7 @@ def where_in(path: Path, lines: dict[Path_, int]) -> Callable[[Path_], str]:
 
 def load_strategy(
     path: str | Path, overrides: list[str] = (), registry: Registry | None = None, text: str | None = None
-) -> tuple[LoadedStrategy, Registry, list]:
+) -> tuple[LoadedStrategy, Registry, list[ValidatedPart]]:
     """Validate a strategy YAML fully (both phases) and return it with its registry and parts."""
     from quotelab.registry import load_registry
 
@@ -579,7 +642,7 @@ def load_strategy(
     names = set(config.data.assets) | {"quoted"}
     parts = [validate_part(registry, role, at, spec, path, lines, names, config.data.assets)
              for role, at, spec in loaded.parts()]
-    check_component_inputs(parts, loaded.where, "the strategy")
+    parts = check_component_inputs(parts, loaded.where, "the strategy")
     return loaded, registry, parts
 
 

@@ -23,7 +23,15 @@ from quotelab import progress as P
 from quotelab.backtest_c import Backtest
 from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose, kernel_list
-from quotelab.config import Alpha, AssetEngine, DataSection, LoadedStrategy, load_strategy, parse_alpha
+from quotelab.config import (
+    Alpha,
+    AssetEngine,
+    DataSection,
+    LoadedStrategy,
+    ValidatedPart,
+    load_strategy,
+    parse_alpha,
+)
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, DataError, PluginError, QuotelabError, RunError
 from quotelab.funding import schedule
@@ -358,19 +366,19 @@ def run_loaded(
     ready_mask[q] = True
     n_levels = 1
     need_trades = False
-    for role, at, spec, component, params in parts:
-        where = "".join(f"[{p}]" if isinstance(p, int) else p for p in at)
-        alpha = parse_alpha(spec.alpha, tick_q) if role == "signal" else Alpha()
-        part = Part(component, params, where, weight=spec.weight, alpha=alpha)
-        reads = component.reads(params)
+    for vp in parts:
+        where = "".join(f"[{p}]" if isinstance(p, int) else p for p in vp.at)
+        alpha = parse_alpha(vp.spec.alpha, tick_q) if vp.role == "signal" else Alpha()
+        part = Part(vp.component, vp.params, where, weight=vp.spec.weight, alpha=alpha)
+        reads = vp.component.reads(vp.params)
         for asset in reads.assets:
             ready_mask[index[asset]] = True
         if reads.depth_levels > L.MAX_LEVELS:
-            raise ConfigError(f"{loaded.where(at)}: reads {reads.depth_levels} depth levels; at most {L.MAX_LEVELS}")
+            raise ConfigError(f"{loaded.where(vp.at)}: reads {reads.depth_levels} depth levels; at most {L.MAX_LEVELS}")
         n_levels = max(n_levels, reads.depth_levels)
         need_trades = need_trades or reads.trades
-        {"fair_value": fvs, "signal": sigs, "risk": risks}.get(role, []).append(part)
-        if role == "quoter":
+        {"fair_value": fvs, "signal": sigs, "risk": risks}.get(vp.role, []).append(part)
+        if vp.role == "quoter":
             quoter = part
     _check_sizes(loaded, parts, feeds[q])
 
@@ -561,8 +569,8 @@ def _origin(loaded: LoadedStrategy, feeds: list[AssetFeed], q: int, global_first
     return origin
 
 
-def _check_sizes(loaded: LoadedStrategy, parts: list, quoted: AssetFeed) -> None:
-    for _role, at, _spec, _component, params in parts:
+def _check_sizes(loaded: LoadedStrategy, parts: list[ValidatedPart], quoted: AssetFeed) -> None:
+    for at, params in ((p.at, p.params) for p in parts):
         for key in ("size", "max_position"):
             value = getattr(params, key, None)
             if value is None:

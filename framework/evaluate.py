@@ -22,12 +22,21 @@ from pydantic import Field, field_validator
 
 from quotelab import layout as L
 from quotelab.component import Component, PackContext, Params
-from quotelab.composer import HEADER_PER_SIGNAL, forecast_term, kernel_imports, load_module, signal_header
+from quotelab.composer import (
+    HEADER_PER_SIGNAL,
+    OBJMODE_IMPORTS,
+    forecast_term,
+    kernel_imports,
+    load_module,
+    objmode_call,
+    signal_header,
+)
 from quotelab.config import (
     Alpha,
     DataSection,
     PartSpec,
     StrictModel,
+    ValidatedPart,
     check_component_inputs,
     check_data_section,
     fmt_path,
@@ -40,7 +49,6 @@ from quotelab.data import catalog as cat
 from quotelab.engine import AssetFeed, check_record_budget, load_assets, resolve_catalog
 from quotelab.errors import ConfigError, DataError
 from quotelab.outputs import write_or_rescue
-from quotelab.pysignal import OBJMODE_IMPORTS, objmode_call
 from quotelab.units import Horizon, Step
 
 PROBE_MID = L.QUOTES
@@ -323,21 +331,20 @@ def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dic
                                 cfg.data.assets) for i, spec in enumerate(est.forecast)]
         if not est.fair_value:
             raise ConfigError(f"{where(('estimators', j, 'fair_value'))}: at least one fair-value source is required")
-        check_component_inputs(parts, where, f"estimator {est.name!r}")
-        estimators.append(parts)
+        estimators.append(check_component_inputs(parts, where, f"estimator {est.name!r}"))
     return cfg, registry, estimators, {"path": path, "lines": lines, "where": where}
 
 
-def _bank_parts(estimators: list[list[tuple]], ctx: PackContext, tick: float
+def _bank_parts(estimators: list[list[ValidatedPart]], ctx: PackContext, tick: float
                 ) -> tuple[list[list[_BankPart]], int, set[int]]:
     """The estimators' parts for the bank, the depth levels they read and the assets they need ready."""
     bank_parts, n_levels, ready = [], 1, {ctx.asset_index["quoted"]}
     for parts in estimators:
         est = []
-        for role, at, spec, component, params in parts:
-            alpha = parse_alpha(spec.alpha, tick) if role == "signal" else Alpha()
-            est.append(_BankPart(component, params, role, spec.weight, alpha, fmt_path(at)))
-            reads = component.reads(params)
+        for p in parts:
+            alpha = parse_alpha(p.spec.alpha, tick) if p.role == "signal" else Alpha()
+            est.append(_BankPart(p.component, p.params, p.role, p.spec.weight, alpha, fmt_path(p.at)))
+            reads = p.component.reads(p.params)
             n_levels = max(n_levels, reads.depth_levels)
             ready |= {ctx.asset_index[a] for a in reads.assets}
         bank_parts.append(est)
@@ -463,15 +470,15 @@ MATCH_CONVENTION = ("each trade is scored against the estimate on the book as of
                     "included (pandas merge_asof backward); flow signals update once per trade")
 
 
-def _check_single_asset(estimators: list[list[tuple]], targets: list[str], where: Any) -> None:
+def _check_single_asset(estimators: list[list[ValidatedPart]], targets: list[str], where: Any) -> None:
     """score: trades replays one asset at a time: no estimator may read another."""
     for target in targets:
         for parts in estimators:
-            for _role, at, spec, component, params in parts:
-                other = [a for a in component.reads(params).assets if a not in ("quoted", target)]
+            for p in parts:
+                other = [a for a in p.component.reads(p.params).assets if a not in ("quoted", target)]
                 if other:
                     raise ConfigError(
-                        f"{where(at)}: {spec.kind!r} reads {other[0]!r}, but score: trades scores one asset at a "
+                        f"{where(p.at)}: {p.spec.kind!r} reads {other[0]!r}, but score: trades scores one asset at a "
                         f"time on its exchange clock (target {target!r}); use score: grid for cross-asset estimators"
                     )
 

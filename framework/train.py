@@ -34,6 +34,7 @@ from quotelab import provenance
 from quotelab.component import PackContext
 from quotelab.composer import Composition, Part, compose
 from quotelab.config import (
+    PART_NAME_RE,
     AssetData,
     DataSection,
     PartSpec,
@@ -121,7 +122,6 @@ class TransferSpec(StrictModel):
 
 
 class ExportSpec(StrictModel):
-    fair_values: int = Field(1, ge=1, description="Fair-value entries of the strategy the forecast is pasted into.")
     latency: Delay = Field(0.0, description="A precomputed value is usable only after timestamp + latency.")
 
 
@@ -781,21 +781,23 @@ def forecast_block(setup: TrainSetup, model: StaticModel, provenance: dict[str, 
         raise ConfigError(f"{setup.where(('external',))}: external series have no kernel in a strategy, so a "
                           "model that uses them cannot become a linear_forecast block; use its predictions file")
     c = setup.config
-    first = c.export.fair_values
+    # Each feature part is named, and linear_forecast reads them by name: the block can go anywhere in
+    # a strategy's forecast list, after any fair values, as long as the names are not used there already.
+    names = [s.name if s.name and PART_NAME_RE.fullmatch(s.name) else f"feature_{i}_{s.kind}"
+             for i, (_, s, _, _) in enumerate(setup.parts)]
     items: list[dict[str, Any]] = [
-        {"kind": s.kind, "alpha": 0, "params": json.loads(json.dumps(s.params))} for _, s, _, _ in setup.parts
+        {"kind": s.kind, "name": n, "alpha": 0, "params": json.loads(json.dumps(s.params))}
+        for n, (_, s, _, _) in zip(names, setup.parts, strict=True)
     ]
     items.append({"kind": "linear_forecast", "alpha": "1bps", "params": {
-        "inputs": list(range(first, first + len(setup.parts))),
-        "coefficients": [float(v) for v in lin[0]], "intercept": float(lin[1]),
+        "inputs": names, "coefficients": [float(v) for v in lin[0]], "intercept": float(lin[1]),
         "features": [s.kind for _, s, _, _ in setup.parts]} | ({"provenance": provenance} if provenance else {})})
     head = (
         f"# Trained by `quotelab train {setup.file.name}`: {c.model.kind} model of the {c.target.horizon:g}s future\n"
         f"# mid return of {c.data.quote!r}, in bps; `alpha: 1bps` turns it into a price offset of the fair value.\n"
         f"# The features feed linear_forecast only: `alpha: 0` makes a signal an input, not a forecast term.\n"
-        f"# linear_forecast's inputs index the strategy's components,\n"
-        f"# fair values first: paste this into a strategy with {first} fair_value entr{'y' if first == 1 else 'ies'}, "
-        f"no other forecast items\n# before these, and the same asset names.\n"
+        f"# linear_forecast reads them by name: paste this into a strategy's forecast list (with the same asset\n"
+        f"# names), keeping the features before linear_forecast.\n"
     )
     return head + yaml.safe_dump({"forecast": items}, sort_keys=False, default_flow_style=None, width=120)
 

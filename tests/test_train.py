@@ -293,15 +293,21 @@ def test_exported_forecast_block_runs_in_quotelab_run_unchanged(catalog, tmp_pat
     np.testing.assert_allclose(series["forecast"].to_numpy(), pred * frame.mid * 1e-4, rtol=1e-9, atol=1e-12)
     assert np.std(series["forecast"].to_numpy()) > 0
 
-    # pasted after another fair value, its inputs would point one part early: refused, not mis-modelled
-    assert "features: [" in block
-    wrong = write(tmp_path, DATA + "fair_value:\n  - kind: mid\n  - kind: weighted_mid\n" + block + "quoter:\n"
-                  "  kind: fixed_spread\n  params: {half_spread: 2ticks, size: 0.001, max_position: 0.01}\n",
-                  "wrong.yaml")
+    # linear_forecast reads its features by name: pasted after another fair value it still runs ...
+    items = yaml.safe_load(block)["forecast"]
+    names = [item["name"] for item in items[:-1]]
+    assert items[-1]["params"]["inputs"] == names and len(set(names)) == len(names) >= 2
+    quoter = "quoter:\n  kind: fixed_spread\n  params: {half_spread: 2ticks, size: 0.001, max_position: 0.01}\n"
+    two = write(tmp_path, DATA + "fair_value:\n  - kind: mid\n  - kind: weighted_mid\n" + block + quoter, "two.yaml")
+    proc = subprocess.run([*cli, "run", str(two), "--catalog", str(catalog), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # ... and a block that lost a feature it names is refused, at the input that names it
+    broken = yaml.safe_dump({"forecast": items[1:]}, sort_keys=False)
+    wrong = write(tmp_path, DATA + "fair_value:\n  - kind: mid\n" + broken + quoter, "wrong.yaml")
     proc = subprocess.run([*cli, "run", str(wrong), "--catalog", str(catalog)], capture_output=True, text=True)
     assert proc.returncode != 0
-    assert re.search(r"wrong\.yaml:\d+: forecast\[\d\]\.params\.inputs\[0\]: input 1 is fair_value\[1\] "
-                     r"\(weighted_mid\), but features\[0\] is ", proc.stderr), proc.stderr
+    assert re.search(rf"wrong\.yaml:\d+: forecast\[\d\]\.params\.inputs\[0\]: no part is named '{names[0]}' in the "
+                     r"strategy; named parts that run before this one: ", proc.stderr), proc.stderr
 
 
 def test_non_linear_model_exports_out_of_sample_predictions_with_latency(catalog, tmp_path):
