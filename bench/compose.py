@@ -1,6 +1,6 @@
 """Composition cost: the YAML seed strategy against its anchors, measured in the same run.
 
-Anchors: the hand-written @njit seed loop (tests/handwritten.py) and hftbacktest's bare
+Anchors: the hand-written @njit seed loop (bench/handwritten.py) and hftbacktest's bare
 ``elapse(100ms)`` loop, on the same synthetic hour. Prints medians of --repeat runs as ratios, then
 compile times in a fresh process: the first strategy, a second different one, and a 20-set sweep.
 
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 SYNTH_OVERRIDES = [
     "data.assets.perp.venue=synthetic",

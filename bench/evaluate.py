@@ -7,7 +7,7 @@
    study (mid and weighted mid against future mids and trades) on top-of-book frames and trades
    already built in memory. Prints the ratio and whether the numbers are identical.
 3. The seed's mid-price study (``strategies/midprice_study.yaml``, ``score: trades``) end to end
-   from the catalog, against ``tests/seed_study.py``'s pandas procedure on trades and exchange-time
+   from the catalog, against ``bench/seed_study.py``'s pandas procedure on trades and exchange-time
    top-of-book frames already built in memory; with the time split (load, replay, rest).
 
 Runs on a synthetic day (>= 20 M events, made if absent) and on the shared USD-M BTCUSDT window,
@@ -31,7 +31,6 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def bare_feed_replay(day: np.ndarray, tick: float, lot: float) -> float:

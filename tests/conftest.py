@@ -28,6 +28,19 @@ def pytest_report_header() -> list[str]:
                                              if v in os.environ)]
 
 
+# The real instruments each plugin reference test runs on (keys of reference_impls.INSTRUMENTS).
+SYMBOLS = ["usdm_btc", "usdm_eth"]
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """The built-in plugins only (no entry points), loaded once. A test module that needs installed
+    plugins too defines its own ``registry``."""
+    from quotelab.registry import load_registry
+
+    return load_registry(entry_points=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real captures. Missing: a skip on a laptop, a failure under CI=true."""

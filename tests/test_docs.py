@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from quotelab.registry import BLOCK_ENV, ENTRY_POINT_GROUP, load_registry
 
@@ -69,10 +70,31 @@ def test_a_missing_or_incomplete_entry_is_caught():
     assert "fixed_spread" in missing_builtins(no_param)
 
 
-def test_regeneration_notices_a_changed_component(tmp_path):
-    # The stale check compares whole files, so a changed doc string anywhere shows up.
-    fresh = _regenerate(tmp_path)
-    assert fresh.replace("Mid price of one asset.", "Mid price.") != DOC.read_text()
+def test_the_page_follows_each_components_doc_formula_and_params():
+    # The stale check above is only as good as the generator: a changed doc, formula or param of one
+    # component must change that component's section, and nothing else.
+    from dataclasses import replace
+
+    from quotelab.docs import describe_components, markdown_reference
+
+    registry = load_registry(entry_points=False)
+    base = markdown_reference(describe_components(registry))
+    mid = registry.get("fair_value", "mid")
+
+    class WiderMidParams(mid.params):
+        offset: float = Field(0.5, description="A param that is not there.")
+
+    changes = [({"doc": "Mid price."}, "\nMid price.\n"), ({"formula": "(bid + ask) / 2"}, "```\n(bid + ask) / 2\n```"),
+               ({"params": WiderMidParams}, "| `offset` | `0.5` |  | A param that is not there. |")]
+    before = entries(base)
+    try:
+        for change, shown in changes:
+            registry.components["fair_value"]["mid"] = replace(mid, **change)
+            after = entries(markdown_reference(describe_components(registry)))
+            assert [k for k in before if before[k] != after[k]] == ["mid"], change
+            assert shown not in before["mid"] and shown in after["mid"], change
+    finally:
+        registry.components["fair_value"]["mid"] = mid
 
 
 COMMAND = re.compile(r"^\s*(?:\$ )?quotelab ([a-z-]+)", re.M)

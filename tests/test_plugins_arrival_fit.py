@@ -37,12 +37,10 @@ def test_arrival_fit_equals_reference(shared_data, key):
 
 
 @pytest.mark.parametrize("quoter", ["avellaneda_stoikov", "glft"])
-def test_quoters_use_the_fitted_arrival_parameters(shared_data, quoter):
+def test_quoters_use_the_fitted_arrival_parameters(shared_data, registry, quoter):
     from quotelab.composer import Part, compose
-    from quotelab.registry import load_registry
     from quotelab.replay import context, replay_composition
 
-    registry = load_registry(entry_points=False)
     a = asset(shared_data, "usdm_btc")
     g, k0, a0, s = 0.001, 0.3, 1.0, 80.0
     raw = {"gamma": g, "k": k0, "volatility": s, "position_unit": 0.01, "size": 0.01, "max_position": 0.1,

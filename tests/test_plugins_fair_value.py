@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SYMBOLS
 from reference_impls import (
     SEED_SHAPES,
     asset,
@@ -16,15 +17,7 @@ from reference_impls import (
 
 from quotelab import layout as L
 from quotelab.component import PackContext
-from quotelab.registry import load_registry
 from quotelab.replay import replay_component
-
-SYMBOLS = ["usdm_btc", "usdm_eth"]
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry(entry_points=False)
 
 
 def _run(registry, name, params, assets, **kw):

@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SYMBOLS
 from reference_impls import asset, ewma_sigma_ticks, level_imbalance, mids
 
 from quotelab import layout as L
-from quotelab.registry import load_registry
 from quotelab.replay import context, replay_component
-
-SYMBOLS = ["usdm_btc", "usdm_eth"]
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry(entry_points=False)
 
 
 @pytest.fixture(scope="module", params=SYMBOLS)

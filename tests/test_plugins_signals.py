@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SYMBOLS
 from reference_impls import (
     asset,
     events,
@@ -19,15 +20,7 @@ from quotelab import layout as L
 from quotelab.component import PackContext
 from quotelab.composer import Part, compose
 from quotelab.config import Alpha
-from quotelab.registry import load_registry
 from quotelab.replay import context, replay_component, replay_composition
-
-SYMBOLS = ["usdm_btc", "usdm_eth"]
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry(entry_points=False)
 
 
 def _run(registry, name, params, assets, **kw):
