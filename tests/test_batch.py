@@ -89,6 +89,7 @@ def test_invalid_run_names_batch_file_line_and_run(tmp_path: Path, catalog: Path
     assert "run #0 synthetic/SYNPERP" in msg and "unknown key" in msg
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_failure_isolation(tmp_path: Path, catalog: Path) -> None:
     # the third asset has no data for its date: that run fails, is recorded, and the batch goes on
     assets = ASSETS + "\n    - {venue: synthetic, symbol: SYNPERP, dates: 20240105}"
@@ -135,6 +136,7 @@ def test_resume_after_sigkill_and_failure_isolation(tmp_path: Path, catalog: Pat
     assert all((out / "runs" / rid / "series.parquet").exists() for rid in ok["run_id"])
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_identical(tmp_path: Path, catalog: Path) -> None:
     f = write_batch(tmp_path / "b.yaml")
     s1 = run_batch(f, tmp_path / "w1", catalog=catalog, workers=1)
@@ -149,6 +151,7 @@ def test_one_and_two_workers_identical(tmp_path: Path, catalog: Path) -> None:
     assert set(per_worker.values()) == {1}
 
 
+@pytest.mark.slow
 def test_ray_local_cluster_matches_local_pool(tmp_path: Path, catalog: Path) -> None:
     pytest.importorskip("ray")
     f = write_batch(tmp_path / "b.yaml")
@@ -214,6 +217,7 @@ print("converted", len(rows))
 """
 
 
+@pytest.mark.slow
 def test_ray_batch_leaves_the_interpreter_as_found_and_a_convert_compiles_after(
         tmp_path: Path, catalog: Path, shared_data: Path) -> None:
     """In one process: a Ray batch, then hftbacktest's Binance converter, compiled fresh by numba."""

@@ -63,6 +63,7 @@ def test_kernels_equal_naive_references_on_real_data(real_catalog):
     assert (n, s, ss) == (2, 1.0, 5.0)  # only changes between finite neighbours count
 
 
+@pytest.mark.slow
 def test_recovers_a_planted_arrival_law_through_the_cli(tmp_path):
     # Buy side A=4/s k=0.3/tick, sell side A=2.5/s k=0.5/tick, σ = √(0.2/0.1) ticks/√s, two hours.
     # Over three seeds the estimates were within 2 % of the truth; the bounds allow 5 % (A), 4 % (k), 2 % (σ).

@@ -184,6 +184,7 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_failure_on_day_two_leaves_catalog_as_it_was(shared_data: Path, tmp_path: Path) -> None:
     day1 = shared_data / "binance" / "cm" / "btcusd_perp_20240808.gz"
     day2 = read_lines(shared_data / "binance" / "cm" / "btcusd_perp_20240809.gz")

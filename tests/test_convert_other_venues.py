@@ -301,6 +301,7 @@ def _tardis_raw_states(path: Path) -> list[dict[tuple[int, float], float]]:
 TARDIS_ARGS = ["--format", "tardis", "--symbol", "BTCUSDT", "--tick-size", "0.1", "--lot-size", "0.001"]
 
 
+@pytest.mark.slow
 def test_tardis_book_and_trades_across_midnight(tmp_path):
     out = convert_ok(*TARDIS_ARGS, "--catalog", tmp_path, TARDIS_BOOK, TARDIS_TRADES).stdout
     venue = "binance-usdm"  # Tardis's exchange id binance-futures names the venue the days are filed under
@@ -357,6 +358,7 @@ def test_tardis_without_tick_size_says_what_to_pass(tmp_path):
     assert "--tick-size" in err and "--lot-size" in err
 
 
+@pytest.mark.slow
 def test_tardis_takes_the_spec_of_the_market_its_data_names(tmp_path):
     """Tardis's exchange column picks the venue, and with it the built-in spec: binance-futures BTCUSDT
     needs no --tick-size, and binance-delivery BTCUSD_PERP is stored as the inverse contract it is."""

@@ -23,6 +23,7 @@ SEED = REPO / "strategies" / "seed_market_maker.yaml"
 FINAL = ("num_trades", "position", "balance", "fee")
 
 
+@pytest.mark.slow
 def test_seed_yaml_reproduces_handwritten_loop_exactly(real_catalog):
     composed = run_strategy(SEED, catalog=real_catalog).summary
     by_hand = run_seed_by_hand([cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")])
@@ -32,6 +33,7 @@ def test_seed_yaml_reproduces_handwritten_loop_exactly(real_catalog):
 
 
 
+@pytest.mark.slow
 def test_uncompressed_catalog_converts_maps_and_runs_identically(real_catalog, shared_data, tmp_path):
     """`convert --compression none` writes the same rows; the mapped days run and evaluate as the deflated ones."""
     from quotelab.evaluate import evaluate
@@ -243,6 +245,7 @@ def test_cli_run_json_in_subprocess(real_catalog, tmp_path):
     assert series["num_trades"][-1] <= s["num_trades"]
 
 
+@pytest.mark.slow
 def test_driver_is_loaded_from_the_disk_cache_in_a_new_process(real_catalog, tmp_path):
     """The driver calls hftbacktest's C functions by name (backtest_c), so numba caches it: a second
     process loads it instead of compiling it, and runs the same backtest."""
@@ -294,6 +297,7 @@ def quotelab_register_components(register):
 '''
 
 
+@pytest.mark.slow
 def test_edited_plugin_is_never_served_from_a_stale_cache(real_catalog, tmp_path):
     plugin = tmp_path / "constplug.py"
     doc = _seed_doc(real_catalog)
@@ -334,6 +338,7 @@ def quotelab_register_components(register):
 '''
 
 
+@pytest.mark.slow
 def test_edited_helper_kernel_in_another_module_is_recompiled(real_catalog, tmp_path):
     # numba's cache does not see edits of functions in other files: the key must follow the imports.
     (tmp_path / "helperplug.py").write_text(HELPER_PLUGIN)

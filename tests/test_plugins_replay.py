@@ -250,6 +250,7 @@ for loop in (R._replay_nb, R._replay_trades_nb):
 '''
 
 
+@pytest.mark.slow
 def test_replay_loops_are_disk_cached_and_recompiled_when_the_layout_changes(real_catalog, tmp_path):
     """Both loops take the kernel as a function pointer, so a new process loads them from numba's
     cache instead of compiling them per kernel (~5 s); a cache compiled against other layout

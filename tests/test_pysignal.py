@@ -195,6 +195,7 @@ def test_check_plugin_passes_when_the_twins_agree(real_catalog, tmp_path):
     assert out["first_difference"] is None and out["steps"] > 3000 and out["max_abs_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_check_plugin_checks_a_signal_of_another_asset_given_with_with(real_catalog, tmp_path):
     from quotelab.pysignal import catalog_asset
     from quotelab.replay import replay_component

@@ -46,6 +46,7 @@ def installed(tmp_path):
     yield root, python
 
 
+@pytest.mark.slow
 def test_scaffolded_plugin_installs_tests_and_runs(installed, real_catalog, tmp_path):
     root, python = installed
     n = names(NAME)

@@ -253,6 +253,7 @@ def test_external_series_resampled_equals_the_kernel_and_a_left_label_is_caught(
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_exported_forecast_block_runs_in_quotelab_run_unchanged(catalog, tmp_path):
     train_yaml = write(tmp_path, DATA + FEATURES + "target: {horizon: 1s}\nvalidation: {folds: 4, purge: 1s}\n")
     out = tmp_path / "out"
