@@ -64,6 +64,7 @@ def _count_finished(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_finds_the_optimum_of_an_exhaustive_grid_and_reports_it(catalog, tmp_path):
     grid = tmp_path / "grid"
     subprocess.run([*CLI, "batch", str(FIXTURES / "grid.yaml"), "--catalog", str(catalog), "--out", str(grid),
@@ -98,6 +99,7 @@ def test_finds_the_optimum_of_an_exhaustive_grid_and_reports_it(catalog, tmp_pat
     assert "opt_importance_fold0.png" in page and (out / "report" / "opt_history_fold0.png").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_optimisation_resumes_without_losing_or_repeating_a_trial(catalog, tmp_path):
     opt = tmp_path / "opt.yaml"
     doc = yaml.safe_load((FIXTURES / "opt.yaml").read_text())
