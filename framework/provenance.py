@@ -73,10 +73,10 @@ def strategy_in_sample(loaded: Any, parts: list, strict: bool) -> list[str]:
     """Check every part of a validated strategy that carries a ``provenance`` param."""
     cfg = loaded.config
     found: list[str] = []
-    for _role, at, _spec, _component, params in parts:
-        prov = getattr(params, "provenance", None)
+    for part in parts:
+        prov = getattr(part.params, "provenance", None)
         if prov:
-            where = f"{loaded.file}: {'.'.join(map(str, at))}.params.provenance"
+            where = f"{loaded.file}: {'.'.join(map(str, part.at))}.params.provenance"
             days = check(prov, cfg.engine.step, cfg.data.assets, where, "the model", strict)
             found += [d for d in days if d not in found]
     warn(found, "the model of this strategy")
