@@ -335,6 +335,28 @@ def test_the_run_check_flag_reaches_the_kernel(real_catalog, tmp_path):
     assert len(r.stderr.splitlines()) == 1
 
 
+TWINS = BAD_PLUGIN.replace("from quotelab.component import Component, Params", "from quotelab.component import "
+                           "Component, Params\nfrom quotelab.pysignal import PythonSignal") + '''
+
+def overread_py(view, trades, state, params):
+    return state[0]
+
+
+@hookimpl
+def quotelab_register_python_signals(register):
+    register(PythonSignal(name="overread", func=overread_py, params=P, state=lambda p: np.zeros(1)))
+'''
+
+
+def test_check_plugin_checks_the_kernels_bounds(real_catalog, tmp_path):
+    """Seen red: the kernel read past its state and the two 'agreed at all 3446 steps' (exit 0)."""
+    (tmp_path / "twins.py").write_text(TWINS)
+    r = _cli("check-plugin", "overread", "--catalog", str(real_catalog), "--plugin", str(tmp_path / "twins.py"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert re.match(r'error: Error in plugin ".*twins\.py": kernel overread_nb of signal \'overread\' indexed outside '
+                    r"its arrays \(index is out of bounds; found by bounds checking\)", r.stderr), r.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # Property: any strategy YAML either validates or is a one-line error per problem
 # ------------------------------------------------------------------------------------------------

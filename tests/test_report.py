@@ -115,6 +115,24 @@ def test_failed_runs_are_one_line_each_with_the_error_on_demand(real_batch: Path
     assert '<td class="s err" title=' in page  # in the table: one line, the rest on hover
 
 
+def test_unreadable_run_records_are_listed_not_dropped(real_batch: Path, tmp_path: Path) -> None:
+    """Seen red: a corrupt record.json was left out of the report without a word."""
+    copy = tmp_path / "b"
+    shutil.copytree(real_batch / "runs", copy / "runs")
+    records = sorted((copy / "runs").glob("*/record.json"))
+    records[0].write_text(records[0].read_text()[:40])  # cut short, as by a full disk or a hand edit
+    r = subprocess.run([sys.executable, "-m", "quotelab.cli", "report", str(copy)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    (warning,) = r.stderr.splitlines()
+    assert warning.startswith(f"warning: run record left out, cannot be read: {records[0]}: ")
+    page = (copy / "report" / "index.html").read_text()
+    assert "Unreadable run records (1)" in page and str(records[0]) in page
+    rest = page.replace(str(records[0]), "")
+    assert records[0].parent.name not in rest  # its run is in no table
+    assert all(p.parent.name in rest for p in records[1:])
+
+
 def test_report_of_one_run(real_catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "quotelab.cli", "run", "strategies/seed_market_maker.yaml", "--catalog",
