@@ -228,6 +228,7 @@ def _with_plugin_signal(tmp_path: Path, catalog: Path, kind: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # whole runs or replays in subprocesses: 10-25 s
 def test_a_kernel_that_raises_is_one_line_naming_the_plugin_with_its_traceback_in_a_file(real_catalog, tmp_path):
     """Seen red: a numba traceback from `run` (batch already recorded a clean error)."""
     path = _with_plugin_signal(tmp_path, real_catalog, "raises")
@@ -311,6 +312,7 @@ def test_results_are_saved_elsewhere_when_writing_fails_after_the_run(real_catal
 # Kernel safety: run --check
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # whole runs or replays in subprocesses: 10-25 s
 def test_run_check_names_a_kernel_that_reads_past_its_state(real_catalog, tmp_path):
     """Seen red: the kernel read the next component's state and the fills changed, exit 0."""
     path = _with_plugin_signal(tmp_path, real_catalog, "overread")
@@ -328,6 +330,7 @@ def test_run_check_names_a_kernel_that_reads_past_its_state(real_catalog, tmp_pa
         assert checked.summary[key] == plain.summary[key]
 
 
+@pytest.mark.slow  # whole runs or replays in subprocesses: 10-25 s
 def test_the_run_check_flag_reaches_the_kernel(real_catalog, tmp_path):
     path = _with_plugin_signal(tmp_path, real_catalog, "overread")
     r = _cli("run", str(path), "--check")
@@ -348,6 +351,7 @@ def quotelab_register_python_signals(register):
 '''
 
 
+@pytest.mark.slow  # whole runs or replays in subprocesses: 10-25 s
 def test_check_plugin_checks_the_kernels_bounds(real_catalog, tmp_path):
     """Seen red: the kernel read past its state and the two 'agreed at all 3446 steps' (exit 0)."""
     (tmp_path / "twins.py").write_text(TWINS)
@@ -468,6 +472,7 @@ def test_any_strategy_yaml_validates_or_is_a_clean_error(tmp_path, text):
         assert _is_one_line_per_problem(str(exc), path), str(exc)
 
 
+@pytest.mark.slow  # up to 5 `quotelab run` subprocesses, two of them full backtests: ~16-23 s
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(data=st.data())
