@@ -32,18 +32,19 @@ def exchange_rows(days: list[np.ndarray]) -> np.ndarray:
     return rows[np.argsort(rows["exch_ts"], kind="stable")]
 
 
-def trades_frame(rows: np.ndarray, unit_ns: int = 1_000_000) -> pd.DataFrame:
+def trades_frame(rows: np.ndarray, unit_ns: int = 1_000_000, clock: str = "exch_ts") -> pd.DataFrame:
     """Binance's aggTrade columns the seed read: transact_time (ms; ``unit_ns=1`` keeps a finer clock's
-    nanoseconds), price, quantity, is_buyer_maker."""
+    nanoseconds; ``clock="local_ts"`` times them by receipt), price, quantity, is_buyer_maker."""
     t = rows[(rows["ev"] & 0xFF) == TRADE_EVENT]
     return pd.DataFrame({
-        "transact_time": t["exch_ts"] // unit_ns, "price": t["px"], "quantity": t["qty"],
+        "transact_time": t[clock] // unit_ns, "price": t["px"], "quantity": t["qty"],
         "is_buyer_maker": (t["ev"] & BUY_EVENT) != BUY_EVENT,
     })
 
 
-def book_frame(rows: np.ndarray, tick: float, lot: float) -> pd.DataFrame:
-    """bid_k_price/bid_k_quantity/ask_k_* (k = 0..LEVELS-1) after each exchange timestamp's depth rows."""
+def book_frame(rows: np.ndarray, tick: float, lot: float, clock: str = "exch_ts", unit_ns: int = 1_000_000
+               ) -> pd.DataFrame:
+    """bid_k_price/bid_k_quantity/ask_k_* (k = 0..LEVELS-1) after each timestamp's depth rows (``clock``)."""
     bids: dict[int, float] = {}
     asks: dict[int, float] = {}
     out = []
@@ -51,7 +52,7 @@ def book_frame(rows: np.ndarray, tick: float, lot: float) -> pd.DataFrame:
     is_book = (kinds == DEPTH_EVENT) | (kinds == DEPTH_SNAPSHOT_EVENT) | (kinds == DEPTH_CLEAR_EVENT)
     r = rows[is_book]
     kinds = kinds[is_book]
-    ts = r["exch_ts"]
+    ts = r[clock]
     for i in range(len(r)):
         book = bids if (r["ev"][i] & BUY_EVENT) == BUY_EVENT else asks
         t = round(r["px"][i] / tick)
@@ -64,7 +65,7 @@ def book_frame(rows: np.ndarray, tick: float, lot: float) -> pd.DataFrame:
             book.pop(t, None)
         if i + 1 < len(r) and ts[i + 1] == ts[i]:
             continue
-        row = {"transact_time": ts[i] // 1_000_000}
+        row = {"transact_time": ts[i] // unit_ns}
         for name, side, pick in (("bid", bids, heapq.nlargest), ("ask", asks, heapq.nsmallest)):
             top = pick(LEVELS, side)
             for k in range(LEVELS):

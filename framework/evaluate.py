@@ -59,7 +59,7 @@ MAX_ESTIMATORS = (L.COMPONENTS - EST_BASE) // 2
 
 
 GRID_ONLY = frozenset({"step", "horizons", "imbalance_buckets", "spread_buckets", "plots"})
-TRADES_ONLY = frozenset({"aggregate_trades"})
+TRADES_ONLY = frozenset({"aggregate_trades", "match"})
 
 
 class EstimatorSpec(StrictModel):
@@ -81,8 +81,12 @@ class EvalConfig(StrictModel):
         "seed study's procedure, one kernel call per trade on the book as of its exchange time.",
     )
     aggregate_trades: bool = Field(
-        True, description="score: trades only: one trade per exchange time and side (first price, summed quantity)."
+        True, description="score: trades only: one trade per time and side (first price, summed quantity)."
     )
+    match: Literal["before_local", "exchange_inclusive"] = Field(
+        "before_local", description="score: trades only: the book a trade meets. before_local: what a trader could "
+        "have seen, the rows received strictly before the trade was (local time); exchange_inclusive: the seed "
+        "study's, the book as of the trade's exchange time, equal times included.")
     notes: list[str] = Field([], description="Conventions of the study, echoed into the summary.")
     step: Step = 0.1
     horizons: list[Horizon] = Field([0.1, 1.0, 10.0, 60.0], min_length=1)
@@ -466,8 +470,13 @@ TRADE_CONVENTIONS = {
     True: "trades with the same exchange time and side are one trade: first price, summed quantity",
     False: "every trade is scored as it is (no aggregation)",
 }
-MATCH_CONVENTION = ("each trade is scored against the estimate on the book as of its exchange time, equal times "
-                    "included (pandas merge_asof backward); flow signals update once per trade")
+MATCH_CONVENTIONS = {
+    "exchange_inclusive": "each trade is scored against the estimate on the book as of its exchange time, equal "
+                          "times included (pandas merge_asof backward); flow signals update once per trade",
+    "before_local": "each trade is scored against the estimate on the book a trader could have seen: the rows "
+                    "received strictly before the trade was, by local time (merge_asof backward, exact matches "
+                    "excluded); trades are aggregated and timed by local time; flow signals update once per trade",
+}
 
 
 def _check_single_asset(estimators: list[list[ValidatedPart]], targets: list[str], where: Any) -> None:
@@ -486,6 +495,8 @@ def _check_single_asset(estimators: list[list[ValidatedPart]], targets: list[str
 def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list[AssetFeed], assets: list[Any],
                      targets: list[str], info: dict, t_start: float) -> Evaluation:
     """score: trades: the seed study's procedure, one bank call per (aggregated) trade of each target."""
+    from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
+
     from quotelab.replay import aggregate_trades, prepare_exchange, replay_trades
 
     path = info["path"]
@@ -495,7 +506,8 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
         q = next(i for i, f in enumerate(feeds) if f.name == target)
         feed = feeds[q]
         t0 = time.perf_counter()
-        data = prepare_exchange([assets[q]])
+        local = cfg.match == "before_local"
+        data = prepare_exchange([assets[q]], LOCAL_EVENT if local else EXCH_EVENT)
         tape = aggregate_trades(data, aggregate=cfg.aggregate_trades)
         if len(tape.ts) == 0:
             raise DataError(f"{path}: target {target!r} ({feed.venue} {feed.symbol}) has no trades in the window: "
@@ -504,7 +516,7 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
         bank_parts, n_levels, _ready = _bank_parts(estimators, ctx, feed.tick_size)
         kernel, params, state = build_bank(bank_parts, ctx, 0)
         outs = replay_trades(data, tape, kernel, params, state, n_levels=n_levels,
-                             out_columns=list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts))))
+                             out_columns=list(range(PROBE_MID, EST_BASE + 2 * len(bank_parts))), strict=local)
         replay_s += time.perf_counter() - t0
         events += data.rows[0].n_rows
         raw += tape.raw_trades
@@ -515,7 +527,9 @@ def _evaluate_trades(cfg: EvalConfig, estimators: list[list[tuple]], feeds: list
                          **trade_errors(outs[:, 3 + 2 * j], tape.px), "note": spec.note})
     summary = {"name": cfg.name, "score": "trades", "targets": targets, "estimators": [e.name for e in cfg.estimators],
                "horizons": ["trade"], "trades_raw": raw, "trades_scored": scored, "events": events,
-               "conventions": [TRADE_CONVENTIONS[cfg.aggregate_trades], MATCH_CONVENTION, *cfg.notes],
+               "conventions": [TRADE_CONVENTIONS[cfg.aggregate_trades].replace(
+                   "exchange time", "local time" if cfg.match == "before_local" else "exchange time"),
+                   MATCH_CONVENTIONS[cfg.match], *cfg.notes],
                "replay_seconds": round(replay_s, 4), "seconds": round(time.perf_counter() - t_start, 4),
                "events_per_second": round(events / replay_s) if replay_s > 0 else None}
     return Evaluation(rows, [], [], summary)

@@ -572,13 +572,15 @@ class ExchangeData:
     assets: tuple[ReplayAsset, ...]
     rows: tuple[ClockRows, ...]
     first_ts: tuple[int, ...]
+    flag: int = EXCH_EVENT  # the clock: EXCH_EVENT rows by exchange time, or LOCAL_EVENT rows by local time
 
 
-def prepare_exchange(assets: Sequence[ReplayAsset]) -> ExchangeData:
+def prepare_exchange(assets: Sequence[ReplayAsset], flag: int = EXCH_EVENT) -> ExchangeData:
     """The assets' EXCH_EVENT rows in exchange time, the book as of each exchange timestamp
-    (:func:`aggregate_trades`, :func:`replay_trades`); catalog days (in order) are not copied."""
-    return ExchangeData(assets=tuple(assets), rows=tuple(_on_clock(a, EXCH_EVENT, collect=True) for a in assets),
-                        first_ts=tuple(a.first_ts() for a in assets))
+    (:func:`aggregate_trades`, :func:`replay_trades`); catalog days (in order) are not copied.
+    ``flag=LOCAL_EVENT``: the LOCAL_EVENT rows in local (receive) time instead, what a trader saw."""
+    return ExchangeData(assets=tuple(assets), rows=tuple(_on_clock(a, flag, collect=True) for a in assets),
+                        first_ts=tuple(a.first_ts() for a in assets), flag=flag)
 
 
 @dataclass(frozen=True)
@@ -611,8 +613,9 @@ def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True)
 
 
 @njit(cache=True)
-def _replay_trades_nb(key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clock, t_ts, t_px, t_qty, t_side,
-                      g0, g1, origin, view, trades, state, params, out, n_levels, max_scan, rec_out, out_cols):
+def _replay_trades_nb(key, fns, ev, clock_ts, exch_ts, flag, strict, px, qty, base, bid, ask, books, clock, t_ts,
+                      t_px, t_qty, t_side, g0, g1, origin, view, trades, state, params, out, n_levels, max_scan,
+                      rec_out, out_cols):
     # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
     # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high
     # ask ticks) and clock[0] (the last call's time) carry across days.
@@ -627,9 +630,10 @@ def _replay_trades_nb(key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clo
     bb, ba, lo, hi = books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK]
     no_trades = np.zeros((1, 0, L.TR_WIDTH))  # the tape gives the trades; rows only move the book
     for g in range(g0, g1):
-        # the book as of the trade's exchange time, equal times included (merge_asof backward)
-        i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, t_ts[g], EXCH_EVENT, bid, ask, base, bb,
-                                         ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
+        # the book as of the trade's time on the clock, equal times included (merge_asof backward), or
+        # strictly before it (strict: rows at the trade's own time are not yet seen)
+        i, _n, bb, ba, lo, hi = _advance(ev, clock_ts, exch_ts, px, qty, i, n, t_ts[g] - strict, flag, bid, ask,
+                                         base, bb, ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
         _fill_levels(view, 0, bid, ask, base, bb, ba, tick, n_levels, max_scan)
         now = (t_ts[g] - origin) * 1e-9
         view[0, L.STEP_SECONDS] = now - last if last == last else 0.0
@@ -644,7 +648,7 @@ def _replay_trades_nb(key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clo
         for c in range(len(out_cols)):
             rec_out[g, c] = out[out_cols[c]]
     if g1 < len(t_ts):
-        i, _n, bb, ba, lo, hi = _advance(ev, exch_ts, exch_ts, px, qty, i, n, INVALID_MAX, EXCH_EVENT, bid, ask, base,
+        i, _n, bb, ba, lo, hi = _advance(ev, clock_ts, exch_ts, px, qty, i, n, INVALID_MAX, flag, bid, ask, base,
                                          bb, ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
     books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK] = bb, ba, lo, hi
     clock[0] = last
@@ -652,9 +656,10 @@ def _replay_trades_nb(key, fns, ev, exch_ts, px, qty, base, bid, ask, books, clo
 
 
 def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.ndarray, state: np.ndarray, *,
-                  n_levels: int = 1, max_scan_ticks: int = 2000, out_columns: Sequence[int] | None = None
-                  ) -> np.ndarray:
-    """Call ``kernel`` once per trade of ``tape``, on the book as of the trade's exchange time.
+                  n_levels: int = 1, max_scan_ticks: int = 2000, out_columns: Sequence[int] | None = None,
+                  strict: bool = False) -> np.ndarray:
+    """Call ``kernel`` once per trade of ``tape``, on the book as of the trade's time on ``data``'s clock
+    (equal times included; ``strict``: only rows strictly before it).
 
     ``data`` holds one asset (:func:`prepare_exchange`). Each call sees that one trade in ``trades``
     (so trade-flow parts update per trade, as the seed study's EWMAs did) and ``TIME`` = its
@@ -682,9 +687,11 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
         if g0 == len(tape.ts):
             break
         ints, floats = _words(day)
-        run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, W_EXCH_TS], floats[:, W_PX], floats[:, W_QTY],
-                    rows.book_base, bid, ask, books, clock, tape.ts, tape.px, tape.qty, tape.side, g0, g1,
-                    data.first_ts[0], view, trades, state, params, out, n_levels, max_scan_ticks, rec_out, out_cols)
+        clock_col = W_LOCAL_TS if data.flag == LOCAL_EVENT else W_EXCH_TS
+        run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, clock_col], ints[:, W_EXCH_TS], data.flag,
+                   int(strict), floats[:, W_PX], floats[:, W_QTY], rows.book_base, bid, ask, books, clock, tape.ts,
+                   tape.px, tape.qty, tape.side, g0, g1, data.first_ts[0], view, trades, state, params, out,
+                   n_levels, max_scan_ticks, rec_out, out_cols)
         g0 = g1
     return rec_out
 

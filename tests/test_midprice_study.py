@@ -147,3 +147,37 @@ def test_a_grid_only_key_in_a_trades_study_is_an_error_naming_it(tmp_path, real_
         evaluate(_variant(tmp_path, real_catalog, horizons=["1s"]))
     with pytest.raises(ConfigError, match=r"aggregate_trades applies to score: trades only"):
         evaluate(_variant(tmp_path, real_catalog, score="grid"))
+
+
+def test_default_match_is_the_book_received_strictly_before_the_trade(tmp_path, real_catalog):
+    """Without ``match``, a trade meets the book a trader had: rows received strictly before it (local time),
+    written here as pandas merge_asof on receive times with exact matches excluded."""
+    import pandas as pd
+    from hftbacktest.types import LOCAL_EVENT
+
+    doc = yaml.safe_load(STUDY.read_text())
+    doc["data"]["catalog"] = str(real_catalog)
+    del doc["match"]
+    doc["targets"] = ["btc"]
+    doc["estimators"] = [e for e in doc["estimators"] if e["name"] in ("mid_price", "weight_mid_price")]
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(doc))
+    local = {r["estimator"]: r for r in evaluate(tmp_path / "local.yaml").rows}
+    doc["match"] = "exchange_inclusive"
+    (tmp_path / "exch.yaml").write_text(yaml.safe_dump(doc))
+    exch = {r["estimator"]: r for r in evaluate(tmp_path / "exch.yaml").rows}
+
+    ev = np.concatenate(_days(real_catalog, "BTCUSDT"))
+    rows = ev[(ev["ev"] & LOCAL_EVENT) == LOCAL_EVENT]
+    rows = rows[np.argsort(rows["local_ts"], kind="stable")]
+    trades = trades_frame(rows, unit_ns=1, clock="local_ts")
+    trades = trades.groupby(["transact_time", "is_buyer_maker"]).agg({"price": "first", "quantity": "sum"})
+    trades = trades.reset_index()
+    depths = book_frame(rows, 0.1, 0.001, clock="local_ts", unit_ns=1)
+    df = pd.merge_asof(trades, depths, on="transact_time", direction="backward", allow_exact_matches=False)
+    mid = (df["bid_0_price"] + df["ask_0_price"]) / 2
+    i = (df["bid_0_quantity"] - df["ask_0_quantity"]) / (df["bid_0_quantity"] + df["ask_0_quantity"])
+    for name, est in (("mid_price", mid), ("weight_mid_price", mid + (df["ask_0_price"] - df["bid_0_price"]) * i / 2)):
+        sq = (df["price"] - est) ** 2
+        assert (local[name]["n"], local[name]["n_undefined"]) == (int(sq.notna().sum()), int(sq.isna().sum()))
+        assert local[name]["sse"] == pytest.approx(sq.sum(), rel=1e-9)
+        assert local[name]["sse"] != pytest.approx(exch[name]["sse"], rel=1e-6)  # the two conventions differ
