@@ -185,7 +185,7 @@ _LABELS = {
     "diag.pnl_fees": "fees (rebates +)", "diag.pnl_funding": "funding PnL", "diag.pnl_total": "PnL total",
     "diag.fills": "fills (net per step)", "diag.quote_uptime": "two-sided quote uptime",
     "diag.inventory_mean_abs": "mean |inventory|", "wall_seconds": "wall time (s)", "run_id": "run id",
-    "traded_notional_usd": "traded notional (USD)",
+    "traded_notional_usd": "traded notional (USD)", "max_abs_position": "max |position|",
 }
 
 
@@ -438,6 +438,13 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
             + save(fig, "diagnostics.png") + save(fig2, "inventory_fills.png"))
         tables.append("<h2>Market-making diagnostics</h2>"
                       + _table(done, [c for c in diag_cols if any(c in r for r in done)]))
+        best = picks[0][1]
+        days = (by_id[best["run_id"]].get("summary") or {}).get("days") or []
+        if days:
+            tables.append(f"<h2>Per UTC day, best run ({html.escape(str(best.get('label') or best['index']))}; "
+                          f"{html.escape(str(best.get('pnl_unit') or ''))})</h2>"
+                          + _table(days, ["day", "pnl", "spread", "inventory", "fees", "funding", "volume", "trades",
+                                          "max_abs_position"]))
 
     failed = [r for r in rows if r["status"] != "done"]
     if failed:  # one line each; the message on demand

@@ -93,6 +93,7 @@ def test_report_from_a_real_batch(real_batch: Path) -> None:
     assert page.index("<p class=lead>") < page.index('src="heatmap.png"') < page.index("<h2>All runs")
     assert page.index('src="diagnostics.png"') < page.index("<h2>All runs")
     assert ">inventory PnL<" in page and ">diag.pnl_inventory<" not in page
+    assert "<h2>Per UTC day, best run" in page and ">max |position|<" in page
 
 
 def test_failed_runs_are_one_line_each_with_the_error_on_demand(real_batch: Path, tmp_path: Path) -> None:
