@@ -124,6 +124,8 @@ def evaluate_cmd(
         Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the tables (parquet, CSV) and PNGs.")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse to score a trained model on its own training days (in-sample).")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the score table as one JSON object.")] = False,
 ) -> None:
     """Score fair values (and fair value + forecast) against future mids and the next trades."""
@@ -133,7 +135,7 @@ def evaluate_cmd(
 
     check_output_dir(out)
     progress.enable(progress.wanted(json_))
-    result = evaluate(config, catalog=catalog, out_dir=out)
+    result = evaluate(config, catalog=catalog, out_dir=out, strict=strict)
     if json_:
         _print_json({"summary": result.summary, "rows": result.rows})
         return

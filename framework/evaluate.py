@@ -355,12 +355,28 @@ def _bank_parts(estimators: list[list[ValidatedPart]], ctx: PackContext, tick: f
     return bank_parts, n_levels, ready
 
 
-def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None) -> Evaluation:
-    """Run the evaluation described by the YAML at ``path``."""
+def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None,
+             strict: bool = False) -> Evaluation:
+    """Run the evaluation described by the YAML at ``path``.
+
+    A trained model's part (``provenance`` param) must share the grid step (score: grid); the days it
+    was trained on are listed in ``summary["in_sample"]`` (refused with ``strict``).
+    """
+    from quotelab import provenance
     from quotelab.replay import ReplayAsset, prepare, prepare_exchange, replay
 
     t_start = time.perf_counter()
     cfg, _registry, estimators, info = load_eval(path)
+    in_sample: list[str] = []
+    for parts in estimators:
+        for p in parts:
+            prov = getattr(p.params, "provenance", None)
+            if prov:
+                step = cfg.step if cfg.score == "grid" else float(prov.get("step_s") or 0.0)  # trades: no grid
+                days = provenance.check(prov, step, cfg.data.assets, f"{info['where'](p.at)}.params.provenance",
+                                        "the model", strict)
+                in_sample += [d for d in days if d not in in_sample]
+    provenance.warn(in_sample, "a model of this evaluation")
     path = info["path"]
     targets = cfg.targets or [cfg.data.quote]
     data_section = cfg.data
@@ -376,6 +392,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     index = {f.name: i for i, f in enumerate(feeds)}
     if cfg.score == "trades":
         result = _evaluate_trades(cfg, estimators, feeds, assets, targets, info, t_start)
+        result.summary["in_sample"] = in_sample
         if out_dir is not None:
             write_or_rescue(lambda d: write_outputs(result, d, plots=False), Path(out_dir), "evaluation tables")
         return result
@@ -459,7 +476,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     summary = {"name": cfg.name, "targets": targets, "estimators": [e.name for e in cfg.estimators],
                "horizons": [horizon_label(h) for h in cfg.horizons], "events": events,
                "replay_seconds": round(replay_s, 4), "seconds": round(time.perf_counter() - t_start, 4),
-               "events_per_second": round(events / replay_s) if replay_s > 0 else None}
+               "events_per_second": round(events / replay_s) if replay_s > 0 else None, "in_sample": in_sample}
     result = Evaluation(rows, bias_rows, cond_rows, summary)
     if out_dir is not None:
         write_or_rescue(lambda d: write_outputs(result, d, plots=cfg.plots), Path(out_dir), "evaluation tables")

@@ -3,8 +3,8 @@ out-of-sample.
 
 ``quotelab train`` writes a provenance block into ``model.json`` and into the exported
 ``linear_forecast`` params: the assets (venue, symbol, days), the grid step, the horizon and a hash of
-the training samples. ``run`` and ``train`` (applying ``model: {file}``) then refuse a different grid
-step, and label every result computed on one of the model's training days as in-sample
+the training samples. ``run``, ``evaluate`` and ``train`` (applying ``model: {file}``) then refuse a
+different grid step, and label every result computed on one of the model's training days as in-sample
 (``in_sample`` in the summary, a warning on stderr), or refuse it with ``--strict``.
 """
 

@@ -283,6 +283,19 @@ def test_exported_forecast_block_runs_in_quotelab_run_unchanged(catalog, tmp_pat
     step = subprocess.run([*cli, "run", str(strategy), "--catalog", str(catalog), "--set", "engine.step=50ms"],
                           capture_output=True, text=True)
     assert step.returncode == 2 and "trained on a 0.1 s grid, this run steps 0.05 s" in step.stderr
+    # evaluate labels it the same way, and checks the grid step too
+    est = {"name": "model", "fair_value": [{"kind": "mid"}], "forecast": yaml.safe_load(block)["forecast"]}
+    ev_doc = yaml.safe_load(DATA) | {"estimators": [est], "horizons": [1.0], "plots": False}
+    ev_doc["data"]["catalog"] = str(catalog)
+    ev = write(tmp_path, yaml.safe_dump(ev_doc), "eval.yaml")
+    proc = subprocess.run([*cli, "evaluate", str(ev), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(json.loads(proc.stdout)["summary"]["in_sample"]) == sorted(summary["in_sample"])
+    strict = subprocess.run([*cli, "evaluate", str(ev), "--strict"], capture_output=True, text=True)
+    assert strict.returncode == 2 and "--strict refuses" in strict.stderr
+    ev.write_text(yaml.safe_dump(ev_doc | {"step": "50ms"}))
+    step = subprocess.run([*cli, "evaluate", str(ev)], capture_output=True, text=True)
+    assert step.returncode == 2 and "trained on a 0.1 s grid, this run steps 0.05 s" in step.stderr
     series = pl.read_parquet(run_out / "series.parquet")
 
     # the engine's forecast is the model's prediction (bps) times the fair value, at every step
