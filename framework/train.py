@@ -286,6 +286,18 @@ def load_dataset(
                    {f.name: f"{f.venue}/{f.symbol}" for f in feeds})
 
 
+def check_grid_budget(setup: TrainSetup, ds: Dataset) -> None:
+    """Refuse, before replaying, a grid whose recorded steps would not fit in memory (a 1 µs grid)."""
+    from quotelab.data import catalog as cat
+    from quotelab.engine import check_record_budget
+
+    span = max(cat.last_ts(a.events[-1]) for a in ds.assets) - min(cat.first_ts(a.events[0]) for a in ds.assets)
+    step = setup.config.grid.step
+    check_record_budget(int(span / 1e9 / step), 8 * (3 + len(setup.parts) + len(ds.assets)),
+                        setup.where(("grid", "step")), f"{span / 1e9:g} s of {ds.name} data on a {step:g} s grid",
+                        "use a longer grid.step or fewer days")
+
+
 def _context(ds: Dataset) -> PackContext:
     return replay_context(ds.assets, ds.quoted)
 
@@ -878,6 +890,7 @@ def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str 
     purge_s = c.validation.purge if c.validation.purge is not None else c.target.horizon
     purge_ns = int(round(purge_s * 1e9))
     ds = load_dataset("native", c.data, base, setup.where, catalog)
+    check_grid_budget(setup, ds)
     recorder = FeatureRecorder(setup, ds)
     frame = recorder()
     smp = samples(setup, frame, ds.describe())
@@ -956,6 +969,7 @@ def _transfer(setup: TrainSetup, c: TrainConfig, base: Path, catalog: Path | Non
 
         check_data_section(data, where)
         ds = load_dataset(t.name, data, base, where, catalog)
+        check_grid_budget(setup, ds)
         rec = FeatureRecorder(setup, ds)
         ts = samples(setup, rec(), f"transfer {t.name!r} ({ds.describe()})")
         all_samples[t.name] = ts

@@ -510,3 +510,16 @@ def test_a_grid_that_records_billions_of_rows_is_refused_before_allocating(real_
                         r"set engine\.record_every \(e\.g\. 1s\) or a longer engine\.step\n", r.stderr), r.stderr
     path.write_text(_seed_text(real_catalog).replace("step: 100ms", "step: 1us\n  record_every: 1s"))
     assert load_strategy(path)  # recording every second is what the message suggests, and it validates
+
+    # evaluate and train replay on a grid too (seen red: a MemoryError traceback from each)
+    ev = tmp_path / "ev.yaml"
+    ev.write_text(EVAL.format(catalog=real_catalog).replace("step: 100ms", "step: 1us").replace("[100ms, 1s]", "[1ms]"))
+    tr = tmp_path / "tr.yaml"
+    text = (REPO / "strategies" / "train_btc_usdm.yaml").read_text()
+    tr.write_text(text[:text.index("transfer:")].replace("catalog: ../catalog", f"catalog: {real_catalog}")
+                  .replace("grid: {step: 100ms}", "grid: {step: 1us}"))
+    for command, path, key in (("evaluate", ev, "step"), ("train", tr, r"grid\.step")):
+        r = subprocess.run([sys.executable, "-m", "quotelab.cli", command, str(path)], capture_output=True, text=True,
+                           preexec_fn=_limited_memory, timeout=600)
+        want = rf"error: \S+:\d+: {key}: 343\.\d+ s of .* on a 1e-06 s grid is 343,4\d\d,\d\d\d records, .*; use "
+        assert r.returncode == 2 and re.match(want, r.stderr) and len(r.stderr.splitlines()) == 1, r.stderr
