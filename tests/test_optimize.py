@@ -161,3 +161,18 @@ def test_objectives_from_day_records():
     assert Objective("sharpe_daily").value(recs) == pytest.approx(4.0 / ((36 + 64 + 4) / 2) ** 0.5)
     assert Objective("pnl_usd", inventory_penalty=10.0).value(recs) == pytest.approx(12.0 - 10.0 * 0.2)
     assert Objective("sharpe_daily").value(recs[:1]) != Objective("sharpe_daily").value(recs[:1])  # NaN: 1 day
+
+
+@pytest.mark.slow
+def test_ray_actors_run_the_same_trials_as_the_local_pool(catalog, tmp_path):
+    runs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        proc = subprocess.run([*CLI, "optimize", str(FIXTURES / "opt.yaml"), "--catalog", str(catalog), "--out",
+                               str(out), "--workers", "2", "--executor", executor, "--trials", "4", "--json"],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        runs[executor] = _finished(out, "opt_planted")
+        records = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
+        assert len(records) >= 5 and all(r["status"] == "done" for r in records)  # repeated params reuse a run
+    assert len(runs["ray"]) == 4 and runs["ray"] == runs["local"]
