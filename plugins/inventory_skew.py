@@ -36,15 +36,13 @@ P = param_offsets(InventorySkewParams)
 @njit(inline="always")
 def inventory_skew_nb(view, trades, state, params, out):
     a = int(params[P.asset])
-    aversion = params[P.risk_aversion]
-    unit = params[P.position_unit]
-    half_life = params[P.volatility_half_life]
-    if half_life <= 0.0:
+    if params[P.volatility_half_life] <= 0.0:
         # Left to right, as in risk_aversion * (position / unit) * volatility * tick.
-        return aversion * (view[a, POSITION] / unit) * params[P.volatility] * view[a, TICK]
+        return (params[P.risk_aversion] * (view[a, POSITION] / params[P.position_unit]) * params[P.volatility]
+                * view[a, TICK])
     sqrt_h = np.sqrt(params[P.volatility_horizon])
-    vol_ticks = sigma_ticks_nb(view, a, state, params[P.volatility] / sqrt_h, half_life) * sqrt_h
-    return aversion * (view[a, POSITION] / unit) * vol_ticks * view[a, TICK]
+    vol_ticks = sigma_ticks_nb(view, a, state, params[P.volatility] / sqrt_h, params[P.volatility_half_life]) * sqrt_h
+    return params[P.risk_aversion] * (view[a, POSITION] / params[P.position_unit]) * vol_ticks * view[a, TICK]
 
 
 @hookimpl

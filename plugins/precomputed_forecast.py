@@ -84,7 +84,7 @@ def precomputed_forecast_nb(view, trades, state, params, out):
     while i < n and params[P.series + i] <= now:
         i += 1
     state[0] = i
-    v = params[P.series + n + i - 1] if i > 0 else params[P.missing_value]
+    v = params[P.series - 1 + n + i] if i > 0 else params[P.missing_value]
     return v if v == v else params[P.missing_value]
 
 
