@@ -10,9 +10,10 @@
    into memory (``preload=True``, the path before streaming), same data, same process, medians
    (target >= 0.95). The preloaded run's time excludes its loading; the streamed one's includes it.
 3. Tardis ``convert`` against hftbacktest's ``tardis.convert`` (bench/tardis.py, its ratio line).
-4. With ``--full``: one whole synthetic day (~38 M events, ~450 events/s) through ``run``,
-   ``evaluate`` and ``convert --format tardis``, peak RssAnon each (target <= 1.5 GB; a real
-   busy day has ~127 M events). Slow: run it once, on a quiet machine.
+4. With ``--full``: one whole synthetic day (~38 M events, ~450 events/s) through ``run`` and
+   ``evaluate``, peak RssAnon each (target <= 1.5 GB; a real busy day has ~127 M events), and with
+   ``--full-convert`` through ``convert --format tardis`` too (converters still hold a whole day in
+   memory: not streamed yet). Slow: run it once, on a quiet machine.
 
 Each measurement is the median of ``--repeat`` runs.
 """
@@ -112,7 +113,7 @@ def tardis(hours: float, repeat: int) -> None:
     print(f"tardis convert, {hours:g} h synthetic: {line} (target >= 1x)")
 
 
-def full(root: Path) -> None:
+def full(root: Path, convert: bool) -> None:
     from quotelab.data import catalog
 
     cat = root / "full"
@@ -124,13 +125,14 @@ def full(root: Path) -> None:
         path = _write(doc, root / f"full_{verb}.yaml", cat, DAYS[:1])
         mb, s, _ = peak_rss_anon([*QL, verb, str(path), "--json"])
         print(f"{verb:9s} peak RssAnon {mb:6.0f} MB in {s:.0f} s (target <= 1536 MB)")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tardis import write_tardis
+    if convert:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from tardis import write_tardis
 
-    book, trades, rows = write_tardis(catalog.load_day(cat, "synthetic", "SYNPERP", DAYS[0]), root, gz=False)
-    mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", "--symbol", "BTCUSDT", "--catalog",
-                              str(root / "conv"), str(book), str(trades), "--json"])
-    print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, {rows:,} Tardis rows (target <= 1536 MB)")
+        book, trades, rows = write_tardis(catalog.load_day(cat, "synthetic", "SYNPERP", DAYS[0]), root, gz=False)
+        mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", "--symbol", "BTCUSDT", "--catalog",
+                                  str(root / "conv"), str(book), str(trades), "--json"])
+        print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, {rows:,} Tardis rows (target <= 1536 MB)")
 
 
 def main() -> None:
@@ -140,15 +142,19 @@ def main() -> None:
     ap.add_argument("--tardis-hours", type=float, default=0.5)
     ap.add_argument("--full", action="store_true", help="also the one full-day measurement (slow)")
     ap.add_argument("--skip-tardis", action="store_true")
+    ap.add_argument("--full-convert", action="store_true",
+                    help="with --full, also convert the day's Tardis CSVs (converters still hold a day: ~180 B a row)")
+    ap.add_argument("--only-full", action="store_true", help="just the full-day measurement")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="quotelab-scale-") as tmp:
         root = Path(tmp)
-        memory(root, args.hours, args.repeat)
-        throughput(root, args.repeat)
-        if not args.skip_tardis:
-            tardis(args.tardis_hours, args.repeat)
-        if args.full:
-            full(root)
+        if not args.only_full:
+            memory(root, args.hours, args.repeat)
+            throughput(root, args.repeat)
+            if not args.skip_tardis:
+                tardis(args.tardis_hours, args.repeat)
+        if args.full or args.only_full:
+            full(root, args.full_convert)
 
 
 if __name__ == "__main__":
