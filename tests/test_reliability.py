@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -232,12 +233,13 @@ def _with_plugin_signal(tmp_path: Path, catalog: Path, kind: str) -> Path:
 def test_a_kernel_that_raises_is_one_line_naming_the_plugin_with_its_traceback_in_a_file(real_catalog, tmp_path):
     """Seen red: a numba traceback from `run` (batch already recorded a clean error)."""
     path = _with_plugin_signal(tmp_path, real_catalog, "raises")
-    r = _cli("run", str(path))
+    r = _cli("run", str(path), env={**os.environ, "TMPDIR": str(tmp_path)})  # where the traceback file goes
     assert r.returncode == 2 and r.stdout == ""
     (line,) = r.stderr.splitlines()
     m = re.fullmatch(r'error: Error in plugin ".*bad\.py": kernel raises_nb of forecast\[0\] \(signal \'raises\'\) '
                      r"raised ValueError: boom in the kernel \(traceback: (\S+)\)", line)
     assert m, line
+    assert Path(m.group(1)).parent == tmp_path
     assert 'bad.py", line' in Path(m.group(1)).read_text() and "raise ValueError" in Path(m.group(1)).read_text()
     r = _cli("run", str(path), "--debug")
     assert r.returncode == 2 and "Traceback (most recent call last)" in r.stderr and "raise ValueError" in r.stderr
@@ -247,13 +249,14 @@ def test_an_unexpected_exception_is_a_summary_and_a_traceback_file(tmp_path):
     script = ("import sys\nfrom quotelab import cli, engine\n"
               "def broken(*a, **k):\n    raise KeyError('no such thing')\n"
               "engine.run_strategy = broken\nsys.argv = ['quotelab', *sys.argv[1:]]\ncli.main()\n")
-    r = subprocess.run([sys.executable, "-c", script, "run", str(SEED)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", script, "run", str(SEED)], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 1
     (line,) = r.stderr.splitlines()
     m = re.fullmatch(r"error: unexpected KeyError: 'no such thing'; the full traceback is in (\S+) \(rerun with "
                      r"--debug to print it\)", line)
     assert m, line
-    assert "in broken" in Path(m.group(1)).read_text()
+    assert Path(m.group(1)).parent == tmp_path and "in broken" in Path(m.group(1)).read_text()
     r = subprocess.run([sys.executable, "-c", script, "run", str(SEED), "--debug"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "in broken" in r.stderr
 
@@ -296,13 +299,14 @@ def test_results_are_saved_elsewhere_when_writing_fails_after_the_run(real_catal
         return real_save(result, out_dir, feed)
 
     monkeypatch.setattr(engine, "save_result", save)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the results are rescued to
     path = tmp_path / "s.yaml"
     path.write_text(_seed_text(real_catalog))
     with pytest.raises(RunError, match=rf"could not write the results to {out} \(Permission denied\); they were "
                                        r"saved to (\S+) instead") as info:
         run_strategy(path, out_dir=out)
     rescued = info.value.result.out_dir
-    assert str(rescued) in str(info.value)
+    assert str(rescued) in str(info.value) and rescued.parent == tmp_path
     saved = json.loads((rescued / "summary.json").read_text())
     assert saved["num_trades"] == info.value.result.summary["num_trades"] > 100
     assert (rescued / "series.parquet").exists()
@@ -333,7 +337,7 @@ def test_run_check_names_a_kernel_that_reads_past_its_state(real_catalog, tmp_pa
 @pytest.mark.slow  # whole runs or replays in subprocesses: 10-25 s
 def test_the_run_check_flag_reaches_the_kernel(real_catalog, tmp_path):
     path = _with_plugin_signal(tmp_path, real_catalog, "overread")
-    r = _cli("run", str(path), "--check")
+    r = _cli("run", str(path), "--check", env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 2 and "kernel overread_nb of forecast[0] (signal 'overread') indexed outside" in r.stderr
     assert len(r.stderr.splitlines()) == 1
 
@@ -355,7 +359,8 @@ def quotelab_register_python_signals(register):
 def test_check_plugin_checks_the_kernels_bounds(real_catalog, tmp_path):
     """Seen red: the kernel read past its state and the two 'agreed at all 3446 steps' (exit 0)."""
     (tmp_path / "twins.py").write_text(TWINS)
-    r = _cli("check-plugin", "overread", "--catalog", str(real_catalog), "--plugin", str(tmp_path / "twins.py"))
+    r = _cli("check-plugin", "overread", "--catalog", str(real_catalog), "--plugin", str(tmp_path / "twins.py"),
+             env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 2, r.stdout + r.stderr
     assert re.match(r'error: Error in plugin ".*twins\.py": kernel overread_nb of signal \'overread\' indexed outside '
                     r"its arrays \(index is out of bounds; found by bounds checking\)", r.stderr), r.stderr
