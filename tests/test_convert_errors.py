@@ -333,3 +333,14 @@ def test_a_clock_stepping_back_on_a_few_lines_is_a_finding_about_them_not_a_shif
     assert not [x for x in ref["findings"] if x["kind"] == "local_ts_backwards"]
     np.testing.assert_array_equal(np.load(got["days"]["20240808"]["file"])["data"],
                                   np.load(ref["days"]["20240808"]["file"])["data"])
+
+
+@pytest.mark.parametrize(("option", "value"), [("--tick-size", "0"), ("--lot-size", "-0.001"),
+                                               ("--tick-size", "nan"), ("--contract-size", "inf"),
+                                               ("--lot-size", "1e308")])
+def test_instrument_options_outside_their_domain_are_one_line_errors(shared_data: Path, tmp_path: Path,
+                                                                     option: str, value: str) -> None:
+    src = shared_data / "binance" / "usdm" / "ethusdt_20240808.gz"
+    err = fails(*convert_args("binance-usdm", "ETHUSDT", tmp_path / "cat", src), option, value)
+    assert f"{option} must be a finite number above 0" in err and f"got {float(value)!r}" in err
+    assert not (tmp_path / "cat" / "binance-usdm").exists()

@@ -16,6 +16,7 @@ catalog and its meta.json stay exactly as they were.
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from quotelab.data.instruments import resolve
 from quotelab.data.sniff import sniff
 from quotelab.errors import DataError
 from quotelab.progress import Days
+from quotelab.units import MAX_MAGNITUDE
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ def convert_files(
         raise DataError("no input files given")
     if compression not in catalog.COMPRESSIONS:
         raise DataError(f"unknown compression {compression!r}; use one of {', '.join(catalog.COMPRESSIONS)}")
+    for option, value in (("--tick-size", tick_size), ("--lot-size", lot_size), ("--contract-size", contract_size)):
+        # the same domain the strategy YAML's tick_size/lot_size/contract_size fields have
+        if value is not None and not (math.isfinite(value) and 0.0 < value <= MAX_MAGNITUDE):
+            raise DataError(f"{option} must be a finite number above 0 and at most {MAX_MAGNITUDE:g}, "
+                            f"got {value!r}")
     for f in files:
         if not Path(f).is_file():
             raise DataError(f"{f}: no such file")
