@@ -412,7 +412,8 @@ def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None =
     try:
         import optuna
     except ImportError:
-        raise QuotelabError("quotelab optimize needs optuna: pip install 'quotelab[optimize]'") from None
+        raise QuotelabError("quotelab optimize needs optuna, a dependency of quotelab: reinstall quotelab "
+                             "(pip install -c constraints.txt -e .)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_opt(opt_file, catalog)
     if trials is not None:
