@@ -26,7 +26,9 @@ DAY_NS = 86_400_000_000_000
 _QUOTES = ("USDT", "USDC", "BUSD", "FDUSD", "USD")
 
 
-def _ffill(x: np.ndarray) -> np.ndarray:
+def ffill(x: np.ndarray) -> np.ndarray:
+    """``x`` with each non-finite value replaced by the last finite one before it (the first finite one
+    before any): a mid series has gaps where the book was one-sided."""
     x = np.asarray(x, dtype=float).copy()
     ok = np.isfinite(x)
     if not ok.any():
@@ -51,7 +53,7 @@ def parts(ts: np.ndarray, frame: dict[str, np.ndarray], final: dict[str, Any], i
     def value(q: np.ndarray, m: np.ndarray) -> np.ndarray:
         return -q * cs / m if inverse else q * m * cs
 
-    mid = _ffill(frame["mid"])
+    mid = ffill(frame["mid"])
     keys = ("position", "balance", "fee", "funding", "trading_volume", "num_trades")
     closing = all(isinstance(final.get(k), int | float) for k in ("position", "balance", "fee")) and \
         math.isfinite(float(final.get("last_mid") or np.nan))

@@ -29,23 +29,10 @@ class ReportError(QuotelabError):
     """A results folder cannot be reported on."""
 
 
-def _ffill(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=float).copy()
-    ok = np.isfinite(x)
-    if not ok.any():
-        return x
-    idx = np.where(ok, np.arange(len(x)), 0)
-    np.maximum.accumulate(idx, out=idx)
-    x = x[idx]
-    first = int(np.argmax(ok))
-    x[:first] = x[first]
-    return x
-
-
 def equity_series(frame: dict[str, np.ndarray], inst: dict[str, Any]) -> np.ndarray:
     inverse = inst.get("contract") == "inverse"
     cs = float(inst.get("contract_size", 1.0))
-    mid = _ffill(frame["mid"])
+    mid = pnl.ffill(frame["mid"])
     q, bal, fee = (np.asarray(frame[k], dtype=float) for k in ("position", "balance", "fee"))
     if inverse:
         return -bal - q * cs / mid - fee
@@ -64,7 +51,7 @@ def diagnostics(ts: np.ndarray, frame: dict[str, np.ndarray], summary: dict[str,
     s = -1.0 if inverse else 1.0
 
     ts = np.asarray(ts, dtype=np.int64)
-    mid = _ffill(frame["mid"])
+    mid = pnl.ffill(frame["mid"])
     # Close with the final state so the split sums to the recorded equity; open with the empty account.
     final = [summary.get(k) for k in ("position", "balance", "fee")]
     have_final = all(isinstance(v, int | float) for v in final) and math.isfinite(float(summary.get("last_mid")
@@ -352,7 +339,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
             t = (s["timestamp"] - s["timestamp"][0]) / 1e9
             eq = equity_series(s, inst)
             if inst.get("contract") == "inverse":  # coin PnL, valued at the mid of its time
-                eq = eq * _ffill(s["mid"])
+                eq = eq * pnl.ffill(s["mid"])
             axes[0].plot(t, eq, label=f"{tag}: {r['label']}")
             axes[1].plot(t, s["position"], label=tag)
         axes[0].set_ylabel("PnL (USD)")
@@ -543,7 +530,7 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     axes[1].set_ylabel("position")
     # quotes around the mid, in ticks: readable over hours where absolute prices are not
     tick = float(inst.get("tick_size") or 1.0)
-    mid = _ffill(s["mid"])
+    mid = pnl.ffill(s["mid"])
     axes[2].step(t, (s["bid"] - mid) / tick, where="post", color="C2", lw=0.6, label="our bid − mid")
     axes[2].step(t, (s["ask"] - mid) / tick, where="post", color="C3", lw=0.6, label="our ask − mid")
     axes[2].axhline(0, color="k", lw=0.5)
