@@ -392,17 +392,18 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def _clean(x: Any) -> Any:
+def json_finite(x: Any) -> Any:
+    """``x`` with every non-finite float (in nested dicts and lists) as None, which JSON can hold."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_finite(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_clean(v) for v in x]
+        return [json_finite(v) for v in x]
     return x
 
 
-def _watch_parent() -> None:
+def watch_parent() -> None:
     """In a pool worker: exit when the batch process dies (SIGKILL leaves no chance to stop the pool)."""
     parent = os.getppid()
 
@@ -429,7 +430,7 @@ def _local_executor(tasks: list[dict[str, Any]], workers: int) -> Iterator[dict[
     while pending:
         # 'spawn': a forked child would inherit numba/LLVM state mid-use; each worker compiles the driver once.
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_watch_parent) as pool:
+                                 initializer=watch_parent) as pool:
             futures = {pool.submit(execute_run, t): t for t in pending}
             pending = []
             broken = False
@@ -459,7 +460,7 @@ def _isolate(tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
     for task in tasks:
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
-                                 initializer=_watch_parent) as pool:
+                                 initializer=watch_parent) as pool:
             try:
                 yield pool.submit(execute_run, task).result()
             except BrokenProcessPool:
@@ -695,7 +696,7 @@ def run_batch(
     last_table = 0.0
     for rec in stream:
         rec["executor"] = executor
-        cat.atomic_write_json(out / "runs" / rec["run_id"] / RECORD, _clean(rec))
+        cat.atomic_write_json(out / "runs" / rec["run_id"] / RECORD, json_finite(rec))
         summary.records.append(rec)
         if rec["status"] == "done":
             summary.done += 1

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from quotelab.batch import RECORD, _clean, _watch_parent, execute_run, read_records, write_results
+from quotelab.batch import RECORD, execute_run, json_finite, read_records, watch_parent, write_results
 from quotelab.config import apply_override, load_strategy, load_yaml, where_in
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
@@ -230,7 +230,7 @@ class LocalPool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                        initializer=_watch_parent)
+                                        initializer=watch_parent)
 
     def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return list(self.pool.map(execute_run, tasks))
@@ -306,7 +306,7 @@ class Optimizer:
                               "artifacts": str(self.out / "runs" / rid)}))
         for (i, task), rec in zip(tasks, self.pool.map([t for _, t in tasks]), strict=True):
             rec["executor"] = "optimize"
-            cat.atomic_write_json(self.out / "runs" / task["run_id"] / RECORD, _clean(rec))
+            cat.atomic_write_json(self.out / "runs" / task["run_id"] / RECORD, json_finite(rec))
             recs[i] = rec
             self.runs_done += 1
         return [recs[i] for i in range(len(params_list))]
@@ -447,7 +447,7 @@ def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None =
     trials_table(cfg, out)
     best_yaml = write_best(cfg, folds[-1]["params"], out)
     res = OptResult(out, folds, best_yaml, opt.runs_done, opt.runs_reused, time.perf_counter() - t0)
-    cat.atomic_write_json(out / OPT_FILE, _clean({
+    cat.atomic_write_json(out / OPT_FILE, json_finite({
         "name": cfg.name, "file": str(cfg.file), "strategy": str(cfg.strategy_path), "storage": storage_url(out),
         "objective": {"metric": cfg.objective.metric, "inventory_penalty": cfg.objective.inventory_penalty},
         "space": [p.__dict__ for p in cfg.space], "trials": cfg.trials, "seed": cfg.seed, "folds": folds,

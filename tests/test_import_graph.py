@@ -21,9 +21,6 @@ ALLOWED_CYCLES: dict[frozenset[str], str] = {
         "module, part of the deferred batch/ package split"),
 }
 ALLOWED_PRIVATE: dict[tuple[str, str], str] = {
-    ("quotelab.data.sniff", "quotelab.data.binance._MARKET_NAMES"): "new in sniff; make it public in binance",
-    ("quotelab.optimize", "quotelab.batch._clean"): "new in optimize; make it public in batch or share it",
-    ("quotelab.optimize", "quotelab.batch._watch_parent"): "new in optimize; make it public in batch or share it",
 }
 
 

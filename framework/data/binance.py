@@ -753,7 +753,7 @@ _MAX_BUFFERED = 200_000
 _UNITS = {1: "ns", 1_000: "us", 1_000_000: "ms"}
 # Each venue's depth messages: whether they carry ``pu`` (futures) and ``ps`` (COIN-M).
 _MARKETS = {"binance-spot": (False, False), "binance-usdm": (True, False), "binance-cm": (True, True)}
-_MARKET_NAMES = {"binance-spot": "Binance spot", "binance-usdm": "Binance USD-M futures",
+MARKET_NAMES = {"binance-spot": "Binance spot", "binance-usdm": "Binance USD-M futures",
                  "binance-cm": "Binance COIN-M futures"}
 
 
@@ -946,12 +946,12 @@ class BinanceConverter:
         data = orjson.loads(text[text.find(b" ") + 1:]).get("data", {})
         symbol = str(data.get("s", "?"))
         venue, why = market_of(data)
-        saw = f"{_MARKET_NAMES.get(venue, 'Binance')} {symbol}" + (f" ({why})" if why else "")
+        saw = f"{MARKET_NAMES.get(venue, 'Binance')} {symbol}" + (f" ({why})" if why else "")
         fix = f"--format {venue or self.venue} --symbol {symbol}"
         raise DataError(
             f"{self.file}:{self.line0 + k + 1}: this line is {saw}, but the command converts "
             f"--format {self.venue} --symbol {self.job.symbol}. Fix: convert these files with {fix}, or pass the "
-            f"captures of {self.job.symbol} on {_MARKET_NAMES[self.venue]}.")
+            f"captures of {self.job.symbol} on {MARKET_NAMES[self.venue]}.")
 
     def _check_local(self, local: np.ndarray, real: np.ndarray) -> np.ndarray:
         """``local`` with the lines whose clock stepped back set to the latest local time before them."""

@@ -44,7 +44,7 @@ def _head(path: Path) -> list[bytes]:
 
 def sniff(path: Path) -> Sniffed | None:
     """The format the first lines of ``path`` are in, or None if they are none quotelab knows."""
-    from quotelab.data.binance import _MARKET_NAMES, market_of
+    from quotelab.data.binance import MARKET_NAMES, market_of
 
     lines = _head(path)
     if not lines:
@@ -67,7 +67,7 @@ def sniff(path: Path) -> Sniffed | None:
             venue, why = market_of(data)
             if venue is not None:
                 symbol = str(data.get("s", "?"))
-                return Sniffed(venue, f"a collector capture of {_MARKET_NAMES[venue]} {symbol} ({why})", n,
+                return Sniffed(venue, f"a collector capture of {MARKET_NAMES[venue]} {symbol} ({why})", n,
                                symbol)
         return None
     for n, line in enumerate(lines, 1):
