@@ -242,9 +242,9 @@ def test_plain_zlib_fallback_reads_and_detects_truncation(eth: list[bytes], tmp_
     """isal is optional: with the standard zlib the same files convert and the same damage is found."""
     import zlib
 
-    from quotelab.data import binance
+    from quotelab.data import binance_json
 
-    monkeypatch.setattr(binance, "_zlib", zlib)
+    monkeypatch.setattr(binance_json, "_zlib", zlib)
     whole = gzip.compress(b"\n".join(eth) + b"\n")
     good = tmp_path / "good.gz"
     good.write_bytes(whole + gzip.compress(b""))  # a second, empty gzip member is still one stream
