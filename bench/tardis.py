@@ -5,8 +5,9 @@
 The seeded synthetic perpetual (``quotelab.data.synth``) is written as a Tardis ``incremental_book_L2``
 file (the day's opening book as ``is_snapshot=true`` rows, then every depth row) and a ``trades``
 file, µs timestamps as Tardis gives them. Both converters then run in this process, in memory (no
-output file), after a warm-up, each ``--repeat`` times, alternating; medians of wall time are printed
-and the ratio is hftbacktest's time over quotelab's.
+output file), after a warm-up, each ``--repeat`` times, alternating; medians of wall time and of CPU time
+(the process's, all threads: steadier than wall time on a shared machine) are printed, and the ratios are
+hftbacktest's time over quotelab's.
 
 Then quotelab's rows are checked against the synthetic market they came from: the book at the end
 (last quantity per price level) and every trade (time, side, price, quantity) must be equal.
@@ -15,11 +16,16 @@ Then quotelab's rows are checked against the synthetic market they came from: th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -87,6 +93,17 @@ def quotelab_convert(files: list[Path]) -> list[DayResult]:
     return days
 
 
+def quiet(f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)`` with its progress prints (hftbacktest's "Reading ...") kept off the report."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return f(*args)
+
+
+def cpu_time() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hours", type=float, default=3.0)
@@ -104,22 +121,26 @@ def main() -> None:
               f"({args.hours:g} h of the synthetic perpetual)")
 
         runs: dict[str, list[float]] = {"quotelab": [], "hftbacktest": []}
+        cpu: dict[str, list[float]] = {"quotelab": [], "hftbacktest": []}
         convert = {"quotelab": lambda: quotelab_convert([book_path, trades_path]),
                    # hftbacktest wants the trades file first (see its docstring)
-                   "hftbacktest": lambda: hbt_tardis.convert([str(trades_path), str(book_path)])}
+                   "hftbacktest": lambda: quiet(hbt_tardis.convert, [str(trades_path), str(book_path)])}
         out: dict[str, object] = {}
         for name in convert:  # warm-up: numba compiles or loads its caches
             out[name] = convert[name]()
         for _ in range(args.repeat):
             for name in convert:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_time()
                 out[name] = convert[name]()
                 runs[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_time() - c0)
         med = {k: statistics.median(v) for k, v in runs.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         for name, m in med.items():
-            print(f"{name:12s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  "
+            print(f"{name:12s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
                   f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])})")
-        print(f"hftbacktest / quotelab: {med['hftbacktest'] / med['quotelab']:.2f}x")
+        print(f"hftbacktest / quotelab: {med['hftbacktest'] / med['quotelab']:.2f}x wall, "
+              f"{med_cpu['hftbacktest'] / med_cpu['quotelab']:.2f}x CPU")
 
         days = out["quotelab"]
         assert isinstance(days, list)

@@ -535,3 +535,45 @@ def test_data_without_the_symbol_asked_for_names_the_symbols_it_holds(shared_dat
     bybit = shared_data / "other-venues" / "BYBIT.ws.26.0.gz"
     err = convert_fails("--format", "bybit", "--symbol", "ETHUSD", "--catalog", tmp_path / "cat", bybit)
     assert "The files hold other symbols: BTCUSD (570), EOSUSD (524)." in err
+
+
+def _respelled(line: str, i: int) -> str:
+    """A row with its price and amount written another way a CSV writer may write the same number."""
+    *head, px, amount = line.split(",")
+    spell = [lambda v: v, lambda v: v + "0", lambda v: f"{float(v):.6e}", lambda v: f"{float(v) * 10:g}E-1"][i % 4]
+    return ",".join([*head, spell(px), spell(amount)])
+
+
+@pytest.mark.parametrize("messy", [False, True])
+def test_tardis_clean_blocks_read_by_numba_equal_polars(tmp_path, monkeypatch, messy):
+    """A block whose lines are all of one symbol in plain form is parsed by a numba pass instead of polars:
+    the days, counts and findings must be the same to the bit, whether every block is clean (numbers spelled
+    in several ways: trailing zeros, exponents) or clean blocks alternate with messy ones."""
+    book, trades = _messy_tardis(tmp_path, 4)
+    if not messy:
+        for path in (book, trades):
+            text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+            header, *lines = text.splitlines()
+            lines = [_respelled(ln, i) for i, ln in enumerate(lines)
+                     if ln and ",ETHUSDT," not in ln and ",unknown," not in ln]
+            path.write_bytes(gzip.compress("\n".join([header, *lines, ""]).encode()) if path.suffix == ".gz"
+                             else "\n".join([header, *lines, ""]).encode())
+    monkeypatch.setattr(tardis, "CHUNK_BYTES", 3000)
+    clean = tardis.TardisConverter._parse_clean
+    taken: list[bool] = []
+
+    def spy(self, *args):
+        rows = clean(self, *args)
+        taken.append(rows is not None)
+        return rows
+
+    results = []
+    for parse_clean in (spy, lambda self, *args: None):
+        monkeypatch.setattr(tardis.TardisConverter, "_parse_clean", parse_clean)
+        days: list[DayResult] = []
+        summary = tardis.convert([book, trades], ConvertJob("binance-usdm", "BTCUSDT", {"tick_size": 0.1,
+                                                                                        "lot_size": 0.001},
+                                                            days.append))
+        results.append((json.dumps(summary), [(d.day, d.events.tobytes(), json.dumps(d.info)) for d in days]))
+    assert results[0] == results[1] and len(results[0][1]) == 2
+    assert all(taken) if not messy else (any(taken) and not all(taken))

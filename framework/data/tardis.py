@@ -150,6 +150,180 @@ def _merge_nb(local: np.ndarray, file_end: np.ndarray, more: np.ndarray) -> np.n
     return out
 
 
+# -- the clean-block fast path --------------------------------------------------------------------
+# Almost every block of a real export is one exchange's one symbol, numbers in plain decimal notation and
+# the usual words. Such a block is parsed in one numba pass (polars' CSV reader and the per-column checks
+# cost ~3x more); any line that is not like that sends the whole block to polars, whose checks name it.
+
+_POW10 = np.array([float(10**k) for k in range(23)])  # exact doubles
+_DIGITS = 48  # b"0"
+_COMMA, _NL, _DOT = 44, 10, 46
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _uint_nb(buf, i, max_digits):
+    """A field of 1..``max_digits`` digits ending with a comma: (value, index after the comma), (-1, -1) if not."""
+    n = buf.shape[0]
+    v = np.int64(0)
+    k = 0
+    while i < n and buf[i] != _COMMA:
+        d = np.int64(buf[i]) - _DIGITS
+        if d < 0 or d > 9 or k == max_digits:
+            return -1, -1
+        v = v * 10 + d
+        k += 1
+        i += 1
+    if k == 0 or i >= n:
+        return -1, -1
+    return v, i + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decimal_nb(buf, i, last, pow10):
+    """A field like ``123.45`` or ``1.5e-05`` ending with a comma (a newline or the end if ``last``): (the
+    double nearest to it, index after its end), or (nan, -1) if it is not of that form or its digits are too
+    many for one correctly rounded operation (Clinger's exact case: a whole mantissa below 2**53, a power of
+    ten up to 1e22), which is then the value ``float()`` and polars give."""
+    n = buf.shape[0]
+    m = np.int64(0)
+    sig = 0
+    whole = 0
+    frac = 0
+    dot = False
+    while i < n:
+        c = buf[i]
+        if c >= _DIGITS and c <= _DIGITS + 9:
+            m = m * 10 + (c - _DIGITS)
+            if m:
+                sig += 1
+            if dot:
+                frac += 1
+            else:
+                whole += 1
+        elif c == _DOT and not dot:
+            dot = True
+        else:
+            break
+        i += 1
+    if whole == 0 or (dot and frac == 0) or sig > 15:
+        return np.nan, -1
+    e = 0
+    if i < n and (buf[i] == 101 or buf[i] == 69):  # e / E
+        i += 1
+        neg = i < n and buf[i] == 45
+        if i < n and (buf[i] == 45 or buf[i] == 43):
+            i += 1
+        k = 0
+        while i < n and buf[i] >= _DIGITS and buf[i] <= _DIGITS + 9 and k < 3:
+            e = e * 10 + (buf[i] - _DIGITS)
+            k += 1
+            i += 1
+        if k == 0:
+            return np.nan, -1
+        if neg:
+            e = -e
+    e -= frac
+    if i < n:
+        c = buf[i]
+        if not ((c == _NL) if last else (c == _COMMA)):
+            return np.nan, -1
+    elif not last:
+        return np.nan, -1
+    if e < 0:
+        if e < -22:
+            return np.nan, -1
+        return np.float64(m) / pow10[-e], i + 1
+    if e > 22:
+        return np.nan, -1
+    return np.float64(m) * pow10[e], i + 1
+
+
+@njit(cache=True, nogil=True)
+def _parse_clean_nb(buf, prefix, book, exch, local, snap, side, px, qty, ival, pow10):
+    """Rows of a block whose every line is ``<prefix><timestamp>,<local_timestamp>,`` then ``true|false,
+    bid|ask,`` (``book``) or ``<id>,buy|sell,`` then ``<price>,<amount>``; timestamps µs → ns, an id of digits
+    or 0. The number of rows, or -1 at the first line of another form (the block is then polars')."""
+    n = buf.shape[0]
+    p = prefix.shape[0]
+    i = 0
+    r = 0
+    while i < n:
+        if i + p > n or r >= exch.shape[0]:
+            return -1
+        for k in range(p):
+            if buf[i + k] != prefix[k]:
+                return -1
+        i += p
+        v, i = _uint_nb(buf, i, 16)
+        if i < 0:
+            return -1
+        exch[r] = v * 1000
+        v, i = _uint_nb(buf, i, 16)
+        if i < 0:
+            return -1
+        local[r] = v * 1000
+        if book:
+            if i + 5 <= n and buf[i] == 116 and buf[i + 1] == 114 and buf[i + 2] == 117 and buf[i + 3] == 101 \
+                    and buf[i + 4] == _COMMA:  # true,
+                snap[r] = True
+                i += 5
+            elif i + 6 <= n and buf[i] == 102 and buf[i + 1] == 97 and buf[i + 2] == 108 and buf[i + 3] == 115 \
+                    and buf[i + 4] == 101 and buf[i + 5] == _COMMA:  # false,
+                snap[r] = False
+                i += 6
+            else:
+                return -1
+            if i + 4 > n or buf[i + 3] != _COMMA:
+                return -1
+            if buf[i] == 98 and buf[i + 1] == 105 and buf[i + 2] == 100:  # bid
+                side[r] = 1
+            elif buf[i] == 97 and buf[i + 1] == 115 and buf[i + 2] == 107:  # ask
+                side[r] = -1
+            else:
+                return -1
+            i += 4
+            ival[r] = 0
+        else:
+            # an id of digits is kept, any other (empty, "-7") is 0, as on polars' path
+            v = np.int64(0)
+            k = 0
+            digits = True
+            while i < n and buf[i] != _COMMA:
+                c = buf[i]
+                if c == 34 or c == _NL or c == 13:  # a quote or a line end: the line is polars'
+                    return -1
+                if c >= _DIGITS and c <= _DIGITS + 9:
+                    v = v * 10 + (c - _DIGITS)
+                    k += 1
+                else:
+                    digits = False
+                i += 1
+            if i >= n or (digits and k > 18):
+                return -1
+            ival[r] = v if digits and k > 0 else 0
+            i += 1
+            snap[r] = False
+            if i + 4 <= n and buf[i] == 98 and buf[i + 1] == 117 and buf[i + 2] == 121 and buf[i + 3] == _COMMA:
+                side[r] = 1  # buy,
+                i += 4
+            elif i + 5 <= n and buf[i] == 115 and buf[i + 1] == 101 and buf[i + 2] == 108 and buf[i + 3] == 108 \
+                    and buf[i + 4] == _COMMA:
+                side[r] = -1  # sell,
+                i += 5
+            else:
+                return -1
+        x, i = _decimal_nb(buf, i, False, pow10)
+        if i < 0:
+            return -1
+        px[r] = x
+        x, i = _decimal_nb(buf, i, True, pow10)
+        if i < 0:
+            return -1
+        qty[r] = x
+        r += 1
+    return r
+
+
 class _Source:
     """One Tardis CSV, plain or gzipped, read a chunk of whole lines at a time."""
 
@@ -265,6 +439,9 @@ class TardisConverter:
     def _parse(self, src: _Source, book: bool, block: bytes, first: int, n_lines: int,
                max_local: int) -> dict[str, np.ndarray]:
         """One block's rows of the symbol (other symbols, blank lines and side-less trades left out)."""
+        rows = self._parse_clean(src, book, block, first, n_lines, max_local)
+        if rows is not None:
+            return rows
         file = src.name
         columns = BOOK_COLUMNS if book else TRADE_COLUMNS
         # polars keeps a blank line as a row of nulls, so rows map to lines, but it counts the columns on
@@ -346,6 +523,33 @@ class TardisConverter:
                 self.dropped_back[5] = max(self.dropped_back[5], int(back[stepped].max()))
             rows = {k: v[known] for k, v in rows.items()}
         return rows
+
+    def _parse_clean(self, src: _Source, book: bool, block: bytes, first: int, n_lines: int,
+                     max_local: int) -> dict[str, np.ndarray] | None:
+        """``_parse``'s rows by the fast path, if every line of ``block`` is of the form it takes (see
+        ``_parse_clean_nb``) and of the symbol; else None."""
+        head = block.split(b"\n", 1)[0].split(b",", 2)
+        if len(head) < 3 or any(c in head[0] + head[1] for c in (b'"', b"\r")):
+            return None
+        try:
+            exchange, symbol = head[0].decode(), head[1].decode()
+        except UnicodeDecodeError:
+            return None
+        if not exchange.strip() or symbol.upper() != self.symbol or self.exchange not in (None, exchange):
+            return None
+        n = n_lines
+        exch, local, ival = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        px, qty, side, snap = np.empty(n), np.empty(n), np.empty(n, np.int8), np.empty(n, bool)
+        prefix = np.frombuffer(head[0] + b"," + head[1] + b",", np.uint8)
+        if _parse_clean_nb(np.frombuffer(block, np.uint8), prefix, book, exch, local, snap, side, px, qty, ival,
+                           _POW10) != n:
+            return None
+        self.exchange = exchange
+        src.info["lines"] += n
+        self.stats["lines"] += n
+        local, back = clamp_local(local, max_local)
+        return {"line": np.arange(first, first + n, dtype=np.int64), "exch": exch, "local": local, "side": side,
+                "px": px, "qty": qty, "ival": ival, "snap": snap, "back": back}
 
     def _check_blank(self, block: bytes, first: int, file: str, book: bool, lines: np.ndarray) -> None:
         """polars reads a line of empty fields as it reads a blank line; only a blank one may be skipped."""
