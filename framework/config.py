@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, NoReturn, TypeVar, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
@@ -166,23 +166,42 @@ def raise_validation(
             at = (*parent, at[-1])
         elif err["type"] == "missing":
             msg = "required key is missing"
+            what = _field_description(model or _MODEL_BY_TITLE.get(exc.title), err["loc"])
+            if what:
+                msg += f"; {what[0].lower()}{what[1:].rstrip('.')}"
         msgs.append(f"{file}:{line_of(lines, at)}: {fmt_path(at)}: {msg}")
     raise ConfigError("\n".join(msgs))
 
 
-def _known_fields(model: type[BaseModel] | None, err: dict) -> list[str]:
-    if model is None:
-        return []
-    for part in err["loc"][:-1]:
-        if isinstance(part, int):
+def _model_at(model: type[BaseModel] | None, loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model whose fields sit at ``loc`` inside ``model`` (list indices and mapping keys skipped), if one does."""
+    keyed = False  # the part is a key of a mapping of models (data.assets.<name>), not a field
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
         f = model.model_fields.get(part)
         ann = getattr(f, "annotation", None) if f else None
-        nested = _first_model(ann)
-        if nested is None:
-            return []
-        model = nested
-    return list(model.model_fields)
+        keyed = _is_mapping(ann)
+        model = _first_model(ann)
+    return model
+
+
+def _is_mapping(ann: Any) -> bool:
+    return get_origin(ann) is dict or any(_is_mapping(a) for a in getattr(ann, "__args__", ()) or ())
+
+
+def _known_fields(model: type[BaseModel] | None, err: dict) -> list[str]:
+    model = _model_at(model, err["loc"][:-1])
+    return [] if model is None else list(model.model_fields)
+
+
+def _field_description(model: type[BaseModel] | None, loc: Sequence[str | int]) -> str | None:
+    model = _model_at(model, loc[:-1])
+    f = model.model_fields.get(loc[-1]) if model is not None and loc else None
+    return f.description if f is not None else None
 
 
 def _first_model(ann: Any) -> type[BaseModel] | None:
