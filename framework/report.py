@@ -14,12 +14,15 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quotelab import pnl
+from quotelab.batch import flat_row, read_records
+from quotelab.data.catalog import atomic_write_bytes
 from quotelab.errors import QuotelabError
 
 HORIZONS = {"100ms": 100_000_000, "1s": 1_000_000_000, "10s": 10_000_000_000, "60s": 60_000_000_000}
@@ -216,19 +219,35 @@ def _series(results_dir: Path, run_id: str) -> dict[str, np.ndarray] | None:
     return {c: df[c].to_numpy() for c in df.columns}
 
 
-def build_report(results_dir: str | Path, out: str | Path | None = None, stat: str | None = None,
-                 x: str | None = None, y: str | None = None, unreadable: list[str] | None = None) -> Path:
-    """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path.
+@dataclass
+class _Runs:
+    """A results folder's runs, as the report reads them: records by id, flat rows, the ranking stat."""
 
-    Run records that cannot be read are listed in the report and appended to ``unreadable``."""
-    import matplotlib
+    results_dir: Path
+    by_id: dict[str, dict[str, Any]]
+    rows: list[dict[str, Any]]
+    stat: str
+    bad: list[str]  # records that could not be read, with why
+    done: list[dict[str, Any]] = field(init=False)  # finished runs with a finite stat
+    varying: list[str] = field(init=False)  # the p.<path> columns that differ between runs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __post_init__(self) -> None:
+        s = self.stat
+        self.done = [r for r in self.rows if r["status"] == "done" and isinstance(r.get(s), float)
+                     and math.isfinite(r[s])]
+        self.varying = [c for c in self.pcols if len({json.dumps(r.get(c)) for r in self.rows}) > 1]
 
-    from quotelab.batch import flat_row, read_records
+    @property
+    def pcols(self) -> list[str]:
+        return [c for c in self.rows[0] if c.startswith("p.")]
 
-    results_dir = Path(results_dir)
+    @property
+    def best(self) -> dict[str, Any]:
+        return sorted(self.done, key=lambda r: r[self.stat])[-1]
+
+
+def _read_runs(results_dir: Path, stat: str | None, unreadable: list[str] | None) -> _Runs:
+    """The runs of ``results_dir`` and the stat to rank them by; a ReportError when there is nothing to rank."""
     bad: list[str] = []
     records = read_records(results_dir, bad)
     if unreadable is not None:
@@ -238,7 +257,6 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
                           + (f"; {len(bad)} could not be read, e.g. {bad[0]}" if bad else
                              "; run `quotelab batch` first"))
     rows = [flat_row(r) for r in records]
-    by_id = {r["run_id"]: r for r in records}
     if stat is None:  # PnL in USD compares runs in coin and in USDT; records from before it had only equity
         stat = "pnl_usd" if any(isinstance(r.get("pnl_usd"), float) for r in rows) else "equity"
     if stat not in rows[0] and f"stats.{stat}" in rows[0]:
@@ -246,75 +264,94 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
     if not any(isinstance(r.get(stat), float) for r in rows):
         have = sorted(k for k in rows[0] if isinstance(rows[0][k], float))
         raise ReportError(f"{results_dir}: no run has a numeric {stat!r}; numeric columns: {', '.join(have)}")
-    out = Path(out) if out is not None else results_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    done = [r for r in rows if r["status"] == "done" and isinstance(r.get(stat), float) and math.isfinite(r[stat])]
-    pcols = [c for c in rows[0] if c.startswith("p.")]
-    varying = [c for c in pcols if len({json.dumps(r.get(c)) for r in rows}) > 1]
-    sections: list[str] = []
-    imgs: list[str] = []
+    return _Runs(results_dir, {r["run_id"]: r for r in records}, rows, stat, bad)
 
-    def save(fig: Any, name: str) -> str:
+
+class _Figures:
+    """Charts saved as PNGs beside the page; ``save`` returns the ``<img>`` that shows one."""
+
+    def __init__(self, out: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.out, self.plt = out, plt
+
+    def save(self, fig: Any, name: str) -> str:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
-        plt.close(fig)
-        imgs.append(name)
+        fig.savefig(self.out / name, dpi=90)
+        self.plt.close(fig)
         return f'<img src="{name}" alt="{html.escape(name)}">'
 
+
+def build_report(results_dir: str | Path, out: str | Path | None = None, stat: str | None = None,
+                 x: str | None = None, y: str | None = None, unreadable: list[str] | None = None) -> Path:
+    """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path.
+
+    Run records that cannot be read are listed in the report and appended to ``unreadable``."""
+    from quotelab.optimize import report_section
+
+    results_dir = Path(results_dir)
+    runs = _read_runs(results_dir, stat, unreadable)
+    out = Path(out) if out is not None else results_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figs = _Figures(out)
+    # The charts first, then the tables they summarise, then every run.
+    charts = [_lead(runs),
+              report_section(results_dir, out, figs.save),  # a `quotelab optimize` folder: its trials first
+              _unreadable_section(runs.bad), _params_chart(runs, x, y, figs), _best_worst_chart(runs, figs)]
+    venues_chart, venues_table = _venues(runs, figs)
+    diag_charts, diag_tables = _diagnostics_section(runs, figs)
+    sections = [*charts, venues_chart, *diag_charts, _failed_section(runs), venues_table, *diag_tables,
+                _all_runs_table(runs)]
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>quotelab batch report</title>"
+            f"<style>{_CSS}</style></head><body><h1>quotelab batch report</h1>"
+            f"<p class=note>{html.escape(str(results_dir.resolve()))}</p>{''.join(s for s in sections if s)}"
+            f"<script>{_SORT_JS}</script></body></html>")
+    path = out / "index.html"
+    atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
+    return path
+
+
+def _lead(runs: _Runs) -> str:
+    """How many runs, how many failed, and the best and worst by the stat."""
+    rows, stat = runs.rows, runs.stat
     n_failed = sum(r["status"] != "done" for r in rows)
     lead = (f"<p class=lead>{len(rows)} runs: {len(rows) - n_failed} done, {n_failed} failed. "
             f"Ranked by <b>{html.escape(label(stat))}</b>.")
-    if done:
-        top = max(done, key=lambda r: r[stat])
-        low = min(done, key=lambda r: r[stat])
+    if runs.done:
+        top = max(runs.done, key=lambda r: r[stat])
+        low = min(runs.done, key=lambda r: r[stat])
         for tag, r in (("Best", top), ("Worst", low)):
             bps = r.get("pnl_bps_of_notional")
             lead += (f"<br>{tag}: {html.escape(str(r.get('label') or r['index']))}: {html.escape(label(stat))} "
                      f"<b>{_fmt(r[stat])}</b>"
                      + (f", {bps:.3g} bps of traded notional" if isinstance(bps, float) else ""))
-    sections.append(lead + "</p>")
-    from quotelab.optimize import report_section
+    return lead + "</p>"
 
-    optimisation = report_section(results_dir, out, save)  # a `quotelab optimize` folder: its trials first
-    if optimisation:
-        sections.append(optimisation)
-    cols = TABLE_COLS[:5] + pcols + [c for c in TABLE_COLS[5:] if c != stat] + [stat]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    if bad:
-        sections.append(f"<h2>Unreadable run records ({len(bad)})</h2><p class=note>Left out of every table and "
-                        "plot; rerun them with <code>quotelab batch --resume</code>.</p><ul>"
-                        + "".join(f"<li>{html.escape(b)}</li>" for b in bad) + "</ul>")
-    tables: list[str] = []  # after the charts: the per-venue and diagnostics tables, then every run
 
-    # Heatmap of the stat over two params (mean over everything else: venues, symbols, other params).
+def _unreadable_section(bad: list[str]) -> str | None:
+    if not bad:
+        return None
+    return (f"<h2>Unreadable run records ({len(bad)})</h2><p class=note>Left out of every table and "
+            "plot; rerun them with <code>quotelab batch --resume</code>.</p><ul>"
+            + "".join(f"<li>{html.escape(b)}</li>" for b in bad) + "</ul>")
+
+
+def _params_chart(runs: _Runs, x: str | None, y: str | None, figs: _Figures) -> str | None:
+    """The stat over two params as a heatmap (mean over everything else: venues, symbols, other params), or
+    over one as a line per venue/symbol. ``x`` and ``y`` default to the first params that vary."""
+    done, stat, varying, plt = runs.done, runs.stat, runs.varying, figs.plt
     x = f"p.{x}" if x and not x.startswith("p.") else x
     y = f"p.{y}" if y and not y.startswith("p.") else y
     if x is None and len(varying) >= 1:
         x = varying[0]
     if y is None and len(varying) >= 2:
         y = varying[1] if varying[1] != x else None
-    if done and x and y:
-        xs = sorted({r[x] for r in done}, key=str)
-        ys = sorted({r[y] for r in done}, key=str)
-        grid = np.full((len(ys), len(xs)), np.nan)
-        for i, yv in enumerate(ys):
-            for j, xv in enumerate(xs):
-                vals = [r[stat] for r in done if r[x] == xv and r[y] == yv]
-                grid[i, j] = np.mean(vals) if vals else np.nan
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdYlGn")
-        ax.set_xticks(range(len(xs)), [_fmt(v) for v in xs])
-        ax.set_yticks(range(len(ys)), [_fmt(v) for v in ys])
-        ax.set_xlabel(label(x))
-        ax.set_ylabel(label(y))
-        for i in range(len(ys)):
-            for j in range(len(xs)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=8)
-        fig.colorbar(im, label=label(stat))
-        ax.set_title(f"mean {label(stat)} over {label(x)} × {label(y)}")
-        sections.append("<h2>Heatmap</h2>" + save(fig, "heatmap.png"))
-    elif done and x:
+    if not (done and x):
+        return None
+    if not y:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in sorted({(r["venue"], r["symbol"]) for r in done}):
             pts = sorted(((r[x], r[stat]) for r in done if (r["venue"], r["symbol"]) == key), key=lambda p: str(p[0]))
@@ -322,39 +359,65 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
         ax.set_xlabel(label(x))
         ax.set_ylabel(label(stat))
         ax.legend(fontsize=7)
-        sections.append(f"<h2>{html.escape(label(stat))} by {html.escape(label(x))}</h2>"
-                        '<p class="note">Only one parameter varies, so a line per venue/symbol instead of a '
-                        "heatmap.</p>" + save(fig, "heatmap.png"))
+        return (f"<h2>{html.escape(label(stat))} by {html.escape(label(x))}</h2>"
+                '<p class="note">Only one parameter varies, so a line per venue/symbol instead of a '
+                "heatmap.</p>" + figs.save(fig, "heatmap.png"))
+    xs = sorted({r[x] for r in done}, key=str)
+    ys = sorted({r[y] for r in done}, key=str)
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for i, yv in enumerate(ys):
+        for j, xv in enumerate(xs):
+            vals = [r[stat] for r in done if r[x] == xv and r[y] == yv]
+            grid[i, j] = np.mean(vals) if vals else np.nan
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdYlGn")
+    ax.set_xticks(range(len(xs)), [_fmt(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [_fmt(v) for v in ys])
+    ax.set_xlabel(label(x))
+    ax.set_ylabel(label(y))
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, label=label(stat))
+    ax.set_title(f"mean {label(stat)} over {label(x)} × {label(y)}")
+    return "<h2>Heatmap</h2>" + figs.save(fig, "heatmap.png")
 
-    # Best and worst runs: equity and position curves.
-    if done:
-        ranked = sorted(done, key=lambda r: r[stat])
-        picks = [("best", ranked[-1]), ("worst", ranked[0])] if len(ranked) > 1 else [("best", ranked[-1])]
-        fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-        for tag, r in picks:
-            s = _series(results_dir, r["run_id"])
-            if s is None:
-                continue
-            inst = by_id[r["run_id"]].get("instrument") or {}
-            t = (s["timestamp"] - s["timestamp"][0]) / 1e9
-            eq = equity_series(s, inst)
-            if inst.get("contract") == "inverse":  # coin PnL, valued at the mid of its time
-                eq = eq * pnl.ffill(s["mid"])
-            axes[0].plot(t, eq, label=f"{tag}: {r['label']}")
-            axes[1].plot(t, s["position"], label=tag)
-        axes[0].set_ylabel("PnL (USD)")
-        axes[1].set_ylabel("position")
-        axes[1].set_xlabel("seconds")
-        axes[0].legend(fontsize=7)
-        sections.append(f"<h2>Best and worst runs by {html.escape(label(stat))}</h2>" + save(fig, "best_worst.png"))
 
-    # Per venue/symbol comparison.
+def _best_worst_chart(runs: _Runs, figs: _Figures) -> str | None:
+    """PnL (USD) and position over time of the best and the worst run."""
+    if not runs.done:
+        return None
+    ranked = sorted(runs.done, key=lambda r: r[runs.stat])
+    picks = [("best", ranked[-1]), ("worst", ranked[0])] if len(ranked) > 1 else [("best", ranked[-1])]
+    fig, axes = figs.plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for tag, r in picks:
+        s = _series(runs.results_dir, r["run_id"])
+        if s is None:
+            continue
+        inst = runs.by_id[r["run_id"]].get("instrument") or {}
+        t = (s["timestamp"] - s["timestamp"][0]) / 1e9
+        eq = equity_series(s, inst)
+        if inst.get("contract") == "inverse":  # coin PnL, valued at the mid of its time
+            eq = eq * pnl.ffill(s["mid"])
+        axes[0].plot(t, eq, label=f"{tag}: {r['label']}")
+        axes[1].plot(t, s["position"], label=tag)
+    axes[0].set_ylabel("PnL (USD)")
+    axes[1].set_ylabel("position")
+    axes[1].set_xlabel("seconds")
+    axes[0].legend(fontsize=7)
+    return f"<h2>Best and worst runs by {html.escape(label(runs.stat))}</h2>" + figs.save(fig, "best_worst.png")
+
+
+def _venues(runs: _Runs, figs: _Figures) -> tuple[str, str]:
+    """The mean stat per venue/symbol as a chart, and its table (runs, failures, best, worst, markout, uptime)."""
+    stat = runs.stat
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
+    for r in runs.rows:
         groups.setdefault(f"{r['venue']}/{r['symbol']}", []).append(r)
     comp = []
     for key, rs in groups.items():
-        ok = [r for r in rs if r in done]
+        ok = [r for r in rs if r in runs.done]
         vals = [r[stat] for r in ok]
         comp.append({"venue/symbol": key, "runs": len(rs), "failed": sum(r["status"] != "done" for r in rs),
                      f"mean {label(stat)}": float(np.mean(vals)) if vals else None,
@@ -362,97 +425,112 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
                      f"worst {label(stat)}": float(np.min(vals)) if vals else None,
                      "mean markout 1s (bps)": _mean([r.get("diag.markout_bps_1s") for r in ok]),
                      "mean quote uptime": _mean([r.get("diag.quote_uptime") for r in ok])})
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(comp)), 4))
+    fig, ax = figs.plt.subplots(figsize=(max(5, 1.2 * len(comp)), 4))
     ax.bar([c["venue/symbol"] for c in comp], [c[f"mean {label(stat)}"] or 0.0 for c in comp], color="#4a7")
     ax.set_ylabel(f"mean {label(stat)}")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    sections.append("<h2>Per venue / symbol</h2>" + save(fig, "venues.png"))
-    tables.append("<h2>Per venue / symbol</h2>" + _table(comp, list(comp[0])))
+    return ("<h2>Per venue / symbol</h2>" + figs.save(fig, "venues.png"),
+            "<h2>Per venue / symbol</h2>" + _table(comp, list(comp[0])))
 
-    # Market-making diagnostics.
-    if done:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        hz = ["0", *HORIZONS]
-        for r in done:
-            ys_ = [r.get(f"diag.markout_bps_{h}") for h in hz]
-            best = r is picks[0][1]
-            axes[0].plot(hz, [np.nan if v is None else v for v in ys_], color="C1" if best else "#999",
-                         alpha=1.0 if best else 0.4, lw=2 if best else 1, marker="o" if best else None)
-        axes[0].axhline(0, color="k", lw=0.5)
-        axes[0].set_title("fill markouts, bps (best run in colour)")
-        axes[0].set_xlabel("horizon")
-        labels = [str(r["index"]) for r in done]
-        bottom_pos = np.zeros(len(done))
-        bottom_neg = np.zeros(len(done))
-        for part, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3"), ("funding", "C4")):
-            v = np.array([(r.get(f"diag.pnl_{part}") or 0.0) * _usd(r) for r in done])
-            base = np.where(v >= 0, bottom_pos, bottom_neg)
-            axes[1].bar(labels, v, bottom=base, color=color, label=part)
-            bottom_pos += np.where(v >= 0, v, 0)
-            bottom_neg += np.where(v < 0, v, 0)
-        axes[1].scatter(labels, [(r.get("equity") or 0.0) * _usd(r) for r in done], color="k", marker="_", s=200,
-                        label="recorded PnL", zorder=3)
-        axes[1].set_title("PnL split by run index (USD)")
-        axes[1].legend(fontsize=7)
-        axes[1].tick_params(axis="x", labelsize=7)
-        best_rec = by_id[picks[0][1]["run_id"]]["diagnostics"]
-        fig2, axes2 = plt.subplots(1, 2, figsize=(11, 4))
-        hist = best_rec.get("inventory_hist") or {}
-        if hist:
-            axes2[0].bar([_fmt(v) for v in hist["values"]], hist["share"], color="C0")
-            axes2[0].tick_params(axis="x", rotation=60, labelsize=7)
-        axes2[0].set_title("inventory distribution (best run, share of steps)")
-        fr = best_rec.get("fill_rate_by_distance") or {}
-        for r in done:
-            d = by_id[r["run_id"]]["diagnostics"].get("fill_rate_by_distance") or {}
-            pts = sorted((int(k), v["fill_rate"]) for k, v in d.items() if v["fill_rate"] is not None)
-            best = r is picks[0][1]
-            if pts:
-                axes2[1].plot(*zip(*pts, strict=True), color="C1" if best else "#999", alpha=1 if best else 0.4,
-                              marker="o" if best else None)
-        axes2[1].set_xlabel("quote distance from mid (ticks)")
-        axes2[1].set_title("fill rate per step by quote distance" + ("" if fr else " (no tick size)"))
-        diag_cols = ["index", "venue", "symbol", *varying, "equity", "diag.pnl_spread", "diag.pnl_inventory",
-                     "diag.pnl_fees", "diag.pnl_funding", "diag.pnl_total", "diag.fills", "diag.markout_bps_0",
-                     "diag.markout_bps_100ms", "diag.markout_bps_1s", "diag.markout_bps_10s",
-                     "diag.markout_bps_60s", "diag.quote_uptime", "diag.inventory_p05", "diag.inventory_p50",
-                     "diag.inventory_p95"]
-        sections.append(
-            "<h2>Market-making diagnostics</h2><p class=note>Fills are inferred from position changes between "
+
+def _diagnostics_section(runs: _Runs, figs: _Figures) -> tuple[list[str], list[str]]:
+    """Market-making diagnostics: the charts, and the tables (every finished run; the best run per UTC day)."""
+    if not runs.done:
+        return [], []
+    best = runs.best
+    best_diag = runs.by_id[best["run_id"]]["diagnostics"]
+    note = ("<h2>Market-making diagnostics</h2><p class=note>Fills are inferred from position changes between "
             "recorded steps; markouts are the mid after the horizon vs the fill price, signed by side, weighted by "
             "size. The PnL split (spread capture at the mid quoted against, inventory marked to the mid's moves, "
-            "fees/rebates, funding) adds up to the recorded PnL; the chart shows it in USD.</p>"
-            + save(fig, "diagnostics.png") + save(fig2, "inventory_fills.png"))
-        tables.append("<h2>Market-making diagnostics</h2>"
-                      + _table(done, [c for c in diag_cols if any(c in r for r in done)]))
-        best = picks[0][1]
-        days = (by_id[best["run_id"]].get("summary") or {}).get("days") or []
-        if days:
-            tables.append(f"<h2>Per UTC day, best run ({html.escape(str(best.get('label') or best['index']))}; "
-                          f"{html.escape(str(best.get('pnl_unit') or ''))})</h2>"
-                          + _table(days, ["day", "pnl", "spread", "inventory", "fees", "funding", "volume", "trades",
-                                          "max_abs_position"]))
+            "fees/rebates, funding) adds up to the recorded PnL; the chart shows it in USD.</p>")
+    charts = [note + _markouts_and_split_chart(runs, best, figs) + _inventory_and_fill_rate_chart(runs, best,
+                                                                                                 best_diag, figs)]
+    diag_cols = ["index", "venue", "symbol", *runs.varying, "equity", "diag.pnl_spread", "diag.pnl_inventory",
+                 "diag.pnl_fees", "diag.pnl_funding", "diag.pnl_total", "diag.fills", "diag.markout_bps_0",
+                 "diag.markout_bps_100ms", "diag.markout_bps_1s", "diag.markout_bps_10s",
+                 "diag.markout_bps_60s", "diag.quote_uptime", "diag.inventory_p05", "diag.inventory_p50",
+                 "diag.inventory_p95"]
+    tables = ["<h2>Market-making diagnostics</h2>"
+              + _table(runs.done, [c for c in diag_cols if any(c in r for r in runs.done)])]
+    days = (runs.by_id[best["run_id"]].get("summary") or {}).get("days") or []
+    if days:
+        tables.append(f"<h2>Per UTC day, best run ({html.escape(str(best.get('label') or best['index']))}; "
+                      f"{html.escape(str(best.get('pnl_unit') or ''))})</h2>"
+                      + _table(days, ["day", "pnl", "spread", "inventory", "fees", "funding", "volume", "trades",
+                                      "max_abs_position"]))
+    return charts, tables
 
-    failed = [r for r in rows if r["status"] != "done"]
-    if failed:  # one line each; the message on demand
-        sections.append(f"<h2>Failed runs ({len(failed)})</h2>" + "".join(
-            f'<details class=fail><summary>#{r["index"]} {html.escape(str(r["venue"]))}/'
-            f'{html.escape(str(r["symbol"]))} {html.escape(str(r.get("label") or ""))}: '
-            f'{html.escape(str(r.get("error") or "no error recorded").splitlines()[0][:100])}</summary>'
-            f'<pre>{html.escape(str(r.get("error") or ""))}</pre></details>' for r in failed))
-    sections.extend(tables)
-    sections.append("<h2>All runs</h2><p class=note>Click a column header to sort; hover a header for its "
-                    "field name.</p>" + _table(rows, cols))
 
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>quotelab batch report</title>"
-            f"<style>{_CSS}</style></head><body><h1>quotelab batch report</h1>"
-            f"<p class=note>{html.escape(str(results_dir.resolve()))}</p>{''.join(sections)}"
-            f"<script>{_SORT_JS}</script></body></html>")
-    from quotelab.data.catalog import atomic_write_bytes
+def _markouts_and_split_chart(runs: _Runs, best: dict[str, Any], figs: _Figures) -> str:
+    """Fill markouts by horizon (every run, the best in colour) beside the PnL split of each run in USD."""
+    done = runs.done
+    fig, axes = figs.plt.subplots(1, 2, figsize=(11, 4))
+    hz = ["0", *HORIZONS]
+    for r in done:
+        ys_ = [r.get(f"diag.markout_bps_{h}") for h in hz]
+        is_best = r is best
+        axes[0].plot(hz, [np.nan if v is None else v for v in ys_], color="C1" if is_best else "#999",
+                     alpha=1.0 if is_best else 0.4, lw=2 if is_best else 1, marker="o" if is_best else None)
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_title("fill markouts, bps (best run in colour)")
+    axes[0].set_xlabel("horizon")
+    labels = [str(r["index"]) for r in done]
+    bottom_pos = np.zeros(len(done))
+    bottom_neg = np.zeros(len(done))
+    for part, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3"), ("funding", "C4")):
+        v = np.array([(r.get(f"diag.pnl_{part}") or 0.0) * _usd(r) for r in done])
+        base = np.where(v >= 0, bottom_pos, bottom_neg)
+        axes[1].bar(labels, v, bottom=base, color=color, label=part)
+        bottom_pos += np.where(v >= 0, v, 0)
+        bottom_neg += np.where(v < 0, v, 0)
+    axes[1].scatter(labels, [(r.get("equity") or 0.0) * _usd(r) for r in done], color="k", marker="_", s=200,
+                    label="recorded PnL", zorder=3)
+    axes[1].set_title("PnL split by run index (USD)")
+    axes[1].legend(fontsize=7)
+    axes[1].tick_params(axis="x", labelsize=7)
+    return figs.save(fig, "diagnostics.png")
 
-    path = out / "index.html"
-    atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
-    return path
+
+def _inventory_and_fill_rate_chart(runs: _Runs, best: dict[str, Any], best_diag: dict[str, Any],
+                                   figs: _Figures) -> str:
+    """The best run's inventory distribution beside the fill rate by quote distance of every run."""
+    fig, axes = figs.plt.subplots(1, 2, figsize=(11, 4))
+    hist = best_diag.get("inventory_hist") or {}
+    if hist:
+        axes[0].bar([_fmt(v) for v in hist["values"]], hist["share"], color="C0")
+        axes[0].tick_params(axis="x", rotation=60, labelsize=7)
+    axes[0].set_title("inventory distribution (best run, share of steps)")
+    for r in runs.done:
+        d = runs.by_id[r["run_id"]]["diagnostics"].get("fill_rate_by_distance") or {}
+        pts = sorted((int(k), v["fill_rate"]) for k, v in d.items() if v["fill_rate"] is not None)
+        is_best = r is best
+        if pts:
+            axes[1].plot(*zip(*pts, strict=True), color="C1" if is_best else "#999", alpha=1 if is_best else 0.4,
+                         marker="o" if is_best else None)
+    axes[1].set_xlabel("quote distance from mid (ticks)")
+    has_rates = best_diag.get("fill_rate_by_distance")
+    axes[1].set_title("fill rate per step by quote distance" + ("" if has_rates else " (no tick size)"))
+    return figs.save(fig, "inventory_fills.png")
+
+
+def _failed_section(runs: _Runs) -> str | None:
+    """One line per failed run; its whole message on demand."""
+    failed = [r for r in runs.rows if r["status"] != "done"]
+    if not failed:
+        return None
+    return f"<h2>Failed runs ({len(failed)})</h2>" + "".join(
+        f'<details class=fail><summary>#{r["index"]} {html.escape(str(r["venue"]))}/'
+        f'{html.escape(str(r["symbol"]))} {html.escape(str(r.get("label") or ""))}: '
+        f'{html.escape(str(r.get("error") or "no error recorded").splitlines()[0][:100])}</summary>'
+        f'<pre>{html.escape(str(r.get("error") or ""))}</pre></details>' for r in failed)
+
+
+def _all_runs_table(runs: _Runs) -> str:
+    """Every run: identity, params, results and diagnostics, the ranking stat last."""
+    cols = TABLE_COLS[:5] + runs.pcols + [c for c in TABLE_COLS[5:] if c != runs.stat] + [runs.stat]
+    cols = [c for c in cols if any(c in r for r in runs.rows)]
+    return ("<h2>All runs</h2><p class=note>Click a column header to sort; hover a header for its "
+            "field name.</p>" + _table(runs.rows, cols))
 
 
 def _usd(row: dict[str, Any]) -> float:
@@ -602,8 +680,6 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
                                                                  ["ts", "rate", "mark", "position", "amount"], css=""))
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>quotelab run report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
-    from quotelab.data.catalog import atomic_write_bytes
-
     path = out / "index.html"
     atomic_write_bytes(path, lambda fh: fh.write(page.encode()))
     return path
