@@ -46,20 +46,30 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
 
-from quotelab.config import load_strategy, load_yaml, where_in
+from quotelab.config import (
+    AssetData,
+    StrictModel,
+    apply_override,
+    expand_dates,
+    load_document,
+    load_strategy,
+    load_yaml,
+    where_in,
+)
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
+from quotelab.outputs import json_finite
 
 RECORD = "record.json"
-ASSET_KEYS = ("venue", "symbol", "dates", "files", "tick_size", "lot_size", "contract", "contract_size")
 # Columns that differ between identical runs (timing, placement), left out of determinism comparisons.
 VOLATILE = ("wall_seconds", "compile_seconds", "run_seconds", "driver_compiled", "worker", "events_per_second")
 
@@ -106,126 +116,190 @@ def _value_literal(v: Any) -> str:
     return json.dumps(v)
 
 
-def _expand_values(spec: Any, where: str) -> list[Any]:
+# ------------------------------------------------------------------------------------------------
+# The batch YAML
+# ------------------------------------------------------------------------------------------------
+
+
+class Range(StrictModel):
+    """``{start, stop, step}``: start, start + step, ... up to and including stop."""
+
+    start: int | float
+    stop: int | float
+    step: int | float
+
+
+def axis_values(spec: Any) -> list[Any]:
+    """The values of one matrix axis: a list as given, a range expanded, a single value as a list of one."""
     if isinstance(spec, list):
         if not spec:
-            raise BatchError(f"{where}: an empty list of values gives no runs")
+            raise ValueError("an empty list of values gives no runs")
         return spec
-    if isinstance(spec, dict):
-        unknown = set(spec) - {"start", "stop", "step"}
-        if unknown or not {"start", "stop", "step"} <= set(spec):
-            raise BatchError(f"{where}: a range is {{start, stop, step}} (stop inclusive), got keys {sorted(spec)}")
-        try:
-            start, stop, step = (float(spec[k]) for k in ("start", "stop", "step"))
-        except (TypeError, ValueError):
-            raise BatchError(f"{where}: range start, stop and step must be numbers") from None
-        if step <= 0 or not all(map(math.isfinite, (start, stop, step))) or stop < start:
-            raise BatchError(f"{where}: a range needs step > 0 and stop >= start, got {spec}")
-        n = int(math.floor((stop - start) / step + 1e-9)) + 1
-        if n > 10_000:
-            raise BatchError(f"{where}: the range gives {n} values; at most 10000")
-        ints = all(isinstance(spec[k], int) for k in ("start", "stop", "step"))
-        # start + i*step, rounded, so 0.1 + 2*0.1 is 0.3 and its run id does not depend on float noise.
-        return [int(start + i * step) if ints else round(start + i * step, 12) for i in range(n)]
-    return [spec]
+    if not isinstance(spec, dict):
+        return [spec]
+    if set(spec) != {"start", "stop", "step"}:
+        raise ValueError(f"a range is {{start, stop, step}} (stop inclusive), got keys {sorted(spec)}")
+    try:
+        r = Range.model_validate(spec)
+    except ValidationError:
+        raise ValueError(f"range start, stop and step must be finite numbers, got {spec}") from None
+    if r.step <= 0 or r.stop < r.start:
+        raise ValueError(f"a range needs step > 0 and stop >= start, got {spec}")
+    n = int(math.floor((r.stop - r.start) / r.step + 1e-9)) + 1
+    if n > 10_000:
+        raise ValueError(f"the range gives {n} values; at most 10000")
+    ints = all(isinstance(v, int) for v in (r.start, r.stop, r.step))
+    # start + i*step, rounded, so 0.1 + 2*0.1 is 0.3 and its run id does not depend on float noise.
+    return [int(r.start + i * r.step) if ints else round(r.start + i * r.step, 12) for i in range(n)]
 
 
-def load_batch(path: str | Path, catalog: str | Path | None = None) -> Batch:
-    """Parse a batch YAML, expand its matrix and validate every run; raise BatchError naming file, line and run."""
+Axis = Annotated[list[Any], BeforeValidator(axis_values)]
+
+
+def shaped(kind: type, expected: str, empty: Any = None) -> BeforeValidator:
+    """A section that must be a ``kind`` (a mapping or a list), saying what goes in it when it is not; an
+    empty YAML value (``key:`` alone) is ``empty``."""
+
+    def check(v: Any) -> Any:
+        if v is None and empty is not None:
+            return empty
+        if not isinstance(v, kind) or (empty is None and not v):
+            raise ValueError(f"expected {expected}")
+        return v
+
+    return BeforeValidator(check)
+
+
+class MatrixAsset(AssetData):
+    """One ``matrix.assets`` entry: it replaces the strategy's ``data.assets.<asset>`` entirely."""
+
+    set: Annotated[dict[str, Any], shaped(dict, "a mapping PATH: VALUE", {})] = Field(
+        {}, description="Overrides only this asset needs, PATH: VALUE (e.g. quoter.params.size: 1).")
+
+
+class Matrix(StrictModel):
+    assets: Annotated[list[MatrixAsset], shaped(list, "a non-empty list of {venue, symbol, dates, ...}")] | None = (
+        Field(None, description="Each entry replaces the strategy's data.assets.<asset>: one run per entry."))
+    dates: Axis | None = Field(None, description="Crossed with the assets that give no dates of their own.")
+    params: Annotated[dict[str, Axis], shaped(dict, "a mapping PATH: [values] or {start, stop, step}", {})] = Field(
+        {}, description="PATH: [values] or {start, stop, step} (stop inclusive); every combination is a run.")
+
+
+class BatchSpec(StrictModel):
+    """A batch YAML: a base strategy and the matrix of runs made from it."""
+
+    name: str | None = None
+    description: str = ""
+    strategy: str | dict[str, Any] = Field(
+        description="The base strategy: a path to its YAML (relative to this file) or an inline mapping.")
+    catalog: str | None = Field(None, description="Event catalog folder (relative to this file); --catalog wins.")
+    asset: str | None = Field(None, description="The data.assets entry the matrix's assets replace (default: "
+                                                "data.quote).")
+    matrix: Annotated[Matrix, shaped(dict, "a mapping with assets, dates and params", {})] = Matrix()
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _path_or_mapping(cls, v: Any) -> Any:
+        if not isinstance(v, str | dict):
+            raise ValueError("expected a path to the base strategy YAML or an inline strategy mapping")
+        return v
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether two override paths touch the same value: equal, or one inside the other."""
+    return a == b or b.startswith((a + ".", a + "[")) or a.startswith((b + ".", b + "["))
+
+
+def load_batch(path: str | Path, catalog: str | Path | None = None, overrides: Sequence[str] = ()) -> Batch:
+    """Parse a batch YAML, expand its matrix and validate every run; raise BatchError naming file, line and run.
+
+    ``overrides`` (``--set PATH=VALUE``) change the base strategy of every run, before the matrix."""
     path = Path(path).resolve()
-    raw, lines = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise BatchError(f"{path}:1: a batch is a mapping with keys strategy and matrix")
-
+    try:
+        spec, raw, lines = load_document(path, BatchSpec, "a batch is a mapping with keys strategy and matrix")
+    except BatchError:
+        raise
+    except ConfigError as exc:
+        raise BatchError(str(exc)) from None
     where = where_in(path, lines)
+    base_overrides = list(overrides)
 
-    unknown = set(raw) - {"strategy", "catalog", "asset", "matrix", "name", "description"}
-    if unknown:
-        k = sorted(unknown)[0]
-        raise BatchError(f"{where((k,))}: unknown key; expected one of: strategy, catalog, asset, matrix")
-    if "strategy" not in raw:
-        raise BatchError(f"{path}:1: strategy: required key is missing (a path to the base strategy YAML)")
-    base = raw["strategy"]
-    if isinstance(base, str):
-        strategy_path = (path.parent / base).resolve()
-        if not strategy_path.exists():
+    if isinstance(spec.strategy, str):
+        strategy_path = (path.parent / spec.strategy).resolve()
+        if not strategy_path.is_file():
             raise BatchError(f"{where(('strategy',))}: base strategy {strategy_path} not found")
         strategy_text = strategy_path.read_text()
-    elif isinstance(base, dict):
+    else:
         # Inline base: validation errors then point into the batch file itself, at the right lines.
         strategy_path = path
         strategy_text = _inline_text(path)
-    else:
-        raise BatchError(f"{where(('strategy',))}: expected a path or an inline strategy mapping")
-
-    matrix = raw.get("matrix") or {}
-    if not isinstance(matrix, dict):
-        raise BatchError(f"{where(('matrix',))}: expected a mapping with assets, dates and params")
-    bad = set(matrix) - {"assets", "dates", "params"}
-    if bad:
-        raise BatchError(f"{where(('matrix', sorted(bad)[0]))}: unknown key; expected one of: assets, dates, params")
 
     base_raw, _ = load_yaml(strategy_path, strategy_text)
+    if isinstance(base_raw, dict):
+        for o in base_overrides:
+            apply_override(base_raw, o)
     try:
         quote = base_raw["data"]["quote"]
         base_assets = base_raw["data"]["assets"]
     except (KeyError, TypeError):
         quote, base_assets = None, {}
-    asset = raw.get("asset", quote)
-    if matrix.get("assets") is not None and asset not in (base_assets or {}):
+    if not isinstance(base_assets, dict):
+        base_assets = {}
+    matrix = spec.matrix
+    asset = spec.asset if spec.asset is not None else quote
+    if matrix.assets is not None and asset not in base_assets:
         raise BatchError(f"{where(('asset',))}: asset {asset!r} is not in the base strategy's data.assets "
-                         f"(have: {', '.join(base_assets or {})})")
+                         f"(have: {', '.join(base_assets)})")
+
+    # Paths the matrix sets in some run; a --set on one of them would be overwritten there.
+    matrix_paths = [(p, ("matrix", "params", p)) for p in matrix.params]
+    if matrix.assets is not None:
+        matrix_paths.append((f"data.assets.{asset}", ("matrix", "assets")))
+        matrix_paths += [(k, ("matrix", "assets", i, "set", k)) for i, a in enumerate(matrix.assets) for k in a.set]
+    elif matrix.dates is not None:
+        matrix_paths.append((f"data.assets.{asset}.dates", ("matrix", "dates")))
+    for o in base_overrides:
+        target = o.split("=", 1)[0].strip()
+        for p, at in matrix_paths:
+            if overlap(target, p):
+                raise BatchError(f"--set {o}: {where(at)} sets {p} in the batch's runs, so --set would be "
+                                 f"overwritten there; change it in the batch file instead")
 
     # (overrides, venue, symbol, dates, line-path) per asset choice
     asset_choices: list[tuple[list[str], str, str, list[str], tuple]] = []
-    dates_axis = matrix.get("dates")
-    date_values = [None] if dates_axis is None else _expand_values(dates_axis, where(("matrix", "dates")))
-    if matrix.get("assets") is None:
-        a = (base_assets or {}).get(asset, {}) if isinstance(base_assets, dict) else {}
+    date_values: list[Any] = [None] if matrix.dates is None else matrix.dates
+    if matrix.assets is None:
+        a = base_assets.get(asset, {})
+        a = a if isinstance(a, dict) else {}
         for d in date_values:
             ovr = [] if d is None else [f"data.assets.{asset}.dates={_value_literal(d)}"]
             asset_choices.append((ovr, str(a.get("venue", "files")), str(a.get("symbol", asset)),
-                                  _dates_of(d if d is not None else a.get("dates")), ("strategy",)))
+                                  _dates_of(d if d is not None else a.get("dates")),
+                                  ("strategy",) if d is None else ("matrix", "dates")))
     else:
-        entries = matrix["assets"]
-        if not isinstance(entries, list) or not entries:
-            raise BatchError(f"{where(('matrix', 'assets'))}: expected a non-empty list of {{venue, symbol, ...}}")
-        for i, entry in enumerate(entries):
+        for i, entry in enumerate(matrix.assets):
             at = ("matrix", "assets", i)
-            if not isinstance(entry, dict):
-                raise BatchError(f"{where(at)}: expected a mapping like {{venue: binance-usdm, symbol: BTCUSDT}}")
-            bad = set(entry) - set(ASSET_KEYS) - {"set"}
-            if bad:
-                raise BatchError(f"{where((*at, sorted(bad)[0]))}: unknown key; expected one of: "
-                                 f"{', '.join(ASSET_KEYS)}, set")
-            sets = entry.get("set") or {}
-            if not isinstance(sets, dict):
-                raise BatchError(f"{where((*at, 'set'))}: expected a mapping PATH: VALUE")
-            fields = {k: v for k, v in entry.items() if k != "set"}
-            per_dates = [fields.get("dates")] if "dates" in fields else date_values
+            fields = entry.model_dump(mode="json", exclude_unset=True, exclude={"set"})
+            per_dates = [fields["dates"]] if "dates" in fields else date_values
             for d in per_dates:
                 if d is None and "files" not in fields:
                     raise BatchError(f"{where(at)}: no dates: give dates here or under matrix.dates")
-                f = dict(fields) | ({} if d is None else {"dates": d})
+                f = fields | ({} if d is None else {"dates": d})
                 ovr = [f"data.assets.{asset}={_value_literal(f)}"]
-                ovr += [f"{k}={_value_literal(v)}" for k, v in sets.items()]
+                ovr += [f"{k}={_value_literal(v)}" for k, v in entry.set.items()]
                 asset_choices.append((ovr, str(f.get("venue", "files")), str(f.get("symbol", asset)),
                                       _dates_of(f.get("dates")), at))
 
-    params = matrix.get("params") or {}
-    if not isinstance(params, dict):
-        raise BatchError(f"{where(('matrix', 'params'))}: expected a mapping PATH: [values] or {{start, stop, step}}")
-    axes = [(k, _expand_values(v, where(("matrix", "params", k)))) for k, v in params.items()]
-
+    axes = list(matrix.params.items())
     runs: list[RunSpec] = []
     for choice in asset_choices:
         for combo in itertools.product(*[vals for _, vals in axes]):
             p = {k: v for (k, _), v in zip(axes, combo, strict=True)}
-            ovr = list(choice[0]) + [f"{k}={_value_literal(v)}" for k, v in p.items()]
+            ovr = base_overrides + list(choice[0]) + [f"{k}={_value_literal(v)}" for k, v in p.items()]
             runs.append(RunSpec(len(runs), ovr, choice[1], choice[2], choice[3], p, config={"_at": choice[4]}))
 
     cat_path = Path(catalog) if catalog is not None else (
-        (path.parent / raw["catalog"]).resolve() if raw.get("catalog") else None)
+        (path.parent / spec.catalog).resolve() if spec.catalog else None)
     registry = None
     seen: dict[str, RunSpec] = {}
     for run in runs:
@@ -234,7 +308,8 @@ def load_batch(path: str | Path, catalog: str | Path | None = None) -> Batch:
             loaded, registry, parts = load_strategy(strategy_path, run.overrides, registry=registry,
                                                      text=strategy_text)
         except QuotelabError as exc:
-            raise BatchError(_blame(exc, run, at, axes, where, strategy_path, strategy_text, registry)) from exc
+            raise BatchError(_blame(exc, run, at, base_overrides, axes, where, strategy_path, strategy_text,
+                                    registry)) from exc
         cfg = loaded.config.model_dump(mode="json")
         for part in parts:
             node: Any = cfg
@@ -281,27 +356,28 @@ def _inline_text(path: Path) -> str:
 def _dates_of(spec: Any) -> list[str]:
     if spec is None:
         return []
-    from quotelab.config import expand_dates
-
     try:
         return expand_dates(spec)
     except ValueError:
         return [str(spec)]
 
 
-def _blame(exc: Exception, run: RunSpec, at: tuple, axes: list, where: Callable[[tuple], str],
+def _blame(exc: Exception, run: RunSpec, at: tuple, base: list[str], axes: list, where: Callable[[tuple], str],
            strategy_path: Path, strategy_text: str, registry: Any) -> str:
-    """Find the matrix entry that makes a run invalid: the base, then its asset, then each param in turn."""
+    """Find what makes a run invalid: the base, then --set, then its asset, then each matrix param in turn."""
     n_asset = len(run.overrides) - len(axes)
-    culprit: tuple = ("strategy",)
-    for upto, blame_at in [(0, ("strategy",)), (n_asset, at)] + [
-            (n_asset + j + 1, ("matrix", "params", k)) for j, (k, _) in enumerate(axes)]:
+    steps = [(0, where(("strategy",)))]
+    steps += [(i + 1, f"--set {o}") for i, o in enumerate(base)]
+    steps += [(n_asset, where(at))]
+    steps += [(n_asset + j + 1, where(("matrix", "params", k))) for j, (k, _) in enumerate(axes)]
+    culprit = steps[0][1]
+    for upto, blame in steps:
         try:
             load_strategy(strategy_path, run.overrides[:upto], registry=registry, text=strategy_text)
         except QuotelabError:
-            culprit = blame_at
+            culprit = blame
             break
-    return f"{where(culprit)}: run {run.label} is invalid:\n  {str(exc).replace(chr(10), chr(10) + '  ')}"
+    return f"{culprit}: run {run.label} is invalid:\n  {str(exc).replace(chr(10), chr(10) + '  ')}"
 
 
 def run_hash(config: dict[str, Any]) -> str:
@@ -390,17 +466,6 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     return str(o)
-
-
-def json_finite(x: Any) -> Any:
-    """``x`` with every non-finite float (in nested dicts and lists) as None, which JSON can hold."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [json_finite(v) for v in x]
-    return x
 
 
 def watch_parent() -> None:

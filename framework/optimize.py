@@ -24,20 +24,21 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from quotelab.batch import RECORD, execute_run, json_finite, read_records, watch_parent, write_results
-from quotelab.config import apply_override, load_strategy, load_yaml, where_in
+from quotelab.batch import RECORD, execute_run, overlap, read_records, shaped, watch_parent, write_results
+from quotelab.config import StrictModel, apply_override, expand_dates, load_document, load_strategy, load_yaml, where_in
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
+from quotelab.outputs import json_finite
 
-METRICS = ("pnl_usd", "pnl_per_notional", "sharpe_daily")
 OPT_FILE = "optimize.json"
 
 
@@ -65,10 +66,12 @@ class Param:
         return D.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
 
-@dataclass
-class Objective:
-    metric: str = "pnl_usd"
-    inventory_penalty: float = 0.0  # per unit of mean |position| (the run's inventory_mean_abs)
+class Objective(StrictModel):
+    """What a trial maximises, from its day records."""
+
+    metric: Literal["pnl_usd", "pnl_per_notional", "sharpe_daily"] = "pnl_usd"
+    inventory_penalty: float = Field(0.0, description="Subtracted per unit of mean |position| (the run's "
+                                                      "inventory_mean_abs).")
 
     def value(self, recs: list[dict[str, Any]]) -> float:
         """The objective over these day records (higher is better); NaN when it is not defined yet."""
@@ -85,6 +88,115 @@ class Objective:
             inv = np.mean([float(r["diagnostics"].get("inventory_mean_abs") or 0.0) for r in recs])
             v -= self.inventory_penalty * float(inv)
         return v
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number, got {v!r}")
+    return v
+
+
+Number = Annotated[int | float, BeforeValidator(_number)]
+
+
+class SpaceEntry(StrictModel):
+    """One ``space`` entry: a range ``{low, high[, step][, log]}`` or ``{choices: [...]}`` (or the bare list)."""
+
+    low: Number | None = None
+    high: Number | None = None
+    step: Number | None = None
+    log: bool = False
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {"choices": v}
+        if not isinstance(v, dict):
+            raise ValueError("expected {low, high[, step][, log]} or {choices: [...]}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceEntry:
+        if self.choices is not None:
+            if self.model_fields_set != {"choices"}:
+                raise ValueError("a categorical is {choices: [a, b, ...]} alone")
+        elif self.low is None or self.high is None:
+            raise ValueError("expected {low, high[, step][, log]} or {choices: [...]}")
+        elif not self.high > self.low or (self.step is not None and self.step <= 0) or (
+                self.log and (self.low <= 0 or self.step is not None)):
+            raise ValueError("need high > low, step > 0, and log only with low > 0 and no step")
+        return self
+
+    def param(self, path: str) -> Param:
+        if self.choices is not None:
+            return Param(path, "categorical", choices=list(self.choices))
+        ints = all(isinstance(x, int) for x in (self.low, self.high, *([self.step] if self.step else [])))
+        return Param(path, "int" if ints else "float", float(self.low), float(self.high), self.step, self.log)
+
+
+def _days(v: Any) -> Any:
+    try:
+        return expand_dates(v)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; days are a list of YYYYMMDD or a range '20240801..20240807'") from None
+
+
+Days = Annotated[list[str], BeforeValidator(_days)]
+
+
+class WalkForward(StrictModel):
+    days: Days
+    train: int = Field(ge=1, description="Days the parameters are chosen on, per fold.")
+    test: int = Field(ge=1, description="Days after them the chosen parameters are scored on, per fold.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> WalkForward:
+        if self.train + self.test > len(self.days):
+            raise ValueError(f"need train + test <= the {len(self.days)} days")
+        return self
+
+    def folds(self) -> list[tuple[list[str], list[str]]]:
+        n_train, n_test, days = self.train, self.test, self.days
+        return [(days[s:s + n_train], days[s + n_train:s + n_train + n_test])
+                for s in range(0, len(days) - n_train - n_test + 1, n_test)]
+
+
+class OptSpec(StrictModel):
+    """An optimisation YAML: base strategy, search space, objective and days."""
+
+    name: str | None = Field(None, description="The study's name (default: the file's stem).")
+    description: str = ""
+    strategy: str = Field(description="The base strategy: a path to its YAML, relative to this file.")
+    catalog: str | None = Field(None, description="Event catalog folder (relative to this file); --catalog wins.")
+    asset: str | None = Field(None, description="The data.assets entry whose days the runs set (default: "
+                                                "data.quote).")
+    space: Annotated[dict[str, SpaceEntry], shaped(dict, "a mapping PATH: {low, high[, step][, log]} or "
+                                                         "{choices: [...]}")] = Field(
+        description="What to search: PATH: {low, high[, step][, log]} or {choices: [...]}.")
+    objective: Objective = Objective()
+    days: Days | None = Field(None, description="Days to choose the parameters on, all in-sample.")
+    walk_forward: WalkForward | None = None
+    trials: int = Field(20, ge=1, description="Trials per fold.")
+    seed: int = 0
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "none"] = "median"
+    parallel_trials: int = Field(2, ge=1, description="Trials per round, advancing one day at a time together.")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _metric_alone(cls, v: Any) -> Any:
+        return {"metric": v} if isinstance(v, str) else ({} if v is None else v)
+
+    @model_validator(mode="after")
+    def _days_or_walk_forward(self) -> OptSpec:
+        if (self.days is None) == (self.walk_forward is None):
+            raise ValueError("give days (all in-sample) or walk_forward: {days, train, test}, one of them")
+        return self
+
+    def folds(self) -> list[tuple[list[str], list[str]]]:
+        return [(list(self.days), [])] if self.days is not None else self.walk_forward.folds()
 
 
 @dataclass
@@ -104,100 +216,63 @@ class OptConfig:
     pruner: str
     parallel_trials: int = 2
     dated_assets: list[str] = field(default_factory=list)
+    base_overrides: list[str] = field(default_factory=list)  # --set, applied to the base strategy first
 
 
-def _param(path: str, spec: Any, where: str) -> Param:
-    if isinstance(spec, list):
-        spec = {"choices": spec}
-    if not isinstance(spec, dict):
-        raise OptimizeError(f"{where}: expected {{low, high[, step][, log]}} or {{choices: [...]}}")
-    if "choices" in spec:
-        if set(spec) != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise OptimizeError(f"{where}: a categorical is {{choices: [a, b, ...]}} (a non-empty list) alone")
-        return Param(path, "categorical", choices=spec["choices"])
-    bad = set(spec) - {"low", "high", "step", "log"}
-    if bad or not {"low", "high"} <= set(spec):
-        raise OptimizeError(f"{where}: a range is {{low, high[, step][, log]}}, got keys {sorted(spec)}")
-    low, high, step, log = spec["low"], spec["high"], spec.get("step"), bool(spec.get("log", False))
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high, *([step] if step else []))):
-        raise OptimizeError(f"{where}: low, high and step must be numbers")
-    if not high > low or (step is not None and step <= 0) or (log and (low <= 0 or step is not None)):
-        raise OptimizeError(f"{where}: need high > low, step > 0, and log only with low > 0 and no step")
-    ints = isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int))
-    return Param(path, "int" if ints else "float", float(low), float(high), step, log)
+def load_opt(path: str | Path, catalog: str | Path | None = None, overrides: Sequence[str] = ()) -> OptConfig:
+    """Parse and validate an optimisation file; errors name file:line and the key.
 
-
-def load_opt(path: str | Path, catalog: str | Path | None = None) -> OptConfig:
-    """Parse and validate an optimisation file; errors name file:line and the key."""
+    ``overrides`` (``--set PATH=VALUE``) change the base strategy of every run, before the searched params."""
     path = Path(path).resolve()
-    raw, lines = load_yaml(path)
+    try:
+        spec, _raw, lines = load_document(path, OptSpec, "an optimisation file is a mapping with strategy, space, "
+                                                         "objective, days")
+    except OptimizeError:
+        raise
+    except ConfigError as exc:
+        raise OptimizeError(str(exc)) from None
     where = where_in(path, lines)
-    if not isinstance(raw, dict):
-        raise OptimizeError(f"{path}:1: an optimisation file is a mapping with strategy, space, objective, days")
-    known = {"name", "strategy", "catalog", "asset", "space", "objective", "days", "walk_forward", "trials",
-             "seed", "sampler", "pruner", "parallel_trials", "description"}
-    for k in raw:
-        if k not in known:
-            raise OptimizeError(f"{where((k,))}: unknown key; expected one of: {', '.join(sorted(known))}")
-    if not isinstance(raw.get("strategy"), str):
-        raise OptimizeError(f"{path}:1: strategy: required, the path of the base strategy YAML")
-    strategy_path = (path.parent / raw["strategy"]).resolve()
-    if not strategy_path.exists():
+    strategy_path = (path.parent / spec.strategy).resolve()
+    if not strategy_path.is_file():
         raise OptimizeError(f"{where(('strategy',))}: base strategy {strategy_path} not found")
     strategy_text = strategy_path.read_text()
     base, _ = load_yaml(strategy_path, strategy_text)
-    asset = raw.get("asset") or (base.get("data") or {}).get("quote")
-    if asset not in ((base.get("data") or {}).get("assets") or {}):
-        raise OptimizeError(f"{where(('asset',))}: asset {asset!r} is not in the base strategy's data.assets")
-    space_raw = raw.get("space")
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise OptimizeError(f"{where(('space',))}: expected a mapping PATH: {{low, high, ...}} or {{choices}}")
-    space = [_param(k, v, where(("space", k))) for k, v in space_raw.items()]
-    obj_raw = raw.get("objective") or {}
-    if isinstance(obj_raw, str):
-        obj_raw = {"metric": obj_raw}
-    if set(obj_raw) - {"metric", "inventory_penalty"} or obj_raw.get("metric", "pnl_usd") not in METRICS:
-        raise OptimizeError(f"{where(('objective',))}: expected {{metric: {'|'.join(METRICS)}, "
-                            f"inventory_penalty: number}}, got {obj_raw}")
-    objective = Objective(obj_raw.get("metric", "pnl_usd"), float(obj_raw.get("inventory_penalty", 0.0)))
-    if ("days" in raw) == ("walk_forward" in raw):
-        raise OptimizeError(f"{path}:1: give days (all in-sample) or walk_forward: {{days, train, test}}, one of them")
-    if "days" in raw:
-        days = [str(d) for d in raw["days"]]
-        folds = [(days, [])]
-    else:
-        wf = raw["walk_forward"]
-        if not isinstance(wf, dict) or set(wf) - {"days", "train", "test"} or not {"days", "train", "test"} <= set(wf):
-            raise OptimizeError(f"{where(('walk_forward',))}: expected {{days: [...], train: N, test: M}}")
-        days, n_train, n_test = [str(d) for d in wf["days"]], int(wf["train"]), int(wf["test"])
-        if n_train < 1 or n_test < 1 or n_train + n_test > len(days):
-            raise OptimizeError(f"{where(('walk_forward',))}: need train >= 1, test >= 1 and train + test <= "
-                                f"{len(days)} days")
-        folds = [(days[s:s + n_train], days[s + n_train:s + n_train + n_test])
-                 for s in range(0, len(days) - n_train - n_test + 1, n_test)]
-    if objective.metric == "sharpe_daily" and min(len(tr) for tr, _ in folds) < 2:
+    if not isinstance(base, dict):
+        base = {}
+    for o in overrides:
+        apply_override(base, o)
+    data = base.get("data") if isinstance(base.get("data"), dict) else {}
+    assets = data.get("assets") if isinstance(data.get("assets"), dict) else {}
+    asset = spec.asset or data.get("quote")
+    if asset not in assets:
+        raise OptimizeError(f"{where(('asset',))}: asset {asset!r} is not in the base strategy's data.assets"
+                            + (f" (have: {', '.join(assets)})" if assets else ""))
+    folds = spec.folds()
+    if spec.objective.metric == "sharpe_daily" and min(len(tr) for tr, _ in folds) < 2:
         raise OptimizeError(f"{where(('objective',))}: sharpe_daily needs at least 2 training days per fold")
-    sampler, pruner = str(raw.get("sampler", "tpe")), str(raw.get("pruner", "median"))
-    if sampler not in ("tpe", "random") or pruner not in ("median", "none"):
-        raise OptimizeError(f"{path}:1: sampler is tpe or random, pruner median or none; got {sampler}, {pruner}")
-    trials = int(raw.get("trials", 20))
-    if trials < 1:
-        raise OptimizeError(f"{where(('trials',))}: at least 1 trial")
     cat_path = Path(catalog).resolve() if catalog is not None else (
-        (path.parent / raw["catalog"]).resolve() if raw.get("catalog") else None)
-    if cat_path is None and (base.get("data") or {}).get("catalog"):
-        cat_path = (strategy_path.parent / base["data"]["catalog"]).resolve()
-    cfg = OptConfig(path, str(raw.get("name", path.stem)), strategy_path, strategy_text, cat_path, asset, space,
-                    objective, folds, trials, int(raw.get("seed", 0)), sampler, pruner,
-                    int(raw.get("parallel_trials", 2)))
-    cfg.dated_assets = [a for a, spec in base["data"]["assets"].items() if isinstance(spec, dict) and "dates" in spec]
-    if cfg.parallel_trials < 1:
-        raise OptimizeError(f"{where(('parallel_trials',))}: at least 1")
+        (path.parent / spec.catalog).resolve() if spec.catalog else None)
+    if cat_path is None and data.get("catalog"):
+        cat_path = (strategy_path.parent / data["catalog"]).resolve()
+    space = [entry.param(k) for k, entry in spec.space.items()]
+    cfg = OptConfig(path, spec.name or path.stem, strategy_path, strategy_text, cat_path, asset, space,
+                    spec.objective, folds, spec.trials, spec.seed, spec.sampler, spec.pruner, spec.parallel_trials,
+                    [a for a, s in assets.items() if isinstance(s, dict) and "dates" in s], list(overrides))
+    # A --set the search or the days would overwrite in every run is a mistake, not a setting.
+    searched = [(p.path, ("space", p.path)) for p in space]
+    searched += [(f"data.assets.{a}.dates", ("days",) if spec.days is not None else ("walk_forward",))
+                 for a in cfg.dated_assets or [asset]]
+    for o in overrides:
+        target = o.split("=", 1)[0].strip()
+        for p, at in searched:
+            if overlap(target, p):
+                raise OptimizeError(f"--set {o}: {where(at)} sets {p} in every run, so --set would be overwritten; "
+                                    "change it in the optimisation file instead")
     # Every path must be settable to every end of its range: checked now, before anything runs.
     for p in space:
         for v in (p.choices if p.kind == "categorical" else [_cast(p, p.low), _cast(p, p.high)]):
             try:
-                load_strategy(strategy_path, overrides(cfg, {p.path: v}, folds[0][0][0]), text=strategy_text)
+                load_strategy(strategy_path, run_overrides(cfg, {p.path: v}, folds[0][0][0]), text=strategy_text)
             except QuotelabError as exc:
                 raise OptimizeError(f"{where(('space', p.path))}: value {v!r} makes the strategy invalid:\n  "
                                     f"{exc}") from exc
@@ -208,10 +283,10 @@ def _cast(p: Param, v: Any) -> Any:
     return int(v) if p.kind == "int" else v
 
 
-def overrides(cfg: OptConfig, params: dict[str, Any], day: str) -> list[str]:
+def run_overrides(cfg: OptConfig, params: dict[str, Any], day: str) -> list[str]:
     """A run of ``params`` on ``day``: every asset of the strategy that reads catalog days reads that day."""
     days = [f"data.assets.{a}.dates={json.dumps([day])}" for a in cfg.dated_assets or [cfg.asset]]
-    return days + [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    return cfg.base_overrides + days + [f"{k}={json.dumps(v)}" for k, v in params.items()]
 
 
 def run_id(cfg: OptConfig, ovr: list[str]) -> str:
@@ -290,7 +365,7 @@ class Optimizer:
         """Run (or reuse the stored, finished run of) each parameter set on ``day``."""
         tasks, recs = [], {}
         for i, params in enumerate(params_list):
-            ovr = overrides(self.cfg, params, day)
+            ovr = run_overrides(self.cfg, params, day)
             rid = run_id(self.cfg, ovr)
             stored = self.out / "runs" / rid / RECORD
             if stored.exists():
@@ -407,7 +482,7 @@ class OptResult:
 
 def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None = None, workers: int = 1,
              executor: str = "local", address: str | None = None, trials: int | None = None,
-             progress: Callable[[str], None] = print) -> OptResult:
+             progress: Callable[[str], None] = print, overrides: Sequence[str] = ()) -> OptResult:
     """Run (or resume) the optimisation; write trials.parquet, folds.json, best.yaml and optimize.json."""
     try:
         import optuna
@@ -415,7 +490,7 @@ def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None =
         raise QuotelabError("quotelab optimize needs optuna, a dependency of quotelab: reinstall quotelab "
                              "(pip install -c constraints.txt -e .)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = load_opt(opt_file, catalog)
+    cfg = load_opt(opt_file, catalog, overrides)
     if trials is not None:
         cfg.trials = trials
     if executor not in ("local", "ray") or workers < 1:
@@ -482,8 +557,8 @@ def trials_table(cfg: OptConfig, out: Path) -> Path:
 def write_best(cfg: OptConfig, params: dict[str, Any], out: Path) -> Path:
     """The base strategy with the best parameters of the last fold applied: a strategy YAML ready to run."""
     raw, _ = load_yaml(cfg.strategy_path, cfg.strategy_text)
-    for k, v in params.items():
-        apply_override(raw, f"{k}={json.dumps(v)}")
+    for o in [*cfg.base_overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items())]:
+        apply_override(raw, o)
     if (raw.get("data") or {}).get("catalog") and not Path(raw["data"]["catalog"]).is_absolute():
         raw["data"]["catalog"] = str((cfg.strategy_path.parent / raw["data"]["catalog"]).resolve())
     if cfg.catalog is not None:

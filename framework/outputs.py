@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 from quotelab.errors import ConfigError, RunError
 
@@ -64,3 +67,17 @@ def write_or_rescue(write: Callable[[Path], T], out: Path, what: str) -> T:
         write(rescue)
         raise RunError(f"could not write the {what} to {out} ({exc.strerror or exc}); they were saved to "
                        f"{rescue} instead") from exc
+
+
+def json_finite(x: Any) -> Any:
+    """``x`` as plain JSON data: every non-finite float (in nested dicts, lists and tuples) None, tuples lists,
+    numpy scalars Python ones."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_finite(v) for v in x]
+    return x

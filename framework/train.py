@@ -49,7 +49,7 @@ from quotelab.config import (
 )
 from quotelab.errors import ConfigError, DataError
 from quotelab.evaluate import information_coefficient
-from quotelab.outputs import write_or_rescue
+from quotelab.outputs import json_finite, write_or_rescue
 from quotelab.registry import Registry
 from quotelab.replay import ReplayAsset, prepare, replay
 from quotelab.replay import context as replay_context
@@ -868,18 +868,6 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.floating | np.integer):
-        return _clean(obj.item())
-    return obj
-
-
 def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None,
               registry: Registry | None = None, strict: bool = False) -> TrainResult:
     """Validate, record features, walk forward, transfer, export. Returns the report and fitted model."""
@@ -927,7 +915,7 @@ def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str 
         rep = check_causality(recorder, cuts, full=frame, where=lambda j: _feature_where(setup, j))
         report["causality"] = {"cuts": len(rep.cuts), "checked_steps": rep.checked_steps, "ok": True}
     report["transfer"] = _transfer(setup, c, base, catalog, ds, smp, fit, model, purge_ns, all_samples)
-    result = TrainResult(_clean(report), fit, model, all_samples)
+    result = TrainResult(json_finite(report), fit, model, all_samples)
     if out_dir is not None:
         result.out_dir = write_or_rescue(lambda d: write_outputs(setup, result, d), Path(out_dir), "training results")
     return result
@@ -1022,7 +1010,7 @@ def write_outputs(setup: TrainSetup, result: TrainResult, out: Path) -> Path:
     model = result.model
     if model is not None and setup.config.model.file is None:
         prov = rep.get("provenance")
-        atomic_write_json(out / "model.json", _clean(model_document(setup, model, prov)))
+        atomic_write_json(out / "model.json", json_finite(model_document(setup, model, prov)))
         files["model"] = "model.json"
         if model.linear() is not None and not setup.config.external:
             (out / "forecast.yaml").write_text(forecast_block(setup, model, prov))

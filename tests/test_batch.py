@@ -89,6 +89,45 @@ def test_invalid_run_names_batch_file_line_and_run(tmp_path: Path, catalog: Path
     assert "run #0 synthetic/SYNPERP" in msg and "unknown key" in msg
 
 
+def test_yaml_mistakes_name_file_line_path_and_the_fix(tmp_path: Path, catalog: Path) -> None:
+    f = tmp_path / "typo.yaml"
+    cases = [  # (the batch's text, the line the message must name, what it must say there)
+        (BATCH.format(assets=ASSETS.replace("symbol: SYNSPOT", "symbl: SYNSPOT"), values="[1]"), "symbl",
+         "matrix.assets[1].symbl: unknown key; expected one of: venue, symbol, dates, files, tick_size"),
+        (BATCH.format(assets=ASSETS, values="{start: 1, stop: 3}"), "half_spread: {start",
+         "matrix.params.quoter.params.half_spread: a range is {start, stop, step} (stop inclusive)"),
+        (BATCH.format(assets=ASSETS, values="[1]").replace("matrix:", "matrx:"), "matrx",
+         "matrx: unknown key; expected one of: name, description, strategy, catalog, asset, matrix"),
+        (BATCH.format(assets=ASSETS.replace("dates: 20240101}", "dates: 20240101, tick_size: -1}", 1), values="[1]"),
+         "tick_size: -1", "matrix.assets[0].tick_size: Input should be greater than 0"),
+        ("matrix: {}\n", "matrix", "strategy: required key is missing; the base strategy: a path to its YAML"),
+    ]
+    for text, marker, expected in cases:
+        f.write_text(text)
+        line = next(i for i, x in enumerate(text.splitlines(), 1) if marker in x) if marker != "matrix" else 1
+        with pytest.raises(BatchError) as exc:
+            load_batch(f, catalog)
+        assert str(exc.value).startswith(f"{f}:{line}: {expected}"), str(exc.value)
+
+
+def test_set_changes_the_base_of_every_run_and_cannot_hide_under_the_matrix(tmp_path: Path, catalog: Path) -> None:
+    f = write_batch(tmp_path / "b.yaml")
+    plain = load_batch(f, catalog)
+    sized = load_batch(f, catalog, overrides=["quoter.params.size=0.02"])
+    assert len(sized.runs) == len(plain.runs) == 4
+    assert all(r.config["quoter"]["params"]["size"] == 0.02 for r in sized.runs)
+    assert all(r.config["quoter"]["params"]["size"] == 0.01 for r in plain.runs)
+    assert {r.run_id for r in sized.runs}.isdisjoint({r.run_id for r in plain.runs})
+    line = next(i for i, x in enumerate(f.read_text().splitlines(), 1) if "quoter.params.half_spread" in x)
+    with pytest.raises(BatchError, match=rf"^--set quoter\.params\.half_spread=3: {f}:{line}: matrix\.params\."
+                                         r"quoter\.params\.half_spread sets quoter\.params\.half_spread"):
+        load_batch(f, catalog, overrides=["quoter.params.half_spread=3"])
+    with pytest.raises(BatchError, match=r"^--set data\.assets\.q\.dates=20240102: .*matrix\.assets sets"):
+        load_batch(f, catalog, overrides=["data.assets.q.dates=20240102"])
+    with pytest.raises(BatchError, match=r"^--set quoter\.params\.sze=1: run #0 .* is invalid:\n.*sze: unknown key"):
+        load_batch(f, catalog, overrides=["quoter.params.sze=1"])
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_and_failure_isolation(tmp_path: Path, catalog: Path) -> None:
     # the third asset has no data for its date: that run fails, is recorded, and the batch goes on

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from quotelab.data import synth
-from quotelab.optimize import Objective, OptimizeError, load_opt
+from quotelab.optimize import Objective, OptimizeError, load_opt, run_overrides, write_best
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "optimize"
@@ -153,14 +153,34 @@ def test_config_errors_name_the_place(tmp_path, catalog):
         load_opt(tmp_path / "opt.yaml", catalog)
 
 
+def test_space_typos_and_set_overrides(tmp_path, catalog):
+    shutil.copy(FIXTURES / "base.yaml", tmp_path / "base.yaml")
+    text = (FIXTURES / "opt.yaml").read_text()
+    (tmp_path / "opt.yaml").write_text(text.replace("{low: 1, high: 8, step: 1}", "{low: 1, hihg: 8}"))
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if "half_spread" in x)
+    with pytest.raises(OptimizeError, match=rf"opt\.yaml:{line}: space\.quoter\.params\.half_spread\.hihg: unknown "
+                                            r"key; expected one of: low, high, step, log, choices"):
+        load_opt(tmp_path / "opt.yaml", catalog)
+    (tmp_path / "opt.yaml").write_text(text)
+    cfg = load_opt(tmp_path / "opt.yaml", catalog, overrides=["quoter.params.size=0.02"])
+    assert run_overrides(cfg, {"quoter.params.half_spread": 2}, "20240102") == [
+        "quoter.params.size=0.02", 'data.assets.perp.dates=["20240102"]', "quoter.params.half_spread=2"]
+    best = yaml.safe_load(write_best(cfg, {"quoter.params.half_spread": 2}, tmp_path).read_text())
+    assert best["quoter"]["params"] == {"half_spread": 2, "size": 0.02, "max_position": 0.1}
+    with pytest.raises(OptimizeError, match=r"^--set quoter\.params\.half_spread=2: .*opt\.yaml:8: "
+                                            r"space\.quoter\.params\.half_spread sets"):
+        load_opt(tmp_path / "opt.yaml", catalog, overrides=["quoter.params.half_spread=2"])
+
+
 def test_objectives_from_day_records():
     recs = [{"summary": {"pnl_usd": p, "traded_notional_usd": n}, "diagnostics": {"inventory_mean_abs": q}}
             for p, n, q in ((10.0, 1e5, 0.2), (-4.0, 3e5, 0.4), (6.0, 2e5, 0.0))]
-    assert Objective("pnl_usd").value(recs) == pytest.approx(12.0)
-    assert Objective("pnl_per_notional").value(recs) == pytest.approx(12.0 / 6e5 * 1e4)
-    assert Objective("sharpe_daily").value(recs) == pytest.approx(4.0 / ((36 + 64 + 4) / 2) ** 0.5)
-    assert Objective("pnl_usd", inventory_penalty=10.0).value(recs) == pytest.approx(12.0 - 10.0 * 0.2)
-    assert Objective("sharpe_daily").value(recs[:1]) != Objective("sharpe_daily").value(recs[:1])  # NaN: 1 day
+    assert Objective(metric="pnl_usd").value(recs) == pytest.approx(12.0)
+    assert Objective(metric="pnl_per_notional").value(recs) == pytest.approx(12.0 / 6e5 * 1e4)
+    assert Objective(metric="sharpe_daily").value(recs) == pytest.approx(4.0 / ((36 + 64 + 4) / 2) ** 0.5)
+    assert Objective(metric="pnl_usd", inventory_penalty=10.0).value(recs) == pytest.approx(12.0 - 10.0 * 0.2)
+    sharpe = Objective(metric="sharpe_daily")
+    assert sharpe.value(recs[:1]) != sharpe.value(recs[:1])  # NaN: 1 day
 
 
 @pytest.mark.slow
