@@ -720,13 +720,14 @@ def run_batch(
     address: str | None = None,
     resume: bool = False,
     progress: Callable[[str, dict[str, Any] | None, BatchSummary], None] | None = None,
+    overrides: Sequence[str] = (),
 ) -> BatchSummary:
-    """Validate and run a batch; records persist as each run finishes."""
+    """Validate and run a batch; records persist as each run finishes. ``overrides`` (``--set``): see load_batch."""
     if executor not in ("local", "ray"):
         raise BatchError(f"--executor must be local or ray, got {executor!r}")
     if workers < 1:
         raise BatchError(f"--workers must be >= 1, got {workers}")
-    batch = load_batch(batch_file, catalog)
+    batch = load_batch(batch_file, catalog, overrides)
     out = Path(out).resolve()
     done_ids = {r["run_id"] for r in read_records(out) if r.get("status") == "done"}
     any_ids = {p.parent.name for p in out.glob(f"runs/*/{RECORD}")}
