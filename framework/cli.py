@@ -41,6 +41,13 @@ def _root(
 
 
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Event catalog folder.")]
+# The grammar of every verb that reads a YAML: FILE, then --set and --catalog, meaning the same everywhere.
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="PATH=VALUE", help="Override a value of the YAML before it is validated, e.g. "
+    "quoter.params.half_spread=3, data.assets.perp.dates=[20240809] or forecast[0].alpha=2ticks; the value is "
+    "read as YAML (repeatable, applied in order).")]
+YamlCatalogOpt = Annotated[Path | None, typer.Option(
+    "--catalog", help="Event catalog folder (wins over the YAML's catalog).")]
 CompressionOpt = Annotated[str, typer.Option(
     "--compression", help="Day files: deflate (small) or none (~7x the disk, memory-mapped: ~10x faster to load).")]
 
@@ -54,13 +61,8 @@ def _print_json(obj: object) -> None:
 @app.command("run")
 def run_cmd(
     strategy: Annotated[Path, typer.Argument(help="Strategy YAML.")],
-    catalog: Annotated[
-        Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a value: PATH=VALUE, e.g. quoter.params.half_spread=3 (repeatable)."),
-    ] = None,
+    catalog: YamlCatalogOpt = None,
+    set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for summary.json, stats and series.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     strict: Annotated[bool, typer.Option(
@@ -120,9 +122,8 @@ def run_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     config: Annotated[Path, typer.Argument(help="Evaluation YAML (data, targets, horizons, estimators).")],
-    catalog: Annotated[
-        Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
-    ] = None,
+    catalog: YamlCatalogOpt = None,
+    set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the tables (parquet, CSV) and PNGs.")] = None,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Refuse to score a trained model on its own training days (in-sample).")] = False,
@@ -135,7 +136,7 @@ def evaluate_cmd(
 
     check_output_dir(out)
     progress.enable(progress.wanted(json_))
-    result = evaluate(config, catalog=catalog, out_dir=out, strict=strict)
+    result = evaluate(config, catalog=catalog, out_dir=out, strict=strict, overrides=set_ or [])
     if json_:
         _print_json({"summary": result.summary, "rows": result.rows})
         return
@@ -267,7 +268,7 @@ def synth(
 @app.command()
 def batch(
     batch_file: Annotated[Path, typer.Argument(help="Batch YAML: a base strategy and a matrix.")],
-    catalog: Annotated[Path | None, typer.Option("--catalog", help="Event catalog folder.")] = None,
+    catalog: YamlCatalogOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes (or Ray actors).")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local (process pool) or ray.")] = "local",
     address: Annotated[
@@ -358,9 +359,8 @@ def convert(
 @app.command("train")
 def train_cmd(
     config: Annotated[Path, typer.Argument(help="Training YAML (data, grid, features, target, model, validation).")],
-    catalog: Annotated[
-        Path | None, typer.Option("--catalog", help="Event catalog folder (overrides data.catalog).")
-    ] = None,
+    catalog: YamlCatalogOpt = None,
+    set_: SetOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Folder for report.json, folds/transfer CSV, model.json, forecast.yaml."),
@@ -376,7 +376,7 @@ def train_cmd(
 
     check_output_dir(out)
     progress.enable(progress.wanted(json_))
-    result = run_train(config, catalog=catalog, out_dir=out, strict=strict)
+    result = run_train(config, catalog=catalog, out_dir=out, strict=strict, overrides=set_ or [])
     rep = result.report
     if json_:
         _print_json(rep)
@@ -479,7 +479,7 @@ def microprice_fit(
 def optimize_cmd(
     opt_file: Annotated[Path, typer.Argument(help="Optimisation YAML: base strategy, space, objective, days.")],
     out: Annotated[Path, typer.Option("--out", help="Folder: optuna.db, runs/, trials.parquet, best.yaml.")],
-    catalog: Annotated[Path | None, typer.Option("--catalog", help="Event catalog folder.")] = None,
+    catalog: YamlCatalogOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes (or Ray actors).")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local (process pool) or ray.")] = "local",
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,

@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 Path_ = tuple[str | int, ...]
 
 
+class Lines(dict[Path_, int]):
+    """The 1-based line of every path of a document, and the paths the command line set (``--set``):
+    an error at or under one of those names the ``--set`` instead of a line of the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets: dict[Path_, str] = {}
+
+
 # ------------------------------------------------------------------------------------------------
 # YAML with line numbers
 # ------------------------------------------------------------------------------------------------
@@ -52,7 +61,7 @@ MAX_DEPTH = 100
 _DATA_ONLY = "(config files are data; only a local plugin file named under plugins: runs code)"
 
 
-def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path_, int]]:
+def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, Lines]:
     """Parse YAML safely; return the data and a map from path tuple to 1-based line.
 
     The one loader of every YAML quotelab reads (strategies, batches, evaluations, trainings and
@@ -73,7 +82,7 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[Path
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    lines: dict[Path_, int] = {}
+    lines = Lines()
     count = 0
     inside: set[int] = set()  # nodes being expanded: meeting one again is an alias of its own ancestor
 
@@ -149,6 +158,17 @@ def line_of(lines: dict[Path_, int], at: Path_) -> int:
     return 1
 
 
+def place(file: str | Path, lines: dict[Path_, int], at: Path_) -> str:
+    """Where the value at ``at`` came from: ``file:line``, or ``--set 'PATH=VALUE'`` when the command
+    line set it or a mapping or list above it (the deepest such path wins)."""
+    sets = getattr(lines, "sets", None)
+    if sets:
+        for n in range(len(at), 0, -1):
+            if tuple(at[:n]) in sets:
+                return f"--set {sets[tuple(at[:n])]!r}"
+    return f"{file}:{line_of(lines, at)}"
+
+
 def raise_validation(
     exc: ValidationError, file: str | Path, lines: dict[Path_, int], prefix: Path_ = (),
     model: type[BaseModel] | None = None,
@@ -169,7 +189,7 @@ def raise_validation(
             what = _field_description(model or _MODEL_BY_TITLE.get(exc.title), err["loc"])
             if what:
                 msg += f"; {what[0].lower()}{what[1:].rstrip('.')}"
-        msgs.append(f"{file}:{line_of(lines, at)}: {fmt_path(at)}: {msg}")
+        msgs.append(f"{place(file, lines, at)}: {fmt_path(at)}: {msg}")
     raise ConfigError("\n".join(msgs))
 
 
@@ -423,16 +443,20 @@ def parse_alpha(alpha: float | str | None, tick: float) -> Alpha:
 # ------------------------------------------------------------------------------------------------
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply ``quoter.params.half_spread=3`` or ``forecast[0].alpha=2ticks`` to the raw YAML dict."""
+def apply_override(raw: dict, assignment: str, lines: Lines | None = None) -> None:
+    """Apply ``quoter.params.half_spread=3`` or ``forecast[0].alpha=2ticks`` to the raw YAML dict.
+
+    The value is read by :func:`load_yaml`, so ``[1, 2]`` is a list and ``2ticks`` a string. With
+    ``lines``, the paths this creates or replaces are recorded there, for :func:`place`."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected PATH=VALUE, e.g. quoter.params.half_spread=3")
     path, value = assignment.split("=", 1)
     keys: list[str | int] = []
-    for part in path.split("."):
+    for part in path.strip().split("."):
         m = re.fullmatch(r"([A-Za-z_][\w]*)((?:\[\d+\])*)", part)
         if not m:
-            raise ConfigError(f"--set {assignment!r}: cannot parse path segment {part!r}")
+            raise ConfigError(f"--set {assignment!r}: cannot parse path segment {part!r}; a path is names and "
+                              "list indices, e.g. quoter.params.half_spread or forecast[0].alpha")
         keys.append(m.group(1))
         keys.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
     node: Any = raw
@@ -442,6 +466,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         except (KeyError, IndexError, TypeError):
             if isinstance(k, str) and isinstance(node, dict) and not isinstance(keys[i + 1], int):
                 node = node.setdefault(k, {})
+                if lines is not None:
+                    lines.sets.setdefault(tuple(keys[: i + 1]), assignment)
                 continue
             raise ConfigError(f"--set {assignment!r}: {fmt_path(tuple(keys[: i + 1]))} does not exist") from None
     try:
@@ -451,8 +477,26 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: {problem}") from None
     try:
         node[keys[-1]] = value_of
-    except (TypeError, IndexError) as exc:
-        raise ConfigError(f"--set {assignment!r}: cannot assign at {fmt_path(tuple(keys))}") from exc
+    except IndexError:
+        n = f"{len(node)} item" + "s" * (len(node) != 1)
+        raise ConfigError(f"--set {assignment!r}: {fmt_path(tuple(keys))} does not exist (the list has {n}; --set "
+                          "replaces an item, or give the whole list)") from None
+    except TypeError:
+        what = "a list: name an item by index, e.g. [0]" if isinstance(node, list) else f"{node!r}, not a mapping"
+        raise ConfigError(f"--set {assignment!r}: cannot assign at {fmt_path(tuple(keys))}: "
+                          f"{fmt_path(tuple(keys[:-1]))} is {what}") from None
+    if lines is not None:
+        at = tuple(keys)
+        for earlier in [k for k in lines.sets if k[: len(at)] == at]:  # replaced along with the value
+            del lines.sets[earlier]
+        lines.sets[at] = assignment
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str], lines: Lines | None = None) -> None:
+    """The command line's ``--set PATH=VALUE`` overrides, in order, on a document's raw mapping, before
+    it is validated: every verb that reads a YAML applies them here, so they mean the same everywhere."""
+    for assignment in overrides:
+        apply_override(raw, assignment, lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -611,17 +655,16 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def load_document(path: Path, model: type[M], shape: str, text: str | None = None,
-                  edit: Callable[[dict], None] | None = None) -> tuple[M, dict, dict[Path_, int]]:
-    """Read a YAML document and validate it against ``model`` (errors with file, line and path).
+                  overrides: Sequence[str] = ()) -> tuple[M, dict, Lines]:
+    """Read a YAML document, apply the ``--set`` overrides and validate it against ``model`` (errors
+    name the file, line and path, or the ``--set`` that put the value there).
 
-    ``shape`` says what the top level must be, for a file that is not a mapping; ``edit`` may change
-    the raw mapping before validation (``--set`` overrides). Returns the model, the raw mapping and
-    the line of every path."""
+    ``shape`` says what the top level must be, for a file that is not a mapping. Returns the model,
+    the raw mapping and the line of every path."""
     raw, lines = load_yaml(path, text)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: {shape}")
-    if edit is not None:
-        edit(raw)
+    apply_overrides(raw, overrides, lines)
     try:
         return model.model_validate(raw), raw, lines
     except ValidationError as exc:
@@ -630,7 +673,7 @@ def load_document(path: Path, model: type[M], shape: str, text: str | None = Non
 
 def where_in(path: Path, lines: dict[Path_, int]) -> Callable[[Path_], str]:
     """``where(at)``: "file:line: path" for error messages about the document at ``path``."""
-    return lambda at: f"{path}:{line_of(lines, at)}: {fmt_path(at)}"
+    return lambda at: f"{place(path, lines, at)}: {fmt_path(at)}"
 
 
 def load_strategy(
@@ -640,13 +683,8 @@ def load_strategy(
     from quotelab.registry import load_registry
 
     path = Path(path)
-
-    def edit(raw: dict) -> None:
-        for o in overrides:
-            apply_override(raw, o)
-
     config, raw, lines = load_document(path, StrategyConfig, "a strategy is a mapping with sections data, "
-                                       "fair_value, quoter, ...", text, edit)
+                                       "fair_value, quoter, ...", text, overrides)
     loaded = LoadedStrategy(config, path, lines, raw)
     if registry is None:
         local = [(path.parent / p).resolve() for p in config.plugins]

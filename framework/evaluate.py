@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -307,11 +308,12 @@ class Evaluation:
     summary: dict[str, Any]
 
 
-def load_eval(path: str | Path) -> tuple[EvalConfig, Any, list[list[tuple]], dict]:
+def load_eval(path: str | Path, overrides: Sequence[str] = ()) -> tuple[EvalConfig, Any, list[list[tuple]], dict]:
     from quotelab.registry import load_registry
 
     path = Path(path)
-    cfg, _raw, lines = load_document(path, EvalConfig, "an evaluation is a mapping with sections data, estimators, ...")
+    cfg, _raw, lines = load_document(path, EvalConfig, "an evaluation is a mapping with sections data, estimators, ...",
+                                     overrides=overrides)
     where = where_in(path, lines)
 
     check_data_section(cfg.data, where)
@@ -356,8 +358,8 @@ def _bank_parts(estimators: list[list[ValidatedPart]], ctx: PackContext, tick: f
 
 
 def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None,
-             strict: bool = False) -> Evaluation:
-    """Run the evaluation described by the YAML at ``path``.
+             strict: bool = False, overrides: Sequence[str] = ()) -> Evaluation:
+    """Run the evaluation described by the YAML at ``path``, with the ``--set`` ``overrides`` applied.
 
     A trained model's part (``provenance`` param) must share the grid step (score: grid); the days it
     was trained on are listed in ``summary["in_sample"]`` (refused with ``strict``).
@@ -366,7 +368,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     from quotelab.replay import ReplayAsset, prepare, prepare_exchange, replay
 
     t_start = time.perf_counter()
-    cfg, _registry, estimators, info = load_eval(path)
+    cfg, _registry, estimators, info = load_eval(path, overrides)
     in_sample: list[str] = []
     for parts in estimators:
         for p in parts:
@@ -393,6 +395,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     if cfg.score == "trades":
         result = _evaluate_trades(cfg, estimators, feeds, assets, targets, info, t_start)
         result.summary["in_sample"] = in_sample
+        result.summary["overrides"] = list(overrides)
         if out_dir is not None:
             write_or_rescue(lambda d: write_outputs(result, d, plots=False), Path(out_dir), "evaluation tables")
         return result
@@ -476,7 +479,8 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
     summary = {"name": cfg.name, "targets": targets, "estimators": [e.name for e in cfg.estimators],
                "horizons": [horizon_label(h) for h in cfg.horizons], "events": events,
                "replay_seconds": round(replay_s, 4), "seconds": round(time.perf_counter() - t_start, 4),
-               "events_per_second": round(events / replay_s) if replay_s > 0 else None, "in_sample": in_sample}
+               "events_per_second": round(events / replay_s) if replay_s > 0 else None, "in_sample": in_sample,
+               "overrides": list(overrides)}
     result = Evaluation(rows, bias_rows, cond_rows, summary)
     if out_dir is not None:
         write_or_rescue(lambda d: write_outputs(result, d, plots=cfg.plots), Path(out_dir), "evaluation tables")

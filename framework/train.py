@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,6 @@ from quotelab.config import (
     StrictModel,
     check_data_section,
     fmt_path,
-    line_of,
     load_document,
     validate_part,
     where_in,
@@ -160,9 +160,10 @@ class TrainSetup:
     registry: Registry
     parts: list[tuple[Path_, FeatureSpec, Any, Any]]  # (where, spec, component, params)
     names: list[str]  # feature names, model column order: kernels first, then external series
+    overrides: Sequence[str] = ()  # the command line's --set PATH=VALUE, applied before validation
 
     def where(self, at: Path_) -> str:
-        return f"{self.file}:{line_of(self.lines, at)}: {fmt_path(at)}"
+        return where_in(self.file, self.lines)(at)
 
     @property
     def step_ns(self) -> int:
@@ -171,6 +172,11 @@ class TrainSetup:
     @property
     def horizon_steps(self) -> int:
         return int(round(self.config.target.horizon / self.config.grid.step))
+
+
+def command_line(setup: TrainSetup) -> str:
+    """``quotelab train FILE --set ...``: how to train this model again."""
+    return " ".join(["quotelab train", setup.file.name, *(f"--set {shlex.quote(o)}" for o in setup.overrides)])
 
 
 def feature_name(spec: FeatureSpec, params: Any) -> str:
@@ -182,13 +188,14 @@ def feature_name(spec: FeatureSpec, params: Any) -> str:
     return f"{spec.kind}({inner})"
 
 
-def load_train(path: str | Path, registry: Registry | None = None) -> TrainSetup:
-    """Validate a TRAIN.yaml fully (envelope, every feature's params, units, purge) before any replay."""
+def load_train(path: str | Path, registry: Registry | None = None, overrides: Sequence[str] = ()) -> TrainSetup:
+    """Validate a TRAIN.yaml fully (envelope, every feature's params, units, purge) before any replay;
+    ``overrides`` are the command line's ``--set PATH=VALUE``."""
     from quotelab.registry import load_registry
 
     path = Path(path)
     config, _raw, lines = load_document(path, TrainConfig, "a training file is a mapping with sections data, "
-                                        "features, target, model, ...")
+                                        "features, target, model, ...", overrides=overrides)
     where = where_in(path, lines)
 
     if registry is None:
@@ -237,7 +244,7 @@ def load_train(path: str | Path, registry: Registry | None = None) -> TrainSetup
             )
         if (t.quote or config.data.quote) not in t.assets:
             raise ConfigError(f"{where(('transfer', i, 'quote'))}: quote asset is not in its assets")
-    return TrainSetup(config, path, lines, registry, parts, fnames)
+    return TrainSetup(config, path, lines, registry, parts, fnames, list(overrides))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -805,7 +812,7 @@ def forecast_block(setup: TrainSetup, model: StaticModel, provenance: dict[str, 
         "inputs": names, "coefficients": [float(v) for v in lin[0]], "intercept": float(lin[1]),
         "features": [s.kind for _, s, _, _ in setup.parts]} | ({"provenance": provenance} if provenance else {})})
     head = (
-        f"# Trained by `quotelab train {setup.file.name}`: {c.model.kind} model of the {c.target.horizon:g}s future\n"
+        f"# Trained by `{command_line(setup)}`: {c.model.kind} model of the {c.target.horizon:g}s future\n"
         f"# mid return of {c.data.quote!r}, in bps; `alpha: 1bps` turns it into a price offset of the fair value.\n"
         f"# The features feed linear_forecast only: `alpha: 0` makes a signal an input, not a forecast term.\n"
         f"# linear_forecast reads them by name: paste this into a strategy's forecast list (with the same asset\n"
@@ -869,9 +876,10 @@ class TrainResult:
 
 
 def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str | Path | None = None,
-              registry: Registry | None = None, strict: bool = False) -> TrainResult:
+              registry: Registry | None = None, strict: bool = False, overrides: Sequence[str] = ()
+              ) -> TrainResult:
     """Validate, record features, walk forward, transfer, export. Returns the report and fitted model."""
-    setup = load_train(path, registry)
+    setup = load_train(path, registry, overrides)
     c = setup.config
     base = setup.file.parent
     catalog = Path(catalog) if catalog is not None else None
@@ -884,9 +892,9 @@ def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str 
     smp = samples(setup, frame, ds.describe())
     all_samples = {"native": smp}
     report: dict[str, Any] = {
-        "name": c.name, "file": str(setup.file), "quote": ds.describe(), "step_s": c.grid.step,
-        "horizon_s": c.target.horizon, "purge_s": purge_s, "features": setup.names, "model": c.model.kind,
-        "steps": int(len(frame.timestamps)), "samples": int(smp.keep.sum()),
+        "name": c.name, "file": str(setup.file), "overrides": list(setup.overrides), "quote": ds.describe(),
+        "step_s": c.grid.step, "horizon_s": c.target.horizon, "purge_s": purge_s, "features": setup.names,
+        "model": c.model.kind, "steps": int(len(frame.timestamps)), "samples": int(smp.keep.sum()),
     }
     fit: FitResult | None = None
     if c.model.file is None:

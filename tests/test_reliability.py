@@ -153,15 +153,20 @@ def test_set_values_go_through_the_same_loader(value, expect):
     ("forecast[0].alpha", "1e999 ticks", r"expected a number"),
     ("fair_value[0].weight", ".nan", r"Input should be a finite number"),
 ])
-def test_numeric_domain_errors_name_file_line_and_path(path, value, expect):
-    text = SEED.read_text()
-    key = path.split(".")[-1]
+def test_numeric_domain_errors_name_where_the_value_came_from_and_its_path(path, value, expect):
     with pytest.raises(ConfigError) as info:
         load_strategy(SEED, [f"{path}={value}"])
-    msg = str(info.value)
-    assert re.fullmatch(rf"\S+seed_market_maker\.yaml:(\d+): {re.escape(path)}: {expect}.*", msg), msg
-    if f"{key}:" in text:  # the line of the key the override replaced
-        assert int(re.match(r"\S+:(\d+):", msg).group(1)) == _line(text, f"{key}:")
+    msg = str(info.value)  # the value came from the command line: the error names the --set, not a line
+    assert re.fullmatch(rf"--set {re.escape(repr(f'{path}={value}'))}: {re.escape(path)}: {expect}.*", msg), msg
+    key = path.split(".")[-1]
+    text = SEED.read_text()
+    if f"  {key}: " in text:  # the same value written in the file: its file and line
+        line = _line(text, f"  {key}: ")
+        lines = text.splitlines()
+        lines[line - 1] = lines[line - 1].split(":")[0] + f": {value}"
+        with pytest.raises(ConfigError) as info:
+            load_strategy(SEED, text="\n".join(lines) + "\n")
+        assert re.fullmatch(rf"\S+seed_market_maker\.yaml:{line}: {re.escape(path)}: {expect}.*", str(info.value))
 
 
 def test_evaluate_step_and_horizon_domains(tmp_path):
