@@ -118,6 +118,58 @@ def test_writing_plugins_guide_names_real_commands_files_and_hooks():
         assert hasattr(hookspecs, hook), f"the guide names hook {hook}, which hookspecs.py does not declare"
 
 
+# A hook's entry in the guide: a heading with its call signature, then a bullet per parameter (as in
+# datasette's docs test: the headings are parsed and compared with the declarations, both ways).
+HOOK_HEADING = re.compile(r"^### `(quotelab_\w+)\(([^)]*)\)`[ \t]*$", re.M)
+
+
+def declared_hooks() -> dict[str, list[str]]:
+    """Every hook hookspecs.py declares (a function pluggy's marker marked), with its parameter names."""
+    import inspect
+
+    from quotelab import PROJECT_NAME, hookspecs
+
+    return {name: list(inspect.signature(f).parameters) for name, f in vars(hookspecs).items()
+            if inspect.isfunction(f) and hasattr(f, f"{PROJECT_NAME}_spec")}
+
+
+def hook_doc_problems(doc: str, declared: dict[str, list[str]]) -> list[str]:
+    """What the guide gets wrong about the hooks: a hook not documented, a documented one that does not
+    exist, a signature that differs, a parameter without its bullet."""
+    parts = HOOK_HEADING.split(doc)  # [before, name, params, body, name, params, body, ...]
+    documented = {name: ([p.strip() for p in params.split(",") if p.strip()], body)
+                  for name, params, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True)}
+    problems = [f"{h}: declared in hookspecs.py, not documented" for h in declared if h not in documented]
+    problems += [f"{h}: documented, but hookspecs.py declares no such hook" for h in documented if h not in declared]
+    for h, (params, body) in documented.items():
+        if h in declared and params != declared[h]:
+            problems.append(f"{h}: documented as ({', '.join(params)}), declared as ({', '.join(declared[h])})")
+        problems += [f"{h}: parameter {p} has no `- `{p}`:` entry" for p in params
+                     if not re.search(rf"^- `{p}`:", body, re.M)]
+    return problems
+
+
+def test_every_hook_is_documented_in_the_guide_with_its_parameters():
+    declared = declared_hooks()
+    assert {"quotelab_register_components", "quotelab_run_start", "quotelab_run_end"} <= set(declared)
+    assert hook_doc_problems(GUIDE.read_text(), declared) == []
+
+
+def test_a_missing_stale_or_misdescribed_hook_is_caught():
+    text, declared = GUIDE.read_text(), declared_hooks()
+    renamed = text.replace("### `quotelab_run_end(run, result)`", "### `quotelab_run_finished(run, result)`")
+    assert hook_doc_problems(renamed, declared) == [
+        "quotelab_run_end: declared in hookspecs.py, not documented",
+        "quotelab_run_finished: documented, but hookspecs.py declares no such hook"]
+    fewer = text.replace("### `quotelab_run_end(run, result)`", "### `quotelab_run_end(result)`")
+    assert hook_doc_problems(fewer, declared) == [
+        "quotelab_run_end: documented as (result), declared as (run, result)"]
+    undescribed = text.replace("- `result`: the run's summary", "- the run's summary")
+    assert hook_doc_problems(undescribed, declared) == ["quotelab_run_end: parameter result has no `- `result`:` entry"]
+    assert hook_doc_problems(text, {**declared, "quotelab_new_hook": ["x"]}) == [
+        "quotelab_new_hook: declared in hookspecs.py, not documented"]
+
+
 @pytest.mark.parametrize("section", ["new-plugin", "check-plugin", "py:", "quotelab-plugin-example",
                                      "entry-points.quotelab", "@njit(inline=\"always\")"])
 def test_writing_plugins_guide_covers(section):
