@@ -43,9 +43,9 @@ def _root(
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Event catalog folder.")]
 # The grammar of every verb that reads a YAML: FILE, then --set and --catalog, meaning the same everywhere.
 SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", metavar="PATH=VALUE", help="Override a value of the YAML before it is validated, e.g. "
-    "quoter.params.half_spread=3, data.assets.perp.dates=[20240809] or forecast[0].alpha=2ticks; the value is "
-    "read as YAML (repeatable, applied in order).")]
+    "--set", metavar="PATH=VALUE", help="Override a value before it is validated, e.g. quoter.params.half_spread=3, "
+    "data.assets.perp.dates=[20240809] or forecast[0].alpha=2ticks; the value is read as YAML (repeatable, applied "
+    "in order). PATH is a path of the YAML, or for batch and optimize of their base strategy (every run).")]
 YamlCatalogOpt = Annotated[Path | None, typer.Option(
     "--catalog", help="Event catalog folder (wins over the YAML's catalog).")]
 CompressionOpt = Annotated[str, typer.Option(
@@ -269,6 +269,7 @@ def synth(
 def batch(
     batch_file: Annotated[Path, typer.Argument(help="Batch YAML: a base strategy and a matrix.")],
     catalog: YamlCatalogOpt = None,
+    set_: SetOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes (or Ray actors).")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local (process pool) or ray.")] = "local",
     address: Annotated[
@@ -285,8 +286,8 @@ def batch(
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
-    summary = batch_mod.run_batch(batch_file, out, catalog=catalog, workers=workers, executor=executor,
-                                  address=address, resume=resume,
+    summary = batch_mod.run_batch(batch_file, out, catalog=catalog, overrides=set_ or [], workers=workers,
+                                  executor=executor, address=address, resume=resume,
                                   progress=None if as_json else batch_mod.default_progress())
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
@@ -480,6 +481,7 @@ def optimize_cmd(
     opt_file: Annotated[Path, typer.Argument(help="Optimisation YAML: base strategy, space, objective, days.")],
     out: Annotated[Path, typer.Option("--out", help="Folder: optuna.db, runs/, trials.parquet, best.yaml.")],
     catalog: YamlCatalogOpt = None,
+    set_: SetOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Parallel worker processes (or Ray actors).")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local (process pool) or ray.")] = "local",
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
@@ -491,8 +493,8 @@ def optimize_cmd(
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
-    res = optimize(opt_file, out, catalog=catalog, workers=workers, executor=executor, address=address,
-                   trials=trials, progress=(lambda m: None) if json_ else typer.echo)
+    res = optimize(opt_file, out, catalog=catalog, overrides=set_ or [], workers=workers, executor=executor,
+                   address=address, trials=trials, progress=(lambda m: None) if json_ else typer.echo)
     if json_:
         _print_json({"folds": res.folds, "best_yaml": str(res.best_yaml), "runs_done": res.runs_done,
                      "runs_reused": res.runs_reused, "seconds": round(res.seconds, 3)})

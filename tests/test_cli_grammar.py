@@ -14,7 +14,7 @@ from quotelab.config import apply_overrides, load_yaml, place
 from quotelab.errors import ConfigError
 
 CLI = [sys.executable, "-m", "quotelab.cli"]
-YAML_VERBS = ["run", "evaluate", "train"]
+YAML_VERBS = ["run", "evaluate", "train", "batch", "optimize"]
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess:
@@ -76,10 +76,30 @@ model: {{kind: linear}}
 validation: {{folds: 2, purge: 2s}}
 """
 
-DOCS = {"run": STRATEGY, "evaluate": EVAL, "train": TRAIN}
+# batch and optimize: their --set paths are the base strategy's, as for `run`.
+BATCH = """\
+name: grammar_batch
+strategy: run-doc.yaml
+matrix:
+  params:
+    quoter.params.half_spread: [2, 3]
+"""
+
+OPTIMIZE = """\
+name: grammar_optimize
+strategy: run-doc.yaml
+space:
+  quoter.params.half_spread: {{low: 1, high: 3, step: 1}}
+days: [20240101]
+trials: 1
+"""
+
+DOCS = {"run": STRATEGY, "evaluate": EVAL, "train": TRAIN, "batch": BATCH, "optimize": OPTIMIZE}
 
 
 def _write(tmp_path: Path, verb: str, catalog: Path, name: str = "doc.yaml") -> Path:
+    if verb in ("batch", "optimize"):
+        _write(tmp_path, "run", catalog)
     path = tmp_path / f"{verb}-{name}"
     path.write_text(DOCS[verb].format(catalog=catalog))
     return path
@@ -130,13 +150,18 @@ def test_train_set_gives_the_report_of_the_edited_copy_and_records_it(catalog, t
 
 
 @pytest.mark.parametrize("verb", YAML_VERBS)
-def test_a_bad_set_path_is_a_one_line_error_naming_it(verb, catalog, tmp_path):
+def test_a_bad_set_path_is_an_error_naming_it(verb, catalog, tmp_path):
     doc = _write(tmp_path, verb, catalog)
-    r = _cli(verb, doc, "--set", "data.assets.perp.datez=[20240102]")
+    out = ["--out", tmp_path / "out"] if verb in ("batch", "optimize") else []
+    r = _cli(verb, doc, "--set", "data.assets.perp.datez=[20240102]", *out)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stderr.startswith("error: --set 'data.assets.perp.datez=[20240102]': data.assets.perp.datez: "
-                               "unknown key"), r.stderr
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    named = "--set 'data.assets.perp.datez=[20240102]': data.assets.perp.datez: unknown key"
+    if verb in ("batch", "optimize"):  # the base strategy of every run is invalid: that error, within theirs
+        assert named in r.stderr, r.stderr
+    else:
+        assert r.stderr.startswith(f"error: {named}"), r.stderr
+        assert r.stderr.count("\n") == 1
 
 
 def test_a_set_path_that_does_not_exist_or_an_invalid_value_is_named(catalog, tmp_path):
