@@ -5,7 +5,7 @@ Measured as hftbacktest's GLFT example measures them, at a fixed step (the quoti
 * **σ**: the standard deviation of the step's change of the mid, in ticks, per √second
   (std / √step), the unit of the quoters' ``volatility``.
 * **λ(δ) = A·e^(−kδ)**: at each step, the deepest buy trade above and the deepest sell trade below
-  the previous step's mid, in half ticks (:func:`quotelab.plugins._kernels.arrival_depths_nb`). A
+  the previous step's mid, in half ticks (:func:`quotelab.kernels.arrival_fit.arrival_depths_nb`). A
   quote δ = 0.5, 1, ..., ``max_ticks`` ticks from the mid is reached in a step when the depth is
   strictly beyond it; λ(δ) = steps reaching δ / seconds. ln λ = ln A − kδ is fitted by least squares
   over the δ reached at least once, per side (buy: trades lifting asks, sell: hitting bids) and
@@ -28,7 +28,7 @@ from numba import njit
 from quotelab import layout as L
 from quotelab.data import catalog as cat
 from quotelab.errors import QuotelabError
-from quotelab.plugins._kernels import arrival_depths_nb, log_linear_fit_nb
+from quotelab.kernels.arrival_fit import arrival_depths_nb, log_linear_fit_nb
 from quotelab.replay import ReplayAsset, replay
 
 SIDES = ("buy", "sell", "pooled")

@@ -260,7 +260,7 @@ def kernel_modules(modules: list[str]) -> list[str]:
     """``modules`` and, recursively, every module whose numba functions or constants they import.
 
     numba's disk cache does not notice an edit in another file, so the key must cover all of them
-    (a helper kernel in ``plugins/_kernels.py``, the layout constants, ...)."""
+    (a helper kernel in ``quotelab.kernels``, the layout constants, ...)."""
     seen: set[str] = set()
     todo = list(modules)
     while todo:

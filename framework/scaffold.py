@@ -167,6 +167,8 @@ from pydantic import Field
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, Reads, param_offsets
+from quotelab.kernels.ewma import ewma_nb
+from quotelab.kernels.imbalance import level_imbalance_nb
 from quotelab.layout import ASK_QTY, BID_QTY
 from quotelab.pysignal import PythonSignal
 
@@ -189,18 +191,17 @@ def _reads(p: $params_cls) -> Reads:
     return Reads(assets=(p.asset,), depth_levels=1, trades=False)
 
 
+# quotelab.kernels holds the helpers built-in kernels share (imbalances, EWMAs, trade flow, rings, arrival fits,
+# quote writing); a helper of your own must be @njit(inline="always") too, to be pasted into the strategy.
 @njit(inline="always")
 def $kernel(view, trades, state, params, out):
     a = int(params[P.asset])
-    alpha = params[P.alpha]
-    qb = view[a, BID_QTY]
-    qa = view[a, ASK_QTY]
-    total = qb + qa
-    imbalance = (qb - qa) / total if total > 0.0 else 0.0
-    state[0] = alpha * imbalance + (1.0 - alpha) * state[0]
+    imbalance = level_imbalance_nb(view[a, BID_QTY], view[a, ASK_QTY], 0.0)  # 0 on an empty top of book
+    state[0] = ewma_nb(state[0], imbalance, params[P.alpha])
     return state[0]
 
 
+# Written out without the kernel's helpers, so that check-plugin compares two ways of computing it.
 def $pyfunc(view, trades, state, params):
     a = int(params[P.asset])
     alpha = params[P.alpha]

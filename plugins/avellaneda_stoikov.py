@@ -14,15 +14,10 @@ from numba import njit
 
 from quotelab import hookimpl
 from quotelab.component import Component, param_offsets
+from quotelab.kernels.arrival_fit import arrival_fit_nb
+from quotelab.kernels.ewma import sigma_ticks_nb
+from quotelab.kernels.quotes import ModelQuoterParams, model_quoter_reads, model_quoter_state, write_quotes_nb
 from quotelab.layout import POSITION, RESERVATION, TICK
-from quotelab.plugins._kernels import (
-    ModelQuoterParams,
-    arrival_fit_nb,
-    model_quoter_reads,
-    model_quoter_state,
-    sigma_ticks_nb,
-    write_quotes_nb,
-)
 from quotelab.units import Seconds, quantity
 
 

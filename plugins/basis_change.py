@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, param_offsets
+from quotelab.kernels.ring import RING, ring_ago_nb, ring_push_nb, ring_state
 from quotelab.layout import BEST_ASK, BEST_BID
-from quotelab.plugins.returns import RING, ring_ago_nb, ring_push_nb
 from quotelab.units import quantity
 
 
@@ -38,7 +37,7 @@ def basis_change_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="basis_change", params=BasisChangeParams, kernel=basis_change_nb,
-        state=lambda p: np.zeros(1 + RING),
+        state=ring_state,
         doc="Change of the perp-spot basis over a horizon, in bps of the spot mid.",
         formula="b_t - b_{t-h}, b = 1e4 * (mid_perp - mid_spot) / mid_spot",
     ))

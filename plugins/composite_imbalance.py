@@ -15,10 +15,18 @@ from pydantic import Field, field_validator
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, Reads, Width, param_offsets
+from quotelab.kernels.imbalance import EMPTY_LEVEL_DOC, EmptyLevel, level_imbalance_nb
+from quotelab.kernels.trade_flow import (
+    ADJUST_DOC,
+    TF_VI,
+    WARMUP_DOC,
+    Side,
+    Warmup,
+    trade_flow_state,
+    trade_flow_update_nb,
+    trade_flow_value_nb,
+)
 from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
-from quotelab.plugins._kernels import TF_VI, level_imbalance_nb, trade_flow_update_nb, trade_flow_value_nb
-from quotelab.plugins.trade_flow_imbalance import ADJUST_DOC, WARMUP_DOC, Side, Warmup, trade_flow_state
-from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, EmptyLevel
 
 
 class CompositeImbalanceParams(Params):

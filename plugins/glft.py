@@ -4,7 +4,7 @@ In ticks: c1 = (1/γ)·ln(1 + γ/k), ω = √(σ²γ/(2kA) · (1 + γ/k)^(1 + k/
 skew ω per unit of inventory: bid = s − (c1 + ω/2) − ω·q, ask = s + (c1 + ω/2) − ω·q.
 
 With ``fit_window`` > 0, A and k are fitted online from trade arrivals at each distance from the
-mid (see ``_kernels.arrival_fit_nb``) over that many steps; the constants stand in until a fit
+mid (see ``quotelab.kernels.arrival_fit.arrival_fit_nb``) over that many steps; the constants stand in until a fit
 exists (and whenever the fitted k is not positive).
 """
 
@@ -15,16 +15,10 @@ from numba import njit
 
 from quotelab import hookimpl
 from quotelab.component import Component, param_offsets
+from quotelab.kernels.arrival_fit import FIT_MAX_WINDOW, arrival_fit_nb
+from quotelab.kernels.ewma import sigma_ticks_nb
+from quotelab.kernels.quotes import ModelQuoterParams, model_quoter_reads, model_quoter_state, write_quotes_nb
 from quotelab.layout import POSITION, RESERVATION, TICK
-from quotelab.plugins._kernels import (
-    FIT_MAX_WINDOW,
-    ModelQuoterParams,
-    arrival_fit_nb,
-    model_quoter_reads,
-    model_quoter_state,
-    sigma_ticks_nb,
-    write_quotes_nb,
-)
 from quotelab.units import quantity
 
 

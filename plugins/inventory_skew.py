@@ -11,8 +11,8 @@ from numba import njit
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, param_offsets
+from quotelab.kernels.ewma import VOL_STATE, sigma_ticks_nb
 from quotelab.layout import POSITION, TICK
-from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb
 from quotelab.units import Qty, Seconds, Ticks, quantity
 
 

@@ -14,9 +14,17 @@ from pydantic import Field, field_validator, model_validator
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, Reads, Width, pack_fields, param_offsets
+from quotelab.kernels.imbalance import (
+    EMPTY_LEVEL_DOC,
+    MAX_COEFFICIENTS,
+    SHAPE_FORMULAS,
+    Coefficients,
+    EmptyLevel,
+    Shape,
+    imbalance_shape_nb,
+    level_imbalance_nb,
+)
 from quotelab.layout import ASK_SZ, BEST_ASK, BEST_BID, BID_SZ, MAX_LEVELS
-from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb, level_imbalance_nb
-from quotelab.plugins.weighted_mid import EMPTY_LEVEL_DOC, Coefficients, EmptyLevel, Shape
 
 
 class MultiLevelImbalanceMidParams(Params):

@@ -15,9 +15,8 @@ from pydantic import Field, model_validator
 
 from quotelab import hookimpl
 from quotelab.component import AssetName, Component, Params, Reads, Width, param_offsets
+from quotelab.kernels.imbalance import MAX_COEFFICIENTS, SHAPE_FORMULAS, Coefficients, Shape, imbalance_shape_nb
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
-from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, imbalance_shape_nb
-from quotelab.plugins.weighted_mid import Coefficients, Shape
 
 MAX_VENUES = 8
 

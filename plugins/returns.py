@@ -11,10 +11,9 @@ from numba import njit
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, param_offsets
+from quotelab.kernels.ring import RING, ring_ago_nb, ring_push_nb, ring_state
 from quotelab.layout import BEST_ASK, BEST_BID
 from quotelab.units import quantity
-
-RING = 128  # longest horizon + 1; fixed so the state size, hence the compiled kernel, never changes
 
 
 class ReturnsParams(Params):
@@ -23,23 +22,6 @@ class ReturnsParams(Params):
 
 
 P = param_offsets(ReturnsParams)
-
-
-@njit(inline="always")
-def ring_push_nb(state, x):
-    """state = [count, ring...]: store x as the newest value."""
-    n = int(state[0])
-    state[1 + n % RING] = x
-    state[0] = n + 1
-
-
-@njit(inline="always")
-def ring_ago_nb(state, h):
-    """The value pushed h pushes before the newest, or NaN if not yet."""
-    n = int(state[0])
-    if h >= n:
-        return np.nan
-    return state[1 + (n - 1 - h) % RING]
 
 
 @njit(inline="always")
@@ -57,7 +39,7 @@ def returns_nb(view, trades, state, params, out):
 def quotelab_register_components(register):
     register(Component(
         role="signal", name="returns", params=ReturnsParams, kernel=returns_nb,
-        state=lambda p: np.zeros(1 + RING),
+        state=ring_state,
         doc="Lagged log return of any asset's mid, in bps (lead-lag when the asset is not the quoted one).",
         formula="1e4 * ln(mid_t / mid_{t-h})",
     ))

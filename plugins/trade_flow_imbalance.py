@@ -22,32 +22,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import numpy as np
 from numba import njit
 from pydantic import Field
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Encode, Params, Reads, param_choices, param_offsets
-from quotelab.layout import N_TRADES, STEP_SECONDS, TR_QTY, TR_SIDE
-from quotelab.plugins._kernels import (
+from quotelab.kernels.trade_flow import (
+    ADJUST_DOC,
     TF_ARRIVAL_RATE,
     TF_OI,
     TF_QI,
     TF_VI,
-    TRADE_FLOW_STATE_SIZE,
+    WARMUP_DOC,
+    Side,
+    Warmup,
+    trade_flow_state,
     trade_flow_update_nb,
     trade_flow_value_nb,
 )
+from quotelab.layout import N_TRADES, STEP_SECONDS, TR_QTY, TR_SIDE
 
 Output = Annotated[Literal["OI", "QI", "VI", "arrival_rate", "volume_rate"],
                    Encode(OI=TF_OI, QI=TF_QI, VI=TF_VI, arrival_rate=TF_ARRIVAL_RATE, volume_rate=4)]
-# A trade is a buy when its TR_SIDE times the packed side is positive.
-Side = Annotated[Literal["aggressor", "buyer_is_maker"], Encode(aggressor=1.0, buyer_is_maker=-1.0)]
-Warmup = Annotated[Literal["zero", "undefined"], Encode(zero=0.0, undefined=float("nan"))]
-ADJUST_DOC = ("false: recursive EWMA from the first observation (pandas adjust=False); true: pandas' default "
-              "adjusted EWMA, weights (1-alpha)^age normalised (the seed study's).")
-WARMUP_DOC = ("Value before both sides have a trade interval: 0, or undefined (NaN: a strategy stops or skips, "
-              "evaluate leaves the row out and counts it).")
 
 
 class TradeFlowImbalanceParams(Params):
@@ -66,11 +62,6 @@ class TradeFlowImbalanceParams(Params):
 
 P = param_offsets(TradeFlowImbalanceParams)
 OUTPUT = param_choices(TradeFlowImbalanceParams, "output")
-
-
-def trade_flow_state(p: Params) -> np.ndarray:
-    # per-trade EWMA slots, the volume-rate EWMAs, the EWMA weight sums (see _kernels.trade_flow_update_nb)
-    return np.full(TRADE_FLOW_STATE_SIZE, np.nan)
 
 
 @njit(inline="always")

@@ -11,8 +11,9 @@ from numba import njit
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, param_offsets
+from quotelab.kernels.ewma import VOL_STATE, sigma_ticks_nb
+from quotelab.kernels.quotes import write_quotes_nb
 from quotelab.layout import MAX_QUOTES, RESERVATION, TICK
-from quotelab.plugins._kernels import VOL_STATE, sigma_ticks_nb, write_quotes_nb
 from quotelab.units import Qty, Seconds, Ticks, quantity
 
 

@@ -7,22 +7,22 @@ f is a parameter: ``linear`` (I/2, the classic weighted mid), the seed study's `
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 from numba import njit
 from pydantic import Field, model_validator
 
 from quotelab import hookimpl
-from quotelab.component import Asset, Component, Encode, Params, Width, param_offsets
+from quotelab.component import Asset, Component, Params, param_offsets
+from quotelab.kernels.imbalance import (
+    EMPTY_LEVEL_DOC,
+    MAX_COEFFICIENTS,
+    SHAPE_FORMULAS,
+    Coefficients,
+    EmptyLevel,
+    Shape,
+    imbalance_shape_nb,
+    level_imbalance_nb,
+)
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
-from quotelab.plugins._kernels import MAX_COEFFICIENTS, SHAPE_FORMULAS, SHAPES, imbalance_shape_nb, level_imbalance_nb
-
-EmptyLevel = Annotated[Literal["zero", "undefined"], Encode(zero=0.0, undefined=float("nan"))]
-EMPTY_LEVEL_DOC = ("Imbalance of a level with no quantity on either side: 0, or undefined (NaN, as pandas' 0/0 "
-                   "gives: evaluate leaves the row out and counts it).")
-Shape = Annotated[Literal["linear", "cubic", "nonic", "cubic_linear", "shifted", "polynomial"], Encode(**SHAPES)]
-# Fixed width, so changing the shape or the polynomial's degree never recompiles.
-Coefficients = Annotated[tuple[float, ...], Width(MAX_COEFFICIENTS)]
 
 
 class WeightedMidParams(Params):

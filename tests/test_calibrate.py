@@ -23,7 +23,8 @@ from quotelab.calibrate import (
     reached_counts_nb,
 )
 from quotelab.data import catalog as cat
-from quotelab.plugins._kernels import FIT_MAX_WINDOW, arrival_fit_nb, fit_state, sigma_ticks_nb
+from quotelab.kernels.arrival_fit import FIT_MAX_WINDOW, arrival_fit_nb, fit_state
+from quotelab.kernels.ewma import sigma_ticks_nb
 from quotelab.replay import ReplayAsset, replay
 
 BTC = "binance-usdm/BTCUSDT"

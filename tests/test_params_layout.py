@@ -26,7 +26,7 @@ from quotelab.component import (
     param_offsets,
 )
 from quotelab.errors import PluginError
-from quotelab.plugins._kernels import ModelQuoterParams
+from quotelab.kernels.quotes import ModelQuoterParams
 from quotelab.plugins.avellaneda_stoikov import P as AS
 from quotelab.plugins.glft import P as GLFT
 from quotelab.registry import load_registry

@@ -8,7 +8,7 @@ from numba import njit
 from reference_impls import arrival_fit, asset, events, local_trades, mids
 
 from quotelab import layout as L
-from quotelab.plugins._kernels import arrival_fit_nb, fit_state
+from quotelab.kernels.arrival_fit import arrival_fit_nb, fit_state
 from quotelab.replay import replay
 
 WINDOW = 300

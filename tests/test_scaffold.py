@@ -73,9 +73,10 @@ def test_scaffolded_plugin_installs_tests_and_runs(installed, real_catalog, tmp_
 
     # The generated reference test must catch a kernel that drifts from the formula.
     module = root / n["module"] / "__init__.py"
-    module.write_text(module.read_text().replace(
-        "state[0] = alpha * imbalance + (1.0 - alpha) * state[0]\n    return state[0]",
-        "state[0] = alpha * imbalance + (1.0 - alpha) * state[0]\n    return state[0] * 1.000001", 1))
+    kernel_end = "state[0] = ewma_nb(state[0], imbalance, params[P.alpha])\n    return state[0]\n"
+    assert kernel_end in module.read_text()
+    drifted = kernel_end.replace("return state[0]", "return state[0] * 1.000001")
+    module.write_text(module.read_text().replace(kernel_end, drifted, 1))
     broken = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests"), cwd=root, env=env,
                   python=python)
     assert broken.returncode == 1, broken.stdout

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, Reads, param_offsets
+from quotelab.kernels.ewma import ewma_nb
 from quotelab.layout import N_TRADES, TR_SIDE
 
 
@@ -25,7 +26,7 @@ def trade_sign_ewma_nb(view, trades, state, params, out):
     alpha = params[P.alpha]
     value = state[0]
     for k in range(int(view[a, N_TRADES])):
-        value = alpha * trades[a, k, TR_SIDE] + (1.0 - alpha) * value
+        value = ewma_nb(value, trades[a, k, TR_SIDE], alpha)
     state[0] = value
     return value
 
