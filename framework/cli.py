@@ -228,6 +228,14 @@ def synth(
     funding_interval: Annotated[
         str, typer.Option("--funding-interval", help="Time between the perp's funding settlements, e.g. 8h.")
     ] = "8h",
+    profile: Annotated[str, typer.Option(
+        "--profile", help="demo (small, the default) or busy: the perp at the event rates and depth-message "
+                          "sizes of the shared USD-M BTCUSDT capture, ~127 M events a day.")] = "demo",
+    raw: Annotated[str | None, typer.Option(
+        "--raw", help="Also write the perp as raw venue files for the converters: binance-usdm, tardis, or both "
+                      "comma-separated; into --raw-dir.")] = None,
+    raw_dir: Annotated[Path | None, typer.Option("--raw-dir", help="Folder for --raw's files.")] = None,
+    raw_gzip: Annotated[bool, typer.Option("--raw-gzip/--raw-plain", help="Gzip the raw files.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     arrival: Annotated[str | None, typer.Option(
         "--arrival", help="A,k[,A_sell,k_sell]: instead, a one-tick market (SYNARRIVAL) whose trades reach δ ticks "
@@ -252,10 +260,25 @@ def synth(
                    f"synthetic/{res['symbol']} {res['day']}: {res['events']:,} events -> {catalog}")
         return
 
+    from quotelab.data import rawfiles
+
+    raw_formats = [f.strip() for f in raw.split(",") if f.strip()] if raw else []
+    bad = [f for f in raw_formats if f not in rawfiles.FORMATS]
+    if bad or (raw is not None and not raw_formats):
+        raise synth_mod.SynthError(f"--raw {raw!r}: choose from {', '.join(rawfiles.FORMATS)} (comma-separated)")
+    if raw_formats and raw_dir is None:
+        raise synth_mod.SynthError("--raw needs --raw-dir, the folder for the raw files")
+    if raw_formats and "perp" not in synth_mod.parse_assets(assets):
+        raise synth_mod.SynthError("--raw writes the perp (binance-usdm and tardis are futures formats); "
+                                   "add perp to --assets")
     summary = synth_mod.generate(
         catalog, seed=seed, start=start, duration_s=synth_mod.parse_duration(duration), assets=assets,
         compression=compression, funding_interval_s=synth_mod.parse_duration(funding_interval, "--funding-interval"),
+        profile=profile,
     )
+    perp = synth_mod.PROFILES.get(profile, synth_mod.ASSETS)["perp"].symbol
+    summary["raw"] = [rawfiles.write(catalog, synth_mod.VENUE, perp, f, raw_dir, gz=raw_gzip,
+                                     days=summary["symbols"][perp]["days"]) for f in raw_formats]
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
         return
@@ -263,6 +286,8 @@ def synth(
                f"({summary['seconds']:.1f} s)")
     for symbol, info in summary["symbols"].items():
         typer.echo(f"  {symbol}: {info['events']:,} events, {info['trades']:,} trades, days {', '.join(info['days'])}")
+    for r in summary["raw"]:
+        typer.echo(f"  {r['format']}: {', '.join(r['files'])} (tick {r['tick_size']:g}, lot {r['lot_size']:g})")
 
 
 @app.command()

@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,13 @@ class AssetModel:
     min_levels: int = 30
     latency_median_ms: float = 3.0
     latency_sigma: float = 0.45
+    # Set for a busy venue feed (see PROFILES): depth goes out as one message every ~msg_interval_ms
+    # holding each level touched since the last one, and distances and cancel levels are lognormal
+    # (median add_dist_mean / cancel_level_mean, these log-stds), heavy-tailed like a real book.
+    msg_interval_ms: float = 0.0
+    add_dist_sigma: float = 0.0
+    cancel_level_sigma: float = 0.0
+    burst: float = 0.0  # add and cancel rates × (1 + burst · the market orders' Hawkes excitation)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,6 +187,39 @@ ASSETS: dict[str, AssetModel] = {
     ),
 }
 
+# The busy perpetual: event rates and depth messages like the shared USD-M BTCUSDT capture
+# (2024-08-08 23:54-24:00, converted: ~1,360 exchange rows/s, 19 depth messages/s about 52 ms apart
+# with 68 levels each on average (median 34, p90 142), 62 trades/s, depth rows a median 404 ticks
+# from the touch (p10 59, p90 5,900), ~3,500 levels a side). Measured on it: see docs/synthetic.md.
+BUSY_PERP = replace(
+    ASSETS["perp"],
+    add_rate=64.0,
+    cancel_rate=49.0,
+    burst=0.3,
+    mo_base_rate=7.0,
+    mo_alpha=2.6,
+    mo_beta=3.0,
+    mo_size_median=0.015,
+    mo_size_sigma=1.6,
+    add_size_median=0.05,
+    add_size_sigma=1.6,
+    touch_prob=0.4,
+    add_dist_mean=400.0,
+    add_dist_sigma=1.9,
+    cancel_level_mean=300.0,
+    cancel_level_sigma=1.5,
+    refill_gap_mean=3.0,
+    max_dist=30_000.0,
+    max_levels=3_500,
+    min_levels=200,
+    msg_interval_ms=52.0,
+)
+
+PROFILES: dict[str, dict[str, AssetModel]] = {
+    "demo": ASSETS,
+    "busy": {**ASSETS, "perp": BUSY_PERP},
+}
+
 # ---------------------------------------------------------------------------------------------------
 # Kernels (pure numba; names end in _nb)
 
@@ -220,11 +260,16 @@ _F_SNAP = np.uint64(DEPTH_SNAPSHOT_EVENT)
     P_LAT_MU,
     P_LAT_SIG,
     P_TOUCH_PROB,
+    P_DIST_SIG,
+    P_CANCEL_SIG,
+    P_BURST,
+    P_LOCAL_STEP,
     N_PARAMS,
-) = range(27)
+) = range(31)
 
-# Integer state layout.
-S_NEXT_T, S_UID, S_TID, S_LAST_LOCAL, S_MO_T, N_ISTATE = range(6)
+# Integer state layout. S_MSG and S_NEXT_MSG: the last depth message's id and the next one's time,
+# for an asset whose feed batches depth into messages (msg_interval_ms > 0).
+S_NEXT_T, S_UID, S_TID, S_LAST_LOCAL, S_MO_T, S_MSG, S_NEXT_MSG, N_ISTATE = range(8)
 MAX_SWEEP = 25
 
 
@@ -428,7 +473,7 @@ def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, gri
     n = 0
     kmax = kp.shape[1]
     room = 2 * kmax + 2 * MAX_SWEEP + 8
-    add_rate, cancel_rate, pull_rate = p[P_ADD_RATE], p[P_CANCEL_RATE], p[P_PULL_RATE]
+    pull_rate = p[P_PULL_RATE]
     mo_base, mo_alpha, mo_beta = p[P_MO_BASE], p[P_MO_ALPHA], p[P_MO_BETA]
     min_levels = int(p[P_MIN_LEVELS])
     nf = fair.shape[0]
@@ -438,8 +483,14 @@ def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, gri
             break
         gi = (t - grid_t0) // grid_dt
         f = fair[min(max(gi, 0), nf - 1)]
-        mo_rate = mo_base + fst[0] * math.exp(-mo_beta * (t - ist[S_MO_T]) * 1e-9)
-        loc = max(ist[S_LAST_LOCAL], t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
+        excite = fst[0] * math.exp(-mo_beta * (t - ist[S_MO_T]) * 1e-9)
+        mo_rate = mo_base + excite
+        # Book activity follows the trade bursts (P_BURST = 0: constant rates).
+        burst = 1.0 + p[P_BURST] * excite
+        add_rate = p[P_ADD_RATE] * burst
+        cancel_rate = p[P_CANCEL_RATE] * burst
+        loc = max(ist[S_LAST_LOCAL] + int(p[P_LOCAL_STEP]),
+                  t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
         # Thinning: candidates came at the bound fst[1] set at the previous event; the market-order
         # intensity only decays between market orders, so the bound holds and the rest is "no event".
         u = _unif_nb(rng) * fst[1]
@@ -449,7 +500,12 @@ def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, gri
         if u < add_rate:
             side = 0 if _unif_nb(rng) < 0.5 else 1
             # Many adds join or improve the touch (makers competing for queue), the rest spread out.
-            d = 0 if _unif_nb(rng) < p[P_TOUCH_PROB] else int(_exp_nb(rng) * p[P_ADD_DIST])
+            if _unif_nb(rng) < p[P_TOUCH_PROB]:
+                d = 0
+            elif p[P_DIST_SIG] > 0.0:
+                d = int(min(p[P_MAX_DIST], p[P_ADD_DIST] * math.exp(p[P_DIST_SIG] * _norm_nb(rng))))
+            else:
+                d = int(_exp_nb(rng) * p[P_ADD_DIST])
             qkey = _quote_key_nb(side, f, p, kp, cnt)
             key = qkey + d
             lots = _lots_nb(rng, p[P_ADD_MU], p[P_ADD_SIG])
@@ -474,7 +530,10 @@ def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, gri
             c = cnt[side]
             full = _unif_nb(rng) < p[P_FULL_CANCEL]
             frac = 0.1 + 0.8 * _unif_nb(rng)
-            lvl = int(_exp_nb(rng) * p[P_CANCEL_LVL])
+            if p[P_CANCEL_SIG] > 0.0:
+                lvl = int(p[P_CANCEL_LVL] * math.exp(p[P_CANCEL_SIG] * _norm_nb(rng)))
+            else:
+                lvl = int(_exp_nb(rng) * p[P_CANCEL_LVL])
             if c > 0:
                 if kp[side, c - 1] - kp[side, 0] > p[P_MAX_DIST]:
                     i = c - 1
@@ -526,8 +585,9 @@ def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, gri
             ist[S_UID] -= 1  # nothing happened: keep update ids dense
         else:
             ist[S_LAST_LOCAL] = loc
-        bound = add_rate + cancel_rate + 2.0 * pull_rate + mo_base + fst[0] * math.exp(
-            -mo_beta * (t - ist[S_MO_T]) * 1e-9)
+        excite = fst[0] * math.exp(-mo_beta * (t - ist[S_MO_T]) * 1e-9)
+        burst = 1.0 + p[P_BURST] * excite
+        bound = p[P_ADD_RATE] * burst + p[P_CANCEL_RATE] * burst + 2.0 * pull_rate + mo_base + excite
         fst[1] = bound
         ist[S_NEXT_T] = t + 1 + int(_exp_nb(rng) / bound * 1e9)
     return n
@@ -537,7 +597,8 @@ def simulate_nb(out: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, gri
 def snapshot_nb(out: np.ndarray, t: int, p: np.ndarray, ist: np.ndarray, rng: np.ndarray, kp: np.ndarray,
                 kq: np.ndarray, cnt: np.ndarray) -> int:
     """Write the whole book as clear + snapshot rows (bids then asks, best first); return rows written."""
-    loc = max(ist[S_LAST_LOCAL], t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
+    loc = max(ist[S_LAST_LOCAL] + int(p[P_LOCAL_STEP]),
+              t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
     ist[S_LAST_LOCAL] = loc
     n = 0
     for side in range(2):
@@ -551,6 +612,77 @@ def snapshot_nb(out: np.ndarray, t: int, p: np.ndarray, ist: np.ndarray, rng: np
         for i in range(c):
             n = _row_nb(out, n, _F_SNAP | sflag, t, loc, _px_nb(_side_price_nb(side, kp[side, i]), p),
                         kq[side, i] / p[P_INV_LOT], ist[S_UID])
+    return n
+
+
+MS = 1_000_000
+
+
+@njit(cache=True)
+def _publish_nb(out, n, t, p, ist, rng, kp, kq, cnt, touched, tcnt) -> int:
+    """One depth message at ``t``: every level touched since the last one, at its quantity now (0 if
+    gone), bids then asks by ascending price as Binance lists them; ival = the message's id."""
+    if tcnt[0] == 0 and tcnt[1] == 0:
+        return n
+    loc = max(ist[S_LAST_LOCAL] + int(p[P_LOCAL_STEP]),
+              t + int(math.exp(p[P_LAT_MU] + p[P_LAT_SIG] * _norm_nb(rng))))
+    ist[S_LAST_LOCAL] = loc
+    ist[S_MSG] += 1
+    for side in range(2):
+        keys = np.sort(touched[side, :tcnt[side]])
+        m = keys.shape[0]
+        for j in range(m):
+            # Bid keys are minus prices: walk them backwards for ascending prices on both sides.
+            i = m - 1 - j if side == 0 else j
+            key = keys[i]
+            if (side == 0 and i + 1 < m and keys[i + 1] == key) or (side == 1 and i > 0 and keys[i - 1] == key):
+                continue
+            c = cnt[side]
+            pos = _lower_bound_nb(kp[side], c, key)
+            lots = kq[side, pos] if pos < c and kp[side, pos] == key else 0
+            n = _depth_row_nb(out, n, side, key, lots, t, loc, ist[S_MSG], p)
+        tcnt[side] = 0
+    return n
+
+
+@njit(cache=True)
+def messages_nb(out: np.ndarray, scratch: np.ndarray, t_end: int, fair: np.ndarray, grid_t0: int, grid_dt: int,
+                p: np.ndarray, ist: np.ndarray, fst: np.ndarray, rng: np.ndarray, kp: np.ndarray, kq: np.ndarray,
+                cnt: np.ndarray, touched: np.ndarray, tcnt: np.ndarray, gap: np.ndarray) -> int:
+    """:func:`simulate_nb` behind a venue feed that batches depth: run the book a message interval at a
+    time (into ``scratch``), pass its trades through at once (exchange time in whole ms, as Binance
+    stamps it) and remember the levels its depth rows touched, then publish them as one message at
+    the interval's end (:func:`_publish_nb`). ``gap`` = [min, max] ms between messages. Stops at
+    ``t_end`` or when ``out`` is nearly full; the open interval carries over to the next call.
+    """
+    n = 0
+    cap = touched.shape[1]
+    while n + scratch.shape[0] + 2 * cap <= out.shape[0]:
+        nxt = ist[S_NEXT_MSG]
+        stop = min(t_end, nxt)
+        if ist[S_NEXT_T] < stop:
+            m = simulate_nb(scratch, stop, fair, grid_t0, grid_dt, p, ist, fst, rng, kp, kq, cnt)
+            for i in range(m):
+                r = scratch[i]
+                if (r.ev & np.uint64(0xFF)) == _F_TRADE:
+                    out[n] = r
+                    out[n].exch_ts = r.exch_ts - r.exch_ts % MS
+                    n += 1
+                else:
+                    side = 0 if (r.ev & _F_BUY) != 0 else 1
+                    key = int(round(r.px * p[P_INV_TICK])) if p[P_INV_TICK] > 0.0 else int(round(r.px / p[P_TICK]))
+                    touched[side, tcnt[side]] = -key if side == 0 else key
+                    tcnt[side] += 1
+            if m and max(tcnt[0], tcnt[1]) + scratch.shape[0] > cap:
+                # More touches than one message can hold (not seen at the profiles' rates): publish
+                # now, at the last event's time, rather than lose one.
+                last = scratch[m - 1].exch_ts
+                n = _publish_nb(out, n, last - last % MS, p, ist, rng, kp, kq, cnt, touched, tcnt)
+            continue
+        if nxt >= t_end:
+            break
+        n = _publish_nb(out, n, nxt, p, ist, rng, kp, kq, cnt, touched, tcnt)
+        ist[S_NEXT_MSG] = nxt + (gap[0] + int(_unif_nb(rng) * (gap[1] - gap[0] + 1))) * MS
     return n
 
 
@@ -624,6 +756,12 @@ def _params(m: AssetModel) -> np.ndarray:
     p[P_LAT_MU] = math.log(m.latency_median_ms * 1e6)
     p[P_LAT_SIG] = m.latency_sigma
     p[P_TOUCH_PROB] = m.touch_prob
+    p[P_DIST_SIG] = m.add_dist_sigma
+    p[P_CANCEL_SIG] = m.cancel_level_sigma
+    p[P_BURST] = m.burst
+    # A batched feed's messages arrive at distinct local µs, as on a real socket: the converters then
+    # see one order for exchange and local time (no row written twice), also from Tardis' µs.
+    p[P_LOCAL_STEP] = 1000.0 if m.msg_interval_ms > 0 else 0.0
     return p
 
 
@@ -659,20 +797,41 @@ class _AssetRun:
         self.kq = np.zeros((2, k), np.int64)
         self.cnt = np.zeros(2, np.int64)
         init_book_nb(f0 / model.tick_size, self.p, self.rng, self.kp, self.kq, self.cnt)
-        self.buf = np.zeros(1 << 18, event_dtype)
+        self.batched = model.msg_interval_ms > 0
+        if self.batched:
+            scratch = 1 << 15
+            self.scratch = np.zeros(scratch, event_dtype)
+            self.touched = np.zeros((2, 2 * scratch), np.int64)
+            self.tcnt = np.zeros(2, np.int64)
+            jitter = max(1, round(0.1 * model.msg_interval_ms))
+            self.gap = np.array([max(1, round(model.msg_interval_ms) - jitter), round(model.msg_interval_ms) + jitter])
+            self.buf = np.zeros(1 << 19, event_dtype)
+        else:
+            self.buf = np.zeros(1 << 18, event_dtype)
+
+    def start(self, t: int) -> None:
+        self.ist[S_NEXT_T] = t
+        self.ist[S_LAST_LOCAL] = t
+        self.ist[S_NEXT_MSG] = t - t % 1_000_000
 
     def run(self, t_end: int, fair_ticks: np.ndarray, grid_t0: int, sink: Any) -> None:
         while True:
-            n = simulate_nb(self.buf, t_end, fair_ticks, grid_t0, GRID_NS, self.p, self.ist, self.fst,
-                            self.rng, self.kp, self.kq, self.cnt)
+            if self.batched:
+                n = messages_nb(self.buf, self.scratch, t_end, fair_ticks, grid_t0, GRID_NS, self.p, self.ist,
+                                self.fst, self.rng, self.kp, self.kq, self.cnt, self.touched, self.tcnt, self.gap)
+            else:
+                n = simulate_nb(self.buf, t_end, fair_ticks, grid_t0, GRID_NS, self.p, self.ist, self.fst,
+                                self.rng, self.kp, self.kq, self.cnt)
             if sink is not None and n:
                 sink(self.buf[:n])
-            if self.ist[S_NEXT_T] >= t_end:
+            if self.ist[S_NEXT_T] >= t_end and (not self.batched or self.ist[S_NEXT_MSG] >= t_end):
                 return
 
     def snapshot(self, t: int) -> np.ndarray:
         out = np.zeros(2 * self.model.max_levels + 2, event_dtype)
         n = snapshot_nb(out, t, self.p, self.ist, self.rng, self.kp, self.kq, self.cnt)
+        if self.batched:
+            out["ival"][:n] = self.ist[S_MSG] + 1  # the snapshot's lastUpdateId: the next message covers it
         return out[:n]
 
 
@@ -785,6 +944,7 @@ def generate(
     latent: LatentModel | None = None,
     compression: str = "deflate",
     funding_interval_s: float = 8 * 3600.0,
+    profile: str = "demo",
 ) -> dict[str, Any]:
     """Write the synthetic market for ``[start, start + duration_s)`` into ``catalog``; return a summary.
     ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`).
@@ -796,6 +956,9 @@ def generate(
     """
     lm = latent or LatentModel()
     keys = parse_assets(assets)
+    if profile not in PROFILES:
+        raise SynthError(f"--profile {profile!r} is not a profile; choose from {', '.join(PROFILES)}")
+    models = PROFILES[profile]
     t_start = parse_start(start)
     if not duration_s > 0 or not math.isfinite(duration_s):
         raise SynthError(f"duration must be a positive number of seconds, got {duration_s}")
@@ -815,7 +978,7 @@ def generate(
     lrng = _rng(seed, 0)
     lstate = np.array([0.0, 0.0, lm.basis_mean])
     tail = np.full(lag_steps, lm.price0)
-    runs = {k: _AssetRun(ASSETS[k], seed, i + 1, lm.price0 - (lm.basis_mean if k == "spot" else 0.0))
+    runs = {k: _AssetRun(models[k], seed, i + 1, lm.price0 - (lm.basis_mean if k == "spot" else 0.0))
             for i, k in enumerate(ASSETS) if k in keys}
 
     def fair_chunk(c0: int, c1: int) -> dict[str, np.ndarray]:
@@ -839,8 +1002,7 @@ def generate(
     # Warm-up: the book evolves before `start` without being written.
     warm0 = t0 - WARMUP_S * NS
     for run in runs.values():
-        run.ist[S_NEXT_T] = warm0
-        run.ist[S_LAST_LOCAL] = warm0
+        run.start(warm0)
     c = warm0
     while c < t0:
         c1 = min(t0, c + CHUNK_S * NS)
