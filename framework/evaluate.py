@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from quotelab import layout as L
+from quotelab import spool
 from quotelab.component import Component, PackContext, Params
 from quotelab.composer import (
     HEADER_PER_SIGNAL,
@@ -238,61 +239,146 @@ def information_coefficient(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """:func:`information_coefficient` of finite ``x`` and ``y`` in bounded private memory, for
+    series as long as the data (either may be memory-mapped): each side is sorted in a scratch
+    file, a value's rank (ties sharing their average) is where it falls in its sorted side, and
+    the Pearson sums of the ranks are added a chunk at a time."""
+    n = len(x)
+    if n < 3:
+        return float("nan")
+    sides = []
+    for v in (x, y):
+        s = spool.scratch(n)
+        for lo, hi in spool.chunks(n):
+            s[lo:hi] = v[lo:hi]
+        s.sort()
+        if s[0] == s[-1]:
+            return float("nan")
+        sides.append(s)
+    mean = (n - 1) / 2.0  # of ranks 0..n-1, ties averaged
+    sxy = sxx = syy = 0.0
+    for lo, hi in spool.chunks(n):
+        dx, dy = (((np.searchsorted(s, v[lo:hi], "left") + np.searchsorted(s, v[lo:hi], "right") - 1) / 2.0 - mean)
+                  for s, v in zip(sides, (x, y), strict=True))
+        sxy += float(dx @ dy)
+        sxx += float(dx @ dx)
+        syy += float(dy @ dy)
+    return float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))
+
+
+class _Errors:
+    """Sums of errors, added a chunk at a time, for the score columns n ... bias."""
+
+    def __init__(self) -> None:
+        self.m, self.undefined, self.sse, self.sae, self.se = 0, 0, 0.0, 0.0, 0.0
+
+    def add(self, err: np.ndarray, undefined: int) -> None:
+        self.m += len(err)
+        self.undefined += undefined
+        self.sse += float(np.sum(err * err))
+        self.sae += float(np.sum(np.abs(err)))
+        self.se += float(np.sum(err))
+
+    def row(self, sign: float = 1.0) -> dict[str, float]:
+        """The columns; ``sign``: the bias of ``sign`` × error."""
+        m, nan = self.m, float("nan")
+        return {"n": m, "n_undefined": self.undefined, "sse": self.sse,
+                "mse": self.sse / m if m else nan, "rmse": float(np.sqrt(self.sse / m)) if m else nan,
+                "mae": self.sae / m if m else nan, "bias": sign * self.se / m if m else nan}
+
+
 def score_against_future_mid(est: np.ndarray, mid: np.ndarray, k: int) -> dict[str, float]:
-    """Error of ``est[t]`` against ``mid[t + k]`` over the steps where both are defined."""
+    """Error of ``est[t]`` against ``mid[t + k]`` over the steps where both are defined, a chunk of
+    steps at a time (the IC's two series go to spool files)."""
     n = len(mid)
     if k >= n:
         return {"n": 0, "n_undefined": int(np.isfinite(est).sum()), "sse": float("nan"), "mse": float("nan"),
                 "rmse": float("nan"), "mae": float("nan"), "bias": float("nan"), "ic": float("nan")}
-    e, now, fut = est[: n - k], mid[: n - k], mid[k:]
-    ok = np.isfinite(e) & np.isfinite(fut) & np.isfinite(now)
-    err = e[ok] - fut[ok]
-    sse = float(np.sum(err * err))
-    m = int(ok.sum())
-    return {
-        "n": m, "n_undefined": int((~np.isfinite(e)).sum()),
-        "sse": sse, "mse": sse / m if m else float("nan"), "rmse": float(np.sqrt(sse / m)) if m else float("nan"),
-        "mae": float(np.mean(np.abs(err))) if m else float("nan"), "bias": float(np.mean(err)) if m else float("nan"),
-        "ic": information_coefficient(e[ok] - now[ok], fut[ok] - now[ok]),
-    }
+    sums, dev, move = _Errors(), spool.Spool(np.float64), spool.Spool(np.float64)
+    for lo, hi in spool.chunks(n - k):
+        e, now, fut = np.asarray(est[lo:hi]), np.asarray(mid[lo:hi]), np.asarray(mid[lo + k:hi + k])
+        ok = np.isfinite(e) & np.isfinite(fut) & np.isfinite(now)
+        sums.add(e[ok] - fut[ok], int((~np.isfinite(e)).sum()))
+        dev.add(e[ok] - now[ok])
+        move.add(fut[ok] - now[ok])
+    return {**sums.row(), "ic": rank_correlation(dev.array(), move.array())}
+
+
+def forecast_ic(fc: np.ndarray, mid: np.ndarray, k: int) -> float:
+    """IC of the forecast term ``fc[t]`` with the mid's change ``mid[t + k] - mid[t]``, in chunks."""
+    fcs, move = spool.Spool(np.float64), spool.Spool(np.float64)
+    for lo, hi in spool.chunks(len(mid) - k):
+        f, now, fut = np.asarray(fc[lo:hi]), np.asarray(mid[lo:hi]), np.asarray(mid[lo + k:hi + k])
+        ok = np.isfinite(f) & np.isfinite(fut) & np.isfinite(now)
+        fcs.add(f[ok])
+        move.add(fut[ok] - now[ok])
+    return rank_correlation(fcs.array(), move.array())
 
 
 def score_against_trades(ts: np.ndarray, est: np.ndarray, trade_ts: np.ndarray, trade_px: np.ndarray
                          ) -> dict[str, float]:
-    """Each trade against the latest estimate at or before its exchange time (merge_asof backward)."""
-    idx = np.searchsorted(ts, trade_ts, side="right") - 1
-    has = idx >= 0
-    return trade_errors(np.where(has, est[np.clip(idx, 0, None)], np.nan), trade_px)
+    """Each trade against the latest estimate at or before its exchange time (merge_asof backward),
+    a chunk of trades at a time."""
+    sums = _Errors()
+    for lo, hi in spool.chunks(len(trade_ts)):
+        idx = np.searchsorted(ts, trade_ts[lo:hi], side="right") - 1
+        e = np.where(idx >= 0, np.asarray(est)[np.clip(idx, 0, None)], np.nan)
+        ok = np.isfinite(e)
+        sums.add(np.asarray(trade_px[lo:hi])[ok] - e[ok], int((~ok).sum()))
+    return {**sums.row(-1.0), "ic": float("nan")}
 
 
 def trade_errors(e: np.ndarray, trade_px: np.ndarray) -> dict[str, float]:
     """Trade price against the estimate matched to each trade; trades without one are left out and counted."""
-    ok = np.isfinite(e)
-    err = trade_px[ok] - e[ok]
-    sse = float(np.sum(err * err))
-    m = int(ok.sum())
-    return {"n": m, "n_undefined": int((~ok).sum()), "sse": sse, "mse": sse / m if m else float("nan"),
-            "rmse": float(np.sqrt(sse / m)) if m else float("nan"),
-            "mae": float(np.mean(np.abs(err))) if m else float("nan"),
-            "bias": float(np.mean(-err)) if m else float("nan"), "ic": float("nan")}
+    sums = _Errors()
+    for lo, hi in spool.chunks(len(e)):
+        ok = np.isfinite(e[lo:hi])
+        sums.add(np.asarray(trade_px[lo:hi])[ok] - np.asarray(e[lo:hi])[ok], int((~ok).sum()))
+    return {**sums.row(-1.0), "ic": float("nan")}
 
 
-def _bucket_bias(err: np.ndarray, imb: np.ndarray, spread_ticks: np.ndarray, n_imb: int, n_spread: int
-                 ) -> list[dict[str, Any]]:
-    ok = np.isfinite(err) & np.isfinite(imb) & np.isfinite(spread_ticks)
-    err, imb, sp = err[ok], imb[ok], spread_ticks[ok]
+def _bucket_bias(est: np.ndarray, mid: np.ndarray, k: int, imb: np.ndarray, spread: np.ndarray, tick: float,
+                 n_imb: int, n_spread: int) -> list[dict[str, Any]]:
+    """Bias and MSE of ``est[t] - mid[t + k]`` per bucket of imbalance and spread (in ticks) at t."""
     edges = np.linspace(-1.0, 1.0, n_imb + 1)
-    ib = np.clip(np.searchsorted(edges, imb, side="right") - 1, 0, n_imb - 1)
-    sb = np.clip(np.round(sp).astype(np.int64), 1, n_spread)  # 1, 2, ..., n_spread+ ticks
+    count, s1, s2 = np.zeros(n_imb * n_spread), np.zeros(n_imb * n_spread), np.zeros(n_imb * n_spread)
+    for lo, hi in spool.chunks(len(mid) - k):
+        err = np.asarray(est[lo:hi]) - np.asarray(mid[lo + k:hi + k])
+        im, sp = np.asarray(imb[lo:hi]), np.asarray(spread[lo:hi]) / tick
+        ok = np.isfinite(err) & np.isfinite(im) & np.isfinite(sp)
+        err, im, sp = err[ok], im[ok], sp[ok]
+        ib = np.clip(np.searchsorted(edges, im, side="right") - 1, 0, n_imb - 1)
+        sb = np.clip(np.round(sp).astype(np.int64), 1, n_spread)  # 1, 2, ..., n_spread+ ticks
+        cell = ib * n_spread + sb - 1
+        count += np.bincount(cell, minlength=len(count))
+        s1 += np.bincount(cell, err, minlength=len(count))
+        s2 += np.bincount(cell, err * err, minlength=len(count))
     rows = []
     for i in range(n_imb):
         for s in range(1, n_spread + 1):
-            m = (ib == i) & (sb == s)
-            if m.any():
+            c = (i * n_spread + s - 1)
+            if count[c]:
                 rows.append({"imbalance_lo": float(edges[i]), "imbalance_hi": float(edges[i + 1]),
-                             "spread_ticks": s if s < n_spread else f">={n_spread}", "n": int(m.sum()),
-                             "bias": float(err[m].mean()), "mse": float((err[m] ** 2).mean())})
+                             "spread_ticks": s if s < n_spread else f">={n_spread}", "n": int(count[c]),
+                             "bias": float(s1[c] / count[c]), "mse": float(s2[c] / count[c])})
     return rows
+
+
+def _conditional_mean(mid: np.ndarray, imb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket of 20 in imbalance, the steps and their summed mid change over ``k`` steps."""
+    edges = np.linspace(-1.0, 1.0, 21)
+    count, total = np.zeros(20), np.zeros(20)
+    for lo, hi in spool.chunks(len(mid) - k):
+        dm = np.asarray(mid[lo + k:hi + k]) - np.asarray(mid[lo:hi])
+        b = np.clip(np.searchsorted(edges, np.asarray(imb[lo:hi]), side="right") - 1, 0, 19)
+        count += np.bincount(b, minlength=20)
+        total += np.bincount(b, dm, minlength=20)
+    return count, total
+
+
+def _contiguous(ts: np.ndarray, step_ns: int) -> bool:
+    return all(bool(np.all(np.diff(ts[lo:hi + 1]) == step_ns)) for lo, hi in spool.chunks(len(ts)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,8 +521,7 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
         outs = res.outs
         mid, spread, imb = outs[:, 0], outs[:, 1], outs[:, 2]
         # the grid skips warm-up steps; horizons count grid steps, so check the kept steps are contiguous
-        contiguous = np.all(np.diff(res.timestamps) == int(round(cfg.step * 1e9)))
-        if not contiguous:
+        if not _contiguous(res.timestamps, int(round(cfg.step * 1e9))):
             raise DataError(f"{path}: target {target!r}: a ready asset lost its book mid-window; horizons would "
                             "span gaps. Evaluate over days where every asset read has a two-sided book.")
         trade_ts, trade_px, _, _ = prepare_exchange([assets[q]]).rows[0].trades  # in exchange-time order
@@ -450,31 +535,25 @@ def evaluate(path: str | Path, catalog: str | Path | None = None, out_dir: str |
                 rows.append({**base, "horizon": horizon_label(h), "horizon_s": h,
                              **score_against_future_mid(est, mid, k)})
                 if spec.forecast:
-                    n = len(mid) - k
-                    ok = np.isfinite(fc[:n]) & np.isfinite(mid[k:]) & np.isfinite(mid[:n])
-                    rows[-1]["forecast_ic"] = information_coefficient(fc[:n][ok], mid[k:][ok] - mid[:n][ok])
+                    rows[-1]["forecast_ic"] = forecast_ic(fc, mid, k)
             rows.append({**base, "horizon": "trade", "horizon_s": float("nan"),
                          **score_against_trades(res.timestamps, est, trade_ts, trade_px)})
             k1 = steps_per[min(range(len(steps_per)), key=lambda i: abs(cfg.horizons[i] - 1.0))]
-            n = len(mid) - k1
-            if n > 0:
-                for r in _bucket_bias(est[:n] - mid[k1:], imb[:n], spread[:n] / feed.tick_size,
-                                      cfg.imbalance_buckets, cfg.spread_buckets):
+            if len(mid) - k1 > 0:
+                for r in _bucket_bias(est, mid, k1, imb, spread, feed.tick_size, cfg.imbalance_buckets,
+                                      cfg.spread_buckets):
                     bias_rows.append({**base, "horizon": horizon_label(cfg.horizons[steps_per.index(k1)]), **r})
         for h, k in zip(cfg.horizons, steps_per, strict=True):
-            n = len(mid) - k
-            if n <= 0:
+            if len(mid) - k <= 0:
                 continue
-            dm = mid[k:] - mid[:n]
             edges = np.linspace(-1.0, 1.0, 21)
-            b = np.clip(np.searchsorted(edges, imb[:n], side="right") - 1, 0, 19)
+            count, total = _conditional_mean(mid, imb, k)
             for i in range(20):
-                m = b == i
-                if m.any():
+                if count[i]:
                     cond_rows.append({
                         "target": target, "venue": feed.venue, "symbol": feed.symbol, "horizon": horizon_label(h),
-                        "imbalance_mid": float((edges[i] + edges[i + 1]) / 2), "n": int(m.sum()),
-                        "mean_mid_change": float(dm[m].mean()),
+                        "imbalance_mid": float((edges[i] + edges[i + 1]) / 2), "n": int(count[i]),
+                        "mean_mid_change": float(total[i] / count[i]),
                     })
     summary = {"name": cfg.name, "targets": targets, "estimators": [e.name for e in cfg.estimators],
                "horizons": [horizon_label(h) for h in cfg.horizons], "events": events,

@@ -40,7 +40,7 @@ from hftbacktest.types import (
 from numba import njit
 
 from quotelab import layout as L
-from quotelab import progress
+from quotelab import progress, spool
 from quotelab.component import Component, PackContext, Params
 from quotelab.composer import kernel_list
 from quotelab.data import catalog as cat
@@ -57,6 +57,8 @@ B_BEST_BID = 0
 B_BEST_ASK = 1
 B_LOW_BID = 2
 B_HIGH_ASK = 3
+
+RECORDS_FULL = -3  # _replay_nb: the step records are full (jitcache.STALE is -2)
 
 
 @dataclass(frozen=True)
@@ -280,12 +282,14 @@ def _replay_nb(key, fns, ints, floats, more, ptr, resume, book_base, book_start,
     # follows. When a day runs out and another follows, this returns a (the step and asset to
     # resume at in ``resume``, its state in the arrays) so the caller can swap the next day in:
     # one compiled loop for any number of days, where typed lists of days cost ~2.6 s of compile.
-    # Returns -1 at the end of the grid.
+    # When the rec_* arrays are full it returns RECORDS_FULL, resumable the same way, so they can
+    # be a fixed chunk whatever the days. Returns -1 at the end of the grid.
     if key != KEY:  # cached against other constants (jitcache)
         return STALE
     kernel = fns[0]
     n_assets = view.shape[0]
     cap = trades.shape[1]
+    rec_cap = len(rec_ts)
     k0, a0 = resume[0], resume[1]
     last_time = clock[0]
     n_rec = counters[2]
@@ -335,6 +339,12 @@ def _replay_nb(key, fns, ints, floats, more, ptr, resume, book_base, book_start,
             for c in range(len(out_cols)):
                 rec_out[n_rec, c] = out[out_cols[c]]
         n_rec += 1
+        if n_rec == rec_cap and k + 1 < n_grid:  # the records are full: the caller spools them
+            resume[0], resume[1] = k + 1, 0
+            n_tr[0] = 0  # the next step starts afresh (a resume carries only a day swap's count)
+            clock[0] = last_time
+            counters[2] = n_rec
+            return RECORDS_FULL
     counters[2] = n_rec
     return -1
 
@@ -411,17 +421,19 @@ def _scan(asset: ReplayAsset, days: Sequence[np.ndarray], flag: int, collect: bo
     info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
     cap = 1024 if collect else 0
     t_ts, t_px, t_qty, t_sell = np.empty(cap, np.int64), np.empty(cap), np.empty(cap), np.empty(cap, np.bool_)
-    n_tr = 0
+    kept = [spool.Spool(a.dtype) for a in (t_ts, t_px, t_qty, t_sell)]  # a month's trades stay off memory
     day_start = np.full(len(days), INVALID_MAX, dtype=np.int64)
     for d, day in enumerate(days):
         t_ts, t_px, t_qty, t_sell, n_tr, day_start[d] = _scan_nb(
             day["ev"], day[col], day["px"], day["qty"], asset.tick_size, info, flag, collect, t_ts, t_px, t_qty,
-            t_sell, n_tr)
+            t_sell, 0)
+        for sp, got in zip(kept, (t_ts, t_px, t_qty, t_sell), strict=True):
+            sp.add(got[:n_tr])
     if info[2]:
         return None
     base, size = _tick_range(asset, info)
-    return ClockRows(days, base, size, day_start, (t_ts[:n_tr], t_px[:n_tr], t_qty[:n_tr], t_sell[:n_tr]),
-                    int(info[4]))
+    trades = tuple(sp.array() for sp in kept)
+    return ClockRows(days, base, size, day_start, trades, int(info[4]))  # type: ignore[arg-type]
 
 
 def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> ClockRows:
@@ -524,12 +536,20 @@ def replay(
     ready_mask[list(range(n)) if ready is None else list(ready)] = True
     state = np.zeros(0) if state is None else state
     out = np.zeros(L.OUT_WIDTH)
-    rec_ts = np.zeros(n_grid, dtype=np.int64)
-    rec_values = np.full(n_grid, np.nan)
+    # The records are a fixed chunk, spooled whenever it fills (spool: off private memory past one chunk).
+    cap = max(1, min(n_grid, spool.CHUNK))
+    rec_ts = np.zeros(cap, dtype=np.int64)
+    rec_values = np.full(cap, np.nan)
     out_cols = np.arange(L.OUT_WIDTH) if out_columns is None else np.asarray(out_columns, dtype=np.int64)
-    rec_out = np.zeros((n_grid if keep_out else 1, len(out_cols)))
-    rec_view = np.zeros((n_grid if keep_view else 1, n, L.VIEW_WIDTH))
-    rec_ntr = np.zeros((n_grid, n), dtype=np.int64)
+    rec_out = np.zeros((cap if keep_out else 1, len(out_cols)))
+    rec_view = np.zeros((cap if keep_view else 1, n, L.VIEW_WIDTH))
+    rec_ntr = np.zeros((cap, n), dtype=np.int64)
+    kept = [(rec_ts, spool.Spool(np.int64)), (rec_values, spool.Spool(np.float64)),
+            (rec_ntr, spool.Spool(np.int64, (n,)))]
+    if keep_out:
+        kept.append((rec_out, spool.Spool(np.float64, (len(out_cols),))))
+    if keep_view:
+        kept.append((rec_view, spool.Spool(np.float64, (n, L.VIEW_WIDTH))))
     counters = np.zeros(3, dtype=np.int64)  # grid steps, trades dropped, steps recorded
     # One file per asset at a time: EventFiles load it here and drop it when the next one comes.
     words = [_words(r.days[0]) for r in data.rows]  # prepare needs a day per asset (first_ts)
@@ -548,17 +568,23 @@ def replay(
                            books, origin, step_ns, n_grid, view, trades, state, params, out, n_levels, max_scan_ticks,
                            quoted, ready_mask, rec_ts, rec_values, rec_out, rec_view, rec_ntr, keep_out, keep_view,
                            counters, out_cols, n_tr, clock)
-            bar.at(origin + (int(resume[0]) if a >= 0 else n_grid) * step_ns)
+            bar.at(origin + (int(resume[0]) if a != -1 else n_grid) * step_ns)
             if a < 0:
+                m = int(counters[2])
+                for rec, sp in kept:
+                    sp.add(rec[:m])
+                counters[2] = 0
+                if a == RECORDS_FULL:
+                    continue
                 break
             current[a] += 1
             ptr[a] = 0
             del ints, floats
             words[a] = _words(data.rows[a].days[current[a]])
-    m = int(counters[2])
+    got = [sp.array() for _, sp in kept]
     return ReplayResult(
-        timestamps=rec_ts[:m], values=rec_values[:m], outs=rec_out[:m] if keep_out else None,
-        views=rec_view[:m] if keep_view else None, n_trades=rec_ntr[:m], grid_steps=int(counters[0]),
+        timestamps=got[0], values=got[1], outs=got[3] if keep_out else None,
+        views=got[-1] if keep_view else None, n_trades=got[2], grid_steps=int(counters[0]),
         trades_dropped=int(counters[1]), origin_ns=origin,
     )
 

@@ -111,3 +111,73 @@ def test_streamed_replay_equals_the_preloaded_replay(two_catalogs):
 def test_empty_day_is_one_empty_part(tmp_path):
     path = cat.write_day(tmp_path, "synthetic", "X", "20240101", np.zeros(0, event_dtype), part_rows=10)
     assert cat.parts_of(path) == [path] and len(cat.load_events(path)) == 0
+
+
+def test_replay_records_spooled_in_chunks_equal_one_chunk(two_catalogs, monkeypatch):
+    from quotelab import spool
+    from quotelab.config import DataSection
+    from quotelab.engine import load_assets
+    from quotelab.registry import load_registry
+    from quotelab.replay import ReplayAsset, replay_component
+
+    _, parts = two_catalogs
+    section = DataSection.model_validate({"quote": "perp", "assets": {
+        "perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": [20240101, 20240102]}}})
+    feeds = load_assets(section, REPO, str, parts)
+    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size) for f in feeds]
+    component = load_registry(entry_points=False).get("fair_value", "weighted_mid")
+    whole = replay_component(component, {}, assets, n_levels=3, keep_out=True, keep_view=True)
+    assert not isinstance(whole.values, np.memmap)  # a short replay stays in memory
+    monkeypatch.setattr(spool, "CHUNK", 500)  # the records fill and go to the spool file many times
+    spooled = replay_component(component, {}, assets, n_levels=3, keep_out=True, keep_view=True)
+    assert len(whole.timestamps) > 6 * 500 and isinstance(spooled.values, np.memmap)
+    for got, want in zip((spooled.timestamps, spooled.values, spooled.n_trades, spooled.outs, spooled.views),
+                         (whole.timestamps, whole.values, whole.n_trades, whole.outs, whole.views), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (spooled.grid_steps, spooled.trades_dropped) == (whole.grid_steps, whole.trades_dropped)
+
+
+def test_rank_correlation_in_chunks_is_the_in_memory_ic(monkeypatch):
+    from quotelab import spool
+    from quotelab.evaluate import information_coefficient, rank_correlation
+
+    rng = np.random.default_rng(7)
+    x = np.round(rng.normal(size=20_000), 1)  # many ties, as mid changes have
+    y = np.round(0.3 * x + rng.normal(size=20_000), 2)
+    monkeypatch.setattr(spool, "CHUNK", 500)  # sorted copies in scratch files, ranks 500 at a time
+    assert isinstance(spool.scratch(len(x)), np.memmap)
+    assert rank_correlation(x, y) == pytest.approx(information_coefficient(x, y), rel=1e-12)
+    assert np.isnan(rank_correlation(np.ones(5000), y[:5000])) and np.isnan(rank_correlation(x[:2], y[:2]))
+
+
+def test_streamed_evaluation_scores_as_the_whole_series(two_catalogs, tmp_path, monkeypatch):
+    """Two days of parts, scored a chunk of steps at a time with the records spooled, give the table
+    of the whole days scored at once (every series one chunk, in memory)."""
+    from quotelab import spool
+    from quotelab.evaluate import evaluate
+
+    whole, parts = two_catalogs
+    doc = {"name": "s", "data": {"quote": "perp", "assets": {
+        "perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": [20240101, 20240102]}}},
+        "step": "100ms", "horizons": ["1s", "10s"], "plots": False,
+        "estimators": [{"name": "mid", "fair_value": [{"kind": "mid"}]},
+                       {"name": "wmid+imb", "fair_value": [{"kind": "weighted_mid"}],
+                        "forecast": [{"kind": "book_imbalance", "alpha": "2ticks",
+                                      "params": {"weights": [0.7, 0.3]}}]}]}
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    one = evaluate(path, catalog=whole)
+    monkeypatch.setattr(spool, "CHUNK", 500)
+    streamed = evaluate(path, catalog=parts)
+    for a, b in ((streamed.rows, one.rows), (streamed.bias, one.bias), (streamed.conditional, one.conditional)):
+        assert len(a) == len(b) > 0
+        for ra, rb in zip(a, b, strict=True):
+            assert ra.keys() == rb.keys()
+            for k, v in rb.items():
+                if isinstance(v, float):
+                    assert ra[k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
+                else:
+                    assert ra[k] == v, k
+    assert sum(r["n"] for r in one.rows if r["horizon"] == "1s") > 6 * 500
+    assert all(np.isfinite(r["ic"]) for r in one.rows if r["horizon"] == "1s" and r["estimator"] != "mid")
+    assert np.isfinite(next(r["forecast_ic"] for r in one.rows if "forecast_ic" in r))

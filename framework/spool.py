@@ -1,0 +1,71 @@
+"""Rows that grow with the data (per-step records, trades), kept off private memory.
+
+A :class:`Spool` takes rows chunk by chunk. The first chunk stays in memory, so short runs touch no
+file; from the second on, the rows go to an unlinked temporary file and are read back memory-mapped.
+Pages of a file mapping are file-backed: the OS writes them out and drops them under pressure, so a
+month of records costs disk, not private memory (RssAnon).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+CHUNK = 1 << 16  # rows a caller buffers before handing them over (a few MB for any row width used here)
+
+
+class Spool:
+    """Append-only rows of ``dtype`` and ``row_shape``; :meth:`array` gives them all."""
+
+    def __init__(self, dtype: Any, row_shape: tuple[int, ...] = ()) -> None:
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(row_shape)
+        self.rows = 0
+        self._first: np.ndarray | None = None
+        self._fh: Any = None
+
+    def add(self, block: np.ndarray) -> None:
+        """Append ``block`` (rows of this spool's shape); it is copied."""
+        if not len(block):
+            return
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if self._fh is None and self._first is None:
+            self._first = block.copy()
+        else:
+            if self._fh is None:
+                self._fh = tempfile.TemporaryFile(prefix="quotelab-spool-")  # noqa: SIM115 - lives with the rows
+                self._fh.write(self._first.tobytes())  # type: ignore[union-attr]
+                self._first = None
+            self._fh.write(block.tobytes())
+        self.rows += len(block)
+
+    def array(self, writable: bool = False) -> np.ndarray:
+        """All rows: in memory while they fit one chunk, else memory-mapped (``writable``: a private
+        copy-on-write mapping, whose written pages become private memory)."""
+        if self._fh is not None:
+            self._fh.flush()
+            return np.memmap(self._fh, dtype=self.dtype, mode="c" if writable else "r",
+                             shape=(self.rows, *self.row_shape))
+        if self._first is not None:
+            return self._first
+        return np.empty((0, *self.row_shape), dtype=self.dtype)
+
+
+def scratch(n: int, dtype: Any = np.float64) -> np.ndarray:
+    """A writable array of ``n`` values in an unlinked file (shared mapping: file-backed pages), for
+    work arrays as long as the data, e.g. a sorted copy."""
+    if n * np.dtype(dtype).itemsize < CHUNK * 64:
+        return np.empty(n, dtype=dtype)
+    with tempfile.TemporaryFile(prefix="quotelab-scratch-") as fh:
+        fh.truncate(n * np.dtype(dtype).itemsize)
+        return np.memmap(fh, dtype=dtype, mode="w+", shape=(n,))
+
+
+def chunks(n: int, size: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive slices of ``range(n)``, :data:`CHUNK` long by default."""
+    size = size or CHUNK
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
