@@ -30,13 +30,18 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-EVAL = """\
-name: grammar_study
+# The data section of the run, evaluate and train documents: SYNPERP on 20240101.
+DATA = """\
 data:
   catalog: {catalog}
   quote: perp
   assets:
     perp: {{venue: synthetic, symbol: SYNPERP, dates: [20240101]}}
+"""
+
+EVAL = """\
+name: grammar_study
+""" + DATA + """\
 step: 100ms
 horizons: [100ms, 1s, 10s]
 estimators:
@@ -48,11 +53,7 @@ estimators:
 
 STRATEGY = """\
 name: grammar_run
-data:
-  catalog: {catalog}
-  quote: perp
-  assets:
-    perp: {{venue: synthetic, symbol: SYNPERP, dates: [20240101]}}
+""" + DATA + """\
 engine: {{step: 100ms}}
 fair_value: [{{kind: mid}}]
 quoter:
@@ -62,11 +63,7 @@ quoter:
 
 TRAIN = """\
 name: grammar_train
-data:
-  catalog: {catalog}
-  quote: perp
-  assets:
-    perp: {{venue: synthetic, symbol: SYNPERP, dates: [20240101]}}
+""" + DATA + """\
 grid: {{step: 100ms}}
 features:
   - kind: book_imbalance
