@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-DAY_NS = 86_400_000_000_000
+from quotelab.timeunits import DAY_NS
+
 _QUOTES = ("USDT", "USDC", "BUSD", "FDUSD", "USD")
 
 

@@ -12,8 +12,9 @@ import time
 from types import TracebackType
 from typing import Any
 
+from quotelab.timeunits import DAY_NS
+
 ENV = "QUOTELAB_PROGRESS"
-DAY_NS = 86_400 * 1_000_000_000
 
 
 _ON = False  # set by a CLI verb: replays deep inside evaluate and train show progress then

@@ -22,6 +22,7 @@ from hftbacktest.types import event_dtype
 
 from quotelab.data import catalog
 from quotelab.errors import DataError
+from quotelab.timeunits import DAY_NS
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "strategies" / "seed_market_maker.yaml"
@@ -157,7 +158,7 @@ def _shift_a_day(lines: list[bytes]) -> list[bytes]:
     for ln in lines:
         ts, rest = ln.split(b" ", 1)
         rest = re.sub(rb'"([ET])":(\d+)', lambda m: b'"%s":%d' % (m[1], int(m[2]) + 86_400_000), rest)
-        out.append(str(int(ts) + 86_400 * 10**9).encode() + b" " + rest)
+        out.append(str(int(ts) + DAY_NS).encode() + b" " + rest)
     return out
 
 
@@ -199,7 +200,7 @@ def test_two_writers_to_one_symbol_lose_no_day(shared_data: Path, tmp_path: Path
     assert catalog.list_days(root, "binance-usdm", "ETHUSDT") == ["20240808", "20240809"]
     a, b = (catalog.load_day(root, "binance-usdm", "ETHUSDT", d) for d in ("20240808", "20240809"))
     np.testing.assert_array_equal(a["px"], b["px"])
-    np.testing.assert_array_equal(a["exch_ts"] + 86_400 * 10**9, b["exch_ts"])
+    np.testing.assert_array_equal(a["exch_ts"] + DAY_NS, b["exch_ts"])
 
 
 def test_staging_left_by_a_killed_writer_is_cleaned_by_the_next(shared_data: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from hftbacktest.types import (
     event_dtype,
 )
 
-DAY_NS = 86_400 * 10**9
+from quotelab.timeunits import DAY_NS
 
 WINDOWS = [
     ("binance-usdm", "BTCUSDT", ["usdm/btcusdt_20240808.gz"], 0.1),

@@ -11,7 +11,8 @@ import yaml
 from quotelab import driver as D
 from quotelab.data import synth
 from quotelab.engine import AssetFeed, compute_stats, run_strategy
-from quotelab.pnl import DAY_NS, currency
+from quotelab.pnl import currency
+from quotelab.timeunits import DAY_NS
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "strategies" / "seed_market_maker.yaml"

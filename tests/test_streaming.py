@@ -11,6 +11,7 @@ from hftbacktest.types import event_dtype
 
 from quotelab.data import catalog as cat
 from quotelab.data.synth import generate
+from quotelab.timeunits import DAY_NS
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = ("num_trades", "position", "trading_volume")
@@ -70,7 +71,7 @@ def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs,
     assert len(seen) > len(preloaded.record_ts) // 500 and seen == sorted(seen)
     assert isinstance(streamed.records.base, np.memmap) or isinstance(streamed.records, np.memmap)
     assert preloaded.summary["num_trades"] > 20  # it trades, on both days
-    assert len(set((preloaded.record_ts // 86_400_000_000_000).tolist())) == 2
+    assert len(set((preloaded.record_ts // DAY_NS).tolist())) == 2
     assert {k: streamed.summary[k] for k in FINAL} == {k: preloaded.summary[k] for k in FINAL}
     np.testing.assert_array_equal(streamed.record_ts, preloaded.record_ts)
     days = [streamed.summary["days"], preloaded.summary["days"]]

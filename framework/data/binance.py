@@ -59,7 +59,6 @@ from quotelab.data.binance_json import (
 )
 from quotelab.data.events import (
     DAY_GRACE_NS,
-    DAY_NS,
     LOCAL_BACK,
     ConvertJob,
     DaySplitter,
@@ -70,6 +69,7 @@ from quotelab.data.events import (
     depth_rows,
 )
 from quotelab.errors import DataError
+from quotelab.timeunits import DAY_NS
 
 # ---------------------------------------------------------------------------------------------
 # The converter
@@ -221,7 +221,7 @@ class BinanceConverter:
         k = ok[0]
         local, exch_ns = int(ints[k, I_LTS]), int(ex[k]) * 1_000_000
         for f in (1, 1_000, 1_000_000):
-            if abs(local * f - exch_ns) < 86_400 * 10**9:
+            if abs(local * f - exch_ns) < DAY_NS:
                 self.factor = f
                 return
         raise DataError(

@@ -29,6 +29,7 @@ from quotelab.data.instruments import resolve
 from quotelab.data.sniff import sniff
 from quotelab.errors import DataError
 from quotelab.progress import Days
+from quotelab.timeunits import DAY_NS
 from quotelab.units import MAX_MAGNITUDE
 
 
@@ -132,7 +133,7 @@ def _stage_funding(table: Any, staging: Path, venue: str, symbol: str, days: dic
 
     if table is None or not len(table):
         return {}
-    day_of = (table["exch_ts"] // 86_400_000_000_000).astype(np.int64)
+    day_of = (table["exch_ts"] // DAY_NS).astype(np.int64)
     out: dict[str, Path] = {}
     dropped = 0
     for d in np.unique(day_of):

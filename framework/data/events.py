@@ -29,8 +29,8 @@ from hftbacktest.types import (
 from numba import njit
 
 from quotelab.errors import DataError
+from quotelab.timeunits import DAY_NS
 
-DAY_NS = 86_400 * 1_000_000_000
 # A day is closed once events this far past its end have been seen: trades and depth travel on
 # different streams, so the last trades of a day can arrive after the first depth of the next.
 DAY_GRACE_NS = 60 * 1_000_000_000

@@ -17,7 +17,6 @@ from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, SELL_EV
 from numba import njit
 
 from quotelab.data.events import (
-    DAY_NS,
     LOCAL_BACK,
     MAX_BOOK_TICKS,
     ConvertJob,
@@ -28,6 +27,7 @@ from quotelab.data.events import (
     tick_prices,
 )
 from quotelab.errors import DataError
+from quotelab.timeunits import DAY_NS
 
 try:
     from isal import igzip as _gzip

@@ -32,9 +32,10 @@ import numpy as np
 import polars as pl
 from numba import njit
 
-from quotelab.data.events import DAY_NS, LOCAL_BACK, ConvertJob, Findings, clamp_local
+from quotelab.data.events import LOCAL_BACK, ConvertJob, Findings, clamp_local
 from quotelab.data.messages import MessageFeed, finish_summary, open_binary
 from quotelab.errors import DataError
+from quotelab.timeunits import DAY_NS
 
 BOOK_COLUMNS = ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount"]
 TRADE_COLUMNS = ["exchange", "symbol", "timestamp", "local_timestamp", "id", "side", "price", "amount"]
