@@ -1,13 +1,34 @@
 """Benchmark: quotelab's Tardis converter against hftbacktest's, on Tardis CSVs of the synthetic market.
 
-    python bench/tardis.py [--hours 3] [--repeat 3] [--gzip]
+    python bench/tardis.py [--hours 3] [--repeat 3] [--gzip] [--write]
 
 The seeded synthetic perpetual (``quotelab.data.synth``) is written as a Tardis ``incremental_book_L2``
 file (the day's opening book as ``is_snapshot=true`` rows, then every depth row) and a ``trades``
-file, µs timestamps as Tardis gives them. Both converters then run in this process, in memory (no
-output file), after a warm-up, each ``--repeat`` times, alternating; medians of wall time and of CPU time
-(the process's, all threads: steadier than wall time on a shared machine) are printed, and the ratios are
-hftbacktest's time over quotelab's.
+file, µs timestamps as Tardis gives them. Both converters then run in this process, after a warm-up,
+each ``--repeat`` times, alternating; medians of wall time and of CPU time (the process's, all threads:
+steadier than wall time on a shared machine) are printed, and the ratios are hftbacktest's time over
+quotelab's.
+
+What each side does with the same two files:
+
+- ``hftbacktest.data.utils.tardis.convert([trades, book])``: reads each file whole with polars (string
+  columns, its thread pool), turns trades into TRADE rows and book rows into DEPTH rows, a snapshot run
+  into CLEAR + SNAPSHOT rows (no book is kept); appends the book's rows after the trades' (no merge by
+  time), shifts local times so that no latency is negative (``correct_local_timestamp``), sorts by both
+  clocks and writes the EXCH/LOCAL-flagged rows (``correct_event_order``) and checks the order. One array
+  for the whole input: no symbol filter, no tick/lot or line checks, no split into days. With
+  ``output_filename`` it also writes ``np.savez_compressed`` (zlib's default level 6).
+- quotelab's ``tardis.convert``: reads blocks of lines (numba fast path, polars for anything unusual)
+  with line-numbered errors, keeps one symbol and one exchange, merges the files by local time, checks
+  every price and quantity on the tick/lot grid, keeps the L2 book (a snapshot at each day start, CLEAR
+  rows reaching the old book's depth), splits UTC days, estimates the clock offset and latency percentiles,
+  orders and flags the rows as hftbacktest does. ``quotelab convert`` then writes each day into the
+  catalog: deflated npz parts (zlib level 1) by default, or stored (``--compression none``).
+
+The first race runs both in memory (no output file), the like-for-like core. ``--write`` adds a race with
+the output written: hftbacktest's ``output_filename`` (compressed npz) against ``quotelab convert``'s
+code path (``convert_files``) with ``deflate`` (compressed, the like-for-like pair; the levels differ as
+said above) and with ``none``.
 
 Then quotelab's rows are checked against the synthetic market they came from: the book at the end
 (last quantity per price level) and every trade (time, side, price, quantity) must be equal.
@@ -19,6 +40,7 @@ import argparse
 import contextlib
 import io
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,6 +56,7 @@ from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, DEPTH_S
 from isal import igzip
 
 from quotelab.data import catalog, synth, tardis
+from quotelab.data.convert import convert_files
 from quotelab.data.events import ConvertJob, DayResult
 
 KIND = 0xFF
@@ -104,11 +127,35 @@ def cpu_time() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def race(contenders: dict[str, Callable[[], Any]], repeat: int, lines: int,
+         pairs: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """Run each contender once to warm up (numba compiles or loads its caches), then ``repeat`` times in
+    turn; print medians and the ratios of ``pairs`` (time of the first over the second). The last outputs."""
+    runs: dict[str, list[float]] = {k: [] for k in contenders}
+    cpu: dict[str, list[float]] = {k: [] for k in contenders}
+    out = {name: f() for name, f in contenders.items()}
+    for _ in range(repeat):
+        for name, f in contenders.items():
+            t0, c0 = time.perf_counter(), cpu_time()
+            out[name] = f()
+            runs[name].append(time.perf_counter() - t0)
+            cpu[name].append(cpu_time() - c0)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    for name, m in med.items():
+        print(f"{name:17s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
+              f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])})")
+    for a, b, what in pairs:
+        print(f"{a} / {b} ({what}): {med[a] / med[b]:.2f}x wall, {med_cpu[a] / med_cpu[b]:.2f}x CPU")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hours", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--gzip", action="store_true", help="write and read gzipped CSVs, as Tardis serves them")
+    ap.add_argument("--write", action="store_true", help="also race with the output written (see above)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -120,27 +167,25 @@ def main() -> None:
         print(f"input: {lines:,} Tardis rows, {size:.0f} MB{' gzipped' if args.gzip else ''} "
               f"({args.hours:g} h of the synthetic perpetual)")
 
-        runs: dict[str, list[float]] = {"quotelab": [], "hftbacktest": []}
-        cpu: dict[str, list[float]] = {"quotelab": [], "hftbacktest": []}
-        convert = {"quotelab": lambda: quotelab_convert([book_path, trades_path]),
-                   # hftbacktest wants the trades file first (see its docstring)
-                   "hftbacktest": lambda: quiet(hbt_tardis.convert, [str(trades_path), str(book_path)])}
-        out: dict[str, object] = {}
-        for name in convert:  # warm-up: numba compiles or loads its caches
-            out[name] = convert[name]()
-        for _ in range(args.repeat):
-            for name in convert:
-                t0, c0 = time.perf_counter(), cpu_time()
-                out[name] = convert[name]()
-                runs[name].append(time.perf_counter() - t0)
-                cpu[name].append(cpu_time() - c0)
-        med = {k: statistics.median(v) for k, v in runs.items()}
-        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-        for name, m in med.items():
-            print(f"{name:12s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
-                  f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])})")
-        print(f"hftbacktest / quotelab: {med['hftbacktest'] / med['quotelab']:.2f}x wall, "
-              f"{med_cpu['hftbacktest'] / med_cpu['quotelab']:.2f}x CPU")
+        files = [book_path, trades_path]
+        hbt_files = [str(trades_path), str(book_path)]  # hftbacktest wants the trades file first (its docstring)
+        out = race({"quotelab": lambda: quotelab_convert(files),
+                    "hftbacktest": lambda: quiet(hbt_tardis.convert, hbt_files)}, args.repeat, lines,
+                   [("hftbacktest", "quotelab", "in memory")])
+        if args.write:
+            cat, npz = root / "written", root / "hbt.npz"
+
+            def written(compression: str) -> Callable[[], Any]:
+                def run() -> Any:
+                    shutil.rmtree(cat, ignore_errors=True)
+                    return convert_files("tardis", files, "SYNPERP", cat, tick_size=0.1, lot_size=0.001,
+                                         compression=compression)
+                return run
+
+            race({"quotelab deflate": written("deflate"), "quotelab none": written("none"),
+                  "hftbacktest npz": lambda: quiet(hbt_tardis.convert, hbt_files, str(npz))}, args.repeat, lines,
+                 [("hftbacktest npz", "quotelab deflate", "written, both compressed"),
+                  ("hftbacktest npz", "quotelab none", "written, quotelab stored")])
 
         days = out["quotelab"]
         assert isinstance(days, list)
