@@ -188,26 +188,31 @@ def _decimal_nb(buf, i, last, pow10):
     ten up to 1e22), which is then the value ``float()`` and polars give."""
     n = buf.shape[0]
     m = np.int64(0)
-    sig = 0
-    whole = 0
-    frac = 0
-    dot = False
-    while i < n:
-        c = buf[i]
-        if c >= _DIGITS and c <= _DIGITS + 9:
-            m = m * 10 + (c - _DIGITS)
-            if m:
-                sig += 1
-            if dot:
-                frac += 1
-            else:
-                whole += 1
-        elif c == _DOT and not dot:
-            dot = True
-        else:
-            break
+    j = i
+    while i < n and buf[i] == _DIGITS:  # leading zeros are not significant
         i += 1
-    if whole == 0 or (dot and frac == 0) or sig > 15:
+    lead = i
+    while i < n and buf[i] >= _DIGITS and buf[i] <= _DIGITS + 9:
+        m = m * 10 + (buf[i] - _DIGITS)
+        i += 1
+    whole = i - j
+    sig = i - lead
+    frac = 0
+    if i < n and buf[i] == _DOT:
+        i += 1
+        k = lead = i
+        if m == 0:
+            while i < n and buf[i] == _DIGITS:
+                i += 1
+            lead = i
+        while i < n and buf[i] >= _DIGITS and buf[i] <= _DIGITS + 9:
+            m = m * 10 + (buf[i] - _DIGITS)
+            i += 1
+        frac = i - k
+        if frac == 0:
+            return np.nan, -1
+        sig += i - lead
+    if whole == 0 or sig > 15:
         return np.nan, -1
     e = 0
     if i < n and (buf[i] == 101 or buf[i] == 69):  # e / E
@@ -365,6 +370,26 @@ def _scan_clean(block: bytes, book: bool, n_lines: int) -> _Clean | None:
         return None
     return _Clean(exchange, symbol, {"exch": exch, "local": local, "side": side, "px": px, "qty": qty,
                                      "ival": ival, "snap": snap})
+
+
+@njit(cache=True, nogil=True)
+def _gather_nb(start, lens, line, exch, side, px, qty, ival, back):
+    """The rows of messages ``start[k]:start[k] + lens[k]``, message after message (the merge's order)."""
+    cols = (np.empty_like(line), np.empty_like(exch), np.empty_like(side), np.empty_like(px), np.empty_like(qty),
+            np.empty_like(ival), np.empty_like(back))
+    o_line, o_exch, o_side, o_px, o_qty, o_ival, o_back = cols
+    j = 0
+    for k in range(start.shape[0]):
+        for r in range(start[k], start[k] + lens[k]):
+            o_line[j] = line[r]
+            o_exch[j] = exch[r]
+            o_side[j] = side[r]
+            o_px[j] = px[r]
+            o_qty[j] = qty[r]
+            o_ival[j] = ival[r]
+            o_back[j] = back[r]
+            j += 1
+    return cols
 
 
 class _Source:
@@ -671,13 +696,11 @@ class TardisConverter:
         order = order - first_msg[file_of] + taken_before[file_of]
         lens = (m_end - m_start)[order]
         new_start = np.cumsum(lens) - lens
-        rows = np.arange(int(lens.sum())) - np.repeat(new_start - m_start[order], lens)
-        merged = len(used) > 1
-        cols = []
         # ``snap`` and ``local`` served to form the messages; a row's local time is its message's.
-        for k in ("line", "exch", "side", "px", "qty", "ival", "back"):
-            col = np.concatenate([getattr(b, k)[:n] for (_, b), n in zip(used, n_rows, strict=True)])
-            cols.append(col[rows] if merged else col)
+        cols = [np.concatenate([getattr(b, k)[:n] for (_, b), n in zip(used, n_rows, strict=True)])
+                for k in ("line", "exch", "side", "px", "qty", "ival", "back")]
+        if len(used) > 1:
+            cols = _gather_nb(m_start[order], lens, *cols)
         line, exch, side, px, qty, ival, back = cols
         m_kind, m_file, m_local = m_kind[order], m_file[order], m_local[order]
         m_start, m_end = new_start, new_start + lens
