@@ -1,10 +1,11 @@
 """Benchmark: quotelab's Tardis converter against hftbacktest's, on Tardis CSVs of the synthetic market.
 
-    python bench/tardis.py [--hours 3] [--repeat 3] [--gzip] [--write]
+    python bench/tardis.py [--minutes 15] [--profile busy] [--repeat 3] [--gzip] [--write]
 
-The seeded synthetic perpetual (``quotelab.data.synth``) is written as a Tardis ``incremental_book_L2``
-file (the day's opening book as ``is_snapshot=true`` rows, then every depth row) and a ``trades``
-file, µs timestamps as Tardis gives them. Both converters then run in this process, after a warm-up,
+The seeded synthetic perpetual (``quotelab.data.synth``, by default its ``busy`` profile: the shared
+USD-M BTCUSDT capture's rates) is written as a Tardis ``incremental_book_L2`` file (the day's opening
+book as ``is_snapshot=true`` rows, then every depth row) and a ``trades`` file, µs timestamps as Tardis
+gives them (``quotelab synth --raw tardis``). Both converters then run in this process, after a warm-up,
 each ``--repeat`` times, alternating; medians of wall time and of CPU time (the process's, all threads:
 steadier than wall time on a shared machine) are printed, and the ratios are hftbacktest's time over
 quotelab's.
@@ -50,44 +51,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 from hftbacktest.data.utils import tardis as hbt_tardis
 from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT, EXCH_EVENT, TRADE_EVENT
-from isal import igzip
 
-from quotelab.data import catalog, synth, tardis
+from quotelab.data import catalog, rawfiles, synth, tardis
 from quotelab.data.convert import convert_files
 from quotelab.data.events import ConvertJob, DayResult
+from quotelab.data.messages import open_binary
 
 KIND = 0xFF
 
 
-def write_tardis(events: np.ndarray, out: Path, gz: bool) -> tuple[Path, Path, int]:
-    """The synthetic day as the two Tardis CSVs (binance-futures ids, so the venue is binance-usdm), and
-    their number of rows."""
-    ev = events[(events["ev"] & EXCH_EVENT) != 0]
-    kind = ev["ev"] & KIND
-    buy = (ev["ev"] & BUY_EVENT) != 0
-    book = np.isin(kind, [DEPTH_EVENT, DEPTH_SNAPSHOT_EVENT])
-    b = ev[book]
-
-    def frame(rows: np.ndarray, extra: dict[str, object]) -> pl.DataFrame:
-        return pl.DataFrame({"exchange": "binance-futures", "symbol": "SYNPERP",
-                             "timestamp": rows["exch_ts"] // 1000, "local_timestamp": rows["local_ts"] // 1000,
-                             **extra, "price": rows["px"], "amount": rows["qty"]})
-
-    book_path, trades_path = out / "book.csv", out / "trades.csv"
-    frame(b, {"is_snapshot": np.where((b["ev"] & KIND) == DEPTH_SNAPSHOT_EVENT, "true", "false"),
-              "side": np.where(buy[book], "bid", "ask")}).write_csv(book_path)
-    t = ev[kind == TRADE_EVENT]
-    frame(t, {"id": t["ival"], "side": np.where(buy[kind == TRADE_EVENT], "buy", "sell")}).select(
-        tardis.TRADE_COLUMNS).write_csv(trades_path)
-    if gz:
-        for path in (book_path, trades_path):
-            path.with_suffix(".csv.gz").write_bytes(igzip.compress(path.read_bytes(), compresslevel=1))
-            path.unlink()
-        book_path, trades_path = book_path.with_suffix(".csv.gz"), trades_path.with_suffix(".csv.gz")
-    return book_path, trades_path, b.shape[0] + t.shape[0]
+def write_tardis(cat: Path, out: Path, gz: bool) -> tuple[Path, Path, int]:
+    """The synthetic perp's day as the two Tardis CSVs (``quotelab synth --raw tardis``: binance-futures ids,
+    so the venue is binance-usdm), and their number of data lines."""
+    written = rawfiles.write(cat, "synthetic", "SYNPERP", "tardis", out, gz=gz)
+    book_path, trades_path = (Path(f) for f in written["files"])
+    lines = 0
+    for path in (book_path, trades_path):
+        with open_binary(path) as fh:
+            lines += sum(block.count(b"\n") for block in iter(lambda fh=fh: fh.read(1 << 24), b"")) - 1
+    return book_path, trades_path, lines
 
 
 def final_book(events: np.ndarray) -> dict[tuple[bool, float], float]:
@@ -152,20 +136,22 @@ def race(contenders: dict[str, Callable[[], Any]], repeat: int, lines: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hours", type=float, default=3.0)
+    ap.add_argument("--minutes", type=float, default=15.0, help="of the synthetic day (at most a day)")
+    ap.add_argument("--profile", default="busy", help="synth profile: busy (the shared BTCUSDT capture's rates, "
+                    "~1,500 events/s, 4%% trades) or demo (sparser)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--gzip", action="store_true", help="write and read gzipped CSVs, as Tardis serves them")
     ap.add_argument("--write", action="store_true", help="also race with the output written (see above)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synth.generate(root / "cat", seed=7, start="2024-01-01T00:00:00", duration_s=args.hours * 3600,
-                       assets=("perp",), compression="none")
+        synth.generate(root / "cat", seed=7, start="2024-01-01T00:00:00", duration_s=args.minutes * 60,
+                       assets=("perp",), compression="none", profile=args.profile)
         source = catalog.load_day(root / "cat", "synthetic", "SYNPERP", "20240101")
-        book_path, trades_path, lines = write_tardis(source, root, args.gzip)
+        book_path, trades_path, lines = write_tardis(root / "cat", root / "raw", args.gzip)
         size = (book_path.stat().st_size + trades_path.stat().st_size) / 1e6
         print(f"input: {lines:,} Tardis rows, {size:.0f} MB{' gzipped' if args.gzip else ''} "
-              f"({args.hours:g} h of the synthetic perpetual)")
+              f"({args.minutes:g} min of the {args.profile} synthetic perpetual)")
 
         files = [book_path, trades_path]
         hbt_files = [str(trades_path), str(book_path)]  # hftbacktest wants the trades file first (its docstring)
