@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, Reads, Width, param_offsets
+from quotelab.kernels.imbalance import level_imbalance_nb
 from quotelab.layout import ASK_SZ, BID_SZ, MAX_LEVELS
 
 
@@ -36,10 +37,7 @@ def book_imbalance_nb(view, trades, state, params, out):
     n = int(params[P.n_weights])
     total = 0.0
     for i in range(n):
-        qb = view[a, BID_SZ + i]
-        qa = view[a, ASK_SZ + i]
-        s = qb + qa
-        imb = (qb - qa) / s if s > 0.0 else 0.0
+        imb = level_imbalance_nb(view[a, BID_SZ + i], view[a, ASK_SZ + i], 0.0)
         total += params[P.weights + i] * imb
     return total
 

@@ -17,6 +17,7 @@ from pydantic import Field
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, PackContext, Params, pack_fields, param_offsets
 from quotelab.errors import ConfigError
+from quotelab.kernels.imbalance import level_imbalance_nb
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY, TICK
 from quotelab.microprice import MAX_BUCKETS, MAX_SPREADS, MicropriceTable
 
@@ -69,10 +70,7 @@ def microprice_nb(view, trades, state, params, out):
     m = int(params[P.n_spreads])
     bid = view[a, BEST_BID]
     ask = view[a, BEST_ASK]
-    qb = view[a, BID_QTY]
-    qa = view[a, ASK_QTY]
-    s = qb + qa
-    imb = (qb - qa) / s if s > 0.0 else 0.0
+    imb = level_imbalance_nb(view[a, BID_QTY], view[a, ASK_QTY], 0.0)
     b = 0
     while b < n - 1 and imb >= params[P.edges + 1 + b]:
         b += 1

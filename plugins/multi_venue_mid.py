@@ -15,7 +15,14 @@ from pydantic import Field, model_validator
 
 from quotelab import hookimpl
 from quotelab.component import AssetName, Component, Params, Reads, Width, param_offsets
-from quotelab.kernels.imbalance import MAX_COEFFICIENTS, SHAPE_FORMULAS, Coefficients, Shape, imbalance_shape_nb
+from quotelab.kernels.imbalance import (
+    MAX_COEFFICIENTS,
+    SHAPE_FORMULAS,
+    Coefficients,
+    Shape,
+    imbalance_shape_nb,
+    level_imbalance_nb,
+)
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY
 
 MAX_VENUES = 8
@@ -59,10 +66,7 @@ def multi_venue_mid_nb(view, trades, state, params, out):
         ask = view[a, BEST_ASK]
         if not (bid == bid and ask == ask) or w == 0.0:
             continue
-        qb = view[a, BID_QTY]
-        qa = view[a, ASK_QTY]
-        s = qb + qa
-        imb = (qb - qa) / s if s > 0.0 else 0.0
+        imb = level_imbalance_nb(view[a, BID_QTY], view[a, ASK_QTY], 0.0)
         fv = (bid + ask) / 2.0
         if adj != 0.0:
             coefs = params[P.coefficients:P.coefficients + MAX_COEFFICIENTS]
