@@ -28,8 +28,11 @@ def pytest_report_header() -> list[str]:
                                              if v in os.environ)]
 
 
-# The real instruments each plugin reference test runs on (keys of reference_impls.INSTRUMENTS).
-SYMBOLS = ["usdm_btc", "usdm_eth"]
+# The markets each kernel's reference test runs on: two real instruments (keys of reference_impls.INSTRUMENTS,
+# skipped without the shared data, failed under CI) and the synthetic perp, always there.
+SYMBOLS = ["usdm_btc", "usdm_eth", "synth_perp"]
+# (perp, spot) pairs of one coin, for the parts that read both.
+PERP_SPOT = [("usdm_btc", "spot_btc"), ("usdm_eth", "spot_eth"), ("synth_perp", "synth_spot")]
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +44,39 @@ def registry():
     return load_registry(entry_points=False)
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real captures. Missing: a skip on a laptop, a failure under CI=true."""
+def require_shared_data() -> Path:
+    """The real captures' folder. Missing: a skip on a laptop, a failure under CI=true."""
     if not (SHARED_DATA / "README.md").exists():
         msg = f"shared data not found at {SHARED_DATA} (set QUOTELAB_DATA to its folder)"
         if _ci():
             pytest.fail(msg + "; CI=true requires it")
         pytest.skip(msg)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_shared_data()
+
+
+@pytest.fixture(scope="session")
+def synthetic_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded synthetic market, a perp and a spot over one latent price for 10 minutes (~6,000 steps of
+    100 ms, ~3,400 trades), generated once per session in ~5 s."""
+    from quotelab.data import synth
+
+    root = tmp_path_factory.mktemp("synthetic_catalog")
+    synth.generate(root, seed=11, duration_s=600.0, assets=["perp", "spot"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def markets(synthetic_catalog: Path):
+    """The data of the market keys (reference_impls.Markets): a test on a real key skips without the shared
+    data (fails under CI); one on a synthetic key always runs."""
+    from reference_impls import Markets
+
+    return Markets(require_shared_data, synthetic_catalog)
 
 
 @pytest.fixture(scope="session")

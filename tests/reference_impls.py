@@ -1,8 +1,9 @@
 """Slow, obvious re-implementations of the built-in parts, written from their formulas.
 
 They share no code with the kernels: numpy/pandas over the views the replayer recorded (the book
-as a strategy saw it) and over the raw trade rows of the event files. Also the shared-data
-helpers the plugin tests use (converted once per machine into the quotelab cache).
+as a strategy saw it) and over the raw trade rows of the event files. Also the data the plugin tests
+run on, by market key: the real captures (converted once per machine into the quotelab cache) and a
+seeded synthetic market (generated once per session), which needs no real data.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from hftbacktest.types import BUY_EVENT, LOCAL_EVENT, TRADE_EVENT
 
 from quotelab import layout as L
 from quotelab.data import catalog as cat
+from quotelab.data import synth
 from quotelab.replay import ReplayAsset
 
 # (folder, file stem(s), tick, lot, contract size, inverse)
@@ -66,12 +70,41 @@ def _spot_catalog(shared_data: Path, key: str) -> Path:
     return root
 
 
+# The synthetic market's keys (its perp leads its spot): catalog symbols of quotelab.data.synth.
+SYNTHETIC: dict[str, str] = {"synth_perp": "SYNPERP", "synth_spot": "SYNSPOT"}
+
+
+@dataclass(frozen=True)
+class Markets:
+    """Where the market keys' data is: ``shared()`` gives the real captures' folder (or skips the test,
+    fails it under CI, when they are missing); ``synthetic`` is a catalog holding the synthetic market."""
+
+    shared: Callable[[], Path]
+    synthetic: Path
+
+
+def is_real(key: str) -> bool:
+    return key not in SYNTHETIC
+
+
 @cache
-def events(shared_data: Path, key: str) -> np.ndarray:
+def _real_events(shared_data: Path, key: str) -> np.ndarray:
     if key in SPOT:
         return cat.load_day(_spot_catalog(shared_data, key), "binance-spot", SPOT[key], "20240808")
     with np.load(npz_file(shared_data, key)) as z:
         return z["data"]
+
+
+@cache
+def _synthetic_events(root: Path, key: str) -> np.ndarray:
+    days = cat.list_days(root, synth.VENUE, SYNTHETIC[key])
+    return np.concatenate([cat.load_day(root, synth.VENUE, SYNTHETIC[key], d) for d in days])
+
+
+def events(markets: Markets, key: str) -> np.ndarray:
+    if key in SYNTHETIC:
+        return _synthetic_events(markets.synthetic, key)
+    return _real_events(markets.shared(), key)
 
 
 def yaml_variant(source: Path, tmp_path: Path, catalog: Path, **changes) -> Path:
@@ -86,13 +119,17 @@ def yaml_variant(source: Path, tmp_path: Path, catalog: Path, **changes) -> Path
     return out
 
 
-def asset(shared_data: Path, key: str, name: str | None = None) -> ReplayAsset:
+def asset(markets: Markets, key: str, name: str | None = None) -> ReplayAsset:
+    if key in SYNTHETIC:
+        meta = cat.read_meta(markets.synthetic, synth.VENUE, SYNTHETIC[key])
+        return ReplayAsset(name=name or key, events=[events(markets, key)], tick_size=meta["tick_size"],
+                           lot_size=meta["lot_size"])
     if key in SPOT:
-        meta = cat.read_meta(_spot_catalog(shared_data, key), "binance-spot", SPOT[key])
-        return ReplayAsset(name=name or key, events=[events(shared_data, key)], tick_size=meta["tick_size"],
+        meta = cat.read_meta(_spot_catalog(markets.shared(), key), "binance-spot", SPOT[key])
+        return ReplayAsset(name=name or key, events=[events(markets, key)], tick_size=meta["tick_size"],
                            lot_size=meta["lot_size"])
     _, _, tick, lot, size, inverse = INSTRUMENTS[key]
-    return ReplayAsset(name=name or key, events=[events(shared_data, key)], tick_size=tick, lot_size=lot,
+    return ReplayAsset(name=name or key, events=[events(markets, key)], tick_size=tick, lot_size=lot,
                        contract_size=size, inverse=inverse)
 
 

@@ -146,10 +146,11 @@ def test_mapped_day_checks_its_crc_once_per_file_version(tmp_path, monkeypatch):
     assert calls
 
 
-def test_last_ts_is_the_latest_time_on_either_clock(shared_data):
+@pytest.mark.parametrize("key", ["usdm_btc", "synth_perp"])
+def test_last_ts_is_the_latest_time_on_either_clock(markets, key):
     from reference_impls import asset
 
-    day = asset(shared_data, "usdm_btc").events[0]
+    day = asset(markets, key).events[0]
     assert catalog.last_ts(day) == max(int(day["local_ts"].max()), int(day["exch_ts"].max()))
     late = day[:3].copy()
     late["exch_ts"][0] = late["local_ts"].max() + 5  # the latest time on the first row, exchange clock

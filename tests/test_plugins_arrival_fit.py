@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SYMBOLS
 from numba import njit
 from reference_impls import arrival_fit, asset, events, local_trades, mids
 
@@ -22,13 +23,13 @@ def _fitted_a_nb(view, trades, state, params, out):
     return fa
 
 
-@pytest.mark.parametrize("key", ["usdm_btc", "usdm_eth"])
-def test_arrival_fit_equals_reference(shared_data, key):
-    a = asset(shared_data, key)
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_arrival_fit_equals_reference(markets, key):
+    a = asset(markets, key)
     res = replay([a], _fitted_a_nb, np.array([WINDOW, N_TICKS], dtype=float), fit_state(), keep_view=True,
                  keep_out=True, out_columns=[L.COMPONENTS])
     assert len(res.values) > 3000
-    want_a, want_k = arrival_fit(local_trades(events(shared_data, key)), res.timestamps, mids(res.views, 0),
+    want_a, want_k = arrival_fit(local_trades(events(markets, key)), res.timestamps, mids(res.views, 0),
                                  res.views[:, 0, L.STEP_SECONDS], a.tick_size, WINDOW, N_TICKS,
                                  res.timestamps[0] - 100_000_000)
     np.testing.assert_allclose(res.values, want_a, rtol=1e-8)
@@ -36,12 +37,13 @@ def test_arrival_fit_equals_reference(shared_data, key):
     assert np.isfinite(want_k).mean() > 0.5 and np.nanstd(want_k) > 0
 
 
+@pytest.mark.parametrize("key", ["usdm_btc", "synth_perp"])
 @pytest.mark.parametrize("quoter", ["avellaneda_stoikov", "glft"])
-def test_quoters_use_the_fitted_arrival_parameters(shared_data, registry, quoter):
+def test_quoters_use_the_fitted_arrival_parameters(markets, registry, quoter, key):
     from quotelab.composer import Part, compose
     from quotelab.replay import context, replay_composition
 
-    a = asset(shared_data, "usdm_btc")
+    a = asset(markets, key)
     g, k0, a0, s = 0.001, 0.3, 1.0, 80.0
     raw = {"gamma": g, "k": k0, "volatility": s, "position_unit": 0.01, "size": 0.01, "max_position": 0.1,
            "fit_window": WINDOW, "fit_max_ticks": N_TICKS}
@@ -52,7 +54,7 @@ def test_quoters_use_the_fitted_arrival_parameters(shared_data, registry, quoter
                           Part(comp, comp.make_params(raw), "quoter"), context([a]))
     res = replay_composition(composition, [a], keep_view=True)
     m = mids(res.views, 0)
-    fit_a, fit_k = arrival_fit(local_trades(events(shared_data, "usdm_btc")), res.timestamps, m,
+    fit_a, fit_k = arrival_fit(local_trades(events(markets, key)), res.timestamps, m,
                                res.views[:, 0, L.STEP_SECONDS], a.tick_size, WINDOW, N_TICKS,
                                res.timestamps[0] - 100_000_000)
     use = np.isfinite(fit_a) & (fit_k > 0)

@@ -79,8 +79,8 @@ def _hbt_reference(assets: list[ReplayAsset], step_ns: int):
 @pytest.mark.parametrize(
     "keys", [("usdm_btc",), ("usdm_eth",), ("usdm_btc", "cm_btc"), ("usdm_eth", "spot_eth", "cm_eth")]
 )
-def test_replay_book_equals_hftbacktest_depth_at_every_step(shared_data, keys):
-    assets = [asset(shared_data, k) for k in keys]
+def test_replay_book_equals_hftbacktest_depth_at_every_step(markets, keys):
+    assets = [asset(markets, k) for k in keys]
     ts, hviews, htrades = _hbt_reference(assets, 100_000_000)
     res = replay(assets, mid_nb, np.array([0.0]), n_levels=N_LEVELS, max_scan_ticks=MAX_SCAN, keep_view=True,
                  ready=[], trades_capacity=CAPACITY)
@@ -103,8 +103,8 @@ def test_replay_book_equals_hftbacktest_depth_at_every_step(shared_data, keys):
     assert np.array_equal(res.values[finite], (res.views[finite, 0, L.BEST_BID] + res.views[finite, 0, L.BEST_ASK]) / 2)
 
 
-def test_replay_trades_equal_hftbacktest_last_trades(shared_data):
-    assets = [asset(shared_data, "usdm_btc"), asset(shared_data, "usdm_eth")]
+def test_replay_trades_equal_hftbacktest_last_trades(markets):
+    assets = [asset(markets, "usdm_btc"), asset(markets, "usdm_eth")]
     ts, _, htrades = _hbt_reference(assets, 100_000_000)
     res = replay(assets, _signed_trade_qty_nb, np.zeros(0), ready=[], trades_capacity=CAPACITY)
     n = len(ts)
@@ -112,8 +112,8 @@ def test_replay_trades_equal_hftbacktest_last_trades(shared_data):
     np.testing.assert_allclose(res.values[:n], htrades.sum(axis=1), rtol=0, atol=1e-9)
 
 
-def test_replay_waits_for_a_two_sided_book_of_ready_assets(shared_data):
-    a = asset(shared_data, "usdm_btc")
+def test_replay_waits_for_a_two_sided_book_of_ready_assets(markets):
+    a = asset(markets, "usdm_btc")
     res = replay([a], mid_nb, np.array([0.0]), keep_view=True)
     assert np.isfinite(res.values).all()
     assert len(res.values) <= res.grid_steps
@@ -121,8 +121,8 @@ def test_replay_waits_for_a_two_sided_book_of_ready_assets(shared_data):
         replay([a], mid_nb, np.array([0.0]), n_levels=L.MAX_LEVELS + 1)
 
 
-def test_prepared_data_replays_identically_twice(shared_data):
-    data = prepare([asset(shared_data, "usdm_eth")])
+def test_prepared_data_replays_identically_twice(markets):
+    data = prepare([asset(markets, "usdm_eth")])
     first = replay(data, mid_nb, np.array([0.0]), n_levels=3, keep_view=True)
     second = replay(data, mid_nb, np.array([0.0]), n_levels=3, keep_view=True)
     assert len(first.values) > 3000
@@ -130,10 +130,10 @@ def test_prepared_data_replays_identically_twice(shared_data):
     np.testing.assert_array_equal(first.views, second.views)
 
 
-def test_prepare_reads_days_in_place_and_sorts_only_rows_out_of_order(shared_data):
+def test_prepare_reads_days_in_place_and_sorts_only_rows_out_of_order(markets):
     from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
 
-    a = asset(shared_data, "usdm_btc")
+    a = asset(markets, "usdm_btc")
     day = a.events[0]
     half = len(day) // 2
     for parts, in_order in (([day[:half], day[half:]], True), ([day[half:], day[:half]], False)):
@@ -151,7 +151,7 @@ def test_prepare_reads_days_in_place_and_sorts_only_rows_out_of_order(shared_dat
             assert np.shares_memory(days[0], parts[0]) == in_order
 
 
-def test_grid_replay_over_split_days_equals_one_day(shared_data):
+def test_grid_replay_over_split_days_equals_one_day(markets):
     """Days cut anywhere (with an empty day and one of exchange-only rows between) replay to the same
     views and the same trades per step, for two assets cut at different places."""
     from hftbacktest.types import LOCAL_EVENT
@@ -163,7 +163,7 @@ def test_grid_replay_over_split_days_equals_one_day(shared_data):
         parts[1:1] = [day[:0], day[(day["ev"] & LOCAL_EVENT) != LOCAL_EVENT][:50]]
         return ReplayAsset(a.name, parts, a.tick_size, a.lot_size)
 
-    btc, eth = asset(shared_data, "usdm_btc"), asset(shared_data, "usdm_eth")
+    btc, eth = asset(markets, "usdm_btc"), asset(markets, "usdm_eth")
     kw = dict(n_levels=3, keep_view=True, trades_capacity=CAPACITY)
     whole = replay([btc, eth], _signed_trade_qty_nb, np.zeros(0), **kw)
     cut = replay([split(btc, 40), split(eth, 23)], _signed_trade_qty_nb, np.zeros(0), **kw)
@@ -184,14 +184,14 @@ def _book_and_trade_nb(view, trades, state, params, out):
     return 0.0
 
 
-def test_replay_trades_over_split_days_equals_one_day(shared_data):
+def test_replay_trades_over_split_days_equals_one_day(markets):
     """Day boundaries anywhere (inside a group of equal exchange times, an empty day, a day of
     local-only rows) give the same calls, on the same books, as the whole day."""
     from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
 
     from quotelab.replay import replay_trades
 
-    a = asset(shared_data, "usdm_btc")
+    a = asset(markets, "usdm_btc")
     day = a.events[0]
     ev, ts = day["ev"], day["exch_ts"]
     exch = (ev & EXCH_EVENT) == EXCH_EVENT
@@ -219,8 +219,8 @@ def test_replay_trades_over_split_days_equals_one_day(shared_data):
     assert ts[k1] in whole_tape.ts  # a trade is scored at the first boundary's time
 
 
-def test_aggregate_trades_of_the_second_asset_equals_it_alone(shared_data):
-    btc, eth = asset(shared_data, "usdm_btc"), asset(shared_data, "usdm_eth")
+def test_aggregate_trades_of_the_second_asset_equals_it_alone(markets):
+    btc, eth = asset(markets, "usdm_btc"), asset(markets, "usdm_eth")
     both = aggregate_trades(prepare_exchange([btc, eth]), asset=1)
     alone = aggregate_trades(prepare_exchange([eth]))
     assert both.raw_trades == alone.raw_trades > 1000

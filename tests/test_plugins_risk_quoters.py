@@ -16,9 +16,9 @@ from quotelab.replay import context, replay_component
 
 
 @pytest.fixture(scope="module", params=SYMBOLS)
-def market(request, shared_data, registry):
+def market(request, markets, registry):
     """Recorded views of one symbol with positions set, plus a reservation price per step."""
-    a = asset(shared_data, request.param)
+    a = asset(markets, request.param)
     res = replay_component(registry.get("fair_value", "mid"), {}, [a], keep_view=True)
     views = res.views.copy()
     rng = np.random.default_rng(5)
@@ -77,6 +77,23 @@ def test_position_limits(registry, market):
     np.testing.assert_array_equal(outs[:, L.BID_WIDEN_TICKS], widen(lots))
     np.testing.assert_array_equal(outs[:, L.ASK_WIDEN_TICKS], widen(-lots))
     assert outs[:, L.BID_WIDEN_TICKS].max() > 0 and outs[:, L.BID_ENABLED].min() == 0
+
+
+def test_fixed_spread(registry, market):
+    a, views, r = market
+    raw = {"half_spread": 2.0, "size": 3 * a.lot_size, "max_position": 1.0, "levels": 2, "level_spacing": 3.0}
+    values, outs = _steps(registry, "quoter", "fixed_spread", raw, a, views, r)
+    tick = a.tick_size
+    bid = np.minimum(np.round((r - 2.0 * tick) / tick), views[:, 0, L.BEST_BID_TICK])
+    ask = np.maximum(np.round((r + 2.0 * tick) / tick), views[:, 0, L.BEST_ASK_TICK])
+    np.testing.assert_array_equal(values, r)
+    for k in range(2):
+        np.testing.assert_array_equal(outs[:, L.Q_BID_TICK + k], bid - 3 * k)
+        np.testing.assert_array_equal(outs[:, L.Q_ASK_TICK + k], ask + 3 * k)
+        np.testing.assert_array_equal(outs[:, L.Q_BID_QTY + k], 3 * a.lot_size)
+    assert (outs[:, L.N_BID] == 2).all() and (outs[:, L.N_ASK] == 2).all() and (outs[:, L.MAX_POSITION] == 1.0).all()
+    # Both cases occur: quotes behind the touch, and quotes held back at it.
+    assert (bid < views[:, 0, L.BEST_BID_TICK]).any() and (bid == views[:, 0, L.BEST_BID_TICK]).any()
 
 
 def _check_quotes(outs, views, a, bid_px, ask_px, size):

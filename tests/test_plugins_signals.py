@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SYMBOLS
+from conftest import PERP_SPOT, SYMBOLS
 from reference_impls import (
     asset,
     events,
@@ -32,9 +32,9 @@ def _run(registry, name, params, assets, **kw):
 @pytest.mark.parametrize("key", SYMBOLS)
 @pytest.mark.parametrize("output", ["OI", "QI", "VI", "arrival_rate"])
 @pytest.mark.parametrize("side", ["aggressor", "buyer_is_maker"])
-def test_trade_flow_imbalance_equals_reference(shared_data, registry, key, output, side):
-    res = _run(registry, "trade_flow_imbalance", {"output": output, "side": side}, [asset(shared_data, key)])
-    ref = trade_flow(local_trades(events(shared_data, key)), res.timestamps, 0.1, 1.0 if side == "aggressor" else -1.0)
+def test_trade_flow_imbalance_equals_reference(markets, registry, key, output, side):
+    res = _run(registry, "trade_flow_imbalance", {"output": output, "side": side}, [asset(markets, key)])
+    ref = trade_flow(local_trades(events(markets, key)), res.timestamps, 0.1, 1.0 if side == "aggressor" else -1.0)
     want = ref[output].to_numpy()
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
     assert np.std(want) > 0
@@ -42,9 +42,9 @@ def test_trade_flow_imbalance_equals_reference(shared_data, registry, key, outpu
 
 @pytest.mark.parametrize("key", SYMBOLS)
 @pytest.mark.parametrize("output", ["OI", "VI"])
-def test_trade_flow_adjusted_ewma_equals_pandas_default(shared_data, registry, key, output):
-    res = _run(registry, "trade_flow_imbalance", {"output": output, "adjust": True}, [asset(shared_data, key)])
-    trades = local_trades(events(shared_data, key))
+def test_trade_flow_adjusted_ewma_equals_pandas_default(markets, registry, key, output):
+    res = _run(registry, "trade_flow_imbalance", {"output": output, "adjust": True}, [asset(markets, key)])
+    trades = local_trades(events(markets, key))
     want = trade_flow(trades, res.timestamps, 0.1, 1.0, adjust=True)[output].to_numpy()
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
     recursive = trade_flow(trades, res.timestamps, 0.1, 1.0)[output].to_numpy()
@@ -52,16 +52,16 @@ def test_trade_flow_adjusted_ewma_equals_pandas_default(shared_data, registry, k
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
-def test_trade_flow_side_convention_flips_the_sign(shared_data, registry, key):
-    a = [asset(shared_data, key)]
+def test_trade_flow_side_convention_flips_the_sign(markets, registry, key):
+    a = [asset(markets, key)]
     aggressor = _run(registry, "trade_flow_imbalance", {"output": "VI"}, a).values
     maker = _run(registry, "trade_flow_imbalance", {"output": "VI", "side": "buyer_is_maker"}, a).values
     np.testing.assert_allclose(maker, -aggressor, atol=1e-12)
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
-def test_trade_flow_lag_is_the_previous_steps_value(shared_data, registry, key):
-    a = [asset(shared_data, key)]
+def test_trade_flow_lag_is_the_previous_steps_value(markets, registry, key):
+    a = [asset(markets, key)]
     now = _run(registry, "trade_flow_imbalance", {"output": "VI"}, a).values
     lagged = _run(registry, "trade_flow_imbalance", {"output": "VI", "lag": 1}, a).values
     assert lagged[0] == 0.0
@@ -69,18 +69,27 @@ def test_trade_flow_lag_is_the_previous_steps_value(shared_data, registry, key):
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
-def test_composite_imbalance_is_the_seed_formula(shared_data, registry, key):
-    res = _run(registry, "composite_imbalance", {}, [asset(shared_data, key)])
-    vi = trade_flow(local_trades(events(shared_data, key)), res.timestamps, 0.1, 1.0)["VI"].to_numpy()
+@pytest.mark.parametrize("weights", [(1.0,), (0.6, 0.3, 0.1)])
+def test_book_imbalance_equals_reference(markets, registry, key, weights):
+    res = _run(registry, "book_imbalance", {"weights": weights}, [asset(markets, key)])
+    want = multi_level_imbalance(res.views, 0, weights)
+    np.testing.assert_allclose(res.values, want, rtol=1e-13, atol=1e-15)
+    assert np.std(want) > 0
+
+
+@pytest.mark.parametrize("key", SYMBOLS)
+def test_composite_imbalance_is_the_seed_formula(markets, registry, key):
+    res = _run(registry, "composite_imbalance", {}, [asset(markets, key)])
+    vi = trade_flow(local_trades(events(markets, key)), res.timestamps, 0.1, 1.0)["VI"].to_numpy()
     vi_prev = np.concatenate([[0.0], vi[:-1]])
     book = multi_level_imbalance(res.views, 0, (0.7, 0.2, 0.1))
     np.testing.assert_allclose(res.values, -1.5 * vi_prev + 0.7 * book ** 3, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
-def test_composite_imbalance_generalised_exponent_keeps_sign(shared_data, registry, key):
+def test_composite_imbalance_generalised_exponent_keeps_sign(markets, registry, key):
     params = {"vi_weight": 0.0, "book_weight": 1.0, "weights": [1.0, 0.5], "exponent": 0.5}
-    res = _run(registry, "composite_imbalance", params, [asset(shared_data, key)])
+    res = _run(registry, "composite_imbalance", params, [asset(markets, key)])
     book = multi_level_imbalance(res.views, 0, (1.0, 0.5))
     np.testing.assert_allclose(res.values, np.sign(book) * np.abs(book) ** 0.5, rtol=1e-12, atol=1e-15)
 
@@ -88,9 +97,9 @@ def test_composite_imbalance_generalised_exponent_keeps_sign(shared_data, regist
 @pytest.mark.parametrize("key", SYMBOLS)
 @pytest.mark.parametrize(("weights", "window", "scaled"), [((1.0,), 1, False), ((1.0,), 10, True),
                                                            ((1.0, 0.5, 0.25), 20, False)])
-def test_order_flow_imbalance_equals_reference(shared_data, registry, key, weights, window, scaled):
+def test_order_flow_imbalance_equals_reference(markets, registry, key, weights, window, scaled):
     res = _run(registry, "order_flow_imbalance", {"weights": weights, "window": window, "depth_scaled": scaled},
-               [asset(shared_data, key)])
+               [asset(markets, key)])
     want = ofi(res.views, 0, weights, window, scaled)
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-9)
     assert np.std(want) > 0
@@ -98,24 +107,25 @@ def test_order_flow_imbalance_equals_reference(shared_data, registry, key, weigh
 
 @pytest.mark.parametrize("key", SYMBOLS)
 @pytest.mark.parametrize("horizon", [1, 5, 10])
-def test_returns_equal_reference(shared_data, registry, key, horizon):
-    res = _run(registry, "returns", {"horizon": horizon}, [asset(shared_data, key)])
+def test_returns_equal_reference(markets, registry, key, horizon):
+    res = _run(registry, "returns", {"horizon": horizon}, [asset(markets, key)])
     m = mids(res.views, 0)
     want = np.zeros(len(m))
     want[horizon:] = 1e4 * np.log(m[horizon:] / m[:-horizon])
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-9)
 
 
-def test_returns_of_a_leader_asset(shared_data, registry):
-    assets = [asset(shared_data, "usdm_btc", "btc"), asset(shared_data, "cm_btc", "leader")]
+@pytest.mark.parametrize(("quoted", "leader"), [("usdm_btc", "cm_btc"), ("synth_spot", "synth_perp")])
+def test_returns_of_a_leader_asset(markets, registry, quoted, leader):
+    assets = [asset(markets, quoted, "quoted"), asset(markets, leader, "leader")]
     res = _run(registry, "returns", {"asset": "leader", "horizon": 5}, assets)
     m = mids(res.views, 1)
     np.testing.assert_allclose(res.values[5:], 1e4 * np.log(m[5:] / m[:-5]), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("coin", ["btc", "eth"])
-def test_basis_change_equals_reference(shared_data, registry, coin):
-    assets = [asset(shared_data, f"usdm_{coin}", "perp"), asset(shared_data, f"spot_{coin}", "spot")]
+@pytest.mark.parametrize(("perp", "spot"), PERP_SPOT)
+def test_basis_change_equals_reference(markets, registry, perp, spot):
+    assets = [asset(markets, perp, "perp"), asset(markets, spot, "spot")]
     res = _run(registry, "basis_change", {"spot": "spot", "horizon": 10}, assets)
     spot = mids(res.views, 1)
     basis = 1e4 * (mids(res.views, 0) - spot) / spot
@@ -126,8 +136,8 @@ def test_basis_change_equals_reference(shared_data, registry, coin):
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
-def test_linear_forecast_combines_earlier_outputs(shared_data, registry, key):
-    assets = [asset(shared_data, key)]
+def test_linear_forecast_combines_earlier_outputs(markets, registry, key):
+    assets = [asset(markets, key)]
     ctx: PackContext = context(assets)
     mk = lambda role, name, raw: registry.get(role, name).make_params(raw)  # noqa: E731
     fv = Part(registry.get("fair_value", "mid"), mk("fair_value", "mid", {}), "fair_value[0]")
@@ -151,19 +161,19 @@ def test_linear_forecast_combines_earlier_outputs(shared_data, registry, key):
 
 @pytest.mark.parametrize("key", SYMBOLS)
 @pytest.mark.parametrize("side", ["aggressor", "buyer_is_maker"])
-def test_trade_flow_volume_rate_variant_equals_reference(shared_data, registry, key, side):
+def test_trade_flow_volume_rate_variant_equals_reference(markets, registry, key, side):
     res = _run(registry, "trade_flow_imbalance", {"output": "volume_rate", "side": side, "alpha": 0.2},
-               [asset(shared_data, key)])
+               [asset(markets, key)])
     dt = res.views[:, 0, L.STEP_SECONDS]
-    want = volume_rate_imbalance(local_trades(events(shared_data, key)), res.timestamps, dt, 0.2,
+    want = volume_rate_imbalance(local_trades(events(markets, key)), res.timestamps, dt, 0.2,
                                  1.0 if side == "aggressor" else -1.0, res.timestamps[0] - 100_000_000)
     np.testing.assert_allclose(res.values, want, rtol=1e-9, atol=1e-12)
     assert np.std(want) > 0
 
 
 @pytest.mark.parametrize("key", SYMBOLS)
-def test_alpha_units_price_bps_and_spreads_scale_the_forecast(shared_data, registry, key):
-    assets = [asset(shared_data, key)]
+def test_alpha_units_price_bps_and_spreads_scale_the_forecast(markets, registry, key):
+    assets = [asset(markets, key)]
     mk = lambda role, name, raw: registry.get(role, name).make_params(raw)  # noqa: E731
     fv = Part(registry.get("fair_value", "mid"), mk("fair_value", "mid", {}), "fair_value[0]")
     sig = [Part(registry.get("signal", "book_imbalance"), mk("signal", "book_imbalance", {}), f"forecast[{i}]",
@@ -179,11 +189,11 @@ def test_alpha_units_price_bps_and_spreads_scale_the_forecast(shared_data, regis
 
 @pytest.mark.parametrize("key", SYMBOLS)
 @pytest.mark.parametrize("kind", ["trade_flow_imbalance", "composite_imbalance"])
-def test_warmup_undefined_is_nan_until_both_sides_have_an_interval(shared_data, registry, key, kind):
-    a = [asset(shared_data, key)]
+def test_warmup_undefined_is_nan_until_both_sides_have_an_interval(markets, registry, key, kind):
+    a = [asset(markets, key)]
     zero = _run(registry, kind, {}, a)
     undefined = _run(registry, kind, {"warmup": "undefined"}, a).values
-    ref = trade_flow(local_trades(events(shared_data, key)), zero.timestamps, 0.1, 1.0)
+    ref = trade_flow(local_trades(events(markets, key)), zero.timestamps, 0.1, 1.0)
     ready = ((ref["i_b"] > 0) & (ref["i_s"] > 0)).to_numpy()
     if kind == "composite_imbalance":  # it reads the VI of the step before
         ready = np.concatenate([[False], ready[:-1]])
