@@ -543,8 +543,8 @@ def _call_hooks(registry: Any, hook: str, abort: bool, **kwargs: Any) -> None:
     if registry is None:
         return
     for impl in getattr(registry.pm.hook, hook).get_hookimpls():
-        try:
-            impl.function(**kwargs)
+        try:  # as pluggy does, an implementation takes the hook's parameters it names, not all of them
+            impl.function(**{k: kwargs[k] for k in impl.argnames})
         except Exception as exc:
             msg = f'Error in plugin "{impl.plugin_name}" ({hook}): {type(exc).__name__}: {exc}'
             if abort:

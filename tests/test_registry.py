@@ -180,6 +180,17 @@ def quotelab_run_end(run, result):
     raise ValueError("end hook broke")
 '''
 
+# An implementation may take only the hook parameters it uses, as pluggy allows.
+RESULT_ONLY = '''
+from pathlib import Path
+from quotelab import hookimpl
+
+
+@hookimpl
+def quotelab_run_end(result):
+    Path(__file__).with_name("result_only.log").write_text(str(result["num_trades"]))
+'''
+
 
 def test_lifecycle_hooks_run_around_a_backtest(real_catalog, tmp_path):
     import json
@@ -187,15 +198,17 @@ def test_lifecycle_hooks_run_around_a_backtest(real_catalog, tmp_path):
     import yaml
 
     (tmp_path / "life.py").write_text(LIFECYCLE)
+    (tmp_path / "result_only.py").write_text(RESULT_ONLY)
     doc = yaml.safe_load((REPO / "strategies" / "seed_market_maker.yaml").read_text())
     doc["data"]["catalog"] = str(real_catalog)
-    doc["plugins"] = ["life.py"]
+    doc["plugins"] = ["life.py", "result_only.py"]
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
     s = run_strategy(tmp_path / "s.yaml").summary
     log = [json.loads(line) for line in (tmp_path / "lifecycle.log").read_text().splitlines()]
     assert log == [["start", "seed_market_maker", ["perp"]], ["end", "seed_market_maker", s["num_trades"]]]
     # a failing end hook is reported with the plugin's name; the result is kept
     assert len(s["hook_errors"]) == 1 and "life.py" in s["hook_errors"][0] and "end hook broke" in s["hook_errors"][0]
+    assert (tmp_path / "result_only.log").read_text() == str(s["num_trades"])  # seen red: a TypeError in hook_errors
     doc["name"] = "boom"
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
     refused = r'Error in plugin ".*life\.py" \(quotelab_run_start\): RuntimeError: refused'
