@@ -147,8 +147,8 @@ class BinanceConverter:
         self.lot = float(job.instrument["lot_size"])
         self.spec_origin = job.instrument.get("origin", "spec")
         self.book = DenseBook(self.tick)
-        self.witness = Witness()
-        self.split = DaySplitter(self.book, self.witness, job.on_day)
+        self.witness = Witness(job.spill_dir)
+        self.split = DaySplitter(self.book, self.witness, job)
         self.findings = Findings()
         self.synced = False
         self.ever_synced = False
@@ -164,7 +164,8 @@ class BinanceConverter:
                                       "snapshots": 0, "other_msgs": 0, "dropped_depth_msgs": 0,
                                       "dropped_trades": 0}
         self.files: list[dict[str, Any]] = []
-        self.funding: list[tuple] = []  # markPriceUpdate rows (quotelab.funding columns)
+        self.funding: list[tuple] = []  # markPriceUpdate rows (quotelab.funding columns) not yet in a table
+        self.funding_tables: list[np.ndarray] = []  # 40 bytes a row: ~3.5 MB a day at one a second
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -291,6 +292,8 @@ class BinanceConverter:
                 raise DataError(f"{self.file}:{self.line0 + k + 1}: markPriceUpdate without a usable {exc}: "
                                 f"{line[:120].decode('utf-8', 'replace')!r}") from None
         self.stats["mark_price_msgs"] = self.stats.get("mark_price_msgs", 0) + len(other) - len(rest)
+        if len(self.funding) >= 4096:
+            self._table_funding()
         return np.array(rest, dtype=np.int64)
 
     def _check_market(self, block: bytes, kinds: np.ndarray, ints: np.ndarray, flags: np.ndarray) -> None:
@@ -624,11 +627,18 @@ class BinanceConverter:
                 f"after it.")
         self.split.close_ready(final=True)
         out = {"venue": self.venue, "files": self.files, "messages": self.stats, "findings": self.findings.as_list()}
+        self._table_funding()
+        if self.funding_tables:
+            table = np.concatenate(self.funding_tables)  # each sorted: sorting again orders as one table would
+            out["funding"] = table[np.argsort(table["exch_ts"], kind="stable")]
+        return out
+
+    def _table_funding(self) -> None:
         if self.funding:
             from quotelab.funding import rows
 
-            out["funding"] = rows(*map(np.array, zip(*self.funding, strict=True)))
-        return out
+            self.funding_tables.append(rows(*map(np.array, zip(*self.funding, strict=True))))
+            self.funding = []
 
 
 def _convert(venue: str, files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:

@@ -9,6 +9,9 @@ Conventions every converter follows and every reader may rely on:
   one ahead); replays stream them the same way (:class:`EventFiles`), so memory holds a part or
   two, not a day or a month. A catalog written before parts existed is read as it is: each of its
   days is one part.
+* Converters write a day as it is produced (:class:`DayWriter`): rows are appended in order and each
+  part is written once it has :data:`PART_ROWS` rows, so a writer holds at most one part, whatever the
+  day's length; the files are those :func:`write_day` writes for the same rows.
 * Each day file holds one array of hftbacktest's ``event_dtype`` under the key ``data``, deflated
   (the default) or stored uncompressed (``compression="none"``: ~7x the disk, but a day is then
   memory-mapped instead of inflated, ~10x faster to load). Both are plain npz files, ordered
@@ -245,17 +248,80 @@ class _PartWriter:
         self.open = None
         if len(self.done) != len(self.sizes) or any(p.left for p in self.done):
             raise ValueError(f"{self.path}: the body wrote a different number of rows than announced")
-        # Later parts first, the day file last, then stale parts of an earlier, longer write.
-        for part in reversed(self.done):
-            os.replace(part.tmp, part.path)
-        k = len(self.done)
-        while (stale := part_path(self.path, k)).exists():
-            stale.unlink()
-            k += 1
+        _place_parts(self.path, self.done)
 
     def discard(self) -> None:
         for part in (*self.done, *([self.open] if self.open else [])):
             part.discard()
+
+
+def _place_parts(path: Path, done: list[_PartFile]) -> None:
+    """Rename written parts into place: later parts first, the day file last, then remove stale parts of
+    an earlier, longer write."""
+    for part in reversed(done):
+        os.replace(part.tmp, part.path)
+    k = len(done)
+    while (stale := part_path(path, k)).exists():
+        stale.unlink()
+        k += 1
+
+
+class DayWriter:
+    """A day's rows appended in order, of any number, written as parts of ``part_rows`` rows as they come.
+
+    An npy header states its row count, so the rows of the part being filled are held (one part, 64 MiB
+    at most) until it is full or the day ends; each full part is written at once. The parts are the
+    files :func:`write_day` writes for the same rows, renamed into place together by :meth:`commit`.
+    """
+
+    def __init__(self, path: Path, compression: str = "deflate", part_rows: int = PART_ROWS) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        if part_rows < 1:
+            raise ValueError(f"part_rows must be >= 1, got {part_rows}")
+        self.path, self.compression, self.part_rows = Path(path), compression, part_rows
+        self.buf = np.empty(0, event_dtype)
+        self.fill = 0
+        self.rows = 0
+        self.done: list[_PartFile] = []
+
+    def append(self, rows: np.ndarray) -> None:
+        if rows.dtype != event_dtype:
+            raise TypeError(f"events must have hftbacktest's event_dtype, got {rows.dtype}")
+        at = 0
+        while at < rows.shape[0]:
+            if not self.buf.shape[0]:
+                self.buf = np.empty(self.part_rows, event_dtype)  # pages are touched only as rows come
+            take = min(self.part_rows - self.fill, rows.shape[0] - at)
+            self.buf[self.fill:self.fill + take] = rows[at:at + take]
+            self.fill += take
+            at += take
+            if self.fill == self.part_rows:
+                self._flush()
+        self.rows += rows.shape[0]
+
+    def _flush(self) -> None:
+        part = _PartFile(part_path(self.path, len(self.done)), self.fill, self.compression)
+        self.done.append(part)
+        raw = self.buf[:self.fill].view(np.uint8)
+        block = 16 << 20
+        for i in range(0, len(raw), block):
+            part.fid.write(raw[i:i + block].data)
+        part.left = 0
+        part.close()
+        self.fill = 0
+
+    def commit(self) -> None:
+        if self.fill or not self.done:  # the last, partial part; an empty day is one empty part
+            self._flush()
+        self.buf = np.empty(0, event_dtype)
+        _place_parts(self.path, self.done)
+
+    def discard(self) -> None:
+        for part in self.done:
+            part.discard()
+        self.done = []
+        self.buf = np.empty(0, event_dtype)
 
 
 def write_event_npz(path: Path, rows: int, write_body: Callable[[IO[bytes]], None], compression: str = "deflate",
@@ -472,6 +538,11 @@ class Staging:
     def write_day(self, venue: str, symbol: str, day: str, events: np.ndarray, compression: str = "deflate",
                   part_rows: int = PART_ROWS) -> Path:
         return write_day(self.dir, venue, symbol, day, events, compression, part_rows)
+
+    def open_day(self, venue: str, symbol: str, day: str, compression: str = "deflate",
+                 part_rows: int = PART_ROWS) -> DayWriter:
+        """A :class:`DayWriter` of a staged day: its rows streamed in, parts written as they fill."""
+        return DayWriter(self.day_path(venue, symbol, day), compression, part_rows)
 
     def commit(self, venue: str, symbol: str, instrument: dict[str, Any], days: dict[str, dict[str, Any]],
                staged_venue: str | None = None) -> dict[str, Any]:

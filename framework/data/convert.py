@@ -7,6 +7,11 @@ resolved for that venue, and the converter returns the ``venue`` it found, which
 ``fn(files, job)`` with a :class:`~quotelab.data.events.ConvertJob`; it hands every finished day to
 ``job.on_day`` and returns conversion-wide facts (files, message counts, findings).
 
+Streaming: a converter spills each open day to an unlinked file in the staging folder and, once the
+stream is past the day, streams it out in hftbacktest's order to a :class:`~quotelab.data.catalog.DayWriter`
+(``job.open_day``), which writes the day's parts as they fill; memory does not grow with a day's length
+(:class:`~quotelab.data.events.DaySplitter`).
+
 All or nothing: days are written into a :class:`~quotelab.data.catalog.Staging` folder inside the
 catalog; only when the whole conversion succeeded are they committed, together with their meta.json
 entries (see the catalog's docstring). A failure on any day removes the staging folder, so the
@@ -98,15 +103,19 @@ def convert_files(
     days: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     with catalog.Staging(root) as stage:
-        def on_day(res: DayResult) -> None:
-            if res.day in days:
-                raise DataError(f"{fmt.venue}/{symbol}: day {res.day} produced twice (input files not in time order?)")
-            stage.write_day(fmt.venue, symbol, res.day, res.events, compression)
-            days[res.day] = res.info
-            bar.add(len(res.events))
+        def open_day(day: str) -> catalog.DayWriter:
+            if day in days:
+                raise DataError(f"{fmt.venue}/{symbol}: day {day} produced twice (input files not in time order?)")
+            return stage.open_day(fmt.venue, symbol, day, compression)
 
+        def on_day(res: DayResult) -> None:
+            days[res.day] = res.info
+            bar.add(res.info["events"])
+
+        # Open days spill into the staging folder: the catalog's disk, removed with it.
+        job = ConvertJob(venue, symbol, instrument, on_day, open_day=open_day, spill_dir=stage.dir)
         with Days(f"convert {symbol}", progress) as bar:
-            info = _load(fmt.converter)(list(map(Path, files)), ConvertJob(venue, symbol, instrument, on_day))
+            info = _load(fmt.converter)(list(map(Path, files)), job)
         # A multi-venue format (Tardis) learns the venue from the data and returns it.
         venue = info.pop("venue", venue)
         _stage_funding(info.pop("funding", None), stage.dir, fmt.venue, symbol, days, info)

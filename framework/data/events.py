@@ -4,15 +4,31 @@ bookTicker-style witness and the quality report.
 
 A converter feeds rows (already in hftbacktest's ``event_dtype``, ``local_ts`` still raw) into a
 :class:`DaySplitter`; the splitter closes a UTC day once the stream is safely past it, estimates the
-clock offset, stamps the day-start snapshot, orders and flags the rows and hands the finished
-:class:`DayResult` to a callback (which writes it). Everything here is venue-agnostic.
+clock offset, stamps the day-start snapshot, orders and flags the rows and streams them to the job's
+sink (the catalog's :class:`~quotelab.data.catalog.DayWriter`), then hands the day's summary
+(:class:`DayResult`) to a callback. Everything here is venue-agnostic.
+
+Memory does not grow with a day's length. An open day's rows, its per-message latencies and, with a
+witness, the book's best levels after each depth message are appended to unlinked files
+(:class:`Spill`, in the catalog's staging folder) as they come; what stays in memory is running
+figures: row and latency minima and maxima, and per block of :data:`BLOCK_ROWS` rows the smallest
+exch_ts and local_ts. Closing a day is a second pass over the spill, a block at a time: the clock
+offset (from the latency minimum) is applied, the snapshot stamped, the rows ordered within a window
+(:class:`FlagOrder`: the suffix minima tell which pending rows can no longer be overtaken) and written
+a part at a time. The latency percentiles are exact order statistics found by histogram passes over
+the latency spill, the same figures ``np.percentile`` gives; the witness comparison is a merge of the
+day's book spill with the BBO spill, both in update-id order. The result is byte for byte the
+whole-day conversion (tests/convert_reference.py, tests/test_convert_stream.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from hftbacktest.types import (
@@ -389,151 +405,324 @@ def depth_rows(side: np.ndarray, px: np.ndarray, qty: np.ndarray, msg_end: np.nd
 
 
 # ---------------------------------------------------------------------------------------------
+# Spills: what an open day accumulates goes to disk as it arrives and is read back in blocks at close,
+# so memory holds running statistics, not the day.
+
+BLOCK_ROWS = 1 << 18  # rows per block of a day's second pass (16 MiB of rows)
+
+
+class Spill:
+    """Records of one dtype appended to an unlinked temporary file (``where``: its folder, by default
+    the system's) and read back in order, a block at a time. The file has no name, so it vanishes when
+    closed or when the process dies."""
+
+    def __init__(self, dtype: Any, where: Path | str | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.fh = tempfile.TemporaryFile(dir=where)  # noqa: SIM115 - lives as long as the spill
+        self.n = 0
+
+    def add(self, a: np.ndarray) -> None:
+        if a.shape[0]:
+            self.fh.write(memoryview(np.ascontiguousarray(a, self.dtype)).cast("B"))
+            self.n += a.shape[0]
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Records ``start .. start + count`` (a fresh, writable array)."""
+        self.fh.flush()
+        out = np.empty(max(0, min(count, self.n - start)), self.dtype)
+        view = memoryview(out).cast("B")
+        done, at = 0, start * self.dtype.itemsize
+        while done < len(view):
+            got = os.preadv(self.fh.fileno(), [view[done:]], at + done)
+            if got <= 0:
+                raise OSError(f"spill file cut short at record {start + done // self.dtype.itemsize}")
+            done += got
+        return out
+
+    def blocks(self, rows: int, start: int = 0) -> Iterator[np.ndarray]:
+        for at in range(start, self.n, rows):
+            yield self.read(at, rows)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # hftbacktest ordering: rows flagged EXCH_EVENT must be sorted by exch_ts, rows flagged LOCAL_EVENT
 # by local_ts. Where the two orders disagree a row is written twice, once per flag.
+#
+# The order is a merge of two sequences, the rows by (exch_ts, arrival) and by (local_ts, arrival):
+# each step looks at the first row of each not yet written with that flag; the same row is written
+# once with both flags, else the one that arrived first with its own flag. Streamed, rows are read in
+# arrival order a block at a time, and every row still unread has exch_ts >= the suffix minimum of
+# exch_ts from the next block on (recorded per block as the rows were spilled), and arrives later.
+# So the pending rows with exch_ts <= that minimum are exactly the first rows of the exch sequence
+# still to write, in their final order; likewise for local_ts. Merging while both heads are among
+# those known rows, and stopping as soon as either runs out, takes exactly the steps the whole-day
+# merge takes. What stays pending between blocks is what the disorder leaves: rows whose exch_ts is
+# above a later row's (trades timed before the depth received with them, latency jitter), seconds
+# of data, not a day.
 
 
 @njit(cache=True)
-def _flag_count_nb(exch_idx, local_idx):
-    n = exch_idx.shape[0]
-    done_e = np.zeros(n, np.bool_)
-    done_l = np.zeros(n, np.bool_)
-    i = 0
-    j = 0
-    out = 0
-    while i < n or j < n:
-        while i < n and done_e[exch_idx[i]]:
-            i += 1
-        while j < n and done_l[local_idx[j]]:
-            j += 1
-        if i >= n and j >= n:
-            break
-        if i < n and j < n and exch_idx[i] == local_idx[j]:
-            done_e[exch_idx[i]] = True
-            done_l[local_idx[j]] = True
-        elif j >= n or (i < n and exch_idx[i] < local_idx[j]):
-            done_e[exch_idx[i]] = True
-        else:
-            done_l[local_idx[j]] = True
-        out += 1
-    return out
-
-
-@njit(cache=True)
-def _flag_fill_nb(rows, exch_idx, local_idx, out, exch_flag, local_flag):
-    n = exch_idx.shape[0]
-    done_e = np.zeros(n, np.bool_)
-    done_l = np.zeros(n, np.bool_)
+def _flag_round_nb(ce, cl, done_e, done_l, final, out_idx, out_flag):
+    """Merge the known heads ``ce`` (pending rows in exch order) and ``cl`` (in local order); pending rows
+    are in arrival order, so a smaller index arrived first. Without ``final`` stop when either runs out.
+    ``out_flag``: 1 exch, 2 local, 3 both. Returns the number of rows written."""
+    ne = ce.shape[0]
+    nl = cl.shape[0]
     i = 0
     j = 0
     k = 0
-    while i < n or j < n:
-        while i < n and done_e[exch_idx[i]]:
+    while True:
+        while i < ne and done_e[ce[i]]:
             i += 1
-        while j < n and done_l[local_idx[j]]:
+        while j < nl and done_l[cl[j]]:
             j += 1
-        if i >= n and j >= n:
+        if (i >= ne or j >= nl) and (not final or (i >= ne and j >= nl)):
             break
-        if i < n and j < n and exch_idx[i] == local_idx[j]:
-            r = exch_idx[i]
-            out[k] = rows[r]
-            out[k].ev = rows[r].ev | exch_flag | local_flag
+        if i < ne and j < nl and ce[i] == cl[j]:
+            r = ce[i]
+            out_flag[k] = 3
             done_e[r] = True
             done_l[r] = True
-        elif j >= n or (i < n and exch_idx[i] < local_idx[j]):
-            # Rows are in arrival order, so the smaller index is the one that happened first.
-            r = exch_idx[i]
-            out[k] = rows[r]
-            out[k].ev = rows[r].ev | exch_flag
+        elif j >= nl or (i < ne and ce[i] < cl[j]):
+            r = ce[i]
+            out_flag[k] = 1
             done_e[r] = True
         else:
-            r = local_idx[j]
-            out[k] = rows[r]
-            out[k].ev = rows[r].ev | local_flag
+            r = cl[j]
+            out_flag[k] = 2
             done_l[r] = True
+        out_idx[k] = r
         k += 1
+    return k
 
 
-def order_and_flag(rows: np.ndarray) -> np.ndarray:
-    """Rows in arrival order → hftbacktest order with EXCH/LOCAL flags (stable on ties)."""
-    exch_idx = np.argsort(rows["exch_ts"], kind="stable")
-    local_idx = np.argsort(rows["local_ts"], kind="stable")
-    n_out = _flag_count_nb(exch_idx, local_idx)
-    out = np.empty(n_out, event_dtype)
-    _flag_fill_nb(rows, exch_idx, local_idx, out, np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT))
-    return out
+_FLAGS = np.array([0, EXCH_EVENT, LOCAL_EVENT, EXCH_EVENT | LOCAL_EVENT], np.uint64)
+
+
+class FlagOrder:
+    """hftbacktest's order and EXCH/LOCAL flags for rows fed in arrival order, in blocks (see above).
+
+    ``add(rows, lim_exch, lim_local, final)`` takes the next rows and the smallest exch_ts and local_ts
+    of every row still to come (ignored with ``final``, the last call) and returns the rows now in place.
+    """
+
+    def __init__(self) -> None:
+        self.rows = np.zeros(0, event_dtype)
+        self.done_e = np.zeros(0, np.bool_)
+        self.done_l = np.zeros(0, np.bool_)
+        self.most = 0  # the most rows pending at once, for the tests and benches
+
+    def add(self, rows: np.ndarray, lim_exch: int, lim_local: int, final: bool) -> np.ndarray:
+        fresh = np.zeros(rows.shape[0], np.bool_)
+        if self.rows.shape[0]:
+            rows = np.concatenate([self.rows, rows])
+        self.done_e = np.concatenate([self.done_e, fresh])
+        self.done_l = np.concatenate([self.done_l, fresh])
+        self.most = max(self.most, rows.shape[0])
+        ce = self._heads(rows["exch_ts"], self.done_e, lim_exch, final)
+        cl = self._heads(rows["local_ts"], self.done_l, lim_local, final)
+        idx = np.empty(ce.shape[0] + cl.shape[0], np.int64)
+        flag = np.empty(idx.shape[0], np.int64)
+        k = _flag_round_nb(ce, cl, self.done_e, self.done_l, final, idx, flag)
+        out = rows[idx[:k]]
+        out["ev"] |= _FLAGS[flag[:k]]
+        keep = ~(self.done_e & self.done_l)
+        self.rows, self.done_e, self.done_l = rows[keep], self.done_e[keep], self.done_l[keep]
+        return out
+
+    @staticmethod
+    def _heads(ts: np.ndarray, done: np.ndarray, lim: int, final: bool) -> np.ndarray:
+        cand = np.flatnonzero(~done if final else ~done & (ts <= lim))
+        return cand[np.argsort(ts[cand], kind="stable")]
 
 
 # ---------------------------------------------------------------------------------------------
 # Witness: the venue's own best bid/offer stream, keyed by the book's update id.
+
+BBO_DTYPE = np.dtype([("id", "<i8"), ("v", "<f8", (4,))])  # an update id; bid px, ask px, bid qty, ask qty
 
 
 class Witness:
     """Compares the rebuilt book after each depth message with the venue's BBO feed, by update id.
 
     For a depth message with final id ``u`` the witness is the last BBO message whose id is ``<= u``
-    (ids, not times: a depth message bundles many updates).
+    (ids, not times: a depth message bundles many updates). The BBO messages are spilled to disk
+    (:class:`Spill`) and read back at each day's close; when both streams' ids ascend, as a venue's
+    stream does, the comparison is a merge of the two, a block at a time.
     """
 
-    def __init__(self) -> None:
-        self._ids: list[np.ndarray] = []
-        self._vals: list[np.ndarray] = []
+    def __init__(self, where: Path | str | None = None) -> None:
+        self.where = where
+        self._spill = Spill(BBO_DTYPE, where)
+        self._start = 0  # records before it are forgotten (no later day can need them)
+        self._last: int | None = None
+        self._sorted = True
 
     def add_bbo(self, ids: np.ndarray, bid_px: np.ndarray, ask_px: np.ndarray,
                 bid_qty: np.ndarray, ask_qty: np.ndarray) -> None:
-        if ids.shape[0]:
-            self._ids.append(ids.astype(np.int64))
-            self._vals.append(np.stack([bid_px, ask_px, bid_qty, ask_qty], axis=1))
+        if not ids.shape[0]:
+            return
+        rec = np.empty(ids.shape[0], BBO_DTYPE)
+        rec["id"] = ids
+        rec["v"] = np.stack([bid_px, ask_px, bid_qty, ask_qty], axis=1)
+        self._add(rec)
 
-    def _merged(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._ids:
-            return np.zeros(0, np.int64), np.zeros((0, 4))
-        if len(self._ids) > 1:
-            self._ids = [np.concatenate(self._ids)]
-            self._vals = [np.concatenate(self._vals)]
-        ids, vals = self._ids[0], self._vals[0]
-        if ids.shape[0] > 1 and np.any(ids[1:] < ids[:-1]):
-            o = np.argsort(ids, kind="stable")
-            ids, vals = ids[o], vals[o]
-            self._ids, self._vals = [ids], [vals]
-        return ids, vals
+    def _add(self, rec: np.ndarray) -> None:
+        ids = rec["id"]
+        if self._sorted and ((self._last is not None and ids[0] < self._last) or np.any(ids[1:] < ids[:-1])):
+            self._sorted = False
+        self._last = int(ids[-1]) if self._last is None else max(self._last, int(ids.max()))
+        self._spill.add(rec)
 
-    def max_id(self) -> int:
-        return max((int(a.max()) for a in self._ids), default=-1)
+    def close_day(self, book: Spill, book_sorted: bool, tick: float, block_rows: int = BLOCK_ROWS
+                  ) -> dict[str, Any]:
+        """The agreement of a day's book (``book``: :data:`BBO_DTYPE` records, one per depth message, the
+        book's best levels in ticks) with the BBO feed; then forget BBO messages no later day can need
+        (keep the last one at or below the day's last id)."""
+        tally = _Agreement(book.n, tick)
+        if not book.n:
+            return tally.result()
+        if not (book_sorted and self._sorted):
+            return self._close_day_whole(book, tally)
+        wit = self._spill.blocks(block_rows, self._start)
+        carry = np.zeros(0, BBO_DTYPE)
+        more = True
+        for blk in book.blocks(block_rows):
+            hi = blk["id"][-1]
+            while more and (not carry.shape[0] or carry["id"][-1] <= hi):
+                nxt = next(wit, None)
+                more = nxt is not None
+                if more:
+                    carry = np.concatenate([carry, nxt])
+            tally.add(blk, carry)
+            k = int(np.searchsorted(carry["id"], hi, side="right")) - 1
+            if k > 0:
+                carry = carry[k:]
+                self._start += k
+        return tally.result()
 
-    def agreement(self, book_ids: np.ndarray, book_bbo: np.ndarray, tick: float) -> dict[str, Any]:
-        """``book_bbo`` rows: bid tick, ask tick, bid qty, ask qty after each message ``book_ids``."""
-        ids, vals = self._merged()
-        res: dict[str, Any] = {"messages": int(book_ids.shape[0]), "compared": 0, "agreed": 0,
-                               "agreed_with_qty": 0, "rate": None, "rate_with_qty": None,
-                               "first_disagreement_id": None}
-        if not ids.shape[0] or not book_ids.shape[0]:
-            return res
-        k = np.searchsorted(ids, book_ids, side="right") - 1
+    def _close_day_whole(self, book: Spill, tally: _Agreement) -> dict[str, Any]:
+        # Ids out of order (never seen in a venue's stream): compare the day whole, sorting the BBO
+        # messages by id as they are kept.
+        rec = self._spill.read(self._start, self._spill.n - self._start)
+        if rec.shape[0] > 1 and np.any(rec["id"][1:] < rec["id"][:-1]):
+            rec = rec[np.argsort(rec["id"], kind="stable")]
+        day = book.read(0, book.n)
+        tally.add(day, rec)
+        k = max(int(np.searchsorted(rec["id"], day["id"][-1], side="right")) - 1, 0)
+        self._spill.close()
+        self._spill, self._start, self._last, self._sorted = Spill(BBO_DTYPE, self.where), 0, None, True
+        if rec.shape[0]:
+            self._add(rec[k:])
+        return tally.result()
+
+
+class _Agreement:
+    """Counts of depth messages whose book's best prices (and sizes) equal the BBO witness's."""
+
+    def __init__(self, messages: int, tick: float) -> None:
+        self.tick = tick
+        self.res: dict[str, Any] = {"messages": int(messages), "compared": 0, "agreed": 0, "agreed_with_qty": 0,
+                                    "rate": None, "rate_with_qty": None, "first_disagreement_id": None}
+
+    def add(self, book: np.ndarray, wit: np.ndarray) -> None:
+        if not wit.shape[0]:
+            return
+        k = np.searchsorted(wit["id"], book["id"], side="right") - 1
         has = k >= 0
-        w = vals[k[has]]
-        b = book_bbo[has]
-        w_bid_t = np.rint(w[:, 0] / tick)
-        w_ask_t = np.rint(w[:, 1] / tick)
-        px_ok = (w_bid_t == b[:, 0]) & (w_ask_t == b[:, 1])
+        w = wit["v"][k[has]]
+        b = book["v"][has]
+        px_ok = (np.rint(w[:, 0] / self.tick) == b[:, 0]) & (np.rint(w[:, 1] / self.tick) == b[:, 1])
         qty_ok = px_ok & np.isclose(w[:, 2], b[:, 2], rtol=1e-9, atol=0) & np.isclose(
             w[:, 3], b[:, 3], rtol=1e-9, atol=0)
-        n = int(has.sum())
-        res.update(compared=n, agreed=int(px_ok.sum()), agreed_with_qty=int(qty_ok.sum()))
-        if n:
-            res["rate"] = res["agreed"] / n
-            res["rate_with_qty"] = res["agreed_with_qty"] / n
+        res = self.res
+        res["compared"] += int(has.sum())
+        res["agreed"] += int(px_ok.sum())
+        res["agreed_with_qty"] += int(qty_ok.sum())
         bad = np.flatnonzero(~px_ok)
-        if bad.shape[0]:
-            res["first_disagreement_id"] = int(book_ids[has][bad[0]])
+        if bad.shape[0] and res["first_disagreement_id"] is None:
+            res["first_disagreement_id"] = int(book["id"][has][bad[0]])
+
+    def result(self) -> dict[str, Any]:
+        res = self.res
+        if res["compared"]:
+            res["rate"] = res["agreed"] / res["compared"]
+            res["rate_with_qty"] = res["agreed_with_qty"] / res["compared"]
         return res
 
-    def prune_below(self, book_id: int) -> None:
-        """Forget BBO messages no later day can need (keep the last one at or below ``book_id``)."""
-        ids, vals = self._merged()
-        k = int(np.searchsorted(ids, book_id, side="right")) - 1
-        if k > 0:
-            self._ids, self._vals = [ids[k:]], [vals[k:]]
+
+# ---------------------------------------------------------------------------------------------
+# Latency percentiles, exact, from a spill: order statistics found by histogram passes over the file.
+
+_PCTS = (50, 90, 99)
+_BINS = 4096
+
+
+def _order_stats(spill: Spill, ranks: list[int], lo: int, hi: int, block_rows: int) -> dict[int, int]:
+    """The values of rank ``ranks`` (0 = smallest) among the int64 records of ``spill``, all within
+    ``lo..hi``: each pass over the file narrows every rank's range ``_BINS``-fold with a histogram, so
+    memory holds a block and a few histograms, and a range of 2**k ns takes k/12 passes."""
+    state = {r: [lo, hi, 0] for r in set(ranks)}  # range of the value, and how many values lie below it
+    while any(s[0] < s[1] for s in state.values()):
+        todo = {r: s for r, s in state.items() if s[0] < s[1]}
+        width = {r: (s[1] - s[0]) // _BINS + 1 for r, s in todo.items()}
+        hist = {r: np.zeros(_BINS, np.int64) for r in todo}
+        for blk in spill.blocks(block_rows):
+            for r, (a, b, _) in todo.items():
+                sel = blk[(blk >= a) & (blk <= b)]
+                hist[r] += np.bincount((sel - a) // width[r], minlength=_BINS)
+        for r, s in todo.items():
+            cum = s[2] + np.cumsum(hist[r])
+            k = int(np.searchsorted(cum, r, side="right"))
+            below = s[2] if k == 0 else int(cum[k - 1])
+            a = s[0] + k * width[r]
+            state[r] = [a, min(s[1], a + width[r] - 1), below]
+    return {r: s[0] for r, s in state.items()}
+
+
+def _percentile_points(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy's ``percentile(x, _PCTS)`` (method ``linear``) for ``n`` values: the ranks of the two
+    neighbours of each and the interpolation weight, computed as numpy computes them."""
+    virtual = (n - 1) * np.true_divide(np.asarray(_PCTS), 100)
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    top = virtual >= n - 1
+    prev[top] = n - 1
+    nxt[top] = n - 1
+    return prev.astype(np.int64), nxt.astype(np.int64), virtual - np.floor(virtual)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    # numpy's own interpolation (numpy.lib._function_base_impl._lerp), step by step, so the figures are
+    # the ones np.percentile gives to the last bit
+    diff = np.subtract(b, a)
+    out = np.asanyarray(np.add(a, diff * t))
+    np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=out.dtype)
+    return out
+
+
+def _stats(p: np.ndarray | None, lo: int, hi: int) -> dict[str, float | None]:
+    if p is None:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "min_ms": None, "max_ms": None}
+    p = p / 1e6
+    return {"p50_ms": round(float(p[0]), 3), "p90_ms": round(float(p[1]), 3), "p99_ms": round(float(p[2]), 3),
+            "min_ms": round(float(lo) / 1e6, 3), "max_ms": round(float(hi) / 1e6, 3)}
+
+
+def latency_stats_spilled(spill: Spill, lo: int, hi: int, shifts: Sequence[int], block_rows: int = BLOCK_ROWS
+                          ) -> list[dict[str, float | None]]:
+    """:func:`latency_stats` of the int64 records of ``spill`` (all within ``lo..hi``) plus each of
+    ``shifts``, to the same figures, without loading them."""
+    if not spill.n:
+        return [_stats(None, 0, 0) for _ in shifts]
+    prev, nxt, t = _percentile_points(spill.n)
+    val = _order_stats(spill, [*prev.tolist(), *nxt.tolist()], lo, hi, block_rows)
+    a = np.array([val[r] for r in prev.tolist()], np.int64)
+    b = np.array([val[r] for r in nxt.tolist()], np.int64)
+    return [_stats(_lerp(a + s, b + s, t), lo + s, hi + s) for s in shifts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,79 +732,151 @@ class Witness:
 @dataclass
 class DayResult:
     day: str
-    events: np.ndarray
+    events: np.ndarray | None  # the day's rows, or None when they went to ``ConvertJob.open_day``
     info: dict[str, Any]
 
 
-class _Chunks:
-    """A growing list of arrays: appends are cheap and nothing is preallocated."""
+class DaySink(Protocol):
+    """Where a closed day's rows go, in order, a block at a time (:class:`quotelab.data.catalog.DayWriter`)."""
+
+    def append(self, rows: np.ndarray) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class _Collect:
+    """A sink that keeps the rows, for callers that want each day as one array."""
 
     def __init__(self) -> None:
         self.parts: list[np.ndarray] = []
-        self.n = 0
 
-    def add(self, a: np.ndarray) -> None:
-        if a.shape[0]:
-            self.parts.append(a)
-            self.n += a.shape[0]
+    def append(self, rows: np.ndarray) -> None:
+        self.parts.append(rows)
 
-    def take(self, dtype: Any) -> np.ndarray:
-        out = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype)
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
         self.parts = []
-        return out
+
+    def events(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, event_dtype)
 
 
 @dataclass
 class ConvertJob:
-    """What a converter needs from the caller: where days go and the instrument's spec."""
+    """What a converter needs from the caller: where days go and the instrument's spec.
+
+    ``open_day(day)`` gives the sink a closed day's rows are streamed to before ``on_day`` gets its
+    summary; without it ``on_day`` gets the day as one array (tests, benches). ``spill_dir``: where
+    open days spill (the system's temporary folder by default); ``block_rows``: the rows a day's
+    second pass reads at a time.
+    """
 
     venue: str
     symbol: str
     instrument: dict[str, Any]
     on_day: Callable[[DayResult], None]
+    open_day: Callable[[str], DaySink] | None = None
+    spill_dir: Path | str | None = None
+    block_rows: int = BLOCK_ROWS
 
 
-@dataclass
+_BIG = np.iinfo(np.int64).max
+
+
 class _Day:
-    day_index: int
-    snapshot: np.ndarray | None = None
-    rows: _Chunks = field(default_factory=_Chunks)
-    lat_exch: _Chunks = field(default_factory=_Chunks)
-    lat_local: _Chunks = field(default_factory=_Chunks)
-    bbo_ids: _Chunks = field(default_factory=_Chunks)
-    bbo: _Chunks = field(default_factory=_Chunks)
-    last_book_id: int = 0
-    depth_msgs: int = 0
-    trade_msgs: int = 0
-    findings: Findings = field(default_factory=Findings)
+    """An open day: its rows, latencies and book tops spilled, and the running figures the close needs."""
 
+    def __init__(self, day_index: int, where: Path | str | None, block_rows: int) -> None:
+        self.day_index = day_index
+        self.snapshot: np.ndarray | None = None
+        self.rows = Spill(event_dtype, where)
+        self.lat = Spill(np.int64, where)  # local − exch per message, raw
+        self.bbo = Spill(BBO_DTYPE, where)
+        self.block_rows = block_rows
+        self.fill = 0  # rows in the last block
+        self.blk_exch: list[int] = []  # per block of rows: the smallest exch_ts and raw local_ts
+        self.blk_local: list[int] = []
+        self.exch_min = self.local_min = _BIG
+        self.exch_max = -_BIG
+        self.lat_min = _BIG
+        self.lat_max = -_BIG
+        self.bbo_sorted = True
+        self.last_book_id: int | None = None
+        self.findings = Findings()
 
-def latency_stats(lat_ns: np.ndarray) -> dict[str, float | None]:
-    if not lat_ns.shape[0]:
-        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "min_ms": None, "max_ms": None}
-    p = np.percentile(lat_ns, [50, 90, 99]) / 1e6
-    return {"p50_ms": round(float(p[0]), 3), "p90_ms": round(float(p[1]), 3),
-            "p99_ms": round(float(p[2]), 3), "min_ms": round(float(lat_ns.min()) / 1e6, 3),
-            "max_ms": round(float(lat_ns.max()) / 1e6, 3)}
+    def add_rows(self, rows: np.ndarray) -> None:
+        if not rows.shape[0]:
+            return
+        self.rows.add(rows)
+        exch, local = rows["exch_ts"], rows["local_ts"]
+        self.exch_min = min(self.exch_min, int(exch.min()))
+        self.exch_max = max(self.exch_max, int(exch.max()))
+        self.local_min = min(self.local_min, int(local.min()))
+        at, n, size = 0, rows.shape[0], self.block_rows
+        while at < n:
+            take = min(size - self.fill, n - at)
+            e, lo = int(exch[at:at + take].min()), int(local[at:at + take].min())
+            if self.fill == 0:
+                self.blk_exch.append(e)
+                self.blk_local.append(lo)
+            else:
+                self.blk_exch[-1] = min(self.blk_exch[-1], e)
+                self.blk_local[-1] = min(self.blk_local[-1], lo)
+            self.fill = (self.fill + take) % size
+            at += take
+
+    def add_latency(self, lat: np.ndarray) -> None:
+        if lat.shape[0]:
+            self.lat.add(lat)
+            self.lat_min = min(self.lat_min, int(lat.min()))
+            self.lat_max = max(self.lat_max, int(lat.max()))
+
+    def add_bbo(self, ids: np.ndarray, bbo: np.ndarray) -> None:
+        if not ids.shape[0]:
+            return
+        rec = np.empty(ids.shape[0], BBO_DTYPE)
+        rec["id"] = ids
+        rec["v"] = bbo
+        if self.bbo_sorted and ((self.last_book_id is not None and ids[0] < self.last_book_id)
+                                or np.any(ids[1:] < ids[:-1])):
+            self.bbo_sorted = False
+        self.last_book_id = int(ids[-1])
+        self.bbo.add(rec)
+
+    def close(self) -> None:
+        for s in (self.rows, self.lat, self.bbo):
+            s.close()
 
 
 class DaySplitter:
     """Collects rows per UTC day of exchange time and closes days as the stream moves past them.
 
-    Rows arrive in arrival order with raw ``local_ts``. When a day closes, the clock offset is
-    estimated as the smallest shift that makes every message's ``local − exch`` non-negative; the
-    offset applied never decreases from one day to the next of a conversion, so local time never
-    runs backwards across a day boundary. The shift is recorded in the day's ``quality``.
+    Rows arrive in arrival order with raw ``local_ts`` and are spilled to disk as they come (one
+    unlinked file per open day, beside the latencies and, with a witness, the book's best levels);
+    only running figures stay in memory. When a day closes, the clock offset is estimated as the
+    smallest shift that makes every message's ``local − exch`` non-negative; the offset applied never
+    decreases from one day to the next of a conversion, so local time never runs backwards across a
+    day boundary. The shift is recorded in the day's ``quality``. A second pass then reads the spill a
+    block at a time, shifts ``local_ts``, stamps the day-start snapshot, puts the rows in
+    hftbacktest's order (:class:`FlagOrder`) and streams them to the job's sink; latency percentiles
+    and the witness's agreement are computed from their spills the same way. Memory is a few blocks
+    of :data:`BLOCK_ROWS` rows whatever the day's length.
     """
 
-    def __init__(self, book: DenseBook, witness: Witness | None, on_day: Callable[[DayResult], None]) -> None:
+    def __init__(self, book: DenseBook, witness: Witness | None, job: ConvertJob) -> None:
         self.book = book
         self.witness = witness
-        self.on_day = on_day
+        self.job = job
+        self.on_day = job.on_day
         self.days: dict[int, _Day] = {}
         self.closed_below = -1  # day indexes <= this are written
         self.offset_ns = 0
         self.max_exch = -1
+        self.most_pending = 0  # the most rows the ordering held at once, for the tests and benches
 
     def _open(self, d: int) -> _Day:
         day = self.days.get(d)
@@ -623,7 +884,7 @@ class DaySplitter:
             if d <= self.closed_below:
                 raise DataError(f"an event of UTC day {day_of(d * DAY_NS)} arrived after that day was "
                                 f"closed (more than {DAY_GRACE_NS // 10**9} s late in exchange time)")
-            day = _Day(d)
+            day = _Day(d, self.job.spill_dir, self.job.block_rows)
             self.days[d] = day
         return day
 
@@ -637,18 +898,13 @@ class DaySplitter:
 
     def add_rows(self, d: int, rows: np.ndarray, msg_exch: np.ndarray, msg_local: np.ndarray) -> None:
         day = self._open(d)
-        day.rows.add(rows)
-        day.lat_exch.add(msg_exch)
-        day.lat_local.add(msg_local)
+        day.add_rows(rows)
+        day.add_latency(np.asarray(msg_local, np.int64) - np.asarray(msg_exch, np.int64))
         if msg_exch.shape[0]:
             self.max_exch = max(self.max_exch, int(msg_exch.max()))
 
     def add_bbo(self, d: int, ids: np.ndarray, bbo: np.ndarray) -> None:
-        day = self._open(d)
-        day.bbo_ids.add(ids)
-        day.bbo.add(bbo)
-        if ids.shape[0]:
-            day.last_book_id = int(ids[-1])
+        self._open(d).add_bbo(ids, bbo)
 
     def close_ready(self, final: bool = False) -> None:
         for d in sorted(self.days):
@@ -658,53 +914,84 @@ class DaySplitter:
     def _close(self, d: int) -> None:
         day = self.days.pop(d)
         self.closed_below = max(self.closed_below, d)
-        exch = day.lat_exch.take(np.int64)
-        local = day.lat_local.take(np.int64)
-        lat_raw = local - exch
-        if lat_raw.shape[0]:
-            need = int(-lat_raw.min())
-            self.offset_ns = max(self.offset_ns, need, 0)
+        try:
+            self._write(day)
+        finally:
+            day.close()
+
+    def _write(self, day: _Day) -> None:
+        has_lat = day.lat.n > 0
+        if has_lat:
+            self.offset_ns = max(self.offset_ns, -day.lat_min, 0)
+        raw, shifted = latency_stats_spilled(day.lat, day.lat_min, day.lat_max, [0, self.offset_ns],
+                                             self.job.block_rows)
         info_q: dict[str, Any] = {
             "clock_offset_ns": self.offset_ns,
             "clock_offset_note": (
                 "local_ts shifted by +clock_offset_ns so that every message's local − exch >= 0 "
                 "(the capture clock ran behind the exchange)" if self.offset_ns else
                 "no shift needed: local − exch >= 0 throughout"),
-            "raw_latency": latency_stats(lat_raw),
-            "latency": latency_stats(lat_raw + self.offset_ns),
+            "raw_latency": raw,
+            "latency": shifted,
         }
         if self.offset_ns > 0:
             day.findings.add("clock_behind",
                              f"capture clock behind exchange: min local − exch was "
-                             f"{lat_raw.min() / 1e6:.3f} ms; local_ts shifted by +{self.offset_ns / 1e6:.3f} ms")
+                             f"{day.lat_min / 1e6:.3f} ms; local_ts shifted by +{self.offset_ns / 1e6:.3f} ms")
         snap = day.snapshot if day.snapshot is not None else self.book.snapshot_rows(0, 0)
-        m = snap.shape[0]
-        all_rows = np.concatenate([snap, *day.rows.parts]) if day.rows.parts else snap
-        day.rows.parts = []
-        body = all_rows[m:]
-        body["local_ts"] += self.offset_ns
-        if body.shape[0]:
+        if day.rows.n:
             # The snapshot is the state before the day's first event, in both clocks.
-            all_rows["exch_ts"][:m] = body["exch_ts"].min()
-            all_rows["local_ts"][:m] = body["local_ts"].min()
-        counts = count_kinds(all_rows)
-        first_ts = int(all_rows["exch_ts"].min()) if all_rows.shape[0] else None
-        last_ts = int(all_rows["exch_ts"].max()) if all_rows.shape[0] else None
-        events = order_and_flag(all_rows)
-        counts["local_only_duplicates"] = int(events.shape[0] - all_rows.shape[0])
-        del all_rows, body
-        bbo_ids = day.bbo_ids.take(np.int64)
-        bbo = day.bbo.take(np.float64).reshape(-1, 4)
+            snap["exch_ts"] = day.exch_min
+            snap["local_ts"] = day.local_min + self.offset_ns
+        name = day_of(day.day_index * DAY_NS)
+        sink: DaySink = self.job.open_day(name) if self.job.open_day is not None else _Collect()
+        try:
+            n_in, n_out, kinds = self._stream(day, snap, sink)
+            sink.commit()
+        except BaseException:
+            sink.discard()
+            raise
+        counts = _kind_counts(kinds, 0)
+        counts["local_only_duplicates"] = n_out - n_in
         if self.witness is not None:
-            info_q["agreement"] = self.witness.agreement(bbo_ids, bbo, self.book.tick_size)
+            info_q["agreement"] = self.witness.close_day(day.bbo, day.bbo_sorted, self.book.tick_size,
+                                                         self.job.block_rows)
             if info_q["agreement"]["rate"] is None:
                 day.findings.add("no_witness", "no BBO message to compare the rebuilt book with")
-            if bbo_ids.shape[0]:
-                self.witness.prune_below(int(bbo_ids[-1]))
         info_q["findings"] = day.findings.as_list()
-        info = {"first_ts": first_ts, "last_ts": last_ts, "events": int(events.shape[0]), "counts": counts,
-                "quality": info_q}
-        self.on_day(DayResult(day_of(d * DAY_NS), events, info))
+        snap_exch = snap["exch_ts"]
+        info = {"first_ts": int(min(day.exch_min, snap_exch.min())), "last_ts": int(max(day.exch_max, snap_exch.max())),
+                "events": n_out, "counts": counts, "quality": info_q}
+        events = sink.events() if isinstance(sink, _Collect) else None
+        self.on_day(DayResult(name, events, info))
+
+    def _stream(self, day: _Day, snap: np.ndarray, sink: DaySink) -> tuple[int, int, np.ndarray]:
+        """The second pass: the snapshot, then the spilled rows a block at a time with the offset applied,
+        ordered and flagged, into ``sink``; returns rows in, rows out and the counts by kind."""
+        off = self.offset_ns
+        # The smallest exch_ts and local_ts of every row from block b on (the last entry: none left).
+        suf_e = np.minimum.accumulate(np.array([*day.blk_exch, _BIG], np.int64)[::-1])[::-1]
+        suf_l = np.minimum.accumulate(np.array([*day.blk_local, _BIG - off], np.int64)[::-1])[::-1] + off
+        order = FlagOrder()
+        kinds = _count_nb(snap["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))[0]
+        n_in, n_out = snap.shape[0], 0
+        blocks = day.rows.blocks(self.job.block_rows)
+        rows = snap
+        n_blocks = len(day.blk_exch)
+        for b in range(max(n_blocks, 1)):
+            if n_blocks:
+                blk = next(blocks)
+                blk["local_ts"] += off
+                kinds += _count_nb(blk["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))[0]
+                n_in += blk.shape[0]
+                rows = blk if b else np.concatenate([snap, blk])
+            final = b + 1 >= n_blocks
+            out = order.add(rows, 0 if final else int(suf_e[b + 1]), 0 if final else int(suf_l[b + 1]), final)
+            if out.shape[0]:
+                sink.append(out)
+                n_out += out.shape[0]
+        self.most_pending = max(self.most_pending, order.most)
+        return n_in, n_out, kinds
 
 
 @njit(cache=True)
@@ -721,9 +1008,7 @@ def _count_nb(ev, exch_flag, local_flag, buy_flag):
     return out, local_only
 
 
-def count_kinds(rows: np.ndarray) -> dict[str, int]:
-    """Rows by kind. Rows flagged only LOCAL (the duplicates of flagged events) are counted apart."""
-    c, local_only = _count_nb(rows["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))
+def _kind_counts(c: np.ndarray, local_only: int) -> dict[str, int]:
     return {
         "depth": int(c[DEPTH_EVENT].sum()),
         "depth_clear": int(c[DEPTH_CLEAR_EVENT].sum()),
@@ -732,3 +1017,4 @@ def count_kinds(rows: np.ndarray) -> dict[str, int]:
         "trade_sell": int(c[TRADE_EVENT, 0]),
         "local_only_duplicates": int(local_only),
     }
+

@@ -234,7 +234,7 @@ class MessageFeed:
         self.lot = float(job.instrument["lot_size"])
         self.origin = job.instrument.get("origin", "spec")
         self.book = DenseBook(self.tick)
-        self.split = DaySplitter(self.book, None, job.on_day)
+        self.split = DaySplitter(self.book, None, job)
         self.findings = findings
         self.synced = False  # the book holds a snapshot and every delta since
         self.book_start_exch: int | None = None
