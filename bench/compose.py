@@ -68,7 +68,7 @@ def handwritten(data) -> tuple[float, dict]:
 
 COMPILE_SCRIPT = r"""
 import json, sys, time
-from quotelab.engine import run_strategy
+from quotelab.backtest.engine import run_strategy
 seed, demo, catalog = sys.argv[1], sys.argv[2], sys.argv[3]
 synth = json.loads(sys.argv[4])
 out = {}
@@ -94,9 +94,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
+    from quotelab.backtest.engine import run_strategy
     from quotelab.data import catalog as cat
     from quotelab.data.synth import generate
-    from quotelab.engine import run_strategy
 
     catalog = args.catalog or Path(tempfile.mkdtemp(prefix="qlbench_")) / "catalog"
     if not (catalog / "synthetic" / "SYNPERP" / "20240101.npz").exists():

@@ -115,7 +115,7 @@ def frames(day: np.ndarray, tick: float, lot: float):
 
 def bench_one(label: str, catalog: Path, venue: str, symbol: str, date: str, repeat: int, tmp: Path) -> None:
     from quotelab.data import catalog as cat
-    from quotelab.evaluate import evaluate
+    from quotelab.research.evaluate import evaluate
 
     meta = cat.read_meta(catalog, venue, symbol)
     day = cat.load_day(catalog, venue, symbol, date)
@@ -157,8 +157,8 @@ def exchange_frames(days: list[np.ndarray], tick: float, lot: float, shared: boo
     from seed_study import LEVELS, book_frame, exchange_rows, trades_frame
 
     from quotelab import layout as L
-    from quotelab.composer import STRATEGY_SIG
-    from quotelab.replay import ReplayAsset, TradeTape, prepare_exchange, replay_trades
+    from quotelab.research.replay import ReplayAsset, TradeTape, prepare_exchange, replay_trades
+    from quotelab.strategy.composer import STRATEGY_SIG
 
     rows = exchange_rows(days)
     trades = trades_frame(rows, 1_000_000 if shared else 1)  # the synthetic clock has nanoseconds
@@ -193,7 +193,7 @@ def bench_seed_study(label: str, catalog: Path, venue: str, symbol: str, dates: 
     from seed_study import study_table
 
     from quotelab.data import catalog as cat
-    from quotelab.evaluate import evaluate
+    from quotelab.research.evaluate import evaluate
 
     doc = yaml.safe_load((REPO / "strategies" / "midprice_study.yaml").read_text())
     doc["data"] = {"catalog": str(catalog), "quote": "x",

@@ -8,7 +8,7 @@ judged. The seed strategy is
 listed for reference. Medians of --repeat runs, after one warm-up run of each (compiles excluded).
 
 Engine run times include order handling, which differs between strategies, so the same fused
-kernels are also replayed without hftbacktest (quotelab.replay: book rebuild + kernel only); the
+kernels are also replayed without hftbacktest (quotelab.research.replay: book rebuild + kernel only); the
 "kernel ns/step" column is that replay time (fastest of the repeats) minus the minimal
 strategy's, per step. That is the part's cost: it is flagged when, over the hour's steps, it is
 more than 20% of hftbacktest's bare ``elapse(100ms)`` loop over the perp.
@@ -96,9 +96,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
+    from quotelab.backtest.engine import run_strategy
     from quotelab.data import catalog as cat
     from quotelab.data.synth import generate
-    from quotelab.engine import run_strategy
 
     catalog = args.catalog or Path(tempfile.mkdtemp(prefix="qlbench_")) / "catalog"
     if not (catalog / "synthetic" / "SYNSPOT" / "20240101.npz").exists():
@@ -118,7 +118,7 @@ def main() -> None:
         paths[name] = folder / f"s{i}.yaml"
         paths[name].write_text(yaml.safe_dump(doc, sort_keys=False))
 
-    from quotelab.replay import ReplayAsset, prepare, replay
+    from quotelab.research.replay import ReplayAsset, prepare, replay
 
     def replay_assets(spot: bool) -> list[ReplayAsset]:
         out = []

@@ -86,7 +86,7 @@ def memory(root: Path, hours: float, repeat: int) -> None:
 
 THROUGHPUT = """
 import json, statistics, sys, time
-from quotelab.engine import run_strategy
+from quotelab.backtest.engine import run_strategy
 path, repeat = sys.argv[1], int(sys.argv[2])
 run_strategy(path)  # compile (or load) the driver, warm the page cache
 rates = {True: [], False: []}

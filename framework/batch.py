@@ -55,7 +55,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 
-from quotelab.config import (
+from quotelab.data import catalog as cat
+from quotelab.errors import ConfigError, QuotelabError
+from quotelab.outputs import json_finite
+from quotelab.strategy.config import (
     AssetData,
     StrictModel,
     apply_override,
@@ -65,9 +68,6 @@ from quotelab.config import (
     load_yaml,
     where_in,
 )
-from quotelab.data import catalog as cat
-from quotelab.errors import ConfigError, QuotelabError
-from quotelab.outputs import json_finite
 
 RECORD = "record.json"
 # Columns that differ between identical runs (timing, placement), left out of determinism comparisons.
@@ -410,7 +410,7 @@ def _instrument(loaded: Any, catalog: Path | None) -> dict[str, Any]:
 def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     """Run one expanded strategy and return its record; never raises for the run's own failures."""
     global _WORKER_RUNS
-    from quotelab import engine
+    from quotelab.backtest import engine
     from quotelab.report import diagnostics
 
     t0 = time.perf_counter()
@@ -455,7 +455,7 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _frame(result: Any) -> dict[str, Any]:
-    from quotelab import driver as D
+    from quotelab.backtest import driver as D
 
     r = result.records
     return {"mid": r[:, D.R_MID], "position": r[:, D.R_POSITION], "balance": r[:, D.R_BALANCE],

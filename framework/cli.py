@@ -73,7 +73,7 @@ def run_cmd(
 ) -> None:
     """Validate, compose and backtest a strategy YAML."""
     from quotelab import progress
-    from quotelab.engine import run_strategy
+    from quotelab.backtest.engine import run_strategy
     from quotelab.errors import RunError
     from quotelab.outputs import check_output_dir
 
@@ -131,8 +131,8 @@ def evaluate_cmd(
 ) -> None:
     """Score fair values (and fair value + forecast) against future mids and the next trades."""
     from quotelab import progress
-    from quotelab.evaluate import evaluate
     from quotelab.outputs import check_output_dir
+    from quotelab.research.evaluate import evaluate
 
     check_output_dir(out)
     progress.enable(progress.wanted(json_))
@@ -184,7 +184,7 @@ def plugins_cmd(
     """List every registered component: role, name, params (defaults, units) and where it came from."""
     from quotelab.docs import describe_components, markdown_reference
     from quotelab.outputs import check_output_file
-    from quotelab.registry import load_registry
+    from quotelab.strategy.registry import load_registry
 
     check_output_file(markdown, "--markdown")
     registry = load_registry(local_files=plugin or [])
@@ -398,7 +398,7 @@ def train_cmd(
     """Record features from signal kernels, fit a forecast walk-forward, score transfer, export it."""
     from quotelab import progress
     from quotelab.outputs import check_output_dir
-    from quotelab.train import run_train
+    from quotelab.research.train import run_train
 
     check_output_dir(out)
     progress.enable(progress.wanted(json_))
@@ -471,8 +471,8 @@ def microprice_fit(
 ) -> None:
     """Fit g*(imbalance bucket, spread bucket) on catalog days replayed on the engine's grid; write the table."""
     from quotelab.errors import ConfigError
-    from quotelab.microprice import fit_catalog
     from quotelab.outputs import check_output_file
+    from quotelab.research.microprice import fit_catalog
     from quotelab.units import step_option
 
     step_s = step_option(step)
@@ -545,8 +545,8 @@ def calibrate_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the table as JSON rows.")] = False,
 ) -> None:
     """Fit σ and the trade-arrival law λ(δ) = A·exp(−kδ) per asset and day (for avellaneda_stoikov, glft)."""
-    from quotelab.calibrate import calibrate, write
     from quotelab.outputs import check_output_dir
+    from quotelab.research.calibrate import calibrate, write
     from quotelab.units import step_option
 
     step_s = step_option(step)
@@ -620,8 +620,8 @@ def check_plugin_cmd(
 
     from quotelab.data import catalog as cat
     from quotelab.errors import ConfigError
-    from quotelab.pysignal import catalog_asset, check_signal
-    from quotelab.registry import load_registry
+    from quotelab.research.signal_check import catalog_asset, check_signal
+    from quotelab.strategy.registry import load_registry
     from quotelab.units import step_option
 
     try:

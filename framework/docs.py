@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic_core import PydanticUndefined
 
-from quotelab.registry import Registry
+from quotelab.strategy.registry import Registry
 
 
 def describe_components(registry: Registry) -> list[dict[str, Any]]:

@@ -34,10 +34,18 @@ import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from quotelab.batch import RECORD, execute_run, overlap, read_records, shaped, watch_parent, write_results
-from quotelab.config import StrictModel, apply_override, expand_dates, load_document, load_strategy, load_yaml, where_in
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
 from quotelab.outputs import json_finite
+from quotelab.strategy.config import (
+    StrictModel,
+    apply_override,
+    expand_dates,
+    load_document,
+    load_strategy,
+    load_yaml,
+    where_in,
+)
 
 OPT_FILE = "optimize.json"
 

@@ -6,7 +6,7 @@ step show as one net fill at their average price; a step where both sides filled
 did not move shows no fill, and its spread shows up in spread capture all the same.
 
 PnL decomposition (exact, for linear and inverse contracts): spread capture, inventory, fees and
-funding, as :mod:`quotelab.pnl` defines them; they sum to the recorded equity.
+funding, as :mod:`quotelab.backtest.pnl` defines them; they sum to the recorded equity.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from quotelab import pnl
+from quotelab.backtest import pnl
 from quotelab.batch import flat_row, read_records
 from quotelab.data.catalog import atomic_write_bytes
 from quotelab.errors import QuotelabError

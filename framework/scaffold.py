@@ -66,7 +66,7 @@ def validate_name(name: str, registered: dict[str, str] | None = None) -> None:
 
 
 def _registered() -> dict[str, str]:
-    from quotelab.registry import load_registry
+    from quotelab.strategy.registry import load_registry
 
     registry = load_registry()
     return {c.name: f"{c.source} ({c.role})" for c in registry.all()}
@@ -246,8 +246,8 @@ import pytest
 
 from quotelab import layout as L
 from quotelab.pysignal import catalog_asset, check_signal
-from quotelab.registry import load_registry
-from quotelab.replay import replay_component
+from quotelab.strategy.registry import load_registry
+from quotelab.research.replay import replay_component
 
 NAME = "$name"
 

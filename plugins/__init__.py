@@ -1,1 +1,1 @@
-"""quotelab's built-in plugins, registered exactly like third-party ones (see quotelab.registry)."""
+"""quotelab's built-in plugins, registered exactly like third-party ones (see quotelab.strategy.registry)."""

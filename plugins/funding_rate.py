@@ -2,7 +2,7 @@
 optionally scaled by where the step is in the funding interval.
 
 Without ``file``, the rows come from the catalog's funding side table of ``asset`` (the quoted asset
-by default; see :mod:`quotelab.funding`): ``ts`` is the row's exchange time, ``rate`` a fraction and
+by default; see :mod:`quotelab.data.funding`): ``ts`` is the row's exchange time, ``rate`` a fraction and
 ``next_funding_ts`` the settlement it announces. A catalog without funding rows is an error.
 
 File format (parquet, CSV or npz), one row per update, any order:

@@ -1,6 +1,6 @@
 """``microprice``: Stoikov's micro-price, mid + g*(I, S), looked up in a table fitted offline.
 
-``quotelab microprice fit ...`` (:mod:`quotelab.microprice`) writes the table: g* in ticks for each
+``quotelab microprice fit ...`` (:mod:`quotelab.research.microprice`) writes the table: g* in ticks for each
 imbalance bucket (edges over [−1, 1]) and spread bucket (1, 2, …, ≥m ticks). The kernel buckets the
 current top-of-book imbalance and spread exactly as the estimator did and adds g* (times the asset's
 tick) to the mid. A spread wider than the table's last bucket uses the last bucket.
@@ -19,7 +19,7 @@ from quotelab.component import Asset, Component, PackContext, Params, pack_field
 from quotelab.errors import ConfigError
 from quotelab.kernels.imbalance import level_imbalance_nb
 from quotelab.layout import ASK_QTY, BEST_ASK, BEST_BID, BID_QTY, TICK
-from quotelab.microprice import MAX_BUCKETS, MAX_SPREADS, MicropriceTable
+from quotelab.research.microprice import MAX_BUCKETS, MAX_SPREADS, MicropriceTable
 
 
 class MicropriceParams(Params):

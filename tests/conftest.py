@@ -39,7 +39,7 @@ PERP_SPOT = [("usdm_btc", "spot_btc"), ("usdm_eth", "spot_eth"), ("synth_perp", 
 def registry():
     """The built-in plugins only (no entry points), loaded once. A test module that needs installed
     plugins too defines its own ``registry``."""
-    from quotelab.registry import load_registry
+    from quotelab.strategy.registry import load_registry
 
     return load_registry(entry_points=False)
 

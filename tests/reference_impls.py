@@ -23,7 +23,7 @@ from hftbacktest.types import BUY_EVENT, LOCAL_EVENT, TRADE_EVENT
 from quotelab import layout as L
 from quotelab.data import catalog as cat
 from quotelab.data import synth
-from quotelab.replay import ReplayAsset
+from quotelab.research.replay import ReplayAsset
 
 # (folder, file stem(s), tick, lot, contract size, inverse)
 INSTRUMENTS: dict[str, tuple[str, tuple[str, ...], float, float, float, bool]] = {

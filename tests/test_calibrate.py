@@ -15,17 +15,17 @@ from numba import njit
 from reference_impls import arrival_depths, local_trades, log_linear_fit
 
 from quotelab import layout as L
-from quotelab.calibrate import (
+from quotelab.data import catalog as cat
+from quotelab.kernels.arrival_fit import FIT_MAX_WINDOW, arrival_fit_nb, fit_state
+from quotelab.kernels.ewma import sigma_ticks_nb
+from quotelab.research.calibrate import (
     CalibrationError,
     calibrate,
     calibration_probe_nb,
     mid_change_moments_nb,
     reached_counts_nb,
 )
-from quotelab.data import catalog as cat
-from quotelab.kernels.arrival_fit import FIT_MAX_WINDOW, arrival_fit_nb, fit_state
-from quotelab.kernels.ewma import sigma_ticks_nb
-from quotelab.replay import ReplayAsset, replay
+from quotelab.research.replay import ReplayAsset, replay
 
 BTC = "binance-usdm/BTCUSDT"
 DAY = "20240808"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from quotelab.config import apply_overrides, load_yaml, place
 from quotelab.errors import ConfigError
+from quotelab.strategy.config import apply_overrides, load_yaml, place
 
 CLI = [sys.executable, "-m", "quotelab.cli"]
 YAML_VERBS = ["run", "evaluate", "train", "batch", "optimize"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from quotelab.registry import BLOCK_ENV, ENTRY_POINT_GROUP, load_registry
+from quotelab.strategy.registry import BLOCK_ENV, ENTRY_POINT_GROUP, load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "plugins.md"

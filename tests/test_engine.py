@@ -14,8 +14,8 @@ import yaml
 from handwritten import run_seed_by_hand
 from hftbacktest.types import LOCAL_EVENT
 
+from quotelab.backtest.engine import run_strategy
 from quotelab.data import catalog as cat
-from quotelab.engine import run_strategy
 from quotelab.errors import ConfigError, DataError, RunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_seed_yaml_reproduces_handwritten_loop_exactly(real_catalog):
 @pytest.mark.slow
 def test_uncompressed_catalog_converts_maps_and_runs_identically(real_catalog, shared_data, tmp_path):
     """`convert --compression none` writes the same rows; the mapped days run and evaluate as the deflated ones."""
-    from quotelab.evaluate import evaluate
+    from quotelab.research.evaluate import evaluate
 
     for symbol in ("BTCUSDT", "ETHUSDT"):
         raw = shared_data / "binance" / "usdm" / f"{symbol.lower()}_20240808.gz"
@@ -82,7 +82,7 @@ def _seed_doc(real_catalog: Path) -> dict:
 def test_reference_asset_does_not_shift_quoted_fills(real_catalog, tmp_path):
     # Without an explicit grid origin hftbacktest starts the step grid at the earliest event of all
     # assets, so a reference asset that starts earlier would shift the quoted asset's fills (#315).
-    from quotelab.engine import AssetFeed
+    from quotelab.backtest.engine import AssetFeed
 
     first = {}
     for sym in ("BTCUSDT", "ETHUSDT"):
@@ -252,7 +252,7 @@ def test_driver_is_loaded_from_the_disk_cache_in_a_new_process(real_catalog, tmp
     script = (
         "import json, sys\n"
         "from quotelab import driver as D\n"
-        "from quotelab.engine import run_strategy\n"
+        "from quotelab.backtest.engine import run_strategy\n"
         f"s = run_strategy({str(SEED)!r}, catalog={str(real_catalog)!r}).summary\n"
         "print(json.dumps([sum(D.run_driver.stats.cache_hits.values()), sum(D.run_driver.stats.cache_misses.values()),"
         " [s[k] for k in ('num_trades', 'position', 'balance', 'fee', 'quoting_steps')]]))\n"
@@ -358,8 +358,8 @@ def test_edited_helper_kernel_in_another_module_is_recompiled(real_catalog, tmp_
 
 
 def test_linear_forecast_reads_only_earlier_components_of_the_kinds_it_names(tmp_path):
-    from quotelab.config import load_strategy
-    from quotelab.evaluate import load_eval
+    from quotelab.research.evaluate import load_eval
+    from quotelab.strategy.config import load_strategy
 
     doc = yaml.safe_load((REPO / "strategies" / "linear_model.yaml").read_text())
     lin = doc["forecast"][1]["params"]

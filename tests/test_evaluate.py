@@ -19,7 +19,7 @@ from reference_impls import yaml_variant
 
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError
-from quotelab.evaluate import evaluate
+from quotelab.research.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "strategies" / "fair_value_study.yaml"
@@ -122,7 +122,7 @@ def test_bad_horizon_and_unknown_target(real_catalog, tmp_path):
 def test_information_coefficient_is_scipys_spearman_with_ties():
     from scipy.stats import spearmanr
 
-    from quotelab.evaluate import information_coefficient
+    from quotelab.research.evaluate import information_coefficient
 
     rng = np.random.default_rng(11)
     x = rng.normal(size=5000)

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
 
-from quotelab.config import AssetEngine
+from quotelab.backtest.engine import AssetFeed, order_latency, run_strategy
 from quotelab.data import catalog as cat
-from quotelab.engine import AssetFeed, order_latency, run_strategy
 from quotelab.errors import ConfigError
+from quotelab.strategy.config import AssetEngine
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "strategies" / "seed_market_maker.yaml"

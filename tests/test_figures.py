@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from quotelab import driver as D
+from quotelab.backtest import driver as D
+from quotelab.backtest.engine import AssetFeed, compute_stats, run_strategy
+from quotelab.backtest.pnl import currency
 from quotelab.data import synth
-from quotelab.engine import AssetFeed, compute_stats, run_strategy
-from quotelab.pnl import currency
 from quotelab.timeunits import DAY_NS
 
 REPO = Path(__file__).resolve().parents[1]

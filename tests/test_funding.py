@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from quotelab import driver as D
+from quotelab.backtest import driver as D
+from quotelab.backtest.engine import run_strategy
 from quotelab.data import catalog as cat
-from quotelab.engine import run_strategy
-from quotelab.funding import payment_nb, rows, schedule
+from quotelab.data.funding import payment_nb, rows, schedule
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "strategies" / "seed_market_maker.yaml"
@@ -246,8 +246,8 @@ def test_funding_rate_from_the_catalog_equals_the_same_rows_from_a_file(tmp_path
     import polars as pl
 
     from quotelab.data import synth
-    from quotelab.registry import load_registry
-    from quotelab.replay import ReplayAsset, replay_component
+    from quotelab.research.replay import ReplayAsset, replay_component
+    from quotelab.strategy.registry import load_registry
 
     synth.generate(tmp_path, duration_s=300, assets="perp", funding_interval_s=120)
     table = cat.load_funding(tmp_path, "synthetic", "SYNPERP", ["20240101"])

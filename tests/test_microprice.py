@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from quotelab import driver as D
 from quotelab import layout as L
+from quotelab.backtest import driver as D
+from quotelab.backtest.engine import run_strategy
 from quotelab.component import PackContext, pack_fields
 from quotelab.data import catalog as cat
-from quotelab.engine import run_strategy
 from quotelab.errors import ConfigError, DataError
-from quotelab.microprice import MAX_BUCKETS, MicropriceTable, estimate, fit_book, fit_catalog, top_of_book
 from quotelab.plugins.microprice import MicropriceParams, microprice_nb, pack_table
-from quotelab.registry import load_registry
-from quotelab.replay import ReplayAsset, replay_component
+from quotelab.research.microprice import MAX_BUCKETS, MicropriceTable, estimate, fit_book, fit_catalog, top_of_book
+from quotelab.research.replay import ReplayAsset, replay_component
+from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_NS = 100_000_000

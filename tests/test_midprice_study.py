@@ -16,8 +16,8 @@ from seed_study import ESTIMATORS, book_frame, exchange_rows, study_table, trade
 
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError
-from quotelab.evaluate import evaluate
-from quotelab.replay import ReplayAsset, aggregate_trades, prepare_exchange
+from quotelab.research.evaluate import evaluate
+from quotelab.research.replay import ReplayAsset, aggregate_trades, prepare_exchange
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "strategies" / "midprice_study.yaml"
@@ -110,8 +110,8 @@ def test_a_study_estimator_pasted_into_a_strategy_runs_unchanged(real_catalog, t
     from reference_impls import local_trades, trade_flow
 
     from quotelab import layout as L
-    from quotelab.registry import load_registry
-    from quotelab.replay import replay_component
+    from quotelab.research.replay import replay_component
+    from quotelab.strategy.registry import load_registry
 
     study = yaml.safe_load(STUDY.read_text())
     est = next(e for e in study["estimators"] if e["name"] == "adjust_mid_price_10")

@@ -29,7 +29,7 @@ from quotelab.errors import PluginError
 from quotelab.kernels.quotes import ModelQuoterParams
 from quotelab.plugins.avellaneda_stoikov import P as AS
 from quotelab.plugins.glft import P as GLFT
-from quotelab.registry import load_registry
+from quotelab.strategy.registry import load_registry
 
 CTX = PackContext(asset_index={"perp": 0, "spot": 1, "quoted": 0}, tick_size={}, lot_size={}, quoted="perp")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quotelab.config import load_strategy
 from quotelab.errors import ConfigError
-from quotelab.registry import load_registry
+from quotelab.strategy.config import load_strategy
+from quotelab.strategy.registry import load_registry
 
 SEED = Path(__file__).resolve().parents[1] / "strategies" / "seed_market_maker.yaml"
 

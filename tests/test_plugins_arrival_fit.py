@@ -10,7 +10,7 @@ from reference_impls import arrival_fit, asset, events, local_trades, mids
 
 from quotelab import layout as L
 from quotelab.kernels.arrival_fit import arrival_fit_nb, fit_state
-from quotelab.replay import replay
+from quotelab.research.replay import replay
 
 WINDOW = 300
 N_TICKS = 15
@@ -40,8 +40,8 @@ def test_arrival_fit_equals_reference(markets, key):
 @pytest.mark.parametrize("key", ["usdm_btc", "synth_perp"])
 @pytest.mark.parametrize("quoter", ["avellaneda_stoikov", "glft"])
 def test_quoters_use_the_fitted_arrival_parameters(markets, registry, quoter, key):
-    from quotelab.composer import Part, compose
-    from quotelab.replay import context, replay_composition
+    from quotelab.research.replay import context, replay_composition
+    from quotelab.strategy.composer import Part, compose
 
     a = asset(markets, key)
     g, k0, a0, s = 0.001, 0.3, 1.0, 80.0

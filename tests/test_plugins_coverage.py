@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quotelab.registry import BUILTIN_PLUGINS, load_registry
+from quotelab.strategy.registry import BUILTIN_PLUGINS, load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTINS = [c for c in load_registry(entry_points=False).all() if c.source.startswith("quotelab ")]

@@ -17,7 +17,7 @@ from reference_impls import (
 
 from quotelab import layout as L
 from quotelab.component import PackContext
-from quotelab.replay import replay_component
+from quotelab.research.replay import replay_component
 
 
 def _run(registry, name, params, assets, **kw):

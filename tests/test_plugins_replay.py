@@ -9,9 +9,9 @@ from numba import njit
 from reference_impls import asset
 
 from quotelab import layout as L
-from quotelab.driver import _fill_view
+from quotelab.backtest.driver import _fill_view
 from quotelab.plugins.mid import mid_nb
-from quotelab.replay import ReplayAsset, aggregate_trades, prepare, prepare_exchange, replay
+from quotelab.research.replay import ReplayAsset, aggregate_trades, prepare, prepare_exchange, replay
 
 N_LEVELS = 5
 MAX_SCAN = 2000
@@ -189,7 +189,7 @@ def test_replay_trades_over_split_days_equals_one_day(markets):
     local-only rows) give the same calls, on the same books, as the whole day."""
     from hftbacktest.types import EXCH_EVENT, TRADE_EVENT
 
-    from quotelab.replay import replay_trades
+    from quotelab.research.replay import replay_trades
 
     a = asset(markets, "usdm_btc")
     day = a.events[0]
@@ -230,11 +230,11 @@ def test_aggregate_trades_of_the_second_asset_equals_it_alone(markets):
 
 _CACHED_REPLAY = '''
 import numpy as np
-from quotelab import replay as R
+from quotelab.research import replay as R
 from quotelab.plugins.mid import mid_nb
 asset = R.load_npz_asset({path!r}, "x", 0.1, 0.001)
 if {layout_key!r} is not None:  # as if quotelab.layout changed since the cache was written
-    import quotelab.jitcache as J
+    import quotelab.backtest.jitcache as J
     J.KEY = R.KEY = {layout_key!r}
 recompiled = []
 for loop in (R._replay_nb, R._replay_trades_nb):

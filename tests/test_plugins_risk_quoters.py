@@ -12,7 +12,7 @@ from conftest import SYMBOLS
 from reference_impls import asset, ewma_sigma_ticks, level_imbalance, mids
 
 from quotelab import layout as L
-from quotelab.replay import context, replay_component
+from quotelab.research.replay import context, replay_component
 
 
 @pytest.fixture(scope="module", params=SYMBOLS)

@@ -18,9 +18,9 @@ from reference_impls import (
 
 from quotelab import layout as L
 from quotelab.component import PackContext
-from quotelab.composer import Part, compose
-from quotelab.config import Alpha
-from quotelab.replay import context, replay_component, replay_composition
+from quotelab.research.replay import context, replay_component, replay_composition
+from quotelab.strategy.composer import Part, compose
+from quotelab.strategy.config import Alpha
 
 
 def _run(registry, name, params, assets, **kw):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from quotelab import driver as D
-from quotelab.engine import run_strategy
+from quotelab.backtest import driver as D
+from quotelab.backtest.engine import run_strategy
 
 STRATEGIES = Path(__file__).resolve().parents[1] / "strategies"
 EXAMPLES = ["multi_venue_fair_value", "trade_flow_forecast", "avellaneda_stoikov", "glft", "linear_model"]

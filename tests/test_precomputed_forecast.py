@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 import yaml
 
+from quotelab.backtest.engine import run_strategy
 from quotelab.data import catalog as cat
-from quotelab.engine import run_strategy
 from quotelab.errors import ConfigError
-from quotelab.registry import load_registry
-from quotelab.replay import ReplayAsset, replay_component
+from quotelab.research.replay import ReplayAsset, replay_component
+from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from quotelab.engine import run_strategy
+from quotelab.backtest.engine import run_strategy
 from quotelab.errors import ConfigError, PluginError
 from quotelab.pysignal import PREFIX, compare
-from quotelab.registry import load_registry
+from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "strategies" / "seed_market_maker.yaml"
@@ -117,9 +117,9 @@ def test_kernel_with_python_part_is_disk_cached_across_processes(tmp_path):
     script = f'''
 import numpy as np
 from quotelab.component import PackContext
-from quotelab.composer import Part, compose
-from quotelab.config import Alpha
-from quotelab.registry import load_registry
+from quotelab.strategy.composer import Part, compose
+from quotelab.strategy.config import Alpha
+from quotelab.strategy.registry import load_registry
 r = load_registry(local_files=[{str(plugin)!r}], entry_points=False)
 def part(role, name, params, where):
     c = r.get(role, name)
@@ -164,7 +164,7 @@ def test_unknown_python_kind_lists_the_registered_ones(real_catalog, tmp_path):
 
 def _kernel_replay(real_catalog: Path):
     from quotelab.pysignal import catalog_asset
-    from quotelab.replay import replay_component
+    from quotelab.research.replay import replay_component
 
     registry = load_registry(entry_points=False)
     return replay_component(registry.get("signal", "book_imbalance"), {},
@@ -198,7 +198,7 @@ def test_check_plugin_passes_when_the_twins_agree(real_catalog, tmp_path):
 @pytest.mark.slow
 def test_check_plugin_checks_a_signal_of_another_asset_given_with_with(real_catalog, tmp_path):
     from quotelab.pysignal import catalog_asset
-    from quotelab.replay import replay_component
+    from quotelab.research.replay import replay_component
 
     eth = ("--with", "eth=binance-usdm:ETHUSDT", "--params", '{"asset": "eth"}')
     proc = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog), "--plugin",
@@ -293,7 +293,7 @@ def test_python_signal_never_hides_its_kernel_twin(tmp_path):
 def test_python_signal_scores_like_its_kernel_in_evaluate(real_catalog, tmp_path):
     from reference_impls import yaml_variant
 
-    from quotelab.evaluate import evaluate
+    from quotelab.research.evaluate import evaluate
 
     estimators = [{"name": name, "fair_value": [{"kind": "mid"}], "forecast": [{"kind": kind, "alpha": "1tick"}]}
                   for name, kind in (("kernel", "book_imbalance"), ("python", "py:book_imbalance"))]
@@ -312,7 +312,7 @@ def test_python_signal_scores_like_its_kernel_in_evaluate(real_catalog, tmp_path
 def test_python_signal_that_raises_in_evaluate_names_its_place(real_catalog, tmp_path):
     from reference_impls import yaml_variant
 
-    from quotelab.evaluate import evaluate
+    from quotelab.research.evaluate import evaluate
 
     estimators = [{"name": "python", "fair_value": [{"kind": "mid"}],
                    "forecast": [{"kind": "py:book_imbalance", "alpha": "1tick"}]}]

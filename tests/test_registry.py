@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from quotelab import hookspecs
-from quotelab.engine import run_strategy
+from quotelab.backtest.engine import run_strategy
 from quotelab.errors import PluginError
-from quotelab.registry import BUILTIN_PLUGINS, load_registry
+from quotelab.strategy.registry import BUILTIN_PLUGINS, load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "quotelab-plugin-example"
@@ -91,7 +91,7 @@ def test_trade_sign_ewma_kernel_against_naive_loop():
 
 
 def test_registry_is_kept_per_process_unless_local_files_or_blocking_change(tmp_path, monkeypatch):
-    from quotelab.registry import BLOCK_ENV
+    from quotelab.strategy.registry import BLOCK_ENV
 
     monkeypatch.delenv(BLOCK_ENV, raising=False)
     shared = load_registry()

@@ -16,12 +16,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from quotelab.backtest.engine import run_strategy
 from quotelab.batch import load_batch
-from quotelab.config import MAX_VALUES, load_strategy
-from quotelab.engine import run_strategy
 from quotelab.errors import ConfigError, PluginError, QuotelabError, RunError
-from quotelab.evaluate import evaluate, load_eval
-from quotelab.train import load_train
+from quotelab.research.evaluate import evaluate, load_eval
+from quotelab.research.train import load_train
+from quotelab.strategy.config import MAX_VALUES, load_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "strategies" / "seed_market_maker.yaml"
@@ -110,7 +110,7 @@ def test_merge_keys_merge_and_written_keys_win(tmp_path):
                                 "base: &q {half_spread: 7ticks, size: 0.01}\nquoter:\n  kind: fixed_spread\n"
                                 "  params: {<<: *q, half_spread: 2ticks,")
     raw = yaml.safe_load(text)  # PyYAML's own reading of the same merge: the reference
-    from quotelab.config import load_yaml
+    from quotelab.strategy.config import load_yaml
 
     data, _ = load_yaml(tmp_path / "m.yaml", text)
     assert data["quoter"]["params"] == raw["quoter"]["params"] == {"half_spread": "2ticks", "size": 0.01,
@@ -293,7 +293,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path):
 
 def test_results_are_saved_elsewhere_when_writing_fails_after_the_run(real_catalog, tmp_path, monkeypatch):
     """Seen red: with a read-only --out the backtest finished, then its result was lost."""
-    from quotelab import engine
+    from quotelab.backtest import engine
 
     real_save = engine.save_result
     out = tmp_path / "out"

@@ -52,8 +52,8 @@ def test_parts_round_trip_and_are_plain_npz(two_catalogs):
 
 
 def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs, tmp_path, monkeypatch):
-    from quotelab import engine
-    from quotelab.engine import run_strategy
+    from quotelab.backtest import engine
+    from quotelab.backtest.engine import run_strategy
 
     whole, parts = two_catalogs
     doc = yaml.safe_load((REPO / "strategies" / "demo_synthetic.yaml").read_text())
@@ -86,10 +86,10 @@ def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs,
 
 
 def test_streamed_replay_equals_the_preloaded_replay(two_catalogs):
-    from quotelab.config import DataSection
-    from quotelab.engine import load_assets
-    from quotelab.registry import load_registry
-    from quotelab.replay import ReplayAsset, replay_component
+    from quotelab.backtest.engine import load_assets
+    from quotelab.research.replay import ReplayAsset, replay_component
+    from quotelab.strategy.config import DataSection
+    from quotelab.strategy.registry import load_registry
 
     whole, parts = two_catalogs
     section = DataSection.model_validate({"quote": "perp", "assets": {
@@ -116,10 +116,10 @@ def test_empty_day_is_one_empty_part(tmp_path):
 
 def test_replay_records_spooled_in_chunks_equal_one_chunk(two_catalogs, monkeypatch):
     from quotelab import spool
-    from quotelab.config import DataSection
-    from quotelab.engine import load_assets
-    from quotelab.registry import load_registry
-    from quotelab.replay import ReplayAsset, replay_component
+    from quotelab.backtest.engine import load_assets
+    from quotelab.research.replay import ReplayAsset, replay_component
+    from quotelab.strategy.config import DataSection
+    from quotelab.strategy.registry import load_registry
 
     _, parts = two_catalogs
     section = DataSection.model_validate({"quote": "perp", "assets": {
@@ -140,7 +140,7 @@ def test_replay_records_spooled_in_chunks_equal_one_chunk(two_catalogs, monkeypa
 
 def test_rank_correlation_in_chunks_is_the_in_memory_ic(monkeypatch):
     from quotelab import spool
-    from quotelab.evaluate import information_coefficient, rank_correlation
+    from quotelab.research.evaluate import information_coefficient, rank_correlation
 
     rng = np.random.default_rng(7)
     x = np.round(rng.normal(size=20_000), 1)  # many ties, as mid changes have
@@ -155,7 +155,7 @@ def test_streamed_evaluation_scores_as_the_whole_series(two_catalogs, tmp_path, 
     """Two days of parts, scored a chunk of steps at a time with the records spooled, give the table
     of the whole days scored at once (every series one chunk, in memory)."""
     from quotelab import spool
-    from quotelab.evaluate import evaluate
+    from quotelab.research.evaluate import evaluate
 
     whole, parts = two_catalogs
     doc = {"name": "s", "data": {"quote": "perp", "assets": {

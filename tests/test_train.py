@@ -15,12 +15,12 @@ import polars as pl
 import pytest
 import yaml
 
-from quotelab import train as T
-from quotelab.driver import R_FORECAST, R_MID
-from quotelab.engine import run_strategy
+from quotelab.backtest.driver import R_FORECAST, R_MID
+from quotelab.backtest.engine import run_strategy
 from quotelab.errors import ConfigError, DataError
-from quotelab.registry import load_registry
-from quotelab.replay import replay_component
+from quotelab.research import train as T
+from quotelab.research.replay import replay_component
+from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "strategies" / "train_btc_usdm.yaml"
@@ -195,9 +195,9 @@ def test_feature_shifted_one_step_into_the_future_is_caught(catalog, tmp_path, r
 
 def _external_mid(catalog: Path, tmp_path: Path, registry, origin_ns: int) -> Path:
     """ETH's mid on a 10 ms grid (the same origin), as a file of (timestamp, mid): an 'external' series."""
-    from quotelab.config import DataSection
-    from quotelab.engine import load_assets
-    from quotelab.replay import ReplayAsset
+    from quotelab.backtest.engine import load_assets
+    from quotelab.research.replay import ReplayAsset
+    from quotelab.strategy.config import DataSection
 
     data = DataSection.model_validate(
         {"quote": "eth", "assets": {"eth": {"venue": "binance-usdm", "symbol": "ETHUSDT", "dates": ["20240808"]}}})
@@ -220,7 +220,7 @@ validation: {folds: 3, purge: 1s}
 
 def test_external_series_resampled_equals_the_kernel_and_a_left_label_is_caught(catalog, tmp_path, registry,
                                                                               monkeypatch):
-    from quotelab.engine import load_assets
+    from quotelab.backtest.engine import load_assets
 
     setup = T.load_train(write(tmp_path, DATA + FEATURES + EXTERNAL), registry)
     feeds = load_assets(setup.config.data, tmp_path, setup.where, catalog)

@@ -164,7 +164,7 @@ class BinanceConverter:
                                       "snapshots": 0, "other_msgs": 0, "dropped_depth_msgs": 0,
                                       "dropped_trades": 0}
         self.files: list[dict[str, Any]] = []
-        self.funding: list[tuple] = []  # markPriceUpdate rows (quotelab.funding columns) not yet in a table
+        self.funding: list[tuple] = []  # markPriceUpdate rows (quotelab.data.funding columns) not yet in a table
         self.funding_tables: list[np.ndarray] = []  # 40 bytes a row: ~3.5 MB a day at one a second
 
     # -- reading -------------------------------------------------------------------------------
@@ -635,7 +635,7 @@ class BinanceConverter:
 
     def _table_funding(self) -> None:
         if self.funding:
-            from quotelab.funding import rows
+            from quotelab.data.funding import rows
 
             self.funding_tables.append(rows(*map(np.array, zip(*self.funding, strict=True))))
             self.funding = []

@@ -88,7 +88,7 @@ def day_path(catalog: Path | str, venue: str, symbol: str, day: str) -> Path:
 
 
 def funding_path(catalog: Path | str, venue: str, symbol: str, day: str) -> Path:
-    """A day's funding side table (:data:`quotelab.funding.funding_dtype` rows), beside its events."""
+    """A day's funding side table (:data:`quotelab.data.funding.funding_dtype` rows), beside its events."""
     return symbol_dir(catalog, venue, symbol) / f"{day}.funding.npy"
 
 
@@ -101,7 +101,7 @@ def write_funding(catalog: Path | str, venue: str, symbol: str, day: str, table:
 
 def load_funding(catalog: Path | str, venue: str, symbol: str, days: list[str]) -> np.ndarray | None:
     """The funding rows of ``days`` in exchange-time order, or None if no day has a side table."""
-    from quotelab.funding import funding_dtype
+    from quotelab.data.funding import funding_dtype
 
     parts = []
     for day in days:

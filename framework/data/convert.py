@@ -136,7 +136,7 @@ def convert_files(
 
 def _stage_funding(table: Any, staging: Path, venue: str, symbol: str, days: dict[str, dict[str, Any]],
                    info: dict[str, Any]) -> dict[str, Path]:
-    """Write a converter's funding rows (mark, index, rate; :mod:`quotelab.funding`) per UTC day of
+    """Write a converter's funding rows (mark, index, rate; :mod:`quotelab.data.funding`) per UTC day of
     exchange time beside the days it wrote; rows of days without events are counted, not kept."""
     import numpy as np
 

@@ -1097,7 +1097,7 @@ class _Funding:
             self.rows.append((t, t + self.latency, px[i], index[i], self.sum / self.n, nxt))
 
     def take(self) -> np.ndarray:
-        from quotelab.funding import funding_dtype
+        from quotelab.data.funding import funding_dtype
 
         out = np.array(self.rows, dtype=funding_dtype)
         self.rows = []

@@ -780,10 +780,10 @@ def _header(path: Path) -> list[str]:
 
 
 def derivative_ticker(path: Path, symbol: str) -> np.ndarray:
-    """A Tardis ``derivative_ticker`` CSV's rows of ``symbol`` as funding rows (:mod:`quotelab.funding`):
+    """A Tardis ``derivative_ticker`` CSV's rows of ``symbol`` as funding rows (:mod:`quotelab.data.funding`):
     mark, index, ``funding_rate`` and ``funding_timestamp`` (the settlement it is for; 0 if empty), µs → ns.
     Rows without a mark price (a venue sends some fields alone) keep the last mark seen."""
-    from quotelab.funding import rows
+    from quotelab.data.funding import rows
 
     with open_binary(Path(path)) as fh:
         raw = fh.read()

@@ -16,14 +16,18 @@ import numpy as np
 from hftbacktest import GTC, GTX, BacktestAsset
 from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT, record_dtype
 
-from quotelab import driver as D
 from quotelab import layout as L
-from quotelab import pnl
 from quotelab import progress as P
-from quotelab.backtest_c import Backtest
+from quotelab.backtest import driver as D
+from quotelab.backtest import pnl
+from quotelab.backtest.backtest_c import Backtest
+from quotelab.backtest.jitcache import KEY, run_cached
 from quotelab.component import PackContext
-from quotelab.composer import Composition, Part, compose, kernel_list
-from quotelab.config import (
+from quotelab.data import catalog as cat
+from quotelab.data.funding import schedule
+from quotelab.errors import ConfigError, DataError, PluginError, QuotelabError, RunError
+from quotelab.strategy.composer import Composition, Part, compose, kernel_list
+from quotelab.strategy.config import (
     Alpha,
     AssetEngine,
     DataSection,
@@ -32,10 +36,6 @@ from quotelab.config import (
     load_strategy,
     parse_alpha,
 )
-from quotelab.data import catalog as cat
-from quotelab.errors import ConfigError, DataError, PluginError, QuotelabError, RunError
-from quotelab.funding import schedule
-from quotelab.jitcache import KEY, run_cached
 
 
 @dataclass
@@ -49,7 +49,7 @@ class AssetFeed:
     contract: str  # linear | inverse
     contract_size: float
     engine: AssetEngine | None
-    funding: np.ndarray | None = None  # quotelab.funding rows of the asset's days, if the catalog has them
+    funding: np.ndarray | None = None  # quotelab.data.funding rows of the asset's days, if the catalog has them
 
     @property
     def n_events(self) -> int:
@@ -615,7 +615,7 @@ def _summary(name: str, feed: AssetFeed, final: dict[str, Any], rec: np.ndarray,
 
 
 def _figures(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
-    """PnL in its currency and in USD, per traded notional, and the per-day table (:mod:`quotelab.pnl`)."""
+    """PnL in its currency and in USD, per traded notional, and the per-day table (:mod:`quotelab.backtest.pnl`)."""
     inverse = feed.contract == "inverse"
     unit = pnl.currency(feed.symbol, inverse)
     mark = summary["last_mid"]
@@ -751,7 +751,7 @@ def run_strategy(
     A trained model's part (``provenance`` param) must share the run's grid step; days it was trained on
     are listed in ``summary["in_sample"]`` (refused with ``strict``). ``check``: see :func:`run_loaded`.
     """
-    from quotelab.provenance import strategy_in_sample
+    from quotelab.strategy.provenance import strategy_in_sample
 
     loaded, registry, parts = load_strategy(path, overrides, registry=registry)
     in_sample = strategy_in_sample(loaded, parts, strict)

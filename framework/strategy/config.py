@@ -23,7 +23,7 @@ from quotelab.errors import ConfigError
 from quotelab.units import DAY, MICROSECOND, Delay, DomainModel, Offset, Price, Qty, Step, seconds_between
 
 if TYPE_CHECKING:
-    from quotelab.registry import Registry
+    from quotelab.strategy.registry import Registry
 
 Path_ = tuple[str | int, ...]
 
@@ -680,7 +680,7 @@ def load_strategy(
     path: str | Path, overrides: list[str] = (), registry: Registry | None = None, text: str | None = None
 ) -> tuple[LoadedStrategy, Registry, list[ValidatedPart]]:
     """Validate a strategy YAML fully (both phases) and return it with its registry and parts."""
-    from quotelab.registry import load_registry
+    from quotelab.strategy.registry import load_registry
 
     path = Path(path)
     config, raw, lines = load_document(path, StrategyConfig, "a strategy is a mapping with sections data, "

@@ -29,7 +29,7 @@ from quotelab import layout as L
 from quotelab.data import catalog as cat
 from quotelab.errors import QuotelabError
 from quotelab.kernels.arrival_fit import arrival_depths_nb, log_linear_fit_nb
-from quotelab.replay import ReplayAsset, replay
+from quotelab.research.replay import ReplayAsset, replay
 
 SIDES = ("buy", "sell", "pooled")
 MAX_TICKS_LIMIT = 500

@@ -1,7 +1,7 @@
 """``quotelab train``: record features from the signal kernels, fit forecast models, validate, export.
 
 Features are the outputs of registered signal kernels, replayed over catalog days on the engine's
-grid (:mod:`quotelab.replay`), so a trained model sees exactly what a strategy computes online. The
+grid (:mod:`quotelab.research.replay`), so a trained model sees exactly what a strategy computes online. The
 target is the quote asset's future mid return in bps, ``1e4·ln(mid(t+h)/mid(t))``, with the mid taken
 from the ``mid`` kernel in the same replay.
 
@@ -31,10 +31,15 @@ import yaml
 from pydantic import Field, model_validator
 
 from quotelab import layout as L
-from quotelab import provenance
 from quotelab.component import PackContext
-from quotelab.composer import Composition, Part, compose
-from quotelab.config import (
+from quotelab.errors import ConfigError, DataError
+from quotelab.outputs import json_finite, write_or_rescue
+from quotelab.research.evaluate import information_coefficient
+from quotelab.research.replay import ReplayAsset, prepare, replay
+from quotelab.research.replay import context as replay_context
+from quotelab.strategy import provenance
+from quotelab.strategy.composer import Composition, Part, compose
+from quotelab.strategy.config import (
     PART_NAME_RE,
     AssetData,
     DataSection,
@@ -47,12 +52,7 @@ from quotelab.config import (
     validate_part,
     where_in,
 )
-from quotelab.errors import ConfigError, DataError
-from quotelab.evaluate import information_coefficient
-from quotelab.outputs import json_finite, write_or_rescue
-from quotelab.registry import Registry
-from quotelab.replay import ReplayAsset, prepare, replay
-from quotelab.replay import context as replay_context
+from quotelab.strategy.registry import Registry
 from quotelab.units import Delay, Horizon, Step
 
 MODEL_KINDS = ("linear", "ridge", "rolling_linear", "ensemble", "gradient_boosting")
@@ -191,7 +191,7 @@ def feature_name(spec: FeatureSpec, params: Any) -> str:
 def load_train(path: str | Path, registry: Registry | None = None, overrides: Sequence[str] = ()) -> TrainSetup:
     """Validate a TRAIN.yaml fully (envelope, every feature's params, units, purge) before any replay;
     ``overrides`` are the command line's ``--set PATH=VALUE``."""
-    from quotelab.registry import load_registry
+    from quotelab.strategy.registry import load_registry
 
     path = Path(path)
     config, _raw, lines = load_document(path, TrainConfig, "a training file is a mapping with sections data, "
@@ -283,7 +283,7 @@ def load_dataset(
     name: str, data: DataSection, base_dir: Path, where: Callable[[Path_], str], catalog: Path | None
 ) -> Dataset:
     """Load a data section with the engine's own loader (same instruments, same checks)."""
-    from quotelab.engine import load_assets, resolve_catalog
+    from quotelab.backtest.engine import load_assets, resolve_catalog
 
     feeds = load_assets(data, base_dir, where, resolve_catalog(base_dir, data.catalog, catalog))
     assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse",
@@ -295,8 +295,8 @@ def load_dataset(
 
 def check_grid_budget(setup: TrainSetup, ds: Dataset) -> None:
     """Refuse, before replaying, a grid whose recorded steps would not fit in memory (a 1 µs grid)."""
+    from quotelab.backtest.engine import check_record_budget
     from quotelab.data import catalog as cat
-    from quotelab.engine import check_record_budget
 
     span = max(cat.last_ts(a.events[-1]) for a in ds.assets) - min(cat.first_ts(a.events[0]) for a in ds.assets)
     step = setup.config.grid.step

@@ -4,7 +4,7 @@ Fair-value evaluation, feature recording and kernel tests must see exactly what 
 a backtest, so this module rebuilds each asset's L2 book the way hftbacktest's local side does
 (``HashMapMarketDepth``: rows flagged LOCAL_EVENT, applied in local time, the same best-tick search
 and the same stale entries when a side crosses the other) and fills ``view`` and ``trades`` on the
-engine's grid exactly like :func:`quotelab.driver._fill_view`. Position, balance, fees and fills are
+engine's grid exactly like :func:`quotelab.backtest.driver._fill_view`. Position, balance, fees and fills are
 0: nothing trades here.
 
 :func:`replay_trades` is the other clock: the EXCH_EVENT rows in exchange time, one kernel call per
@@ -41,11 +41,11 @@ from numba import njit
 
 from quotelab import layout as L
 from quotelab import progress, spool
+from quotelab.backtest.jitcache import KEY, STALE, run_cached
 from quotelab.component import Component, PackContext, Params
-from quotelab.composer import kernel_list
 from quotelab.data import catalog as cat
 from quotelab.errors import DataError
-from quotelab.jitcache import KEY, STALE, run_cached
+from quotelab.strategy.composer import kernel_list
 
 INVALID_MIN = np.iinfo(np.int64).min
 INVALID_MAX = np.iinfo(np.int64).max
@@ -753,7 +753,7 @@ def replay_component(
 def replay_composition(
     composition: Any, assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, **kw: Any
 ) -> ReplayResult:
-    """Replay a composed strategy (a :class:`quotelab.composer.Composition`); ``out`` rows kept."""
+    """Replay a composed strategy (a :class:`quotelab.strategy.composer.Composition`); ``out`` rows kept."""
     kw.setdefault("keep_out", True)
     return replay(assets, composition.kernel, composition.params, composition.state.copy(), quoted=quoted, **kw)
 

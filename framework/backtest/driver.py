@@ -1,6 +1,6 @@
 """The one loop that drives the hftbacktest backtest.
 
-It calls hftbacktest's C functions by symbol name (:mod:`quotelab.backtest_c`) on the backtest's
+It calls hftbacktest's C functions by symbol name (:mod:`quotelab.backtest.backtest_c`) on the backtest's
 pointer, rather than through the backtest object, whose ctypes pointers kept it out of numba's disk
 cache. So it is compiled once, cached, and reused by every strategy and parameter set: the
 strategy kernel arrives as a first-class function in a typed list (one call per step, so the
@@ -16,10 +16,10 @@ from hftbacktest.order import BUY
 from hftbacktest.types import BUY_EVENT
 from numba import njit
 
-from quotelab import backtest_c as C
 from quotelab import layout as L
-from quotelab.funding import payment_nb
-from quotelab.jitcache import KEY, STALE
+from quotelab.backtest import backtest_c as C
+from quotelab.backtest.jitcache import KEY, STALE
+from quotelab.data.funding import payment_nb
 
 # cfg (int64) slots
 C_MODE = 0  # 0 fixed step, 1 per event
@@ -53,7 +53,7 @@ R_RISK = 12
 R_FUNDING = 13  # funding received so far (quote currency, coin if inverse); already in R_BALANCE
 R_WIDTH = 14
 
-# settlement columns (quotelab.funding.schedule, then what the driver found at the time)
+# settlement columns (quotelab.data.funding.schedule, then what the driver found at the time)
 S_RATE = 0
 S_MARK = 1
 S_POSITION = 2
@@ -207,7 +207,7 @@ def run_driver(key, bt_addr, fns, view, trades, state, params, out, cfg, ready_m
                settle_ts, settle, fund):
     """Replay to the end of data, calling ``fns[0]`` (the fused strategy) at each step.
 
-    ``key`` is :data:`quotelab.jitcache.KEY` (call through ``run_cached``), ``bt_addr`` the backtest
+    ``key`` is :data:`quotelab.backtest.jitcache.KEY` (call through ``run_cached``), ``bt_addr`` the backtest
     object's ``ptr``. ``ready_mask[a]`` marks the assets the strategy reads: until each has a
     two-sided book, a step neither quotes nor records (warm-up). Results land in ``rec_ts``, ``rec``
     and ``counters``; returns 0 at the end of the data, PAUSED when ``rec`` is full or after

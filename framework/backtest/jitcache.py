@@ -2,7 +2,7 @@
 
 numba checks a cached function only against its own source file, while the replay loops and the
 driver bake in constants of :mod:`quotelab.layout`, hftbacktest's event flags and the C signatures
-of :mod:`quotelab.backtest_c`. Each such loop takes ``KEY`` as its first argument, compares it with
+of :mod:`quotelab.backtest.backtest_c`. Each such loop takes ``KEY`` as its first argument, compares it with
 the ``KEY`` it was compiled with, and returns ``STALE`` if they differ; :func:`run_cached` then
 recompiles it before it runs.
 """
@@ -15,8 +15,9 @@ from typing import Any
 
 import hftbacktest.types as hbt_types
 
-from quotelab import backtest_c, funding
 from quotelab import layout as L
+from quotelab.backtest import backtest_c
+from quotelab.data import funding
 
 
 def _constants(module: Any) -> list[tuple[str, int]]:

@@ -331,7 +331,7 @@ def top_of_book_nb(view, trades, state, params, out):
 def top_of_book(assets: Sequence[Any] | Any, quoted: int = 0, step: float = 0.1,
                 origin_ns: int | None = None) -> dict[str, np.ndarray]:
     """The quoted asset's top of book at every ready step of the engine's grid (the replayer's view)."""
-    from quotelab.replay import replay
+    from quotelab.research.replay import replay
 
     cols = [L.COMPONENTS + k for k in range(4)]
     res = replay(assets, top_of_book_nb, np.array([float(quoted)]), quoted=quoted, step=step, origin_ns=origin_ns,
@@ -346,7 +346,7 @@ def fit_catalog(
 ) -> MicropriceTable:
     """Fit on catalog days, replayed on the grid a strategy with ``step`` quoting this symbol sees."""
     from quotelab.data import catalog as cat
-    from quotelab.replay import ReplayAsset
+    from quotelab.research.replay import ReplayAsset
 
     if not dates:
         raise ConfigError("microprice fit: give at least one date (--dates YYYYMMDD[,YYYYMMDD...])")

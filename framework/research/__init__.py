@@ -1,0 +1,2 @@
+"""Research without hftbacktest: replay of catalog days, fair-value evaluation, micro-price,
+training and calibration."""
