@@ -246,8 +246,8 @@ import pytest
 
 from quotelab import layout as L
 from quotelab.pysignal import catalog_asset, check_signal
-from quotelab.strategy.registry import load_registry
 from quotelab.research.replay import replay_component
+from quotelab.strategy.registry import load_registry
 
 NAME = "$name"
 
