@@ -1,6 +1,8 @@
 """Benchmark: quotelab at scale. Memory as peak private memory (RssAnon) of a child process.
 
-    python bench/scale.py [--hours 4] [--repeat 3] [--tardis-hours 0.5] [--full]
+    python bench/scale.py [--hours 4] [--repeat 3] [--tardis-hours 0.5] [--full] [--profile busy]
+    python bench/scale.py --profile busy --hours 1 --repeat 1 --skip-tardis        # busy, quick
+    python bench/scale.py --profile busy --only-full --full-catalog DIR --full-raw RAW  # a day made by hand
 
 1. ``run`` and ``evaluate`` on 4 days against 1 day of the synthetic market (``--hours`` of it a
    day, deflated, days cut into parts): the ratio of peak RssAnon (target <= 1.05). A day of 4 h
@@ -14,6 +16,12 @@
    ``evaluate``, peak RssAnon each (target <= 1.5 GB; a real busy day has ~127 M events), and with
    ``--full-convert`` through ``convert --format tardis`` too (converters still hold a whole day in
    memory: not streamed yet). Slow: run it once, on a quiet machine.
+
+With ``--profile busy`` the days are the busy perpetual (``synth --profile busy``: the shared USD-M
+BTCUSDT capture's density, ~1,470 events/s, so 1 h a day is ~5.3 M events, 6 parts) and item 1
+also measures ``convert`` of the days' raw Binance USD-M files (``quotelab.data.rawfiles``), 1 day
+against 4. ``--full-catalog``/``--full-raw`` measure a busy day generated once by hand
+(``quotelab synth --profile busy --assets perp --duration 1d --raw binance-usdm --raw-dir RAW``).
 
 Each measurement is the median of ``--repeat`` runs.
 """
@@ -34,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _mem import peak_rss_anon  # noqa: E402
 
 QL = [sys.executable, "-m", "quotelab.cli"]
+CONVERT = ["--format", "binance-usdm", "--symbol", "SYNPERP", "--tick-size", "0.1", "--lot-size", "0.001"]
 DAYS = ["20240101", "20240102", "20240103", "20240104"]
 STRATEGY = {
     "name": "scale",
@@ -68,18 +77,29 @@ def _median_peak(cmd: list[str], repeat: int) -> float:
     return statistics.median(peak_rss_anon(cmd)[0] for _ in range(repeat))
 
 
-def memory(root: Path, hours: float, repeat: int) -> None:
+def memory(root: Path, hours: float, repeat: int, profile: str) -> None:
     cat = root / "cat"
     for day in DAYS:
         start = f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00"
         subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--start", start,
-                        "--duration", f"{hours}h", "--json"], check=True, capture_output=True)
-    print(f"synthetic perp, {hours:g} h a day, deflated, parts of 1 M rows; medians of {repeat}")
-    for verb, doc in (("run", STRATEGY), ("evaluate", EVALUATION)):
+                        "--duration", f"{hours}h", "--profile", profile, "--json"], check=True, capture_output=True)
+    print(f"synthetic perp ({profile} profile), {hours:g} h a day, deflated, parts of 1 M rows; medians of {repeat}")
+    verbs: list[tuple[str, dict | None]] = [("run", STRATEGY), ("evaluate", EVALUATION)]
+    if profile == "busy":
+        from quotelab.data import rawfiles
+
+        # One writer for the four days: days 2-4 (separate synth calls) get a REST snapshot after
+        # their first message, so the converter resyncs on each, as after a collector's reconnect.
+        raw = rawfiles.write(cat, "synthetic", "SYNPERP", "binance-usdm", root / "raw", gz=True)["files"]
+        verbs.append(("convert", None))
+    for verb, doc in verbs:
         peaks = {}
         for n in (1, 4):
-            path = _write(doc, root / f"{verb}{n}.yaml", cat, DAYS[:n])
-            peaks[n] = _median_peak([*QL, verb, str(path), "--json"], repeat)
+            if doc is None:
+                cmd = [*QL, "convert", *CONVERT, "--catalog", str(root / f"conv{n}"), *raw[:n], "--json"]
+            else:
+                cmd = [*QL, verb, str(_write(doc, root / f"{verb}{n}.yaml", cat, DAYS[:n])), "--json"]
+            peaks[n] = _median_peak(cmd, repeat)
         print(f"{verb:9s} peak RssAnon: 1 day {peaks[1]:6.0f} MB, 4 days {peaks[4]:6.0f} MB, "
               f"4 days / 1 day {peaks[4] / peaks[1]:.3f}x (target <= 1.05)")
 
@@ -115,26 +135,41 @@ def tardis(hours: float, repeat: int) -> None:
     print(f"tardis convert, {hours:g} h synthetic: {line} (target >= 1x)")
 
 
-def full(root: Path, convert: bool) -> None:
+def full(root: Path, convert: bool, profile: str, catalog_dir: Path | None, raw_dir: Path | None) -> None:
+    """One whole day through run and evaluate (and convert): peak RssAnon each, target <= 1.5 GB."""
     from quotelab.data import catalog
 
-    cat = root / "full"
-    subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--duration", "1d", "--json"],
-                   check=True, capture_output=True)
-    events = sum(catalog.stream_days(cat, "synthetic", "SYNPERP", DAYS[:1])[1].rows())
-    print(f"one full synthetic day: {events:,} events")
+    cat = catalog_dir or root / "full"
+    if catalog_dir is None:
+        cmd = [*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--duration", "1d", "--profile", profile,
+               "--json"]
+        if convert and profile == "busy":
+            raw_dir = root / "raw"
+            cmd += ["--raw", "binance-usdm", "--raw-dir", str(raw_dir)]
+        subprocess.run(cmd, check=True, capture_output=True)
+    day = catalog.list_days(cat, "synthetic", "SYNPERP")[0]
+    events = sum(catalog.stream_days(cat, "synthetic", "SYNPERP", [day])[1].rows())
+    print(f"one full synthetic day ({profile} profile, {cat}): {events:,} events")
     for verb, doc in (("run", STRATEGY), ("evaluate", EVALUATION)):
-        path = _write(doc, root / f"full_{verb}.yaml", cat, DAYS[:1])
+        path = _write(doc, root / f"full_{verb}.yaml", cat, [day])
         mb, s, _ = peak_rss_anon([*QL, verb, str(path), "--json"])
         print(f"{verb:9s} peak RssAnon {mb:6.0f} MB in {s:.0f} s (target <= 1536 MB)")
-    if convert:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from tardis import write_tardis
+    if not convert:
+        return
+    if raw_dir is not None:
+        files = sorted(str(p) for p in Path(raw_dir).glob(f"synperp_{day}*"))
+        mb, s, _ = peak_rss_anon([*QL, "convert", *CONVERT, "--catalog", str(root / "conv"), *files, "--json"])
+        size = sum(Path(f).stat().st_size for f in files) / 1e9
+        print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, raw Binance USD-M {size:.1f} GB gzipped "
+              f"(target <= 1536 MB)")
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tardis import write_tardis
 
-        book, trades, rows = write_tardis(catalog.load_day(cat, "synthetic", "SYNPERP", DAYS[0]), root, gz=False)
-        mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", "--symbol", "BTCUSDT", "--catalog",
-                                  str(root / "conv"), str(book), str(trades), "--json"])
-        print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, {rows:,} Tardis rows (target <= 1536 MB)")
+    book, trades, rows = write_tardis(catalog.load_day(cat, "synthetic", "SYNPERP", day), root, gz=False)
+    mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", "--symbol", "BTCUSDT", "--catalog",
+                              str(root / "conv"), str(book), str(trades), "--json"])
+    print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, {rows:,} Tardis rows (target <= 1536 MB)")
 
 
 def main() -> None:
@@ -147,16 +182,24 @@ def main() -> None:
     ap.add_argument("--full-convert", action="store_true",
                     help="with --full, also convert the day's Tardis CSVs (converters still hold a day: ~180 B a row)")
     ap.add_argument("--only-full", action="store_true", help="just the full-day measurement")
+    ap.add_argument("--profile", choices=["demo", "busy"], default="demo",
+                    help="synthetic density: busy is the shared USD-M BTCUSDT capture's (~1,470 events/s); its "
+                         "memory ratios include convert of the days' raw Binance files")
+    ap.add_argument("--full-catalog", type=Path, help="with --only-full: a catalog holding the day already "
+                                                      "(synthetic/SYNPERP, first day), instead of generating it")
+    ap.add_argument("--full-raw", type=Path, help="with --full-catalog: the folder of its raw Binance files "
+                                                  "(synth --raw binance-usdm), to measure convert on them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="quotelab-scale-") as tmp:
         root = Path(tmp)
         if not args.only_full:
-            memory(root, args.hours, args.repeat)
+            memory(root, args.hours, args.repeat, args.profile)
             throughput(root, args.repeat)
             if not args.skip_tardis:
                 tardis(args.tardis_hours, args.repeat)
         if args.full or args.only_full:
-            full(root, args.full_convert)
+            full(root, args.full_convert or args.full_raw is not None, args.profile, args.full_catalog,
+                 args.full_raw)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,21 @@ def test_raw_files_convert_back_to_the_catalog(busy, tmp_path, fmt):
 def test_unknown_profile_is_named(tmp_path):
     with pytest.raises(synth.SynthError, match="--profile 'bussy' is not a profile; choose from demo, busy"):
         synth.generate(tmp_path / "c", duration_s=60, profile="bussy")
+
+
+def test_days_made_apart_convert_with_a_resync(tmp_path):
+    """Two days from separate synth calls do not continue each other's ids: the second file carries a
+    REST snapshot after its first message, so the converter resyncs (a gap, then `resynced`) and
+    every depth and trade row of both days still comes back."""
+    from quotelab.data import rawfiles
+
+    cat = tmp_path / "cat"
+    for day in ("2024-01-01", "2024-01-02"):
+        synth.generate(cat, start=f"{day}T00:00:00", duration_s=10, assets="perp", profile="busy")
+    raw = rawfiles.write(cat, "synthetic", "SYNPERP", "binance-usdm", tmp_path / "raw")
+    out = _ql("convert", "--format", "binance-usdm", "--symbol", "SYNPERP", "--tick-size", "0.1", "--lot-size",
+              "0.001", "--catalog", str(tmp_path / "back"), *raw["files"])
+    kinds = [f["kind"] for f in out["findings"]]
+    assert "gap" in kinds and "resynced" in kinds
+    for day in ("20240101", "20240102"):
+        assert np.array_equal(_rows(_day(cat, "synthetic", day)), _rows(_day(tmp_path / "back", "binance-usdm", day)))
