@@ -1,5 +1,6 @@
-"""``quotelab calibrate``: kernels against naive references on real data, a planted law recovered from a
-synthetic market through the CLI, and the quoters' online fit agreeing with the offline one."""
+"""``quotelab calibrate``: kernels against naive references on real data and on the synthetic market, a
+planted law recovered from a synthetic market through the CLI, and the quoters' online fit agreeing with
+the offline one."""
 
 from __future__ import annotations
 
@@ -32,13 +33,22 @@ DAY = "20240808"
 MAX_TICKS = 35
 
 
-def _day(catalog: Path) -> tuple[np.ndarray, ReplayAsset]:
-    ev = cat.load_day(catalog, "binance-usdm", "BTCUSDT", DAY)
+def _day(catalog: Path, asset: str = BTC, day: str = DAY) -> tuple[np.ndarray, ReplayAsset]:
+    ev = cat.load_day(catalog, *asset.split("/"), day)
     return ev, ReplayAsset("btc", [ev], 0.1, 0.001)
 
 
-def test_kernels_equal_naive_references_on_real_data(real_catalog):
-    ev, a = _day(real_catalog)
+@pytest.fixture(params=["real", "synthetic"])
+def one_day(request) -> tuple[Path, str, str]:
+    """(catalog, venue/symbol, day): the shared BTCUSDT day, or the synthetic perp's (its tick is 0.1 too)."""
+    if request.param == "real":
+        return request.getfixturevalue("real_catalog"), BTC, DAY
+    return request.getfixturevalue("synthetic_catalog"), "synthetic/SYNPERP", "20240101"
+
+
+def test_kernels_equal_naive_references(one_day):
+    catalog, asset, day = one_day
+    ev, a = _day(catalog, asset, day)
     res = replay([a], calibration_probe_nb, np.zeros(1), np.array([np.nan]), keep_out=True, keep_view=True,
                  out_columns=[L.COMPONENTS, L.COMPONENTS + 1])
     mid_ticks = (res.views[:, 0, L.BEST_BID] + res.views[:, 0, L.BEST_ASK]) / 2 / 0.1
@@ -51,7 +61,7 @@ def test_kernels_equal_naive_references_on_real_data(real_catalog):
         naive = np.array([(depth > j).sum() for j in range(1, 2 * MAX_TICKS + 1)], dtype=float)
         np.testing.assert_array_equal(reached_counts_nb(depth, 2 * MAX_TICKS), naive)
     # the table's figures, recomputed the plain numpy way
-    rows = {r["side"]: r for r in calibrate(real_catalog, [BTC], [DAY], max_ticks=MAX_TICKS).rows}
+    rows = {r["side"]: r for r in calibrate(catalog, [asset], [day], max_ticks=MAX_TICKS).rows}
     seconds = len(res.values) * 0.1
     for side, depth in (("buy", hb), ("sell", hs), ("pooled", np.maximum(hb, hs))):
         want = log_linear_fit(depth, MAX_TICKS, seconds)
@@ -98,12 +108,13 @@ def _online_nb(view, trades, state, params, out):
     return fa
 
 
-def test_the_quoters_online_fit_agrees_with_the_offline_one(real_catalog):
+def test_the_quoters_online_fit_agrees_with_the_offline_one(one_day):
     """A window covering the whole day gives the offline day fit to 1e-9 (the same measurement, two code
     paths). The online σ is an EWMA (60 s half-life) of the squared changes from a prior of 10 ticks/√s:
     once it has forgotten the prior (after 2 minutes) its RMS is within 10 % of the day's σ (measured 4 %)."""
-    _, a = _day(real_catalog)
-    rows = {r["side"]: r for r in calibrate(real_catalog, [BTC], [DAY], max_ticks=MAX_TICKS).rows}
+    catalog, asset, day = one_day
+    _, a = _day(catalog, asset, day)
+    rows = {r["side"]: r for r in calibrate(catalog, [asset], [day], max_ticks=MAX_TICKS).rows}
     offline = rows["pooled"]
     state = np.concatenate([[np.nan, 0.0, 0.0], fit_state()])
     prior = 10.0
