@@ -20,8 +20,9 @@ from hftbacktest.types import (
     event_dtype,
 )
 
-from quotelab.data.events import DAY_GRACE_NS, DAY_NS, ConvertJob, DayResult, DenseBook, Findings, day_of
+from quotelab.data.events import DAY_GRACE_NS, ConvertJob, DayResult, DenseBook, Findings, day_of
 from quotelab.errors import DataError
+from quotelab.timeunits import DAY_NS
 
 
 def order_and_flag(rows: np.ndarray) -> np.ndarray:

@@ -219,3 +219,19 @@ def test_shared_kernels_sit_between_the_plugin_api_and_the_plugins():
     # reaches the built-ins only through the registry's plugin manager.
     into = {m: sorted(edges[m] & plugins) for m in edges if edges[m] & plugins}
     assert not into, f"modules importing a built-in plugin module: {into}; move the shared code to quotelab.kernels"
+
+
+# Modules a light command (`quotelab report`, `--help`, `plugins`) imports at start-up: numba and
+# hftbacktest cost seconds to import, so these must not pull them in. quotelab.report joins the list once
+# its batch-store import is light again (it imports quotelab.data.catalog at the top since the batch split).
+LIGHT = ["quotelab.cli", "quotelab.timeunits", "quotelab.backtest.pnl", "quotelab.progress", "quotelab.outputs"]
+
+
+def test_light_modules_load_no_numba_or_hftbacktest():
+    import subprocess
+    import sys
+
+    code = (f"import sys; import {', '.join(LIGHT)}; "
+            "print(sorted(m for m in ('numba', 'hftbacktest', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing {LIGHT} loads {out.strip()}"

@@ -36,6 +36,7 @@ from quotelab.strategy.config import (
     load_strategy,
     parse_alpha,
 )
+from quotelab.timeunits import DAY_NS
 
 
 @dataclass
@@ -695,7 +696,7 @@ def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[
     data = hbt_records(rec_ts, rec)
     record_cls = InverseAssetRecord if feed.contract == "inverse" else LinearAssetRecord
     record = record_cls(data).contract_size(feed.contract_size).resample("1s")
-    days = (int(rec_ts[-1]) - int(rec_ts[0])) / pnl.DAY_NS
+    days = (int(rec_ts[-1]) - int(rec_ts[0])) / DAY_NS
     metrics = [MaxDrawdown, ReturnOverMDD, ReturnOverTrade, MaxPositionValue]
     if days >= 1.0:
         metrics = [SR("SR", trading_days_per_year=365), Sortino("Sortino", trading_days_per_year=365),
