@@ -26,10 +26,12 @@ What each side does with the same two files:
   orders and flags the rows as hftbacktest does. ``quotelab convert`` then writes each day into the
   catalog: deflated npz parts (zlib level 1) by default, or stored (``--compression none``).
 
-The first race runs both in memory (no output file), the like-for-like core. ``--write`` adds a race with
-the output written: hftbacktest's ``output_filename`` (compressed npz) against ``quotelab convert``'s
-code path (``convert_files``) with ``deflate`` (compressed, the like-for-like pair; the levels differ as
-said above) and with ``none``.
+The first race runs both in memory (no output file): hftbacktest's array against quotelab's rows as
+the day streams them out (its parts, not concatenated; quotelab spills an open day's rows to a temporary
+file to bound memory, and orders them from it at the day's close). ``--write`` adds a race with the output
+written: hftbacktest's ``output_filename`` (compressed npz) against ``quotelab convert``'s code path
+(``convert_files``) with ``deflate`` (both compressed; the levels differ as said above), and hftbacktest's
+array saved by ``np.savez`` (stored: its convert has no such option) against ``--compression none``.
 
 Then quotelab's rows are checked against the synthetic market they came from: the book at the end
 (last quantity per price level) and every trade (time, side, price, quantity) must be equal.
@@ -93,11 +95,36 @@ def trades_of(events: np.ndarray) -> np.ndarray:
     return np.stack([t["exch_ts"] // 1000, (t["ev"] & BUY_EVENT) != 0, t["px"], t["qty"]], axis=1)
 
 
-def quotelab_convert(files: list[Path]) -> list[DayResult]:
+class Parts:
+    """A day sink that keeps the rows as they come, in the catalog's parts: quotelab's output in memory."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def append(self, rows: np.ndarray) -> None:
+        self.parts.append(rows)
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        self.parts = []
+
+
+def quotelab_convert(files: list[Path]) -> list[np.ndarray]:
+    """The converted rows, kept in memory as the parts the day streams out in (no concatenation: hftbacktest
+    reads a day as a list of parts too)."""
+    sinks: list[Parts] = []
+
+    def open_day(day: str) -> Parts:
+        sinks.append(Parts())
+        return sinks[-1]
+
     days: list[DayResult] = []
-    job = ConvertJob("binance-usdm", "SYNPERP", {"tick_size": 0.1, "lot_size": 0.001}, days.append)
+    job = ConvertJob("binance-usdm", "SYNPERP", {"tick_size": 0.1, "lot_size": 0.001}, days.append,
+                     open_day=open_day)
     tardis.convert(files, job)
-    return days
+    return [p for sink in sinks for p in sink.parts]
 
 
 def quiet(f: Callable[..., Any], *args: Any) -> Any:
@@ -168,14 +195,16 @@ def main() -> None:
                                          compression=compression)
                 return run
 
-            race({"quotelab deflate": written("deflate"), "quotelab none": written("none"),
-                  "hftbacktest npz": lambda: quiet(hbt_tardis.convert, hbt_files, str(npz))}, args.repeat, lines,
-                 [("hftbacktest npz", "quotelab deflate", "written, both compressed"),
-                  ("hftbacktest npz", "quotelab none", "written, quotelab stored")])
+            def hbt_stored() -> None:
+                np.savez(npz, data=quiet(hbt_tardis.convert, hbt_files))
 
-        days = out["quotelab"]
-        assert isinstance(days, list)
-        ours = np.concatenate([d.events for d in days])
+            race({"quotelab deflate": written("deflate"), "quotelab none": written("none"),
+                  "hftbacktest npz": lambda: quiet(hbt_tardis.convert, hbt_files, str(npz)),
+                  "hftbacktest stored": hbt_stored}, args.repeat, lines,
+                 [("hftbacktest npz", "quotelab deflate", "written, both compressed"),
+                  ("hftbacktest stored", "quotelab none", "written, both stored")])
+
+        ours = np.concatenate(out["quotelab"])
         book_ok = final_book(ours) == final_book(source)
         trades_ok = np.array_equal(trades_of(ours), trades_of(source))
         print(f"quotelab vs the synthetic source: final book {'equal' if book_ok else 'DIFFERENT'}, "
