@@ -98,3 +98,32 @@ def test_annualised_figures_from_a_day_up_say_how():
 ])
 def test_currency_of_a_symbol(symbol, inverse, unit):
     assert currency(symbol, inverse) == unit
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_stats_resampled_a_chunk_at_a_time_equal_hftbacktests_resample(monkeypatch, inverse):
+    from quotelab import engine, spool
+
+    rng = np.random.default_rng(3)
+    gaps = rng.uniform(0.05, 2.5, 80_000)  # several records in some seconds, none in others: 1.2 days
+    ts = 1_700_000_000 * 10**9 + np.cumsum(gaps * 1e9).astype(np.int64)
+    n = len(ts)
+    rec = np.zeros((n, D.R_WIDTH))
+    rec[:, D.R_MID] = 100.0 + np.cumsum(rng.normal(0, 0.05, n))
+    rec[:, D.R_POSITION] = np.cumsum(rng.integers(-1, 2, n)) * 0.01
+    rec[:, D.R_BALANCE] = -np.cumsum(np.diff(rec[:, D.R_POSITION], prepend=0.0) * rec[:, D.R_MID])
+    rec[:, D.R_FEE] = np.cumsum(rng.uniform(0, 1e-3, n))
+    rec[:, D.R_NUM_TRADES] = np.cumsum(rng.integers(0, 3, n))
+    rec[:, D.R_VOLUME] = np.cumsum(rng.uniform(0, 0.02, n))
+    rec[:, D.R_VALUE] = np.cumsum(rng.uniform(0, 2.0, n))
+    feed = AssetFeed("perp", "v", "XUSD_PERP" if inverse else "XUSDT", [], 0.01, 1.0,
+                     "inverse" if inverse else "linear", 10.0 if inverse else 1.0, None)
+    monkeypatch.setattr(spool, "CHUNK", 777)  # windows of a second cut by chunk ends, many times
+    got = compute_stats(feed, ts, rec)
+    assert len(engine.per_second(ts, rec)) == len(np.unique(ts // 10**9))  # a row a second, chunks or not
+    monkeypatch.setattr(engine, "per_second", engine.hbt_records)  # the whole records, resampled by hftbacktest
+    want = compute_stats(feed, ts, rec)
+    assert {"SR", "Sortino", "MaxDrawdown", "DailyTradingValue"} <= set(want) and "error" not in want
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k

@@ -52,6 +52,9 @@ def test_parts_round_trip_and_are_plain_npz(two_catalogs):
 
 
 def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs, tmp_path, monkeypatch):
+    import polars as pl
+
+    from quotelab import spool
     from quotelab.backtest import engine
     from quotelab.backtest.engine import run_strategy
 
@@ -66,8 +69,14 @@ def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs,
     monkeypatch.setattr(engine, "REC_CHUNK", 500)
     monkeypatch.setattr(engine, "PAUSE_STEPS", 700)
     monkeypatch.setattr(engine, "FIGURE_CHUNK", 600)  # the per-day table a chunk of records at a time
+    monkeypatch.setattr(spool, "CHUNK", 900)  # series.parquet and the stats a chunk of records at a time
     seen: list[int] = []
-    streamed = run_strategy(path, catalog=parts, on_progress=seen.append)
+    streamed = run_strategy(path, catalog=parts, on_progress=seen.append, out_dir=tmp_path / "out")
+    series = pl.read_parquet(tmp_path / "out" / "series.parquet")
+    assert series.columns == ["timestamp", *engine.SERIES_COLUMNS] and len(streamed.record_ts) > 3 * 900
+    np.testing.assert_array_equal(series["timestamp"].to_numpy(), streamed.record_ts)
+    np.testing.assert_array_equal(series.drop("timestamp").to_numpy(), streamed.records)
+    assert "MaxDrawdown" in streamed.summary["stats"]
     assert len(seen) > len(preloaded.record_ts) // 500 and seen == sorted(seen)
     assert isinstance(streamed.records.base, np.memmap) or isinstance(streamed.records, np.memmap)
     assert preloaded.summary["num_trades"] > 20  # it trades, on both days

@@ -18,6 +18,7 @@ from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT, record_dtype
 
 from quotelab import layout as L
 from quotelab import progress as P
+from quotelab import spool
 from quotelab.backtest import driver as D
 from quotelab.backtest import pnl
 from quotelab.backtest.backtest_c import Backtest
@@ -659,6 +660,52 @@ def _per_day(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: 
     return [days[d] for d in sorted(days)]
 
 
+SERIES_COLUMNS = ("mid", "position", "balance", "fee", "num_trades", "trading_volume", "trading_value", "fair_value",
+                  "reservation", "bid", "ask", "forecast", "risk", "funding")  # the records' columns, in order
+
+
+def series_schema() -> dict[str, Any]:
+    import polars as pl
+
+    return {"timestamp": pl.Int64, **dict.fromkeys(SERIES_COLUMNS, pl.Float64)}
+
+
+def per_second(rec_ts: np.ndarray, rec: np.ndarray) -> Any:
+    """The records as hftbacktest's stats resample them at "1s" (polars ``group_by_dynamic``: windows
+    [t, t + 1 s) labelled t), a chunk at a time: per window, the last value of each column and the
+    sum of the per-record changes of the trade counters (``num_trades_``, ...; 0 for the first
+    record). The stats then hold one row per second of the run, whatever the step."""
+    import polars as pl
+
+    cum = [D.R_NUM_TRADES, D.R_VOLUME, D.R_VALUE]
+    out: list[Any] = []
+    carry_ts, carry = np.zeros(0, np.int64), np.zeros((0, D.R_WIDTH))
+    prev = None  # the counters of the record before the rows at hand (the first record's, at first)
+    n = len(rec_ts)
+    for lo, hi in spool.chunks(n):
+        ts = np.concatenate([carry_ts, np.asarray(rec_ts[lo:hi])])
+        r = np.concatenate([carry, np.asarray(rec[lo:hi])])
+        c = r[:, cum]
+        prev = c[:1] if prev is None else prev
+        steps = np.diff(np.concatenate([prev, c]), axis=0)
+        sec = ts // 1_000_000_000
+        start = np.flatnonzero(np.r_[True, sec[1:] != sec[:-1]])
+        keep = len(ts) if hi == n else int(start[-1])  # the last window may go on in the next chunk
+        if keep:
+            start = start[start < keep]
+            last = np.r_[start[1:], keep] - 1
+            sums = np.add.reduceat(steps[:keep], start, axis=0)
+            out.append(pl.DataFrame({
+                "timestamp": sec[start] * 1_000_000_000, "price": r[last, D.R_MID],
+                "position": r[last, D.R_POSITION], "balance": r[last, D.R_BALANCE], "fee": r[last, D.R_FEE],
+                "num_trades": r[last, D.R_NUM_TRADES], "trading_volume": r[last, D.R_VOLUME],
+                "trading_value": r[last, D.R_VALUE], "num_trades_": sums[:, 0], "trading_volume_": sums[:, 1],
+                "trading_value_": sums[:, 2]}))
+            prev = c[keep - 1:keep]
+        carry_ts, carry = ts[keep:], r[keep:]
+    return pl.concat(out)
+
+
 def hbt_records(rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
     """Our records in hftbacktest's record_dtype, for its stats."""
     out = np.zeros(len(rec_ts), record_dtype)
@@ -693,9 +740,8 @@ def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[
 
     if len(rec_ts) < 3:
         return {}
-    data = hbt_records(rec_ts, rec)
     record_cls = InverseAssetRecord if feed.contract == "inverse" else LinearAssetRecord
-    record = record_cls(data).contract_size(feed.contract_size).resample("1s")
+    record = record_cls(per_second(rec_ts, rec)).contract_size(feed.contract_size).resample("1s")
     days = (int(rec_ts[-1]) - int(rec_ts[0])) / DAY_NS
     metrics = [MaxDrawdown, ReturnOverMDD, ReturnOverTrade, MaxPositionValue]
     if days >= 1.0:
@@ -725,11 +771,19 @@ def save_result(result: RunResult, out_dir: Path, feed: AssetFeed) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result.summary["stats"] = compute_stats(feed, result.record_ts, result.records)
-    cols = ["mid", "position", "balance", "fee", "num_trades", "trading_volume", "trading_value", "fair_value",
-            "reservation", "bid", "ask", "forecast", "risk", "funding"]
-    df = pl.DataFrame({"timestamp": result.record_ts, **{c: result.records[:, i] for i, c in enumerate(cols)}})
     tmp = out_dir / ".series.parquet.tmp"
-    df.write_parquet(tmp)
+    with tempfile.TemporaryDirectory(prefix=".series-", dir=out_dir) as pieces:
+        # a parquet file per chunk of records, joined by polars' streaming sink: a chunk in memory at a time
+        files = []
+        for lo, hi in spool.chunks(len(result.record_ts)):
+            files.append(Path(pieces) / f"{lo:012d}.parquet")
+            pl.DataFrame({"timestamp": np.asarray(result.record_ts[lo:hi]),
+                          **{c: np.asarray(result.records[lo:hi, i]) for i, c in enumerate(SERIES_COLUMNS)}},
+                         schema=series_schema()).write_parquet(files[-1])
+        if files:
+            pl.scan_parquet(files).sink_parquet(tmp)
+        else:
+            pl.DataFrame(schema=series_schema()).write_parquet(tmp)
     tmp.replace(out_dir / "series.parquet")
     cat.atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(result.summary, default=str)))
     return out_dir
