@@ -130,3 +130,19 @@ def test_the_quoters_online_fit_agrees_with_the_offline_one(one_day):
 def test_a_missing_day_is_named(real_catalog):
     with pytest.raises(CalibrationError, match=r"binance-usdm/BTCUSDT: no catalog day 20240101 .*it holds 20240808"):
         calibrate(real_catalog, [BTC], ["20240101"])
+
+
+def test_a_day_streamed_and_counted_in_chunks_measures_as_the_loaded_day(real_catalog, monkeypatch):
+    from quotelab import spool
+    from quotelab.calibrate import measure_day
+
+    ev, _ = _day(real_catalog)
+    whole = measure_day(ev, 0.1, 0.001, 0.1, MAX_TICKS)
+    monkeypatch.setattr(spool, "CHUNK", 300)  # probes spooled and counted 300 steps at a time
+    parts = cat.stream_days(real_catalog, "binance-usdm", "BTCUSDT", [DAY])[1]
+    got = measure_day(parts, 0.1, 0.001, 0.1, MAX_TICKS)
+    assert got.steps == whole.steps > 10 * 300 and got.trades == whole.trades > 0
+    for side in ("buy", "sell", "pooled"):
+        np.testing.assert_array_equal(got.counts[side], whole.counts[side])
+    assert got.moments[0] == whole.moments[0]
+    np.testing.assert_allclose(got.moments[1:], whole.moments[1:], rtol=1e-12)

@@ -11,13 +11,15 @@ Measured as hftbacktest's GLFT example measures them, at a fixed step (the quoti
   over the δ reached at least once, per side (buy: trades lifting asks, sell: hitting bids) and
   pooled (the deeper of the two per step: the online fit of the quoters' ``fit_window``).
 
-Days are replayed one at a time (each catalog day starts with a snapshot), so memory is one day's
-events plus a few floats per step; the per-asset totals add the days' counts, not their events.
+Days are replayed one at a time (each catalog day starts with a snapshot), a part file at a time,
+with the per-step probes spooled (:mod:`quotelab.spool`) and counted a chunk at a time, so memory
+is one part's events whatever the days; the per-asset totals add the days' counts, not their events.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import numpy as np
 from numba import njit
 
 from quotelab import layout as L
+from quotelab import spool
 from quotelab.data import catalog as cat
 from quotelab.errors import QuotelabError
 from quotelab.kernels.arrival_fit import arrival_depths_nb, log_linear_fit_nb
@@ -91,16 +94,23 @@ class DayMeasure:
                           tuple(a + b for a, b in zip(self.moments, other.moments, strict=True)))  # type: ignore
 
 
-def measure_day(events: np.ndarray, tick: float, lot: float, step: float, max_ticks: int) -> DayMeasure:
-    """Replay one day at ``step`` seconds and count how far trades reached from the mid."""
-    asset = ReplayAsset("x", [events], tick, lot)
+def measure_day(events: np.ndarray | Sequence[np.ndarray], tick: float, lot: float, step: float, max_ticks: int
+                ) -> DayMeasure:
+    """Replay one day (its events, or its parts: :func:`quotelab.data.catalog.stream_days`) at ``step``
+    seconds and count how far trades reached from the mid, a chunk of steps at a time."""
+    asset = ReplayAsset("x", [events] if isinstance(events, np.ndarray) else events, tick, lot)
     res = replay([asset], calibration_probe_nb, np.zeros(1), np.array([np.nan]), step=step, keep_out=True,
                  out_columns=[L.COMPONENTS, L.COMPONENTS + 1])
-    hb, hs = res.outs[:, 0], res.outs[:, 1]
     n_half = 2 * max_ticks
-    counts = {"buy": reached_counts_nb(hb, n_half), "sell": reached_counts_nb(hs, n_half),
-              "pooled": reached_counts_nb(np.maximum(hb, hs), n_half)}
-    return DayMeasure(len(res.values), int(res.n_trades.sum()), counts, mid_change_moments_nb(res.values))
+    counts = {s: np.zeros(n_half) for s in SIDES}
+    trades = 0
+    for lo, hi in spool.chunks(len(res.values)):
+        hb, hs = np.asarray(res.outs[lo:hi, 0]), np.asarray(res.outs[lo:hi, 1])
+        counts["buy"] += reached_counts_nb(hb, n_half)
+        counts["sell"] += reached_counts_nb(hs, n_half)
+        counts["pooled"] += reached_counts_nb(np.maximum(hb, hs), n_half)
+        trades += int(np.asarray(res.n_trades[lo:hi]).sum())
+    return DayMeasure(len(res.values), trades, counts, mid_change_moments_nb(res.values))
 
 
 def fit(m: DayMeasure, step: float, max_ticks: int) -> list[dict[str, Any]]:
@@ -151,8 +161,8 @@ def calibrate(catalog: Path | str, assets: list[str], dates: list[str] | None = 
                                    f"it holds {', '.join(have) or 'no days'}")
         total: DayMeasure | None = None
         for day in days:
-            m = measure_day(cat.load_day(catalog, venue, symbol, day), meta["tick_size"], meta["lot_size"], step,
-                            max_ticks)
+            m = measure_day(cat.stream_days(catalog, venue, symbol, [day])[1], meta["tick_size"], meta["lot_size"],
+                            step, max_ticks)
             measures[(name, day)] = m
             rows += [{"asset": name, "day": day, **r} for r in fit(m, step, max_ticks)]
             total = m if total is None else total + m
