@@ -193,6 +193,21 @@ def test_feature_shifted_one_step_into_the_future_is_caught(catalog, tmp_path, r
         T.check_causality(shifted, cuts, where=where)
 
 
+def test_truncation_reads_a_part_at_a_time_and_keeps_what_filtering_the_whole_days_keeps(catalog, tmp_path,
+                                                                                        registry):
+    setup = T.load_train(write(tmp_path, DATA + FEATURES), registry)
+    ds = T.load_dataset("native", setup.config.data, tmp_path, setup.where, catalog)
+    full = T.FeatureRecorder(setup, ds)()
+    cut = int(full.timestamps[1500])
+    for a, got in zip(ds.assets, T.truncate(ds.assets, cut), strict=True):
+        assert not isinstance(got.events, list) and len(got.events) == len(a.events) + 1
+        whole = np.concatenate(list(a.events))
+        want = whole[whole["local_ts"] <= cut]
+        assert 0 < len(want) < len(whole)
+        np.testing.assert_array_equal(np.concatenate([got.events[i] for i in range(len(a.events))]), want)
+        assert got.events[-1]["local_ts"] == got.events[-1]["exch_ts"] == cut
+
+
 def _external_mid(catalog: Path, tmp_path: Path, registry, origin_ns: int) -> Path:
     """ETH's mid on a 10 ms grid (the same origin), as a file of (timestamp, mid): an 'external' series."""
     from quotelab.backtest.engine import load_assets

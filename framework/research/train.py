@@ -331,25 +331,42 @@ def feature_composition(setup: TrainSetup, ds: Dataset) -> tuple[Composition, li
     return compose([fv], signals, [], quoter, ctx), sorted(ready), levels
 
 
+class _Truncated(Sequence[np.ndarray]):
+    """An asset's parts cut at a time, each read and cut when the replay asks for it (a part at a
+    time, as the parts themselves), then the no-op row at the cut."""
+
+    def __init__(self, events: Sequence[np.ndarray], end_ns: int) -> None:
+        from hftbacktest.types import LOCAL_EVENT
+
+        self.events, self.end_ns = events, end_ns
+        self.tick = np.zeros(1, dtype=events[0].dtype)
+        self.tick["ev"] = LOCAL_EVENT
+        self.tick["local_ts"] = end_ns
+        self.tick["exch_ts"] = end_ns
+
+    def __len__(self) -> int:
+        return len(self.events) + 1
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i == len(self.events):
+            return self.tick
+        e = self.events[i]
+        return e[e["local_ts"] <= self.end_ns]
+
+
 def truncate(assets: Sequence[ReplayAsset], end_ns: int) -> list[ReplayAsset]:
-    """Each asset's events known locally by ``end_ns`` (what a live process would have seen).
+    """Each asset's events known locally by ``end_ns`` (what a live process would have seen), read
+    and cut a part at a time as the replay goes.
 
     A no-op row (local flag, no event kind) at ``end_ns`` keeps the grid running up to the cut: the
     replay's grid ends at the last event, and the step at the cut is the one a one-step look-ahead
     would change.
     """
-    from hftbacktest.types import LOCAL_EVENT
-
-    out = []
-    for a in assets:
-        kept = [e[e["local_ts"] <= end_ns] for e in a.events]
-        kept = [e for e in kept if len(e)]
-        tick = np.zeros(1, dtype=a.events[0].dtype)
-        tick["ev"] = LOCAL_EVENT
-        tick["local_ts"] = end_ns
-        tick["exch_ts"] = end_ns
-        out.append(ReplayAsset(a.name, [*kept, tick], a.tick_size, a.lot_size, a.contract_size, a.inverse, a.funding))
-    return out
+    return [ReplayAsset(a.name, _Truncated(a.events, end_ns), a.tick_size, a.lot_size, a.contract_size, a.inverse,
+                        a.funding) for a in assets]
 
 
 def resample_external(
