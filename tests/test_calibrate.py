@@ -134,7 +134,7 @@ def test_a_missing_day_is_named(real_catalog):
 
 def test_a_day_streamed_and_counted_in_chunks_measures_as_the_loaded_day(real_catalog, monkeypatch):
     from quotelab import spool
-    from quotelab.calibrate import measure_day
+    from quotelab.research.calibrate import measure_day
 
     ev, _ = _day(real_catalog)
     whole = measure_day(ev, 0.1, 0.001, 0.1, MAX_TICKS)

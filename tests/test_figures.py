@@ -102,7 +102,8 @@ def test_currency_of_a_symbol(symbol, inverse, unit):
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_stats_resampled_a_chunk_at_a_time_equal_hftbacktests_resample(monkeypatch, inverse):
-    from quotelab import engine, spool
+    from quotelab import spool
+    from quotelab.backtest import engine
 
     rng = np.random.default_rng(3)
     gaps = rng.uniform(0.05, 2.5, 80_000)  # several records in some seconds, none in others: 1.2 days
