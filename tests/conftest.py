@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,32 @@ def markets(synthetic_catalog: Path):
     from reference_impls import Markets
 
     return Markets(require_shared_data, synthetic_catalog)
+
+
+@dataclass(frozen=True)
+class CatalogDay:
+    """One day of one perp in a quotelab catalog."""
+
+    catalog: Path
+    venue: str
+    symbol: str
+    day: str
+    tick: float
+    lot: float
+
+    def asset(self, name: str = "perp"):
+        from quotelab.data import catalog as cat
+        from quotelab.research.replay import ReplayAsset
+
+        return ReplayAsset(name, [cat.load_day(self.catalog, self.venue, self.symbol, self.day)], self.tick, self.lot)
+
+
+@pytest.fixture(scope="module", params=["real", "synthetic"])
+def perp_day(request: pytest.FixtureRequest) -> CatalogDay:
+    """The shared USD-M BTCUSDT day (skipped without the shared data, failed under CI), or the synthetic perp's."""
+    if request.param == "real":
+        return CatalogDay(request.getfixturevalue("real_catalog"), "binance-usdm", "BTCUSDT", "20240808", 0.1, 0.001)
+    return CatalogDay(request.getfixturevalue("synthetic_catalog"), "synthetic", "SYNPERP", "20240101", 0.1, 0.001)
 
 
 @pytest.fixture(scope="session")

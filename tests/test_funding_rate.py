@@ -68,7 +68,8 @@ def reference(step_ts: np.ndarray, df: pd.DataFrame, mode: str, interval_s: floa
 
 @pytest.mark.parametrize("mode", ["rate", "rate_x_time_to_funding", "rate_x_time_since_funding"])
 @pytest.mark.parametrize("with_next", [True, False])
-def test_kernel_equals_slow_reference_at_every_step(btc, comp, tmp_path, mode, with_next):
+def test_kernel_equals_slow_reference_at_every_step(perp_day, comp, tmp_path, mode, with_next):
+    btc = perp_day.asset()
     df = _series(btc.first_ts(), with_next=with_next)
     path = tmp_path / ("f.parquet" if with_next else "f.csv")
     frame = pl.from_pandas(df)
@@ -85,7 +86,8 @@ def test_kernel_equals_slow_reference_at_every_step(btc, comp, tmp_path, mode, w
         assert frac.min() < 0.05 and frac.max() > 0.95
 
 
-def test_rate_in_bps_and_other_column_names(btc, comp, tmp_path):
+def test_rate_in_bps_and_other_column_names(perp_day, comp, tmp_path):
+    btc = perp_day.asset()
     df = _series(btc.first_ts(), with_next=False)
     pl.DataFrame({"t": df["ts"].to_numpy(), "r_bps": df["rate"].to_numpy() * 1e4}).write_parquet(tmp_path / "f.parquet")
     res = replay_component(comp, {"file": str(tmp_path / "f.parquet"), "time_column": "t", "rate_column": "r_bps",

@@ -146,14 +146,22 @@ def fitted(real_catalog, tmp_path_factory):
     return out
 
 
+def test_kernel_equals_slow_lookup_on_the_synthetic_market(synthetic_catalog, tmp_path):
+    table = fit_catalog(synthetic_catalog, "synthetic", "SYNPERP", ["20240101"], n_buckets=10, n_spreads=2)
+    asset = ReplayAsset("SYNPERP", [cat.load_day(synthetic_catalog, "synthetic", "SYNPERP", "20240101")], 0.1, 0.001)
+    _check_kernel_against_slow_lookup(table.save(tmp_path / "SYNPERP.json"), asset, 0.1)
+
+
 @pytest.mark.parametrize("symbol", list(SYMBOLS))
 def test_kernel_equals_slow_lookup_at_every_step(real_catalog, fitted, symbol):
-    table, path = fitted[symbol]
+    _check_kernel_against_slow_lookup(fitted[symbol][1], _asset(real_catalog, symbol), SYMBOLS[symbol][0])
+
+
+def _check_kernel_against_slow_lookup(path: Path, asset: ReplayAsset, tick: float) -> None:
     comp = load_registry(entry_points=False).get("fair_value", "microprice")
-    res = replay_component(comp, {"table": str(path)}, [_asset(real_catalog, symbol)], keep_view=True)
+    res = replay_component(comp, {"table": str(path)}, [asset], keep_view=True)
     assert len(res.values) > 3000
     v = res.views[:, 0]
-    tick = SYMBOLS[symbol][0]
     want = []
     g = np.asarray(json.loads(path.read_text())["g_ticks"])
     edges = np.asarray(json.loads(path.read_text())["imbalance_edges"])

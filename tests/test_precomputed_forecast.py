@@ -22,8 +22,8 @@ def _btc(real_catalog: Path) -> ReplayAsset:
     return ReplayAsset("perp", [cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")], 0.1, 0.001)
 
 
-def test_lookup_uses_only_values_whose_time_has_come(real_catalog, tmp_path):
-    asset = _btc(real_catalog)
+def test_lookup_uses_only_values_whose_time_has_come(perp_day, tmp_path):
+    asset = perp_day.asset()
     origin = asset.first_ts()
     rng = np.random.default_rng(5)
     times = np.sort(origin + rng.integers(0, 300_000_000_000, size=500))
