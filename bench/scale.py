@@ -14,8 +14,8 @@
 3. Tardis ``convert`` against hftbacktest's ``tardis.convert`` (bench/tardis.py, its ratio line).
 4. With ``--full``: one whole synthetic day (~38 M events, ~450 events/s) through ``run`` and
    ``evaluate``, peak RssAnon each (target <= 1.5 GB; a real busy day has ~127 M events), and with
-   ``--full-convert`` through ``convert --format tardis`` too (converters still hold a whole day in
-   memory: not streamed yet). Slow: run it once, on a quiet machine.
+   ``--full-convert`` through ``convert --format tardis`` too (with ``--profile busy``: ``convert``
+   of the day's raw Binance USD-M files). Slow: run it once, on a quiet machine.
 
 With ``--profile busy`` the days are the busy perpetual (``synth --profile busy``: the shared USD-M
 BTCUSDT capture's density, ~1,470 events/s, so 1 h a day is ~5.3 M events, 6 parts) and item 1
@@ -166,8 +166,8 @@ def full(root: Path, convert: bool, profile: str, catalog_dir: Path | None, raw_
     sys.path.insert(0, str(Path(__file__).parent))
     from tardis import write_tardis
 
-    book, trades, rows = write_tardis(catalog.load_day(cat, "synthetic", "SYNPERP", day), root, gz=False)
-    mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", "--symbol", "BTCUSDT", "--catalog",
+    book, trades, rows = write_tardis(cat, root, gz=False)
+    mb, s, _ = peak_rss_anon([*QL, "convert", "--format", "tardis", *CONVERT[2:], "--catalog",
                               str(root / "conv"), str(book), str(trades), "--json"])
     print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, {rows:,} Tardis rows (target <= 1536 MB)")
 
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also the one full-day measurement (slow)")
     ap.add_argument("--skip-tardis", action="store_true")
     ap.add_argument("--full-convert", action="store_true",
-                    help="with --full, also convert the day's Tardis CSVs (converters still hold a day: ~180 B a row)")
+                    help="with --full, also convert the day (its Tardis CSVs; busy: its raw Binance files)")
     ap.add_argument("--only-full", action="store_true", help="just the full-day measurement")
     ap.add_argument("--profile", choices=["demo", "busy"], default="demo",
                     help="synthetic density: busy is the shared USD-M BTCUSDT capture's (~1,470 events/s); its "
