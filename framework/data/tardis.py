@@ -124,6 +124,15 @@ def _message_starts(rows: dict[str, np.ndarray], trades: bool) -> np.ndarray:
     return np.flatnonzero(new)
 
 
+def _continues(before: dict[str, np.ndarray], rows: dict[str, np.ndarray], book: bool) -> bool:
+    """Whether the first of ``rows`` is in the same message as the last of ``before`` (``_message_starts``'s rule)."""
+    if not book:
+        return False
+    snap = bool(before["snap"][-1])
+    return snap == bool(rows["snap"][0]) and (snap or (int(before["exch"][-1]) == int(rows["exch"][0])
+                                                       and int(before["local"][-1]) == int(rows["local"][0])))
+
+
 def _chunk(rows: dict[str, np.ndarray], m_start: np.ndarray, trades: bool) -> _Chunk:
     kind = np.full(m_start.shape[0], TRADE, np.int8) if trades else rows["snap"][m_start].astype(np.int8)
     return _Chunk(**rows, m_start=m_start, m_kind=kind, m_local=np.maximum.reduceat(rows["local"], m_start))
@@ -360,11 +369,19 @@ def _lines_nb(buf):
 
 @dataclass
 class _Clean:
-    """A block's rows as ``_parse_clean_nb`` read them, and the exchange and symbol of all its lines."""
+    """A block's rows as ``_parse_clean_nb`` read them, and the exchange and symbol of all its lines.
+
+    The reading thread also clamps the local times and finds the messages (``local``, ``back``,
+    ``starts``), taking ``prev`` for the latest local time before the block; they are used if that is
+    what the converter has (it is, unless a block before was not all of the symbol)."""
 
     exchange: str
     symbol: str
     rows: dict[str, np.ndarray]
+    prev: int | None = None
+    local: np.ndarray | None = None
+    back: np.ndarray | None = None
+    starts: np.ndarray | None = None
 
 
 def _scan_clean(block: bytes, book: bool, n_lines: int) -> _Clean | None:
@@ -619,9 +636,11 @@ class TardisConverter:
         self.exchange = clean.exchange
         src.info["lines"] += n_lines
         self.stats["lines"] += n_lines
-        local, back = clamp_local(clean.rows["local"], max_local)
-        return {"line": np.arange(first, first + n_lines, dtype=np.int64), **clean.rows, "local": local,
-                "back": back}
+        if clean.prev != max_local:
+            clean.local, clean.back = clamp_local(clean.rows["local"], max_local)
+            clean.starts = None
+        return {"line": np.arange(first, first + n_lines, dtype=np.int64), **clean.rows, "local": clean.local,
+                "back": clean.back}
 
     def _check_blank(self, block: bytes, first: int, file: str, book: bool, lines: np.ndarray) -> None:
         """polars reads a line of empty fields as it reads a blank line; only a blank one may be skipped."""
@@ -635,26 +654,48 @@ class TardisConverter:
         rows of a message cut by the block's end wait for the next block). The next block is read and
         scanned on ``pool``'s thread while this one is converted."""
         src, book = self._open(path)
-        pending: dict[str, np.ndarray] | None = None
+        pending: dict[str, np.ndarray] | None = None  # the last message read, which may go on
         max_local = -(1 << 62)
+        latest: list[int | None] = [max_local]  # the reading thread's, while every block was clean
+        one = np.zeros(1, np.int64)
 
         def read() -> tuple[bytes, int, int, _Clean | None] | None:
             got = src.next_block()
-            return None if got is None else (*got, _scan_clean(got[0], book, got[2]))
+            if got is None:
+                return None
+            clean = _scan_clean(got[0], book, got[2])
+            if clean is None or latest[0] is None:
+                latest[0] = None
+            elif got[2]:
+                clean.prev = latest[0]
+                clean.local, clean.back = clamp_local(clean.rows["local"], clean.prev)
+                clean.starts = _message_starts({**clean.rows, "line": clean.local, "local": clean.local}, not book)
+                latest[0] = int(clean.local[-1])  # clamped local times never go down
+            return (*got, clean)
 
         ahead = pool.submit(read)
         while (got := ahead.result()) is not None:
             ahead = pool.submit(read)
             block, first, n_lines, clean = got
             rows = self._parse(src, book, block, first, n_lines, max_local, clean)
-            if rows["local"].shape[0]:
-                max_local = max(max_local, int(rows["local"].max()))
+            n = rows["line"].shape[0]
+            if not n:
+                continue
+            max_local = max(max_local, int(rows["local"].max()))
+            fast = clean is not None and clean.starts is not None and rows["local"] is clean.local
+            m_start = clean.starts if fast else _message_starts(rows, not book)
             if pending is not None:
-                rows = {k: np.concatenate([pending[k], rows[k]]) for k in rows}
-            m_start = _message_starts(rows, not book)
+                # Only the rows that continue the pending message join it (not the whole block).
+                cut = 0 if not _continues(pending, rows, book) else int(m_start[1]) if m_start.shape[0] > 1 else n
+                if cut:
+                    pending = {k: np.concatenate([pending[k], rows[k][:cut]]) for k in rows}
+                    if cut == n:
+                        continue
+                    rows, m_start, n = {k: v[cut:] for k, v in rows.items()}, m_start[1:] - cut, n - cut
+                yield _chunk(pending, one, not book)
             # The last message may go on in the next block; the end of the file releases it below.
-            keep = int(m_start[-1]) if m_start.shape[0] else 0
-            pending = {k: v[keep:] for k, v in rows.items()} if keep < rows["line"].shape[0] else None
+            keep = int(m_start[-1])
+            pending = {k: v[keep:] for k, v in rows.items()}
             if keep:
                 yield _chunk({k: v[:keep] for k, v in rows.items()}, m_start[:-1], not book)
         if pending is not None:
