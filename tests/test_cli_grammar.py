@@ -153,7 +153,8 @@ def test_a_bad_set_path_is_an_error_naming_it(verb, catalog, tmp_path):
     r = _cli(verb, doc, "--set", "data.assets.perp.datez=[20240102]", *out)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
-    named = "--set 'data.assets.perp.datez=[20240102]': data.assets.perp.datez: unknown key"
+    named = ("--set 'data.assets.perp.datez=[20240102]': data.assets.perp.datez: unknown key; expected one of: "
+             "venue, symbol, dates")
     if verb in ("batch", "optimize"):  # the base strategy of every run is invalid: that error, within theirs
         assert named in r.stderr, r.stderr
     else:
