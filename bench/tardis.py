@@ -154,10 +154,11 @@ def race(contenders: dict[str, Callable[[], Any]], repeat: int, lines: int,
     med = {k: statistics.median(v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     for name, m in med.items():
-        print(f"{name:17s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
-              f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])})")
+        print(f"{name:18s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
+              f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])}; CPU min {min(cpu[name]):.2f} s)")
     for a, b, what in pairs:
-        print(f"{a} / {b} ({what}): {med[a] / med[b]:.2f}x wall, {med_cpu[a] / med_cpu[b]:.2f}x CPU")
+        print(f"{a} / {b} ({what}): {med[a] / med[b]:.2f}x wall, {med_cpu[a] / med_cpu[b]:.2f}x CPU "
+              f"(medians; fastest runs {min(runs[a]) / min(runs[b]):.2f}x wall, {min(cpu[a]) / min(cpu[b]):.2f}x CPU)")
     return out
 
 

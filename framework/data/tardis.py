@@ -9,12 +9,16 @@ level's absolute amount, 0 removing it, and rows with the same timestamps form o
 are merged by local time, each keeping its own order, so a book file and a trades file of the same
 day can be passed together.
 
-Each file is read a chunk of whole lines at a time (``CHUNK_BYTES``), parsed by polars, and the
-files' messages are merged as the chunks come, so memory holds the days being built, not the input.
-A day's messages are converted in blocks (a snapshot on its own) by ``MessageFeed.block``: a day of
-tens of millions of rows converts in seconds. When polars refuses a chunk, the chunk is read again
-line by line with Python's csv module to find the line and say what is wrong with it; that slow
-read only ever runs to produce the error.
+Each file is read a chunk of whole lines at a time (``CHUNK_BYTES``) and the files' messages are merged
+as the chunks come, so memory holds the days being built, not the input. A chunk whose every line is of
+the symbol and of the usual form (plain decimal numbers, ``true``/``false``, ``bid``/``ask``,
+``buy``/``sell``: a Tardis export of one symbol) is parsed by one numba pass, on a reading thread that
+reads, inflates and parses the next chunk while this one converts; any other chunk is parsed by polars,
+whose checks name what is wrong. Both give the same doubles: a decimal is parsed by the fast path only
+when one correctly rounded division or multiplication gives it (Clinger), else the chunk is polars'.
+A day's messages are converted in blocks (a snapshot on its own) by ``MessageFeed.block``. When polars
+refuses a chunk, the chunk is read again line by line with Python's csv module to find the line and
+say what is wrong with it; that slow read only ever runs to produce the error.
 """
 
 from __future__ import annotations
