@@ -77,7 +77,8 @@ def _hbt_reference(assets: list[ReplayAsset], step_ns: int):
 
 
 @pytest.mark.parametrize(
-    "keys", [("usdm_btc",), ("usdm_eth",), ("usdm_btc", "cm_btc"), ("usdm_eth", "spot_eth", "cm_eth")]
+    "keys", [("usdm_btc",), ("usdm_eth",), ("usdm_btc", "cm_btc"), ("usdm_eth", "spot_eth", "cm_eth"),
+             ("synth_perp", "synth_spot")]
 )
 def test_replay_book_equals_hftbacktest_depth_at_every_step(markets, keys):
     assets = [asset(markets, k) for k in keys]
@@ -103,8 +104,9 @@ def test_replay_book_equals_hftbacktest_depth_at_every_step(markets, keys):
     assert np.array_equal(res.values[finite], (res.views[finite, 0, L.BEST_BID] + res.views[finite, 0, L.BEST_ASK]) / 2)
 
 
-def test_replay_trades_equal_hftbacktest_last_trades(markets):
-    assets = [asset(markets, "usdm_btc"), asset(markets, "usdm_eth")]
+@pytest.mark.parametrize("keys", [("usdm_btc", "usdm_eth"), ("synth_perp", "synth_spot")])
+def test_replay_trades_equal_hftbacktest_last_trades(markets, keys):
+    assets = [asset(markets, k) for k in keys]
     ts, _, htrades = _hbt_reference(assets, 100_000_000)
     res = replay(assets, _signed_trade_qty_nb, np.zeros(0), ready=[], trades_capacity=CAPACITY)
     n = len(ts)
