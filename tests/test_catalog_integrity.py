@@ -81,7 +81,7 @@ def test_a_meta_json_tick_that_disagrees_with_the_days_is_an_error_naming_meta_j
     # A tick the strategy YAML sets is the YAML's to answer for.
     r = run_seed(cat, "--set", "data.assets.perp.tick_size=0.7")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "seed_market_maker.yaml:13: data.assets.perp.tick_size: tick_size 0.7 does not fit" in r.stderr
+    assert "--set 'data.assets.perp.tick_size=0.7': data.assets.perp.tick_size: tick_size 0.7 does not fit" in r.stderr
     edit_meta(cat, lambda m: m.update(tick_size=0.7))
     r = run_seed(cat)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
