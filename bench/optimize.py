@@ -18,8 +18,8 @@ from pathlib import Path
 import optuna
 import yaml
 
+from quotelab.batch.optimize import optimize
 from quotelab.data import synth
-from quotelab.optimize import optimize
 
 BASE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "optimize" / "base.yaml"
 

@@ -332,8 +332,8 @@ def report(
 ) -> None:
     """Write a static HTML report of batch results (summary, charts, failures, runs table) or of one run
     (PnL and its parts over time, position, quotes and fills, the per-day table)."""
+    from quotelab.batch.report import build_report, build_run_report
     from quotelab.outputs import check_output_dir
-    from quotelab.report import build_report, build_run_report
 
     check_output_dir(out)
     if (results_dir / "summary.json").exists() and not (results_dir / "runs").exists():
@@ -514,7 +514,7 @@ def optimize_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print the folds as JSON.")] = False,
 ) -> None:
     """Search strategy parameters with Optuna, walk-forward; resumes from OUT/optuna.db when run again."""
-    from quotelab.optimize import optimize
+    from quotelab.batch.optimize import optimize
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)

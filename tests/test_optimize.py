@@ -23,8 +23,8 @@ import polars as pl
 import pytest
 import yaml
 
+from quotelab.batch.optimize import Objective, OptimizeError, load_opt, run_overrides, write_best
 from quotelab.data import synth
-from quotelab.optimize import Objective, OptimizeError, load_opt, run_overrides, write_best
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "optimize"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quotelab.report import diagnostics
+from quotelab.batch.diagnostics import diagnostics
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "ci-artifacts"  # kept by CI: report.png
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_report_from_a_real_batch(real_batch: Path) -> None:
 
 
 def test_failed_runs_are_one_line_each_with_the_error_on_demand(real_batch: Path, tmp_path: Path) -> None:
-    from quotelab.report import build_report
+    from quotelab.batch.report import build_report
 
     copy = tmp_path / "b"
     shutil.copytree(real_batch / "runs", copy / "runs")

@@ -4,7 +4,7 @@ An optimisation file names a base strategy, a search space over any strategy pat
 computed from run summaries, and the days: ``walk_forward: {days, train, test}`` makes folds whose
 parameters are chosen on ``train`` days and scored on the ``test`` days after them.
 
-Every (parameters, day) pair is one run of :func:`quotelab.batch.execute_run`, stored under
+Every (parameters, day) pair is one run of :func:`quotelab.batch.executors.execute_run`, stored under
 ``runs/<run_id>/record.json`` as a batch stores its runs, and executed by a local process pool or
 Ray actors that each compile the driver once. A trial runs its training days in order; after each
 day its objective so far is reported to Optuna, so the pruner can stop a poor trial early.
@@ -33,7 +33,9 @@ import numpy as np
 import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from quotelab.batch import RECORD, execute_run, overlap, read_records, shaped, watch_parent, write_results
+from quotelab.batch.executors import LocalPool, RayPool, make_task
+from quotelab.batch.spec import overlap, shaped
+from quotelab.batch.store import record_path, write_record, write_results
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
 from quotelab.outputs import json_finite
@@ -303,58 +305,6 @@ def run_id(cfg: OptConfig, ovr: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Executors: map a list of run tasks to their records, in order, with workers kept between calls
-# ------------------------------------------------------------------------------------------------
-
-
-class LocalPool:
-    def __init__(self, workers: int) -> None:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                        initializer=watch_parent)
-
-    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return list(self.pool.map(execute_run, tasks))
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
-
-
-class RayPool:
-    def __init__(self, workers: int, address: str | None) -> None:
-        from quotelab.batch import RayWorker, interpreter_kept
-
-        try:
-            import ray
-        except ImportError:
-            raise QuotelabError("the ray executor needs ray: pip install 'quotelab[ray]'") from None
-        self.ray = ray
-        self._kept = interpreter_kept()
-        self._kept.__enter__()
-        self.started = not ray.is_initialized()
-        if self.started:
-            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers}
-            ray.init(**kwargs, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        self.actors = [ray.remote(num_cpus=1)(RayWorker).remote() for _ in range(workers)]
-
-    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        refs = [self.actors[i % len(self.actors)].run.remote(t) for i, t in enumerate(tasks)]
-        out = []
-        for task, (record, files) in zip(tasks, self.ray.get(refs), strict=True):
-            for name, data in files.items():
-                cat.atomic_write_bytes(Path(task["artifacts"]) / name, lambda fh, d=data: fh.write(d))
-            out.append(record)
-        return out
-
-    def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-        self._kept.__exit__(None, None, None)
-
-
-# ------------------------------------------------------------------------------------------------
 # The search
 # ------------------------------------------------------------------------------------------------
 
@@ -375,21 +325,18 @@ class Optimizer:
         for i, params in enumerate(params_list):
             ovr = run_overrides(self.cfg, params, day)
             rid = run_id(self.cfg, ovr)
-            stored = self.out / "runs" / rid / RECORD
+            stored = record_path(self.out, rid)
             if stored.exists():
                 rec = json.loads(stored.read_text())
                 if rec.get("status") == "done":
                     recs[i] = rec
                     self.runs_reused += 1
                     continue
-            tasks.append((i, {"run_id": rid, "index": 0, "label": f"{day} {params}", "venue": "", "symbol": "",
-                              "dates": [day], "params": params, "overrides": ovr,
-                              "strategy_path": str(self.cfg.strategy_path), "strategy_text": self.cfg.strategy_text,
-                              "catalog": str(self.cfg.catalog) if self.cfg.catalog else None,
-                              "artifacts": str(self.out / "runs" / rid)}))
-        for (i, task), rec in zip(tasks, self.pool.map([t for _, t in tasks]), strict=True):
+            tasks.append((i, make_task(rid, f"{day} {params}", params, ovr, [day], self.cfg.strategy_path,
+                                       self.cfg.strategy_text, self.cfg.catalog, self.out)))
+        for (i, _), rec in zip(tasks, self.pool.map([t for _, t in tasks]), strict=True):
             rec["executor"] = "optimize"
-            cat.atomic_write_json(self.out / "runs" / task["run_id"] / RECORD, json_finite(rec))
+            write_record(self.out, rec)
             recs[i] = rec
             self.runs_done += 1
         return [recs[i] for i in range(len(params_list))]
@@ -634,6 +581,3 @@ def _penalty_text(penalty: float) -> str:
 
 def summary_of(out: Path) -> dict[str, Any]:
     return json.loads((Path(out) / OPT_FILE).read_text())
-
-
-__all__ = ["optimize", "load_opt", "OptResult", "Objective", "read_records"]
