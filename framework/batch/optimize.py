@@ -34,20 +34,12 @@ import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from quotelab.batch.executors import LocalPool, RayPool, make_task
-from quotelab.batch.spec import overlap, shaped
+from quotelab.batch.spec import check_overrides, read_spec, shaped
 from quotelab.batch.store import record_path, write_record, write_results
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
 from quotelab.outputs import json_finite
-from quotelab.strategy.config import (
-    StrictModel,
-    apply_override,
-    expand_dates,
-    load_document,
-    load_strategy,
-    load_yaml,
-    where_in,
-)
+from quotelab.strategy.config import StrictModel, apply_override, expand_dates, load_strategy, load_yaml
 
 OPT_FILE = "optimize.json"
 
@@ -234,14 +226,8 @@ def load_opt(path: str | Path, catalog: str | Path | None = None, overrides: Seq
 
     ``overrides`` (``--set PATH=VALUE``) change the base strategy of every run, before the searched params."""
     path = Path(path).resolve()
-    try:
-        spec, _raw, lines = load_document(path, OptSpec, "an optimisation file is a mapping with strategy, space, "
-                                                         "objective, days")
-    except OptimizeError:
-        raise
-    except ConfigError as exc:
-        raise OptimizeError(str(exc)) from None
-    where = where_in(path, lines)
+    spec, where = read_spec(path, OptSpec, "an optimisation file is a mapping with strategy, space, objective, days",
+                            OptimizeError)
     strategy_path = (path.parent / spec.strategy).resolve()
     if not strategy_path.is_file():
         raise OptimizeError(f"{where(('strategy',))}: base strategy {strategy_path} not found")
@@ -272,12 +258,7 @@ def load_opt(path: str | Path, catalog: str | Path | None = None, overrides: Seq
     searched = [(p.path, ("space", p.path)) for p in space]
     searched += [(f"data.assets.{a}.dates", ("days",) if spec.days is not None else ("walk_forward",))
                  for a in cfg.dated_assets or [asset]]
-    for o in overrides:
-        target = o.split("=", 1)[0].strip()
-        for p, at in searched:
-            if overlap(target, p):
-                raise OptimizeError(f"--set {o}: {where(at)} sets {p} in every run, so --set would be overwritten; "
-                                    "change it in the optimisation file instead")
+    check_overrides(overrides, searched, where, OptimizeError, "change it in the optimisation file instead")
     # Every path must be settable to every end of its range: checked now, before anything runs.
     for p in space:
         for v in (p.choices if p.kind == "categorical" else [_cast(p, p.low), _cast(p, p.high)]):

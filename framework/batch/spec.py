@@ -29,10 +29,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
 
 from quotelab.errors import ConfigError, QuotelabError
 from quotelab.strategy.config import (
@@ -178,9 +178,31 @@ class BatchSpec(StrictModel):
         return v
 
 
-def overlap(a: str, b: str) -> bool:
-    """Whether two override paths touch the same value: equal, or one inside the other."""
-    return a == b or b.startswith((a + ".", a + "[")) or a.startswith((b + ".", b + "["))
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_spec(path: Path, model: type[M], shape: str, error: type[ConfigError]) -> tuple[M, Callable[[tuple], str]]:
+    """Validate the YAML document at ``path`` against ``model``; return it and its ``where(path)`` for messages.
+    Errors (file:line, path, known keys) are raised as ``error``."""
+    try:
+        spec, _, lines = load_document(path, model, shape)
+    except error:
+        raise
+    except ConfigError as exc:
+        raise error(str(exc)) from None
+    return spec, where_in(path, lines)
+
+
+def check_overrides(overrides: Sequence[str], fixed: list[tuple[str, tuple]], where: Callable[[tuple], str],
+                    error: type[ConfigError], fix: str) -> None:
+    """A ``--set`` on a path the file sets in its runs (``fixed``: path, where the file sets it) would be
+    overwritten there: an error naming both, not a silent no-op."""
+    for o in overrides:
+        target = o.split("=", 1)[0].strip()
+        for p, at in fixed:
+            if target == p or p.startswith((target + ".", target + "[")) or target.startswith((p + ".", p + "[")):
+                raise error(f"--set {o}: {where(at)} sets {p} in the runs, so --set would be overwritten there; "
+                            f"{fix}")
 
 
 def load_batch(path: str | Path, catalog: str | Path | None = None, overrides: Sequence[str] = ()) -> Batch:
@@ -188,13 +210,7 @@ def load_batch(path: str | Path, catalog: str | Path | None = None, overrides: S
 
     ``overrides`` (``--set PATH=VALUE``) change the base strategy of every run, before the matrix."""
     path = Path(path).resolve()
-    try:
-        spec, raw, lines = load_document(path, BatchSpec, "a batch is a mapping with keys strategy and matrix")
-    except BatchError:
-        raise
-    except ConfigError as exc:
-        raise BatchError(str(exc)) from None
-    where = where_in(path, lines)
+    spec, where = read_spec(path, BatchSpec, "a batch is a mapping with keys strategy and matrix", BatchError)
     base_overrides = list(overrides)
 
     if isinstance(spec.strategy, str):
@@ -231,12 +247,7 @@ def load_batch(path: str | Path, catalog: str | Path | None = None, overrides: S
         matrix_paths += [(k, ("matrix", "assets", i, "set", k)) for i, a in enumerate(matrix.assets) for k in a.set]
     elif matrix.dates is not None:
         matrix_paths.append((f"data.assets.{asset}.dates", ("matrix", "dates")))
-    for o in base_overrides:
-        target = o.split("=", 1)[0].strip()
-        for p, at in matrix_paths:
-            if overlap(target, p):
-                raise BatchError(f"--set {o}: {where(at)} sets {p} in the batch's runs, so --set would be "
-                                 f"overwritten there; change it in the batch file instead")
+    check_overrides(base_overrides, matrix_paths, where, BatchError, "change it in the batch file instead")
 
     # (overrides, venue, symbol, dates, line-path) per asset choice
     asset_choices: list[tuple[list[str], str, str, list[str], tuple]] = []
