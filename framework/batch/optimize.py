@@ -34,7 +34,7 @@ import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from quotelab.batch.executors import LocalPool, RayPool, make_task
-from quotelab.batch.spec import check_overrides, read_spec, shaped
+from quotelab.batch.spec import Number, check_overrides, read_spec, shaped
 from quotelab.batch.store import record_path, write_record, write_results
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
@@ -90,15 +90,6 @@ class Objective(StrictModel):
             inv = np.mean([float(r["diagnostics"].get("inventory_mean_abs") or 0.0) for r in recs])
             v -= self.inventory_penalty * float(inv)
         return v
-
-
-def _number(v: Any) -> Any:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"expected a number, got {v!r}")
-    return v
-
-
-Number = Annotated[int | float, BeforeValidator(_number)]
 
 
 class SpaceEntry(StrictModel):

@@ -52,54 +52,25 @@ class BatchError(ConfigError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Expansion
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunSpec:
-    """One expanded run: the overrides that turn the base strategy into it, and its identity."""
-
-    index: int
-    overrides: list[str]
-    venue: str
-    symbol: str
-    dates: list[str]
-    params: dict[str, Any]
-    run_id: str = ""
-    config: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def label(self) -> str:
-        p = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.params.items())
-        return f"#{self.index} {self.venue}/{self.symbol} {','.join(self.dates)} {p}".strip()
-
-
-@dataclass
-class Batch:
-    file: Path
-    strategy_path: Path
-    strategy_text: str
-    catalog: Path | None
-    runs: list[RunSpec]
-
-
-def _value_literal(v: Any) -> str:
-    # JSON is a subset of YAML flow syntax, so apply_override's YAML loader gives back the same type.
-    return json.dumps(v)
-
-
-# ------------------------------------------------------------------------------------------------
 # The batch YAML
 # ------------------------------------------------------------------------------------------------
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number, got {v!r}")
+    return v
+
+
+Number = Annotated[int | float, BeforeValidator(_number)]  # an int stays an int: a range of ints gives ints
 
 
 class Range(StrictModel):
     """``{start, stop, step}``: start, start + step, ... up to and including stop."""
 
-    start: int | float
-    stop: int | float
-    step: int | float
+    start: Number
+    stop: Number
+    step: Number
 
 
 def axis_values(spec: Any) -> list[Any]:
@@ -203,6 +174,44 @@ def check_overrides(overrides: Sequence[str], fixed: list[tuple[str, tuple]], wh
             if target == p or p.startswith((target + ".", target + "[")) or target.startswith((p + ".", p + "[")):
                 raise error(f"--set {o}: {where(at)} sets {p} in the runs, so --set would be overwritten there; "
                             f"{fix}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Expansion
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    """One expanded run: the overrides that turn the base strategy into it, and its identity."""
+
+    index: int
+    overrides: list[str]
+    venue: str
+    symbol: str
+    dates: list[str]
+    params: dict[str, Any]
+    run_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def label(self) -> str:
+        p = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.params.items())
+        return f"#{self.index} {self.venue}/{self.symbol} {','.join(self.dates)} {p}".strip()
+
+
+@dataclass
+class Batch:
+    file: Path
+    strategy_path: Path
+    strategy_text: str
+    catalog: Path | None
+    runs: list[RunSpec]
+
+
+def _value_literal(v: Any) -> str:
+    # JSON is a subset of YAML flow syntax, so apply_override's YAML loader gives back the same type.
+    return json.dumps(v)
 
 
 def load_batch(path: str | Path, catalog: str | Path | None = None, overrides: Sequence[str] = ()) -> Batch:
