@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("strategy", ("quotelab.strategy",)),
     ("backtest", ("quotelab.backtest",)),
     ("research", ("quotelab.research",)),
-    ("batch", ("quotelab.batch", "quotelab.report", "quotelab.optimize")),
+    ("batch", ("quotelab.batch",)),
     ("plugins", ("quotelab.plugins",)),
     ("commands", ("quotelab.cli", "quotelab.scaffold", "quotelab.docs")),
 ]
