@@ -87,6 +87,8 @@ def test_invalid_run_names_batch_file_line_and_run(tmp_path: Path, catalog: Path
     line = next(i for i, x in enumerate(f.read_text().splitlines(), 1) if "no_such_param" in x)
     assert f"{f}:{line}: matrix.params.quoter.params.no_such_param" in msg
     assert "run #0 synthetic/SYNPERP" in msg and "unknown key" in msg
+    # the value came from the matrix, not from a --set the user typed
+    assert "the run's 'quoter.params.no_such_param=5': quoter.params.no_such_param: unknown key" in msg
 
 
 def test_yaml_mistakes_name_file_line_path_and_the_fix(tmp_path: Path, catalog: Path) -> None:

@@ -145,7 +145,7 @@ def test_config_errors_name_the_place(tmp_path, catalog):
     (tmp_path / "opt.yaml").write_text(text)
     line = next(i for i, x in enumerate(text.splitlines(), 1) if "half_sprad" in x)
     with pytest.raises(OptimizeError, match=rf"opt\.yaml:{line}: space\.quoter\.params\.half_sprad: value 1 makes "
-                                            r"the strategy invalid"):
+                                            r"the strategy invalid:\n  the trial's 'quoter\.params\.half_sprad=1'"):
         load_opt(tmp_path / "opt.yaml", catalog)
     (tmp_path / "opt.yaml").write_text(text.replace("quoter.params.half_sprad: {low: 1, high: 2}",
                                                     "quoter.params.size: {low: 0.0, high: 1, log: true}"))

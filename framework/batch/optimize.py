@@ -34,7 +34,7 @@ import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from quotelab.batch.executors import LocalPool, RayPool, make_task
-from quotelab.batch.spec import Number, check_overrides, read_spec, shaped
+from quotelab.batch.spec import Number, check_overrides, made_by, read_spec, shaped
 from quotelab.batch.store import record_path, write_record, write_results
 from quotelab.data import catalog as cat
 from quotelab.errors import ConfigError, QuotelabError
@@ -253,11 +253,13 @@ def load_opt(path: str | Path, catalog: str | Path | None = None, overrides: Seq
     # Every path must be settable to every end of its range: checked now, before anything runs.
     for p in space:
         for v in (p.choices if p.kind == "categorical" else [_cast(p, p.low), _cast(p, p.high)]):
+            ovr = run_overrides(cfg, {p.path: v}, folds[0][0][0])
             try:
-                load_strategy(strategy_path, run_overrides(cfg, {p.path: v}, folds[0][0][0]), text=strategy_text)
+                load_strategy(strategy_path, ovr, text=strategy_text)
             except QuotelabError as exc:
+                why = made_by(str(exc), ovr[len(cfg.base_overrides):], "the trial's")
                 raise OptimizeError(f"{where(('space', p.path))}: value {v!r} makes the strategy invalid:\n  "
-                                    f"{exc}") from exc
+                                    f"{why}") from exc
     return cfg
 
 

@@ -370,7 +370,16 @@ def _blame(exc: Exception, run: RunSpec, at: tuple, base: list[str], axes: list,
         except QuotelabError:
             culprit = blame
             break
-    return f"{culprit}: run {run.label} is invalid:\n  {str(exc).replace(chr(10), chr(10) + '  ')}"
+    why = made_by(str(exc), run.overrides[len(base):], "the run's")
+    return f"{culprit}: run {run.label} is invalid:\n  {why.replace(chr(10), chr(10) + '  ')}"
+
+
+def made_by(message: str, overrides: Sequence[str], who: str) -> str:
+    """A strategy error about a value the file's runs set, not the command line: the strategy loader names
+    such a value's place ``--set 'PATH=VALUE'``, which the user did not type; it is ``who`` 'PATH=VALUE'."""
+    for o in overrides:
+        message = message.replace(f"--set {o!r}", f"{who} {o!r}")
+    return message
 
 
 def run_hash(config: dict[str, Any]) -> str:
