@@ -16,6 +16,10 @@
    ``evaluate``, peak RssAnon each (target <= 1.5 GB; a real busy day has ~127 M events), and with
    ``--full-convert`` through ``convert --format tardis`` too (with ``--profile busy``: ``convert``
    of the day's raw Binance USD-M files). Slow: run it once, on a quiet machine.
+5. ``convert`` of one day 4x as long against 1x, peak RssAnon (target <= 1.05; ``--only-convert``):
+   the busy perp written as raw Binance USD-M and Tardis files, ``--convert-minutes`` of it (>= 2
+   parts, so every buffer is at its size) against 4x as many minutes, converted as ``quotelab convert``
+   does. A day's length, where item 1 measures the number of days.
 
 With ``--profile busy`` the days are the busy perpetual (``synth --profile busy``: the shared USD-M
 BTCUSDT capture's density, ~1,470 events/s, so 1 h a day is ~5.3 M events, 6 parts) and item 1
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,6 +140,39 @@ def tardis(hours: float, repeat: int) -> None:
     print(f"tardis convert, {hours:g} h synthetic: {line} (target >= 1x)")
 
 
+def convert_memory(root: Path, minutes: float, repeat: int) -> None:
+    """Peak RssAnon of ``quotelab convert`` on 4x the input against 1x (see the module docstring)."""
+    runs: dict[str, dict[int, list[Path]]] = {"binance-usdm": {}, "tardis": {}}
+    for k in (1, 4):
+        cmd = [*QL, "synth", "--catalog", str(root / f"busy{k}"), "--assets", "perp", "--profile", "busy", "--duration",
+               f"{minutes * k:g}m", "--raw", "binance-usdm,tardis", "--raw-dir", str(root / f"raw{k}"), "--json"]
+        got = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        for raw in json.loads(got)["raw"]:
+            runs[raw["format"]][k] = [Path(f) for f in raw["files"]]
+        shutil.rmtree(root / f"busy{k}")
+    print(f"convert peak RssAnon, busy synthetic perp ({minutes:g} min against {4 * minutes:g} min), "
+          f"medians of {repeat}")
+    spec = ["--symbol", "SYNPERP", "--tick-size", "0.1", "--lot-size", "0.001"]
+    for fmt, files in runs.items():
+        _convert_ratio(fmt, files, ["--format", fmt, *spec], root, repeat)
+
+
+def _convert_ratio(what: str, runs: dict[int, list[Path]], args: list[str], root: Path, repeat: int) -> None:
+    peaks, events = {}, {}
+    for k, files in runs.items():
+        samples = []
+        for i in range(repeat):
+            out = root / f"conv_{k}_{i}"
+            mb, _, text = peak_rss_anon([*QL, "convert", *args, "--catalog", str(out), "--json", *map(str, files)])
+            samples.append(mb)
+            shutil.rmtree(out)
+        peaks[k] = statistics.median(samples)
+        events[k] = sum(d["events"] for d in json.loads(text)["days"].values())
+    lo, hi = sorted(runs)
+    print(f"{what:32s} {lo}x {events[lo]:>11,} events {peaks[lo]:6.0f} MB, {hi}x {events[hi]:>11,} events "
+          f"{peaks[hi]:6.0f} MB, {hi}x / {lo}x {peaks[hi] / peaks[lo]:.3f} (target <= 1.05)")
+
+
 def full(root: Path, convert: bool, profile: str, catalog_dir: Path | None, raw_dir: Path | None) -> None:
     """One whole day through run and evaluate (and convert): peak RssAnon each, target <= 1.5 GB."""
     from quotelab.data import catalog
@@ -189,14 +227,22 @@ def main() -> None:
                                                       "(synthetic/SYNPERP, first day), instead of generating it")
     ap.add_argument("--full-raw", type=Path, help="with --full-catalog: the folder of its raw Binance files "
                                                   "(synth --raw binance-usdm), to measure convert on them")
+    ap.add_argument("--convert-minutes", type=float, default=20.0, help="busy minutes of the 1x day of item 5")
+    ap.add_argument("--skip-convert", action="store_true", help="skip item 5")
+    ap.add_argument("--only-convert", action="store_true", help="just item 5")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="quotelab-scale-") as tmp:
         root = Path(tmp)
+        if args.only_convert:
+            convert_memory(root, args.convert_minutes, args.repeat)
+            return
         if not args.only_full:
             memory(root, args.hours, args.repeat, args.profile)
             throughput(root, args.repeat)
             if not args.skip_tardis:
                 tardis(args.tardis_hours, args.repeat)
+            if not args.skip_convert:
+                convert_memory(root, args.convert_minutes, args.repeat)
         if args.full or args.only_full:
             full(root, args.full_convert or args.full_raw is not None, args.profile, args.full_catalog,
                  args.full_raw)

@@ -288,12 +288,15 @@ class DayWriter:
     def append(self, rows: np.ndarray) -> None:
         if rows.dtype != event_dtype:
             raise TypeError(f"events must have hftbacktest's event_dtype, got {rows.dtype}")
+        src = np.ascontiguousarray(rows).view(np.uint8)
+        size = event_dtype.itemsize
         at = 0
         while at < rows.shape[0]:
             if not self.buf.shape[0]:
                 self.buf = np.empty(self.part_rows, event_dtype)  # pages are touched only as rows come
             take = min(self.part_rows - self.fill, rows.shape[0] - at)
-            self.buf[self.fill:self.fill + take] = rows[at:at + take]
+            # as bytes: assigning a structured array copies field by field, several times slower
+            self.buf.view(np.uint8)[self.fill * size:(self.fill + take) * size] = src[at * size:(at + take) * size]
             self.fill += take
             at += take
             if self.fill == self.part_rows:

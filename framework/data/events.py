@@ -507,36 +507,48 @@ class FlagOrder:
 
     ``add(rows, lim_exch, lim_local, final)`` takes the next rows and the smallest exch_ts and local_ts
     of every row still to come (ignored with ``final``, the last call) and returns the rows now in place.
+    Rows move as 8 words each (a structured array's fancy indexing copies field by field, ~3x slower).
     """
 
     def __init__(self) -> None:
-        self.rows = np.zeros(0, event_dtype)
+        self.raw = np.zeros((0, _WORDS), np.uint64)
         self.done_e = np.zeros(0, np.bool_)
         self.done_l = np.zeros(0, np.bool_)
         self.most = 0  # the most rows pending at once, for the tests and benches
 
     def add(self, rows: np.ndarray, lim_exch: int, lim_local: int, final: bool) -> np.ndarray:
-        fresh = np.zeros(rows.shape[0], np.bool_)
-        if self.rows.shape[0]:
-            rows = np.concatenate([self.rows, rows])
+        new = _words(rows)
+        raw = np.concatenate([self.raw, new]) if self.raw.shape[0] else new
+        fresh = np.zeros(new.shape[0], np.bool_)
         self.done_e = np.concatenate([self.done_e, fresh])
         self.done_l = np.concatenate([self.done_l, fresh])
-        self.most = max(self.most, rows.shape[0])
-        ce = self._heads(rows["exch_ts"], self.done_e, lim_exch, final)
-        cl = self._heads(rows["local_ts"], self.done_l, lim_local, final)
+        self.most = max(self.most, raw.shape[0])
+        signed = raw.view(np.int64)
+        ce = self._heads(signed[:, _EXCH], self.done_e, lim_exch, final)
+        cl = self._heads(signed[:, _LOCAL], self.done_l, lim_local, final)
         idx = np.empty(ce.shape[0] + cl.shape[0], np.int64)
         flag = np.empty(idx.shape[0], np.int64)
         k = _flag_round_nb(ce, cl, self.done_e, self.done_l, final, idx, flag)
-        out = rows[idx[:k]]
-        out["ev"] |= _FLAGS[flag[:k]]
+        out = raw[idx[:k]]
+        out[:, 0] |= _FLAGS[flag[:k]]
         keep = ~(self.done_e & self.done_l)
-        self.rows, self.done_e, self.done_l = rows[keep], self.done_e[keep], self.done_l[keep]
-        return out
+        self.raw, self.done_e, self.done_l = raw[keep], self.done_e[keep], self.done_l[keep]
+        return out.view(event_dtype).reshape(-1)
 
     @staticmethod
     def _heads(ts: np.ndarray, done: np.ndarray, lim: int, final: bool) -> np.ndarray:
         cand = np.flatnonzero(~done if final else ~done & (ts <= lim))
         return cand[np.argsort(ts[cand], kind="stable")]
+
+
+_WORDS = event_dtype.itemsize // 8
+_EXCH, _LOCAL = event_dtype.fields["exch_ts"][1] // 8, event_dtype.fields["local_ts"][1] // 8
+assert event_dtype.fields["ev"][1] == 0 and event_dtype.itemsize % 8 == 0
+
+
+def _words(rows: np.ndarray) -> np.ndarray:
+    """Event rows as an (n, 8) array of 64-bit words (a view when they are contiguous)."""
+    return np.ascontiguousarray(rows).view(np.uint64).reshape(-1, _WORDS)
 
 
 # ---------------------------------------------------------------------------------------------
