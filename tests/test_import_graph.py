@@ -218,9 +218,9 @@ def test_shared_kernels_sit_between_the_plugin_api_and_the_plugins():
 
 
 # Modules a light command (`quotelab report`, `--help`, `plugins`) imports at start-up: numba and
-# hftbacktest cost seconds to import, so these must not pull them in. quotelab.report joins the list once
-# its batch-store import is light again (it imports quotelab.data.catalog at the top since the batch split).
-LIGHT = ["quotelab.cli", "quotelab.timeunits", "quotelab.backtest.pnl", "quotelab.progress", "quotelab.outputs"]
+# hftbacktest cost seconds to import, so these must not pull them in.
+LIGHT = ["quotelab.cli", "quotelab.timeunits", "quotelab.backtest.pnl", "quotelab.progress", "quotelab.outputs",
+         "quotelab.batch.report"]
 
 
 def test_light_modules_load_no_numba_or_hftbacktest():

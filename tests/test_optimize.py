@@ -170,6 +170,9 @@ def test_space_typos_and_set_overrides(tmp_path, catalog):
     with pytest.raises(OptimizeError, match=r"^--set quoter\.params\.half_spread=2: .*opt\.yaml:8: "
                                             r"space\.quoter\.params\.half_spread sets"):
         load_opt(tmp_path / "opt.yaml", catalog, overrides=["quoter.params.half_spread=2"])
+    with pytest.raises(OptimizeError, match=r"the base strategy with --set quoter\.params\.sze=1 is invalid:\n  "
+                                            r"--set 'quoter\.params\.sze=1': quoter\.params\.sze: unknown key"):
+        load_opt(tmp_path / "opt.yaml", catalog, overrides=["quoter.params.sze=1"])
 
 
 def test_objectives_from_day_records():

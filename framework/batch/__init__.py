@@ -12,9 +12,29 @@ The modules, in the order data flows through them:
 - :mod:`~quotelab.batch.report`: ``quotelab report``, of a batch, an optimisation or one run.
 """
 
-from quotelab.batch.runner import BatchSummary, default_progress, plain_progress, run_batch
-from quotelab.batch.spec import Batch, BatchError, BatchSpec, RunSpec, load_batch
-from quotelab.batch.store import RECORD, VOLATILE, flat_row, read_records, write_results
+from __future__ import annotations
 
-__all__ = ["RECORD", "VOLATILE", "Batch", "BatchError", "BatchSpec", "BatchSummary", "RunSpec", "default_progress",
-           "flat_row", "load_batch", "plain_progress", "read_records", "run_batch", "write_results"]
+import importlib
+from typing import Any
+
+# Names resolved on first use, so `quotelab report` (which reads the store) does not load the executors and
+# the strategy validator, nor numba and hftbacktest with them.
+_NAMES = {
+    "quotelab.batch.runner": ("BatchSummary", "default_progress", "plain_progress", "run_batch"),
+    "quotelab.batch.spec": ("Batch", "BatchError", "BatchSpec", "RunSpec", "load_batch"),
+    "quotelab.batch.store": ("RECORD", "VOLATILE", "flat_row", "read_records", "write_results"),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'quotelab.batch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

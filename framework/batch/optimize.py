@@ -250,6 +250,12 @@ def load_opt(path: str | Path, catalog: str | Path | None = None, overrides: Seq
     searched += [(f"data.assets.{a}.dates", ("days",) if spec.days is not None else ("walk_forward",))
                  for a in cfg.dated_assets or [asset]]
     check_overrides(overrides, searched, where, OptimizeError, "change it in the optimisation file instead")
+    if overrides:  # a bad --set is named as such, not as the first space value tried with it
+        try:
+            load_strategy(strategy_path, run_overrides(cfg, {}, folds[0][0][0]), text=strategy_text)
+        except QuotelabError as exc:
+            raise OptimizeError(f"{path}: the base strategy with --set {' '.join(overrides)} is invalid:\n  "
+                                f"{exc}") from exc
     # Every path must be settable to every end of its range: checked now, before anything runs.
     for p in space:
         for v in (p.choices if p.kind == "categorical" else [_cast(p, p.low), _cast(p, p.high)]):

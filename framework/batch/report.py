@@ -14,9 +14,7 @@ import numpy as np
 
 from quotelab.backtest import pnl
 from quotelab.batch.diagnostics import HORIZONS, equity_series
-from quotelab.batch.optimize import report_section
 from quotelab.batch.store import flat_row, read_records
-from quotelab.data.catalog import atomic_write_bytes
 from quotelab.errors import QuotelabError
 
 
@@ -186,6 +184,10 @@ def build_report(results_dir: str | Path, out: str | Path | None = None, stat: s
     """Write ``<out>/index.html`` and its PNGs for the batch results in ``results_dir``; return the HTML path.
 
     Run records that cannot be read are listed in the report and appended to ``unreadable``."""
+    # Imported here: `quotelab report` starts without numba and hftbacktest, which these load.
+    from quotelab.batch.optimize import report_section
+    from quotelab.data.catalog import atomic_write_bytes
+
     results_dir = Path(results_dir)
     runs = _read_runs(results_dir, stat, unreadable)
     out = Path(out) if out is not None else results_dir / "report"
@@ -467,6 +469,8 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import polars as pl
+
+    from quotelab.data.catalog import atomic_write_bytes
 
     run_dir = Path(run_dir)
     try:

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quotelab.data import catalog as cat
 from quotelab.outputs import json_finite
 
 RECORD = "record.json"
@@ -27,6 +26,9 @@ def record_path(out: Path, run_id: str) -> Path:
 
 def write_record(out: Path, rec: dict[str, Any]) -> None:
     """Store a run's record, atomically and as plain JSON (non-finite numbers as null)."""
+    from quotelab.data import catalog as cat  # here, not at the top: `quotelab report` reads the store
+    # without numba and hftbacktest, which the catalog module loads
+
     cat.atomic_write_json(record_path(out, rec["run_id"]), json_finite(rec))
 
 
@@ -80,6 +82,8 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
 def write_results(out: str | Path) -> Path:
     """Rebuild results.parquet from the run records, atomically."""
     import polars as pl
+
+    from quotelab.data import catalog as cat
 
     out = Path(out)
     rows = [flat_row(r) for r in read_records(out)]
