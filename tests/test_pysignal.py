@@ -247,6 +247,26 @@ def test_compare_tolerance_and_nans():
     assert compare("x", ts, k, p, rtol=1.0, atol=0.0).first_difference.step == 4  # NaN never matches a number
 
 
+def test_compare_a_chunk_at_a_time_finds_what_one_pass_finds(monkeypatch):
+    from quotelab import spool
+
+    rng = np.random.default_rng(5)
+    ts = np.arange(10_000, dtype=np.int64)
+    k = rng.normal(size=10_000)
+    p = k + np.where(rng.random(10_000) < 0.01, rng.normal(size=10_000), 0.0)
+    p[[17, 9_000]] = np.nan
+    k[[17, 5_000]] = np.nan
+    whole = compare("x", ts, k, p, rtol=0.0, atol=1e-12)
+    monkeypatch.setattr(spool, "CHUNK", 100)
+    got = compare("x", ts, k, p, rtol=0.0, atol=1e-12)
+    assert whole.n_different > 50
+    assert (got.first_difference, got.n_different, got.max_abs_diff) == (
+        whole.first_difference, whole.n_different, whole.max_abs_diff)
+    bad = ~(np.isnan(k) & np.isnan(p)) & ~(np.abs(k - p) <= 1e-12)
+    assert whole.n_different == bad.sum() and whole.max_abs_diff == np.nanmax(np.abs(k - p))
+    assert whole.first_difference.step == np.flatnonzero(bad)[0] > 100  # found past the first chunk
+
+
 # -------------------------------------------------------------------------------------------------
 # Registration
 # -------------------------------------------------------------------------------------------------

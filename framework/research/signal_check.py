@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from quotelab import layout as L
+from quotelab import spool
 from quotelab.component import Component, Params, asset_fields
 from quotelab.errors import ConfigError, PluginError
 from quotelab.pysignal import PREFIX
@@ -120,21 +121,27 @@ def check_signal(
 
 def compare(name: str, timestamps: np.ndarray, kernel: np.ndarray, python: np.ndarray, *, rtol: float,
             atol: float) -> CheckResult:
-    """Where ``kernel`` and ``python`` differ beyond ``atol + rtol·|python|`` (a NaN matches only a NaN)."""
-    both_nan = np.isnan(kernel) & np.isnan(python)
-    with np.errstate(invalid="ignore"):
-        diff = np.abs(kernel - python)
-        bad = ~both_nan & ~(diff <= atol + rtol * np.abs(python))
-    idx = np.flatnonzero(bad)
-    first = None
-    if len(idx):
-        i = int(idx[0])
-        first = Difference(i, int(timestamps[i]), float(kernel[i]), float(python[i]))
-    finite = diff[~both_nan]
+    """Where ``kernel`` and ``python`` differ beyond ``atol + rtol·|python|`` (a NaN matches only a NaN),
+    a chunk of steps at a time (the series may be a month's, memory-mapped)."""
+    first, n_different, top = None, 0, math.nan
+    for lo, hi in spool.chunks(len(timestamps)):
+        k, p = np.asarray(kernel[lo:hi]), np.asarray(python[lo:hi])
+        both_nan = np.isnan(k) & np.isnan(p)
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(k - p)
+            bad = ~both_nan & ~(diff <= atol + rtol * np.abs(p))
+        idx = np.flatnonzero(bad)
+        if len(idx) and first is None:
+            i = int(idx[0])
+            first = Difference(lo + i, int(timestamps[lo + i]), float(k[i]), float(p[i]))
+        n_different += len(idx)
+        finite = diff[~both_nan]
+        finite = finite[~np.isnan(finite)]
+        if len(finite):
+            top = max(float(finite.max()), top) if top == top else float(finite.max())
     return CheckResult(
         name=name, steps=len(timestamps), kernel=kernel, python=python, timestamps=timestamps,
-        first_difference=first, n_different=len(idx),
-        max_abs_diff=float(np.nanmax(finite)) if len(finite) and not np.isnan(finite).all() else math.nan,
+        first_difference=first, n_different=n_different, max_abs_diff=top,
     )
 
 
