@@ -4,8 +4,9 @@
     python bench/scale.py --profile busy --hours 1 --repeat 1 --skip-tardis        # busy, quick
     python bench/scale.py --profile busy --only-full --full-catalog DIR --full-raw RAW  # a day made by hand
 
-1. ``run`` and ``evaluate`` on 4 days against 1 day of the synthetic market (``--hours`` of it a
-   day, deflated, days cut into parts): the ratio of peak RssAnon (target <= 1.05). A day of 4 h
+1. ``run`` (without and with ``--out``) and ``evaluate`` on 4 days against 1 day of the synthetic
+   market (``--hours`` of it a day, deflated, days cut into parts): the ratio of peak RssAnon
+   (target <= 1.05). A day of 4 h
    is ~6 M events, 6 parts: hftbacktest holds the current part and the next, and briefly a third
    at a switch, which a day of fewer than 3 parts never shows, so shorter days flatter 1 day.
 2. Throughput of ``run`` streamed from the part files against the same run on days preloaded
@@ -89,7 +90,7 @@ def memory(root: Path, hours: float, repeat: int, profile: str) -> None:
         subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--start", start,
                         "--duration", f"{hours}h", "--profile", profile, "--json"], check=True, capture_output=True)
     print(f"synthetic perp ({profile} profile), {hours:g} h a day, deflated, parts of 1 M rows; medians of {repeat}")
-    verbs: list[tuple[str, dict | None]] = [("run", STRATEGY), ("evaluate", EVALUATION)]
+    verbs: list[tuple[str, dict | None]] = [("run", STRATEGY), ("run --out", STRATEGY), ("evaluate", EVALUATION)]
     if profile == "busy":
         from quotelab.data import rawfiles
 
@@ -103,7 +104,10 @@ def memory(root: Path, hours: float, repeat: int, profile: str) -> None:
             if doc is None:
                 cmd = [*QL, "convert", *CONVERT, "--catalog", str(root / f"conv{n}"), *raw[:n], "--json"]
             else:
-                cmd = [*QL, verb, str(_write(doc, root / f"{verb}{n}.yaml", cat, DAYS[:n])), "--json"]
+                name = verb.split()[0]
+                cmd = [*QL, name, str(_write(doc, root / f"{name}{n}.yaml", cat, DAYS[:n])), "--json"]
+                if verb == "run --out":  # the series and stats written too
+                    cmd += ["--out", str(root / f"out{n}")]
             peaks[n] = _median_peak(cmd, repeat)
         print(f"{verb:9s} peak RssAnon: 1 day {peaks[1]:6.0f} MB, 4 days {peaks[4]:6.0f} MB, "
               f"4 days / 1 day {peaks[4] / peaks[1]:.3f}x (target <= 1.05)")
