@@ -356,7 +356,11 @@ class EngineSection(StrictModel):
     origin: str | int = "quoted"
     on_nonfinite: Literal["stop", "skip"] = "stop"
     time_in_force: Literal["gtx", "gtc"] = "gtx"
-    record_every: seconds_between(MICROSECOND, DAY, zero=True) = 0.0
+    record_every: seconds_between(MICROSECOND, DAY, zero=True) = Field(
+        0.0, description="Record a row at most this often (0: every quoting step, the default: the per-day PnL "
+        "split and max |position| come from the records). Memory does not grow with it (the records spill to a "
+        "memory-mapped file); disk does, ~120 B a row while running and ~56 B in series.parquet: a month at 100 ms "
+        "is 26 M rows, so thin long runs with e.g. 1s.")
     max_scan_ticks: int = Field(2000, ge=1, le=1_000_000)
     funding: Literal["auto", "off"] = Field(
         "auto", description="auto: settle the quoted perpetual's funding at each settlement time its catalog "
