@@ -200,10 +200,11 @@ def full(root: Path, convert: bool, profile: str, catalog_dir: Path | None, raw_
         return
     if raw_dir is not None:
         files = sorted(str(p) for p in Path(raw_dir).glob(f"synperp_{day}*"))
-        mb, s, _ = peak_rss_anon([*QL, "convert", *CONVERT, "--catalog", str(root / "conv"), *files, "--json"])
+        mb, s, out = peak_rss_anon([*QL, "convert", *CONVERT, "--catalog", str(root / "conv"), *files, "--json"])
         size = sum(Path(f).stat().st_size for f in files) / 1e9
-        print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, raw Binance USD-M {size:.1f} GB gzipped "
-              f"(target <= 1536 MB)")
+        back = sum(d["events"] for d in json.loads(out)["days"].values())
+        print(f"convert   peak RssAnon {mb:6.0f} MB in {s:.0f} s, raw Binance USD-M {size:.1f} GB gzipped, "
+              f"{back:,} events out (target <= 1536 MB)")
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from tardis import write_tardis
