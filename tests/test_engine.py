@@ -251,7 +251,7 @@ def test_driver_is_loaded_from_the_disk_cache_in_a_new_process(real_catalog, tmp
     process loads it instead of compiling it, and runs the same backtest."""
     script = (
         "import json, sys\n"
-        "from quotelab import driver as D\n"
+        "from quotelab.backtest import driver as D\n"
         "from quotelab.backtest.engine import run_strategy\n"
         f"s = run_strategy({str(SEED)!r}, catalog={str(real_catalog)!r}).summary\n"
         "print(json.dumps([sum(D.run_driver.stats.cache_hits.values()), sum(D.run_driver.stats.cache_misses.values()),"

@@ -251,7 +251,7 @@ def test_a_kernel_that_raises_is_one_line_naming_the_plugin_with_its_traceback_i
 
 
 def test_an_unexpected_exception_is_a_summary_and_a_traceback_file(tmp_path):
-    script = ("import sys\nfrom quotelab import cli, engine\n"
+    script = ("import sys\nfrom quotelab import cli\nfrom quotelab.backtest import engine\n"
               "def broken(*a, **k):\n    raise KeyError('no such thing')\n"
               "engine.run_strategy = broken\nsys.argv = ['quotelab', *sys.argv[1:]]\ncli.main()\n")
     r = subprocess.run([sys.executable, "-c", script, "run", str(SEED)], capture_output=True, text=True,
