@@ -99,11 +99,12 @@ def test_windowed_order_holds_a_late_row_until_its_block() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 10, 101, 1000, 4097])
-def test_spilled_latency_percentiles_are_numpys(n: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory_rows", [0, 50, 10**6])  # on disk from the start, from the 51st, never
+def test_spilled_latency_percentiles_are_numpys(n: int, memory_rows: int, tmp_path: Path) -> None:
     rng = np.random.default_rng(n)
     for lat in (rng.integers(-10**9, 10**10, n), rng.integers(0, 5, n) * 1_000_000,
                 np.full(n, 7), rng.integers(-2**61, 2**61, n)):
-        spill = Spill(np.int64, tmp_path)
+        spill = Spill(np.int64, tmp_path, memory_rows)
         spill.add(lat[: n // 2])
         spill.add(lat[n // 2:])
         shift = int(rng.integers(0, 10**9))
