@@ -157,8 +157,9 @@ def exchange_frames(days: list[np.ndarray], tick: float, lot: float, shared: boo
     from seed_study import LEVELS, book_frame, exchange_rows, trades_frame
 
     from quotelab import layout as L
-    from quotelab.research.replay import ReplayAsset, TradeTape, prepare_exchange, replay_trades
-    from quotelab.strategy.composer import STRATEGY_SIG
+    from quotelab.data.assets import Asset
+    from quotelab.research.replay import TradeTape, prepare_exchange, replay_trades
+    from quotelab.strategy.codegen import STRATEGY_SIG
 
     rows = exchange_rows(days)
     trades = trades_frame(rows, 1_000_000 if shared else 1)  # the synthetic clock has nanoseconds
@@ -175,7 +176,7 @@ def exchange_frames(days: list[np.ndarray], tick: float, lot: float, shared: boo
             out[9 + k] = view[0, L.ASK_SZ + k]
         return 0.0
 
-    data = prepare_exchange([ReplayAsset("x", days, tick, lot)])
+    data = prepare_exchange([Asset("x", days, tick, lot)])
     ev, exch_ts = np.concatenate([d["ev"] for d in days]), np.concatenate([d["exch_ts"] for d in days])
     ts = np.unique(exch_ts[((ev & 0xFF) != TRADE_EVENT) & ((ev & EXCH_EVENT) == EXCH_EVENT)])
     z = np.zeros(len(ts))

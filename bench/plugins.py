@@ -118,13 +118,14 @@ def main() -> None:
         paths[name] = folder / f"s{i}.yaml"
         paths[name].write_text(yaml.safe_dump(doc, sort_keys=False))
 
-    from quotelab.research.replay import ReplayAsset, prepare, replay
+    from quotelab.data.assets import Asset
+    from quotelab.research.replay import prepare, replay
 
-    def replay_assets(spot: bool) -> list[ReplayAsset]:
+    def replay_assets(spot: bool) -> list[Asset]:
         out = []
         for name, symbol in (("perp", "SYNPERP"), ("spot", "SYNSPOT"))[: 2 if spot else 1]:
             meta = cat.read_meta(catalog, "synthetic", symbol)
-            out.append(ReplayAsset(name, [cat.load_day(catalog, "synthetic", symbol, "20240101")],
+            out.append(Asset(name, [cat.load_day(catalog, "synthetic", symbol, "20240101")],
                                    meta["tick_size"], meta["lot_size"]))
         return out
 

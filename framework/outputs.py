@@ -81,3 +81,15 @@ def json_finite(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [json_finite(v) for v in x]
     return x
+
+
+# What the per-step records of one run or replay may allocate up front; more is a config asking for
+# billions of rows (a 1 µs grid over a day), refused before anything is allocated or compiled.
+MAX_RECORD_BYTES = 2 << 30
+
+
+def check_record_budget(rows: int, row_bytes: int, where: str, what: str, fix: str) -> None:
+    """Refuse ``rows`` records of ``row_bytes`` when they would take more than ``MAX_RECORD_BYTES``."""
+    if rows * row_bytes > MAX_RECORD_BYTES:
+        raise ConfigError(f"{where}: {what} is {rows:,} records, {rows * row_bytes / 2**30:.3g} GiB held in memory "
+                          f"(at most {MAX_RECORD_BYTES / 2**30:g} GiB); {fix}")

@@ -159,4 +159,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'quotelab.pysignal' has no attribute {name!r}")
 
 
-_CHECK = ("CheckResult", "Difference", "catalog_asset", "check_signal", "compare", "twin_source")
+_CHECK = ("CheckResult", "Difference", "catalog_asset", "check_signal", "compare")

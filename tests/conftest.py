@@ -93,9 +93,9 @@ class CatalogDay:
 
     def asset(self, name: str = "perp"):
         from quotelab.data import catalog as cat
-        from quotelab.research.replay import ReplayAsset
+        from quotelab.data.assets import Asset
 
-        return ReplayAsset(name, [cat.load_day(self.catalog, self.venue, self.symbol, self.day)], self.tick, self.lot)
+        return Asset(name, [cat.load_day(self.catalog, self.venue, self.symbol, self.day)], self.tick, self.lot)
 
 
 @pytest.fixture(scope="module", params=["real", "synthetic"])

@@ -23,7 +23,7 @@ from hftbacktest.types import BUY_EVENT, LOCAL_EVENT, TRADE_EVENT
 from quotelab import layout as L
 from quotelab.data import catalog as cat
 from quotelab.data import synth
-from quotelab.research.replay import ReplayAsset
+from quotelab.data.assets import Asset
 
 # (folder, file stem(s), tick, lot, contract size, inverse)
 INSTRUMENTS: dict[str, tuple[str, tuple[str, ...], float, float, float, bool]] = {
@@ -119,17 +119,17 @@ def yaml_variant(source: Path, tmp_path: Path, catalog: Path, **changes) -> Path
     return out
 
 
-def asset(markets: Markets, key: str, name: str | None = None) -> ReplayAsset:
+def asset(markets: Markets, key: str, name: str | None = None) -> Asset:
     if key in SYNTHETIC:
         meta = cat.read_meta(markets.synthetic, synth.VENUE, SYNTHETIC[key])
-        return ReplayAsset(name=name or key, events=[events(markets, key)], tick_size=meta["tick_size"],
+        return Asset(name=name or key, events=[events(markets, key)], tick_size=meta["tick_size"],
                            lot_size=meta["lot_size"])
     if key in SPOT:
         meta = cat.read_meta(_spot_catalog(markets.shared(), key), "binance-spot", SPOT[key])
-        return ReplayAsset(name=name or key, events=[events(markets, key)], tick_size=meta["tick_size"],
+        return Asset(name=name or key, events=[events(markets, key)], tick_size=meta["tick_size"],
                            lot_size=meta["lot_size"])
     _, _, tick, lot, size, inverse = INSTRUMENTS[key]
-    return ReplayAsset(name=name or key, events=[events(markets, key)], tick_size=tick, lot_size=lot,
+    return Asset(name=name or key, events=[events(markets, key)], tick_size=tick, lot_size=lot,
                        contract_size=size, inverse=inverse)
 
 

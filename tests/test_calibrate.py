@@ -17,6 +17,7 @@ from reference_impls import arrival_depths, local_trades, log_linear_fit
 
 from quotelab import layout as L
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.kernels.arrival_fit import FIT_MAX_WINDOW, arrival_fit_nb, fit_state
 from quotelab.kernels.ewma import sigma_ticks_nb
 from quotelab.research.calibrate import (
@@ -26,16 +27,16 @@ from quotelab.research.calibrate import (
     mid_change_moments_nb,
     reached_counts_nb,
 )
-from quotelab.research.replay import ReplayAsset, replay
+from quotelab.research.replay import replay
 
 BTC = "binance-usdm/BTCUSDT"
 DAY = "20240808"
 MAX_TICKS = 35
 
 
-def _day(catalog: Path, asset: str = BTC, day: str = DAY) -> tuple[np.ndarray, ReplayAsset]:
+def _day(catalog: Path, asset: str = BTC, day: str = DAY) -> tuple[np.ndarray, Asset]:
     ev = cat.load_day(catalog, *asset.split("/"), day)
-    return ev, ReplayAsset("btc", [ev], 0.1, 0.001)
+    return ev, Asset("btc", [ev], 0.1, 0.001)
 
 
 @pytest.fixture(params=["real", "synthetic"])

@@ -82,12 +82,12 @@ def _seed_doc(real_catalog: Path) -> dict:
 def test_reference_asset_does_not_shift_quoted_fills(real_catalog, tmp_path):
     # Without an explicit grid origin hftbacktest starts the step grid at the earliest event of all
     # assets, so a reference asset that starts earlier would shift the quoted asset's fills (#315).
-    from quotelab.backtest.engine import AssetFeed
+    from quotelab.data.assets import Asset
 
     first = {}
     for sym in ("BTCUSDT", "ETHUSDT"):
         day = cat.load_day(real_catalog, "binance-usdm", sym, "20240808")
-        first[sym] = AssetFeed(sym, "", sym, [day], 1, 1, "linear", 1, None).first_ts()
+        first[sym] = Asset(sym, [day], 1, 1).first_ts()
     quoted, ref = sorted(first, key=first.get, reverse=True)
     assert first[ref] < first[quoted]  # the reference really starts earlier
     doc = _seed_doc(real_catalog)

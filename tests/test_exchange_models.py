@@ -10,8 +10,9 @@ import pytest
 import yaml
 from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
 
-from quotelab.backtest.engine import AssetFeed, order_latency, run_strategy
+from quotelab.backtest.engine import order_latency, run_strategy
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.errors import ConfigError
 from quotelab.strategy.config import AssetEngine
 
@@ -66,8 +67,8 @@ def test_feed_latency_rows_against_a_loop(real_catalog):
     day = cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")
     eng = AssetEngine(latency={"model": "feed", "entry_scale": 2.0, "entry": "1ms", "response_scale": 0.5,
                                "response": "3ms", "sample": "250ms"}, feed_latency_offset="2ms")
-    feed = AssetFeed("perp", "binance-usdm", "BTCUSDT", [day], 0.1, 0.001, "linear", 1.0, eng)
-    rows = order_latency(feed, str, ("engine", "defaults"), Path("."))
+    feed = Asset("perp", [day], 0.1, 0.001, venue="binance-usdm", symbol="BTCUSDT")
+    rows = order_latency(feed, eng, str, ("engine", "defaults"), Path("."))
     want, last_bucket = [], None
     for r in day:
         if int(r["ev"]) & BOTH != BOTH:

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from quotelab.backtest import driver as D
-from quotelab.backtest.engine import AssetFeed, compute_stats, run_strategy
+from quotelab.backtest.engine import compute_stats, run_strategy
 from quotelab.backtest.pnl import currency
 from quotelab.data import synth
+from quotelab.data.assets import Asset
 from quotelab.timeunits import DAY_NS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_annualised_figures_from_a_day_up_say_how():
     rec[:, D.R_POSITION] = rng.integers(-3, 4, n)
     rec[:, D.R_BALANCE] = -np.cumsum(np.diff(rec[:, D.R_POSITION], prepend=0.0) * rec[:, D.R_MID])
     rec[:, D.R_NUM_TRADES] = np.arange(n)
-    feed = AssetFeed("perp", "v", "XUSDT", [], 0.01, 1.0, "linear", 1.0, None)
+    feed = Asset("perp", [], 0.01, 1.0, venue="v", symbol="XUSDT")
     stats = compute_stats(feed, ts, rec)
     assert {"SR", "Sortino", "AnnualRet"} <= set(stats)
     assert stats["annualised"].startswith("over 2.00 days of records") and "sqrt(86,400 x 365)" in stats["annualised"]
@@ -117,8 +118,8 @@ def test_stats_resampled_a_chunk_at_a_time_equal_hftbacktests_resample(monkeypat
     rec[:, D.R_NUM_TRADES] = np.cumsum(rng.integers(0, 3, n))
     rec[:, D.R_VOLUME] = np.cumsum(rng.uniform(0, 0.02, n))
     rec[:, D.R_VALUE] = np.cumsum(rng.uniform(0, 2.0, n))
-    feed = AssetFeed("perp", "v", "XUSD_PERP" if inverse else "XUSDT", [], 0.01, 1.0,
-                     "inverse" if inverse else "linear", 10.0 if inverse else 1.0, None)
+    feed = Asset("perp", [], 0.01, 1.0, 10.0 if inverse else 1.0, inverse, venue="v",
+                 symbol="XUSD_PERP" if inverse else "XUSDT")
     monkeypatch.setattr(spool, "CHUNK", 777)  # windows of a second cut by chunk ends, many times
     got = compute_stats(feed, ts, rec)
     assert len(engine.per_second(ts, rec)) == len(np.unique(ts // 10**9))  # a row a second, chunks or not

@@ -246,7 +246,8 @@ def test_funding_rate_from_the_catalog_equals_the_same_rows_from_a_file(tmp_path
     import polars as pl
 
     from quotelab.data import synth
-    from quotelab.research.replay import ReplayAsset, replay_component
+    from quotelab.data.assets import Asset
+    from quotelab.research.replay import replay_component
     from quotelab.strategy.registry import load_registry
 
     synth.generate(tmp_path, duration_s=300, assets="perp", funding_interval_s=120)
@@ -255,12 +256,12 @@ def test_funding_rate_from_the_catalog_equals_the_same_rows_from_a_file(tmp_path
     pl.DataFrame({"ts": table["exch_ts"], "rate": table["rate"], "next_funding_ts": table["next_ts"]}).write_csv(
         tmp_path / "f.csv")
     comp = load_registry(entry_points=False).get("signal", "funding_rate")
-    asset = ReplayAsset("perp", [day], 0.1, 0.001, funding=table)
+    asset = Asset("perp", [day], 0.1, 0.001, funding=table)
     params = {"mode": "rate_x_time_to_funding", "interval": "2m", "latency": "5ms"}
     from_catalog = replay_component(comp, params, [asset])
     from_file = replay_component(comp, {**params, "file": str(tmp_path / "f.csv")}, [asset])
     assert np.array_equal(from_catalog.values, from_file.values)
     assert np.unique(from_catalog.values).size > 100
-    bare = ReplayAsset("perp", [day], 0.1, 0.001)
+    bare = Asset("perp", [day], 0.1, 0.001)
     with pytest.raises(Exception, match="has no funding rows in the catalog"):
         replay_component(comp, params, [bare])

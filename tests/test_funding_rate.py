@@ -14,16 +14,17 @@ import yaml
 from quotelab.backtest import driver as D
 from quotelab.backtest.engine import run_strategy
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.errors import ConfigError
-from quotelab.research.replay import ReplayAsset, replay_component
+from quotelab.research.replay import replay_component
 from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def btc(real_catalog: Path) -> ReplayAsset:
-    return ReplayAsset("perp", [cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")], 0.1, 0.001)
+def btc(real_catalog: Path) -> Asset:
+    return Asset("perp", [cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")], 0.1, 0.001)
 
 
 @pytest.fixture(scope="module")

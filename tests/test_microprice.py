@@ -18,10 +18,11 @@ from quotelab.backtest import driver as D
 from quotelab.backtest.engine import run_strategy
 from quotelab.component import PackContext, pack_fields
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.errors import ConfigError, DataError
 from quotelab.plugins.microprice import MicropriceParams, microprice_nb, pack_table
 from quotelab.research.microprice import MAX_BUCKETS, MicropriceTable, estimate, fit_book, fit_catalog, top_of_book
-from quotelab.research.replay import ReplayAsset, replay_component
+from quotelab.research.replay import replay_component
 from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +30,9 @@ STEP_NS = 100_000_000
 SYMBOLS = {"BTCUSDT": (0.1, 0.001), "ETHUSDT": (0.01, 0.001)}
 
 
-def _asset(real_catalog: Path, symbol: str) -> ReplayAsset:
+def _asset(real_catalog: Path, symbol: str) -> Asset:
     tick, lot = SYMBOLS[symbol]
-    return ReplayAsset(symbol, [cat.load_day(real_catalog, "binance-usdm", symbol, "20240808")], tick, lot)
+    return Asset(symbol, [cat.load_day(real_catalog, "binance-usdm", symbol, "20240808")], tick, lot)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def fitted(real_catalog, tmp_path_factory):
 
 def test_kernel_equals_slow_lookup_on_the_synthetic_market(synthetic_catalog, tmp_path):
     table = fit_catalog(synthetic_catalog, "synthetic", "SYNPERP", ["20240101"], n_buckets=10, n_spreads=2)
-    asset = ReplayAsset("SYNPERP", [cat.load_day(synthetic_catalog, "synthetic", "SYNPERP", "20240101")], 0.1, 0.001)
+    asset = Asset("SYNPERP", [cat.load_day(synthetic_catalog, "synthetic", "SYNPERP", "20240101")], 0.1, 0.001)
     _check_kernel_against_slow_lookup(table.save(tmp_path / "SYNPERP.json"), asset, 0.1)
 
 
@@ -157,7 +158,7 @@ def test_kernel_equals_slow_lookup_at_every_step(real_catalog, fitted, symbol):
     _check_kernel_against_slow_lookup(fitted[symbol][1], _asset(real_catalog, symbol), SYMBOLS[symbol][0])
 
 
-def _check_kernel_against_slow_lookup(path: Path, asset: ReplayAsset, tick: float) -> None:
+def _check_kernel_against_slow_lookup(path: Path, asset: Asset, tick: float) -> None:
     comp = load_registry(entry_points=False).get("fair_value", "microprice")
     res = replay_component(comp, {"table": str(path)}, [asset], keep_view=True)
     assert len(res.values) > 3000

@@ -15,9 +15,10 @@ from reference_impls import yaml_variant
 from seed_study import ESTIMATORS, book_frame, exchange_rows, study_table, trades_frame
 
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.errors import ConfigError
 from quotelab.research.evaluate import evaluate
-from quotelab.research.replay import ReplayAsset, aggregate_trades, prepare_exchange
+from quotelab.research.replay import aggregate_trades, prepare_exchange
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "strategies" / "midprice_study.yaml"
@@ -74,7 +75,7 @@ def test_study_names_its_conventions(study):
 def test_trade_aggregation_equals_pandas_groupby(real_catalog, target):
     symbol, tick = SYMBOLS[target]
     days = _days(real_catalog, symbol)
-    tape = aggregate_trades(prepare_exchange([ReplayAsset(target, days, tick, 0.001)]))
+    tape = aggregate_trades(prepare_exchange([Asset(target, days, tick, 0.001)]))
     df = trades_frame(exchange_rows(days))
     want = df.groupby(["transact_time", "is_buyer_maker"]).agg({"price": "first", "quantity": "sum"}).reset_index()
     assert tape.raw_trades == len(df) > len(tape.ts) == len(want)
@@ -134,7 +135,7 @@ def test_a_study_estimator_pasted_into_a_strategy_runs_unchanged(real_catalog, t
     days = _days(real_catalog, "BTCUSDT")
     vi = trade_flow(local_trades(np.concatenate(days)), ts, 0.1, -1.0, adjust=True)["VI"].to_numpy()
     book = replay_component(load_registry(entry_points=False).get("fair_value", "mid"), {},
-                            [ReplayAsset("btc", days, 0.1, 0.001)], keep_view=True)
+                            [Asset("btc", days, 0.1, 0.001)], keep_view=True)
     at = np.searchsorted(book.timestamps, ts)
     assert np.array_equal(book.timestamps[at], ts)
     spread = book.views[at, 0, L.BEST_ASK] - book.views[at, 0, L.BEST_BID]

@@ -10,8 +10,9 @@ from reference_impls import asset
 
 from quotelab import layout as L
 from quotelab.backtest.driver import _fill_view
+from quotelab.data.assets import Asset
 from quotelab.plugins.mid import mid_nb
-from quotelab.research.replay import ReplayAsset, aggregate_trades, prepare, prepare_exchange, replay
+from quotelab.research.replay import aggregate_trades, prepare, prepare_exchange, replay
 
 N_LEVELS = 5
 MAX_SCAN = 2000
@@ -49,7 +50,7 @@ def _signed_trade_qty_nb(view, trades, state, params, out):
     return total
 
 
-def _hbt_reference(assets: list[ReplayAsset], step_ns: int):
+def _hbt_reference(assets: list[Asset], step_ns: int):
     built = [
         BacktestAsset().data(list(a.events)).linear_asset(1.0).constant_order_latency(10_000_000, 10_000_000)
         .risk_adverse_queue_model().no_partial_fill_exchange().trading_value_fee_model(0.0, 0.0)
@@ -139,7 +140,7 @@ def test_prepare_reads_days_in_place_and_sorts_only_rows_out_of_order(markets):
     day = a.events[0]
     half = len(day) // 2
     for parts, in_order in (([day[:half], day[half:]], True), ([day[half:], day[:half]], False)):
-        two = ReplayAsset("x", parts, a.tick_size, a.lot_size)
+        two = Asset("x", parts, a.tick_size, a.lot_size)
         rows = np.concatenate(parts)
         for data, flag, col in ((prepare([two]), LOCAL_EVENT, "local_ts"), (prepare_exchange([two]), EXCH_EVENT,
                                                                             "exch_ts")):
@@ -158,12 +159,12 @@ def test_grid_replay_over_split_days_equals_one_day(markets):
     views and the same trades per step, for two assets cut at different places."""
     from hftbacktest.types import LOCAL_EVENT
 
-    def split(a: ReplayAsset, n: int) -> ReplayAsset:
+    def split(a: Asset, n: int) -> Asset:
         day = a.events[0]
         cuts = np.linspace(1, len(day) - 1, n, dtype=int).tolist()
         parts = [day[lo:hi] for lo, hi in zip([0, *cuts], [*cuts, len(day)], strict=True)]
         parts[1:1] = [day[:0], day[(day["ev"] & LOCAL_EVENT) != LOCAL_EVENT][:50]]
-        return ReplayAsset(a.name, parts, a.tick_size, a.lot_size)
+        return Asset(a.name, parts, a.tick_size, a.lot_size)
 
     btc, eth = asset(markets, "usdm_btc"), asset(markets, "usdm_eth")
     kw = dict(n_levels=3, keep_view=True, trades_capacity=CAPACITY)
@@ -207,7 +208,7 @@ def test_replay_trades_over_split_days_equals_one_day(markets):
     parts[1:1] = [day[:0], day[~exch][:50]]  # an empty day and one of local-only rows
 
     def run(events):
-        data = prepare_exchange([ReplayAsset("x", events, a.tick_size, a.lot_size)])
+        data = prepare_exchange([Asset("x", events, a.tick_size, a.lot_size)])
         tape = aggregate_trades(data)
         return tape, replay_trades(data, tape, _book_and_trade_nb, np.zeros(0), np.zeros(0), n_levels=3,
                                    out_columns=list(range(10)))

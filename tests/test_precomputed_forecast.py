@@ -11,15 +11,16 @@ import yaml
 
 from quotelab.backtest.engine import run_strategy
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.errors import ConfigError
-from quotelab.research.replay import ReplayAsset, replay_component
+from quotelab.research.replay import replay_component
 from quotelab.strategy.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _btc(real_catalog: Path) -> ReplayAsset:
-    return ReplayAsset("perp", [cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")], 0.1, 0.001)
+def _btc(real_catalog: Path) -> Asset:
+    return Asset("perp", [cat.load_day(real_catalog, "binance-usdm", "BTCUSDT", "20240808")], 0.1, 0.001)
 
 
 def test_lookup_uses_only_values_whose_time_has_come(perp_day, tmp_path):

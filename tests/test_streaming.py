@@ -95,8 +95,8 @@ def test_streamed_multi_part_run_fills_as_the_preloaded_whole_days(two_catalogs,
 
 
 def test_streamed_replay_equals_the_preloaded_replay(two_catalogs):
-    from quotelab.backtest.engine import load_assets
-    from quotelab.research.replay import ReplayAsset, replay_component
+    from quotelab.data.assets import load_assets
+    from quotelab.research.replay import replay_component
     from quotelab.strategy.config import DataSection
     from quotelab.strategy.registry import load_registry
 
@@ -106,9 +106,8 @@ def test_streamed_replay_equals_the_preloaded_replay(two_catalogs):
         "spot": {"venue": "synthetic", "symbol": "SYNSPOT", "dates": [20240101, 20240102]}}})
     results = []
     for root, preload in ((whole, True), (parts, False)):
-        feeds = load_assets(section, REPO, str, root, preload=preload)
-        assert isinstance(feeds[0].events, list if preload else cat.EventFiles)
-        assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size) for f in feeds]
+        assets = load_assets(section, REPO, str, root, preload=preload)
+        assert isinstance(assets[0].events, list if preload else cat.EventFiles)
         component = load_registry(entry_points=False).get("fair_value", "weighted_mid")
         results.append(replay_component(component, {"asset": "spot"}, assets, n_levels=3))
     a, b = results
@@ -125,16 +124,15 @@ def test_empty_day_is_one_empty_part(tmp_path):
 
 def test_replay_records_spooled_in_chunks_equal_one_chunk(two_catalogs, monkeypatch):
     from quotelab import spool
-    from quotelab.backtest.engine import load_assets
-    from quotelab.research.replay import ReplayAsset, replay_component
+    from quotelab.data.assets import load_assets
+    from quotelab.research.replay import replay_component
     from quotelab.strategy.config import DataSection
     from quotelab.strategy.registry import load_registry
 
     _, parts = two_catalogs
     section = DataSection.model_validate({"quote": "perp", "assets": {
         "perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": [20240101, 20240102]}}})
-    feeds = load_assets(section, REPO, str, parts)
-    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size) for f in feeds]
+    assets = load_assets(section, REPO, str, parts)
     component = load_registry(entry_points=False).get("fair_value", "weighted_mid")
     whole = replay_component(component, {}, assets, n_levels=3, keep_out=True, keep_view=True)
     assert not isinstance(whole.values, np.memmap)  # a short replay stays in memory

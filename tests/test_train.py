@@ -210,16 +210,13 @@ def test_truncation_reads_a_part_at_a_time_and_keeps_what_filtering_the_whole_da
 
 def _external_mid(catalog: Path, tmp_path: Path, registry, origin_ns: int) -> Path:
     """ETH's mid on a 10 ms grid (the same origin), as a file of (timestamp, mid): an 'external' series."""
-    from quotelab.backtest.engine import load_assets
-    from quotelab.research.replay import ReplayAsset
+    from quotelab.data.assets import load_assets
     from quotelab.strategy.config import DataSection
 
     data = DataSection.model_validate(
         {"quote": "eth", "assets": {"eth": {"venue": "binance-usdm", "symbol": "ETHUSDT", "dates": ["20240808"]}}})
-    (feed,) = load_assets(data, tmp_path, str, catalog)
-    a = ReplayAsset("eth", feed.events, feed.tick_size, feed.lot_size)
-    res = replay_component(registry.get("fair_value", "mid"), {"asset": "quoted"}, [a], step=0.01,
-                           origin_ns=origin_ns)
+    res = replay_component(registry.get("fair_value", "mid"), {"asset": "quoted"},
+                           load_assets(data, tmp_path, str, catalog), step=0.01, origin_ns=origin_ns)
     path = tmp_path / "eth_mid.parquet"
     pl.DataFrame({"timestamp": res.timestamps, "mid": res.values}).write_parquet(path)
     return path
@@ -235,7 +232,7 @@ validation: {folds: 3, purge: 1s}
 
 def test_external_series_resampled_equals_the_kernel_and_a_left_label_is_caught(catalog, tmp_path, registry,
                                                                               monkeypatch):
-    from quotelab.backtest.engine import load_assets
+    from quotelab.data.assets import load_assets
 
     setup = T.load_train(write(tmp_path, DATA + FEATURES + EXTERNAL), registry)
     feeds = load_assets(setup.config.data, tmp_path, setup.where, catalog)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,46 +25,20 @@ from quotelab.backtest.backtest_c import Backtest
 from quotelab.backtest.jitcache import KEY, run_cached
 from quotelab.component import PackContext
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset, initial_view, load_assets, resolve_catalog
 from quotelab.data.funding import schedule
-from quotelab.errors import ConfigError, DataError, PluginError, QuotelabError, RunError
-from quotelab.strategy.composer import Composition, Part, compose, kernel_list
+from quotelab.errors import ConfigError, PluginError, QuotelabError, RunError
+from quotelab.outputs import check_record_budget
+from quotelab.strategy.codegen import kernel_list
+from quotelab.strategy.composer import Composition, compose, part_of
 from quotelab.strategy.config import (
-    Alpha,
     AssetEngine,
-    DataSection,
     LoadedStrategy,
+    StrategyConfig,
     ValidatedPart,
     load_strategy,
-    parse_alpha,
 )
 from quotelab.timeunits import DAY_NS
-
-
-@dataclass
-class AssetFeed:
-    name: str
-    venue: str
-    symbol: str
-    events: Sequence[np.ndarray]  # catalog.EventFiles (streamed, the default) or arrays held in memory
-    tick_size: float
-    lot_size: float
-    contract: str  # linear | inverse
-    contract_size: float
-    engine: AssetEngine | None
-    funding: np.ndarray | None = None  # quotelab.data.funding rows of the asset's days, if the catalog has them
-
-    @property
-    def n_events(self) -> int:
-        if isinstance(self.events, cat.EventFiles):
-            return sum(self.events.rows())
-        return int(sum(len(e) for e in self.events))
-
-    def first_ts(self) -> int:
-        """Where hftbacktest starts this asset's clock: its first exchange or local event."""
-        return cat.first_ts(self.events[0])
-
-    def last_ts(self) -> int:
-        return cat.last_ts(self.events[-1])
 
 
 @dataclass
@@ -76,91 +50,22 @@ class RunResult:
     composition: Composition | None = field(default=None, repr=False)
 
 
-def load_assets(
-    data: DataSection,
-    base_dir: Path,
-    where: Callable[[tuple], str],
-    catalog: Path | None,
-    engine_for: Callable[[str], AssetEngine | None] = lambda name: None,
-    preload: bool = False,
-) -> list[AssetFeed]:
-    """Every asset of a ``data`` section (catalog days or npz files) with its instrument.
-
-    The events are :class:`~quotelab.data.catalog.EventFiles`, read a part file at a time by whoever
-    replays them, so memory does not grow with the days; ``preload`` loads them all instead (the
-    way to compare, or to replay the same short data many times from memory).
-    """
-    feeds = []
-    for name, a in data.assets.items():
-        at = ("data", "assets", name)
-        funding = None
-        events: Sequence[np.ndarray]
-        if a.files is not None:
-            for f in a.files:
-                if not (base_dir / f).exists():
-                    raise DataError(f"{where(at)}: {base_dir / f}: no such file")
-            events = cat.EventFiles([p for f in a.files for p in cat.parts_of((base_dir / f).resolve())])
-            meta: dict[str, Any] = {}
-            venue, symbol = a.venue or "files", a.symbol or name
-        else:
-            if catalog is None:
-                raise ConfigError(
-                    f"{where(at)}: a catalog asset needs a catalog: pass --catalog DIR or set data.catalog"
-                )
-            meta, events = cat.stream_days(catalog, a.venue, a.symbol, a.dates)
-            funding = cat.load_funding(catalog, a.venue, a.symbol, a.dates)
-            venue, symbol = a.venue, a.symbol
-        contract = meta.get("contract", {})
-        tick = a.tick_size if a.tick_size is not None else meta.get("tick_size", 0.0)
-        lot = a.lot_size if a.lot_size is not None else meta.get("lot_size", 0.0)
-        for key, value in (("tick_size", tick), ("lot_size", lot)):
-            if not value or value <= 0:
-                raise ConfigError(
-                    f"{where(at)}: {key} must be > 0 (hftbacktest hangs on 0); set data.assets.{name}.{key}"
-                )
-        if a.tick_size is not None:  # the catalog's own tick is checked where it is read, naming meta.json
-            first = events[0]  # a sample, as the catalog's check: the first file's first and last rows
-            if (bad := cat.off_grid(first, float(tick))) is not None:
-                raise ConfigError(
-                    f"{where((*at, 'tick_size'))}: tick_size {tick} does not fit {venue}/{symbol}: book price "
-                    f"{bad[1]} (row {bad[0]}) is not a multiple of it. Fix: set the venue's tick, or leave "
-                    f"tick_size out to use the catalog's.")
-            del first
-        feed = AssetFeed(
-            name=name, venue=venue, symbol=symbol, events=events, tick_size=float(tick), lot_size=float(lot),
-            contract=a.contract or contract.get("kind", "linear"),
-            contract_size=float(a.contract_size or contract.get("size", 1.0)), engine=engine_for(name),
-            funding=funding,
-        )
-        if not feed.n_events:
-            raise DataError(f"{where(at)}: {venue}/{symbol} has no events")
-        if preload:
-            feed.events = [cat.load_events(p) for p in events.paths]  # type: ignore[attr-defined]
-        feeds.append(feed)
-    return feeds
+def load_feeds(loaded: LoadedStrategy, catalog: Path | None, preload: bool = False) -> list[Asset]:
+    return load_assets(loaded.config.data, loaded.file.parent, loaded.where, catalog, preload)
 
 
-def load_feeds(loaded: LoadedStrategy, catalog: Path | None, preload: bool = False) -> list[AssetFeed]:
-    cfg = loaded.config
-    return load_assets(cfg.data, loaded.file.parent, loaded.where, catalog,
-                       lambda name: cfg.engine.assets.get(name, cfg.engine.defaults), preload)
-
-
-def resolve_catalog(base_dir: Path, configured: str | None, catalog: str | Path | None) -> Path | None:
-    """``--catalog`` wins; else ``data.catalog`` relative to the YAML's folder."""
-    if catalog is not None:
-        return Path(catalog)
-    if configured is not None:
-        return (base_dir / configured).resolve()
-    return None
+def asset_engine(cfg: StrategyConfig, name: str) -> tuple[AssetEngine, tuple]:
+    """The engine settings of asset ``name`` in strategy config ``cfg``, and where they are in the YAML."""
+    if name in cfg.engine.assets:
+        return cfg.engine.assets[name], ("engine", "assets", name)
+    return cfg.engine.defaults, ("engine", "defaults")
 
 
 ORDER_LATENCY_DTYPE = np.dtype([("req_ts", "i8"), ("exch_ts", "i8"), ("resp_ts", "i8"), ("_padding", "i8")],
                                align=True)  # hftbacktest 2.4's OrderLatencyRow
 
 
-def _build_asset(feed: AssetFeed, order_latency: np.ndarray | None = None) -> BacktestAsset:
-    e = feed.engine
+def _build_asset(feed: Asset, e: AssetEngine, order_latency: np.ndarray | None = None) -> BacktestAsset:
     # Paths: hftbacktest reads them a file at a time (and the next one ahead); arrays it holds whole.
     events = feed.events
     a = BacktestAsset().data([str(p) for p in events.paths] if isinstance(events, cat.EventFiles) else list(events))
@@ -188,11 +93,11 @@ def _build_asset(feed: AssetFeed, order_latency: np.ndarray | None = None) -> Ba
     return a.tick_size(feed.tick_size).lot_size(feed.lot_size).last_trades_capacity(e.last_trades_capacity)
 
 
-def order_latency(feed: AssetFeed, where: Callable[[tuple], str], at: tuple, base_dir: Path) -> np.ndarray | None:
-    """The rows of ``recorded`` or ``feed`` order latency for hftbacktest's ``intp_order_latency`` (ns),
-    None for ``constant``. A negative latency, or a feed latency made negative by ``feed_latency_offset``,
-    is an error naming the asset and the fix."""
-    e = feed.engine
+def order_latency(feed: Asset, e: AssetEngine, where: Callable[[tuple], str], at: tuple, base_dir: Path
+                  ) -> np.ndarray | None:
+    """The rows of ``recorded`` or ``feed`` order latency of ``feed`` with engine settings ``e`` (at ``at``
+    in the YAML) for hftbacktest's ``intp_order_latency`` (ns), None for ``constant``. A negative latency,
+    or a feed latency made negative by ``feed_latency_offset``, is an error naming the asset and the fix."""
     lat = e.latency
     offset = int(round(e.feed_latency_offset * 1e9))
     if offset or lat.model == "feed":
@@ -240,7 +145,7 @@ def order_latency(feed: AssetFeed, where: Callable[[tuple], str], at: tuple, bas
     return rows
 
 
-def _feed_latencies(feed: AssetFeed) -> np.ndarray:
+def _feed_latencies(feed: Asset) -> np.ndarray:
     both = EXCH_EVENT | LOCAL_EVENT
     return np.concatenate([ev["local_ts"][(ev["ev"] & both) == both] - ev["exch_ts"][(ev["ev"] & both) == both]
                            for ev in feed.events])
@@ -361,45 +266,109 @@ def run_loaded(
 
     ``check``: the fused kernel is compiled with bounds checking, so a plugin kernel that indexes past
     its arrays stops the run with an error naming it instead of reading other memory (slower).
-    ``preload``: see :func:`load_assets`. ``on_progress`` is called with the backtest's time (ns)
-    every :data:`PAUSE_STEPS` steps and at the end; ``progress`` shows it on stderr
+    ``preload``: see :func:`~quotelab.data.assets.load_assets`. ``on_progress`` is called with the
+    backtest's time (ns) every :data:`PAUSE_STEPS` steps and at the end; ``progress`` shows it on stderr
     (:mod:`quotelab.progress`)."""
-    global _DRIVER_COMPILED
     cfg = loaded.config
-    feeds = load_feeds(loaded, resolve_catalog(loaded.file.parent, loaded.config.data.catalog, catalog), preload)
-    names = [f.name for f in feeds]
-    q = names.index(cfg.data.quote)
+    assets = load_feeds(loaded, resolve_catalog(loaded.file.parent, cfg.data.catalog, catalog), preload)
+    q = [a.name for a in assets].index(cfg.data.quote)
+    grid = _grid(loaded, assets, q)
+    t0 = time.perf_counter()
+    strategy = _strategy(loaded, parts, assets, q, grid.origin, check)
+    compose_s = time.perf_counter() - t0
+    arrays = _DriverArrays.of(cfg, assets, q, grid, strategy)
+    run_info = _run_info(cfg, assets, out_dir)
+    _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
+    hbt, latencies = _backtest(loaded, assets)
+    args = arrays.args(hbt.ptr, strategy)
+    compile_s = compose_s + _compile_driver(args)
+    t1 = time.perf_counter()
+    try:
+        rec_ts, rec = _drive(args, arrays, strategy.composition, P.Replay(
+            f"run {cfg.name}", grid.origin, grid.origin + grid.span, sum(a.n_events for a in assets), progress),
+            on_progress)
+        run_s = time.perf_counter() - t1
+        final = _final_state(hbt, q, assets[q], arrays.fund)
+    finally:
+        hbt.close()
+        del latencies
+    summary = _run_summary(cfg.name, assets, q, grid.origin, final, rec_ts, rec, arrays, compile_s, run_s)
+    result = RunResult(summary, rec_ts, rec, composition=strategy.composition)
+    if arrays.counters[D.K_STATUS] != 0:
+        name = strategy.composition.names[int(arrays.counters[D.K_STATUS]) - 1]
+        summary["error"] = (
+            f"{name} produced a non-finite value at timestamp {int(arrays.counters[D.K_STATUS_TS])} "
+            f"(engine.on_nonfinite: stop; set it to skip to skip such quotes and count them)"
+        )
+    if out_dir is not None:
+        _save_or_rescue(result, Path(out_dir), assets[q])
+    _call_hooks(registry, "quotelab_run_end", abort=False, run=run_info, result=summary)
+    if "error" in summary:
+        raise RunError(summary["error"], result)
+    return result
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The driver's clock (ns): its origin, step and first elapse, how often it records, how far the data
+    goes past the origin, and how many records it holds before it pauses to hand them over."""
+
+    origin: int
+    step_ns: int
+    first_elapse: int
+    record_every: int
+    span: int
+    capacity: int
+
+
+def _grid(loaded: LoadedStrategy, assets: list[Asset], q: int) -> _Grid:
+    """The run's clock; a grid whose records would not fit in memory is refused here, before anything runs."""
+    cfg = loaded.config
     step_ns = int(round(cfg.engine.step * 1e9))
     if step_ns <= 0:
         raise ConfigError(f"{loaded.where(('engine', 'step'))}: step must be > 0")
-    global_first = min(f.first_ts() for f in feeds)
-    origin = _origin(loaded, feeds, q, global_first)
+    global_first = min(a.first_ts() for a in assets)
+    origin = _origin(loaded, assets, q, global_first)
     record_every = int(round(cfg.engine.record_every * 1e9))
-    span = max(f.last_ts() for f in feeds) - origin
+    span = max(a.last_ts() for a in assets) - origin
     if cfg.engine.mode == "step":
         capacity = span // max(step_ns, record_every or 1) + 2
     else:
-        capacity = (span // record_every + 2) if record_every > 0 else sum(f.n_events for f in feeds) + 2
+        capacity = (span // record_every + 2) if record_every > 0 else sum(a.n_events for a in assets) + 2
     every = max(step_ns, record_every) if cfg.engine.mode == "step" else record_every
     check_record_budget(capacity, 8 * (D.R_WIDTH + 1), loaded.where(("engine", "record_every")),
                         f"{span / 1e9:g} s of data recorded every " + (f"{every / 1e9:g} s" if every else "event"),
                         "set engine.record_every (e.g. 1s) or a longer engine.step")
-    capacity = min(capacity, REC_CHUNK)  # a full buffer pauses the driver and goes to a spool file
-    ctx = PackContext.of(feeds, q, origin, str(loaded.file.parent))
-    index = ctx.asset_index
-    tick_q = feeds[q].tick_size
+    first_elapse = origin - global_first + (step_ns if cfg.engine.mode == "step" else 0)
+    # a full buffer pauses the driver and goes to a spool file
+    return _Grid(origin, step_ns, first_elapse, record_every, span, min(capacity, REC_CHUNK))
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    """The composed strategy and what the driver must fill for it."""
+
+    composition: Composition
+    fns: Any  # the kernel as a typed list of one function pointer (codegen.kernel_list)
+    ready: np.ndarray  # per asset: must have a two-sided book before a step quotes
+    n_levels: int  # depth levels to fill in the view
+    need_trades: bool
+
+
+def _strategy(loaded: LoadedStrategy, parts: list[ValidatedPart], assets: list[Asset], q: int, origin: int,
+              check: bool) -> _Strategy:
+    """Compose the validated parts into one kernel (bounds checked with ``check``), with what they read."""
+    ctx = PackContext.of(assets, q, origin, str(loaded.file.parent))
     fvs, sigs, risks, quoter = [], [], [], None
-    ready_mask = np.zeros(len(feeds), dtype=np.bool_)
-    ready_mask[q] = True
+    ready = np.zeros(len(assets), dtype=np.bool_)
+    ready[q] = True
     n_levels = 1
     need_trades = False
     for vp in parts:
-        where = "".join(f"[{p}]" if isinstance(p, int) else p for p in vp.at)
-        alpha = parse_alpha(vp.spec.alpha, tick_q) if vp.role == "signal" else Alpha()
-        part = Part(vp.component, vp.params, where, weight=vp.spec.weight, alpha=alpha)
+        part = part_of(vp, assets[q].tick_size)
         reads = vp.component.reads(vp.params)
         for asset in reads.assets:
-            ready_mask[index[asset]] = True
+            ready[ctx.asset_index[asset]] = True
         if reads.depth_levels > L.MAX_LEVELS:
             raise ConfigError(f"{loaded.where(vp.at)}: reads {reads.depth_levels} depth levels; at most {L.MAX_LEVELS}")
         n_levels = max(n_levels, reads.depth_levels)
@@ -407,125 +376,158 @@ def run_loaded(
         {"fair_value": fvs, "signal": sigs, "risk": risks}.get(vp.role, []).append(part)
         if vp.role == "quoter":
             quoter = part
-    _check_sizes(loaded, parts, feeds[q])
-
-    t0 = time.perf_counter()
+    _check_sizes(loaded, parts, assets[q])
     comp = compose(fvs, sigs, risks, quoter, ctx, boundscheck=check)
-    fns = kernel_list(comp.kernel)
-    compose_s = time.perf_counter() - t0
+    return _Strategy(comp, kernel_list(comp.kernel), ready, n_levels, need_trades)
 
-    first_elapse = origin - global_first + (step_ns if cfg.engine.mode == "step" else 0)
 
-    view = np.full((len(feeds), L.VIEW_WIDTH), np.nan)
-    for i, f in enumerate(feeds):
-        view[i, L.TICK] = f.tick_size
-        view[i, L.LOT] = f.lot_size
-        view[i, L.CONTRACT_SIZE] = f.contract_size
-        view[i, L.INVERSE] = 1.0 if f.contract == "inverse" else 0.0
-        view[i, [L.POSITION, L.BALANCE, L.FEE, L.NUM_FILLS, L.N_TRADES]] = 0.0
-    trades = np.zeros((len(feeds), max(f.engine.last_trades_capacity for f in feeds), L.TR_WIDTH))
-    out = np.zeros(L.OUT_WIDTH)
-    cfg_arr = np.zeros(D.C_WIDTH, dtype=np.int64)
-    cfg_arr[D.C_MODE] = 0 if cfg.engine.mode == "step" else 1
-    cfg_arr[D.C_STEP_NS] = step_ns
-    cfg_arr[D.C_FIRST_ELAPSE_NS] = first_elapse
-    cfg_arr[D.C_QUOTED] = q
-    cfg_arr[D.C_LEVELS] = n_levels
-    cfg_arr[D.C_TIF] = GTX if cfg.engine.time_in_force == "gtx" else GTC
-    cfg_arr[D.C_ON_NONFINITE] = 0 if cfg.engine.on_nonfinite == "stop" else 1
-    cfg_arr[D.C_RECORD_EVERY_NS] = record_every
-    cfg_arr[D.C_ORIGIN_NS] = origin
-    cfg_arr[D.C_MAX_SCAN_TICKS] = cfg.engine.max_scan_ticks
-    cfg_arr[D.C_NEED_TRADES] = int(need_trades)
-    cfg_arr[D.C_PAUSE_STEPS] = PAUSE_STEPS
-    rec_ts = np.zeros(capacity, dtype=np.int64)
-    rec = np.full((capacity, D.R_WIDTH), np.nan)
-    counters = np.zeros(D.K_WIDTH, dtype=np.int64)
-    state = comp.state.copy()
-    settle_ts, settle = _settlements(cfg.engine.funding, feeds[q], origin)
-    fund = np.zeros(1)
+@dataclass(frozen=True)
+class _DriverArrays:
+    """What :func:`quotelab.backtest.driver.run_driver` reads and writes besides the backtest: the step's view of
+    each asset, its trades and ``out``, its config, the records it fills (handed over when it pauses), its
+    counters, the funding settlements it fills and the funding paid."""
 
+    view: np.ndarray
+    trades: np.ndarray
+    state: np.ndarray
+    out: np.ndarray
+    config: np.ndarray
+    rec_ts: np.ndarray
+    rec: np.ndarray
+    counters: np.ndarray
+    settle_ts: np.ndarray
+    settle: np.ndarray
+    fund: np.ndarray
+
+    @classmethod
+    def of(cls, cfg: StrategyConfig, assets: list[Asset], q: int, grid: _Grid, strategy: _Strategy) -> _DriverArrays:
+        capacity = max(asset_engine(cfg, a.name)[0].last_trades_capacity for a in assets)
+        c = np.zeros(D.C_WIDTH, dtype=np.int64)
+        c[D.C_MODE] = 0 if cfg.engine.mode == "step" else 1
+        c[D.C_STEP_NS] = grid.step_ns
+        c[D.C_FIRST_ELAPSE_NS] = grid.first_elapse
+        c[D.C_QUOTED] = q
+        c[D.C_LEVELS] = strategy.n_levels
+        c[D.C_TIF] = GTX if cfg.engine.time_in_force == "gtx" else GTC
+        c[D.C_ON_NONFINITE] = 0 if cfg.engine.on_nonfinite == "stop" else 1
+        c[D.C_RECORD_EVERY_NS] = grid.record_every
+        c[D.C_ORIGIN_NS] = grid.origin
+        c[D.C_MAX_SCAN_TICKS] = cfg.engine.max_scan_ticks
+        c[D.C_NEED_TRADES] = int(strategy.need_trades)
+        c[D.C_PAUSE_STEPS] = PAUSE_STEPS
+        settle_ts, settle = _settlements(cfg.engine.funding, assets[q], grid.origin)
+        return cls(view=initial_view(assets), trades=np.zeros((len(assets), capacity, L.TR_WIDTH)),
+                   state=strategy.composition.state.copy(), out=np.zeros(L.OUT_WIDTH), config=c,
+                   rec_ts=np.zeros(grid.capacity, dtype=np.int64), rec=np.full((grid.capacity, D.R_WIDTH), np.nan),
+                   counters=np.zeros(D.K_WIDTH, dtype=np.int64), settle_ts=settle_ts, settle=settle, fund=np.zeros(1))
+
+    def args(self, hbt_ptr: int, strategy: _Strategy) -> tuple:
+        """run_driver's arguments after the cache key, in its order."""
+        return (hbt_ptr, strategy.fns, self.view, self.trades, self.state, strategy.composition.params, self.out,
+                self.config, strategy.ready, self.rec_ts, self.rec, self.counters, self.settle_ts, self.settle,
+                self.fund)
+
+
+def _run_info(cfg: StrategyConfig, assets: list[Asset], out_dir: str | Path | None) -> dict[str, Any]:
+    """What the lifecycle hooks are told about the run."""
     config_json = cfg.model_dump(mode="json")
-    run_info = {"name": cfg.name, "out_dir": str(out_dir) if out_dir is not None else None,
-                "run_id": hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()[:16],
-                "assets": {f.name: {"venue": f.venue, "symbol": f.symbol} for f in feeds}, "config": config_json}
-    _call_hooks(registry, "quotelab_run_start", abort=True, run=run_info)
-    latencies = [order_latency(f, loaded.where, ("engine", "assets", f.name) if f.name in cfg.engine.assets else
-                               ("engine", "defaults"), loaded.file.parent) for f in feeds]
-    hbt = Backtest([_build_asset(f, lat) for f, lat in zip(feeds, latencies, strict=True)])
-    args = (hbt.ptr, fns, view, trades, state, comp.params, out, cfg_arr, ready_mask, rec_ts, rec, counters,
-            settle_ts, settle, fund)
-    t1 = time.perf_counter()
-    if not _DRIVER_COMPILED:  # compiled, or loaded from the disk cache, once per process
+    return {"name": cfg.name, "out_dir": str(out_dir) if out_dir is not None else None,
+            "run_id": hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()[:16],
+            "assets": {a.name: {"venue": a.venue, "symbol": a.symbol} for a in assets}, "config": config_json}
+
+
+def _backtest(loaded: LoadedStrategy, assets: list[Asset]) -> tuple[Backtest, list[np.ndarray | None]]:
+    """hftbacktest over the assets, each with its engine settings, and their order latency rows.
+
+    hftbacktest reads the rows in place without holding them: the caller must keep them until the run
+    ends (freed, they abort the run)."""
+    built, latencies = [], []
+    for a in assets:
+        engine, at = asset_engine(loaded.config, a.name)
+        latencies.append(order_latency(a, engine, loaded.where, at, loaded.file.parent))
+        built.append(_build_asset(a, engine, latencies[-1]))
+    return Backtest(built), latencies
+
+
+def _compile_driver(args: tuple) -> float:
+    """Compile the driver (or load it from the disk cache), once per process; the seconds it took."""
+    global _DRIVER_COMPILED
+    t = time.perf_counter()
+    if not _DRIVER_COMPILED:
         D.run_driver.compile(tuple(numba.typeof(x) for x in (KEY, *args)))
         _DRIVER_COMPILED = True
-    compile_s = compose_s + time.perf_counter() - t1
-    t2 = time.perf_counter()
-    spool = _RecordSpool()
-    try:
-        with P.Replay(f"run {cfg.name}", origin, origin + span, sum(f.n_events for f in feeds), progress) as bar:
-            while True:
-                try:
-                    r = run_cached(D.run_driver, *args)
-                except QuotelabError:  # a Python signal's own error already names it
-                    raise
-                except Exception as exc:
-                    err = _kernel_error(comp, exc, state)
-                    if err is exc:
-                        raise
-                    raise err from exc
-                spool.add(rec_ts[:counters[D.K_RECORDS]], rec[:counters[D.K_RECORDS]])
-                counters[D.K_RECORDS] = 0
-                _release_freed()
-                bar.at(int(counters[D.K_NOW_TS]))
-                if on_progress is not None:
-                    on_progress(int(counters[D.K_NOW_TS]))
-                if r != D.PAUSED:
-                    break
-        run_s = time.perf_counter() - t2
-        sv = hbt.state_values(q)
-        final = {"num_trades": int(sv["num_trades"]), **{k: float(sv[k]) for k in (
-            "position", "balance", "fee", "trading_volume", "trading_value")}}
-    finally:
-        hbt.close()
-    final["funding"] = float(fund[0])
-    final["balance"] += -final["funding"] if feeds[q].contract == "inverse" else final["funding"]
+    return time.perf_counter() - t
 
-    rec_ts, rec = spool.arrays()
-    summary = _summary(cfg.name, feeds[q], final, rec, counters, compile_s, run_s, sum(f.n_events for f in feeds))
+
+def _drive(args: tuple, arrays: _DriverArrays, comp: Composition, bar: P.Replay,
+           on_progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Run the driver to the end of the data, spooling its records each time it pauses; the records."""
+    counters = arrays.counters
+    kept = _RecordSpool()
+    with bar:
+        while True:
+            try:
+                r = run_cached(D.run_driver, *args)
+            except QuotelabError:  # a Python signal's own error already names it
+                raise
+            except Exception as exc:
+                err = _kernel_error(comp, exc, arrays.state)
+                if err is exc:
+                    raise
+                raise err from exc
+            kept.add(arrays.rec_ts[:counters[D.K_RECORDS]], arrays.rec[:counters[D.K_RECORDS]])
+            counters[D.K_RECORDS] = 0
+            _release_freed()
+            bar.at(int(counters[D.K_NOW_TS]))
+            if on_progress is not None:
+                on_progress(int(counters[D.K_NOW_TS]))
+            if r != D.PAUSED:
+                break
+    return kept.arrays()
+
+
+def _final_state(hbt: Backtest, q: int, quoted: Asset, fund: np.ndarray) -> dict[str, Any]:
+    """The quoted asset's account at the end, funding paid included in the balance."""
+    sv = hbt.state_values(q)
+    final = {"num_trades": int(sv["num_trades"]), **{k: float(sv[k]) for k in (
+        "position", "balance", "fee", "trading_volume", "trading_value")}}
+    final["funding"] = float(fund[0])
+    final["balance"] += -final["funding"] if quoted.inverse else final["funding"]
+    return final
+
+
+def _run_summary(name: str, assets: list[Asset], q: int, origin: int, final: dict[str, Any], rec_ts: np.ndarray,
+                 rec: np.ndarray, arrays: _DriverArrays, compile_s: float, run_s: float) -> dict[str, Any]:
+    """summary.json: the final account, the counters, timings, settlements, assets and PnL figures."""
+    fq = assets[q]
+    summary = _summary(name, fq, final, rec, arrays.counters, compile_s, run_s, sum(a.n_events for a in assets))
     summary["origin_ns"] = origin
+    settle_ts, settle = arrays.settle_ts, arrays.settle
     reached = np.isfinite(settle[:, D.S_POSITION])  # NaN: the data ended before the settlement
     summary["settlements"] = [
         {"ts": int(t), "rate": float(r[D.S_RATE]), "mark": float(r[D.S_MARK]), "position": float(r[D.S_POSITION]),
          "amount": float(r[D.S_AMOUNT])} for t, r in zip(settle_ts[reached], settle[reached], strict=True)]
-    summary["assets"] = {f.name: {"venue": f.venue, "symbol": f.symbol, "events": f.n_events} for f in feeds}
-    summary.update(_figures(summary, feeds[q], rec_ts, rec))
-    fq = feeds[q]
+    summary["assets"] = {a.name: {"venue": a.venue, "symbol": a.symbol, "events": a.n_events} for a in assets}
+    summary.update(_figures(summary, fq, rec_ts, rec))
     summary["instrument"] = {"venue": fq.venue, "symbol": fq.symbol, "contract": fq.contract,
                              "contract_size": fq.contract_size, "tick_size": fq.tick_size, "lot_size": fq.lot_size}
-    result = RunResult(summary, rec_ts, rec, composition=comp)
-    if counters[D.K_STATUS] != 0:
-        name = comp.names[int(counters[D.K_STATUS]) - 1]
-        summary["error"] = (
-            f"{name} produced a non-finite value at timestamp {int(counters[D.K_STATUS_TS])} "
-            f"(engine.on_nonfinite: stop; set it to skip to skip such quotes and count them)"
-        )
-    if out_dir is not None:
-        try:
-            result.out_dir = save_result(result, Path(out_dir), feeds[q])
-        except OSError as exc:
-            # The run is done: keep what it computed where it can be found, and say where.
-            result.out_dir = save_result(result, Path(tempfile.mkdtemp(prefix="quotelab-run-")), feeds[q])
-            lost = (f"could not write the results to {out_dir} ({exc.strerror or exc}); they were saved to "
-                    f"{result.out_dir} instead")
-            summary["error"] = f"{summary['error']}; {lost}" if "error" in summary else lost
-    _call_hooks(registry, "quotelab_run_end", abort=False, run=run_info, result=summary)
-    if "error" in summary:
-        raise RunError(summary["error"], result)
-    return result
+    return summary
 
 
-def _settlements(mode: str, feed: AssetFeed, origin: int) -> tuple[np.ndarray, np.ndarray]:
+def _save_or_rescue(result: RunResult, out_dir: Path, quoted: Asset) -> None:
+    """Save the result to ``out_dir``; if that fails, to a temporary folder, named in the summary's error."""
+    try:
+        result.out_dir = save_result(result, out_dir, quoted)
+    except OSError as exc:
+        # The run is done: keep what it computed where it can be found, and say where.
+        result.out_dir = save_result(result, Path(tempfile.mkdtemp(prefix="quotelab-run-")), quoted)
+        lost = (f"could not write the results to {out_dir} ({exc.strerror or exc}); they were saved to "
+                f"{result.out_dir} instead")
+        s = result.summary
+        s["error"] = f"{s['error']}; {lost}" if "error" in s else lost
+
+
+def _settlements(mode: str, feed: Asset, origin: int) -> tuple[np.ndarray, np.ndarray]:
     """The quoted asset's funding settlements after ``origin`` (times, and rate/mark/position/amount rows
     for the driver to fill); none with ``engine.funding: off`` or without funding rows."""
     if mode == "off" or feed.funding is None:
@@ -535,18 +537,6 @@ def _settlements(mode: str, feed: AssetFeed, origin: int) -> tuple[np.ndarray, n
     settle[:, D.S_RATE] = rate
     settle[:, D.S_MARK] = mark
     return ts, settle
-
-
-# What the per-step records of one run or replay may allocate up front; more is a config asking for
-# billions of rows (a 1 µs grid over a day), refused before anything is allocated or compiled.
-MAX_RECORD_BYTES = 2 << 30
-
-
-def check_record_budget(rows: int, row_bytes: int, where: str, what: str, fix: str) -> None:
-    """Refuse ``rows`` records of ``row_bytes`` when they would take more than ``MAX_RECORD_BYTES``."""
-    if rows * row_bytes > MAX_RECORD_BYTES:
-        raise ConfigError(f"{where}: {what} is {rows:,} records, {rows * row_bytes / 2**30:.3g} GiB held in memory "
-                          f"(at most {MAX_RECORD_BYTES / 2**30:g} GiB); {fix}")
 
 
 def _kernel_error(comp: Composition, exc: Exception, state: np.ndarray) -> Exception:
@@ -580,7 +570,7 @@ def _call_hooks(registry: Any, hook: str, abort: bool, **kwargs: Any) -> None:
             kwargs["result"].setdefault("hook_errors", []).append(msg)
 
 
-def _origin(loaded: LoadedStrategy, feeds: list[AssetFeed], q: int, global_first: int) -> int:
+def _origin(loaded: LoadedStrategy, feeds: list[Asset], q: int, global_first: int) -> int:
     spec = loaded.config.engine.origin
     if spec == "quoted":
         return feeds[q].first_ts()
@@ -597,7 +587,7 @@ def _origin(loaded: LoadedStrategy, feeds: list[AssetFeed], q: int, global_first
     return origin
 
 
-def _check_sizes(loaded: LoadedStrategy, parts: list[ValidatedPart], quoted: AssetFeed) -> None:
+def _check_sizes(loaded: LoadedStrategy, parts: list[ValidatedPart], quoted: Asset) -> None:
     for at, params in ((p.at, p.params) for p in parts):
         for key in ("size", "max_position"):
             value = getattr(params, key, None)
@@ -616,13 +606,13 @@ def _check_sizes(loaded: LoadedStrategy, parts: list[ValidatedPart], quoted: Ass
             )
 
 
-def _equity(feed: AssetFeed, final: dict[str, Any], mid: float) -> float:
+def _equity(feed: Asset, final: dict[str, Any], mid: float) -> float:
     if feed.contract == "inverse":
         return float(-final["balance"] - final["position"] / mid * feed.contract_size - final["fee"])
     return float(final["balance"] + final["position"] * mid * feed.contract_size - final["fee"])
 
 
-def _summary(name: str, feed: AssetFeed, final: dict[str, Any], rec: np.ndarray, counters: np.ndarray,
+def _summary(name: str, feed: Asset, final: dict[str, Any], rec: np.ndarray, counters: np.ndarray,
              compile_s: float, run_s: float, events: int) -> dict[str, Any]:
     mid = float(rec[-1, D.R_MID]) if len(rec) else float("nan")
     return {
@@ -642,7 +632,7 @@ def _summary(name: str, feed: AssetFeed, final: dict[str, Any], rec: np.ndarray,
     }
 
 
-def _figures(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
+def _figures(summary: dict[str, Any], feed: Asset, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
     """PnL in its currency and in USD, per traded notional, and the per-day table (:mod:`quotelab.backtest.pnl`)."""
     inverse = feed.contract == "inverse"
     unit = pnl.currency(feed.symbol, inverse)
@@ -661,7 +651,7 @@ def _figures(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: 
 FIGURE_CHUNK = 1 << 16  # records per chunk of the per-day table: its temporaries stay ~10 MB
 
 
-def _per_day(summary: dict[str, Any], feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> list[dict[str, Any]]:
+def _per_day(summary: dict[str, Any], feed: Asset, rec_ts: np.ndarray, rec: np.ndarray) -> list[dict[str, Any]]:
     """:func:`pnl.per_day` of the run's records, a chunk at a time (a month of records is GBs of
     temporaries at once). Each chunk after the first starts one record early and drops that row's
     figures, so every step is differenced against the record before it, as in one pass."""
@@ -746,7 +736,7 @@ def hbt_records(rec_ts: np.ndarray, rec: np.ndarray) -> np.ndarray:
     return out
 
 
-def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
+def compute_stats(feed: Asset, rec_ts: np.ndarray, rec: np.ndarray) -> dict[str, Any]:
     """hftbacktest's stats. Annualised (and per-day) figures only for runs of a day or more, whose
     ``annualised`` entry says how they were computed: extrapolating minutes to a year gives numbers
     like a Sharpe ratio of 9,000 that mean nothing."""
@@ -791,7 +781,7 @@ def compute_stats(feed: AssetFeed, rec_ts: np.ndarray, rec: np.ndarray) -> dict[
     return out
 
 
-def save_result(result: RunResult, out_dir: Path, feed: AssetFeed) -> Path:
+def save_result(result: RunResult, out_dir: Path, feed: Asset) -> Path:
     """Write summary.json, stats and the equity/position series; each file atomically."""
     import polars as pl
 

@@ -30,9 +30,10 @@ from numba import njit
 from quotelab import layout as L
 from quotelab import spool
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset
 from quotelab.errors import QuotelabError
 from quotelab.kernels.arrival_fit import arrival_depths_nb, log_linear_fit_nb
-from quotelab.research.replay import ReplayAsset, replay
+from quotelab.research.replay import replay
 
 SIDES = ("buy", "sell", "pooled")
 MAX_TICKS_LIMIT = 500
@@ -98,7 +99,7 @@ def measure_day(events: np.ndarray | Sequence[np.ndarray], tick: float, lot: flo
                 ) -> DayMeasure:
     """Replay one day (its events, or its parts: :func:`quotelab.data.catalog.stream_days`) at ``step``
     seconds and count how far trades reached from the mid, a chunk of steps at a time."""
-    asset = ReplayAsset("x", [events] if isinstance(events, np.ndarray) else events, tick, lot)
+    asset = Asset("x", [events] if isinstance(events, np.ndarray) else events, tick, lot)
     res = replay([asset], calibration_probe_nb, np.zeros(1), np.array([np.nan]), step=step, keep_out=True,
                  out_columns=[L.COMPONENTS, L.COMPONENTS + 1])
     n_half = 2 * max_ticks

@@ -346,13 +346,13 @@ def fit_catalog(
 ) -> MicropriceTable:
     """Fit on catalog days, replayed on the grid a strategy with ``step`` quoting this symbol sees."""
     from quotelab.data import catalog as cat
-    from quotelab.research.replay import ReplayAsset
+    from quotelab.data.assets import Asset
 
     if not dates:
         raise ConfigError("microprice fit: give at least one date (--dates YYYYMMDD[,YYYYMMDD...])")
     meta = cat.read_meta(catalog, venue, symbol)
-    asset = ReplayAsset(symbol, cat.stream_days(catalog, venue, symbol, dates)[1],
-                        float(meta["tick_size"]), float(meta["lot_size"]))
+    asset = Asset(symbol, cat.stream_days(catalog, venue, symbol, dates)[1],
+                  float(meta["tick_size"]), float(meta["lot_size"]), venue=venue, symbol=symbol)
     book = top_of_book([asset], step=step)
     ts = book["ts"]
     training = {"venue": venue, "symbol": symbol, "dates": list(dates), "samples": len(ts),

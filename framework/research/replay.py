@@ -22,7 +22,7 @@ index, and a scan costs what hftbacktest's hash-map scan costs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from quotelab import progress, spool
 from quotelab.backtest.jitcache import KEY, STALE, run_cached
 from quotelab.component import Component, PackContext, Params
 from quotelab.data import catalog as cat
+from quotelab.data.assets import Asset, initial_view
 from quotelab.errors import DataError
-from quotelab.strategy.composer import kernel_list
+from quotelab.strategy.codegen import kernel_list
 
 INVALID_MIN = np.iinfo(np.int64).min
 INVALID_MAX = np.iinfo(np.int64).max
@@ -59,26 +60,6 @@ B_LOW_BID = 2
 B_HIGH_ASK = 3
 
 RECORDS_FULL = -3  # _replay_nb: the step records are full (jitcache.STALE is -2)
-
-
-@dataclass(frozen=True)
-class ReplayAsset:
-    """One asset's events (hftbacktest event_dtype, one or more consecutive arrays) and instrument."""
-
-    name: str
-    events: Sequence[np.ndarray]
-    tick_size: float
-    lot_size: float
-    contract_size: float = 1.0
-    inverse: bool = False
-    funding: np.ndarray | None = field(default=None, compare=False)  # catalog funding rows, for funding_rate
-
-    def first_ts(self) -> int:
-        """Where hftbacktest starts this asset's clock: its first exchange or local event."""
-        return cat.first_ts(self.events[0])
-
-    def last_ts(self) -> int:
-        return cat.last_ts(self.events[-1])
 
 
 @dataclass
@@ -388,7 +369,7 @@ def _scan_nb(ev, clock_ts, px, qty, tick, info, flag, collect, t_ts, t_px, t_qty
     return t_ts, t_px, t_qty, t_sell, n_tr, first
 
 
-def _tick_range(asset: ReplayAsset, info: np.ndarray) -> tuple[int, int]:
+def _tick_range(asset: Asset, info: np.ndarray) -> tuple[int, int]:
     """The dense book's (first tick, size) from a pass's depth tick range ``info[0], info[1]``."""
     if info[0] > info[1]:
         return 0, 1
@@ -416,7 +397,7 @@ class ClockRows:
 _CLOCK = {LOCAL_EVENT: "local_ts", EXCH_EVENT: "exch_ts"}  # a side's flag -> its clock's column
 
 
-def _scan(asset: ReplayAsset, days: Sequence[np.ndarray], flag: int, collect: bool) -> ClockRows | None:
+def _scan(asset: Asset, days: Sequence[np.ndarray], flag: int, collect: bool) -> ClockRows | None:
     col = _CLOCK[flag]
     info = np.array([INVALID_MAX, INVALID_MIN, 0, INVALID_MIN, 0], dtype=np.int64)
     cap = 1024 if collect else 0
@@ -436,7 +417,7 @@ def _scan(asset: ReplayAsset, days: Sequence[np.ndarray], flag: int, collect: bo
     return ClockRows(days, base, size, day_start, trades, int(info[4]))  # type: ignore[arg-type]
 
 
-def _on_clock(asset: ReplayAsset, flag: int, collect: bool = False) -> ClockRows:
+def _on_clock(asset: Asset, flag: int, collect: bool = False) -> ClockRows:
     """The asset's rows flagged ``flag`` in that clock's order: its days in place when they are
     (every catalog day is, on both clocks), else one stably sorted copy of those rows (equal times
     keep file order, as hftbacktest's reader does)."""
@@ -459,33 +440,19 @@ def _empty_books(n: int) -> np.ndarray:
     return books
 
 
-def _initial_view(assets: Sequence[ReplayAsset]) -> np.ndarray:
-    view = np.full((len(assets), L.VIEW_WIDTH), np.nan)
-    for i, a in enumerate(assets):
-        view[i, L.TICK] = a.tick_size
-        view[i, L.LOT] = a.lot_size
-        view[i, L.CONTRACT_SIZE] = a.contract_size
-        view[i, L.INVERSE] = 1.0 if a.inverse else 0.0
-        view[i, L.POSITION] = 0.0
-        view[i, L.BALANCE] = 0.0
-        view[i, L.FEE] = 0.0
-        view[i, L.NUM_FILLS] = 0.0
-    return view
-
-
 @dataclass(frozen=True)
 class ReplayData:
     """Assets' LOCAL_EVENT rows in local time, checked and sized once, to replay many kernels over
     the same data. Catalog days are read in place (rows without LOCAL_EVENT are skipped as the
     replay goes); only rows out of local-time order are copied, sorted."""
 
-    assets: tuple[ReplayAsset, ...]
+    assets: tuple[Asset, ...]
     rows: tuple[ClockRows, ...]
     first_ts: tuple[int, ...]
     last_ts: int
 
 
-def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
+def prepare(assets: Sequence[Asset]) -> ReplayData:
     """Check the assets' LOCAL_EVENT rows (the book a strategy sees) are in local-time order, or
     sort a copy, and size each asset's dense book."""
     return ReplayData(assets=tuple(assets), rows=tuple(_on_clock(a, LOCAL_EVENT) for a in assets),
@@ -493,7 +460,7 @@ def prepare(assets: Sequence[ReplayAsset]) -> ReplayData:
 
 
 def replay(
-    assets: Sequence[ReplayAsset] | ReplayData,
+    assets: Sequence[Asset] | ReplayData,
     kernel: Any,
     params: np.ndarray,
     state: np.ndarray | None = None,
@@ -530,7 +497,7 @@ def replay(
     n_grid = max(0, (data.last_ts - origin) // step_ns)
     book_start = np.r_[0, np.cumsum([r.book_size for r in data.rows])].astype(np.int64)
     books = _empty_books(n)
-    view = _initial_view(data.assets)
+    view = initial_view(data.assets)
     trades = np.zeros((n, trades_capacity, L.TR_WIDTH))
     ready_mask = np.zeros(n, dtype=np.bool_)
     ready_mask[list(range(n)) if ready is None else list(ready)] = True
@@ -595,13 +562,13 @@ class ExchangeData:
     stably sorted copy if their exchange times ever go back, with each asset's trades (exchange
     time, price, quantity, seller-initiated) in row order."""
 
-    assets: tuple[ReplayAsset, ...]
+    assets: tuple[Asset, ...]
     rows: tuple[ClockRows, ...]
     first_ts: tuple[int, ...]
     flag: int = EXCH_EVENT  # the clock: EXCH_EVENT rows by exchange time, or LOCAL_EVENT rows by local time
 
 
-def prepare_exchange(assets: Sequence[ReplayAsset], flag: int = EXCH_EVENT) -> ExchangeData:
+def prepare_exchange(assets: Sequence[Asset], flag: int = EXCH_EVENT) -> ExchangeData:
     """The assets' EXCH_EVENT rows in exchange time, the book as of each exchange timestamp
     (:func:`aggregate_trades`, :func:`replay_trades`); catalog days (in order) are not copied.
     ``flag=LOCAL_EVENT``: the LOCAL_EVENT rows in local (receive) time instead, what a trader saw."""
@@ -702,7 +669,7 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
     rows = data.rows[0]
     bid, ask = np.zeros(rows.book_size), np.zeros(rows.book_size)
     books, clock = _empty_books(1), np.array([np.nan])
-    view, trades, out = _initial_view(data.assets), np.zeros((1, 1, L.TR_WIDTH)), np.zeros(L.OUT_WIDTH)
+    view, trades, out = initial_view(data.assets), np.zeros((1, 1, L.TR_WIDTH)), np.zeros(L.OUT_WIDTH)
     params = np.ascontiguousarray(params, dtype=np.float64)
     # A day replays the trades before the next day's first row (of the next day that has rows):
     # later ones need that day's rows.
@@ -722,7 +689,7 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
     return rec_out
 
 
-def context(assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, origin_ns: int | None = None,
+def context(assets: Sequence[Asset] | ReplayData, quoted: int = 0, origin_ns: int | None = None,
             base_dir: str = ".") -> PackContext:
     """The PackContext the engine would build for these assets (origin: the quoted asset's first event)."""
     assets = assets.assets if isinstance(assets, ReplayData) else assets
@@ -731,7 +698,7 @@ def context(assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, origin_
 
 
 def replay_component(
-    component: Component, params: Params | dict[str, Any], assets: Sequence[ReplayAsset] | ReplayData,
+    component: Component, params: Params | dict[str, Any], assets: Sequence[Asset] | ReplayData,
     quoted: int = 0,
     **kw: Any,
 ) -> ReplayResult:
@@ -751,14 +718,14 @@ def replay_component(
 
 
 def replay_composition(
-    composition: Any, assets: Sequence[ReplayAsset] | ReplayData, quoted: int = 0, **kw: Any
+    composition: Any, assets: Sequence[Asset] | ReplayData, quoted: int = 0, **kw: Any
 ) -> ReplayResult:
     """Replay a composed strategy (a :class:`quotelab.strategy.composer.Composition`); ``out`` rows kept."""
     kw.setdefault("keep_out", True)
     return replay(assets, composition.kernel, composition.params, composition.state.copy(), quoted=quoted, **kw)
 
 
-def load_npz_asset(path: str | Path, name: str, tick_size: float, lot_size: float, **kw: Any) -> ReplayAsset:
-    """A ReplayAsset from an hftbacktest npz file (its ``data`` array)."""
+def load_npz_asset(path: str | Path, name: str, tick_size: float, lot_size: float, **kw: Any) -> Asset:
+    """An Asset from an hftbacktest npz file (its ``data`` array)."""
     with np.load(path) as z:
-        return ReplayAsset(name=name, events=[z["data"]], tick_size=tick_size, lot_size=lot_size, **kw)
+        return Asset(name=name, events=[z["data"]], tick_size=tick_size, lot_size=lot_size, **kw)

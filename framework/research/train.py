@@ -18,6 +18,7 @@ Leakage is guarded twice:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -32,13 +33,15 @@ from pydantic import Field, model_validator
 
 from quotelab import layout as L
 from quotelab.component import PackContext
+from quotelab.data.assets import Asset, load_assets, resolve_catalog
 from quotelab.errors import ConfigError, DataError
-from quotelab.outputs import json_finite, write_or_rescue
+from quotelab.outputs import check_record_budget, json_finite, write_or_rescue
 from quotelab.research.evaluate import information_coefficient
-from quotelab.research.replay import ReplayAsset, prepare, replay
 from quotelab.research.replay import context as replay_context
+from quotelab.research.replay import prepare, replay
 from quotelab.strategy import provenance
-from quotelab.strategy.composer import Composition, Part, compose
+from quotelab.strategy.codegen import Part
+from quotelab.strategy.composer import Composition, compose
 from quotelab.strategy.config import (
     PART_NAME_RE,
     AssetData,
@@ -271,7 +274,7 @@ class Dataset:
     """One data section loaded for replay: assets in ``data.assets`` order and the quoted index."""
 
     name: str
-    assets: list[ReplayAsset]
+    assets: list[Asset]
     quoted: int
     labels: dict[str, str]  # asset name → venue/symbol
 
@@ -282,20 +285,14 @@ class Dataset:
 def load_dataset(
     name: str, data: DataSection, base_dir: Path, where: Callable[[Path_], str], catalog: Path | None
 ) -> Dataset:
-    """Load a data section with the engine's own loader (same instruments, same checks)."""
-    from quotelab.backtest.engine import load_assets, resolve_catalog
-
-    feeds = load_assets(data, base_dir, where, resolve_catalog(base_dir, data.catalog, catalog))
-    assets = [ReplayAsset(f.name, f.events, f.tick_size, f.lot_size, f.contract_size, f.contract == "inverse",
-                          f.funding)
-              for f in feeds]
-    return Dataset(name, assets, [f.name for f in feeds].index(data.quote),
-                   {f.name: f"{f.venue}/{f.symbol}" for f in feeds})
+    """Load a data section with the backtest's own loader (same instruments, same checks)."""
+    assets = load_assets(data, base_dir, where, resolve_catalog(base_dir, data.catalog, catalog))
+    return Dataset(name, assets, [a.name for a in assets].index(data.quote),
+                   {a.name: f"{a.venue}/{a.symbol}" for a in assets})
 
 
 def check_grid_budget(setup: TrainSetup, ds: Dataset) -> None:
     """Refuse, before replaying, a grid whose recorded steps would not fit in memory (a 1 µs grid)."""
-    from quotelab.backtest.engine import check_record_budget
     from quotelab.data import catalog as cat
 
     span = max(cat.last_ts(a.events[-1]) for a in ds.assets) - min(cat.first_ts(a.events[0]) for a in ds.assets)
@@ -320,15 +317,13 @@ def feature_composition(setup: TrainSetup, ds: Dataset) -> tuple[Composition, li
     mid = reg.get("fair_value", "mid")
     fv = Part(mid, mid.make_params({}), "target mid")
     signals = [Part(c, p, fmt_path(at)) for at, _, c, p in setup.parts]
-    quoter_c = reg.get("quoter", "fixed_spread")
-    quoter = Part(quoter_c, quoter_c.make_params({}), "quoter")
     ready = {ds.quoted}
     levels = 1
     for _, _, c, p in setup.parts:
         reads = c.reads(p)
         ready |= {ctx.asset_index[a] for a in reads.assets}
         levels = max(levels, reads.depth_levels)
-    return compose([fv], signals, [], quoter, ctx), sorted(ready), levels
+    return compose([fv], signals, [], None, ctx), sorted(ready), levels
 
 
 class _Truncated(Sequence[np.ndarray]):
@@ -357,7 +352,7 @@ class _Truncated(Sequence[np.ndarray]):
         return e[e["local_ts"] <= self.end_ns]
 
 
-def truncate(assets: Sequence[ReplayAsset], end_ns: int) -> list[ReplayAsset]:
+def truncate(assets: Sequence[Asset], end_ns: int) -> list[Asset]:
     """Each asset's events known locally by ``end_ns`` (what a live process would have seen), read
     and cut a part at a time as the replay goes.
 
@@ -365,8 +360,7 @@ def truncate(assets: Sequence[ReplayAsset], end_ns: int) -> list[ReplayAsset]:
     replay's grid ends at the last event, and the step at the cut is the one a one-step look-ahead
     would change.
     """
-    return [ReplayAsset(a.name, _Truncated(a.events, end_ns), a.tick_size, a.lot_size, a.contract_size, a.inverse,
-                        a.funding) for a in assets]
+    return [dataclasses.replace(a, events=_Truncated(a.events, end_ns)) for a in assets]
 
 
 def resample_external(
