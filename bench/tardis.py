@@ -58,7 +58,7 @@ from hftbacktest.types import BUY_EVENT, DEPTH_CLEAR_EVENT, DEPTH_EVENT, DEPTH_S
 
 from quotelab.data import catalog, rawfiles, synth, tardis
 from quotelab.data.convert import convert_files
-from quotelab.data.events import ConvertJob, DayResult
+from quotelab.data.events import CollectDay, ConvertJob, DayResult
 from quotelab.data.messages import open_binary
 
 KIND = 0xFF
@@ -95,29 +95,13 @@ def trades_of(events: np.ndarray) -> np.ndarray:
     return np.stack([t["exch_ts"] // 1000, (t["ev"] & BUY_EVENT) != 0, t["px"], t["qty"]], axis=1)
 
 
-class Parts:
-    """A day sink that keeps the rows as they come, in the catalog's parts: quotelab's output in memory."""
-
-    def __init__(self) -> None:
-        self.parts: list[np.ndarray] = []
-
-    def append(self, rows: np.ndarray) -> None:
-        self.parts.append(rows)
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        self.parts = []
-
-
 def quotelab_convert(files: list[Path]) -> list[np.ndarray]:
     """The converted rows, kept in memory as the parts the day streams out in (no concatenation: hftbacktest
     reads a day as a list of parts too)."""
-    sinks: list[Parts] = []
+    sinks: list[CollectDay] = []
 
-    def open_day(day: str) -> Parts:
-        sinks.append(Parts())
+    def open_day(day: str) -> CollectDay:
+        sinks.append(CollectDay())
         return sinks[-1]
 
     days: list[DayResult] = []

@@ -781,8 +781,9 @@ class DaySink(Protocol):
     def discard(self) -> None: ...
 
 
-class _Collect:
-    """A sink that keeps the rows, for callers that want each day as one array."""
+class CollectDay:
+    """A day sink that keeps the rows in memory as the parts they stream out in (``events()`` joins them), for
+    callers that want a day as an array rather than files."""
 
     def __init__(self) -> None:
         self.parts: list[np.ndarray] = []
@@ -979,7 +980,7 @@ class DaySplitter:
             snap["exch_ts"] = day.exch_min
             snap["local_ts"] = day.local_min + self.offset_ns
         name = day_of(day.day_index * DAY_NS)
-        sink: DaySink = self.job.open_day(name) if self.job.open_day is not None else _Collect()
+        sink: DaySink = self.job.open_day(name) if self.job.open_day is not None else CollectDay()
         try:
             n_in, n_out, kinds = self._stream(day, snap, sink)
             sink.commit()
@@ -997,7 +998,7 @@ class DaySplitter:
         snap_exch = snap["exch_ts"]
         info = {"first_ts": int(min(day.exch_min, snap_exch.min())), "last_ts": int(max(day.exch_max, snap_exch.max())),
                 "events": n_out, "counts": counts, "quality": info_q}
-        events = sink.events() if isinstance(sink, _Collect) else None
+        events = sink.events() if isinstance(sink, CollectDay) else None
         self.on_day(DayResult(name, events, info))
 
     def _stream(self, day: _Day, snap: np.ndarray, sink: DaySink) -> tuple[int, int, np.ndarray]:
