@@ -8,21 +8,9 @@ from pydantic import model_validator
 
 from quotelab import hookimpl
 from quotelab.component import Asset, Component, Params, param_offsets
+from quotelab.kernels.quotes import place_levels_nb
 from quotelab.layout import (
-    ASK_ENABLED,
-    ASK_WIDEN_TICKS,
-    BEST_ASK_TICK,
-    BEST_BID_TICK,
-    BID_ENABLED,
-    BID_WIDEN_TICKS,
-    MAX_POSITION,
     MAX_QUOTES,
-    N_ASK,
-    N_BID,
-    Q_ASK_QTY,
-    Q_ASK_TICK,
-    Q_BID_QTY,
-    Q_BID_TICK,
     RESERVATION,
     TICK,
 )
@@ -53,20 +41,8 @@ def fixed_spread_nb(view, trades, state, params, out):
     tick = view[a, TICK]
     r = out[RESERVATION]
     half = params[P.half_spread] * tick
-    bid = np.round((r - half) / tick)
-    ask = np.round((r + half) / tick)
-    # Never cross the touch: a post-only quote through the best price would be rejected or take.
-    bid = min(bid, view[a, BEST_BID_TICK]) - out[BID_WIDEN_TICKS]
-    ask = max(ask, view[a, BEST_ASK_TICK]) + out[ASK_WIDEN_TICKS]
-    n = int(params[P.levels])
-    for k in range(n):
-        out[Q_BID_TICK + k] = bid - k * params[P.level_spacing]
-        out[Q_BID_QTY + k] = params[P.size]
-        out[Q_ASK_TICK + k] = ask + k * params[P.level_spacing]
-        out[Q_ASK_QTY + k] = params[P.size]
-    out[N_BID] = n if out[BID_ENABLED] != 0.0 else 0
-    out[N_ASK] = n if out[ASK_ENABLED] != 0.0 else 0
-    out[MAX_POSITION] = params[P.max_position]
+    place_levels_nb(view, a, out, np.round((r - half) / tick), np.round((r + half) / tick), params[P.size],
+                    int(params[P.levels]), params[P.level_spacing], params[P.max_position])
     return r
 
 

@@ -29,18 +29,14 @@ from quotelab.units import Qty, Seconds, quantity
 
 
 @njit(inline="always")
-def write_quotes_nb(view, a, out, bid_px, ask_px, size, levels, spacing, max_position):
-    """Quotes at or behind the model prices: bid rounded down, ask up, never through the touch.
+def place_levels_nb(view, a, out, bid, ask, qty, n, spacing, max_position):
+    """``n`` levels a side from the tick prices ``bid``/``ask``, each ``spacing`` ticks further out.
 
-    Sizes are whole lots (a size under one lot quotes nothing); risk adjusters' widening and
-    enabling flags in ``out`` apply.
+    The first level never goes through the touch (a post-only quote there would be rejected or take);
+    risk adjusters' widening and enabling flags in ``out`` apply.
     """
-    tick = view[a, TICK]
-    lot = view[a, LOT]
-    qty = np.floor(size / lot + 1e-9) * lot
-    bid = min(np.floor(bid_px / tick + 1e-9), view[a, BEST_BID_TICK]) - out[BID_WIDEN_TICKS]
-    ask = max(np.ceil(ask_px / tick - 1e-9), view[a, BEST_ASK_TICK]) + out[ASK_WIDEN_TICKS]
-    n = int(levels) if qty > 0.0 else 0
+    bid = min(bid, view[a, BEST_BID_TICK]) - out[BID_WIDEN_TICKS]
+    ask = max(ask, view[a, BEST_ASK_TICK]) + out[ASK_WIDEN_TICKS]
     for k in range(n):
         out[Q_BID_TICK + k] = bid - k * spacing
         out[Q_BID_QTY + k] = qty
@@ -49,6 +45,20 @@ def write_quotes_nb(view, a, out, bid_px, ask_px, size, levels, spacing, max_pos
     out[N_BID] = n if out[BID_ENABLED] != 0.0 else 0
     out[N_ASK] = n if out[ASK_ENABLED] != 0.0 else 0
     out[MAX_POSITION] = max_position
+
+
+@njit(inline="always")
+def write_quotes_nb(view, a, out, bid_px, ask_px, size, levels, spacing, max_position):
+    """Quotes at or behind the model prices: bid rounded down, ask up, never through the touch.
+
+    Sizes are whole lots (a size under one lot quotes nothing).
+    """
+    tick = view[a, TICK]
+    lot = view[a, LOT]
+    qty = np.floor(size / lot + 1e-9) * lot
+    n = int(levels) if qty > 0.0 else 0
+    place_levels_nb(view, a, out, np.floor(bid_px / tick + 1e-9), np.ceil(ask_px / tick - 1e-9), qty, n, spacing,
+                    max_position)
 
 
 class ModelQuoterParams(Params):
