@@ -32,7 +32,7 @@ C_ON_NONFINITE = 6  # 0 stop, 1 skip the quote and count it
 C_RECORD_EVERY_NS = 7
 C_ORIGIN_NS = 8
 C_MAX_SCAN_TICKS = 9
-C_NEED_TRADES = 10  # 0: no component reads trades, so the engine leaves hftbacktest's buffer alone
+C_NEED_TRADES = 10  # 0: no component reads trades, so the driver only clears hftbacktest's buffer
 C_PAUSE_STEPS = 11  # return PAUSED after this many steps (0: never), for progress; call again to go on
 C_WIDTH = 12
 
@@ -132,6 +132,9 @@ def _fill_view(bt, a, view, trades, n_levels, max_scan, origin, last_time, accou
             view[a, L.ASK_SZ + k] = 0.0
             k += 1
     if not need_trades:
+        # hftbacktest appends every trade to this buffer until it is cleared, whether read or not: left
+        # alone it grew 64 B a trade (a busy day: ~5 M trades, ~350 MB of private memory).
+        C.clear_last_trades(bt, a)
         return 0
     lt = C.last_trades(bt, a)
     n = min(len(lt), trades.shape[1])
