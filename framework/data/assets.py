@@ -37,7 +37,7 @@ class Asset:
     lot_size: float
     contract_size: float = 1.0
     inverse: bool = False
-    funding: np.ndarray | None = field(default=None, compare=False)  # quotelab.funding rows of its days, if any
+    funding: np.ndarray | None = field(default=None, compare=False)  # quotelab.data.funding rows of its days, if any
     venue: str = ""
     symbol: str = ""
 
