@@ -141,6 +141,18 @@ def _levels(buf, pos, rows, a, z, want_buy, pd, ps, qd, qs) -> int:
 
 
 @njit(cache=True)
+def _message_start(buf, pos, local_ts, head, ms, sym) -> int:
+    """A collector line up to the symbol: local time, the stream's head, event and transaction times."""
+    pos = _int(buf, pos, local_ts)
+    pos = _put(buf, pos, head)
+    pos = _int(buf, pos, ms)
+    pos = _put(buf, pos, _T_KEY)
+    pos = _int(buf, pos, ms)
+    pos = _put(buf, pos, _S_KEY)
+    return _put(buf, pos, sym)
+
+
+@njit(cache=True)
 def _snapshot(buf, pos, rows, a, z, local, last_id, pd, ps, qd, qs) -> int:
     """The REST snapshot line of the opening-book rows a..z (E and T: their exchange time)."""
     ms = rows[a].exch_ts // 1_000_000
@@ -175,13 +187,7 @@ def binance_lines_nb(rows: np.ndarray, buf: np.ndarray, state: np.ndarray, depth
         kind = r.ev & _KIND
         ms = r.exch_ts // 1_000_000
         if kind == _K_TRADE:
-            pos = _int(buf, pos, r.local_ts)
-            pos = _put(buf, pos, trade_head)
-            pos = _int(buf, pos, ms)
-            pos = _put(buf, pos, _T_KEY)
-            pos = _int(buf, pos, ms)
-            pos = _put(buf, pos, _S_KEY)
-            pos = _put(buf, pos, sym)
+            pos = _message_start(buf, pos, r.local_ts, trade_head, ms, sym)
             pos = _put(buf, pos, _TID_KEY)
             pos = _int(buf, pos, r.ival)
             pos = _put(buf, pos, _P_KEY)
@@ -195,13 +201,7 @@ def binance_lines_nb(rows: np.ndarray, buf: np.ndarray, state: np.ndarray, depth
             while j < n and (rows[j].ev & _KIND) == _K_DEPTH and rows[j].exch_ts == r.exch_ts \
                     and rows[j].ival == r.ival:
                 j += 1
-            pos = _int(buf, pos, r.local_ts)
-            pos = _put(buf, pos, depth_head)
-            pos = _int(buf, pos, ms)
-            pos = _put(buf, pos, _T_KEY)
-            pos = _int(buf, pos, ms)
-            pos = _put(buf, pos, _S_KEY)
-            pos = _put(buf, pos, sym)
+            pos = _message_start(buf, pos, r.local_ts, depth_head, ms, sym)
             pos = _put(buf, pos, _UU_KEY)
             pos = _int(buf, pos, r.ival)
             pos = _put(buf, pos, _U_KEY)
