@@ -57,16 +57,29 @@ def check_output_file(path: Path | None, option: str = "--out") -> None:
     _writable_ancestor(path, option, start=path.parent)
 
 
-def write_or_rescue(write: Callable[[Path], T], out: Path, what: str) -> T:
-    """``write(out)``; if that fails, ``write`` into a new temporary folder, then raise an error saying
-    where the results went: work already done is never lost to an output folder gone bad meanwhile."""
+def rescue_folder() -> Path:
+    """A new folder under the system's temp directory, for results that could not be written where asked."""
+    return Path(tempfile.mkdtemp(prefix="quotelab-results-"))
+
+
+def save_or_rescue(write: Callable[[Path], T], out: Path, what: str) -> tuple[T, str | None]:
+    """``write(out)``; if that fails, ``write`` into a new :func:`rescue_folder`. Returns what ``write``
+    returned and, after a rescue, the message saying where the results went (else None)."""
     try:
-        return write(out)
+        return write(out), None
     except OSError as exc:
-        rescue = Path(tempfile.mkdtemp(prefix="quotelab-results-"))
-        write(rescue)
-        raise RunError(f"could not write the {what} to {out} ({exc.strerror or exc}); they were saved to "
-                       f"{rescue} instead") from exc
+        rescue = rescue_folder()
+        return write(rescue), (f"could not write the {what} to {out} ({exc.strerror or exc}); they were saved to "
+                               f"{rescue} instead")
+
+
+def write_or_rescue(write: Callable[[Path], T], out: Path, what: str) -> T:
+    """:func:`save_or_rescue`, raising the rescue's message: work already done is never lost to an output
+    folder gone bad meanwhile, and the error says where it is."""
+    done, lost = save_or_rescue(write, out, what)
+    if lost is not None:
+        raise RunError(lost)
+    return done
 
 
 def json_finite(x: Any) -> Any:

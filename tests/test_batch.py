@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from quotelab.batch import VOLATILE, BatchError, load_batch, run_batch
+from quotelab.batch import RECORD, VOLATILE, BatchError, load_batch, run_batch
 from quotelab.data import synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,3 +272,95 @@ def test_ray_batch_leaves_the_interpreter_as_found_and_a_convert_compiles_after(
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "converted" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing fails after runs are computed: nothing computed is lost
+# ------------------------------------------------------------------------------------------------
+
+def _rescue_of(message: str) -> Path:
+    return Path(re.search(r"saved to (\S+) instead", message).group(1))
+
+
+def test_store_writes_what_it_cannot_write_to_out_into_one_rescue_folder(tmp_path: Path, monkeypatch) -> None:
+    """Seen red: the first failed write raised an OSError out of the batch (its finished runs' records lost)."""
+    import tempfile
+
+    from quotelab.batch.store import Store
+    from quotelab.errors import RunError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where rescue folders go
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "b").write_text("")  # a file where run b's folder goes
+    (out / "results.parquet").mkdir()  # a folder where the table goes
+    recs = [{"run_id": r, "index": i, "status": "done", "summary": {"equity": float(i)}} for i, r in enumerate("ab")]
+    store = Store(out)
+    for rec in recs:
+        store.record(rec)
+    store.table(final=False)  # before the end, a table that cannot be written waits for the end
+    assert store.rescue is None or not (store.rescue / "results.parquet").exists()
+    store.table()
+    with pytest.raises(RunError) as info:
+        store.close("rerun with --resume")
+    msg = str(info.value)
+    rescue = _rescue_of(msg)
+    assert rescue == store.rescue and rescue.parent == tmp_path
+    assert msg.startswith(f"could not write 2 files to {out} (first runs/b/record.json: ")
+    assert msg.endswith(f"saved to {rescue} instead. Once {out} can be written, copy them back "
+                        f"(cp -r {rescue}/. {out}/) and rerun with --resume")
+    assert json.loads((out / "runs" / "a" / "record.json").read_text())["run_id"] == "a"
+    assert json.loads((rescue / "runs" / "b" / "record.json").read_text()) == recs[1]
+    table = pl.read_parquet(rescue / "results.parquet")  # every record, wherever it went
+    assert table["run_id"].to_list() == ["a", "b"] and table["equity"].to_list() == [0.0, 1.0]
+    Store(tmp_path / "fine").close("unused")  # nothing rescued: no error
+
+
+def test_ray_artifacts_that_cannot_be_written_are_rescued_and_the_run_failed(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from quotelab.batch.executors import _write_artifacts
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").write_text("")
+    record = {"status": "done", "error": None}
+    _write_artifacts({"artifacts": str(tmp_path / "runs" / "r")}, {"summary.json": b"{}"}, record)
+    assert record["status"] == "failed"
+    assert record["error"].startswith(f"RunError: could not write the results to {tmp_path / 'runs' / 'r'} (")
+    assert (_rescue_of(record["error"]) / "summary.json").read_bytes() == b"{}"
+
+
+@pytest.mark.slow  # two batch subprocesses (each compiles the driver in its workers): ~25 s
+def test_a_batch_whose_out_fails_after_the_runs_keeps_every_result(tmp_path: Path, catalog: Path) -> None:
+    """Seen red: a folder at results.parquet ended the batch after its first run ("unexpected
+    IsADirectoryError", exit 1) and the three other runs, computed meanwhile, had no record."""
+    f = write_batch(tmp_path / "b.yaml")
+    ids = [r.run_id for r in load_batch(f, catalog).runs]
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / ids[0]).write_text("")  # a file where the first run's folder goes
+    (out / "results.parquet").mkdir()
+    cmd = [*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers", "2"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.splitlines()
+    rescue = _rescue_of(line)
+    assert line.startswith(f"error: could not write 2 files to {out} (first ")
+    assert sorted(p.parent.name for p in out.glob("runs/*/record.json")) == sorted(ids[1:])
+    lost = json.loads((rescue / "runs" / ids[0] / RECORD).read_text())
+    # the run's own files could not go to its folder either: they went to a folder its error names
+    assert lost["status"] == "failed" and "could not write the results to" in lost["error"]
+    assert json.loads((_rescue_of(lost["error"]) / "summary.json").read_text())["num_trades"] > 0
+    assert sorted(pl.read_parquet(rescue / "results.parquet")["run_id"]) == sorted(ids)
+
+    # what the error says to do, once the folder is fixed
+    (out / "runs" / ids[0]).unlink()
+    (out / "results.parquet").rmdir()
+    subprocess.run(["cp", "-r", f"{rescue}/.", f"{out}/"], check=True)
+    r = subprocess.run([*cmd, "--resume", "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (counts["skipped"], counts["done"], counts["failed"]) == (3, 1, 0)
+    df = pl.read_parquet(out / "results.parquet")
+    assert sorted(df["run_id"]) == sorted(ids) and set(df["status"]) == {"done"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -199,3 +200,50 @@ def test_ray_actors_run_the_same_trials_as_the_local_pool(catalog, tmp_path):
         records = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
         assert len(records) >= 5 and all(r["status"] == "done" for r in records)  # repeated params reuse a run
     assert len(runs["ray"]) == 4 and runs["ray"] == runs["local"]
+
+
+@pytest.mark.slow  # two optimisations of two runs each, in this process: ~15 s with the catalog
+def test_an_optimisation_whose_out_fails_at_the_end_keeps_its_results(catalog, tmp_path, monkeypatch):
+    """Seen red: a folder at trials.parquet ended the optimisation with an OSError after every trial had
+    run; best.yaml and optimize.json were never written anywhere."""
+    import tempfile
+
+    from quotelab.batch import optimize as O
+    from quotelab.batch.executors import execute_run
+    from quotelab.errors import RunError
+
+    class InProcessPool:  # the runs, in this process: no worker to start and compile
+        def __init__(self, workers):
+            pass
+
+        def map(self, tasks):
+            return [execute_run(t) for t in tasks]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(O, "LocalPool", InProcessPool)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    opt = tmp_path / "opt.yaml"
+    opt.write_text(yaml.safe_dump({
+        "name": "rescue", "strategy": str(FIXTURES / "base.yaml"), "trials": 2, "parallel_trials": 2,
+        "pruner": "none", "days": ["20240101"], "space": {"quoter.params.half_spread": {"low": 1, "high": 3}}}))
+    out = tmp_path / "out"
+    (out / "trials.parquet").mkdir(parents=True)
+    with pytest.raises(RunError, match=rf"^could not write the results \(results.parquet, trials.parquet, best.yaml, "
+                                       rf"optimize.json\) to {out} \(Is a directory\); saved to (\S+) instead\. "
+                                       r".*run the same command again") as info:
+        O.optimize(opt, out, catalog=catalog, progress=lambda m: None)
+    rescue = Path(re.search(r"saved to (\S+) instead", str(info.value)).group(1))
+    saved = json.loads((rescue / "optimize.json").read_text())
+    (fold,) = saved["folds"]
+    assert saved["runs_done"] == 2 and set(fold["params"]) == {"quoter.params.half_spread"}
+    assert pl.read_parquet(rescue / "trials.parquet").height == 2
+    assert pl.read_parquet(rescue / "results.parquet").height == 2
+    best = yaml.safe_load((rescue / "best.yaml").read_text())
+    assert best["quoter"]["params"]["half_spread"] == fold["params"]["quoter.params.half_spread"]
+
+    (out / "trials.parquet").rmdir()  # fixed: the same command again reuses everything
+    again = O.optimize(opt, out, catalog=catalog, progress=lambda m: None)
+    assert again.runs_done == 0 and again.folds == saved["folds"]
+    assert pl.read_parquet(out / "trials.parquet").height == 2

@@ -28,7 +28,7 @@ from quotelab.data import catalog as cat
 from quotelab.data.assets import Asset, initial_view, load_assets, resolve_catalog
 from quotelab.data.funding import schedule
 from quotelab.errors import ConfigError, PluginError, QuotelabError, RunError
-from quotelab.outputs import check_record_budget
+from quotelab.outputs import check_record_budget, save_or_rescue
 from quotelab.strategy.codegen import kernel_list
 from quotelab.strategy.composer import Composition, compose, part_of
 from quotelab.strategy.config import (
@@ -516,13 +516,8 @@ def _run_summary(name: str, assets: list[Asset], q: int, origin: int, final: dic
 
 def _save_or_rescue(result: RunResult, out_dir: Path, quoted: Asset) -> None:
     """Save the result to ``out_dir``; if that fails, to a temporary folder, named in the summary's error."""
-    try:
-        result.out_dir = save_result(result, out_dir, quoted)
-    except OSError as exc:
-        # The run is done: keep what it computed where it can be found, and say where.
-        result.out_dir = save_result(result, Path(tempfile.mkdtemp(prefix="quotelab-run-")), quoted)
-        lost = (f"could not write the results to {out_dir} ({exc.strerror or exc}); they were saved to "
-                f"{result.out_dir} instead")
+    result.out_dir, lost = save_or_rescue(lambda d: save_result(result, d, quoted), out_dir, "results")
+    if lost is not None:
         s = result.summary
         s["error"] = f"{s['error']}; {lost}" if "error" in s else lost
 

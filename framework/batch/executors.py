@@ -28,6 +28,7 @@ from typing import Any
 from quotelab.batch.diagnostics import diagnostics
 from quotelab.data import catalog as cat
 from quotelab.errors import QuotelabError
+from quotelab.outputs import save_or_rescue
 from quotelab.strategy.config import load_strategy
 
 _REGISTRIES: dict[tuple[str, str], Any] = {}
@@ -231,10 +232,17 @@ def _ray_up(workers: int, address: str | None) -> tuple[Any, bool]:
     return ray, started
 
 
-def _write_artifacts(task: dict[str, Any], files: dict[str, bytes]) -> None:
-    out = Path(task["artifacts"])
-    for name, data in files.items():
-        cat.atomic_write_bytes(out / name, lambda fh, d=data: fh.write(d))
+def _write_artifacts(task: dict[str, Any], files: dict[str, bytes], record: dict[str, Any]) -> None:
+    """A Ray actor's files of a run, into the run's folder; if that fails, into a rescue folder named in the
+    record's error (the run then failed, as a local run does whose files could not be written)."""
+    def write(out: Path) -> None:
+        for name, data in files.items():
+            cat.atomic_write_bytes(out / name, lambda fh, d=data: fh.write(d))
+
+    _, lost = save_or_rescue(write, Path(task["artifacts"]), "results")
+    if lost is not None:
+        record["status"] = "failed"
+        record["error"] = f"{record['error']}; {lost}" if record.get("error") else f"RunError: {lost}"
 
 
 def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
@@ -265,7 +273,7 @@ def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -
                 actors.append(actor)
                 submit(actor)
                 continue
-            _write_artifacts(task, files)
+            _write_artifacts(task, files, record)
             submit(actor)
             yield record
     finally:
@@ -307,7 +315,7 @@ class RayPool:
         refs = [self.actors[i % len(self.actors)].run.remote(t) for i, t in enumerate(tasks)]
         out = []
         for task, (record, files) in zip(tasks, self.ray.get(refs), strict=True):
-            _write_artifacts(task, files)
+            _write_artifacts(task, files, record)
             out.append(record)
         return out
 

@@ -35,13 +35,14 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from quotelab.batch.executors import LocalPool, RayPool, make_task
 from quotelab.batch.spec import Number, check_overrides, made_by, read_spec, shaped
-from quotelab.batch.store import record_path, write_record, write_results
+from quotelab.batch.store import Store, record_path, write_results
 from quotelab.data import catalog as cat
-from quotelab.errors import ConfigError, QuotelabError
+from quotelab.errors import ConfigError, QuotelabError, RunError
 from quotelab.outputs import json_finite
 from quotelab.strategy.config import StrictModel, apply_override, expand_dates, load_strategy, load_yaml
 
 OPT_FILE = "optimize.json"
+RESUME = "run the same command again: it resumes the study and reuses the finished runs"
 
 
 class OptimizeError(ConfigError):
@@ -298,6 +299,10 @@ class Optimizer:
     progress: Callable[[str], None] = print
     runs_done: int = 0
     runs_reused: int = 0
+    store: Store = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = Store(self.out)
 
     def records(self, params_list: list[dict[str, Any]], day: str) -> list[dict[str, Any]]:
         """Run (or reuse the stored, finished run of) each parameter set on ``day``."""
@@ -305,9 +310,10 @@ class Optimizer:
         for i, params in enumerate(params_list):
             ovr = run_overrides(self.cfg, params, day)
             rid = run_id(self.cfg, ovr)
-            stored = record_path(self.out, rid)
-            if stored.exists():
-                rec = json.loads(stored.read_text())
+            stored = [p for p in (record_path(self.out, rid), self.store.rescue and record_path(self.store.rescue, rid))
+                      if p and p.exists()]
+            if stored:
+                rec = json.loads(stored[-1].read_text())
                 if rec.get("status") == "done":
                     recs[i] = rec
                     self.runs_reused += 1
@@ -316,7 +322,7 @@ class Optimizer:
                                        self.cfg.strategy_text, self.cfg.catalog, self.out)))
         for (i, _), rec in zip(tasks, self.pool.map([t for _, t in tasks]), strict=True):
             rec["executor"] = "optimize"
-            write_record(self.out, rec)
+            self.store.record(rec)
             recs[i] = rec
             self.runs_done += 1
         return [recs[i] for i in range(len(params_list))]
@@ -451,23 +457,35 @@ def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None =
                 row["oos_value"] = cfg.objective.value(recs) if ok else None
                 row["oos_per_day"] = [_day_summary(r) for r in recs]
             folds.append(row)
+    except QuotelabError as exc:
+        if opt.store.rescue is None:
+            raise
+        raise RunError(f"{exc}; and {opt.store.note(RESUME)}") from exc
     finally:
         pool.close()
-    write_results(out)
-    trials_table(cfg, out)
-    best_yaml = write_best(cfg, folds[-1]["params"], out)
-    res = OptResult(out, folds, best_yaml, opt.runs_done, opt.runs_reused, time.perf_counter() - t0)
-    cat.atomic_write_json(out / OPT_FILE, json_finite({
-        "name": cfg.name, "file": str(cfg.file), "strategy": str(cfg.strategy_path), "storage": storage_url(out),
-        "objective": {"metric": cfg.objective.metric, "inventory_penalty": cfg.objective.inventory_penalty},
-        "space": [p.__dict__ for p in cfg.space], "trials": cfg.trials, "seed": cfg.seed, "folds": folds,
-        "best_yaml": str(best_yaml), "runs_done": opt.runs_done, "runs_reused": opt.runs_reused,
-        "seconds": round(res.seconds, 3)}))
-    return res
+    seconds = time.perf_counter() - t0
+    store = opt.store
+
+    def outputs(d: Path) -> Path:
+        write_results(out, to=d, also=store.rescue)
+        trials_table(cfg, out, to=d)
+        best_yaml = write_best(cfg, folds[-1]["params"], d)
+        cat.atomic_write_json(d / OPT_FILE, json_finite({
+            "name": cfg.name, "file": str(cfg.file), "strategy": str(cfg.strategy_path), "storage": storage_url(out),
+            "objective": {"metric": cfg.objective.metric, "inventory_penalty": cfg.objective.inventory_penalty},
+            "space": [p.__dict__ for p in cfg.space], "trials": cfg.trials, "seed": cfg.seed, "folds": folds,
+            "best_yaml": str(best_yaml), "runs_done": opt.runs_done, "runs_reused": opt.runs_reused,
+            "seconds": round(seconds, 3)}))
+        return best_yaml
+
+    best_yaml = store.write("the results (results.parquet, trials.parquet, best.yaml, optimize.json)", outputs)
+    store.close(RESUME)
+    return OptResult(out, folds, best_yaml, opt.runs_done, opt.runs_reused, seconds)
 
 
-def trials_table(cfg: OptConfig, out: Path) -> Path:
-    """trials.parquet: one row per trial of every fold, params as p.<path>, value, state, per-day values."""
+def trials_table(cfg: OptConfig, out: Path, to: Path | None = None) -> Path:
+    """trials.parquet (in ``to``, default ``out``): one row per trial of every fold of the study in ``out``,
+    params as p.<path>, value, state, per-day values."""
     import optuna
     import polars as pl
 
@@ -483,7 +501,7 @@ def trials_table(cfg: OptConfig, out: Path) -> Path:
                                    "seconds": t.duration.total_seconds() if t.duration else None}
             row |= {f"p.{k}": (json.dumps(v) if isinstance(v, str | list) else float(v)) for k, v in t.params.items()}
             rows.append(row)
-    path = out / "trials.parquet"
+    path = (to or out) / "trials.parquet"
     df = pl.DataFrame(rows, strict=False) if rows else pl.DataFrame({"fold": pl.Series([], dtype=pl.Int64)})
     cat.atomic_write_bytes(path, lambda fh: df.write_parquet(fh))
     return path

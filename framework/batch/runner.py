@@ -10,7 +10,7 @@ from typing import Any
 
 from quotelab.batch.executors import local_executor, make_task, ray_executor
 from quotelab.batch.spec import BatchError, load_batch
-from quotelab.batch.store import RECORD, read_records, write_record, write_results
+from quotelab.batch.store import RECORD, Store, read_records
 from quotelab.data import catalog as cat
 
 
@@ -23,6 +23,7 @@ class BatchSummary:
     skipped: int = 0
     wall_seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
+    rescue: Path | None = None  # where the files that could not be written to ``out`` went
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "total": self.total, "done": self.done, "failed": self.failed,
@@ -55,11 +56,15 @@ def run_batch(
                          f"pass --resume to skip finished runs, or choose another --out")
     summary = BatchSummary(out, len(batch.runs))
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    cat.atomic_write_json(out / "batch.json", {
-        "batch": str(batch.file), "strategy": str(batch.strategy_path),
-        "catalog": str(batch.catalog) if batch.catalog else None,
-        "runs": [{"run_id": r.run_id, "label": r.label, "overrides": r.overrides} for r in batch.runs]})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cat.atomic_write_json(out / "batch.json", {
+            "batch": str(batch.file), "strategy": str(batch.strategy_path),
+            "catalog": str(batch.catalog) if batch.catalog else None,
+            "runs": [{"run_id": r.run_id, "label": r.label, "overrides": r.overrides} for r in batch.runs]})
+    except OSError as exc:  # nothing has run yet: say so and stop
+        raise BatchError(f"--out {out}: cannot write {out / 'batch.json'} ({exc.strerror or exc}); "
+                         f"give a folder you can write to") from exc
     tasks = []
     for r in batch.runs:
         if r.run_id in done_ids:
@@ -72,10 +77,11 @@ def run_batch(
     if progress:
         progress("start", None, summary)
     stream = ray_executor(tasks, workers, address) if executor == "ray" else local_executor(tasks, workers)
+    store = Store(out)
     last_table = 0.0
     for rec in stream:
         rec["executor"] = executor
-        write_record(out, rec)
+        store.record(rec)
         summary.records.append(rec)
         if rec["status"] == "done":
             summary.done += 1
@@ -84,15 +90,22 @@ def run_batch(
         # The JSON records are what persists; the table is a view of them, so rebuilding it at most
         # every few seconds keeps a large batch from spending its time rewriting parquet.
         if time.perf_counter() - last_table > 5.0:
-            write_results(out)
+            store.table(final=False)
             last_table = time.perf_counter()
         if progress:
             progress("run", rec, summary)
-    write_results(out)
+    store.table()
     summary.wall_seconds = time.perf_counter() - t0
+    summary.rescue = store.rescue
     if progress:
         progress("end", None, summary)
+    store.close(f"rerun with --resume: it skips the finished runs and rebuilds {out / 'results.parquet'}")
     return summary
+
+
+def _end_line(s: BatchSummary) -> str:
+    where = f"{s.out} (some files in {s.rescue}: see the error below)" if s.rescue else s.out / "results.parquet"
+    return f"batch finished: done {s.done}, failed {s.failed}, skipped {s.skipped} in {s.wall_seconds:.1f}s -> {where}"
 
 
 def plain_progress(event: str, rec: dict[str, Any] | None, s: BatchSummary) -> None:
@@ -110,8 +123,7 @@ def plain_progress(event: str, rec: dict[str, Any] | None, s: BatchSummary) -> N
         print(f"[{n}/{s.total}] {rec['status']} {rec['run_id']} {rec['label']} {what} "
               f"({rec.get('wall_seconds') or 0:.2f}s)", flush=True)
     elif event == "end":
-        print(f"batch finished: done {s.done}, failed {s.failed}, skipped {s.skipped} "
-              f"in {s.wall_seconds:.1f}s -> {s.out / 'results.parquet'}", flush=True)
+        print(_end_line(s), flush=True)
 
 
 class RichProgress:
@@ -140,8 +152,7 @@ class RichProgress:
                 self.bar.console.print(f"[red]failed[/red] {rec['label']}: {str(rec.get('error')).splitlines()[0]}")
         elif event == "end":
             self.bar.stop()
-            print(f"batch finished: done {s.done}, failed {s.failed}, skipped {s.skipped} "
-                  f"in {s.wall_seconds:.1f}s -> {s.out / 'results.parquet'}", flush=True)
+            print(_end_line(s), flush=True)
 
 
 def default_progress() -> Callable[[str, dict[str, Any] | None, BatchSummary], None]:

@@ -9,11 +9,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from quotelab.outputs import json_finite
+from quotelab.errors import RunError
+from quotelab.outputs import json_finite, rescue_folder
+
+T = TypeVar("T")
 
 RECORD = "record.json"
 # Columns that differ between identical runs (timing, placement), left out of determinism comparisons.
@@ -79,21 +84,72 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_results(out: str | Path) -> Path:
-    """Rebuild results.parquet from the run records, atomically."""
+def write_results(out: str | Path, to: Path | None = None, also: Path | None = None) -> Path:
+    """Rebuild results.parquet from the run records in ``out`` (and ``also``'s, which win), atomically, in
+    ``to`` (default ``out``)."""
     import polars as pl
 
     from quotelab.data import catalog as cat
 
     out = Path(out)
-    rows = [flat_row(r) for r in read_records(out)]
+    recs = {r["run_id"]: r for r in read_records(out) + (read_records(also) if also else [])}
+    rows = [flat_row(r) for r in sorted(recs.values(), key=lambda r: r.get("index", 0))]
     cols: dict[str, None] = {}
     for r in rows:
         cols.update(dict.fromkeys(r))
     data = {c: [r.get(c) for r in rows] for c in cols}
     df = pl.DataFrame({c: pl.Series(c, v, strict=False) for c, v in data.items()}) if rows else pl.DataFrame(
         {"run_id": pl.Series([], dtype=pl.String)})
-    path = out / "results.parquet"
+    path = (to or out) / "results.parquet"
     cat.atomic_write_bytes(path, lambda fh: df.write_parquet(fh))
     return path
+
+
+class Store:
+    """Writes a batch's or an optimisation's files into ``out``. A file that cannot be written there (disk
+    full, a file where a folder should be) goes to one :func:`~quotelab.outputs.rescue_folder` instead, and
+    :meth:`close` raises naming it: a finished run is never lost to an output folder gone bad meanwhile."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rescue: Path | None = None
+        self.failed: list[tuple[str, str]] = []  # each file that went to the rescue folder, and why
+
+    def write(self, what: str, write: Callable[[Path], T]) -> T:
+        """``write(out)``, or after an OSError ``write(rescue folder)``."""
+        try:
+            return write(self.out)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            self.failed.append((what, why))
+        if self.rescue is None:
+            self.rescue = rescue_folder()
+        try:
+            return write(self.rescue)
+        except OSError as exc:
+            raise RunError(f"could not write {what} to {self.out} ({why}) nor to {self.rescue} "
+                           f"({exc.strerror or exc}); free some space or fix {self.out}, then resume") from exc
+
+    def record(self, rec: dict[str, Any]) -> None:
+        self.write(f"runs/{rec['run_id']}/{RECORD}", lambda d: write_record(d, rec))
+
+    def table(self, final: bool = True) -> None:
+        """results.parquet, of every record; before the end, a table that cannot be written is left for the
+        end (it is a view of the records, rebuilt then)."""
+        if not final:
+            with contextlib.suppress(OSError):
+                write_results(self.out, also=self.rescue)
+            return
+        self.write("results.parquet", lambda d: write_results(self.out, to=d, also=self.rescue))
+
+    def close(self, resume: str) -> None:
+        """Raise, if anything went to the rescue folder, an error naming it and how to put it back."""
+        if self.rescue is not None:
+            raise RunError(self.note(resume))
+
+    def note(self, resume: str) -> str:
+        (what, why), n = self.failed[0], len(self.failed)
+        head = f"{what} to {self.out} ({why})" if n == 1 else f"{n} files to {self.out} (first {what}: {why})"
+        return (f"could not write {head}; saved to {self.rescue} instead. Once {self.out} can be written, copy "
+                f"them back (cp -r {self.rescue}/. {self.out}/) and {resume}")
 
