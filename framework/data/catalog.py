@@ -53,6 +53,7 @@ themselves: no lock files, and a read-only catalog can still be read. Files get 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import io
@@ -64,6 +65,7 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -201,6 +203,10 @@ class _PartFile:
         np.lib.format.write_array_header_1_0(self.fid, header)
         self.left = rows * event_dtype.itemsize
 
+    def write(self, rows: np.ndarray) -> None:
+        self.fid.write(memoryview(rows).cast("B"))
+        self.left -= rows.nbytes
+
     def close(self) -> None:
         self.fid.close()
         self.zf.close()
@@ -269,10 +275,16 @@ def _place_parts(path: Path, done: list[_PartFile]) -> None:
 class DayWriter:
     """A day's rows appended in order, of any number, written as parts of ``part_rows`` rows as they come.
 
-    An npy header states its row count, so the rows of the part being filled are held (one part, 64 MiB
-    at most) until it is full or the day ends; each full part is written at once. The parts are the
-    files :func:`write_day` writes for the same rows, renamed into place together by :meth:`commit`.
+    An npy header states its row count, so a part is started once it is known to be full: when its last
+    row has come or, if :meth:`expect` said the day has at least that many rows, at once. Until then its
+    rows are held as they were appended (one part at most, not copied: a caller hands over rows it no
+    longer changes); after, they go straight to the file. CRC, deflate and the file writes run on a
+    thread of their own (they leave the GIL) while the caller produces the next rows, a few blocks
+    behind it at most. The parts are the files :func:`write_day` writes for the same rows, renamed into
+    place together by :meth:`commit`.
     """
+
+    AHEAD = 3  # writes queued on the writing thread before append waits: bounds the rows held for it
 
     def __init__(self, path: Path, compression: str = "deflate", part_rows: int = PART_ROWS) -> None:
         if compression not in COMPRESSIONS:
@@ -280,51 +292,83 @@ class DayWriter:
         if part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {part_rows}")
         self.path, self.compression, self.part_rows = Path(path), compression, part_rows
-        self.buf = np.empty(0, event_dtype)
-        self.fill = 0
+        self.held: list[np.ndarray] = []  # the current part's rows, while its size is not known
+        self.fill = 0  # rows of the current part so far
         self.rows = 0
+        self.known = 0  # rows the day is known to have
+        self.open: _PartFile | None = None  # the current part, once started
         self.done: list[_PartFile] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._queued: collections.deque[Future[None]] = collections.deque()
+
+    def expect(self, rows: int) -> None:
+        """The day has at least ``rows`` rows: the parts they fill are written as their rows come."""
+        self.known = max(self.known, rows)
 
     def append(self, rows: np.ndarray) -> None:
         if rows.dtype != event_dtype:
             raise TypeError(f"events must have hftbacktest's event_dtype, got {rows.dtype}")
-        src = np.ascontiguousarray(rows).view(np.uint8)
-        size = event_dtype.itemsize
-        at = 0
-        while at < rows.shape[0]:
-            if not self.buf.shape[0]:
-                self.buf = np.empty(self.part_rows, event_dtype)  # pages are touched only as rows come
-            take = min(self.part_rows - self.fill, rows.shape[0] - at)
-            # as bytes: assigning a structured array copies field by field, several times slower
-            self.buf.view(np.uint8)[self.fill * size:(self.fill + take) * size] = src[at * size:(at + take) * size]
+        at, n = 0, rows.shape[0]
+        while at < n:
+            take = min(self.part_rows - self.fill, n - at)
+            piece = rows[at:at + take]
+            if self.open is None and self.known >= (len(self.done) + 1) * self.part_rows:
+                self._start(self.part_rows)
+            if self.open is not None:
+                self._write(piece)
+            else:
+                self.held.append(piece)
             self.fill += take
             at += take
             if self.fill == self.part_rows:
-                self._flush()
-        self.rows += rows.shape[0]
+                self._finish_part()
+        self.rows += n
 
-    def _flush(self) -> None:
-        part = _PartFile(part_path(self.path, len(self.done)), self.fill, self.compression)
-        self.done.append(part)
-        raw = self.buf[:self.fill].view(np.uint8)
-        block = 16 << 20
-        for i in range(0, len(raw), block):
-            part.fid.write(raw[i:i + block].data)
-        part.left = 0
-        part.close()
+    def _start(self, rows: int) -> None:
+        self.open = _PartFile(part_path(self.path, len(self.done)), rows, self.compression)
+        held, self.held = self.held, []
+        for piece in held:
+            self._write(piece)
+
+    def _write(self, piece: np.ndarray) -> None:
+        self._submit(self.open.write, np.ascontiguousarray(piece))  # type: ignore[union-attr]
+
+    def _finish_part(self) -> None:
+        if self.open is None:
+            self._start(self.fill)
+        part, self.open = self.open, None
+        self.done.append(part)  # type: ignore[arg-type]
+        self._submit(part.close)  # type: ignore[union-attr]
         self.fill = 0
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="day-writer")
+        self._queued.append(self._pool.submit(fn, *args))
+        while len(self._queued) > self.AHEAD:
+            self._queued.popleft().result()
+
+    def _drain(self) -> None:
+        try:
+            while self._queued:
+                self._queued.popleft().result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     def commit(self) -> None:
         if self.fill or not self.done:  # the last, partial part; an empty day is one empty part
-            self._flush()
-        self.buf = np.empty(0, event_dtype)
+            self._finish_part()
+        self._drain()
         _place_parts(self.path, self.done)
 
     def discard(self) -> None:
-        for part in self.done:
+        with contextlib.suppress(Exception):  # the write that failed is what is being discarded
+            self._drain()
+        for part in (*self.done, *([self.open] if self.open else [])):
             part.discard()
-        self.done = []
-        self.buf = np.empty(0, event_dtype)
+        self.done, self.open, self.held = [], None, []
 
 
 def write_event_npz(path: Path, rows: int, write_body: Callable[[IO[bytes]], None], compression: str = "deflate",

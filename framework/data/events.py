@@ -23,9 +23,11 @@ whole-day conversion (tests/convert_reference.py, tests/test_convert_stream.py).
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -416,13 +418,15 @@ class Spill:
     ``memory_rows`` records, then in an unlinked temporary file (``where``: its folder, by default the
     system's). A short day never touches the disk (writing and reading it back cost ~1.3x the CPU of
     converting it); a long one holds nothing. The file has no name, so it vanishes when closed or
-    when the process dies."""
+    when the process dies. An array added whole is kept as it is (the caller hands it over and does not
+    change it); a view is copied, so that it does not keep a larger array alive."""
 
     def __init__(self, dtype: Any, where: Path | str | None = None, memory_rows: int = 4 * BLOCK_ROWS) -> None:
         self.dtype = np.dtype(dtype)
         self.where = where
         self.memory_rows = memory_rows
         self.held: list[np.ndarray] = []
+        self.held_end: list[int] = []  # records up to the end of each held array
         self.fh: Any = None
         self.n = 0
 
@@ -432,11 +436,12 @@ class Spill:
         a = np.ascontiguousarray(a, self.dtype)
         self.n += a.shape[0]
         if self.fh is None:
-            self.held.append(a.copy())  # the caller may reuse its array
+            self.held.append(a if a.flags.owndata else a.copy())
+            self.held_end.append(self.n)
             if self.n <= self.memory_rows:
                 return
             self.fh = tempfile.TemporaryFile(dir=self.where)  # noqa: SIM115 - lives as long as the spill
-            held, self.held = self.held, []
+            held, self.held, self.held_end = self.held, [], []
             for h in held:
                 self.fh.write(memoryview(h).cast("B"))
             return
@@ -445,12 +450,19 @@ class Spill:
     def read(self, start: int, count: int) -> np.ndarray:
         """Records ``start .. start + count`` (a fresh, writable array)."""
         count = max(0, min(count, self.n - start))
-        if self.fh is None:
-            if len(self.held) > 1:
-                self.held = [np.concatenate(self.held)]
-            return self.held[0][start:start + count].copy() if self.held else np.zeros(0, self.dtype)
-        self.fh.flush()
         out = np.empty(count, self.dtype)
+        if self.fh is None:
+            k = bisect.bisect_right(self.held_end, start)
+            at = 0
+            while at < count:
+                a, end = self.held[k], self.held_end[k]
+                i = start + at - (end - a.shape[0])
+                take = min(count - at, a.shape[0] - i)
+                out[at:at + take] = a[i:i + take]
+                at += take
+                k += 1
+            return out
+        self.fh.flush()
         view = memoryview(out).cast("B")
         done, at = 0, start * self.dtype.itemsize
         while done < len(view):
@@ -465,7 +477,7 @@ class Spill:
             yield self.read(at, rows)
 
     def close(self) -> None:
-        self.held = []
+        self.held, self.held_end = [], []
         if self.fh is not None:
             self.fh.close()
 
@@ -487,7 +499,7 @@ class Spill:
 # of data, not a day.
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _flag_round_nb(ce, cl, done_e, done_l, final, out_idx, out_flag):
     """Merge the known heads ``ce`` (pending rows in exch order) and ``cl`` (in local order); pending rows
     are in arrival order, so a smaller index arrived first. Without ``final`` stop when either runs out.
@@ -774,7 +786,11 @@ class DayResult:
 class DaySink(Protocol):
     """Where a closed day's rows go, in order, a block at a time (:class:`quotelab.data.catalog.DayWriter`)."""
 
-    def append(self, rows: np.ndarray) -> None: ...
+    def expect(self, rows: int) -> None:
+        """The day has at least ``rows`` rows (a writer can start parts it knows will be full)."""
+
+    def append(self, rows: np.ndarray) -> None:
+        """The next rows; the caller does not change them afterwards."""
 
     def commit(self) -> None: ...
 
@@ -787,6 +803,9 @@ class CollectDay:
 
     def __init__(self) -> None:
         self.parts: list[np.ndarray] = []
+
+    def expect(self, rows: int) -> None:
+        pass
 
     def append(self, rows: np.ndarray) -> None:
         self.parts.append(rows)
@@ -998,12 +1017,13 @@ class DaySplitter:
         snap_exch = snap["exch_ts"]
         info = {"first_ts": int(min(day.exch_min, snap_exch.min())), "last_ts": int(max(day.exch_max, snap_exch.max())),
                 "events": n_out, "counts": counts, "quality": info_q}
-        events = sink.events() if isinstance(sink, CollectDay) else None
+        events = sink.events() if self.job.open_day is None else None  # a caller's sink holds its rows
         self.on_day(DayResult(name, events, info))
 
     def _stream(self, day: _Day, snap: np.ndarray, sink: DaySink) -> tuple[int, int, np.ndarray]:
         """The second pass: the snapshot, then the spilled rows a block at a time with the offset applied,
-        ordered and flagged, into ``sink``; returns rows in, rows out and the counts by kind."""
+        ordered and flagged, into ``sink``; returns rows in, rows out and the counts by kind. The next
+        block is read, shifted and counted on a thread (all of it leaves the GIL) while this one is ordered."""
         off = self.offset_ns
         # The smallest exch_ts and local_ts of every row from block b on (the last entry: none left).
         suf_e = np.minimum.accumulate(np.array([*day.blk_exch, _BIG], np.int64)[::-1])[::-1]
@@ -1011,26 +1031,35 @@ class DaySplitter:
         order = FlagOrder()
         kinds = _count_nb(snap["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))[0]
         n_in, n_out = snap.shape[0], 0
-        blocks = day.rows.blocks(self.job.block_rows)
+        sink.expect(n_in + day.rows.n)
+        size = self.job.block_rows
+
+        def load(b: int) -> tuple[np.ndarray, np.ndarray]:
+            blk = day.rows.read(b * size, size)
+            blk["local_ts"] += off
+            return blk, _count_nb(blk["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))[0]
+
         rows = snap
         n_blocks = len(day.blk_exch)
-        for b in range(max(n_blocks, 1)):
-            if n_blocks:
-                blk = next(blocks)
-                blk["local_ts"] += off
-                kinds += _count_nb(blk["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))[0]
-                n_in += blk.shape[0]
-                rows = blk if b else np.concatenate([snap, blk])
-            final = b + 1 >= n_blocks
-            out = order.add(rows, 0 if final else int(suf_e[b + 1]), 0 if final else int(suf_l[b + 1]), final)
-            if out.shape[0]:
-                sink.append(out)
-                n_out += out.shape[0]
+        with ThreadPoolExecutor(1, thread_name_prefix="day-read") as pool:
+            ahead = pool.submit(load, 0) if n_blocks else None
+            for b in range(max(n_blocks, 1)):
+                if ahead is not None:
+                    blk, counted = ahead.result()
+                    ahead = pool.submit(load, b + 1) if b + 1 < n_blocks else None
+                    kinds += counted
+                    n_in += blk.shape[0]
+                    rows = blk if b else np.concatenate([snap, blk])
+                final = b + 1 >= n_blocks
+                out = order.add(rows, 0 if final else int(suf_e[b + 1]), 0 if final else int(suf_l[b + 1]), final)
+                if out.shape[0]:
+                    sink.append(out)
+                    n_out += out.shape[0]
         self.most_pending = max(self.most_pending, order.most)
         return n_in, n_out, kinds
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _count_nb(ev, exch_flag, local_flag, buy_flag):
     """Counts by (kind, buy) of rows flagged EXCH or unflagged, and of rows flagged only LOCAL."""
     out = np.zeros((256, 2), np.int64)
