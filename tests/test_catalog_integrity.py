@@ -109,6 +109,38 @@ def test_a_deleted_day_is_not_listed_as_present(tmp_path: Path) -> None:
         catalog.load_day(tmp_path, "synthetic", "X", "20240103")
 
 
+def test_funding_rows_are_checked_against_meta_json(tmp_path: Path) -> None:
+    """Seen red: a funding file cut to half its rows, or deleted, loaded silently (300 rows, or none: the
+    run then settles less funding, or none); a day converted again without funding kept the old table."""
+    from quotelab.data import synth
+
+    synth.generate(tmp_path, duration_s=600, assets="perp", funding_interval_s=240)
+    args = (tmp_path, "synthetic", "SYNPERP", ["20240101"])
+    path = catalog.funding_path(*args[:3], "20240101")
+    meta = catalog.symbol_dir(*args[:3]) / "meta.json"
+    whole = catalog.load_funding(*args)
+    assert len(whole) == json.loads(meta.read_text())["days"]["20240101"]["funding_rows"] == 600
+    np.save(path, whole[:300])
+    with pytest.raises(DataError, match=rf"^{path}: 300 funding rows, but {meta} counts 600 for day 20240101: the "
+                                        r"file was cut short or replaced .* Fix: convert the day again\.$"):
+        catalog.load_funding(*args)
+    path.unlink()
+    with pytest.raises(DataError, match=rf"^{path}: missing, but {meta} counts 600 funding rows for day 20240101 "
+                                        r"\(deleted\?\); .* Fix: convert the day again\.$"):
+        catalog.load_funding(*args)
+    # through a run: one line naming the file, before anything is compiled
+    r = cli("run", REPO / "strategies" / "perp_funding_latency.yaml", "--catalog", tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {path}: missing, but {meta}"), r.stderr
+    # the day written again without funding rows: the earlier conversion's table goes with the commit
+    np.save(path, whole)
+    events = catalog.load_day(*args[:3], "20240101")
+    with catalog.Staging(tmp_path) as stage:
+        stage.write_day(*args[1:3], "20240101", events)
+        inst = {k: v for k, v in json.loads(meta.read_text()).items() if k in ("tick_size", "lot_size", "contract")}
+        stage.commit(*args[1:3], inst, {"20240101": {"events": len(events)}})
+    assert not path.exists() and catalog.load_funding(*args) is None
+
+
 def _head_gz(src: Path, dst: Path, n: int) -> Path:
     with gzip.open(src, "rb") as fh:
         lines = [next(fh) for _ in range(n)]

@@ -38,6 +38,8 @@ meta.json describes what the folder holds, and loading checks it:
   differs from the day's, and prices off the tick grid (a sample), each with an error naming
   meta.json or the day file. Days of older catalogs, without these fields, get the checks they can.
 * :func:`list_days` lists the days whose files are there; a deleted day is not present.
+* A day's ``funding_rows`` is the row count of its funding table, which :func:`load_funding` checks;
+  committing a day without one removes the table an earlier conversion left.
 
 Writes are atomic as a set, per symbol (:class:`Staging`): days are written into a private
 ``.staging-*`` folder of the catalog; the commit takes the symbol folder's lock, merges meta.json,
@@ -102,22 +104,41 @@ def write_funding(catalog: Path | str, venue: str, symbol: str, day: str, table:
 
 
 def load_funding(catalog: Path | str, venue: str, symbol: str, days: list[str]) -> np.ndarray | None:
-    """The funding rows of ``days`` in exchange-time order, or None if no day has a side table."""
+    """The funding rows of ``days`` in exchange-time order, or None if no day has any.
+
+    Read under the symbol's lock with meta.json, and checked against it: a day whose entry counts
+    ``funding_rows`` must have a side table of that many rows; a table beside a day without the count
+    (an older catalog, or written by hand with :func:`write_funding`) is read as it is.
+    """
     from quotelab.data.funding import funding_dtype
 
+    sym = symbol_dir(catalog, venue, symbol)
     parts = []
-    for day in days:
-        path = funding_path(catalog, venue, symbol, day)
-        if not path.exists():
-            continue
-        try:
-            table = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise DataError(f"{path}: not a readable funding table ({type(exc).__name__}: {exc}); "
-                            f"convert the day again") from exc
-        if table.dtype != funding_dtype:
-            raise DataError(f"{path}: dtype {table.dtype}, expected quotelab's funding_dtype; convert the day again")
-        parts.append(table)
+    with _reading(sym) if sym.is_dir() else contextlib.nullcontext():
+        meta = _read_meta_file(sym / META) if (sym / META).exists() else {}
+        for day in days:
+            path = funding_path(catalog, venue, symbol, day)
+            rec = meta.get("days", {}).get(day) or {}
+            expected = rec.get("funding_rows")
+            if not path.exists():
+                if expected:
+                    raise DataError(f"{path}: missing, but {sym / META} counts {expected} funding rows for day {day} "
+                                    f"(deleted?); without them the run would settle no funding. Fix: convert the "
+                                    f"day again.")
+                continue
+            try:
+                table = np.load(path, allow_pickle=False)
+            except Exception as exc:
+                raise DataError(f"{path}: not a readable funding table ({type(exc).__name__}: {exc}); "
+                                f"convert the day again") from exc
+            if table.dtype != funding_dtype:
+                raise DataError(f"{path}: dtype {table.dtype}, expected quotelab's funding_dtype; convert the day "
+                                f"again")
+            if expected is not None and len(table) != expected:
+                raise DataError(f"{path}: {len(table)} funding rows, but {sym / META} counts {expected} for day "
+                                f"{day}: the file was cut short or replaced after meta.json was written. Fix: "
+                                f"convert the day again.")
+            parts.append(table)
     if not parts:
         return None
     table = np.concatenate(parts)
@@ -443,6 +464,10 @@ def _roll_forward(sym: Path) -> None:
     pending = sym / _COMMIT
     if not pending.is_dir():
         return
+    for day in pending.glob("*.npz"):
+        # a day converted again without funding rows: its earlier table would be read as this one's
+        if "." not in day.stem and not (pending / f"{day.stem}.funding.npy").exists():
+            (sym / f"{day.stem}.funding.npy").unlink(missing_ok=True)
     for p in sorted(pending.iterdir()):
         if p.name != META and not p.name.startswith("."):
             os.replace(p, sym / p.name)
