@@ -661,10 +661,13 @@ def _clean_dead_staging(root: Path) -> None:
 
 
 def list_symbols(catalog: Path | str) -> list[str]:
+    """``venue/symbol`` of each symbol with a meta.json, or one still in a commit its writer did not finish
+    (the first conversion of a symbol killed after the commit point; its next reader finishes it)."""
     root = Path(catalog)
     if not root.is_dir():
         return []
-    return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in root.glob("*/*/meta.json"))
+    syms = [p.parent for p in root.glob(f"*/*/{META}")] + [p.parent.parent for p in root.glob(f"*/*/{_COMMIT}/{META}")]
+    return sorted({f"{s.parent.name}/{s.name}" for s in syms})
 
 
 def list_days(catalog: Path | str, venue: str, symbol: str) -> list[str]:
