@@ -341,3 +341,43 @@ def test_python_signal_that_raises_in_evaluate_names_its_place(real_catalog, tmp
                         plots=False, estimators=estimators, plugins=[str(_twin_file(tmp_path, plant))])
     with pytest.raises(PluginError, match=r"estimators\[0\]\.forecast\[0\].*boom"):
         evaluate(path)
+
+
+FUNDING_TWIN = '''
+from quotelab import hookimpl
+from quotelab.plugins import funding_rate
+from quotelab.pysignal import PythonSignal
+
+
+def funding_rate_py(view, trades, state, params):
+    return funding_rate.funding_rate_nb.py_func(view, trades, state, params, None)
+
+
+@hookimpl
+def quotelab_register_python_signals(register):
+    from quotelab.strategy.registry import load_registry
+
+    kernel = load_registry(entry_points=False).get("signal", "funding_rate")
+    register(PythonSignal.twin_of(kernel, funding_rate_py))
+'''
+
+
+def test_check_plugin_gives_a_funding_signal_the_catalogs_funding_rows(tmp_path):
+    """Seen red: catalog_asset loaded no funding rows, so checking a funding-reading signal failed with
+    "asset 'quoted' has no funding rows in the catalog" on a catalog that has them."""
+    from quotelab.data import catalog as cat
+    from quotelab.data import synth
+    from quotelab.pysignal import catalog_asset, check_signal
+
+    synth.generate(tmp_path, duration_s=600, assets="perp", funding_interval_s=240)
+    (tmp_path / "funding_twin.py").write_text(FUNDING_TWIN)
+    registry = load_registry(local_files=[tmp_path / "funding_twin.py"], entry_points=False)
+    asset = catalog_asset(tmp_path, "synthetic", "SYNPERP")
+    rows = cat.load_funding(tmp_path, "synthetic", "SYNPERP", ["20240101"])
+    res = check_signal(registry, "funding_rate", [asset], step=1.0)
+    assert np.array_equal(asset.funding, rows)
+    assert res.first_difference is None and res.steps > 500
+    # the values are the rows' rates, point-in-time: the last row at or before each step (bps)
+    i = np.searchsorted(rows["exch_ts"], res.timestamps, side="right") - 1
+    want = np.where(i >= 0, rows["rate"][np.maximum(i, 0)] * 1e4, 0.0)
+    assert np.unique(want).size > 100 and np.array_equal(res.kernel, want)

@@ -114,7 +114,8 @@ def compare(name: str, timestamps: np.ndarray, kernel: np.ndarray, python: np.nd
 
 def catalog_asset(catalog: str | Path, venue: str, symbol: str, dates: Sequence[str] | None = None,
                   name: str = "quoted") -> Any:
-    """An :class:`~quotelab.data.assets.Asset` of catalog days (default: every day the catalog has)."""
+    """An :class:`~quotelab.data.assets.Asset` of catalog days (default: every day the catalog has), with their
+    funding rows, as a run loads it."""
     from quotelab.data import catalog as cat
     from quotelab.data.assets import Asset
     from quotelab.errors import DataError
@@ -131,7 +132,8 @@ def catalog_asset(catalog: str | Path, venue: str, symbol: str, dates: Sequence[
         name=name, events=cat.stream_days(catalog, venue, symbol, days)[1],
         tick_size=float(meta["tick_size"]),
         lot_size=float(meta["lot_size"]), contract_size=float(contract.get("size", 1.0)),
-        inverse=contract.get("kind") == "inverse", venue=venue, symbol=symbol,
+        inverse=contract.get("kind") == "inverse", funding=cat.load_funding(catalog, venue, symbol, days),
+        venue=venue, symbol=symbol,
     )
 
 
