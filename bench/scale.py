@@ -138,10 +138,12 @@ def throughput(root: Path, repeat: int) -> None:
 
 
 def tardis(hours: float, repeat: int) -> None:
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / "tardis.py"), "--hours", str(hours),
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "tardis.py"), "--minutes", str(hours * 60),
                           "--repeat", str(repeat)], check=True, capture_output=True, text=True).stdout
-    line = next((x for x in out.splitlines() if x.startswith("hftbacktest / quotelab")), out)
-    print(f"tardis convert, {hours:g} h synthetic: {line} (target >= 1x)")
+    lines = out.splitlines()
+    at = next((i for i, x in enumerate(lines) if x.startswith("hftbacktest / quotelab")), None)
+    ratio = lines[at + 1].strip() if at is not None and at + 1 < len(lines) else out
+    print(f"tardis convert, {hours:g} h synthetic, hftbacktest / quotelab: {ratio} (target >= 1x)")
 
 
 def convert_memory(root: Path, minutes: float, repeat: int) -> None:

@@ -1,39 +1,46 @@
 """Benchmark: quotelab's Tardis converter against hftbacktest's, on Tardis CSVs of the synthetic market.
 
-    python bench/tardis.py [--minutes 15] [--profile busy] [--repeat 3] [--gzip] [--write]
+    python bench/tardis.py [--minutes 15] [--profile busy] [--repeat 7] [--gzip] [--write [--level6]]
 
 The seeded synthetic perpetual (``quotelab.data.synth``, by default its ``busy`` profile: the shared
 USD-M BTCUSDT capture's rates) is written as a Tardis ``incremental_book_L2`` file (the day's opening
 book as ``is_snapshot=true`` rows, then every depth row) and a ``trades`` file, µs timestamps as Tardis
-gives them (``quotelab synth --raw tardis``). Both converters then run in this process, after a warm-up,
-each ``--repeat`` times, alternating; medians of wall time and of CPU time (the process's, all threads:
-steadier than wall time on a shared machine) are printed, and the ratios are hftbacktest's time over
-quotelab's.
+gives them (``quotelab synth --raw tardis``), plain or gzipped (``--gzip``). Both converters then run in
+this process, after a warm-up, ``--repeat`` times each, interleaved; medians of wall time and of CPU time
+(the process's, all threads: steadier than wall time on a shared machine) are printed, and the ratios are
+hftbacktest's time over quotelab's, one line per like-for-like pair.
 
 What each side does with the same two files:
 
 - ``hftbacktest.data.utils.tardis.convert([trades, book])``: reads each file whole with polars (string
-  columns, its thread pool), turns trades into TRADE rows and book rows into DEPTH rows, a snapshot run
-  into CLEAR + SNAPSHOT rows (no book is kept); appends the book's rows after the trades' (no merge by
-  time), shifts local times so that no latency is negative (``correct_local_timestamp``), sorts by both
-  clocks and writes the EXCH/LOCAL-flagged rows (``correct_event_order``) and checks the order. One array
-  for the whole input: no symbol filter, no tick/lot or line checks, no split into days. With
-  ``output_filename`` it also writes ``np.savez_compressed`` (zlib's default level 6).
-- quotelab's ``tardis.convert``: reads blocks of lines (numba fast path, polars for anything unusual)
-  with line-numbered errors, keeps one symbol and one exchange, merges the files by local time, checks
-  every price and quantity on the tick/lot grid, keeps the L2 book (a snapshot at each day start, CLEAR
-  rows reaching the old book's depth), splits UTC days, estimates the clock offset and latency percentiles,
-  orders and flags the rows as hftbacktest does. ``quotelab convert`` then writes each day into the
-  catalog: deflated npz parts (zlib level 1) by default, or stored (``--compression none``).
+  columns, its thread pool; polars inflates a gzipped file itself), turns trades into TRADE rows and book
+  rows into DEPTH rows, a snapshot run into CLEAR + SNAPSHOT rows (no book is kept); appends the book's
+  rows after the trades' (no merge by time), shifts local times so that no latency is negative
+  (``correct_local_timestamp``), sorts by both clocks and writes the EXCH/LOCAL-flagged rows
+  (``correct_event_order``) and checks the order. One array for the whole input: no symbol filter, no
+  tick/lot or line checks, no split into days, no day-start snapshot, no latency figures. With
+  ``output_filename`` it also writes ``np.savez_compressed`` (zlib level 6, not settable).
+- quotelab's ``tardis.convert``: reads blocks of lines (numba fast path, polars for anything unusual; ISA-L
+  inflates gzip) with line-numbered errors on a reading thread, keeps one symbol and one exchange, merges the
+  files by local time, checks every price and quantity on the tick/lot grid, keeps the L2 book (a snapshot
+  at each day start, CLEAR rows reaching the old book's depth), splits UTC days, spills an open day's rows
+  to a temporary file past 1,048,576 rows (memory bound), estimates the clock offset and the latency
+  percentiles, and at the day's close orders and flags the rows as hftbacktest does. ``quotelab convert``
+  (``convert_files``) also sniffs the files, writes each day into the catalog's staging folder as parts of
+  1,048,576 rows (deflated at zlib level 1 by default, or stored: ``--compression none``), fsyncs them and
+  commits them with meta.json.
 
-The first race runs both in memory (no output file): hftbacktest's array against quotelab's rows as
-the day streams them out (its parts, not concatenated; quotelab spills an open day's rows to a temporary
-file to bound memory, and orders them from it at the day's close). ``--write`` adds a race with the output
-written: hftbacktest's ``output_filename`` (compressed npz) against ``quotelab convert``'s code path
-(``convert_files``) with ``deflate`` (both compressed; the levels differ as said above), and hftbacktest's
-array saved by ``np.savez`` (stored: its convert has no such option) against ``--compression none``.
+The pairs:
 
-Then quotelab's rows are checked against the synthetic market they came from: the book at the end
+- in memory: hftbacktest's array against quotelab's day as the parts it streams out (no concatenation:
+  hftbacktest reads a day as a list of parts too).
+- ``--write``, stored: hftbacktest's array saved by ``np.savez`` against ``convert_files(compression="none")``.
+- ``--write``, zlib level 1: hftbacktest's array saved in ``np.savez_compressed``'s layout at level 1 (its
+  own ``output_filename`` is fixed at level 6) against ``convert_files(compression="deflate")``.
+- ``--level6`` (with ``--write``) adds hftbacktest's own ``output_filename`` against the catalog's level 1:
+  not like for like (level 6 costs several times level 1), printed for reference only.
+
+quotelab's rows are then checked against the synthetic market they came from: the book at the end
 (last quantity per price level) and every trade (time, side, price, quantity) must be equal.
 """
 
@@ -48,6 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,12 +146,21 @@ def race(contenders: dict[str, Callable[[], Any]], repeat: int, lines: int,
     med = {k: statistics.median(v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     for name, m in med.items():
-        print(f"{name:18s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
+        print(f"{name:22s} median {m:6.2f} s  {lines / m / 1e6:5.2f} M rows/s  CPU {med_cpu[name]:5.2f} s  "
               f"(runs: {', '.join(f'{t:.2f}' for t in runs[name])}; CPU min {min(cpu[name]):.2f} s)")
+    print(f"hftbacktest / quotelab, medians of {repeat} interleaved runs (above 1: quotelab is faster):")
     for a, b, what in pairs:
-        print(f"{a} / {b} ({what}): {med[a] / med[b]:.2f}x wall, {med_cpu[a] / med_cpu[b]:.2f}x CPU "
-              f"(medians; fastest runs {min(runs[a]) / min(runs[b]):.2f}x wall, {min(cpu[a]) / min(cpu[b]):.2f}x CPU)")
+        print(f"  {med[a] / med[b]:.2f}x wall, {med_cpu[a] / med_cpu[b]:.2f}x CPU  {what} "
+              f"(fastest runs {min(runs[a]) / min(runs[b]):.2f}x wall, {min(cpu[a]) / min(cpu[b]):.2f}x CPU)")
     return out
+
+
+def save_npz(path: Path, data: np.ndarray, level: int) -> None:
+    """``data`` as ``np.savez_compressed`` writes it (one zip member ``data.npy``), at zlib ``level``: its level
+    is fixed at 6, the catalog's is 1."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=level, allowZip64=True) as zf, \
+            zf.open("data.npy", "w", force_zip64=True) as fid:
+        np.lib.format.write_array(fid, data, allow_pickle=False)
 
 
 def main() -> None:
@@ -151,9 +168,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="of the synthetic day (at most a day)")
     ap.add_argument("--profile", default="busy", help="synth profile: busy (the shared BTCUSDT capture's rates, "
                     "~1,500 events/s, 4%% trades) or demo (sparser)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--gzip", action="store_true", help="write and read gzipped CSVs, as Tardis serves them")
     ap.add_argument("--write", action="store_true", help="also race with the output written (see above)")
+    ap.add_argument("--level6", action="store_true", help="with --write, also hftbacktest's own output_filename "
+                    "(zlib level 6 against the catalog's level 1: not like for like, for reference)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -167,27 +186,38 @@ def main() -> None:
 
         files = [book_path, trades_path]
         hbt_files = [str(trades_path), str(book_path)]  # hftbacktest wants the trades file first (its docstring)
-        out = race({"quotelab": lambda: quotelab_convert(files),
-                    "hftbacktest": lambda: quiet(hbt_tardis.convert, hbt_files)}, args.repeat, lines,
-                   [("hftbacktest", "quotelab", "in memory")])
+        cat, npz = root / "written", root / "hbt.npz"
+
+        def written(compression: str) -> Callable[[], Any]:
+            def run() -> Any:
+                shutil.rmtree(cat, ignore_errors=True)
+                return convert_files("tardis", files, "SYNPERP", cat, tick_size=0.1, lot_size=0.001,
+                                     compression=compression)
+            return run
+
+        def hbt_saved(level: int) -> Callable[[], None]:
+            def run() -> None:
+                data = quiet(hbt_tardis.convert, hbt_files)
+                if level:
+                    save_npz(npz, data, level)
+                else:
+                    np.savez(npz, data=data)
+            return run
+
+        contenders: dict[str, Callable[[], Any]] = {
+            "quotelab": lambda: quotelab_convert(files), "hftbacktest": lambda: quiet(hbt_tardis.convert, hbt_files)}
+        pairs = [("hftbacktest", "quotelab", "in memory: hftbacktest's array, quotelab's day as its parts")]
         if args.write:
-            cat, npz = root / "written", root / "hbt.npz"
-
-            def written(compression: str) -> Callable[[], Any]:
-                def run() -> Any:
-                    shutil.rmtree(cat, ignore_errors=True)
-                    return convert_files("tardis", files, "SYNPERP", cat, tick_size=0.1, lot_size=0.001,
-                                         compression=compression)
-                return run
-
-            def hbt_stored() -> None:
-                np.savez(npz, data=quiet(hbt_tardis.convert, hbt_files))
-
-            race({"quotelab deflate": written("deflate"), "quotelab none": written("none"),
-                  "hftbacktest npz": lambda: quiet(hbt_tardis.convert, hbt_files, str(npz)),
-                  "hftbacktest stored": hbt_stored}, args.repeat, lines,
-                 [("hftbacktest npz", "quotelab deflate", "written, both compressed"),
-                  ("hftbacktest stored", "quotelab none", "written, both stored")])
+            contenders |= {"quotelab none": written("none"), "hftbacktest stored": hbt_saved(0),
+                           "quotelab deflate": written("deflate"), "hftbacktest deflate 1": hbt_saved(1)}
+            pairs += [("hftbacktest stored", "quotelab none", "written, stored: np.savez against --compression none"),
+                      ("hftbacktest deflate 1", "quotelab deflate",
+                       "written, zlib level 1: savez_compressed's layout at level 1 against --compression deflate")]
+            if args.level6:
+                contenders["hftbacktest level 6"] = lambda: quiet(hbt_tardis.convert, hbt_files, str(npz))
+                pairs.append(("hftbacktest level 6", "quotelab deflate",
+                              "NOT like for like: hftbacktest's output_filename (zlib level 6) against level 1"))
+        out = race(contenders, args.repeat, lines, pairs)
 
         ours = np.concatenate(out["quotelab"])
         book_ok = final_book(ours) == final_book(source)
