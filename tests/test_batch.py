@@ -342,10 +342,12 @@ def test_a_batch_whose_out_fails_after_the_runs_keeps_every_result(tmp_path: Pat
     (out / "runs" / ids[0]).write_text("")  # a file where the first run's folder goes
     (out / "results.parquet").mkdir()
     cmd = [*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers", "2"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the rescue folders go
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 2, r.stderr
     (line,) = r.stderr.splitlines()
     rescue = _rescue_of(line)
+    assert rescue.parent == tmp_path
     assert line.startswith(f"error: could not write 2 files to {out} (first ")
     assert sorted(p.parent.name for p in out.glob("runs/*/record.json")) == sorted(ids[1:])
     lost = json.loads((rescue / "runs" / ids[0] / RECORD).read_text())
