@@ -9,6 +9,7 @@ month of records costs disk, not private memory (RssAnon).
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,3 +70,29 @@ def chunks(n: int, size: int | None = None) -> Iterator[tuple[int, int]]:
     size = size or CHUNK
     for start in range(0, n, size):
         yield start, min(start + size, n)
+
+
+def release_freed(every: float = 0.0) -> None:
+    """Hand what glibc's allocator keeps of freed memory back to the OS (``malloc_trim``, every arena),
+    at most once every ``every`` seconds; nothing on another C library. Call it after letting go of
+    a part of the data: parts are inflated into buffers of tens of MB, and what the allocator kept
+    of them grew with the number of parts read (evaluate's score: trades, 4 days against 1:
+    +21 MB peak, +4 MB trimmed after each part)."""
+    global _TRIM, _TRIMMED
+    if time.monotonic() - _TRIMMED < every:
+        return
+    _TRIMMED = time.monotonic()
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+_TRIMMED = float("-inf")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from hftbacktest.types import event_dtype
 
+from quotelab import layout as L
 from quotelab.data import catalog as cat
 from quotelab.data.synth import generate
 from quotelab.timeunits import DAY_NS
@@ -189,3 +190,87 @@ def test_streamed_evaluation_scores_as_the_whole_series(two_catalogs, tmp_path, 
     assert sum(r["n"] for r in one.rows if r["horizon"] == "1s") > 6 * 500
     assert all(np.isfinite(r["ic"]) for r in one.rows if r["horizon"] == "1s" and r["estimator"] != "mid")
     assert np.isfinite(next(r["forecast_ic"] for r in one.rows if "forecast_ic" in r))
+
+
+def _naive_tape(ts: np.ndarray, px: np.ndarray, qty: np.ndarray, seller: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The trade tape of the whole trades at once: sorted by time then side, one row per (time, side)."""
+    order = np.lexsort((seller, ts))
+    ts, px, qty, seller = ts[order], px[order], qty[order], seller[order]
+    start = np.flatnonzero(np.r_[True, (np.diff(ts) != 0) | (np.diff(seller) != 0)])
+    return ts[start], px[start], np.add.reduceat(qty, start), np.where(seller[start], -1.0, 1.0)
+
+
+def _book_and_trade(view, trades, state, params, out):
+    out[0], out[1], out[2] = view[0, L.BEST_BID], view[0, L.ASK_QTY], view[0, L.BID_PX + 1]
+    out[3], out[4] = view[0, L.TIME], view[0, L.STEP_SECONDS]
+    state[0] += trades[0, 0, L.TR_QTY] * trades[0, 0, L.TR_SIDE]  # flow state carried across the chunks
+    out[5] = state[0]
+    return 0.0
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_trade_tape_and_its_replay_in_chunks_equal_the_whole_tape(two_catalogs, monkeypatch, local):
+    """score: trades' tape, aggregated and replayed 37 trades at a time (chunks cut inside days and
+    next to groups of equal times) over two days of parts, equals the whole tape built at once
+    and replayed in one chunk."""
+    from hftbacktest.types import EXCH_EVENT, LOCAL_EVENT
+    from numba import njit
+
+    from quotelab import spool
+    from quotelab.data.assets import Asset
+    from quotelab.research.replay import aggregate_trades, prepare_exchange, replay_trades
+
+    whole, parts = two_catalogs
+    kernel = njit(_book_and_trade)
+
+    def run(catalog: Path) -> tuple[object, np.ndarray, object]:
+        _, days = cat.stream_days(catalog, "synthetic", "SYNPERP", ["20240101", "20240102"])
+        data = prepare_exchange([Asset("perp", days, 0.1, 0.001)], LOCAL_EVENT if local else EXCH_EVENT)
+        tape = aggregate_trades(data)
+        return data, tape, replay_trades(data, tape, kernel, np.zeros(0), np.zeros(1), n_levels=2,
+                                         out_columns=range(6), strict=local)
+
+    data, one_tape, one = run(whole)
+    ts, px, qty, seller = (np.asarray(x) for x in data.rows[0].trades)
+    assert np.all(np.diff(ts) >= 0) and np.any(np.diff(ts) == 0)  # in clock order, with groups to aggregate
+    naive = _naive_tape(ts, px, qty, seller)
+    assert len(naive[0]) < len(ts)
+    for got, want in zip((one_tape.ts, one_tape.px, one_tape.qty, one_tape.side), naive, strict=True):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(spool, "CHUNK", 37)
+    _, tape, chunked = run(parts)
+    assert len(tape.ts) > 20 * 37 and isinstance(chunked, np.memmap)
+    for got, want in zip((tape.ts, tape.px, tape.qty, tape.side), naive, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert tape.raw_trades == one_tape.raw_trades == len(ts)
+    np.testing.assert_array_equal(chunked, one)
+    assert np.isfinite(one[:, 0]).mean() > 0.9 and np.ptp(one[:, 5]) > 0
+
+
+def test_streamed_trades_evaluation_scores_as_the_whole_tape(two_catalogs, tmp_path, monkeypatch):
+    """score: trades over two days of parts, 37 trades at a time, gives the table of the whole days
+    scored in one chunk."""
+    from quotelab import spool
+    from quotelab.research.evaluate import evaluate
+
+    whole, parts = two_catalogs
+    doc = {"name": "t", "score": "trades", "data": {"quote": "perp", "assets": {
+        "perp": {"venue": "synthetic", "symbol": "SYNPERP", "dates": [20240101, 20240102]}}},
+        "estimators": [{"name": "mid", "fair_value": [{"kind": "mid"}]},
+                       {"name": "wmid+flow", "fair_value": [{"kind": "weighted_mid"}],
+                        "forecast": [{"kind": "trade_flow_imbalance", "alpha": "1ticks", "params": {"alpha": 0.1}}]}]}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    one = evaluate(path, catalog=whole)
+    monkeypatch.setattr(spool, "CHUNK", 37)
+    streamed = evaluate(path, catalog=parts)
+    assert one.summary["trades_scored"] == streamed.summary["trades_scored"] > 20 * 37
+    assert len(one.rows) == len(streamed.rows) == 2
+    for ra, rb in zip(streamed.rows, one.rows, strict=True):
+        assert ra.keys() == rb.keys()
+        for k, v in rb.items():
+            if isinstance(v, float):
+                assert ra[k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
+            else:
+                assert ra[k] == v, k
+    assert one.rows[0]["sse"] != one.rows[1]["sse"]

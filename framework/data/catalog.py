@@ -765,6 +765,10 @@ class EventFiles(Sequence[np.ndarray]):
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
         return load_events(self.paths[i])
 
+    def __iter__(self) -> Iterator[np.ndarray]:
+        # Sequence's own __iter__ keeps the file it yielded last while it loads the next: two in memory
+        return (load_events(p) for p in self.paths)
+
     def rows(self) -> list[int]:
         """Each file's row count, from its npy header (nothing inflated)."""
         if self._rows is None:

@@ -404,12 +404,15 @@ def _scan(asset: Asset, days: Sequence[np.ndarray], flag: int, collect: bool) ->
     t_ts, t_px, t_qty, t_sell = np.empty(cap, np.int64), np.empty(cap), np.empty(cap), np.empty(cap, np.bool_)
     kept = [spool.Spool(a.dtype) for a in (t_ts, t_px, t_qty, t_sell)]  # a month's trades stay off memory
     day_start = np.full(len(days), INVALID_MAX, dtype=np.int64)
-    for d, day in enumerate(days):
+    for d in range(len(days)):  # by index: enumerate's reused tuple would hold a file while the next loads
+        day = days[d]
         t_ts, t_px, t_qty, t_sell, n_tr, day_start[d] = _scan_nb(
             day["ev"], day[col], day["px"], day["qty"], asset.tick_size, info, flag, collect, t_ts, t_px, t_qty,
             t_sell, 0)
         for sp, got in zip(kept, (t_ts, t_px, t_qty, t_sell), strict=True):
             sp.add(got[:n_tr])
+        del day  # one file in memory: let it go before the next one loads
+        spool.release_freed()
     if info[2]:
         return None
     base, size = _tick_range(asset, info)
@@ -547,6 +550,8 @@ def replay(
             current[a] += 1
             ptr[a] = 0
             del ints, floats
+            words[a] = None  # type: ignore[call-overload]  # let the file go before the next one loads
+            spool.release_freed()
             words[a] = _words(data.rows[a].days[current[a]])
     got = [sp.array() for _, sp in kept]
     return ReplayResult(
@@ -591,38 +596,51 @@ class TradeTape:
 
 def aggregate_trades(data: ExchangeData, asset: int = 0, aggregate: bool = True) -> TradeTape:
     """The asset's :class:`TradeTape` (:func:`prepare_exchange`); ``aggregate=False`` keeps every
-    trade, in the same order."""
+    trade, in the same order. Built a chunk of trades at a time into spool files: the trades come in
+    clock order, so a chunk cut after a whole group of equal times sorts and aggregates as the whole
+    tape would."""
     ts, px, qty, seller = data.rows[asset].trades
-    order = np.lexsort((seller, ts))  # stable: the first trade of a group keeps its price
-    ts, px, qty, seller = ts[order], px[order], qty[order], seller[order]
-    if len(ts) == 0:
-        return TradeTape(ts, px, qty, np.zeros(0), 0)
-    if aggregate:
-        start = np.flatnonzero(np.r_[True, (np.diff(ts) != 0) | (np.diff(seller) != 0)])
-    else:
-        start = np.arange(len(ts))
-    return TradeTape(ts=ts[start], px=px[start], qty=np.add.reduceat(qty, start),
-                     side=np.where(seller[start], -1.0, 1.0), raw_trades=len(ts))
+    n = len(ts)
+    kept = [spool.Spool(np.int64), spool.Spool(np.float64), spool.Spool(np.float64), spool.Spool(np.float64)]
+    lo = 0
+    while lo < n:
+        hi = min(lo + spool.CHUNK, n)
+        if hi < n:  # never cut a group of equal times (the clock never goes back: _on_clock)
+            hi = int(np.searchsorted(ts, ts[hi - 1], side="right"))
+        t, p, q, sell = (np.asarray(x[lo:hi]) for x in (ts, px, qty, seller))
+        order = np.lexsort((sell, t))  # stable: the first trade of a group keeps its price
+        t, p, q, sell = t[order], p[order], q[order], sell[order]
+        if aggregate:
+            start = np.flatnonzero(np.r_[True, (np.diff(t) != 0) | (np.diff(sell) != 0)])
+        else:
+            start = np.arange(len(t))
+        for sp, got in zip(kept, (t[start], p[start], np.add.reduceat(q, start), np.where(sell[start], -1.0, 1.0)),
+                           strict=True):
+            sp.add(got)
+        lo = hi
+    ts_, px_, qty_, side_ = (sp.array() for sp in kept)
+    return TradeTape(ts=ts_, px=px_, qty=qty_, side=side_, raw_trades=n)
 
 
 @njit(cache=True)
-def _replay_trades_nb(key, fns, ev, clock_ts, exch_ts, flag, strict, px, qty, base, bid, ask, books, clock, t_ts,
-                      t_px, t_qty, t_side, g0, g1, origin, view, trades, state, params, out, n_levels, max_scan,
+def _replay_trades_nb(key, fns, ev, clock_ts, exch_ts, flag, strict, px, qty, base, bid, ask, books, clock, ptr,
+                      finish, t_ts, t_px, t_qty, t_side, origin, view, trades, state, params, out, n_levels, max_scan,
                       rec_out, out_cols):
-    # One day: trades g0..g1 of the tape, then, if trades remain, the day's remaining rows, which
-    # move the book the next day's first trades see. books[0] (best bid, best ask, low bid, high
-    # ask ticks) and clock[0] (the last call's time) carry across days.
+    # A chunk of the tape's trades, all before the next day's first row, on one day's rows from row
+    # ptr[0]; then, with ``finish``, the day's remaining rows, which move the book the next day's
+    # first trades see. ptr[0], books[0] (best bid, best ask, low bid, high ask ticks) and clock[0]
+    # (the last call's time) carry across calls; rec_out[g] is trade g of the chunk.
     if key != KEY:  # cached against other constants (jitcache)
         return STALE
     kernel = fns[0]
     n = len(ev)
     tick = view[0, L.TICK]
     lot = view[0, L.LOT]
-    i = 0
+    i = ptr[0]
     last = clock[0]
     bb, ba, lo, hi = books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK]
     no_trades = np.zeros((1, 0, L.TR_WIDTH))  # the tape gives the trades; rows only move the book
-    for g in range(g0, g1):
+    for g in range(len(t_ts)):
         # the book as of the trade's time on the clock, equal times included (merge_asof backward), or
         # strictly before it (strict: rows at the trade's own time are not yet seen)
         i, _n, bb, ba, lo, hi = _advance(ev, clock_ts, exch_ts, px, qty, i, n, t_ts[g] - strict, flag, bid, ask,
@@ -640,11 +658,12 @@ def _replay_trades_nb(key, fns, ev, clock_ts, exch_ts, flag, strict, px, qty, ba
         kernel(view, trades, state, params, out)
         for c in range(len(out_cols)):
             rec_out[g, c] = out[out_cols[c]]
-    if g1 < len(t_ts):
+    if finish:
         i, _n, bb, ba, lo, hi = _advance(ev, clock_ts, exch_ts, px, qty, i, n, INVALID_MAX, flag, bid, ask, base,
                                          bb, ba, lo, hi, tick, lot, no_trades, 0, 0, origin)
     books[0, B_BEST_BID], books[0, B_BEST_ASK], books[0, B_LOW_BID], books[0, B_HIGH_ASK] = bb, ba, lo, hi
     clock[0] = last
+    ptr[0] = i
     return 0
 
 
@@ -658,17 +677,24 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
     (so trade-flow parts update per trade, as the seed study's EWMAs did) and ``TIME`` = its
     exchange time. The kernel runs for every trade, also while a side of the book is empty (its
     estimates are then NaN): flow state must see every trade. Returns the ``out`` slots
-    ``out_columns``, one row per trade.
+    ``out_columns``, one row per trade (past :data:`quotelab.spool.CHUNK` trades, memory-mapped from a
+    spool file: private memory holds a chunk of the tape whatever its length).
     """
     if len(data.assets) != 1:
         raise ValueError("replay_trades needs one asset: prepare_exchange([asset])")
     if not 1 <= n_levels <= L.MAX_LEVELS:
         raise ValueError(f"n_levels must be in 1..{L.MAX_LEVELS}, got {n_levels}")
     out_cols = np.arange(L.OUT_WIDTH) if out_columns is None else np.asarray(out_columns, dtype=np.int64)
-    rec_out = np.zeros((len(tape.ts), len(out_cols)))
+    n_tape = len(tape.ts)
+    # The tape goes through a chunk at a time: copied into fixed buffers (the kernel sees the same
+    # array types whether the tape is in memory or spooled), and the rows recorded go to a spool.
+    cap = max(1, min(n_tape, spool.CHUNK))
+    rec_out = np.zeros((cap, len(out_cols)))
+    bufs = (np.zeros(cap, np.int64), np.zeros(cap), np.zeros(cap), np.zeros(cap))
+    kept = spool.Spool(np.float64, (len(out_cols),))
     rows = data.rows[0]
     bid, ask = np.zeros(rows.book_size), np.zeros(rows.book_size)
-    books, clock = _empty_books(1), np.array([np.nan])
+    books, clock, ptr = _empty_books(1), np.array([np.nan]), np.zeros(1, np.int64)
     view, trades, out = initial_view(data.assets), np.zeros((1, 1, L.TR_WIDTH)), np.zeros(L.OUT_WIDTH)
     params = np.ascontiguousarray(params, dtype=np.float64)
     # A day replays the trades before the next day's first row (of the next day that has rows):
@@ -676,17 +702,25 @@ def replay_trades(data: ExchangeData, tape: TradeTape, kernel: Any, params: np.n
     nxt = np.minimum.accumulate(rows.day_start[::-1])[::-1]
     ends = np.searchsorted(tape.ts, np.r_[nxt[1:], INVALID_MAX])
     g0, fns = 0, kernel_list(kernel)
-    for day, g1 in zip(rows.days, ends.tolist(), strict=True):
-        if g0 == len(tape.ts):
+    clock_col = W_LOCAL_TS if data.flag == LOCAL_EVENT else W_EXCH_TS
+    for d, g1 in enumerate(ends.tolist()):
+        if g0 == n_tape:
             break
-        ints, floats = _words(day)
-        clock_col = W_LOCAL_TS if data.flag == LOCAL_EVENT else W_EXCH_TS
-        run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, clock_col], ints[:, W_EXCH_TS], data.flag,
-                   int(strict), floats[:, W_PX], floats[:, W_QTY], rows.book_base, bid, ask, books, clock, tape.ts,
-                   tape.px, tape.qty, tape.side, g0, g1, data.first_ts[0], view, trades, state, params, out,
-                   n_levels, max_scan_ticks, rec_out, out_cols)
+        ints, floats = _words(rows.days[d])
+        ptr[0] = 0
+        for a in range(g0, max(g0, g1 - 1) + 1, cap):
+            b = min(a + cap, g1)
+            for buf, src in zip(bufs, (tape.ts, tape.px, tape.qty, tape.side), strict=True):
+                buf[:b - a] = src[a:b]
+            run_cached(_replay_trades_nb, fns, ints[:, W_EV], ints[:, clock_col], ints[:, W_EXCH_TS], data.flag,
+                       int(strict), floats[:, W_PX], floats[:, W_QTY], rows.book_base, bid, ask, books, clock, ptr,
+                       b == g1 and g1 < n_tape, *(buf[:b - a] for buf in bufs), data.first_ts[0], view, trades,
+                       state, params, out, n_levels, max_scan_ticks, rec_out, out_cols)
+            kept.add(rec_out[:b - a])
         g0 = g1
-    return rec_out
+        del ints, floats  # one file in memory: let it go before the next one loads
+        spool.release_freed()
+    return kept.array()
 
 
 def context(assets: Sequence[Asset] | ReplayData, quoted: int = 0, origin_ns: int | None = None,
