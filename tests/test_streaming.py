@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,10 @@ def two_catalogs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             drop = ("crc32", "bytes", "parts", "part_crc32", "part_bytes")
             stage.commit("synthetic", symbol, {k: meta[k] for k in ("tick_size", "lot_size", "contract")},
                          {d: {k: v for k, v in e.items() if k not in drop} for d, e in meta["days"].items()})
+        for day in meta["days"]:  # the funding tables meta.json counts (the perp's)
+            if cat.funding_path(whole, "synthetic", symbol, day).exists():
+                shutil.copy(cat.funding_path(whole, "synthetic", symbol, day),
+                            cat.funding_path(parts, "synthetic", symbol, day))
     return whole, parts
 
 
