@@ -114,10 +114,13 @@ def test_spilled_latency_percentiles_are_numpys(n: int, memory_rows: int, tmp_pa
 
 @pytest.mark.parametrize("rows", [0, 5, 64, 128, 200])
 @pytest.mark.parametrize("compression", ["deflate", "none"])
-def test_day_writer_writes_the_files_write_day_writes(tmp_path: Path, rows: int, compression: str) -> None:
+@pytest.mark.parametrize("expect", [0, 0.5, 1])  # of the rows told in advance: parts held, some streamed, all
+def test_day_writer_writes_the_files_write_day_writes(tmp_path: Path, rows: int, compression: str,
+                                                       expect: float) -> None:
     events = _rows(np.random.default_rng(rows), rows)
     whole = catalog.write_day(tmp_path / "a", "v", "S", "20240101", events, compression, part_rows=64)
     w = catalog.DayWriter(catalog.day_path(tmp_path / "b", "v", "S", "20240101"), compression, part_rows=64)
+    w.expect(int(rows * expect))
     at = 0
     for size in (3, 50, 1, 100, 1000):
         w.append(events[at:at + size])
@@ -126,6 +129,23 @@ def test_day_writer_writes_the_files_write_day_writes(tmp_path: Path, rows: int,
     a, b = catalog.parts_of(whole), catalog.parts_of(catalog.day_path(tmp_path / "b", "v", "S", "20240101"))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == max(1, -(-rows // 64))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_day_writer_write_error_raises_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part written on the writer's thread that fails (a full disk) fails the day; nothing is left."""
+    def full(self: Any, rows: np.ndarray) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(catalog._PartFile, "write", full)
+    path = catalog.day_path(tmp_path, "v", "S", "20240101")
+    w = catalog.DayWriter(path, "deflate", part_rows=64)
+    w.expect(200)
+    with pytest.raises(OSError, match="No space"):
+        for at in range(0, 200, 10):
+            w.append(_rows(np.random.default_rng(at), 10))
+        w.commit()
+    w.discard()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def _whole_day(files: list[Path], convert, venue: str, symbol: str, instrument: dict, mp: pytest.MonkeyPatch

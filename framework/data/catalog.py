@@ -237,6 +237,7 @@ class _PartFile:
 
     def discard(self) -> None:
         self.fh.close()
+        self.zf.fp = None  # else the zip, collected, writes its directory into the closed file
         Path(self.tmp).unlink(missing_ok=True)
 
 
@@ -299,13 +300,14 @@ class DayWriter:
     An npy header states its row count, so a part is started once it is known to be full: when its last
     row has come or, if :meth:`expect` said the day has at least that many rows, at once. Until then its
     rows are held as they were appended (one part at most, not copied: a caller hands over rows it no
-    longer changes); after, they go straight to the file. CRC, deflate and the file writes run on a
-    thread of their own (they leave the GIL) while the caller produces the next rows, a few blocks
-    behind it at most. The parts are the files :func:`write_day` writes for the same rows, renamed into
-    place together by :meth:`commit`.
+    longer changes); after, they go straight to the file. Each part is written (CRC, deflate, the file)
+    by a thread of its own, and two parts can be written at once: all of it leaves the GIL, so it runs
+    beside the caller producing the next rows, a few blocks behind it at most. The parts are the files
+    :func:`write_day` writes for the same rows, renamed into place together by :meth:`commit`.
     """
 
-    AHEAD = 3  # writes queued on the writing thread before append waits: bounds the rows held for it
+    AHEAD = 3  # writes queued before append waits for the oldest: bounds the rows held for the writers
+    WRITERS = 2  # parts written at once
 
     def __init__(self, path: Path, compression: str = "deflate", part_rows: int = PART_ROWS) -> None:
         if compression not in COMPRESSIONS:
@@ -319,8 +321,9 @@ class DayWriter:
         self.known = 0  # rows the day is known to have
         self.open: _PartFile | None = None  # the current part, once started
         self.done: list[_PartFile] = []
-        self._pool: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None  # the current part's
         self._queued: collections.deque[Future[None]] = collections.deque()
+        self._closing: collections.deque[tuple[ThreadPoolExecutor, Future[None]]] = collections.deque()
 
     def expect(self, rows: int) -> None:
         """The day has at least ``rows`` rows: the parts they fill are written as their rows come."""
@@ -336,7 +339,9 @@ class DayWriter:
             if self.open is None and self.known >= (len(self.done) + 1) * self.part_rows:
                 self._start(self.part_rows)
             if self.open is not None:
-                self._write(piece)
+                self._queued.append(self._writer.submit(self.open.write, np.ascontiguousarray(piece)))  # type: ignore[union-attr]
+                while len(self._queued) > self.AHEAD:
+                    self._queued.popleft().result()
             else:
                 self.held.append(piece)
             self.fill += take
@@ -346,37 +351,45 @@ class DayWriter:
         self.rows += n
 
     def _start(self, rows: int) -> None:
-        self.open = _PartFile(part_path(self.path, len(self.done)), rows, self.compression)
-        held, self.held = self.held, []
-        for piece in held:
-            self._write(piece)
-
-    def _write(self, piece: np.ndarray) -> None:
-        self._submit(self.open.write, np.ascontiguousarray(piece))  # type: ignore[union-attr]
+        while len(self._closing) >= self.WRITERS:
+            self._retire()
+        self.open = part = _PartFile(part_path(self.path, len(self.done)), rows, self.compression)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="day-writer")
+        held, self.held = [np.ascontiguousarray(p) for p in self.held], []
+        if held:
+            self._queued.append(self._writer.submit(lambda: [part.write(p) for p in held] and None))
 
     def _finish_part(self) -> None:
         if self.open is None:
             self._start(self.fill)
         part, self.open = self.open, None
         self.done.append(part)  # type: ignore[arg-type]
-        self._submit(part.close)  # type: ignore[union-attr]
+        self._closing.append((self._writer, self._writer.submit(part.close)))  # type: ignore[union-attr]
+        self._writer = None
         self.fill = 0
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="day-writer")
-        self._queued.append(self._pool.submit(fn, *args))
-        while len(self._queued) > self.AHEAD:
-            self._queued.popleft().result()
+    def _retire(self) -> None:
+        """Wait for the oldest part being written (its error, if any, raises here)."""
+        pool, closed = self._closing.popleft()
+        try:
+            closed.result()
+        finally:
+            pool.shutdown(wait=True)
 
     def _drain(self) -> None:
         try:
-            while self._queued:
+            while self._queued:  # a failed write raises here, before its part counts as written
                 self._queued.popleft().result()
+            while self._closing:
+                self._retire()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            for pool, _ in self._closing:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if self._writer is not None:
+                self._writer.shutdown(wait=True, cancel_futures=True)
+            self._closing.clear()
+            self._queued.clear()
+            self._writer = None
 
     def commit(self) -> None:
         if self.fill or not self.done:  # the last, partial part; an empty day is one empty part
