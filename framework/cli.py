@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from quotelab import __version__
-from quotelab.errors import PluginError, QuotelabError
+from quotelab.errors import PluginError, QuotelabError, Stopped
 
 app = typer.Typer(
     name="quotelab",
@@ -695,7 +695,7 @@ def main() -> None:
         if inner and not debug:
             message += f" (traceback: {_write_traceback(exc)})"
         typer.secho(message, fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(128 + exc.signum if isinstance(exc, Stopped) else 2)
     except Exception as exc:
         if debug:
             traceback.print_exception(exc)

@@ -28,3 +28,15 @@ class RunError(QuotelabError):
     def __init__(self, message: str, result: object = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class Stopped(QuotelabError):
+    """The command was asked to stop (Ctrl-C, SIGTERM) and did, keeping what it had finished.
+
+    ``cancelled`` counts the runs it had not finished; the CLI exits with 128 + ``signum``, as a shell does.
+    """
+
+    def __init__(self, message: str, signum: int = 2, cancelled: int = 0) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.cancelled = cancelled

@@ -366,3 +366,124 @@ def test_a_batch_whose_out_fails_after_the_runs_keeps_every_result(tmp_path: Pat
     assert (counts["skipped"], counts["done"], counts["failed"]) == (3, 1, 0)
     df = pl.read_parquet(out / "results.parquet")
     assert sorted(df["run_id"]) == sorted(ids) and set(df["status"]) == {"done"}
+
+
+# ------------------------------------------------------------------------------------------------
+# The batch is stopped, or a run's worker process dies: what finished is kept, the rest is named
+# ------------------------------------------------------------------------------------------------
+
+MARK_AND_WAIT = """\
+import os, time
+from pathlib import Path
+from quotelab import hookimpl
+
+
+@hookimpl
+def quotelab_run_start(run):
+    c = run["config"]
+    name = f"{c['data']['assets']['q']['symbol']}-{float(c['quoter']['params']['half_spread']):g}"
+    Path(os.environ["QUOTELAB_TEST_STARTS"], name).touch()
+
+
+@hookimpl
+def quotelab_run_end(run, result):
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.slow  # a batch subprocess stopped after two runs (local: and resumed; ray: starts a cluster): ~30 s
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_ctrl_c_stops_at_once_keeps_every_finished_run_and_resume_runs_the_rest(
+        tmp_path: Path, catalog: Path, executor: str) -> None:
+    """Seen red: Ctrl-C left the pool running every queued run (all 10 started, 2 recorded) and ended
+    without a word."""
+    if executor == "ray":
+        pytest.importorskip("ray")
+    (tmp_path / "mark_and_wait.py").write_text(MARK_AND_WAIT)
+    f = write_batch(tmp_path / "b.yaml", values="[1, 2, 3, 4, 5]")
+    f.write_text(f.read_text().replace("  name: mm\n", "  name: mm\n  plugins: [mark_and_wait.py]\n", 1))
+    runs = load_batch(f, catalog).runs
+    name = {r.run_id: f"{r.symbol}-{float(r.params['quoter.params.half_spread']):g}" for r in runs}
+    out, starts = tmp_path / "out", tmp_path / "starts"
+    starts.mkdir()
+    env = {**os.environ, "QUOTELAB_TEST_STARTS": str(starts)}
+    cmd = [*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers", "2",
+           "--executor", executor]
+    # its own session, so the signal goes to its process group as a terminal's Ctrl-C does (workers too)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob(f"runs/*/{RECORD}"))) < 2:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    recorded = {name[p.parent.name] for p in out.glob(f"runs/*/{RECORD}")}
+    n = len(recorded)
+    assert proc.returncode == 130, err
+    assert re.search(rf"^error: batch stopped by SIGINT: {n} runs finished and recorded in {out} \(0 failed\), "
+                     rf"{10 - n} cancelled; rerun it with --resume to run the rest", err, re.M), err
+    assert 2 <= n < 10
+    # stopped at once: beyond the finished runs, only those the two workers held had started
+    started = {p.name for p in starts.iterdir()}
+    assert recorded <= started and len(started) <= n + 2, (n, len(started))
+    assert {name[rid] for rid in pl.read_parquet(out / "results.parquet")["run_id"]} == recorded
+    if executor == "ray":
+        return
+
+    before = {p: p.read_bytes() for p in out.glob(f"runs/*/{RECORD}")}
+    for p in starts.iterdir():
+        p.unlink()
+    r = subprocess.run([*cmd, "--resume", "--json"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (counts["skipped"], counts["done"], counts["failed"]) == (n, 10 - n, 0)
+    assert {p.name for p in starts.iterdir()} == set(name.values()) - recorded  # only the rest ran
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert set(pl.read_parquet(out / "results.parquet")["run_id"]) == set(name)
+
+
+DIES = """\
+import ctypes, os
+from quotelab import hookimpl
+
+
+@hookimpl
+def quotelab_run_start(run):
+    half_spread = run["config"]["quoter"]["params"]["half_spread"]
+    if half_spread == 2:
+        ctypes.string_at(0)  # a segfault, as native code reading outside its memory does
+    if half_spread == 3:
+        os._exit(7)
+"""
+
+
+@pytest.mark.slow  # a batch subprocess of 6 runs whose workers die 4 times (each new one compiles): ~25 s
+def test_a_run_whose_worker_process_dies_fails_alone_naming_how_and_the_batch_goes_on(
+        tmp_path: Path, catalog: Path) -> None:
+    """Seen red: the error was 'the worker process died during this run (crash or killed)', without how,
+    and every run queued behind it was rerun alone in a new pool."""
+    (tmp_path / "dies.py").write_text(DIES)
+    f = write_batch(tmp_path / "b.yaml", values="[1, 2, 3]")
+    f.write_text(f.read_text().replace("  name: mm\n", "  name: mm\n  plugins: [dies.py]\n", 1))
+    out = tmp_path / "out"
+    r = subprocess.run([*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"^batch finished: done 2, failed 4, skipped 0 in ", r.stdout, re.M), r.stdout
+    records: dict[int, list[dict]] = {}
+    for p in out.glob(f"runs/*/{RECORD}"):
+        rec = json.loads(p.read_text())
+        records.setdefault(rec["params"]["quoter.params.half_spread"], []).append(rec)
+    assert sorted(records) == [1, 2, 3] and all(len(v) == 2 for v in records.values())
+    how = {2: r"crashed \(SIGSEGV\): native code failed.*quotelab run --check", 3: r"exited with code 7 "}
+    for half_spread, recs in records.items():
+        for rec in recs:
+            if half_spread == 1:
+                assert rec["status"] == "done" and (out / "runs" / rec["run_id"] / "series.parquet").exists()
+                continue
+            assert rec["status"] == "failed"
+            assert re.match(rf"WorkerDied: the worker process \d+ running this run {how[half_spread]}", rec["error"])
+            # the progress line names the run and the cause
+            assert re.search(rf"failed {rec['run_id']} .* FAILED: WorkerDied: .*{how[half_spread]}", r.stdout)
+    assert pl.read_parquet(out / "results.parquet").height == 6

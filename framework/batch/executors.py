@@ -13,6 +13,7 @@ back to the batch process as bytes, so ``--out`` need only exist where the batch
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from typing import Any
 
 from quotelab.batch.diagnostics import diagnostics
 from quotelab.data import catalog as cat
-from quotelab.errors import QuotelabError
+from quotelab.errors import QuotelabError, Stopped
 from quotelab.outputs import save_or_rescue
 from quotelab.strategy.config import load_strategy
 
@@ -127,50 +128,173 @@ def watch_parent() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def local_executor(tasks: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+def _serve(conn: Any) -> None:
+    """A local worker process: run each task the batch process sends and send back its record, until the pipe
+    closes."""
+    watch_parent()
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        conn.send(execute_run(task))
 
-    pending = list(tasks)
-    while pending:
+
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While in it, SIGINT and SIGTERM append their number to the yielded list instead of raising, so an
+    executor stops between two records (never in the middle of storing one) and a finished run is not lost."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only there may handlers be set
+        yield got
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, lambda signum, _frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _stopped(signum: int, cancelled: int) -> Stopped:
+    return Stopped(f"stopped by {_signame(signum)}", signum, cancelled)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """A process started inside inherits SIGINT ignored: Ctrl-C reaches the whole process group, and it is
+    the batch process that decides what stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+def _death(pid: int, code: int | None) -> str:
+    """Why a worker process ended without sending its run's record, and what to do."""
+    crash = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT)
+    if code is not None and code < 0 and -code in crash:
+        how = (f"crashed ({_signame(-code)}): native code failed, e.g. a plugin kernel indexing outside "
+               f"its arrays; rerun this run with `quotelab run --check` (its --set values are the record's "
+               f"overrides), which names such a kernel")
+    elif code == -signal.SIGKILL:
+        how = ("was killed (SIGKILL), e.g. by the out-of-memory killer (see `dmesg`): give it more memory or "
+               "fewer --workers")
+    elif code is not None and code < 0:
+        how = f"was killed by {_signame(-code)}"
+    else:
+        how = f"exited with code {code} before sending the run's record (a plugin calling exit or os._exit?)"
+    return f"WorkerDied: the worker process {pid} running this run {how}"
+
+
+class LocalPool:
+    """Local worker processes kept between calls of :meth:`stream`; each runs one task at a time.
+
+    Unlike concurrent.futures' pool, it knows which run each process holds: a process that dies (a crash in a
+    plugin, the OOM killer) fails that run alone, saying how it died, and the next run gets a new process;
+    asked to stop (Ctrl-C, SIGTERM), it ends its processes at once instead of finishing every queued run.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.idle: list[tuple[Any, Any]] = []  # (process, connection)
+        self.busy: dict[Any, tuple[Any, int, dict[str, Any]]] = {}  # connection -> (process, position, task)
+
+    def _start(self) -> tuple[Any, Any]:
+        import multiprocessing as mp
+
         # 'spawn': a forked child would inherit numba/LLVM state mid-use; each worker compiles the driver once.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=watch_parent) as pool:
-            futures = {pool.submit(execute_run, t): t for t in pending}
-            pending = []
-            broken = False
-            not_done = set(futures)
-            while not_done:
-                done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    task = futures[fut]
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        # daemon: ended with the batch process even if it never reaches close()
+        proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="quotelab-worker")
+        with _sigint_ignored():
+            proc.start()
+        child.close()  # so that the process's death reads as EOF here
+        return proc, conn
+
+    def _take(self) -> tuple[Any, Any]:
+        while self.idle:
+            proc, conn = self.idle.pop()
+            if proc.is_alive():
+                return proc, conn
+            conn.close()
+        return self._start()
+
+    def stream(self, tasks: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position in ``tasks``, record) as runs finish; raises :class:`~quotelab.errors.Stopped` after a
+        SIGINT or SIGTERM, once the records already received have been yielded."""
+        from multiprocessing.connection import wait
+
+        queue = list(enumerate(tasks))[::-1]
+        sent = 0
+        with stop_signals() as stop:
+            while (queue or self.busy) and not stop:
+                while queue and len(self.busy) < self.workers:
+                    proc, conn = self._take()
+                    i, task = queue.pop()
+                    with contextlib.suppress(OSError):  # it died meanwhile: its pipe reads EOF below
+                        conn.send(task)
+                    self.busy[conn] = (proc, i, task)
+                for conn in wait(list(self.busy), timeout=0.2):  # the timeout lets a stop signal be seen
+                    proc, i, task = self.busy.pop(conn)
                     try:
-                        yield fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        pending.append(task)
-                    except Exception as exc:
-                        yield _failed(task, f"{type(exc).__name__}: {exc}")
-            if broken:
-                # A worker died (segfault, OOM kill). Runs it might have held are retried once in a fresh
-                # pool, alone, so the one that kills its worker is found and recorded as failed.
-                yield from _isolate(pending)
-                pending = []
+                        rec = conn.recv()
+                    except (EOFError, OSError):
+                        conn.close()
+                        proc.join()
+                        if not stop:  # else it was stopped with us (a signal to the process group): cancelled
+                            sent += 1
+                            yield i, _failed(task, _death(proc.pid, proc.exitcode))
+                        continue
+                    self.idle.append((proc, conn))
+                    sent += 1
+                    yield i, rec
+            if stop:
+                self.close()
+                raise _stopped(stop[0], len(tasks) - sent)
+
+    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records of ``tasks``, in their order."""
+        out: list[dict[str, Any]] = [{}] * len(tasks)
+        for i, rec in self.stream(tasks):
+            out[i] = rec
+        return out
+
+    def close(self) -> None:
+        procs = [p for p, _ in self.idle] + [p for p, _, _ in self.busy.values()]
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for conn in [c for _, c in self.idle] + list(self.busy):
+            conn.close()
+        self.idle, self.busy = [], {}
 
 
-def _isolate(tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    for task in tasks:
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
-                                 initializer=watch_parent) as pool:
-            try:
-                yield pool.submit(execute_run, task).result()
-            except BrokenProcessPool:
-                yield _failed(task, "the worker process died during this run (crash or killed)")
+def local_executor(tasks: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
+    pool = LocalPool(workers)
+    try:
+        for _, rec in pool.stream(tasks):
+            yield rec
+    finally:
+        pool.close()
 
 
 def _failed(task: dict[str, Any], error: str) -> dict[str, Any]:
@@ -247,55 +371,49 @@ def _write_artifacts(task: dict[str, Any], files: dict[str, bytes], record: dict
 
 def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
     ray, started = _ray_up(workers, address)
-    try:
-        actor_cls = ray.remote(num_cpus=1)(RayWorker)
-        actors = [actor_cls.remote() for _ in range(min(workers, len(tasks)) or 1)]
-        queue = list(tasks)
-        inflight: dict[Any, tuple[Any, dict[str, Any]]] = {}
+    actors: list[Any] = []
+    # after ray.init, whose SIGTERM handler exits the process at once (interpreter_kept puts back the old ones)
+    with stop_signals() as stop:
+        try:
+            actor_cls = ray.remote(num_cpus=1)(RayWorker)
+            actors = [actor_cls.remote() for _ in range(min(workers, len(tasks)) or 1)]
+            queue = list(tasks)
+            inflight: dict[Any, tuple[Any, dict[str, Any]]] = {}
 
-        def submit(actor: Any) -> None:
-            if queue:
-                task = queue.pop(0)
-                inflight[actor.run.remote(task)] = (actor, task)
+            def submit(actor: Any) -> None:
+                if queue:
+                    task = queue.pop(0)
+                    inflight[actor.run.remote(task)] = (actor, task)
 
-        for actor in actors:
-            submit(actor)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            ref = ready[0]
-            actor, task = inflight.pop(ref)
-            try:
-                record, files = ray.get(ref)
-            except Exception as exc:  # the actor died; replace it so the rest of the batch goes on
-                yield _failed(task, f"ray: {type(exc).__name__}: {exc}")
-                actors.remove(actor)
-                actor = actor_cls.remote()
-                actors.append(actor)
+            for actor in actors:
                 submit(actor)
-                continue
-            _write_artifacts(task, files, record)
-            submit(actor)
-            yield record
-    finally:
-        if started:
-            ray.shutdown()
-
-
-class LocalPool:
-    """Rounds of runs on a process pool kept between rounds: ``map`` returns the records in task order."""
-
-    def __init__(self, workers: int) -> None:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                        initializer=watch_parent)
-
-    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return list(self.pool.map(execute_run, tasks))
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
+            sent = 0
+            while inflight and not stop:
+                for ref in ray.wait(list(inflight), num_returns=1, timeout=0.2)[0]:
+                    actor, task = inflight.pop(ref)
+                    try:
+                        record, files = ray.get(ref)
+                    except Exception as exc:  # the actor died; replace it so the rest of the batch goes on
+                        if stop:  # killed with us (a signal to the process group): cancelled, not failed
+                            continue
+                        sent += 1
+                        yield _failed(task, f"ray: {type(exc).__name__}: {exc}")
+                        actors.remove(actor)
+                        actor = actor_cls.remote()
+                        actors.append(actor)
+                        submit(actor)
+                        continue
+                    _write_artifacts(task, files, record)
+                    submit(actor)
+                    sent += 1
+                    yield record
+            if stop:
+                raise _stopped(stop[0], len(tasks) - sent)
+        finally:
+            for actor in actors:  # at once, not after its run (when connected to a cluster that stays up)
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
 
 
 class RayPool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from quotelab.batch.executors import local_executor, make_task, ray_executor
 from quotelab.batch.spec import BatchError, load_batch
 from quotelab.batch.store import RECORD, Store, read_records
 from quotelab.data import catalog as cat
+from quotelab.errors import Stopped
 
 
 @dataclass
@@ -79,27 +81,41 @@ def run_batch(
     stream = ray_executor(tasks, workers, address) if executor == "ray" else local_executor(tasks, workers)
     store = Store(out)
     last_table = 0.0
-    for rec in stream:
-        rec["executor"] = executor
-        store.record(rec)
-        summary.records.append(rec)
-        if rec["status"] == "done":
-            summary.done += 1
-        else:
-            summary.failed += 1
-        # The JSON records are what persists; the table is a view of them, so rebuilding it at most
-        # every few seconds keeps a large batch from spending its time rewriting parquet.
-        if time.perf_counter() - last_table > 5.0:
-            store.table(final=False)
-            last_table = time.perf_counter()
-        if progress:
-            progress("run", rec, summary)
+    stopped = None
+    # closing: an error out of this loop (nowhere to write) ends the workers now, not once every run is done
+    with contextlib.closing(stream):
+        try:
+            for rec in stream:
+                rec["executor"] = executor
+                store.record(rec)
+                summary.records.append(rec)
+                if rec["status"] == "done":
+                    summary.done += 1
+                else:
+                    summary.failed += 1
+                # The JSON records are what persists; the table is a view of them, so rebuilding it at most
+                # every few seconds keeps a large batch from spending its time rewriting parquet.
+                if time.perf_counter() - last_table > 5.0:
+                    store.table(final=False)
+                    last_table = time.perf_counter()
+                if progress:
+                    progress("run", rec, summary)
+        except Stopped as exc:
+            stopped = exc
     store.table()
     summary.wall_seconds = time.perf_counter() - t0
     summary.rescue = store.rescue
+    resume = f"rerun with --resume: it skips the finished runs and rebuilds {out / 'results.parquet'}"
+    if stopped is not None:
+        if progress:
+            progress("stopped", None, summary)
+        raise Stopped(f"batch {stopped}: {summary.done + summary.failed} runs finished and recorded in {out} "
+                      f"({summary.failed} failed), {stopped.cancelled} cancelled; rerun it with --resume to run the "
+                      f"rest (runs done are skipped)" + (f"; and {store.note(resume)}" if store.rescue else ""),
+                      stopped.signum, stopped.cancelled) from None
     if progress:
         progress("end", None, summary)
-    store.close(f"rerun with --resume: it skips the finished runs and rebuilds {out / 'results.parquet'}")
+    store.close(resume)
     return summary
 
 
@@ -150,6 +166,8 @@ class RichProgress:
                             left=s.total - s.skipped - s.done - s.failed)
             if rec["status"] != "done":
                 self.bar.console.print(f"[red]failed[/red] {rec['label']}: {str(rec.get('error')).splitlines()[0]}")
+        elif event == "stopped":
+            self.bar.stop()
         elif event == "end":
             self.bar.stop()
             print(_end_line(s), flush=True)
