@@ -176,6 +176,37 @@ def test_space_typos_and_set_overrides(tmp_path, catalog):
         load_opt(tmp_path / "opt.yaml", catalog, overrides=["quoter.params.sze=1"])
 
 
+WRITE_BEST_ON_A_FULL_DISK = """\
+import resource, signal, sys
+from pathlib import Path
+from quotelab.batch.optimize import load_opt, write_best
+
+cfg = load_opt(sys.argv[1], sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG) as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
+try:
+    write_best(cfg, {"quoter.params.half_spread": 2}, Path(sys.argv[3]))
+except OSError as exc:
+    print("OSError", exc.strerror)
+"""
+
+
+def test_best_yaml_is_whole_or_not_written(tmp_path, catalog):
+    """Seen red: a write that failed after 64 bytes left best.yaml as those 64 bytes of the new file."""
+    shutil.copy(FIXTURES / "base.yaml", tmp_path / "base.yaml")
+    shutil.copy(FIXTURES / "opt.yaml", tmp_path / "opt.yaml")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best.yaml").write_text("# the previous best\n" * 8)
+    script = tmp_path / "write_best.py"
+    script.write_text(WRITE_BEST_ON_A_FULL_DISK)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "opt.yaml"), str(catalog), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "OSError File too large"
+    assert (out / "best.yaml").read_text() == "# the previous best\n" * 8
+    assert [p.name for p in out.iterdir()] == ["best.yaml"]  # no temporary file left either
+
 def test_objectives_from_day_records():
     recs = [{"summary": {"pnl_usd": p, "traded_notional_usd": n}, "diagnostics": {"inventory_mean_abs": q}}
             for p, n, q in ((10.0, 1e5, 0.2), (-4.0, 3e5, 0.4), (6.0, 2e5, 0.0))]

@@ -519,7 +519,8 @@ def write_best(cfg: OptConfig, params: dict[str, Any], out: Path) -> Path:
     path = out / "best.yaml"
     head = (f"# quotelab optimize {cfg.file.name}: best of the last fold's trials, chosen on "
             f"{', '.join(cfg.folds[-1][0])}\n# " + ", ".join(f"{k} = {v}" for k, v in params.items()) + "\n")
-    path.write_text(head + yaml.safe_dump(raw, sort_keys=False))
+    text = head + yaml.safe_dump(raw, sort_keys=False)
+    cat.atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
     return path
 
 
