@@ -112,6 +112,25 @@ def test_spilled_latency_percentiles_are_numpys(n: int, memory_rows: int, tmp_pa
         assert got == [ref.latency_stats(lat), ref.latency_stats(lat + shift)]
 
 
+@pytest.mark.parametrize("memory_rows", [0, 1, 37, 500, 10**6])
+def test_spill_reads_back_what_was_added(memory_rows: int, tmp_path: Path) -> None:
+    """Held in memory, on disk, or the first part held and the rest on disk: every range reads back as added."""
+    rng = np.random.default_rng(memory_rows)
+    pieces = [rng.integers(-10**12, 10**12, int(k)) for k in rng.integers(1, 60, 40)]
+    spill = Spill(np.int64, tmp_path, memory_rows)
+    for p in pieces:
+        spill.add(p[1:] if len(p) > 1 else p)  # views too
+    whole = np.concatenate([p[1:] if len(p) > 1 else p for p in pieces])
+    for start, count in [(0, whole.shape[0]), *rng.integers(0, whole.shape[0], (30, 2)).tolist()]:
+        assert np.array_equal(spill.read(start, count), whole[start:start + count])
+    got = []
+    for at, blk in zip(range(0, spill.n, 13), spill.blocks(13), strict=True):
+        got.append(blk)
+        spill.release(at + 13)
+    assert np.array_equal(np.concatenate(got), whole)
+    spill.close()
+
+
 @pytest.mark.parametrize("rows", [0, 5, 64, 128, 200])
 @pytest.mark.parametrize("compression", ["deflate", "none"])
 @pytest.mark.parametrize("expect", [0, 0.5, 1])  # of the rows told in advance: parts held, some streamed, all

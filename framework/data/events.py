@@ -287,6 +287,42 @@ class _Side:
         return self.store[self.map[offs >> BLK_SHIFT], offs & BLK_MASK]
 
 
+@njit(cache=True, nogil=True)
+def _bounds_nb(exch, local, cuts, seg_e, seg_l):
+    """The smallest exch and local time of each piece ``cuts[k]:cuts[k + 1]``; returns the largest exch time."""
+    hi = exch[0]
+    for k in range(cuts.shape[0] - 1):
+        e = exch[cuts[k]]
+        lo = local[cuts[k]]
+        for j in range(cuts[k], cuts[k + 1]):
+            e = min(e, exch[j])
+            lo = min(lo, local[j])
+            hi = max(hi, exch[j])
+        seg_e[k] = e
+        seg_l[k] = lo
+    return int(hi)
+
+
+@njit(cache=True, nogil=True)
+def _tick_range_nb(tick):
+    lo = hi = tick[0]
+    for t in tick:
+        lo = min(lo, t)
+        hi = max(hi, t)
+    return int(lo), int(hi)
+
+
+@njit(cache=True, nogil=True)
+def _pages_used_nb(side, tick, base, bid_used, ask_used):
+    """Mark the pages the levels fall in, per side (a bid where ``side > 0``)."""
+    for j in range(tick.shape[0]):
+        pg = (tick[j] - base) >> BLK_SHIFT
+        if side[j] > 0:
+            bid_used[pg] = True
+        else:
+            ask_used[pg] = True
+
+
 class DenseBook:
     """An L2 book indexed by tick (paged, see ``_apply_depth_nb``) over a tick range that grows on demand."""
 
@@ -329,12 +365,11 @@ class DenseBook:
     def _make_room(self, side: np.ndarray, tick: np.ndarray, where: str) -> None:
         if not tick.shape[0]:
             return
-        self.ensure(int(tick.min()), int(tick.max()), where)
-        pages = (tick - self.base) >> BLK_SHIFT
-        buy = side > 0
-        for book_side, used in ((self.bid, pages[buy]), (self.ask, pages[~buy])):
-            if used.shape[0]:  # the distinct pages, without np.unique's sort of every level
-                book_side.alloc(np.flatnonzero(np.bincount(used)))
+        self.ensure(*_tick_range_nb(tick), where)
+        bid_used, ask_used = np.zeros(self.pages, np.bool_), np.zeros(self.pages, np.bool_)
+        _pages_used_nb(side, tick, self.base, bid_used, ask_used)
+        self.bid.alloc(np.flatnonzero(bid_used))
+        self.ask.alloc(np.flatnonzero(ask_used))
 
     def apply(self, side: np.ndarray, tick: np.ndarray, qty: np.ndarray, msg_end: np.ndarray,
               where: str = "") -> np.ndarray:
@@ -414,19 +449,23 @@ BLOCK_ROWS = 1 << 18  # rows per block of a day's second pass (16 MiB of rows)
 
 
 class Spill:
-    """Records of one dtype appended and read back in order, a block at a time: held in memory up to
-    ``memory_rows`` records, then in an unlinked temporary file (``where``: its folder, by default the
-    system's). A short day never touches the disk (writing and reading it back cost ~1.3x the CPU of
-    converting it); a long one holds nothing. The file has no name, so it vanishes when closed or
-    when the process dies. An array added whole is kept as it is (the caller hands it over and does not
-    change it); a view is copied, so that it does not keep a larger array alive."""
+    """Records of one dtype appended and read back in order, a block at a time: the first ``memory_rows``
+    records are held in memory, the rest go to an unlinked temporary file (``where``: its folder, by
+    default the system's). A short day never touches the disk (writing and reading it back cost ~1.3x the
+    CPU of converting it), and a long one does not write what it holds anyway: memory holds at most
+    ``memory_rows`` records either way, and :meth:`release` lets a reader drop them once read. The file
+    has no name, so it vanishes when closed or when the process dies. An array added whole is kept as it
+    is (the caller hands it over and does not change it); a view is copied, so that it does not keep a
+    larger array alive."""
 
     def __init__(self, dtype: Any, where: Path | str | None = None, memory_rows: int = 4 * BLOCK_ROWS) -> None:
         self.dtype = np.dtype(dtype)
         self.where = where
         self.memory_rows = memory_rows
-        self.held: list[np.ndarray] = []
+        self.held: list[np.ndarray | None] = []  # None: released
         self.held_end: list[int] = []  # records up to the end of each held array
+        self.n_held = 0  # the records before the file's first
+        self.released = 0  # held arrays dropped
         self.fh: Any = None
         self.n = 0
 
@@ -434,43 +473,51 @@ class Spill:
         if not a.shape[0]:
             return
         a = np.ascontiguousarray(a, self.dtype)
-        self.n += a.shape[0]
-        if self.fh is None:
+        if self.fh is None and self.n + a.shape[0] <= self.memory_rows:
+            self.n += a.shape[0]
             self.held.append(a if a.flags.owndata else a.copy())
             self.held_end.append(self.n)
-            if self.n <= self.memory_rows:
-                return
-            self.fh = tempfile.TemporaryFile(dir=self.where)  # noqa: SIM115 - lives as long as the spill
-            held, self.held, self.held_end = self.held, [], []
-            for h in held:
-                self.fh.write(memoryview(h).cast("B"))
+            self.n_held = self.n
             return
+        if self.fh is None:
+            self.fh = tempfile.TemporaryFile(dir=self.where)  # noqa: SIM115 - lives as long as the spill
+        self.n += a.shape[0]
         self.fh.write(memoryview(a).cast("B"))
 
     def read(self, start: int, count: int) -> np.ndarray:
         """Records ``start .. start + count`` (a fresh, writable array)."""
         count = max(0, min(count, self.n - start))
         out = np.empty(count, self.dtype)
-        if self.fh is None:
+        at = 0
+        if start < self.n_held:
             k = bisect.bisect_right(self.held_end, start)
-            at = 0
-            while at < count:
+            while at < count and k < len(self.held):
                 a, end = self.held[k], self.held_end[k]
+                if a is None:
+                    raise ValueError(f"spill records before {end} were released")
                 i = start + at - (end - a.shape[0])
                 take = min(count - at, a.shape[0] - i)
                 out[at:at + take] = a[i:i + take]
                 at += take
                 k += 1
+        if at == count:
             return out
         self.fh.flush()
-        view = memoryview(out).cast("B")
-        done, at = 0, start * self.dtype.itemsize
+        size = self.dtype.itemsize
+        view = memoryview(out).cast("B")[at * size:]
+        done, pos = 0, (start + at - self.n_held) * size
         while done < len(view):
-            got = os.preadv(self.fh.fileno(), [view[done:]], at + done)
+            got = os.preadv(self.fh.fileno(), [view[done:]], pos + done)
             if got <= 0:
-                raise OSError(f"spill file cut short at record {start + done // self.dtype.itemsize}")
+                raise OSError(f"spill file cut short at record {start + at + done // size}")
             done += got
         return out
+
+    def release(self, upto: int) -> None:
+        """Drop the held arrays of records below ``upto`` (they will not be read again)."""
+        while self.released < len(self.held) and self.held_end[self.released] <= upto:
+            self.held[self.released] = None
+            self.released += 1
 
     def blocks(self, rows: int, start: int = 0) -> Iterator[np.ndarray]:
         for at in range(start, self.n, rows):
@@ -892,22 +939,25 @@ class _Day:
         if not rows.shape[0]:
             return
         self.rows.add(rows)
-        exch, local = rows["exch_ts"], rows["local_ts"]
-        self.exch_min = min(self.exch_min, int(exch.min()))
-        self.exch_max = max(self.exch_max, int(exch.max()))
-        self.local_min = min(self.local_min, int(local.min()))
-        at, n, size = 0, rows.shape[0], self.block_rows
-        while at < n:
-            take = min(size - self.fill, n - at)
-            e, lo = int(exch[at:at + take].min()), int(local[at:at + take].min())
+        n, size = rows.shape[0], self.block_rows
+        cuts, fill = [0], self.fill
+        while cuts[-1] < n:  # the rows' pieces by block of the spill
+            take = min(size - fill, n - cuts[-1])
+            cuts.append(cuts[-1] + take)
+            fill = (fill + take) % size
+        seg_e, seg_l = np.empty(len(cuts) - 1, np.int64), np.empty(len(cuts) - 1, np.int64)
+        hi = _bounds_nb(rows["exch_ts"], rows["local_ts"], np.array(cuts, np.int64), seg_e, seg_l)
+        self.exch_min = min(self.exch_min, int(seg_e.min()))
+        self.exch_max = max(self.exch_max, hi)
+        self.local_min = min(self.local_min, int(seg_l.min()))
+        for k, (e, lo) in enumerate(zip(seg_e.tolist(), seg_l.tolist(), strict=True)):
             if self.fill == 0:
                 self.blk_exch.append(e)
                 self.blk_local.append(lo)
             else:
                 self.blk_exch[-1] = min(self.blk_exch[-1], e)
                 self.blk_local[-1] = min(self.blk_local[-1], lo)
-            self.fill = (self.fill + take) % size
-            at += take
+            self.fill = (self.fill + cuts[k + 1] - cuts[k]) % size
 
     def add_latency(self, lat: np.ndarray) -> None:
         if lat.shape[0]:
@@ -1061,6 +1111,7 @@ class DaySplitter:
 
         def load(b: int) -> tuple[np.ndarray, np.ndarray]:
             blk = day.rows.read(b * size, size)
+            day.rows.release((b + 1) * size)
             blk["local_ts"] += off
             return blk, _count_nb(blk["ev"], np.uint64(EXCH_EVENT), np.uint64(LOCAL_EVENT), np.uint64(BUY_EVENT))[0]
 
