@@ -9,10 +9,11 @@ sink (the catalog's :class:`~quotelab.data.catalog.DayWriter`), then hands the d
 (:class:`DayResult`) to a callback. Everything here is venue-agnostic.
 
 Memory does not grow with a day's length. An open day's rows, its per-message latencies and, with a
-witness, the book's best levels after each depth message are appended to unlinked files
-(:class:`Spill`, in the catalog's staging folder) as they come; what stays in memory is running
-figures: row and latency minima and maxima, and per block of :data:`BLOCK_ROWS` rows the smallest
-exch_ts and local_ts. Closing a day is a second pass over the spill, a block at a time: the clock
+witness, the book's best levels after each depth message are kept in memory up to a million records
+each, the rest appended to unlinked files (:class:`Spill`, in the catalog's staging folder) as they come;
+what else stays in memory is running figures: row and latency minima and maxima, and per block of
+:data:`BLOCK_ROWS` rows the smallest exch_ts and local_ts. Closing a day is a second pass over the spill,
+a block at a time: the clock
 offset (from the latency minimum) is applied, the snapshot stamped, the rows ordered within a window
 (:class:`FlagOrder`: the suffix minima tell which pending rows can no longer be overtaken) and written
 a part at a time. The latency percentiles are exact order statistics found by histogram passes over
