@@ -10,16 +10,15 @@ sink (the catalog's :class:`~quotelab.data.catalog.DayWriter`), then hands the d
 
 Memory does not grow with a day's length. An open day's rows, its per-message latencies and, with a
 witness, the book's best levels after each depth message are kept in memory up to a million records
-each, the rest appended to unlinked files (:class:`Spill`, in the catalog's staging folder) as they come;
-what else stays in memory is running figures: row and latency minima and maxima, and per block of
-:data:`BLOCK_ROWS` rows the smallest exch_ts and local_ts. Closing a day is a second pass over the spill,
-a block at a time: the clock
-offset (from the latency minimum) is applied, the snapshot stamped, the rows ordered within a window
-(:class:`FlagOrder`: the suffix minima tell which pending rows can no longer be overtaken) and written
-a part at a time. The latency percentiles are exact order statistics found by histogram passes over
-the latency spill, the same figures ``np.percentile`` gives; the witness comparison is a merge of the
-day's book spill with the BBO spill, both in update-id order. The result is byte for byte the
-whole-day conversion (tests/convert_reference.py, tests/test_convert_stream.py).
+each, the rest appended to unlinked files (:class:`Spill`, in the catalog's staging folder) as they
+come; what else stays in memory is running figures: row and latency minima and maxima, and per block of
+:data:`BLOCK_ROWS` rows the smallest exch_ts and local_ts. Closing a day is a second pass over the
+spill, a block at a time: the clock offset (from the latency minimum) is applied, the snapshot stamped,
+the rows ordered within a window (:class:`FlagOrder`: the suffix minima tell which pending rows can no
+longer be overtaken) and written a part at a time. The latency percentiles are exact order statistics
+found by histogram passes over the latency spill, the same figures ``np.percentile`` gives; the witness
+comparison is a merge of the day's book spill with the BBO spill, both in update-id order. The result is
+byte for byte the whole-day conversion (tests/convert_reference.py, tests/test_convert_stream.py).
 """
 
 from __future__ import annotations
