@@ -78,21 +78,48 @@ def release_freed(every: float = 0.0) -> None:
     a part of the data: parts are inflated into buffers of tens of MB, and what the allocator kept
     of them grew with the number of parts read (evaluate's score: trades, 4 days against 1:
     +21 MB peak, +4 MB trimmed after each part)."""
-    global _TRIM, _TRIMMED
+    global _TRIMMED
     if time.monotonic() - _TRIMMED < every:
         return
     _TRIMMED = time.monotonic()
-    if _TRIM is None:
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+def map_large_blocks() -> bool:
+    """Have glibc map every block of :data:`MMAP_THRESHOLD` bytes or more on its own, unmapped when
+    freed, and trim its heaps past twice that; process-wide, idempotent; False (nothing done) on
+    another C library. Called when parts are to be streamed (:class:`quotelab.data.catalog.EventFiles`).
+
+    A replay inflates each part into a block of its own (numpy in the research replays, hftbacktest's
+    loader threads in a run): 64 MiB, but a day's last part is shorter. By default glibc raises its
+    threshold (up to 32 MiB) each time a mapped block is freed and from then on serves smaller blocks
+    from its heaps, which keep them once freed. Peak RssAnon, 4 busy 1-hour days against 1, medians
+    of 3: ``run`` 213 vs 215 MB with the threshold fixed, 230 vs 227 MB without."""
+    if (libc := _glibc()) is None:
+        return False
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)  # glibc's own rule while it moves the threshold
+    libc.malloc_trim(0)  # the heaps' free tops, so the blocks asked for next are mapped
+    return True
+
+
+def _glibc() -> Any:
+    """The C library if it is glibc (it has ``malloc_trim`` and ``mallopt``), else None."""
+    global _LIBC
+    if _LIBC is None:
         import ctypes
         import ctypes.util
 
         try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
 
 
-_TRIM: Any = None
+MMAP_THRESHOLD = 1 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
+_LIBC: Any = None
 _TRIMMED = float("-inf")

@@ -75,6 +75,7 @@ import numpy as np
 from hftbacktest.types import event_dtype
 from numba import njit
 
+from quotelab import spool
 from quotelab.errors import DataError
 
 _PAD_FIELD = 0xA11E  # an unregistered zip extra-field id: readers skip it
@@ -772,6 +773,9 @@ class EventFiles(Sequence[np.ndarray]):
     def __init__(self, paths: Sequence[Path | str]) -> None:
         self.paths = tuple(Path(p) for p in paths)
         self._rows: list[int] | None = None
+        # Each part is inflated into a block of its own (here, or in hftbacktest's loader threads) and
+        # freed at the next: mapped, those go back to the OS, so memory does not grow with the days.
+        spool.map_large_blocks()
 
     def __len__(self) -> int:
         return len(self.paths)
