@@ -559,6 +559,7 @@ def test_tardis_clean_blocks_read_by_numba_equal_polars(tmp_path, monkeypatch, m
             path.write_bytes(gzip.compress("\n".join([header, *lines, ""]).encode()) if path.suffix == ".gz"
                              else "\n".join([header, *lines, ""]).encode())
     monkeypatch.setattr(tardis, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(tardis, "SPLIT_BYTES", 1000)  # blocks scanned as two halves at once, cut anywhere
     clean = tardis.TardisConverter._parse_clean
     taken: list[bool] = []
 
