@@ -49,9 +49,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,13 +175,23 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="also race with the output written (see above)")
     ap.add_argument("--level6", action="store_true", help="with --write, also hftbacktest's own output_filename "
                     "(zlib level 6 against the catalog's level 1: not like for like, for reference)")
+    ap.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # the child that writes the input
     args = ap.parse_args()
+    if args.generate:
+        synth.generate(args.generate / "cat", seed=7, start="2024-01-01T00:00:00", duration_s=args.minutes * 60,
+                       assets=("perp",), compression="none", profile=args.profile)
+        book, trades, n = write_tardis(args.generate / "cat", args.generate / "raw", args.gzip)
+        (args.generate / "raw.json").write_text(json.dumps([str(book), str(trades), n]))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synth.generate(root / "cat", seed=7, start="2024-01-01T00:00:00", duration_s=args.minutes * 60,
-                       assets=("perp",), compression="none", profile=args.profile)
+        # In a child: writing the raw files streams the catalog's days, which sets this process's allocator
+        # for streaming replays (quotelab.spool.map_large_blocks), not the state `quotelab convert` runs in.
+        subprocess.run([sys.executable, __file__, "--generate", str(root), "--minutes", str(args.minutes),
+                        "--profile", args.profile, *(["--gzip"] if args.gzip else [])], check=True)
         source = catalog.load_day(root / "cat", "synthetic", "SYNPERP", "20240101")
-        book_path, trades_path, lines = write_tardis(root / "cat", root / "raw", args.gzip)
+        book_path, trades_path, lines = json.loads((root / "raw.json").read_text())
+        book_path, trades_path = Path(book_path), Path(trades_path)
         size = (book_path.stat().st_size + trades_path.stat().st_size) / 1e6
         print(f"input: {lines:,} Tardis rows, {size:.0f} MB{' gzipped' if args.gzip else ''} "
               f"({args.minutes:g} min of the {args.profile} synthetic perpetual)")
