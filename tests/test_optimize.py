@@ -139,6 +139,59 @@ def test_a_killed_optimisation_resumes_without_losing_or_repeating_a_trial(catal
     assert res["runs_done"] == len(runs) - len(records_before)  # each run executed once over both processes
 
 
+MARK_AND_WAIT = """\
+import os, time, uuid
+from pathlib import Path
+from quotelab import hookimpl
+
+
+@hookimpl
+def quotelab_run_start(run):
+    Path(os.environ["QUOTELAB_TEST_STARTS"], uuid.uuid4().hex).touch()
+
+
+@hookimpl
+def quotelab_run_end(run, result):
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.slow  # an optimisation stopped in its first round, then run again: ~30 s
+def test_ctrl_c_keeps_the_runs_of_the_round_it_stops_and_the_same_command_reuses_them(catalog, tmp_path):
+    """Seen red: a round's records were stored only once the whole round had run, so Ctrl-C lost the runs
+    of the round it stopped (none recorded), and the message was Python's."""
+    base = yaml.safe_load((FIXTURES / "base.yaml").read_text()) | {"plugins": ["mark_and_wait.py"]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "mark_and_wait.py").write_text(MARK_AND_WAIT)
+    opt = tmp_path / "opt.yaml"
+    opt.write_text(yaml.safe_dump({
+        "name": "stop", "strategy": "base.yaml", "trials": 4, "parallel_trials": 2, "pruner": "none",
+        "days": ["20240101"], "space": {"quoter.params.half_spread": {"low": 1, "high": 8}}}))
+    out, starts = tmp_path / "out", tmp_path / "starts"
+    starts.mkdir()
+    env = {**os.environ, "QUOTELAB_TEST_STARTS": str(starts)}
+    cmd = [*CLI, "optimize", str(opt), "--catalog", str(catalog), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(starts.iterdir())) < 2:  # the round's second run started:
+        assert proc.poll() is None, proc.communicate()  # its first has finished
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == (f"error: optimize stopped by SIGINT: 1 runs finished and recorded in {out}, 1 "
+                                    f"cancelled; run the same command again: it resumes the study and reuses the "
+                                    f"finished runs")
+    (kept,) = out.glob("runs/*/record.json")
+    data = kept.read_bytes()
+    assert json.loads(data)["status"] == "done"
+
+    r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runs_reused"] >= 1 and kept.read_bytes() == data
+    assert len(_finished(out, "stop")) == 4
+
 def test_config_errors_name_the_place(tmp_path, catalog):
     shutil.copy(FIXTURES / "base.yaml", tmp_path / "base.yaml")
     text = (FIXTURES / "opt.yaml").read_text().replace("risk[0].params.risk_aversion: {choices: [0.01, 1.0]}",
@@ -233,6 +286,40 @@ def test_ray_actors_run_the_same_trials_as_the_local_pool(catalog, tmp_path):
     assert len(runs["ray"]) == 4 and runs["ray"] == runs["local"]
 
 
+class InProcessPool:  # the runs, in this process: no worker to start and compile
+    def __init__(self, workers):
+        pass
+
+    def stream(self, tasks):
+        from quotelab.batch.executors import execute_run
+
+        return enumerate(map(execute_run, tasks))
+
+    def close(self):
+        pass
+
+
+def test_trials_whose_runs_always_fail_end_the_search_naming_the_first_error(catalog, tmp_path, monkeypatch):
+    """Seen red: a failed trial does not count toward `trials`, so a plugin raising in every run had the
+    search ask for new trials forever (2,783 failed trials in 10 minutes)."""
+    from quotelab.batch import optimize as O
+
+    monkeypatch.setattr(O, "LocalPool", InProcessPool)
+    (tmp_path / "raises.py").write_text("from quotelab import hookimpl\n\n\n@hookimpl\ndef quotelab_run_start(run):\n"
+                                        "    raise ValueError('no luck')\n")
+    base = yaml.safe_load((FIXTURES / "base.yaml").read_text()) | {"plugins": ["raises.py"]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    opt = tmp_path / "opt.yaml"
+    opt.write_text(yaml.safe_dump({
+        "name": "fails", "strategy": "base.yaml", "trials": 3, "parallel_trials": 2, "pruner": "none",
+        "days": ["20240101"], "space": {"quoter.params.half_spread": {"low": 1, "high": 8}}}))
+    out = tmp_path / "out"
+    with pytest.raises(OptimizeError, match=rf"^{opt}: fold 0: 4 trials failed \(trials: 3\), the first: trial 0 on "
+                                            rf"20240101: PluginError: .*raises\.py.*no luck; fix that \(each run's "
+                                            rf"record is in {out}/runs\), then run the same command again$"):
+        O.optimize(opt, out, catalog=catalog, progress=lambda m: None)
+
+
 @pytest.mark.slow  # two optimisations of two runs each, in this process: ~15 s with the catalog
 def test_an_optimisation_whose_out_fails_at_the_end_keeps_its_results(catalog, tmp_path, monkeypatch):
     """Seen red: a folder at trials.parquet ended the optimisation with an OSError after every trial had
@@ -240,18 +327,7 @@ def test_an_optimisation_whose_out_fails_at_the_end_keeps_its_results(catalog, t
     import tempfile
 
     from quotelab.batch import optimize as O
-    from quotelab.batch.executors import execute_run
     from quotelab.errors import RunError
-
-    class InProcessPool:  # the runs, in this process: no worker to start and compile
-        def __init__(self, workers):
-            pass
-
-        def map(self, tasks):
-            return [execute_run(t) for t in tasks]
-
-        def close(self):
-            pass
 
     monkeypatch.setattr(O, "LocalPool", InProcessPool)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -1,8 +1,8 @@
 """Where runs execute: one run in a worker process (:func:`execute_run`), on a local process pool or Ray actors.
 
 The streaming executors (:func:`local_executor`, :func:`ray_executor`) yield records as runs finish, for a
-batch; the pools (:class:`LocalPool`, :class:`RayPool`) map rounds of runs to their records in order and keep
-their workers between rounds, for an optimisation. Every worker compiles the driver once.
+batch; the pools (:class:`LocalPool`, :class:`RayPool`) stream rounds of runs the same way and keep their
+workers between rounds, for an optimisation. Every worker compiles the driver once.
 
 Ray on several machines: start the cluster (``ray start --head`` on one, ``ray start --address HEAD:6379`` on
 the others, each with quotelab installed in the same Python), make the catalog readable at the same path on
@@ -267,13 +267,6 @@ class LocalPool:
                 self.close()
                 raise _stopped(stop[0], len(tasks) - sent)
 
-    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The records of ``tasks``, in their order."""
-        out: list[dict[str, Any]] = [{}] * len(tasks)
-        for i, rec in self.stream(tasks):
-            out[i] = rec
-        return out
-
     def close(self) -> None:
         procs = [p for p, _ in self.idle] + [p for p, _, _ in self.busy.values()]
         for p in procs:
@@ -417,7 +410,7 @@ def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -
 
 
 class RayPool:
-    """Rounds of runs on Ray actors kept between rounds: ``map`` returns the records in task order."""
+    """Rounds of runs on Ray actors kept between rounds (:meth:`stream`, as :meth:`LocalPool.stream`)."""
 
     def __init__(self, workers: int, address: str | None) -> None:
         self._kept = interpreter_kept()
@@ -429,15 +422,23 @@ class RayPool:
             raise
         self.actors = [self.ray.remote(num_cpus=1)(RayWorker).remote() for _ in range(workers)]
 
-    def map(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        refs = [self.actors[i % len(self.actors)].run.remote(t) for i, t in enumerate(tasks)]
-        out = []
-        for task, (record, files) in zip(tasks, self.ray.get(refs), strict=True):
-            _write_artifacts(task, files, record)
-            out.append(record)
-        return out
+    def stream(self, tasks: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        refs = {self.actors[i % len(self.actors)].run.remote(t): i for i, t in enumerate(tasks)}
+        sent = 0
+        with stop_signals() as stop:
+            while refs and not stop:
+                for ref in self.ray.wait(list(refs), num_returns=1, timeout=0.2)[0]:
+                    i = refs.pop(ref)
+                    record, files = self.ray.get(ref)
+                    _write_artifacts(tasks[i], files, record)
+                    sent += 1
+                    yield i, record
+            if stop:
+                raise _stopped(stop[0], len(tasks) - sent)
 
     def close(self) -> None:
+        for actor in self.actors:  # at once, not after their queued runs (a cluster that stays up)
+            self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
         self._kept.__exit__(None, None, None)

@@ -37,7 +37,7 @@ from quotelab.batch.executors import LocalPool, RayPool, make_task
 from quotelab.batch.spec import Number, check_overrides, made_by, read_spec, shaped
 from quotelab.batch.store import Store, record_path, write_results
 from quotelab.data import catalog as cat
-from quotelab.errors import ConfigError, QuotelabError, RunError
+from quotelab.errors import ConfigError, QuotelabError, RunError, Stopped
 from quotelab.outputs import json_finite
 from quotelab.strategy.config import StrictModel, apply_override, expand_dates, load_strategy, load_yaml
 
@@ -320,10 +320,10 @@ class Optimizer:
                     continue
             tasks.append((i, make_task(rid, f"{day} {params}", params, ovr, [day], self.cfg.strategy_path,
                                        self.cfg.strategy_text, self.cfg.catalog, self.out)))
-        for (i, _), rec in zip(tasks, self.pool.map([t for _, t in tasks]), strict=True):
+        for k, rec in self.pool.stream([t for _, t in tasks]):  # stored as each finishes: a stop keeps them
             rec["executor"] = "optimize"
             self.store.record(rec)
-            recs[i] = rec
+            recs[tasks[k][0]] = rec
             self.runs_done += 1
         return [recs[i] for i in range(len(params_list))]
 
@@ -352,6 +352,7 @@ class Optimizer:
         TS = optuna.trial.TrialState
         study = self.study(fold)
         dists = {p.path: p.distribution() for p in self.cfg.space}
+        errors: list[str] = []  # of this process's failed trials (a failed trial does not count toward trials)
         while True:
             finished = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED)))
             if finished >= self.cfg.trials:
@@ -370,6 +371,7 @@ class Optimizer:
                     t = trials[i]
                     if rec.get("status") != "done":
                         t.set_user_attr("error", str(rec.get("error")))
+                        errors.append(f"trial {t.number} on {day}: {rec.get('error')}")
                         outcome[i] = TS.FAIL
                         continue
                     per_day[i].append(rec)
@@ -391,6 +393,10 @@ class Optimizer:
                     study.tell(t, state=o)
                 else:
                     study.tell(t, o)
+            if len(errors) >= self.cfg.trials:  # else runs that always fail would be asked for forever
+                raise OptimizeError(f"{self.cfg.file}: fold {fold}: {len(errors)} trials failed (trials: "
+                                    f"{self.cfg.trials}), the first: {errors[0]}; fix that (each run's record is in "
+                                    f"{self.out}/runs), then run the same command again")
             self.progress(f"fold {fold}: {len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED)))}"
                           f"/{self.cfg.trials} trials, best {study.best_value if _has_best(study) else 'none'}")
 
@@ -457,6 +463,10 @@ def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None =
                 row["oos_value"] = cfg.objective.value(recs) if ok else None
                 row["oos_per_day"] = [_day_summary(r) for r in recs]
             folds.append(row)
+    except Stopped as exc:
+        note = f"; and {opt.store.note(RESUME)}" if opt.store.rescue else ""
+        raise Stopped(f"optimize {exc}: {opt.runs_done} runs finished and recorded in {out}, {exc.cancelled} "
+                      f"cancelled; {RESUME}{note}", exc.signum, exc.cancelled) from None
     except QuotelabError as exc:
         if opt.store.rescue is None:
             raise
