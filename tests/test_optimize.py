@@ -192,6 +192,30 @@ def test_ctrl_c_keeps_the_runs_of_the_round_it_stops_and_the_same_command_reuses
     assert json.loads(r.stdout)["runs_reused"] >= 1 and kept.read_bytes() == data
     assert len(_finished(out, "stop")) == 4
 
+@pytest.mark.slow  # a Ray optimisation (starts a cluster; each actor compiles the driver): ~40 s
+def test_a_ray_actor_that_dies_fails_its_run_and_the_optimisation_goes_on(catalog, tmp_path):
+    """Seen red: ray.get raised the actor's death out of the round ("unexpected ActorDiedError", exit 1)."""
+    pytest.importorskip("ray")
+    (tmp_path / "dies.py").write_text(
+        "import os\nfrom quotelab import hookimpl\n\n\n@hookimpl\ndef quotelab_run_start(run):\n"
+        "    if '20240102' in str(run['config']['data']['assets']['perp']['dates']):\n        os._exit(3)\n")
+    base = yaml.safe_load((FIXTURES / "base.yaml").read_text()) | {"plugins": ["dies.py"]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    opt = tmp_path / "opt.yaml"
+    opt.write_text(yaml.safe_dump({
+        "name": "dies", "strategy": "base.yaml", "trials": 2, "parallel_trials": 2, "pruner": "none",
+        "walk_forward": {"days": [20240101, 20240102], "train": 1, "test": 1},
+        "space": {"quoter.params.half_spread": {"low": 1, "high": 8}}}))
+    r = subprocess.run([*CLI, "optimize", str(opt), "--catalog", str(catalog), "--out", str(tmp_path / "out"),
+                        "--workers", "2", "--executor", "ray", "--json"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    # the last line: Ray's raylet prints its own note of the death to stdout
+    (fold,) = json.loads(r.stdout.strip().splitlines()[-1])["folds"]
+    assert fold["is_value"] is not None and fold["oos_value"] is None  # the test day's run died
+    (died,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("runs/*/record.json")
+               if json.loads(p.read_text())["dates"] == ["20240102"]]
+    assert died["status"] == "failed" and died["error"].startswith("ray: ActorDiedError: ")
+
 def test_config_errors_name_the_place(tmp_path, catalog):
     shutil.copy(FIXTURES / "base.yaml", tmp_path / "base.yaml")
     text = (FIXTURES / "opt.yaml").read_text().replace("risk[0].params.risk_aversion: {choices: [0.01, 1.0]}",

@@ -331,8 +331,12 @@ def interpreter_kept() -> Iterator[None]:
 
 
 def ray_executor(tasks: list[dict[str, Any]], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
-    with interpreter_kept():
-        yield from _ray_tasks(tasks, workers, address)
+    pool = RayPool(min(workers, len(tasks)) or 1, address)
+    try:
+        for _, rec in pool.stream(tasks):
+            yield rec
+    finally:
+        pool.close()
 
 
 def _ray_up(workers: int, address: str | None) -> tuple[Any, bool]:
@@ -362,55 +366,9 @@ def _write_artifacts(task: dict[str, Any], files: dict[str, bytes], record: dict
         record["error"] = f"{record['error']}; {lost}" if record.get("error") else f"RunError: {lost}"
 
 
-def _ray_tasks(tasks: list[dict[str, Any]], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
-    ray, started = _ray_up(workers, address)
-    actors: list[Any] = []
-    # after ray.init, whose SIGTERM handler exits the process at once (interpreter_kept puts back the old ones)
-    with stop_signals() as stop:
-        try:
-            actor_cls = ray.remote(num_cpus=1)(RayWorker)
-            actors = [actor_cls.remote() for _ in range(min(workers, len(tasks)) or 1)]
-            queue = list(tasks)
-            inflight: dict[Any, tuple[Any, dict[str, Any]]] = {}
-
-            def submit(actor: Any) -> None:
-                if queue:
-                    task = queue.pop(0)
-                    inflight[actor.run.remote(task)] = (actor, task)
-
-            for actor in actors:
-                submit(actor)
-            sent = 0
-            while inflight and not stop:
-                for ref in ray.wait(list(inflight), num_returns=1, timeout=0.2)[0]:
-                    actor, task = inflight.pop(ref)
-                    try:
-                        record, files = ray.get(ref)
-                    except Exception as exc:  # the actor died; replace it so the rest of the batch goes on
-                        if stop:  # killed with us (a signal to the process group): cancelled, not failed
-                            continue
-                        sent += 1
-                        yield _failed(task, f"ray: {type(exc).__name__}: {exc}")
-                        actors.remove(actor)
-                        actor = actor_cls.remote()
-                        actors.append(actor)
-                        submit(actor)
-                        continue
-                    _write_artifacts(task, files, record)
-                    submit(actor)
-                    sent += 1
-                    yield record
-            if stop:
-                raise _stopped(stop[0], len(tasks) - sent)
-        finally:
-            for actor in actors:  # at once, not after its run (when connected to a cluster that stays up)
-                ray.kill(actor)
-            if started:
-                ray.shutdown()
-
-
 class RayPool:
-    """Rounds of runs on Ray actors kept between rounds (:meth:`stream`, as :meth:`LocalPool.stream`)."""
+    """Ray actors kept between calls of :meth:`stream`; each runs one task at a time, as :class:`LocalPool`'s
+    processes do. An actor that dies fails its run alone and is replaced."""
 
     def __init__(self, workers: int, address: str | None) -> None:
         self._kept = interpreter_kept()
@@ -420,24 +378,47 @@ class RayPool:
         except BaseException:
             self._kept.__exit__(None, None, None)
             raise
-        self.actors = [self.ray.remote(num_cpus=1)(RayWorker).remote() for _ in range(workers)]
+        self.actor_cls = self.ray.remote(num_cpus=1)(RayWorker)
+        self.actors = [self.actor_cls.remote() for _ in range(workers)]
 
     def stream(self, tasks: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
-        refs = {self.actors[i % len(self.actors)].run.remote(t): i for i, t in enumerate(tasks)}
+        """(position in ``tasks``, record) as runs finish; raises :class:`~quotelab.errors.Stopped` after a
+        SIGINT or SIGTERM, once the records already received have been yielded."""
+        queue = list(enumerate(tasks))[::-1]
+        inflight: dict[Any, tuple[Any, int]] = {}  # ref -> (actor, position)
+
+        def submit(actor: Any) -> None:
+            if queue:
+                i, task = queue.pop()
+                inflight[actor.run.remote(task)] = (actor, i)
+
+        for actor in self.actors:
+            submit(actor)
         sent = 0
+        # after ray.init, whose SIGTERM handler exits at once (close() puts back the handlers from before)
         with stop_signals() as stop:
-            while refs and not stop:
-                for ref in self.ray.wait(list(refs), num_returns=1, timeout=0.2)[0]:
-                    i = refs.pop(ref)
-                    record, files = self.ray.get(ref)
-                    _write_artifacts(tasks[i], files, record)
+            while inflight and not stop:
+                for ref in self.ray.wait(list(inflight), num_returns=1, timeout=0.2)[0]:
+                    actor, i = inflight.pop(ref)
+                    try:
+                        record, files = self.ray.get(ref)
+                    except Exception as exc:  # the actor died; replace it so the other runs go on
+                        if stop:  # killed with us (a signal to the process group): cancelled, not failed
+                            continue
+                        record = _failed(tasks[i], f"ray: {type(exc).__name__}: {exc}")
+                        self.actors.remove(actor)
+                        actor = self.actor_cls.remote()
+                        self.actors.append(actor)
+                    else:
+                        _write_artifacts(tasks[i], files, record)
+                    submit(actor)
                     sent += 1
                     yield i, record
             if stop:
                 raise _stopped(stop[0], len(tasks) - sent)
 
     def close(self) -> None:
-        for actor in self.actors:  # at once, not after their queued runs (a cluster that stays up)
+        for actor in self.actors:  # at once, not after their runs (a cluster that stays up)
             self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
