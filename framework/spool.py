@@ -55,14 +55,15 @@ class Spool:
         return np.empty((0, *self.row_shape), dtype=self.dtype)
 
 
-def scratch(n: int, dtype: Any = np.float64) -> np.ndarray:
-    """A writable array of ``n`` values in an unlinked file (shared mapping: file-backed pages), for
-    work arrays as long as the data, e.g. a sorted copy."""
-    if n * np.dtype(dtype).itemsize < CHUNK * 64:
-        return np.empty(n, dtype=dtype)
+def scratch(n: int, dtype: Any = np.float64, row_shape: tuple[int, ...] = ()) -> np.ndarray:
+    """A writable array of ``n`` rows of ``row_shape`` in an unlinked file (shared mapping: file-backed
+    pages), for work arrays as long as the data, e.g. a sorted copy; in memory while it is small."""
+    size = n * int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size < CHUNK * 64:
+        return np.empty((n, *row_shape), dtype=dtype)
     with tempfile.TemporaryFile(prefix="quotelab-scratch-") as fh:
-        fh.truncate(n * np.dtype(dtype).itemsize)
-        return np.memmap(fh, dtype=dtype, mode="w+", shape=(n,))
+        fh.truncate(size)
+        return np.memmap(fh, dtype=dtype, mode="w+", shape=(n, *row_shape))
 
 
 def chunks(n: int, size: int | None = None) -> Iterator[tuple[int, int]]:

@@ -186,3 +186,120 @@ def test_report_renders_in_headless_chromium(real_batch: Path, tmp_path: Path) -
     shutil.copy(page, bare / "index.html")
     without = _colourful_share(chromium, bare / "index.html", tmp_path / "bare.png", tmp_path / "p3")
     assert with_images > 0.01 and with_images > 5 * without
+
+
+@pytest.mark.parametrize("contract", ["linear", "inverse"])
+def test_best_worst_series_read_in_chunks_keeps_every_bucket_extreme(tmp_path, monkeypatch, contract) -> None:
+    """The batch report's PnL and position lines, read 300 rows at a time and thinned to 50 buckets,
+    hold each bucket's first, last, lowest and highest values of the whole series computed in memory."""
+    import polars as pl
+
+    from quotelab import spool
+    from quotelab.backtest import pnl
+    from quotelab.batch.diagnostics import equity_series
+    from quotelab.batch.report import _series
+
+    rng = np.random.default_rng(3)
+    n = 5_003
+    mid = 60000 + np.cumsum(rng.normal(0, 5, n))
+    mid[:7] = np.nan  # a leading gap takes the first mid
+    mid[rng.choice(n, 300)] = np.nan  # one-sided books
+    pos = np.clip(np.cumsum(rng.choice([-1, 0, 1], n)), -5, 5).astype(float)
+    bal, fee = np.cumsum(rng.normal(0, 10, n)), np.cumsum(np.abs(rng.normal(0, 0.01, n)))
+    ts = 1_700_000_000_000_000_000 + np.arange(n, dtype=np.int64) * 100_000_000
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    pl.DataFrame({"timestamp": ts, "mid": mid, "position": pos, "balance": bal, "fee": fee,
+                  "bid": mid - 1}).write_parquet(tmp_path / "runs" / "r" / "series.parquet")
+    inst = {"contract": contract, "contract_size": 100.0 if contract == "inverse" else 1.0}
+    want = equity_series({"mid": mid, "position": pos, "balance": bal, "fee": fee}, inst)
+    if contract == "inverse":
+        want = want * pnl.ffill(mid)
+
+    whole = _series(tmp_path, "r", inst, buckets=2000)  # under 4 x buckets rows: every row, as before
+    np.testing.assert_array_equal(whole["timestamp"], ts)
+    np.testing.assert_array_equal(whole["position"], pos)
+    np.testing.assert_allclose(whole["pnl"], want, rtol=1e-15)
+    monkeypatch.setattr(spool, "CHUNK", 300)
+    got = _series(tmp_path, "r", inst, buckets=50)
+    assert 200 < len(got["timestamp"]) <= 6 * (50 + n // 300 + 1)
+    rows = np.searchsorted(ts, got["timestamp"])
+    np.testing.assert_array_equal(ts[rows], got["timestamp"])
+    np.testing.assert_allclose(got["pnl"], want[rows], rtol=1e-15)
+    np.testing.assert_array_equal(got["position"], pos[rows])
+    bucket = np.arange(n) * 50 // n
+    for b in range(50):
+        mine = bucket[rows] == b
+        for line, ref in ((got["pnl"], want), (got["position"], pos)):
+            assert np.nanmin(line[mine]) == pytest.approx(np.nanmin(ref[bucket == b]), rel=1e-15)
+            assert np.nanmax(line[mine]) == pytest.approx(np.nanmax(ref[bucket == b]), rel=1e-15)
+    assert rows[0] == 0 and rows[-1] == n - 1
+
+
+@pytest.fixture(scope="module")
+def seed_run(real_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("seed_run") / "run"
+    subprocess.run([sys.executable, "-m", "quotelab.cli", "run", "strategies/seed_market_maker.yaml", "--catalog",
+                    str(real_catalog), "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("contract", ["linear", "inverse"])
+def test_run_report_lines_read_in_chunks_equal_the_whole_series(seed_run, monkeypatch, contract) -> None:
+    """The one-run chart's lines, read 500 rows at a time (each chunk carrying the last row before it),
+    equal the whole series computed in memory: the PnL parts' running sums, position, quotes in ticks,
+    fills and the zoom's window; thinned to 100 buckets they keep each bucket's extremes."""
+    import polars as pl
+
+    from quotelab import spool
+    from quotelab.backtest import pnl
+    from quotelab.batch.report import _busiest_window, _fills, _run_lines
+
+    summary = json.loads((seed_run / "summary.json").read_text())
+    summary["instrument"]["contract"] = contract  # the same sums either way; inverse values them in coin
+    inst = summary["instrument"]
+    s = {c: v.to_numpy() for c, v in pl.read_parquet(seed_run / "series.parquet").to_dict().items()}
+    ts, n, tick = s["timestamp"], len(s["timestamp"]), float(inst["tick_size"])
+    parts = pnl.parts(ts, s, summary, contract == "inverse", float(inst.get("contract_size", 1.0)))
+    want = {k: np.cumsum(parts[k])[:n] for k in ("spread", "inventory", "fees", "funding")}
+    want["total"] = np.cumsum(parts["spread"] + parts["inventory"] + parts["fees"] + parts["funding"])[:n]
+    mid = pnl.ffill(s["mid"])
+    want |= {"position": s["position"], "bid": (s["bid"] - mid) / tick, "ask": (s["ask"] - mid) / tick}
+    ft, fpx, fq = _fills(ts, s, inst)
+    ticks = (fpx - mid[np.clip(np.searchsorted(ts, ft) - 1, 0, n - 1)]) / tick
+
+    monkeypatch.setattr(spool, "CHUNK", 500)
+    got = _run_lines(seed_run / "series.parquet", summary, buckets=n)
+    assert n > 6 * 500 and len(ft) > 100
+    np.testing.assert_array_equal(got.ts, ts)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got.lines[k], v, err_msg=k)
+    for k, v in (("t", ft), ("px", fpx), ("q", fq), ("ticks", ticks)):
+        np.testing.assert_array_equal(got.fills[k], v, err_msg=k)
+
+    span = 60_000_000_000  # the zoom's window, as the whole-series report found it
+    while span > 2_000_000_000 and np.bincount((ft - ts[0]) // span).max() > 60:
+        span //= 3
+    w = int(np.bincount((ft - ts[0]) // span).argmax())
+    assert _busiest_window(got.all_fills["t"], int(ts[0])) == (ts[0] + w * span, ts[0] + (w + 1) * span)
+
+    thin = _run_lines(seed_run / "series.parquet", summary, buckets=100)
+    rows = np.searchsorted(ts, thin.ts)
+    np.testing.assert_array_equal(ts[rows], thin.ts)
+    assert len(rows) < n // 2 and rows[0] == 0 and rows[-1] == n - 1
+    bucket = np.arange(n) * 100 // n
+    for k, v in want.items():
+        np.testing.assert_array_equal(thin.lines[k], v[rows], err_msg=k)
+        for b in range(100):
+            assert np.nanmax(thin.lines[k][bucket[rows] == b]) == np.nanmax(v[bucket == b])
+            assert np.nanmin(thin.lines[k][bucket[rows] == b]) == np.nanmin(v[bucket == b])
+    import quotelab.batch.report as R
+
+    monkeypatch.setattr(R, "MAX_FILLS", 50)  # past it: per bucket of time and side, the fills furthest either way
+    few = _run_lines(seed_run / "series.parquet", summary, buckets=10)
+    assert 50 < len(few.fills["t"]) < len(ft) and len(few.all_fills["t"]) == len(ft)
+    at = np.searchsorted(ft, few.fills["t"])
+    np.testing.assert_array_equal(few.fills["ticks"], ticks[at])
+    key = ((ft - ft[0]) / (ft[-1] + 1 - ft[0]) * 10).astype(np.int64) * 2 + (fq > 0)
+    for b in np.unique(key):
+        mine = few.fills["ticks"][key[at] == b]
+        assert np.nanmax(mine) == np.nanmax(ticks[key == b]) and np.nanmin(mine) == np.nanmin(ticks[key == b])

@@ -539,3 +539,98 @@ def test_gradient_boosting_chooses_its_iterations_on_a_time_ordered_split():
     best = int(np.argmin([np.mean((y[val] - p) ** 2) for p in probe.staged_predict(X[val])])) + 1
     assert m.max_iter == best == m.n_iter_ and best < 60
     assert T.StaticModel(spec.model_copy(update={"early_stopping": False})).fit(X, y, t).members[0].n_iter_ == 60
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded memory: fits from sums a chunk at a time, rows models sampled past max_rows
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sufficient_statistics_fit_equals_sklearn_on_the_rows(monkeypatch):
+    """Linear and ridge fitted from sums over 777-row chunks give sklearn's coefficients on the whole
+    rows (to 1e-10 relative), also for a rank-deficient X (the minimum-norm solution)."""
+    from sklearn.linear_model import LinearRegression, Ridge
+
+    from quotelab import spool
+
+    monkeypatch.setattr(spool, "CHUNK", 777)
+    rng = np.random.default_rng(5)
+    n = 20_000
+    X = rng.normal(size=(n, 4)) @ rng.normal(size=(4, 4)) + rng.normal(0, 3, 4)  # correlated, off-centre
+    y = X @ np.array([0.5, -1.0, 0.0, 2.0]) + 7.0 + rng.normal(0, 2, n)
+    for ours, ref in ((T.SufficientLinear(), LinearRegression()), (T.SufficientLinear(25.0), Ridge(alpha=25.0))):
+        ours.fit(X, y)
+        ref.fit(X, y)
+        np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-10)
+        assert ours.intercept_ == pytest.approx(ref.intercept_, rel=1e-10)
+        np.testing.assert_allclose(ours.predict(X), ref.predict(X), rtol=1e-10)
+    twice = np.column_stack([X, X[:, 1]])  # a repeated column: singular normal equations
+    ours, ref = T.SufficientLinear().fit(twice, y), LinearRegression().fit(twice, y)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-8)
+    assert ours.coef_[1] == pytest.approx(ours.coef_[4], rel=1e-8)
+
+
+def test_walk_forward_in_chunks_equals_sklearn_on_the_whole_rows(catalog, tmp_path, monkeypatch):
+    """quotelab train on the real day, every array as long as the data in scratch files and read 300
+    rows at a time, gives what sklearn fits and scores on the whole rows in memory: each fold's and
+    the final coefficients, the out-of-sample predictions and scores, and the provenance hash."""
+    import hashlib
+
+    from sklearn.linear_model import Ridge
+
+    from quotelab import spool
+
+    monkeypatch.setattr(spool, "CHUNK", 300)
+    path = write(tmp_path, DATA + FEATURES + "model: {kind: ridge, alpha: 3.0}\nvalidation: {folds: 3, purge: 2s}\n")
+    res = T.run_train(path, catalog=catalog, out_dir=tmp_path / "out")
+    smp = res.samples["native"]
+    assert isinstance(smp.X, np.memmap) and len(smp.target) > 10 * 300
+    X, y, t = np.array(smp.X), np.array(smp.target), np.array(smp.t)
+    oos = np.full(len(y), np.nan)
+    edges = np.linspace(0, len(y), 5).astype(np.int64)
+    for k, row in enumerate(res.report["folds"], start=1):
+        train = t < t[edges[k]] - 2_000_000_000
+        ref = Ridge(alpha=3.0).fit(X[train], y[train])
+        assert row["n_train"] == train.sum()
+        np.testing.assert_allclose([row["coef"][n] for n in smp.frame.names], ref.coef_, rtol=1e-9, atol=1e-12)
+        assert row["coef"]["intercept"] == pytest.approx(ref.intercept_, rel=1e-9, abs=1e-12)
+        test = slice(edges[k], edges[k + 1])
+        oos[test] = ref.predict(X[test])
+        r2 = 1 - np.sum((y[test] - oos[test]) ** 2) / np.sum((y[test] - y[test].mean()) ** 2)
+        assert row["oos_r2"] == pytest.approx(r2, rel=1e-9)
+        assert row["oos_ic"] == pytest.approx(T.information_coefficient(y[test], oos[test]), rel=1e-9)
+    np.testing.assert_allclose(res.fit.oos_pred, oos, rtol=1e-9, atol=1e-12)
+    final = Ridge(alpha=3.0).fit(X, y)
+    np.testing.assert_allclose(res.model.linear()[0], final.coef_, rtol=1e-9, atol=1e-12)
+    ok = np.isfinite(oos)
+    assert res.report["overall"]["oos_r2"] == pytest.approx(
+        1 - np.sum((y[ok] - oos[ok]) ** 2) / np.sum((y[ok] - y[ok].mean()) ** 2), rel=1e-9)
+    h = hashlib.sha256(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(y).tobytes())
+    assert res.report["provenance"]["data_sha256"] == h.hexdigest()[:16]
+    pred = pl.read_parquet(tmp_path / "out" / "predictions_native.parquet")
+    assert len(pred) == len(smp.frame.timestamps) > len(y)
+    np.testing.assert_array_equal(pred["value"].to_numpy()[np.asarray(smp.keep)], res.fit.oos_pred)
+
+
+def test_gradient_boosting_past_max_rows_fits_evenly_spaced_rows_and_says_so(monkeypatch):
+    """Past model.max_rows, gradient boosting is fitted on that many rows evenly spaced in time (the
+    same fit as sklearn's on those rows), and the report and a warning say how many it used."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    rng = np.random.default_rng(9)
+    n = 6_000
+    X = rng.normal(size=(n, 2))
+    y = np.sin(X[:, 0]) + 0.1 * rng.normal(size=n)
+    t = np.arange(n, dtype=np.int64) * 100_000_000
+    spec = T.ModelSpec(kind="gradient_boosting", max_iter=20, early_stopping=False, max_rows=1000)
+    m = T.StaticModel(spec).fit(X, y, t)
+    assert m.sampled == (n, 1000)
+    rows = np.unique(np.linspace(0, n - 1, 1000).round().astype(np.int64))
+    ref = HistGradientBoostingRegressor(max_iter=20, max_depth=3, learning_rate=0.05, random_state=0,
+                                        early_stopping=False).fit(X[rows], y[rows])
+    np.testing.assert_array_equal(m.predict(X), ref.predict(X))
+    with pytest.warns(UserWarning, match=r"gradient boosting fitted on 1,000 of [\d,]+ training rows"):
+        fit = T.fit_walk_forward(spec, X, y, t, ["a", "b"], 2, 0)
+    assert fit.overall["sampled_rows"] == {"rows": n, "used": 1000, "max_rows": 1000}
+    assert "sampled_rows" not in T.fit_walk_forward(spec.model_copy(update={"max_rows": n}), X, y, t, ["a", "b"], 2,
+                                                    0).overall

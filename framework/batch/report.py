@@ -103,14 +103,56 @@ def _table(rows: list[dict[str, Any]], cols: list[str], css: str = "sortable") -
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _series(results_dir: Path, run_id: str) -> dict[str, np.ndarray] | None:
+CHART_BUCKETS = 2000  # a line of a time chart: past 4x this many rows, its extremes per bucket of rows
+
+
+def _series(results_dir: Path, run_id: str, inst: dict[str, Any], buckets: int | None = None
+            ) -> dict[str, np.ndarray] | None:
+    """A run's PnL (USD) and position over time, read from its series.parquet a chunk of rows at a
+    time: every row while there are at most 4 × ``buckets`` of them, else each bucket of rows' first,
+    last, lowest and highest of both lines, so a month of steps draws the same envelope from a
+    bounded number of points."""
     import polars as pl
+
+    from quotelab import spool
 
     p = results_dir / "runs" / run_id / "series.parquet"
     if not p.exists():
         return None
-    df = pl.read_parquet(p)
-    return {c: df[c].to_numpy() for c in df.columns}
+    buckets = buckets or CHART_BUCKETS
+    lf = pl.scan_parquet(p).select("timestamp", "mid", "position", "balance", "fee")
+    n = int(lf.select(pl.len()).collect().item())
+    first_mid = lf.select(pl.col("mid").filter(pl.col("mid").is_finite()).first()).collect().item()
+    carry = float("nan") if first_mid is None else float(first_mid)  # a leading gap takes the first mid
+    thin = n > 4 * buckets
+    got: dict[str, list[np.ndarray]] = {"timestamp": [], "pnl": [], "position": []}
+    for lo, hi in spool.chunks(n):
+        df = lf.slice(lo, hi - lo).collect()
+        frame = {c: df[c].to_numpy() for c in df.columns}
+        frame["mid"] = pnl.ffill(np.r_[carry, frame["mid"]])[1:]
+        carry = float(frame["mid"][-1])
+        eq = equity_series(frame, inst)
+        if inst.get("contract") == "inverse":  # coin PnL, valued at the mid of its time
+            eq = eq * frame["mid"]
+        pos = np.asarray(frame["position"], dtype=float)
+        keep = _extremes(np.arange(lo, hi) * buckets // n, eq, pos) if thin else slice(None)
+        for k, v in (("timestamp", frame["timestamp"]), ("pnl", eq), ("position", pos)):
+            got[k].append(v[keep])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in got.items()}
+
+
+def _extremes(bucket: np.ndarray, *lines: np.ndarray) -> np.ndarray:
+    """Rows to draw of a chunk: per run of equal ``bucket``, its first and last row and each line's
+    lowest and highest (NaN rows are never the extremes), in row order."""
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    ends = np.r_[starts[1:], len(bucket)]
+    rows = [starts, ends - 1]
+    for y in lines:
+        filled = np.where(np.isnan(y), np.inf, y)
+        rows.append(starts + np.array([np.argmin(filled[a:b]) for a, b in zip(starts, ends, strict=True)]))
+        filled = np.where(np.isnan(y), -np.inf, y)
+        rows.append(starts + np.array([np.argmax(filled[a:b]) for a, b in zip(starts, ends, strict=True)]))
+    return np.unique(np.concatenate(rows))
 
 
 @dataclass
@@ -288,15 +330,11 @@ def _best_worst_chart(runs: _Runs, figs: _Figures) -> str | None:
     picks = [("best", ranked[-1]), ("worst", ranked[0])] if len(ranked) > 1 else [("best", ranked[-1])]
     fig, axes = figs.plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for tag, r in picks:
-        s = _series(runs.results_dir, r["run_id"])
-        if s is None:
+        s = _series(runs.results_dir, r["run_id"], runs.by_id[r["run_id"]].get("instrument") or {})
+        if s is None or not len(s["timestamp"]):
             continue
-        inst = runs.by_id[r["run_id"]].get("instrument") or {}
         t = (s["timestamp"] - s["timestamp"][0]) / 1e9
-        eq = equity_series(s, inst)
-        if inst.get("contract") == "inverse":  # coin PnL, valued at the mid of its time
-            eq = eq * pnl.ffill(s["mid"])
-        axes[0].plot(t, eq, label=f"{tag}: {r['label']}")
+        axes[0].plot(t, s["pnl"], label=f"{tag}: {r['label']}")
         axes[1].plot(t, s["position"], label=tag)
     axes[0].set_ylabel("PnL (USD)")
     axes[1].set_ylabel("position")
@@ -461,6 +499,137 @@ def _fills(ts: np.ndarray, s: dict[str, np.ndarray], inst: dict[str, Any]) -> tu
     return ts[k], px, dq[k]
 
 
+RUN_LINES = ("spread", "inventory", "fees", "funding", "total", "position", "bid", "ask")
+MAX_FILLS = 20_000  # fills drawn as they are; past it, each bucket's extremes per side
+
+
+@dataclass
+class _RunLines:
+    """What the one-run chart draws: per kept step its time and the lines (PnL parts summed, position,
+    quotes in ticks from the mid); per kept fill its time, price, quantity and ticks from the mid."""
+
+    ts: np.ndarray
+    lines: dict[str, np.ndarray]
+    fills: dict[str, np.ndarray]
+    all_fills: dict[str, np.ndarray]  # every fill (for the zoom), spooled
+    n: int
+
+
+def _run_lines(series: Path, summary: dict[str, Any], buckets: int | None = None) -> _RunLines:
+    """The run chart's lines from ``series``, read a chunk of rows at a time: the PnL parts (pnl.parts)
+    summed as the whole series would be, each step carrying the last row of the chunk before; every
+    step while there are at most 4 × ``buckets`` of them, else each bucket's first, last, lowest and
+    highest of every line; every fill up to MAX_FILLS, else each bucket's extremes per side."""
+    import polars as pl
+
+    from quotelab import spool
+
+    inst = summary.get("instrument") or {}
+    inverse = inst.get("contract") == "inverse"
+    cs = float(inst.get("contract_size", 1.0))
+    tick = float(inst.get("tick_size") or 1.0)
+    buckets = buckets or CHART_BUCKETS
+    lf = pl.scan_parquet(series)
+    cols = [c for c in ("timestamp", "mid", "position", "balance", "fee", "funding", "bid", "ask")
+            if c in lf.collect_schema().names()]
+    lf = lf.select(cols)
+    n = int(lf.select(pl.len()).collect().item())
+    first_mid = lf.select(pl.col("mid").filter(pl.col("mid").is_finite()).first()).collect().item()
+    prev: dict[str, float] = {"mid": float("nan") if first_mid is None else float(first_mid)}
+    sums = dict.fromkeys(("spread", "inventory", "fees", "funding", "total"), 0.0)
+    thin = n > 4 * buckets
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", *RUN_LINES)}
+    fills = {k: spool.Spool(d) for k, d in (("t", np.int64), ("px", np.float64), ("q", np.float64),
+                                            ("ticks", np.float64))}
+    for lo, hi in spool.chunks(n):
+        df = lf.slice(lo, hi - lo).collect()
+        f = {c: df[c].to_numpy() for c in df.columns if c != "timestamp"}
+        ts = df["timestamp"].to_numpy()
+        f["mid"] = pnl.ffill(np.r_[prev["mid"], f["mid"]])[1:]
+        if lo == 0:  # the series opens on the empty account, as pnl.parts and _fills do
+            parts = pnl.parts(ts, f, {}, inverse, cs)
+            ft, fpx, fq = _fills(ts, f, inst)
+            at = np.clip(np.searchsorted(ts, ft) - 1, 0, len(ts) - 1)
+            fmid = f["mid"][at]
+        else:  # the chunk after the last row of the one before: drop that row's own step
+            ext = {c: np.r_[prev[c], f[c]] for c in f}
+            ext_ts = np.r_[prev["ts"], ts].astype(np.int64)
+            parts = {k: v[1:] for k, v in pnl.parts(ext_ts, ext, {}, inverse, cs).items()}
+            ft, fpx, fq = _fills(ext_ts, ext, inst)
+            keep = ft != ext_ts[0]
+            ft, fpx, fq = ft[keep], fpx[keep], fq[keep]
+            fmid = ext["mid"][np.searchsorted(ext_ts, ft) - 1]
+        lines = {}
+        for k in ("spread", "inventory", "fees", "funding"):
+            lines[k] = np.cumsum(np.r_[sums[k], parts[k]])[1:]  # the whole series' running sum, step for step
+        lines["total"] = np.cumsum(np.r_[sums["total"], parts["spread"] + parts["inventory"] + parts["fees"]
+                                         + parts["funding"]])[1:]
+        for k in sums:
+            sums[k] = float(lines[k][-1])
+        lines["position"] = np.asarray(f["position"], dtype=float)
+        lines["bid"], lines["ask"] = (f["bid"] - f["mid"]) / tick, (f["ask"] - f["mid"]) / tick
+        rows = _extremes(np.arange(lo, hi) * buckets // n, *lines.values()) if thin else slice(None)
+        kept["ts"].append(ts[rows])
+        for k, v in lines.items():
+            kept[k].append(v[rows])
+        for k, v in (("t", ft), ("px", fpx), ("q", fq), ("ticks", (fpx - fmid) / tick)):
+            fills[k].add(v)
+        prev = {c: f[c][-1] for c in f} | {"ts": int(ts[-1])}
+    got = {k: np.concatenate(v) if v else np.zeros(0) for k, v in kept.items()}
+    fill = {k: sp.array() for k, sp in fills.items()}
+    return _RunLines(got.pop("ts"), got, _thin_fills(fill, len(fill["t"]), buckets), fill, n)
+
+
+def _thin_fills(fill: dict[str, np.ndarray], count: int, buckets: int) -> dict[str, np.ndarray]:
+    """The fills to draw: all of them up to MAX_FILLS, else per bucket of time and side the ones
+    furthest from the mid either way (and the first and last), read a chunk at a time."""
+    from quotelab import spool
+
+    if count <= MAX_FILLS:
+        return {k: np.asarray(v) for k, v in fill.items()}
+    t0, t1 = int(fill["t"][0]), int(fill["t"][-1]) + 1
+    out: dict[str, list[np.ndarray]] = {k: [] for k in fill}
+    for lo, hi in spool.chunks(count):
+        part = {k: np.asarray(v[lo:hi]) for k, v in fill.items()}
+        bucket = ((part["t"] - t0) / (t1 - t0) * buckets).astype(np.int64) * 2 + (part["q"] > 0)
+        order = np.argsort(bucket, kind="stable")
+        rows = order[_extremes(bucket[order], part["ticks"][order])]
+        rows.sort()
+        for k, v in part.items():
+            out[k].append(v[rows])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _busiest_window(ft: np.ndarray, t0: int) -> tuple[int, int] | None:
+    """The window of the quotes zoom: start with 60 s and shorten it by 3 down to 2 s while one holds more
+    than 60 fills; then the window (lo, hi) with the most fills. ``ft`` (in time order) is read a chunk at
+    a time, counting fills per window as runs of equal window numbers."""
+    from quotelab import spool
+
+    if not len(ft):
+        return None
+
+    def busiest(span: int) -> tuple[int, int]:
+        best, best_w, run, run_w = 0, 0, 0, -1
+        for lo, hi in spool.chunks(len(ft)):
+            w = (np.asarray(ft[lo:hi]) - t0) // span
+            starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
+            counts = np.diff(np.r_[starts, len(w)])
+            for wi, c in zip(w[starts].tolist(), counts.tolist(), strict=True):
+                run = run + c if wi == run_w else c
+                run_w = wi
+                if run > best:
+                    best, best_w = run, wi
+        return best, best_w
+
+    span = 60_000_000_000
+    most, w = busiest(span)
+    while span > 2_000_000_000 and most > 60:
+        span //= 3
+        most, w = busiest(span)
+    return t0 + w * span, t0 + (w + 1) * span
+
+
 def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``<out>/index.html`` for one ``quotelab run --out`` folder: the figures, PnL and its parts
     over time, position, the quotes around the mid with fills, the per-day table; return the HTML path."""
@@ -475,47 +644,38 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     run_dir = Path(run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        df = pl.read_parquet(run_dir / "series.parquet")
-    except (OSError, ValueError) as exc:
+        got = _run_lines(run_dir / "series.parquet", summary)
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
         raise ReportError(f"{run_dir}: not a readable run folder ({exc}); write one with `quotelab run ... --out`"
                           ) from exc
-    s = {c: df[c].to_numpy() for c in df.columns}
-    ts = s["timestamp"]
-    if not len(ts):
+    ts, lines, fills = got.ts, got.lines, got.fills
+    if not got.n:
         raise ReportError(f"{run_dir}: the run recorded no steps; nothing to plot")
     inst = summary.get("instrument") or {}
-    inverse = inst.get("contract") == "inverse"
     unit = summary.get("pnl_unit", "")
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     t = (ts - ts[0]) / 6e10
-    parts = pnl.parts(ts, s, summary, inverse, float(inst.get("contract_size", 1.0)))
-    n = len(ts)
 
     fig, axes = plt.subplots(3, 1, figsize=(11, 10), sharex=True, gridspec_kw={"height_ratios": [3, 1.3, 3]})
     for name, color in (("spread", "C2"), ("inventory", "C0"), ("fees", "C3"), ("funding", "C4")):
-        axes[0].plot(t, np.cumsum(parts[name])[:n], color=color, lw=1, label=name)
-    total = np.cumsum(parts["spread"] + parts["inventory"] + parts["fees"] + parts["funding"])[:n]
-    axes[0].plot(t, total, color="k", lw=1.6, label="PnL")
+        axes[0].plot(t, lines[name], color=color, lw=1, label=name)
+    axes[0].plot(t, lines["total"], color="k", lw=1.6, label="PnL")
     axes[0].axhline(0, color="#888", lw=0.5)
     axes[0].set_ylabel(f"PnL ({unit})")
     axes[0].legend(fontsize=8, ncol=5)
     axes[0].set_title(f"{summary.get('name', '')}: PnL and its parts")
-    axes[1].step(t, s["position"], where="post", color="C1")
+    axes[1].step(t, lines["position"], where="post", color="C1")
     axes[1].axhline(0, color="#888", lw=0.5)
     axes[1].set_ylabel("position")
     # quotes around the mid, in ticks: readable over hours where absolute prices are not
-    tick = float(inst.get("tick_size") or 1.0)
-    mid = pnl.ffill(s["mid"])
-    axes[2].step(t, (s["bid"] - mid) / tick, where="post", color="C2", lw=0.6, label="our bid − mid")
-    axes[2].step(t, (s["ask"] - mid) / tick, where="post", color="C3", lw=0.6, label="our ask − mid")
+    axes[2].step(t, lines["bid"], where="post", color="C2", lw=0.6, label="our bid − mid")
+    axes[2].step(t, lines["ask"], where="post", color="C3", lw=0.6, label="our ask − mid")
     axes[2].axhline(0, color="k", lw=0.5)
-    ft, fpx, fq = _fills(ts, s, inst)
-    ok = np.isfinite(fpx)
-    at = np.clip(np.searchsorted(ts, ft) - 1, 0, n - 1)  # the mid the fill was quoted against
+    ok = np.isfinite(fills["px"])
     for side, mark, color in ((1, "^", "C2"), (-1, "v", "C3")):
-        k = ok & (np.sign(fq) == side)
-        axes[2].scatter((ft[k] - ts[0]) / 6e10, (fpx[k] - mid[at[k]]) / tick, marker=mark, s=12, color=color,
+        k = ok & (np.sign(fills["q"]) == side)
+        axes[2].scatter((fills["t"][k] - ts[0]) / 6e10, fills["ticks"][k], marker=mark, s=12, color=color,
                         edgecolor="k", linewidth=0.3, label="buy fills" if side > 0 else "sell fills", zorder=3)
     axes[2].set_ylabel("ticks from the mid")
     axes[2].set_xlabel("minutes from the first step")
@@ -525,22 +685,22 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     plt.close(fig)
 
     # a zoom on the quotes: the window with the most fills, short enough to see each (~60 at most)
-    if len(ft):
-        span = 60_000_000_000
-        while span > 2_000_000_000 and np.bincount(((ft - ts[0]) // span).astype(np.int64)).max() > 60:
-            span //= 3
-        busiest = np.bincount(((ft - ts[0]) // span).astype(np.int64)).argmax()
-        lo, hi = ts[0] + busiest * span, ts[0] + (busiest + 1) * span
-        w = (ts >= lo) & (ts < hi)
+    window = _busiest_window(got.all_fills["t"], int(ts[0]))
+    if window is not None:
+        lo, hi = window
+        w = (pl.scan_parquet(run_dir / "series.parquet").select("timestamp", "mid", "bid", "ask")
+             .filter((pl.col("timestamp") >= lo) & (pl.col("timestamp") < hi)).collect())
+        a, b = np.searchsorted(got.all_fills["t"], [lo, hi])
+        ft, fpx, fq = (np.asarray(got.all_fills[k][a:b]) for k in ("t", "px", "q"))
         fig, ax = plt.subplots(figsize=(11, 4))
-        tw = (ts[w] - lo) / 1e9
-        ax.plot(tw, s["mid"][w], color="k", lw=0.8, label="mid")
-        ax.step(tw, s["bid"][w], where="post", color="C2", lw=1, label="our bid")
-        ax.step(tw, s["ask"][w], where="post", color="C3", lw=1, label="our ask")
-        k = ok & (ft >= lo) & (ft < hi)
+        tw = (w["timestamp"].to_numpy() - lo) / 1e9
+        ax.plot(tw, w["mid"].to_numpy(), color="k", lw=0.8, label="mid")
+        ax.step(tw, w["bid"].to_numpy(), where="post", color="C2", lw=1, label="our bid")
+        ax.step(tw, w["ask"].to_numpy(), where="post", color="C3", lw=1, label="our ask")
+        k = np.isfinite(fpx)
         ax.scatter((ft[k] - lo) / 1e9, fpx[k], c=np.where(fq[k] > 0, "C2", "C3"), marker="o", s=30, zorder=3,
                    label="fills")
-        ax.set_xlabel(f"seconds from {(lo - ts[0]) / 1e9:g} s into the run (the {span / 1e9:g} s with the most "
+        ax.set_xlabel(f"seconds from {(lo - ts[0]) / 1e9:g} s into the run (the {(hi - lo) / 1e9:g} s with the most "
                       f"fills)")
         ax.set_ylabel("price")
         ax.legend(fontsize=8, ncol=4)
@@ -569,7 +729,7 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         f"<table>{head}</table>",
         '<h2>PnL, position, quotes</h2><img src="run.png" alt="run.png">',
     ]
-    if len(ft):
+    if len(got.all_fills["t"]):
         sections.append('<img src="quotes.png" alt="quotes.png">')
     sections.append(f"<h2>Per UTC day ({html.escape(unit)})</h2>"
                     + _table(days, [c if c != "max_abs_position" else "max |position|" for c in day_cols], css=""))

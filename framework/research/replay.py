@@ -43,7 +43,6 @@ from quotelab import layout as L
 from quotelab import progress, spool
 from quotelab.backtest.jitcache import KEY, STALE, run_cached
 from quotelab.component import Component, PackContext, Params
-from quotelab.data import catalog as cat
 from quotelab.data.assets import Asset, initial_view
 from quotelab.errors import DataError
 from quotelab.strategy.codegen import kernel_list
@@ -424,7 +423,8 @@ def _on_clock(asset: Asset, flag: int, collect: bool = False) -> ClockRows:
     """The asset's rows flagged ``flag`` in that clock's order: its days in place when they are
     (every catalog day is, on both clocks), else one stably sorted copy of those rows (equal times
     keep file order, as hftbacktest's reader does)."""
-    days = asset.events if isinstance(asset.events, cat.EventFiles) else tuple(asset.events)
+    # a sequence (catalog files, the causality guard's cut parts) is read an item at a time, as it goes
+    days = asset.events if isinstance(asset.events, Sequence) else tuple(asset.events)
     found = _scan(asset, days, flag, collect)
     if found is None:
         rows = np.concatenate([d[(d["ev"] & flag) == flag] for d in days])

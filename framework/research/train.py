@@ -22,8 +22,11 @@ import dataclasses
 import json
 import math
 import shlex
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,11 +35,12 @@ import yaml
 from pydantic import Field, model_validator
 
 from quotelab import layout as L
+from quotelab import spool
 from quotelab.component import PackContext
 from quotelab.data.assets import Asset, load_assets, resolve_catalog
 from quotelab.errors import ConfigError, DataError
 from quotelab.outputs import check_record_budget, json_finite, write_or_rescue
-from quotelab.research.evaluate import information_coefficient
+from quotelab.research.evaluate import information_coefficient, rank_correlation
 from quotelab.research.replay import context as replay_context
 from quotelab.research.replay import prepare, replay
 from quotelab.strategy import provenance
@@ -109,6 +113,9 @@ class ModelSpec(StrictModel):
                                  "validation_fraction of the training samples in time (purged), then refit on all.")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 0
+    max_rows: int = Field(2_000_000, ge=1000, description="gradient_boosting (alone or in an ensemble): the most "
+                          "training rows a fit reads whole; past it the fit takes this many, evenly spaced in time, "
+                          "and the report says so (sampled_rows). Linear and ridge fits always use every row.")
 
 
 class ValidationSpec(StrictModel):
@@ -437,26 +444,34 @@ class FeatureRecorder:
         res = replay(data, self.comp.kernel, self.comp.params, self.comp.state.copy(), quoted=self.ds.quoted,
                      step=self.setup.config.grid.step, origin_ns=self.origin_ns, n_levels=self.levels,
                      ready=self.ready, keep_out=True, out_columns=range(L.COMPONENTS, L.COMPONENTS + 1 + n_k))
-        cols = [res.outs[:, 1 + i] for i in range(n_k)]
-        for spec, (ts, v) in zip(self.setup.config.external, self.external, strict=True):
+        n = len(res.timestamps)
+        # the features in a scratch file (file-backed pages), copied out of the spooled records a chunk at a time
+        X = spool.scratch(n, np.float64, (n_k + len(self.external),))
+        for lo, hi in spool.chunks(n):
+            X[lo:hi, :n_k] = res.outs[lo:hi, 1:1 + n_k]
+        for j, (spec, (ts, v)) in enumerate(zip(self.setup.config.external, self.external, strict=True)):
             if end_ns is not None:
                 keep = ts <= end_ns
                 ts, v = ts[keep], v[keep]
-            r = resample_external(ts, v, res.timestamps, self.origin_ns, step_ns)
-            cols.append(_transform(spec, r, res.timestamps, step_ns))
-        X = np.column_stack(cols) if cols else np.zeros((len(res.timestamps), 0))
-        return FeatureFrame(res.timestamps, res.outs[:, 0].copy(), X, list(self.setup.names),
-                            self.origin_ns, self.data_end_ns)
+            r = resample_external(ts, v, res.timestamps, self.origin_ns, step_ns)  # whole: an external file's series
+            X[:, n_k + j] = _transform(spec, r, res.timestamps, step_ns)
+        return FeatureFrame(res.timestamps, res.outs[:, 0], X, list(self.setup.names), self.origin_ns,
+                            self.data_end_ns)
 
 
 def future_return(frame: FeatureFrame, horizon_steps: int, step_ns: int) -> np.ndarray:
-    """1e4·ln(mid(t + h)/mid(t)) by grid time (NaN where t + h is not a recorded step)."""
-    ts = frame.timestamps
-    want = ts + horizon_steps * step_ns
-    j = np.searchsorted(ts, want)
-    ok = (j < len(ts)) & (ts[np.minimum(j, len(ts) - 1)] == want)
-    y = np.full(len(ts), np.nan)
-    y[ok] = 1e4 * np.log(frame.mid[j[ok]] / frame.mid[ok])
+    """1e4·ln(mid(t + h)/mid(t)) by grid time (NaN where t + h is not a recorded step), a chunk of
+    steps at a time into a scratch file."""
+    ts, mid = np.asarray(frame.timestamps), np.asarray(frame.mid)
+    n = len(ts)
+    y = spool.scratch(n)
+    for lo, hi in spool.chunks(n):
+        want = ts[lo:hi] + horizon_steps * step_ns
+        j = np.searchsorted(ts, want)
+        ok = (j < n) & (ts[np.minimum(j, n - 1)] == want)
+        out = np.full(hi - lo, np.nan)
+        out[ok] = 1e4 * np.log(mid[j[ok]] / mid[lo:hi][ok])
+        y[lo:hi] = out
     return y
 
 
@@ -482,24 +497,26 @@ def check_causality(
     """
     full = build(None) if full is None else full
     checked = 0
+    full_ts, full_X = np.asarray(full.timestamps), np.asarray(full.X)
     for cut in cuts:
         part = build(int(cut))
-        keep = part.timestamps <= cut
-        ts = part.timestamps[keep]
-        idx = np.searchsorted(full.timestamps, ts)
-        if len(ts) and (idx.max() >= len(full.timestamps) or not np.array_equal(full.timestamps[idx], ts)):
-            raise LookAheadError(f"causality guard: truncating at {cut} changed which steps are ready")
-        a, b = part.X[keep], full.X[idx]
-        same = (a == b) | (np.isnan(a) & np.isnan(b))
-        if not same.all():
-            row, col = np.argwhere(~same)[0]
-            raise LookAheadError(
-                f"{where(int(col))}: look-ahead: its value at {int(ts[row])} ns is {b[row, col]!r} with the full "
-                f"data but {a[row, col]!r} when data after {int(cut)} ns is removed, so it reads data from after "
-                f"its own step; fix: compute it only from data with local_ts <= the step (shift it back, "
-                f"right-label resampled series)"
-            )
-        checked += int(keep.sum())
+        m = int(np.searchsorted(part.timestamps, cut, side="right"))  # the steps <= cut (the grid is in order)
+        for lo, hi in spool.chunks(m):  # a chunk of steps at a time: both frames are as long as the data
+            ts = np.asarray(part.timestamps[lo:hi])
+            idx = np.searchsorted(full_ts, ts)
+            if idx.max() >= len(full_ts) or not np.array_equal(full_ts[idx], ts):
+                raise LookAheadError(f"causality guard: truncating at {cut} changed which steps are ready")
+            a, b = np.asarray(part.X[lo:hi]), full_X[idx]
+            same = (a == b) | (np.isnan(a) & np.isnan(b))
+            if not same.all():
+                row, col = np.argwhere(~same)[0]
+                raise LookAheadError(
+                    f"{where(int(col))}: look-ahead: its value at {int(ts[row])} ns is {b[row, col]!r} with the full "
+                    f"data but {a[row, col]!r} when data after {int(cut)} ns is removed, so it reads data from after "
+                    f"its own step; fix: compute it only from data with local_ts <= the step (shift it back, "
+                    f"right-label resampled series)"
+                )
+        checked += m
     return CausalityReport([int(c) for c in cuts], checked)
 
 
@@ -508,14 +525,51 @@ def check_causality(
 # ------------------------------------------------------------------------------------------------
 
 
+class SufficientLinear:
+    """Least squares with an intercept, and ridge (``alpha`` > 0: + alpha·|w|² on the coefficients,
+    not the intercept), solved from sums over the rows taken a chunk at a time: the means, then the
+    centred cross-products XcᵀXc and Xcᵀyc (p × p and p, whatever the number of rows). The centred
+    normal equations are what sklearn's Ridge solves; LinearRegression solves the same least-squares
+    problem from the rows (lstsq), so its coefficients agree to float rounding (a rank-deficient X
+    gets the minimum-norm solution from both)."""
+
+    def __init__(self, alpha: float = 0.0) -> None:
+        self.alpha = alpha
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> SufficientLinear:
+        n, p = X.shape
+        sx, sy = np.zeros(p), 0.0
+        for lo, hi in spool.chunks(n):
+            sx += np.asarray(X[lo:hi], dtype=np.float64).sum(axis=0)
+            sy += float(np.sum(y[lo:hi]))
+        mx, my = sx / n, sy / n
+        gram, xty = np.zeros((p, p)), np.zeros(p)
+        for lo, hi in spool.chunks(n):
+            xc = np.asarray(X[lo:hi], dtype=np.float64) - mx
+            gram += xc.T @ xc
+            xty += xc.T @ (np.asarray(y[lo:hi], dtype=np.float64) - my)
+        if self.alpha > 0:
+            self.coef_ = np.linalg.solve(gram + self.alpha * np.eye(p), xty)
+        else:
+            self.coef_ = np.linalg.lstsq(gram, xty, rcond=None)[0]
+        self.intercept_ = float(my - mx @ self.coef_)
+        self.n_features_in_ = p
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
+
+
 def _estimator(kind: str, spec: ModelSpec) -> Any:
     from sklearn.ensemble import HistGradientBoostingRegressor
-    from sklearn.linear_model import LinearRegression, Ridge
+    from sklearn.linear_model import LinearRegression
 
-    if kind in ("linear", "rolling_linear"):
-        return LinearRegression()
+    if kind == "linear":
+        return SufficientLinear()
     if kind == "ridge":
-        return Ridge(alpha=spec.alpha)
+        return SufficientLinear(spec.alpha)
+    if kind == "rolling_linear":  # a trailing window's rows, bounded by its length: fitted from them
+        return LinearRegression()
     if kind == "gradient_boosting":
         # sklearn's own early stopping validates on a random split (on by default past 10,000 samples):
         # with overlapping targets that leaks the future into the choice; train.py splits by time instead.
@@ -525,24 +579,50 @@ def _estimator(kind: str, spec: ModelSpec) -> Any:
     raise ConfigError(f"unknown model kind {kind!r}")
 
 
+def _spread_rows(n: int, most: int) -> np.ndarray | None:
+    """``most`` row numbers evenly spaced over ``n`` rows (first and last included), or None if n <= most."""
+    return None if n <= most else np.unique(np.linspace(0, n - 1, most).round().astype(np.int64))
+
+
 class StaticModel:
-    """A model fitted once on a training set: linear, ridge, gradient boosting, or their average."""
+    """A model fitted once on a training set: linear, ridge, gradient boosting, or their average.
+
+    Linear and ridge read every row a chunk at a time (:class:`SufficientLinear`); gradient boosting
+    needs its rows in memory, so past ``spec.max_rows`` it takes that many, evenly spaced in time
+    (``sampled``: the rows there were and the rows it used)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         kinds = spec.members if spec.kind == "ensemble" else [spec.kind]
         self.members = [_estimator(k, spec) for k in kinds]
+        self.sampled: tuple[int, int] | None = None
 
     def fit(self, X: np.ndarray, y: np.ndarray, t: np.ndarray | None = None, purge_ns: int = 0) -> StaticModel:
         """Fit on samples in time order (``t``, ns: needed for gradient boosting's early stopping)."""
+        rows = None
         for i, m in enumerate(self.members):
+            if isinstance(m, SufficientLinear):
+                m.fit(X, y)
+                continue
+            if rows is None:
+                rows = _spread_rows(len(y), self.spec.max_rows)
+                if rows is not None:
+                    self.sampled = (len(y), len(rows))
+                    X, y, t = X[rows], y[rows], (None if t is None else t[rows])
+                rows = slice(None)
             if type(m).__name__ == "HistGradientBoostingRegressor" and self.spec.early_stopping and t is not None:
                 self.members[i] = m = _boosting_iterations(m, X, y, t, purge_ns, self.spec.validation_fraction)
-            m.fit(X, y)
+            m.fit(np.asarray(X), np.asarray(y))
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.mean([m.predict(X) for m in self.members], axis=0)
+        """The members' mean prediction, a chunk of rows at a time (into a scratch file when long)."""
+        out = spool.scratch(len(X))
+        for lo, hi in spool.chunks(len(X)):
+            x = np.asarray(X[lo:hi])
+            out[lo:hi] = (self.members[0].predict(x) if len(self.members) == 1
+                          else np.mean([m.predict(x) for m in self.members], axis=0))
+        return out
 
     def linear(self) -> tuple[np.ndarray, float] | None:
         """(coefficients, intercept) when the model is one linear map."""
@@ -574,72 +654,134 @@ def _boosting_iterations(est: Any, X: np.ndarray, y: np.ndarray, t: np.ndarray, 
     return clone(est).set_params(max_iter=int(np.argmin(losses)) + 1)
 
 
+def _finite_pairs(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``y`` and ``p`` where both are finite, gathered a chunk at a time (spooled past a chunk)."""
+    ys, ps = spool.Spool(np.float64), spool.Spool(np.float64)
+    for lo, hi in spool.chunks(len(y)):
+        a, b = np.asarray(y[lo:hi]), np.asarray(p[lo:hi])
+        ok = np.isfinite(a) & np.isfinite(b)
+        ys.add(a[ok])
+        ps.add(b[ok])
+    return ys.array(), ps.array()
+
+
+def _mean(y: np.ndarray) -> float:
+    return sum(float(np.sum(y[lo:hi])) for lo, hi in spool.chunks(len(y))) / len(y)
+
+
 def _r2(y: np.ndarray, p: np.ndarray) -> float:
     if len(y) < 2:
         return float("nan")
-    sst = float(np.sum((y - y.mean()) ** 2))
-    return 1.0 - float(np.sum((y - p) ** 2)) / sst if sst > 0 else float("nan")
+    mean, sst, sse = _mean(y), 0.0, 0.0
+    for lo, hi in spool.chunks(len(y)):
+        a = np.asarray(y[lo:hi])
+        sst += float(np.sum((a - mean) ** 2))
+        sse += float(np.sum((a - np.asarray(p[lo:hi])) ** 2))
+    return 1.0 - sse / sst if sst > 0 else float("nan")
+
+
+def _ic(y: np.ndarray, p: np.ndarray) -> float:
+    """Spearman's IC of finite ``y`` and ``p`` in bounded memory (evaluate's rank_correlation: sorted
+    scratch copies); with a non-finite value, the in-memory one, whose ranks put NaN last."""
+    if all(np.isfinite(y[lo:hi]).all() and np.isfinite(p[lo:hi]).all() for lo, hi in spool.chunks(len(y))):
+        return rank_correlation(y, p)
+    return information_coefficient(np.asarray(y), np.asarray(p))
 
 
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """R² against the block's own mean (sklearn's definition) and the Spearman IC."""
-    return {"r2": _r2(y, p), "ic": information_coefficient(y, p), "n": int(len(y))}
+    return {"r2": _r2(y, p), "ic": _ic(y, p), "n": int(len(y))}
 
 
-def block_scores(y: np.ndarray, p: np.ndarray, blocks: list[np.ndarray]) -> dict[str, Any]:
+def _as_slice(block: np.ndarray | slice) -> slice:
+    """A test block (contiguous rows) as a slice: an index array gives its first to last row."""
+    if isinstance(block, slice):
+        return block
+    return slice(int(block[0]), int(block[-1]) + 1) if len(block) else slice(0, 0)
+
+
+def block_scores(y: np.ndarray, p: np.ndarray, blocks: Sequence[np.ndarray | slice]) -> dict[str, Any]:
     """IC per test block, their mean and spread, and the pooled IC of within-block demeaned values.
 
     Each block's model has its own intercept: ranking the raw concatenation scores those level shifts
     (a pure-noise feature got |IC| > 0.05 that way); demeaning each block first removes them.
     """
-    ics, yd, pd_ = [], [], []
-    for b in blocks:
-        b = b[np.isfinite(p[b])]
-        if len(b) < 3:
+    ics = []
+    yd, pd_ = spool.Spool(np.float64), spool.Spool(np.float64)
+    for b in map(_as_slice, blocks):
+        yb, pb = _finite_pairs(y[b], p[b])
+        if len(yb) < 3:
             continue
-        ics.append(information_coefficient(y[b], p[b]))
-        yd.append(y[b] - y[b].mean())
-        pd_.append(p[b] - p[b].mean())
-    pooled = information_coefficient(np.concatenate(yd), np.concatenate(pd_)) if yd else float("nan")
+        ics.append(_ic(yb, pb))
+        my, mp = _mean(yb), _mean(pb)
+        for lo, hi in spool.chunks(len(yb)):
+            yd.add(np.asarray(yb[lo:hi]) - my)
+            pd_.add(np.asarray(pb[lo:hi]) - mp)
+    pooled = _ic(yd.array(), pd_.array()) if yd.rows else float("nan")
     finite = [v for v in ics if math.isfinite(v)]
     return {"ic": pooled, "ic_fold_mean": float(np.mean(finite)) if finite else float("nan"),
             "ic_fold_std": float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan"), "ic_folds": ics}
 
 
+def _nan_rows(n: int) -> np.ndarray:
+    out = spool.scratch(n)
+    for lo, hi in spool.chunks(n):
+        out[lo:hi] = np.nan
+    return out
+
+
 def causal_transfer_predict(spec: ModelSpec, X_src: np.ndarray, y_src: np.ndarray, t_src: np.ndarray,
-                            X_dst: np.ndarray, t_dst: np.ndarray, blocks: list[np.ndarray], purge_ns: int
-                            ) -> np.ndarray:
+                            X_dst: np.ndarray, t_dst: np.ndarray, blocks: Sequence[np.ndarray | slice],
+                            purge_ns: int) -> np.ndarray:
     """Predictions on each target test block from a source model fitted only on source samples whose
-    targets end before the block starts (t < start − purge), as the walk-forward does natively."""
-    pred = np.full(len(t_dst), np.nan)
-    for b in blocks:
-        train = t_src < t_dst[b[0]] - purge_ns
-        if train.sum() > X_src.shape[1] + 1:
-            pred[b] = StaticModel(spec).fit(X_src[train], y_src[train], t_src[train], purge_ns).predict(X_dst[b])
+    targets end before the block starts (t < start − purge: the samples are in time order, so the
+    first ones), as the walk-forward does natively."""
+    pred = _nan_rows(len(t_dst))
+    for b in map(_as_slice, blocks):
+        stop = int(np.searchsorted(t_src, t_dst[b.start] - purge_ns, side="left"))
+        if stop > X_src.shape[1] + 1:
+            pred[b] = StaticModel(spec).fit(X_src[:stop], y_src[:stop], t_src[:stop], purge_ns).predict(X_dst[b])
     return pred
 
 
 @dataclass
 class Fold:
+    """Fold ``index``: train on samples ``[0, train_stop)``, test on ``[test_start, test_stop)``."""
+
     index: int
-    train: np.ndarray  # sample indices
-    test: np.ndarray
+    train_stop: int
+    test_start: int
+    test_stop: int
+
+    @property
+    def train(self) -> np.ndarray:
+        """The training samples' indices."""
+        return np.arange(self.train_stop)
+
+    @property
+    def test(self) -> np.ndarray:
+        """The test block's sample indices."""
+        return np.arange(self.test_start, self.test_stop)
+
+    @property
+    def test_rows(self) -> slice:
+        return slice(self.test_start, self.test_stop)
 
 
 def walk_forward(t: np.ndarray, folds: int, purge_ns: int) -> list[Fold]:
     """K+1 equal blocks in time; fold k tests on block k and trains on everything before it minus the purge.
 
     The purge drops training samples whose target window (t, t + horizon] could reach into the test
-    block: a training sample at t is kept only if t < test_start − purge.
+    block: a training sample at t is kept only if t < test_start − purge (samples are in time order,
+    so those are the first ones).
     """
     n = len(t)
     edges = np.linspace(0, n, folds + 2).astype(np.int64)
     out = []
     for k in range(1, folds + 1):
-        test = np.arange(edges[k], edges[k + 1])
         start = t[edges[k]]
-        train = np.flatnonzero(t < start - purge_ns)
-        out.append(Fold(k, train, test))
+        out.append(Fold(k, int(np.searchsorted(t, start - purge_ns, side="left")), int(edges[k]),
+                        int(edges[k + 1])))
     return out
 
 
@@ -658,76 +800,89 @@ def _coef_dict(names: list[str], model: StaticModel) -> dict[str, Any] | None:
     return {"intercept": lin[1], **{n: float(c) for n, c in zip(names, lin[0], strict=True)}}
 
 
-def _rolling_predict(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarray, test: np.ndarray,
+def _rolling_predict(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarray, test: np.ndarray | slice,
                      purge_ns: int) -> tuple[np.ndarray, list[np.ndarray], float, float]:
-    """Refit every ``refit`` on the trailing ``window`` of samples whose targets are known (t' < r − purge)."""
+    """Refit every ``refit`` on the trailing ``window`` of samples whose targets are known (t' < r − purge).
+    Samples are in time order, so a window and a refit's block are runs of rows."""
     window_ns, refit_ns = int(spec.window * 1e9), int(spec.refit * 1e9)
-    pred = np.full(len(test), np.nan)
+    test = _as_slice(test)
+    tt = np.asarray(t[test])
+    pred = _nan_rows(len(tt))
     coefs = []
-    is_y, is_p = [], []
-    tt = t[test]
+    is_y, is_p = spool.Spool(np.float64), spool.Spool(np.float64)
     r = tt[0]
     while r <= tt[-1]:
-        block = (tt >= r) & (tt < r + refit_ns)
-        fit_mask = (t < r - purge_ns) & (t >= r - purge_ns - window_ns)
-        if block.any() and fit_mask.sum() > X.shape[1] + 1:
-            m = _estimator("linear", spec).fit(X[fit_mask], y[fit_mask])
-            pred[block] = m.predict(X[test[block]])
+        b0, b1 = np.searchsorted(tt, [r, r + refit_ns], side="left")  # tt in [r, r + refit)
+        f0, f1 = np.searchsorted(t, [r - purge_ns - window_ns, r - purge_ns], side="left")
+        if b1 > b0 and f1 - f0 > X.shape[1] + 1:
+            m = _estimator("rolling_linear", spec).fit(X[f0:f1], y[f0:f1])
+            pred[b0:b1] = m.predict(X[test.start + b0:test.start + b1])
             coefs.append(np.r_[m.intercept_, m.coef_])
-            is_y.append(y[fit_mask])
-            is_p.append(m.predict(X[fit_mask]))
+            is_y.add(y[f0:f1])
+            is_p.add(m.predict(X[f0:f1]))
         r += refit_ns
-    iy, ip = (np.concatenate(is_y), np.concatenate(is_p)) if is_y else (np.zeros(0), np.zeros(0))
-    return pred, coefs, _r2(iy, ip), information_coefficient(iy, ip)
+    iy, ip = is_y.array(), is_p.array()
+    return pred, coefs, _r2(iy, ip), _ic(iy, ip)
 
 
 def fit_walk_forward(spec: ModelSpec, X: np.ndarray, y: np.ndarray, t: np.ndarray, names: list[str],
                      folds: int, purge_ns: int) -> FitResult:
     """Walk-forward scores per fold and overall (out-of-sample = every test block together)."""
-    oos = np.full(len(y), np.nan)
+    oos = _nan_rows(len(y))
     rows = []
+    sampled: list[tuple[int, int]] = []
     for f in walk_forward(t, folds, purge_ns):
-        row: dict[str, Any] = {"fold": f.index, "n_train": int(len(f.train)), "n_test": int(len(f.test)),
-                               "test_start_ns": int(t[f.test[0]]), "test_end_ns": int(t[f.test[-1]])}
+        te, tr = f.test_rows, slice(0, f.train_stop)
+        row: dict[str, Any] = {"fold": f.index, "n_train": f.train_stop, "n_test": f.test_stop - f.test_start,
+                               "test_start_ns": int(t[f.test_start]), "test_end_ns": int(t[f.test_stop - 1])}
         if spec.kind == "rolling_linear":
-            p, coefs, is_r2, is_ic = _rolling_predict(spec, X, y, t, f.test, purge_ns)
-            ok = np.isfinite(p)
+            p, coefs, is_r2, is_ic = _rolling_predict(spec, X, y, t, te, purge_ns)
             row |= {"is_r2": is_r2, "is_ic": is_ic, "refits": len(coefs),
                     "coef": ({"intercept": float(np.mean([c[0] for c in coefs])),
                               **{n: float(np.mean([c[1 + i] for c in coefs])) for i, n in enumerate(names)}}
                              if coefs else None)}
-            oos[f.test[ok]] = p[ok]
-            s = scores(y[f.test[ok]], p[ok])
+            oos[te] = p
+            s = scores(*_finite_pairs(y[te], p))
         else:
-            if len(f.train) <= X.shape[1] + 1:
-                raise DataError(f"fold {f.index}: {len(f.train)} training samples after the purge; use fewer "
+            if f.train_stop <= X.shape[1] + 1:
+                raise DataError(f"fold {f.index}: {f.train_stop} training samples after the purge; use fewer "
                                 f"folds, a shorter purge or more data")
-            m = StaticModel(spec).fit(X[f.train], y[f.train], t[f.train], purge_ns)
-            s_in = scores(y[f.train], m.predict(X[f.train]))
-            p = m.predict(X[f.test])
-            oos[f.test] = p
-            s = scores(y[f.test], p)
+            m = StaticModel(spec).fit(X[tr], y[tr], t[tr], purge_ns)
+            sampled += [m.sampled] if m.sampled else []
+            s_in = scores(y[tr], m.predict(X[tr]))
+            p = m.predict(X[te])
+            oos[te] = p
+            s = scores(y[te], p)
             row |= {"is_r2": s_in["r2"], "is_ic": s_in["ic"], "coef": _coef_dict(names, m)}
         row |= {"oos_r2": s["r2"], "oos_ic": s["ic"], "n_scored": s["n"]}
         rows.append(row)
-    ok = np.isfinite(oos)
-    s_oos = scores(y[ok], oos[ok])
-    bs = block_scores(y, oos, [f.test for f in walk_forward(t, folds, purge_ns)])
+    s_oos = scores(*_finite_pairs(y, oos))
+    bs = block_scores(y, oos, [f.test_rows for f in walk_forward(t, folds, purge_ns)])
     final = None if spec.kind == "rolling_linear" else StaticModel(spec).fit(X, y, t, purge_ns)
     overall: dict[str, Any] = {"oos_r2": s_oos["r2"], "oos_ic": bs["ic"], "oos_ic_fold_mean": bs["ic_fold_mean"],
                                "oos_ic_fold_std": bs["ic_fold_std"], "n_oos": s_oos["n"], "n": int(len(y))}
     if final is not None:
+        sampled += [final.sampled] if final.sampled else []
         s_in = scores(y, final.predict(X))
         overall |= {"is_r2": s_in["r2"], "is_ic": s_in["ic"], "coef": _coef_dict(names, final)}
         if spec.kind == "gradient_boosting":
-            overall["importance"] = _importance(final, X, y, names, spec.seed)
+            overall["importance"] = _importance(final, X, y, names, spec.seed, spec.max_rows)
+    if sampled:
+        most = max(sampled)
+        overall["sampled_rows"] = {"rows": most[0], "used": most[1], "max_rows": spec.max_rows}
+        warnings.warn(f"train: gradient boosting fitted on {most[1]:,} of {most[0]:,} training rows, evenly spaced "
+                      f"in time (model.max_rows {spec.max_rows:,}); raise model.max_rows to use more", stacklevel=2)
     return FitResult(rows, oos, final, overall)
 
 
-def _importance(model: StaticModel, X: np.ndarray, y: np.ndarray, names: list[str], seed: int) -> dict[str, float]:
+def _importance(model: StaticModel, X: np.ndarray, y: np.ndarray, names: list[str], seed: int,
+                max_rows: int | None = None) -> dict[str, float]:
     from sklearn.inspection import permutation_importance
 
-    r = permutation_importance(model.members[0], X, y, n_repeats=3, random_state=seed)
+    rows = _spread_rows(len(y), max_rows) if max_rows else None
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    r = permutation_importance(model.members[0], np.asarray(X), np.asarray(y), n_repeats=3, random_state=seed)
     return {n: float(v) for n, v in zip(names, r.importances_mean, strict=True)}
 
 
@@ -791,10 +946,8 @@ def load_model_file(setup: TrainSetup) -> StaticModel:
     if spec is None or doc["kind"] not in LINEAR_KINDS:
         raise ConfigError(f"{setup.where(at)}: only linear model files can be re-applied, got {doc['kind']!r}; "
                           "a non-linear model ships as its precomputed predictions")
-    from sklearn.linear_model import LinearRegression
-
     m = StaticModel(spec)
-    est = LinearRegression()
+    est = SufficientLinear()
     est.coef_ = np.asarray(doc["coefficients"], dtype=np.float64)
     est.intercept_ = float(doc["intercept"])
     est.n_features_in_ = len(est.coef_)
@@ -837,6 +990,17 @@ def forecast_block(setup: TrainSetup, model: StaticModel, provenance: dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
+def _kept(a: np.ndarray, keep: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` rows of ``a`` where ``keep``, gathered a chunk at a time into a scratch file."""
+    out = spool.scratch(n, a.dtype, a.shape[1:])
+    at = 0
+    for lo, hi in spool.chunks(len(keep)):
+        got = np.asarray(a[lo:hi])[np.asarray(keep[lo:hi])]
+        out[at:at + len(got)] = got
+        at += len(got)
+    return out
+
+
 @dataclass
 class Samples:
     frame: FeatureFrame
@@ -844,17 +1008,22 @@ class Samples:
     keep: np.ndarray  # rows of frame with finite features and target
     pred: np.ndarray | None = None  # causal out-of-sample predictions (transfer), NaN outside test blocks
 
-    @property
+    @cached_property
+    def n(self) -> int:
+        return int(sum(int(np.count_nonzero(self.keep[lo:hi])) for lo, hi in spool.chunks(len(self.keep))))
+
+    # the kept rows, gathered once (scratch files past a chunk): each is as long as the data
+    @cached_property
     def X(self) -> np.ndarray:
-        return self.frame.X[self.keep]
+        return _kept(self.frame.X, self.keep, self.n)
 
-    @property
+    @cached_property
     def t(self) -> np.ndarray:
-        return self.frame.timestamps[self.keep]
+        return _kept(self.frame.timestamps, self.keep, self.n)
 
-    @property
+    @cached_property
     def target(self) -> np.ndarray:
-        return self.y[self.keep]
+        return _kept(self.y, self.keep, self.n)
 
 
 def samples(setup: TrainSetup, frame: FeatureFrame, label: str) -> Samples:
@@ -862,19 +1031,23 @@ def samples(setup: TrainSetup, frame: FeatureFrame, label: str) -> Samples:
     if not len(frame.timestamps):
         raise DataError(f"{setup.where(('data',))}: {label}: empty window: no grid step has a two-sided book on "
                         f"every asset the features read; fix: check the dates and that the data has depth")
-    live = frame.timestamps <= frame.data_end_ns
-    span = (frame.timestamps[live][-1] - frame.timestamps[0]) * 1e-9 if live.any() else 0.0
-    if setup.horizon_steps >= live.sum():
+    ts = frame.timestamps
+    live = int(np.searchsorted(ts, frame.data_end_ns, side="right"))  # the grid is in order: the first steps
+    span = (ts[live - 1] - ts[0]) * 1e-9 if live else 0.0
+    if setup.horizon_steps >= live:
         raise ConfigError(f"{setup.where(('target', 'horizon'))}: horizon {c.target.horizon:g}s is longer than "
                           f"the data of {label} ({span:.1f}s of ready steps); fix: shorten it or add dates")
     y = future_return(frame, setup.horizon_steps, setup.step_ns)
-    keep = np.isfinite(y) & np.isfinite(frame.X).all(axis=1)
-    keep &= frame.timestamps + setup.horizon_steps * setup.step_ns <= frame.data_end_ns
-    if keep.sum() < 2 * (c.validation.folds + 1) * (frame.X.shape[1] + 2):
-        raise DataError(f"{setup.where(('validation', 'folds'))}: {label}: {int(keep.sum())} usable samples are "
+    keep = spool.scratch(len(ts), np.bool_)
+    for lo, hi in spool.chunks(len(ts)):
+        keep[lo:hi] = (np.isfinite(y[lo:hi]) & np.isfinite(frame.X[lo:hi]).all(axis=1)
+                       & (ts[lo:hi] + setup.horizon_steps * setup.step_ns <= frame.data_end_ns))
+    smp = Samples(frame, y, keep)
+    if smp.n < 2 * (c.validation.folds + 1) * (frame.X.shape[1] + 2):
+        raise DataError(f"{setup.where(('validation', 'folds'))}: {label}: {smp.n} usable samples are "
                         f"too few for {c.validation.folds} folds of {frame.X.shape[1]} features; fix: fewer folds "
                         f"or more data")
-    return Samples(frame, y, keep)
+    return smp
 
 
 @dataclass
@@ -905,7 +1078,7 @@ def run_train(path: str | Path, catalog: str | Path | None = None, out_dir: str 
     report: dict[str, Any] = {
         "name": c.name, "file": str(setup.file), "overrides": list(setup.overrides), "quote": ds.describe(),
         "step_s": c.grid.step, "horizon_s": c.target.horizon, "purge_s": purge_s, "features": setup.names,
-        "model": c.model.kind, "steps": int(len(frame.timestamps)), "samples": int(smp.keep.sum()),
+        "model": c.model.kind, "steps": int(len(frame.timestamps)), "samples": smp.n,
     }
     fit: FitResult | None = None
     if c.model.file is None:
@@ -960,8 +1133,7 @@ def _transfer(setup: TrainSetup, c: TrainConfig, base: Path, catalog: Path | Non
               all_samples: dict[str, Samples]) -> list[dict[str, Any]]:
     rows = []
     if fit is not None:
-        ok = np.isfinite(fit.oos_pred)
-        s = scores(smp.target[ok], fit.oos_pred[ok])
+        s = scores(*_finite_pairs(smp.target, fit.oos_pred))
         ic = fit.overall["oos_ic"]
         rows.append({"dataset": "native", "asset": native.describe(), "n": s["n"], "native_oos_r2": s["r2"],
                      "native_oos_ic": ic, "transfer_r2": s["r2"], "transfer_ic": ic})
@@ -991,12 +1163,12 @@ def _transfer(setup: TrainSetup, c: TrainConfig, base: Path, catalog: Path | Non
             # source model fitted only on source samples from before each block (minus the purge), so both
             # are causal and scored on identical samples
             nf = fit_walk_forward(c.model, ts.X, ts.target, ts.t, setup.names, c.validation.folds, purge_ns)
-            blocks = [f.test for f in walk_forward(ts.t, c.validation.folds, purge_ns)]
+            blocks = [f.test_rows for f in walk_forward(ts.t, c.validation.folds, purge_ns)]
             pred = causal_transfer_predict(c.model, smp.X, smp.target, smp.t, ts.X, ts.t, blocks, purge_ns)
-            pred[~np.isfinite(nf.oos_pred)] = np.nan
+            for lo, hi in spool.chunks(len(pred)):
+                pred[lo:hi][~np.isfinite(nf.oos_pred[lo:hi])] = np.nan
             ts.pred = pred
-            ok = np.isfinite(pred)
-            st = scores(ts.target[ok], pred[ok])
+            st = scores(*_finite_pairs(ts.target, pred))
             bs = block_scores(ts.target, pred, blocks)
             row |= {"n": st["n"], "native_oos_r2": nf.overall["oos_r2"], "native_oos_ic": nf.overall["oos_ic"],
                     "transfer_r2": st["r2"], "transfer_ic": bs["ic"], "transfer_ic_fold_mean": bs["ic_fold_mean"],
@@ -1044,11 +1216,33 @@ def write_outputs(setup: TrainSetup, result: TrainResult, out: Path) -> Path:
             pred = model.predict(smp.X)
         else:
             continue
-        full = np.full(len(smp.frame.timestamps), np.nan)
-        full[smp.keep] = pred
-        pl.DataFrame({"timestamp": smp.frame.timestamps, "usable_ts": smp.frame.timestamps + latency_ns,
-                      "value": full}).write_parquet(out / f"predictions_{name}.parquet")
+        _write_predictions(smp, pred, latency_ns, out / f"predictions_{name}.parquet")
         files[f"predictions_{name}"] = f"predictions_{name}.parquet"
     rep["outputs"] = files
     atomic_write_json(out / "report.json", rep)
     return out
+
+
+def _write_predictions(smp: Samples, pred: np.ndarray, latency_ns: int, path: Path) -> None:
+    """Every grid step's prediction (NaN where it has none), a parquet piece per chunk of steps joined
+    by polars' streaming sink: a chunk in memory at a time, as run --out writes its series."""
+    import polars as pl
+
+    ts = smp.frame.timestamps
+    with tempfile.TemporaryDirectory(prefix=".predictions-", dir=path.parent) as pieces:
+        files, at = [], 0
+        for lo, hi in spool.chunks(len(ts)):
+            keep = np.asarray(smp.keep[lo:hi])
+            value = np.full(hi - lo, np.nan)
+            value[keep] = pred[at:at + int(keep.sum())]
+            at += int(keep.sum())
+            t = np.asarray(ts[lo:hi])
+            files.append(Path(pieces) / f"{lo:012d}.parquet")
+            pl.DataFrame({"timestamp": t, "usable_ts": t + latency_ns, "value": value}).write_parquet(files[-1])
+        tmp = path.parent / f".{path.name}.tmp"
+        if files:
+            pl.scan_parquet(files).sink_parquet(tmp)
+        else:
+            pl.DataFrame({"timestamp": [], "usable_ts": [], "value": []},
+                         schema={"timestamp": pl.Int64, "usable_ts": pl.Int64, "value": pl.Float64}).write_parquet(tmp)
+        tmp.replace(path)

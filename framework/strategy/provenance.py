@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from quotelab import spool
 from quotelab.errors import ConfigError
 
 
@@ -24,8 +25,9 @@ def training_provenance(assets: dict[str, Any], step_s: float, horizon_s: float,
                         y: np.ndarray) -> dict[str, Any]:
     """The block written next to a fitted model; ``assets`` maps names to AssetData."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
-    h.update(np.ascontiguousarray(y, dtype=np.float64).tobytes())
+    for a in (X, y):  # a chunk of rows at a time: the digest of the whole bytes, not a copy of them
+        for lo, hi in spool.chunks(len(a)):
+            h.update(np.ascontiguousarray(a[lo:hi], dtype=np.float64).tobytes())
     return {
         "assets": {name: {"venue": a.venue, "symbol": a.symbol, "dates": list(a.dates or [])}
                    for name, a in assets.items()},
