@@ -2,6 +2,7 @@
 
     python bench/scale.py [--hours 4] [--repeat 3] [--tardis-hours 0.5] [--full] [--profile busy]
     python bench/scale.py --profile busy --hours 1 --repeat 1 --skip-tardis        # busy, quick
+    python bench/scale.py --profile busy --hours 1 --catalog DIR    # items 1-2 on 4 days synthesized once
     python bench/scale.py --profile busy --only-full --full-catalog DIR --full-raw RAW  # a day made by hand
 
 1. ``run`` (without and with ``--out``) and ``evaluate`` on 4 days against 1 day of the synthetic
@@ -83,13 +84,15 @@ def _median_peak(cmd: list[str], repeat: int) -> float:
     return statistics.median(peak_rss_anon(cmd)[0] for _ in range(repeat))
 
 
-def memory(root: Path, hours: float, repeat: int, profile: str) -> None:
-    cat = root / "cat"
-    for day in DAYS:
-        start = f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00"
-        subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--start", start,
-                        "--duration", f"{hours}h", "--profile", profile, "--json"], check=True, capture_output=True)
-    print(f"synthetic perp ({profile} profile), {hours:g} h a day, deflated, parts of 1 M rows; medians of {repeat}")
+def memory(root: Path, cat: Path, hours: float, repeat: int, profile: str) -> None:
+    if cat == root / "cat":
+        for day in DAYS:
+            start = f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00"
+            subprocess.run([*QL, "synth", "--catalog", str(cat), "--assets", "perp", "--start", start,
+                            "--duration", f"{hours}h", "--profile", profile, "--json"], check=True,
+                           capture_output=True)
+    print(f"synthetic perp ({profile} profile), {hours:g} h a day, deflated, parts of 1 M rows ({cat}); "
+          f"medians of {repeat}")
     verbs: list[tuple[str, dict | None]] = [("run", STRATEGY), ("run --out", STRATEGY), ("evaluate", EVALUATION)]
     if profile == "busy":
         from quotelab.data import rawfiles
@@ -109,8 +112,9 @@ def memory(root: Path, hours: float, repeat: int, profile: str) -> None:
                 if verb == "run --out":  # the series and stats written too
                     cmd += ["--out", str(root / f"out{n}")]
             peaks[n] = _median_peak(cmd, repeat)
+        ratio = peaks[4] / peaks[1]
         print(f"{verb:9s} peak RssAnon: 1 day {peaks[1]:6.0f} MB, 4 days {peaks[4]:6.0f} MB, "
-              f"4 days / 1 day {peaks[4] / peaks[1]:.3f}x (target <= 1.05)")
+              f"4 days / 1 day {ratio:.3f}x (target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
 
 
 THROUGHPUT = """
@@ -128,8 +132,8 @@ print(json.dumps({k: statistics.median(v) for k, v in (("preloaded", rates[True]
 """
 
 
-def throughput(root: Path, repeat: int) -> None:
-    path = _write(STRATEGY, root / "tp.yaml", root / "cat", DAYS[:1])
+def throughput(root: Path, cat: Path, repeat: int) -> None:
+    path = _write(STRATEGY, root / "tp.yaml", cat, DAYS[:1])
     out = subprocess.run([sys.executable, "-c", THROUGHPUT, str(path), str(repeat)], check=True, capture_output=True,
                          text=True).stdout
     r = json.loads(out)
@@ -223,6 +227,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hours", type=float, default=4.0, help="synthetic hours a day for the memory ratios (>= 3 parts)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--catalog", type=Path, help="items 1-2 on this catalog's synthetic/SYNPERP 20240101-04 (made "
+                                                "once with synth as item 1 does, of --hours and --profile) "
+                                                "instead of generating the days")
     ap.add_argument("--tardis-hours", type=float, default=0.5)
     ap.add_argument("--full", action="store_true", help="also the one full-day measurement (slow)")
     ap.add_argument("--skip-tardis", action="store_true")
@@ -246,8 +253,9 @@ def main() -> None:
             convert_memory(root, args.convert_minutes, args.repeat)
             return
         if not args.only_full:
-            memory(root, args.hours, args.repeat, args.profile)
-            throughput(root, args.repeat)
+            days = args.catalog.resolve() if args.catalog else root / "cat"
+            memory(root, days, args.hours, args.repeat, args.profile)
+            throughput(root, days, args.repeat)
             if not args.skip_tardis:
                 tardis(args.tardis_hours, args.repeat)
             if not args.skip_convert:
