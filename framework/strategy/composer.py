@@ -62,6 +62,6 @@ def compose(
     params = np.concatenate([np.asarray(header, dtype=np.float64), *packed])
     state = np.concatenate([np.zeros(0), *states, [np.nan] if boundscheck else []])
     source = strategy_source(blend, quoter, [len(x) for x in packed], [len(s) for s in states], boundscheck)
-    module = load_module(source, parts)
+    module = load_module(source, parts, ["quotelab.strategy.parts"])
     names = tuple(f"{p.where} ({p.component.role} {p.component.name!r})" for p in parts)
     return Composition(module.strategy, params, state, names, module.__name__, source, tuple(parts), boundscheck)
