@@ -11,6 +11,7 @@ from reference_impls import asset, level_imbalance, mids, multi_level_imbalance
 
 from quotelab import layout as L
 from quotelab.research.replay import context, replay_composition
+from quotelab.strategy import codegen
 from quotelab.strategy.composer import Part, compose
 from quotelab.strategy.config import Alpha
 from quotelab.strategy.registry import load_registry
@@ -94,14 +95,24 @@ def quotelab_register_components(register):
 '''
 
 
-def test_a_kernel_that_allocates_is_compiled_with_reference_counting(markets, tmp_path):
+def test_a_kernel_that_allocates_is_compiled_with_reference_counting(markets, tmp_path, monkeypatch):
     plugin = tmp_path / "depth_gap_plugin.py"
     plugin.write_text(ALLOCATING)
     local = load_registry(local_files=[plugin], entry_points=False)
     perp = asset(markets, "synth_perp", "perp")
-    comp = compose([_part(local, "fair_value", "mid", {}, "fair_value[0]")],
-                   [_part(local, "signal", "depth_gap", {}, "forecast[0]", alpha=Alpha(price=1e-3))], [], None,
-                   context([perp]))
+
+    def composed(alpha: float):
+        return compose([_part(local, "fair_value", "mid", {}, "fair_value[0]")],
+                       [_part(local, "signal", "depth_gap", {}, "forecast[0]", alpha=Alpha(price=alpha))], [], None,
+                       context([perp]))
+
+    composed(1.0)
+    # the next strategy goes straight to the module with reference counting, without failing a compile first
+    tried = []
+    load = codegen.load_module
+    monkeypatch.setattr(codegen, "load_module", lambda source, *a: tried.append(source) or load(source, *a))
+    comp = composed(1e-3)
+    assert [("_nrt=False" in s) for s in tried if "depth_gap_nb" in s] == [False]
     sources = [Path(sys.modules[f.py_func.__module__].__file__).read_text() for f in _imports(comp).values()]
     assert [("depth_gap_nb" in s, "_nrt=False" in s) for s in sources] == [(False, True), (True, False)]
     res = replay_composition(comp, [perp], keep_view=True)

@@ -235,15 +235,19 @@ def part_source(part: Part, role: str, boundscheck: bool = False, nrt: bool = Fa
 
 
 def part_module(part: Part, role: str, boundscheck: bool = False) -> str:
-    """The name of ``part``'s compiled module (:func:`part_source`), compiled or loaded from the disk cache."""
-    try:
-        source = part_source(part, role, boundscheck)
-        return load_module(source, [part], ["quotelab.strategy.parts"]).__name__
-    except NumbaError:
-        # It needs reference counting (it allocates an array, ...); a kernel that does not compile at all
-        # raises its error from here.
-        source = part_source(part, role, boundscheck, nrt=True)
-        return load_module(source, [part], ["quotelab.strategy.parts"]).__name__
+    """The name of ``part``'s compiled module (:func:`part_source`), compiled or loaded from the disk cache.
+
+    A kernel that needs reference counting (it allocates an array, ...) fails to compile without it, and
+    is compiled with it; that module's file then tells later calls and processes to go straight to it. A
+    kernel that does not compile at all raises its error from there."""
+    imports = [part], ["quotelab.strategy.parts"]
+    counted = part_source(part, role, boundscheck, nrt=True)
+    if not (cache_dir() / "kernels" / f"{module_name(counted, *imports)}.py").exists():
+        try:
+            return load_module(part_source(part, role, boundscheck), *imports).__name__
+        except NumbaError:
+            pass
+    return load_module(counted, *imports).__name__
 
 
 def strategy_source(blend: Blend, quoter: Part | None, pack_sizes: Sequence[int], state_sizes: Sequence[int],
@@ -409,18 +413,7 @@ def load_module(source: str, parts: Sequence[Part], modules: Sequence[str] = ())
     and the versions that change code generation, since numba checks a cached function only against its
     own file. ``modules``: other modules of numba functions that ``source`` imports.
     """
-    h = hashlib.sha256()
-    h.update(source.encode())
-    for m in kernel_modules(sorted({p.component.kernel_ref[0] for p in parts} | set(modules))):
-        h.update(m.encode())
-        h.update(_module_source(m).encode())
-        # Params offsets (quotelab.component.param_offsets) are computed, not written in the source: a
-        # field added to a shared base model moves them without editing this module.
-        for value in vars(sys.modules[m]).values():
-            if isinstance(value, tuple) and hasattr(value, "_fields"):
-                h.update(repr(value).encode())
-    h.update(f"numba={numba.__version__} quotelab={__version__} layout={_module_source('quotelab.layout')}".encode())
-    name = f"k_{h.hexdigest()[:20]}"
+    name = module_name(source, parts, modules)
     if name in sys.modules:
         return sys.modules[name]
     folder = cache_dir() / "kernels"
@@ -434,3 +427,19 @@ def load_module(source: str, parts: Sequence[Part], modules: Sequence[str] = ())
         sys.path.insert(0, str(folder))
     importlib.invalidate_caches()
     return importlib.import_module(name)
+
+
+def module_name(source: str, parts: Sequence[Part], modules: Sequence[str] = ()) -> str:
+    """The name :func:`load_module` gives ``source``'s module (see there)."""
+    h = hashlib.sha256()
+    h.update(source.encode())
+    for m in kernel_modules(sorted({p.component.kernel_ref[0] for p in parts} | set(modules))):
+        h.update(m.encode())
+        h.update(_module_source(m).encode())
+        # Params offsets (quotelab.component.param_offsets) are computed, not written in the source: a
+        # field added to a shared base model moves them without editing this module.
+        for value in vars(sys.modules[m]).values():
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                h.update(repr(value).encode())
+    h.update(f"numba={numba.__version__} quotelab={__version__} layout={_module_source('quotelab.layout')}".encode())
+    return f"k_{h.hexdigest()[:20]}"
