@@ -25,8 +25,9 @@
 
 With ``--profile busy`` the days are the busy perpetual (``synth --profile busy``: the shared USD-M
 BTCUSDT capture's density, ~1,470 events/s, so 1 h a day is ~5.3 M events, 6 parts) and item 1
-also measures ``convert`` of the days' raw Binance USD-M files (``quotelab.data.rawfiles``), 1 day
-against 4. ``--full-catalog``/``--full-raw`` measure a busy day generated once by hand
+also measures ``convert`` of the days' raw Binance USD-M files and of their Tardis CSVs
+(``quotelab.data.rawfiles``), 1 day against 4 in one call (``--only-memory``: just item 1).
+``--full-catalog``/``--full-raw`` measure a busy day generated once by hand
 (``quotelab synth --profile busy --assets perp --duration 1d --raw binance-usdm --raw-dir RAW``).
 
 Each measurement is the median of ``--repeat`` runs.
@@ -100,12 +101,16 @@ def memory(root: Path, cat: Path, hours: float, repeat: int, profile: str) -> No
         # One writer for the four days: days 2-4 (separate synth calls) get a REST snapshot after
         # their first message, so the converter resyncs on each, as after a collector's reconnect.
         raw = rawfiles.write(cat, "synthetic", "SYNPERP", "binance-usdm", root / "raw", gz=True)["files"]
-        verbs.append(("convert", None))
+        tardis_raw = rawfiles.write(cat, "synthetic", "SYNPERP", "tardis", root / "rawt", gz=True)["files"]
+        verbs += [("convert", None), ("convert tardis", None)]
     for verb, doc in verbs:
         peaks = {}
         for n in (1, 4):
-            if doc is None:
+            if verb == "convert":  # the days' raw Binance USD-M files, n in one call
                 cmd = [*QL, "convert", *CONVERT, "--catalog", str(root / f"conv{n}"), *raw[:n], "--json"]
+            elif verb == "convert tardis":  # a book and a trades CSV a day
+                cmd = [*QL, "convert", "--format", "tardis", *CONVERT[2:], "--catalog", str(root / f"convt{n}"),
+                       *tardis_raw[:2 * n], "--json"]
             else:
                 name = verb.split()[0]
                 cmd = [*QL, name, str(_write(doc, root / f"{name}{n}.yaml", cat, DAYS[:n])), "--json"]
@@ -113,7 +118,7 @@ def memory(root: Path, cat: Path, hours: float, repeat: int, profile: str) -> No
                     cmd += ["--out", str(root / f"out{n}")]
             peaks[n] = _median_peak(cmd, repeat)
         ratio = peaks[4] / peaks[1]
-        print(f"{verb:9s} peak RssAnon: 1 day {peaks[1]:6.0f} MB, 4 days {peaks[4]:6.0f} MB, "
+        print(f"{verb:14s} peak RssAnon: 1 day {peaks[1]:6.0f} MB, 4 days {peaks[4]:6.0f} MB, "
               f"4 days / 1 day {ratio:.3f}x (target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
 
 
@@ -246,14 +251,18 @@ def main() -> None:
     ap.add_argument("--convert-minutes", type=float, default=20.0, help="busy minutes of the 1x day of item 5")
     ap.add_argument("--skip-convert", action="store_true", help="skip item 5")
     ap.add_argument("--only-convert", action="store_true", help="just item 5")
+    ap.add_argument("--only-memory", action="store_true", help="just item 1 (4 days against 1)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="quotelab-scale-") as tmp:
         root = Path(tmp)
         if args.only_convert:
             convert_memory(root, args.convert_minutes, args.repeat)
             return
+        days = args.catalog.resolve() if args.catalog else root / "cat"
+        if args.only_memory:
+            memory(root, days, args.hours, args.repeat, args.profile)
+            return
         if not args.only_full:
-            days = args.catalog.resolve() if args.catalog else root / "cat"
             memory(root, days, args.hours, args.repeat, args.profile)
             throughput(root, days, args.repeat)
             if not args.skip_tardis:
