@@ -42,6 +42,16 @@ def two_catalogs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return whole, parts
 
 
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    for ra, rb in zip(got, want, strict=True):
+        assert ra.keys() == rb.keys()
+        for k, v in rb.items():
+            if isinstance(v, float):
+                assert ra[k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
+            else:
+                assert ra[k] == v, k
+
+
 def test_parts_round_trip_and_are_plain_npz(two_catalogs):
     whole, parts = two_catalogs
     _, files = cat.stream_days(parts, "synthetic", "SYNPERP", ["20240101"])
@@ -185,13 +195,7 @@ def test_streamed_evaluation_scores_as_the_whole_series(two_catalogs, tmp_path, 
     streamed = evaluate(path, catalog=parts)
     for a, b in ((streamed.rows, one.rows), (streamed.bias, one.bias), (streamed.conditional, one.conditional)):
         assert len(a) == len(b) > 0
-        for ra, rb in zip(a, b, strict=True):
-            assert ra.keys() == rb.keys()
-            for k, v in rb.items():
-                if isinstance(v, float):
-                    assert ra[k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
-                else:
-                    assert ra[k] == v, k
+        _assert_same_rows(a, b)
     assert sum(r["n"] for r in one.rows if r["horizon"] == "1s") > 6 * 500
     assert all(np.isfinite(r["ic"]) for r in one.rows if r["horizon"] == "1s" and r["estimator"] != "mid")
     assert np.isfinite(next(r["forecast_ic"] for r in one.rows if "forecast_ic" in r))
@@ -271,11 +275,5 @@ def test_streamed_trades_evaluation_scores_as_the_whole_tape(two_catalogs, tmp_p
     streamed = evaluate(path, catalog=parts)
     assert one.summary["trades_scored"] == streamed.summary["trades_scored"] > 20 * 37
     assert len(one.rows) == len(streamed.rows) == 2
-    for ra, rb in zip(streamed.rows, one.rows, strict=True):
-        assert ra.keys() == rb.keys()
-        for k, v in rb.items():
-            if isinstance(v, float):
-                assert ra[k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
-            else:
-                assert ra[k] == v, k
+    _assert_same_rows(streamed.rows, one.rows)
     assert one.rows[0]["sse"] != one.rows[1]["sse"]
