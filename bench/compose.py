@@ -14,8 +14,10 @@ second different one, and a 20-set sweep.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,7 +111,9 @@ def main() -> None:
     from quotelab.data import catalog as cat
     from quotelab.data.synth import generate
 
-    catalog = args.catalog or Path(tempfile.mkdtemp(prefix="qlbench_")) / "catalog"
+    scratch = tempfile.mkdtemp(prefix="qlbench_")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    catalog = args.catalog or Path(scratch) / "catalog"
     if not (catalog / "synthetic" / "SYNPERP" / "20240101.npz").exists():
         generate(catalog, seed=7, start="2024-01-01T00:00:00", duration_s=3600.0, assets=("perp", "spot"))
     arrays = [cat.load_day(catalog, "synthetic", "SYNPERP", "20240101")]

@@ -20,6 +20,8 @@ each from a deflated catalog (the default) and from the same days stored uncompr
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import subprocess
 import sys
@@ -255,6 +257,7 @@ def main() -> None:
     from quotelab.data.synth import generate
 
     tmp = Path(tempfile.mkdtemp(prefix="qlbench_eval_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     catalog = args.catalog or tmp / "catalog"
     mapped = tmp / "catalog_uncompressed"
     if not (catalog / "synthetic" / "SYNPERP" / "20240101.npz").exists():

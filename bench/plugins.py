@@ -19,6 +19,8 @@ more than 20% of hftbacktest's bare ``elapse(100ms)`` loop over the perp.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -100,11 +102,14 @@ def main() -> None:
     from quotelab.data import catalog as cat
     from quotelab.data.synth import generate
 
-    catalog = args.catalog or Path(tempfile.mkdtemp(prefix="qlbench_")) / "catalog"
+    scratch = Path(tempfile.mkdtemp(prefix="qlbench_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    catalog = args.catalog or scratch / "catalog"
     if not (catalog / "synthetic" / "SYNSPOT" / "20240101.npz").exists():
         generate(catalog, seed=7, start="2024-01-01T00:00:00", duration_s=3600.0, assets=("perp", "spot"))
     data = [cat.load_day(catalog, "synthetic", "SYNPERP", "20240101")]
-    folder = Path(tempfile.mkdtemp(prefix="qlbench_plugins_"))
+    folder = scratch / "strategies"
+    folder.mkdir()
 
     docs = {
         "minimal": ("baseline", False, strategy_doc("minimal", catalog, False, {})),
