@@ -305,15 +305,17 @@ def test_edited_plugin_is_never_served_from_a_stale_cache(real_catalog, tmp_path
     doc["forecast"] = [{"kind": "constant", "alpha": "1tick"}]
     path = _write(tmp_path, doc)
     env = {**__import__("os").environ, "QUOTELAB_CACHE": str(tmp_path / "cache")}
-    results = []
+    results, modules = [], []
     for value in ("0.0", "3.0", "0.0"):
         plugin.write_text(CONST_PLUGIN.format(value=value))
         proc = subprocess.run([sys.executable, "-m", "quotelab.cli", "run", str(path), "--json"],
                               capture_output=True, text=True, check=True, env=env)
         results.append(json.loads(proc.stdout))
+        modules.append({p.name for p in (tmp_path / "cache" / "kernels").glob("k_*.py")})
     assert results[0]["balance"] != results[1]["balance"]  # the edit reached the fused kernel
     assert results[0]["balance"] == results[2]["balance"]  # and reverting it restores the old result
-    assert len(list((tmp_path / "cache" / "kernels").glob("k_*.py"))) == 2
+    # the edit wrote new modules (the edited part and the strategy calling it); the revert wrote none
+    assert modules[0] < modules[1] == modules[2]
 
 
 HELPER_PLUGIN = '''
