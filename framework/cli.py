@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +52,36 @@ YamlCatalogOpt = Annotated[Path | None, typer.Option(
     "--catalog", help="Event catalog folder (wins over the YAML's catalog).")]
 CompressionOpt = Annotated[str, typer.Option(
     "--compression", help="Day files: deflate (small) or none (~7x the disk, memory-mapped: ~10x faster to load).")]
+
+
+@contextmanager
+def _json_stdout() -> Iterator[None]:
+    """While in it, whatever would reach stdout goes to stderr, so a ``--json`` command's stdout is its
+    JSON alone, printed after it: Ray's driver prints its notes of dead workers to stdout from a thread of
+    its own (log_to_driver does not cover them), and a plugin's print in a worker process writes to the
+    stdout it inherited. Both kinds of writer are moved: Python's sys.stdout, read when each print happens,
+    and file descriptor 1, which worker processes inherit as they start."""
+    sys.stdout.flush()
+    try:
+        fd: int | None = sys.stdout.fileno()
+        err = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # captured in this process (e.g. typer's CliRunner)
+        fd = None
+    saved = sys.stdout
+    kept = None
+    if fd is not None:
+        kept = os.dup(fd)
+        os.dup2(err, fd)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        saved.flush()  # what went to it meanwhile through an older reference: still to stderr
+        sys.stdout = saved
+        if fd is not None and kept is not None:
+            os.dup2(kept, fd)
+            os.close(kept)
 
 
 def _print_json(obj: object) -> None:
@@ -311,9 +343,10 @@ def batch(
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
-    summary = batch_mod.run_batch(batch_file, out, catalog=catalog, overrides=set_ or [], workers=workers,
-                                  executor=executor, address=address, resume=resume,
-                                  progress=None if as_json else batch_mod.default_progress())
+    with _json_stdout() if as_json else nullcontext():
+        summary = batch_mod.run_batch(batch_file, out, catalog=catalog, overrides=set_ or [], workers=workers,
+                                      executor=executor, address=address, resume=resume,
+                                      progress=batch_mod.failures_progress if as_json else batch_mod.default_progress())
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
     if summary.failed:
@@ -518,8 +551,10 @@ def optimize_cmd(
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
-    res = optimize(opt_file, out, catalog=catalog, overrides=set_ or [], workers=workers, executor=executor,
-                   address=address, trials=trials, progress=(lambda m: None) if json_ else typer.echo)
+    with _json_stdout() if json_ else nullcontext():
+        res = optimize(opt_file, out, catalog=catalog, overrides=set_ or [], workers=workers, executor=executor,
+                       address=address, trials=trials, progress=(lambda m: None) if json_ else typer.echo,
+                       failures=(lambda m: typer.echo(m, err=True)) if json_ else None)
     if json_:
         _print_json({"folds": res.folds, "best_yaml": str(res.best_yaml), "runs_done": res.runs_done,
                      "runs_reused": res.runs_reused, "seconds": round(res.seconds, 3)})

@@ -484,6 +484,57 @@ def test_a_run_whose_worker_process_dies_fails_alone_naming_how_and_the_batch_go
                 continue
             assert rec["status"] == "failed"
             assert re.match(rf"WorkerDied: the worker process \d+ running this run {how[half_spread]}", rec["error"])
+            assert rec["error"].endswith(f"; only this run ({rec['run_id']}, {rec['label']}) failed: the other runs "
+                                         f"go on in a new worker, and every finished run's record is kept in "
+                                         f"{out / 'runs'}")
             # the progress line names the run and the cause
             assert re.search(rf"failed {rec['run_id']} .* FAILED: WorkerDied: .*{how[half_spread]}", r.stdout)
     assert pl.read_parquet(out / "results.parquet").height == 6
+
+
+@pytest.mark.slow  # two batch subprocesses whose workers die, local (each new worker compiles) and Ray: ~45 s
+def test_under_json_stdout_is_the_counts_alone_and_a_dead_worker_is_told_on_stderr_with_its_cause(
+        tmp_path: Path, catalog: Path) -> None:
+    """Seen red: with --executor ray, Ray's driver printed "(raylet) A worker died or was killed ..." to stdout
+    ahead of the counts (json.loads failed), and the run's error was Ray's ActorDiedError text, without the
+    signal; a local worker's print went to stdout too."""
+    pytest.importorskip("ray")
+    (tmp_path / "dies.py").write_text(DIES.replace("    half_spread = ", "    print('a plugin prints')\n"
+                                                   "    half_spread = ", 1))
+    f = write_batch(tmp_path / "b.yaml", assets="    - {venue: synthetic, symbol: SYNPERP, dates: 20240101}",
+                    values="[1, 2, 3]")
+    f.write_text(f.read_text().replace("  name: mm\n", "  name: mm\n  plugins: [dies.py]\n", 1))
+    how = {2: r"crashed \(SIGSEGV\): native code failed.*quotelab run --check",
+           3: {"local": r"exited with code 7 ",
+               "ray": r"ended before sending the run's record, and Ray tells neither the signal nor the exit code "
+                      r"\(Ray: exit type SYSTEM_ERROR, .*\): a plugin calling exit or os\._exit"}}
+    done = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        r = subprocess.run([*QUOTELAB, "batch", str(f), "--catalog", str(catalog), "--out", str(out), "--workers",
+                            "2", "--executor", executor, "--json"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 1, r.stderr
+        counts = json.loads(r.stdout)  # the whole of stdout
+        assert {k: counts[k] for k in ("total", "done", "failed", "skipped")} == {
+            "total": 3, "done": 1, "failed": 2, "skipped": 0}, r.stdout
+        worker = r"\d+" if executor == "local" else r"\d+ \(a Ray actor on \S+\)"
+        for p in out.glob(f"runs/*/{RECORD}"):
+            rec = json.loads(p.read_text())
+            half_spread = rec["params"]["quoter.params.half_spread"]
+            if half_spread == 1:  # the other worker's run, and the run after a death on a new one, are whole
+                assert rec["status"] == "done" and (p.parent / "series.parquet").exists()
+                done[executor] = rec
+                continue
+            cause = how[half_spread] if half_spread == 2 else how[3][executor]
+            assert rec["status"] == "failed"
+            assert re.match(rf"WorkerDied: the worker process {worker} running this run {cause}", rec["error"])
+            assert f"only this run ({rec['run_id']}, {rec['label']}) failed" in rec["error"]
+            assert rec["error"].endswith(f"every finished run's record is kept in {out / 'runs'}")
+            # stderr names the run and the cause: the one word of a worker's death under --json
+            assert f"failed {rec['run_id']} {rec['label']}: {rec['error']}" in r.stderr.splitlines(), r.stderr
+        if executor == "local":  # a Ray actor's print goes to its log (log_to_driver=False)
+            assert "a plugin prints" in r.stderr
+    assert done["ray"]["run_id"] == done["local"]["run_id"]
+    ray_rows, local_rows = ([r for r in comparable(tmp_path / e) if r["status"] == "done"] for e in ("ray", "local"))
+    assert len(ray_rows) == 1 and ray_rows == local_rows

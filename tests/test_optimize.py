@@ -209,12 +209,18 @@ def test_a_ray_actor_that_dies_fails_its_run_and_the_optimisation_goes_on(catalo
     r = subprocess.run([*CLI, "optimize", str(opt), "--catalog", str(catalog), "--out", str(tmp_path / "out"),
                         "--workers", "2", "--executor", "ray", "--json"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
-    # the last line: Ray's raylet prints its own note of the death to stdout
-    (fold,) = json.loads(r.stdout.strip().splitlines()[-1])["folds"]
+    # the whole of stdout: Ray's driver prints its own note of the death to stdout, which --json moves to stderr
+    (fold,) = json.loads(r.stdout)["folds"]
     assert fold["is_value"] is not None and fold["oos_value"] is None  # the test day's run died
     (died,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("runs/*/record.json")
                if json.loads(p.read_text())["dates"] == ["20240102"]]
-    assert died["status"] == "failed" and died["error"].startswith("ray: ActorDiedError: ")
+    assert died["status"] == "failed"
+    assert re.match(r"WorkerDied: the worker process \d+ \(a Ray actor on \S+\) running this run ended before "
+                    r"sending the run's record, and Ray tells neither the signal nor the exit code \(Ray: exit type "
+                    r"SYSTEM_ERROR, .*\): a plugin calling exit or os\._exit", died["error"]), died["error"]
+    assert died["error"].endswith(f"every finished run's record is kept in {tmp_path / 'out' / 'runs'}")
+    # the failed run, named with its cause on stderr: the one word of it under --json
+    assert f"failed {died['run_id']} {died['label']}: {died['error']}" in r.stderr.splitlines(), r.stderr
 
 def test_config_errors_name_the_place(tmp_path, catalog):
     shutil.copy(FIXTURES / "base.yaml", tmp_path / "base.yaml")

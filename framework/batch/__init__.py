@@ -20,7 +20,8 @@ from typing import Any
 # Names resolved on first use, so `quotelab report` (which reads the store) does not load the executors and
 # the strategy validator, nor numba and hftbacktest with them.
 _NAMES = {
-    "quotelab.batch.runner": ("BatchSummary", "default_progress", "plain_progress", "run_batch"),
+    "quotelab.batch.runner": ("BatchSummary", "default_progress", "failures_progress", "plain_progress",
+                              "run_batch"),
     "quotelab.batch.spec": ("Batch", "BatchError", "BatchSpec", "RunSpec", "load_batch"),
     "quotelab.batch.store": ("RECORD", "VOLATILE", "flat_row", "read_records", "write_results"),
 }

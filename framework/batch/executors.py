@@ -16,6 +16,7 @@ import builtins
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -183,21 +184,27 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, saved)
 
 
-def _death(pid: int, code: int | None) -> str:
-    """Why a worker process ended without sending its run's record, and what to do."""
+def _how_ended(code: int | None) -> str:
+    """How a worker process that ended with ``code`` (negative: the signal) ended, and what to do."""
     crash = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT)
     if code is not None and code < 0 and -code in crash:
-        how = (f"crashed ({_signame(-code)}): native code failed, e.g. a plugin kernel indexing outside "
-               f"its arrays; rerun this run with `quotelab run --check` (its --set values are the record's "
-               f"overrides), which names such a kernel")
-    elif code == -signal.SIGKILL:
-        how = ("was killed (SIGKILL), e.g. by the out-of-memory killer (see `dmesg`): give it more memory or "
-               "fewer --workers")
-    elif code is not None and code < 0:
-        how = f"was killed by {_signame(-code)}"
-    else:
-        how = f"exited with code {code} before sending the run's record (a plugin calling exit or os._exit?)"
-    return f"WorkerDied: the worker process {pid} running this run {how}"
+        return (f"crashed ({_signame(-code)}): native code failed, e.g. a plugin kernel indexing outside "
+                f"its arrays; rerun this run with `quotelab run --check` (its --set values are the record's "
+                f"overrides), which names such a kernel")
+    if code == -signal.SIGKILL:
+        return ("was killed (SIGKILL), e.g. by the out-of-memory killer (see `dmesg`): give it more memory or "
+                "fewer --workers")
+    if code is not None and code < 0:
+        return f"was killed by {_signame(-code)}"
+    return f"exited with code {code} before sending the run's record (a plugin calling exit or os._exit?)"
+
+
+def worker_died(task: dict[str, Any], worker: str, how: str) -> str:
+    """The error of a run whose worker process died, the same for every executor: which worker, how it
+    ended (from :func:`_how_ended` where the exit status is known), and what became of the other runs."""
+    return (f"WorkerDied: the worker process {worker} running this run {how}; only this run "
+            f"({task['run_id']}, {task['label']}) failed: the other runs go on in a new worker, and every "
+            f"finished run's record is kept in {Path(task['artifacts']).parent}")
 
 
 class LocalPool:
@@ -258,7 +265,7 @@ class LocalPool:
                         proc.join()
                         if not stop:  # else it was stopped with us (a signal to the process group): cancelled
                             sent += 1
-                            yield i, _failed(task, _death(proc.pid, proc.exitcode))
+                            yield i, _failed(task, worker_died(task, str(proc.pid), _how_ended(proc.exitcode)))
                         continue
                     self.idle.append((proc, conn))
                     sent += 1
@@ -339,18 +346,26 @@ def ray_executor(tasks: list[dict[str, Any]], workers: int, address: str | None)
         pool.close()
 
 
-def _ray_up(workers: int, address: str | None) -> tuple[Any, bool]:
-    """The ray module, connected to ``address`` or to a local cluster of ``workers`` CPUs, and whether this
-    call started it (then it is this process's to shut down)."""
+def _ray_up(workers: int, address: str | None) -> tuple[Any, bool, tuple[Path, str] | None]:
+    """The ray module, connected to ``address`` or to a local cluster of ``workers`` CPUs; whether this
+    call started it (then it is this process's to shut down); and this node's Ray logs folder and IP
+    address, where the logs of the workers on this node are, if Ray said."""
     try:
         import ray
     except ImportError:
         raise QuotelabError("the ray executor needs ray: pip install 'quotelab[ray]'") from None
     started = not ray.is_initialized()
+    node = None
     if started:
         kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers}
-        ray.init(**kwargs, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    return ray, started
+        # log_to_driver=False does not cover Ray's notes of dead workers: those a thread of the driver prints
+        # to sys.stdout whatever it is told (ray/_private/worker.py, listen_error_messages), so `--json`
+        # commands keep their stdout apart themselves (quotelab.cli._json_stdout).
+        ctx = ray.init(**kwargs, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        info = getattr(ctx, "address_info", None) or {}  # a ray:// client's context has none
+        if info.get("session_dir") and info.get("node_ip_address"):
+            node = (Path(info["session_dir"]) / "logs", str(info["node_ip_address"]))
+    return ray, started, node
 
 
 def _write_artifacts(task: dict[str, Any], files: dict[str, bytes], record: dict[str, Any]) -> None:
@@ -366,6 +381,66 @@ def _write_artifacts(task: dict[str, Any], files: dict[str, bytes], record: dict
         record["error"] = f"{record['error']}; {lost}" if record.get("error") else f"RunError: {lost}"
 
 
+# Ray keeps the cause of an actor's death as text only (ActorDiedError keeps no structured context): these
+# read the worker's pid and node, and Ray's exit type and the first sentence of its detail.
+_RAY_FIELD = re.compile(r"^\s*(pid|ip): (\S+)$", re.M)
+_RAY_EXIT = re.compile(r"Worker exit type: (\w+)(?: Worker exit detail: (.+?\.)(?: |$))?", re.S)
+# What a worker's log (worker-<id>-<job>-<pid>.err) says as a signal kills it: Ray's failure handler first,
+# then Python's faulthandler, which Ray enables in its workers.
+_LOGGED_SIGNAL = re.compile(r"\*\*\* (SIG[A-Z]+) received|Fatal Python error: (Segmentation fault|Bus error|"
+                            r"Illegal instruction|Floating-point exception|Aborted)")
+_FAULTHANDLER = {"Segmentation fault": "SIGSEGV", "Bus error": "SIGBUS", "Illegal instruction": "SIGILL",
+                 "Floating-point exception": "SIGFPE", "Aborted": "SIGABRT"}
+
+
+def _logged_signal(logs: Path, pid: str) -> tuple[int | None, Path | None]:
+    """The signal that killed Ray worker ``pid`` as its log in ``logs`` tells it, and that log."""
+    try:
+        found = sorted(logs.glob(f"worker-*-{pid}.err"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            return None, None
+        with found[-1].open("rb") as fh:
+            fh.seek(max(0, found[-1].stat().st_size - 65536))  # the end: where a dying worker writes
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return None, None
+    marks = list(_LOGGED_SIGNAL.finditer(tail))
+    if not marks:
+        return None, found[-1]
+    name = marks[-1].group(1) or _FAULTHANDLER[marks[-1].group(2)]
+    return getattr(signal, name, None), found[-1]
+
+
+def _ray_death(ray: Any, exc: Exception, task: dict[str, Any], node: tuple[Path, str] | None) -> str:
+    """The error of a run whose Ray actor died: :func:`worker_died`'s, with the signal when the worker's log
+    is on this node, else what Ray tells (it reports no exit status: the raylet only sees the worker's
+    connection close)."""
+    if not isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.WorkerCrashedError
+                      | ray.exceptions.NodeDiedError):
+        return f"ray: {type(exc).__name__}: {exc}"
+    text = str(exc)
+    fields = dict(_RAY_FIELD.findall(text))
+    pid, ip = fields.get("pid"), fields.get("ip")
+    m = _RAY_EXIT.search(text)
+    told = (f"Ray: exit type {m.group(1)}" + (f", {m.group(2)}" if m.group(2) else "") if m
+            else f"Ray: {type(exc).__name__}")
+    signum, log = None, None
+    if node is not None and pid is not None and ip in (None, node[1]):
+        signum, log = _logged_signal(node[0], pid)
+    if signum is not None:
+        how = f"{_how_ended(-signum)} (its log: {log})"
+    elif "memory monitor" in text or "low on memory" in text or "OUT_OF_MEMORY" in text:
+        how = f"was killed by Ray, its node short of memory: give it more memory or fewer --workers ({told})"
+    elif isinstance(exc, ray.exceptions.NodeDiedError) or "NODE_DIED" in text or "node has died" in text.lower():
+        how = f"was lost with its node ({told}): see `ray status` and that node's logs"
+    else:
+        where = log or f"worker-*-{pid or '<pid>'}.err in the Ray session's logs folder on {ip or 'its node'}"
+        how = (f"ended before sending the run's record, and Ray tells neither the signal nor the exit code "
+               f"({told}): a plugin calling exit or os._exit, or a kill, e.g. SIGKILL by the out-of-memory killer "
+               f"(see `dmesg` on {ip or 'its node'}); its log: {where}")
+    return worker_died(task, f"{pid or '?'} (a Ray actor on {ip or 'an unknown node'})", how)
+
+
 class RayPool:
     """Ray actors kept between calls of :meth:`stream`; each runs one task at a time, as :class:`LocalPool`'s
     processes do. An actor that dies fails its run alone and is replaced."""
@@ -374,7 +449,7 @@ class RayPool:
         self._kept = interpreter_kept()
         self._kept.__enter__()
         try:
-            self.ray, self.started = _ray_up(workers, address)
+            self.ray, self.started, self.node = _ray_up(workers, address)
         except BaseException:
             self._kept.__exit__(None, None, None)
             raise
@@ -405,7 +480,7 @@ class RayPool:
                     except Exception as exc:  # the actor died; replace it so the other runs go on
                         if stop:  # killed with us (a signal to the process group): cancelled, not failed
                             continue
-                        record = _failed(tasks[i], f"ray: {type(exc).__name__}: {exc}")
+                        record = _failed(tasks[i], _ray_death(self.ray, exc, tasks[i], self.node))
                         self.actors.remove(actor)
                         actor = self.actor_cls.remote()
                         self.actors.append(actor)

@@ -297,12 +297,15 @@ class Optimizer:
     pool: Any
     workers: int
     progress: Callable[[str], None] = print
+    failures: Callable[[str], None] | None = None  # a line per failed run; None: to progress
     runs_done: int = 0
     runs_reused: int = 0
     store: Store = field(init=False)
 
     def __post_init__(self) -> None:
         self.store = Store(self.out)
+        if self.failures is None:
+            self.failures = self.progress
 
     def records(self, params_list: list[dict[str, Any]], day: str) -> list[dict[str, Any]]:
         """Run (or reuse the stored, finished run of) each parameter set on ``day``."""
@@ -323,6 +326,8 @@ class Optimizer:
         for k, rec in self.pool.stream([t for _, t in tasks]):  # stored as each finishes: a stop keeps them
             rec["executor"] = "optimize"
             self.store.record(rec)
+            if rec.get("status") != "done" and self.failures is not None:
+                self.failures(f"failed {rec['run_id']} {rec['label']}: {str(rec.get('error')).splitlines()[0]}")
             recs[tasks[k][0]] = rec
             self.runs_done += 1
         return [recs[i] for i in range(len(params_list))]
@@ -429,8 +434,10 @@ class OptResult:
 
 def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None = None, workers: int = 1,
              executor: str = "local", address: str | None = None, trials: int | None = None,
-             progress: Callable[[str], None] = print, overrides: Sequence[str] = ()) -> OptResult:
-    """Run (or resume) the optimisation; write trials.parquet, folds.json, best.yaml and optimize.json."""
+             progress: Callable[[str], None] = print, overrides: Sequence[str] = (),
+             failures: Callable[[str], None] | None = None) -> OptResult:
+    """Run (or resume) the optimisation; write trials.parquet, folds.json, best.yaml and optimize.json.
+    ``failures`` gets a line per failed run (default: ``progress``)."""
     try:
         import optuna
     except ImportError:
@@ -446,7 +453,7 @@ def optimize(opt_file: str | Path, out: str | Path, catalog: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool = RayPool(workers, address) if executor == "ray" else LocalPool(workers)
-    opt = Optimizer(cfg, out, pool, workers, progress)
+    opt = Optimizer(cfg, out, pool, workers, progress, failures)
     folds = []
     try:
         for f, (train, test) in enumerate(cfg.folds):

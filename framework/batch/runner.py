@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,13 @@ def plain_progress(event: str, rec: dict[str, Any] | None, s: BatchSummary) -> N
               f"({rec.get('wall_seconds') or 0:.2f}s)", flush=True)
     elif event == "end":
         print(_end_line(s), flush=True)
+
+
+def failures_progress(event: str, rec: dict[str, Any] | None, s: BatchSummary) -> None:
+    """Only the failed runs, on stderr: the progress of ``--json``, whose stdout is the counts alone."""
+    if event == "run" and rec is not None and rec["status"] != "done":
+        print(f"failed {rec['run_id']} {rec['label']}: {str(rec.get('error')).splitlines()[0]}", file=sys.stderr,
+              flush=True)
 
 
 class RichProgress:
