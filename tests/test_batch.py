@@ -492,7 +492,7 @@ def test_a_run_whose_worker_process_dies_fails_alone_naming_how_and_the_batch_go
     assert pl.read_parquet(out / "results.parquet").height == 6
 
 
-@pytest.mark.slow  # two batch subprocesses whose workers die, local (each new worker compiles) and Ray: ~45 s
+@pytest.mark.slow  # two batch subprocesses whose workers die, local (each new worker compiles) and Ray: ~20 s
 def test_under_json_stdout_is_the_counts_alone_and_a_dead_worker_is_told_on_stderr_with_its_cause(
         tmp_path: Path, catalog: Path) -> None:
     """Seen red: with --executor ray, Ray's driver printed "(raylet) A worker died or was killed ..." to stdout
@@ -538,3 +538,48 @@ def test_under_json_stdout_is_the_counts_alone_and_a_dead_worker_is_told_on_stde
     assert done["ray"]["run_id"] == done["local"]["run_id"]
     ray_rows, local_rows = ([r for r in comparable(tmp_path / e) if r["status"] == "done"] for e in ("ray", "local"))
     assert len(ray_rows) == 1 and ray_rows == local_rows
+
+
+def test_a_ray_actors_death_reads_the_signal_from_its_log_on_this_node_else_says_what_ray_tells(
+        tmp_path: Path) -> None:
+    """Ray's errors as Ray 2.60 words them (ActorDiedError from its context), with no cluster: the signal
+    comes from the worker's log when the actor ran on this node, else the message gives Ray's account."""
+    ray = pytest.importorskip("ray")
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import ActorDiedError
+
+    from quotelab.batch.executors import _ray_death
+
+    def died(ip: str, detail: str) -> ActorDiedError:
+        return ActorDiedError(ActorDiedErrorContext(
+            class_name="RayWorker", actor_id=b"\x01" * 16, pid=4242, node_ip_address=ip,
+            error_message=f"The actor is dead because its worker process has died. {detail}"))
+
+    eof = ("Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+           "code 2. End of file. Some common causes include: ...")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "worker-ab12-01000000-4242.err"
+    log.write_text("[2026-12-02 14:51:12,125 E 4242 4242] logging.cc:474: *** SIGBUS received at time=1 on cpu 0 ***\n"
+                   "Fatal Python error: Bus error\n")
+    task = {"run_id": "r1", "label": "#0 x", "artifacts": str(tmp_path / "out" / "runs" / "r1")}
+    tail = f"; only this run (r1, #0 x) failed: the other runs go on in a new worker, and every finished run's " \
+           f"record is kept in {tmp_path / 'out' / 'runs'}"
+    here = _ray_death(ray, died("10.0.0.5", eof), task, (logs, "10.0.0.5"))
+    assert here == (f"WorkerDied: the worker process 4242 (a Ray actor on 10.0.0.5) running this run crashed (SIGBUS): "
+                    f"native code failed, e.g. a plugin kernel indexing outside its arrays; rerun this run with "
+                    f"`quotelab run --check` (its --set values are the record's overrides), which names such a "
+                    f"kernel (its log: {log})" + tail)
+    # the same pid on another node is another process: its log is not here
+    there = _ray_death(ray, died("10.0.0.9", eof), task, (logs, "10.0.0.5"))
+    assert there == ("WorkerDied: the worker process 4242 (a Ray actor on 10.0.0.9) running this run ended before "
+                     "sending the run's record, and Ray tells neither the signal nor the exit code (Ray: exit type "
+                     "SYSTEM_ERROR, Worker unexpectedly exits with a connection error code 2.): a plugin calling exit "
+                     "or os._exit, or a kill, e.g. SIGKILL by the out-of-memory killer (see `dmesg` on 10.0.0.9); its "
+                     "log: worker-*-4242.err in the Ray session's logs folder on 10.0.0.9" + tail)
+    oom = _ray_death(ray, died("10.0.0.9", "Worker exit type: NODE_OUT_OF_MEMORY Worker exit detail: Task was "
+                                           "killed due to the node running low on memory. Memory on the node ..."),
+                     task, None)
+    assert oom.startswith("WorkerDied: the worker process 4242 (a Ray actor on 10.0.0.9) running this run was killed "
+                          "by Ray, its node short of memory: give it more memory or fewer --workers (Ray: exit type "
+                          "NODE_OUT_OF_MEMORY, Task was killed due to the node running low on memory.)")
