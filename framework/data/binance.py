@@ -179,9 +179,11 @@ class BinanceConverter:
         try:
             # closing(): an error in _block must stop the reader threads now, not at garbage collection
             # (at interpreter exit they could no longer run, and the cleanup would wait forever).
+            # Each block's arrays are reused once the next is asked for: nothing here keeps a view of them
+            # (what outlives a block is copied: buffered diffs, the snapshot, rows for the spills).
             with contextlib.closing(iter_blocks(path)) as blocks:
-                for block, parsed in blocks:
-                    self._block(block, parsed)
+                for parsed in blocks:
+                    self._block(parsed)
         except Damaged as exc:
             cause = exc.args[0]
             what = ("truncated gzip" if isinstance(cause, EOFError)
@@ -196,9 +198,8 @@ class BinanceConverter:
             raise DataError(f"{path}: the file is empty")
         self.files.append({"file": str(path), "lines": self.line0, "local_ts_unit": _UNITS.get(self.factor, "?")})
 
-    def _garbled(self, block: bytes, li: int) -> DataError:
-        lines = block.split(b"\n")
-        text = lines[li] if li < len(lines) else b""
+    def _garbled(self, p: Parsed, li: int) -> DataError:
+        text = p.line(li)
         line = self.line0 + li + 1
         sp = text.find(b" ")
         try:
@@ -230,12 +231,12 @@ class BinanceConverter:
             f"time {ex[k]} ms in ns, µs or ms; is this a collector file (`<local ts> <json>` per line)?"
         )
 
-    def _block(self, block: bytes, p: Parsed) -> None:
+    def _block(self, p: Parsed) -> None:
         kinds, ints, flts, flags = p.kinds, p.ints, p.flts, p.flags
         lv_side, lv_px, lv_qty, bad = p.lv_side, p.lv_px, p.lv_qty, p.bad
         n = kinds.shape[0]
         if bad >= 0:
-            raise self._garbled(block, bad)
+            raise self._garbled(p, bad)
         if self.factor == 0:
             self._detect_unit(ints, kinds)
             if self.factor == 0:
@@ -247,7 +248,7 @@ class BinanceConverter:
             idx = np.flatnonzero(~real)
             self.findings.add("blank_lines", "blank lines skipped", self.file,
                               self.line0 + int(idx[0]) + 1, int(idx.shape[0]))
-        self._check_market(block, kinds, ints, flags)
+        self._check_market(p, kinds, ints, flags)
         local = self._check_local(ints[:, I_LTS] * self.factor, real)
         self.stats["lines"] += int(real.sum())
 
@@ -259,7 +260,7 @@ class BinanceConverter:
             self.witness.add_bbo(ints[bt, I_U], flts[bt, F_P], flts[bt, F_P2], flts[bt, F_Q], flts[bt, F_Q2])
         other = np.flatnonzero((kinds == K_OTHER) | (kinds == K_ERRMSG))
         if other.shape[0] and not self.spot:
-            other = self._mark_prices(block, other, local)
+            other = self._mark_prices(p, other, local)
         if other.shape[0]:
             self.stats["other_msgs"] += other.shape[0]
             k = int(other[0])
@@ -273,13 +274,12 @@ class BinanceConverter:
         self.split.close_ready()
         self.line0 += n
 
-    def _mark_prices(self, block: bytes, other: np.ndarray, local: np.ndarray) -> np.ndarray:
+    def _mark_prices(self, p: Parsed, other: np.ndarray, local: np.ndarray) -> np.ndarray:
         """Keep ``markPriceUpdate`` lines (mark ``p``, index ``i``, rate ``r``, next settlement ``T``)
         as funding rows; return the other lines still unknown. One a second: parsed in Python."""
-        lines = block.split(b"\n")
         rest = []
         for k in other.tolist():
-            line = lines[k]
+            line = p.line(k)
             if b"markPriceUpdate" not in line:
                 rest.append(k)
                 continue
@@ -296,7 +296,7 @@ class BinanceConverter:
             self._table_funding()
         return np.array(rest, dtype=np.int64)
 
-    def _check_market(self, block: bytes, kinds: np.ndarray, ints: np.ndarray, flags: np.ndarray) -> None:
+    def _check_market(self, p: Parsed, kinds: np.ndarray, ints: np.ndarray, flags: np.ndarray) -> None:
         """Every message is of the symbol asked for, and every depth message of the venue's market."""
         msgs = (kinds == K_DEPTH) | (kinds == K_TRADE) | (kinds == K_BT)
         sym = ints[:, I_SYM]
@@ -306,7 +306,7 @@ class BinanceConverter:
         if not wrong.shape[0]:
             return
         k = int(wrong[0])
-        text = block.split(b"\n", k + 1)[k]
+        text = p.line(k)
         data = orjson.loads(text[text.find(b" ") + 1:]).get("data", {})
         symbol = str(data.get("s", "?"))
         venue, why = market_of(data)

@@ -10,8 +10,9 @@ exact decimals (the double nearest the text). :mod:`quotelab.data.binance` build
 
 from __future__ import annotations
 
-import contextlib
+import mmap
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -502,10 +503,11 @@ def _parse_line(b, s, e, li, ints, flts, flags, lv_side, lv_px, lv_qty, nlv):
 
 
 @njit(cache=True, nogil=True)
-def _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty):
+def _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty, starts):
     """Parse the lines of ``b`` until it or ``kinds`` (the line capacity) is used up.
 
-    Returns (lines, levels, first bad line or -1, bytes consumed).
+    Every output row is written for each line (the arrays are reused block after block, so nothing may
+    be left from the previous block). Returns (lines, levels, first bad line or -1, bytes consumed).
     """
     n = b.shape[0]
     cap = kinds.shape[0]
@@ -514,13 +516,21 @@ def _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty):
     nlv = 0
     bad = -1
     while s < n and li < cap:
+        starts[li] = s
+        ints[li, I_LTS] = 0
         ints[li, I_E] = -1
         ints[li, I_T] = -1
         ints[li, I_UU] = -1
         ints[li, I_U] = -1
         ints[li, I_PU] = -1
         ints[li, I_TID] = -1
+        ints[li, I_LV0] = nlv
+        ints[li, I_LV1] = nlv
         ints[li, I_SYM] = 0
+        flts[li, F_P] = 0.0
+        flts[li, F_Q] = 0.0
+        flts[li, F_P2] = 0.0
+        flts[li, F_Q2] = 0.0
         flags[li, B_M] = -1
         flags[li, B_MARKET] = 1
         flags[li, B_PS] = 0
@@ -534,16 +544,48 @@ def _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty):
     return li, nlv, bad, s
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading: one thread inflates and parses (both release the GIL), the caller builds the book.
+@njit(cache=True, nogil=True)
+def _last_newline(b, lo, hi):
+    """Index of the last newline in ``b[lo:hi]``, or -1."""
+    for i in range(hi - 1, lo - 1, -1):
+        if b[i] == 10:
+            return i
+    return -1
 
-_READ = 1 << 18
-_BLOCK = 4 << 20
+
+@njit(cache=True, nogil=True)
+def _line_end(b, s):
+    """Index of the newline ending the line that starts at ``s`` (the length if none)."""
+    n = b.shape[0]
+    while s < n and b[s] != 10:
+        s += 1
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: a thread inflates, a thread parses (both release the GIL), the caller builds the book.
+#
+# Blocks travel in a fixed pool of slots, each a text buffer and the parser's output arrays for it,
+# allocated once per file and reused: reader → parser → caller → back to the reader. The pool's size
+# bounds the blocks in flight, and nothing of a block's size is allocated per block. (Fresh multi-MB
+# arrays and bytes of varying sizes per block, ~8 blocks in flight, made glibc's heap grow with the
+# number of blocks read: +40 MB for each 4x longer day; see the README, "Conversion streams too".)
+
+_READ = 1 << 18  # compressed bytes read from the file at a time (a chunk: see _Source)
+_FEED = 1 << 15  # compressed bytes given to one inflate call (what it leaves over is copied)
+_INFLATE = 1 << 18  # the most inflated bytes one inflate call returns
+_BLOCK = 4 << 20  # a block is cut at the first chunk end after this many bytes, after its last newline
+_SLOT = 8 << 20  # text capacity of a slot: a block is _BLOCK and up to a chunk (~1-2 MB; more: a one-off)
+_POOL = 4  # slots: one being filled, one being parsed, one with the caller, one ready
 
 
 @dataclass
 class Parsed:
-    """A block's lines as arrays (see the I_*/F_*/B_* columns) and its book levels."""
+    """A block's lines as arrays (see the I_*/F_*/B_* columns), its book levels and its text.
+
+    From :func:`iter_blocks`, the arrays are views of reused buffers, valid until the next block is asked
+    for: keep copies, not views (a view kept is detected, and its buffer is then not reused).
+    """
 
     kinds: np.ndarray
     ints: np.ndarray
@@ -553,100 +595,284 @@ class Parsed:
     lv_px: np.ndarray
     lv_qty: np.ndarray
     bad: int  # index of the first line that could not be parsed, or -1
+    text: np.ndarray  # the block's bytes (uint8)
+    starts: np.ndarray  # where each parsed line starts in ``text``
+
+    def line(self, k: int) -> bytes:
+        """Line ``k`` of the block (a copy, without its newline)."""
+        s = int(self.starts[k])
+        return self.text[s:_line_end(self.text, s)].tobytes()
+
+    def _invalidate(self) -> None:
+        self.kinds = self.ints = self.flts = self.flags = None  # type: ignore[assignment]
+        self.lv_side = self.lv_px = self.lv_qty = self.text = self.starts = None  # type: ignore[assignment]
+
+
+class _Arrays:
+    """The parser's outputs for up to ``lines`` lines and ``levels`` book levels."""
+
+    def __init__(self, lines: int, levels: int, mapped: bool) -> None:
+        specs = [(lines, np.int8), (lines * N_INT, np.int64), (lines * 4, np.float64), (lines * 3, np.int8),
+                 (lines, np.int64), (levels, np.int8), (levels, np.float64), (levels, np.float64)]
+        self.roots = _alloc(specs, mapped)
+        kinds, ints, flts, flags, starts, lv_side, lv_px, lv_qty = self.roots
+        self.kinds, self.starts, self.lv_side, self.lv_px, self.lv_qty = kinds, starts, lv_side, lv_px, lv_qty
+        self.ints, self.flts, self.flags = ints.reshape(lines, N_INT), flts.reshape(lines, 4), flags.reshape(lines, 3)
+
+    def parse(self, text: np.ndarray) -> tuple[Parsed, int]:
+        """Parse ``text``; returns the result and the bytes consumed (short of the text if the lines did
+        not fit)."""
+        n, nlv, bad, used = _parse_block(text, self.kinds, self.ints, self.flts, self.flags, self.lv_side,
+                                         self.lv_px, self.lv_qty, self.starts)
+        return Parsed(self.kinds[:n], self.ints[:n], self.flts[:n], self.flags[:n], self.lv_side[:nlv],
+                      self.lv_px[:nlv], self.lv_qty[:nlv], bad, text, self.starts[:n]), used
+
+
+def _alloc(specs: list[tuple[int, Any]], mapped: bool) -> list[np.ndarray]:
+    """Flat arrays of the given lengths and types. ``mapped``: carved from one anonymous mapping, which
+    the OS fills with pages only as they are first written, and which goes back to it whole when the last
+    array is gone, outside malloc's heap."""
+    if not mapped:
+        return [np.empty(count, dtype) for count, dtype in specs]
+    offsets, total = [], 0
+    for count, dtype in specs:
+        total = (total + 63) & ~63
+        offsets.append(total)
+        total += count * np.dtype(dtype).itemsize
+    mem = mmap.mmap(-1, max(total, 1))
+    return [np.frombuffer(mem, dtype, count, off) for (count, dtype), off in zip(specs, offsets, strict=True)]
+
+
+def _levels_for(size: int) -> int:
+    return size // 8 + 16  # a level takes at least 9 bytes: ["1","0"]
+
+
+def _lines_for(size: int) -> int:
+    return size // 64 + 256  # collector lines are ~100+ bytes; more lines fall back to exact arrays
+
+
+def _parse_text(text: np.ndarray, arrays: _Arrays | None = None) -> Parsed:
+    if arrays is not None:
+        parsed, used = arrays.parse(text)
+        if used >= text.shape[0] or parsed.bad >= 0:
+            return parsed
+    # More lines than guessed (short lines): arrays of the exact count, for this block only.
+    lines = int(np.count_nonzero(text == 10)) + 1
+    parsed, _ = _Arrays(lines, _levels_for(text.shape[0]), mapped=False).parse(text)
+    return parsed
 
 
 def parse_lines(block: bytes) -> Parsed:
-    b = np.frombuffer(block, np.uint8)
-    # Collector lines are ~100+ bytes: guess the line count, and count exactly only if short of it.
-    n_lines = len(block) // 64 + 256
-    cap = len(block) // 8 + 16  # a level takes at least 9 bytes: ["1","0"]
-    lv_side = np.empty(cap, np.int8)
-    lv_px = np.empty(cap)
-    lv_qty = np.empty(cap)
-    while True:
-        kinds = np.empty(n_lines, np.int8)
-        ints = np.empty((n_lines, N_INT), np.int64)
-        flts = np.zeros((n_lines, 4))
-        flags = np.empty((n_lines, 3), np.int8)
-        n, nlv, bad, used = _parse_block(b, kinds, ints, flts, flags, lv_side, lv_px, lv_qty)
-        if used >= len(block) or bad >= 0:
-            break
-        n_lines = block.count(b"\n") + 1
-    return Parsed(kinds[:n], ints[:n], flts[:n], flags[:n], lv_side[:nlv], lv_px[:nlv], lv_qty[:nlv], bad)
+    """Parse a block of lines into fresh arrays."""
+    text = np.frombuffer(block, np.uint8)
+    return _parse_text(text, _Arrays(_lines_for(len(block)), _levels_for(len(block)), mapped=False))
 
 
-def _chunks(fh: Any) -> Iterator[bytes]:
-    """Inflated bytes of a gzip (any number of members) or plain file; raises EOFError if cut short."""
-    head = fh.read(2)
-    fh.seek(0)
-    if head != b"\x1f\x8b":
-        while chunk := fh.read(_READ):
-            yield chunk
-        return
-    d = _zlib.decompressobj(31)
-    fed = False  # whether the current gzip member has received any input
-    while raw := fh.read(_READ):
-        while raw:
-            fed = True
-            out = d.decompress(raw)
-            if out:
-                yield out
-            if d.eof:
-                # Concatenated gzip members (e.g. appended captures) continue the stream.
-                raw = d.unused_data
-                d = _zlib.decompressobj(31)
-                fed = False
+class _Slot:
+    """A text buffer of ``cap`` bytes and the parser's outputs for it."""
+
+    def __init__(self, cap: int, pooled: bool) -> None:
+        self.cap = cap
+        self.pooled = pooled  # False: a one-off for a block longer than the pool's (one huge line)
+        (self.text,) = _alloc([(cap, np.uint8)], mapped=True)
+        self.arrays = _Arrays(_lines_for(cap), _levels_for(cap), mapped=True)
+        self.n = 0  # bytes of the block in ``text``
+        self.parsed: Parsed | None = None
+        self.refs = self._refs()
+
+    def _refs(self) -> list[int]:
+        return [sys.getrefcount(a) for a in (self.text, *self.arrays.roots)]
+
+    def unreferenced(self) -> bool:
+        """Whether nothing but the slot refers to its buffers (every view of them is gone)."""
+        return self._refs() == self.refs
+
+
+_NEW = object()  # in the free queue: a slot to allocate afresh (one was kept referenced)
+
+
+class _Pool:
+    def __init__(self, cap: int, size: int) -> None:
+        if size == 1:
+            raise ValueError("the pool needs 2 slots at least (the caller's and the one being filled), or 0 "
+                             "for fresh buffers every block")
+        self.cap = cap
+        self.size = size
+        self.made = 0  # pooled slots allocated so far: a small file never maps the whole pool
+        self.free: queue.Queue = queue.Queue()
+        self.blocks = 0  # blocks the caller gave back
+        self.oversize = 0  # of which in one-off slots
+        self.replaced = 0  # of which still referenced, so not reused
+
+    def take(self, carry: int) -> _Slot | None:
+        """A slot with room for ``carry`` bytes and more (reader thread only); None when stopping."""
+        if carry >= self.cap:
+            return _Slot(2 * carry, pooled=False)
+        if not self.size:
+            return _Slot(self.cap, pooled=False)
+        got = None if self.made < self.size else self.free.get()
+        if got is None and self.made >= self.size:
+            return None  # stopping
+        if got is None or got is _NEW:
+            self.made += 1
+            return _Slot(self.cap, pooled=True)
+        return got
+
+    def give_back(self, slot: _Slot) -> None:
+        if slot.pooled:
+            self.free.put(slot)
+
+    def release(self, slot: _Slot) -> None:
+        """The caller is done with ``slot``'s block: drop the views handed out, and reuse the slot unless
+        something still refers to its buffers (reusing it would change what that sees)."""
+        parsed, slot.parsed = slot.parsed, None
+        if parsed is not None:
+            parsed._invalidate()
+        del parsed
+        self.blocks += 1
+        self.oversize += slot.cap > self.cap
+        if not slot.pooled:
+            return
+        if slot.unreferenced():
+            self.free.put(slot)
+        else:
+            self.replaced += 1
+            self.free.put(_NEW)
+
+
+class _Source:
+    """The inflated bytes of a gzip (any number of members) or plain file, read into a buffer given.
+
+    It also tells where each *chunk* ends: the output of one read of :data:`_READ` bytes of the file (of a
+    gzip member's end, and of what follows it in that read). Blocks are cut only there, where the
+    reader cut them when it joined whole chunks: the converter's output depends on where blocks end (it
+    hands a block's depth rows to the day before its trades), so the same cuts keep it byte-identical.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.gz = fh.read(2) == b"\x1f\x8b"
+        fh.seek(0)
+        self.pos = 0  # plain files: bytes read
+        self.d = _zlib.decompressobj(31)
+        self.fed = False  # whether the current gzip member has received any input
+        self.head: Any = b""  # input to give first: what the last call did not consume
+        self.raw = memoryview(b"")  # the rest of the last read
+        self.full = False  # the last call's output filled the room given: inflate may hold more
+
+    def readinto(self, out: np.ndarray) -> tuple[int, bool]:
+        """Put the next inflated bytes at the start of ``out``: (their count, whether a chunk ends with
+        them); (-1, True) at the end of the file. Raises EOFError if the gzip stream is cut short."""
+        room = min(out.shape[0], _INFLATE)
+        if not self.gz:
+            room = min(room, _READ - self.pos % _READ)
+            got = self.fh.readinto(memoryview(out)[:room])
+            if not got:
+                return -1, True
+            self.pos += got
+            return got, got < room or self.pos % _READ == 0
+        while True:
+            if self.head:
+                data, self.head = self.head, b""
+            elif self.raw:
+                data, self.raw = self.raw[:_FEED], self.raw[_FEED:]
+            elif self.full:
+                data = b""  # what inflate holds of the input already given, before any new input
             else:
-                raw = b""
-    if fed and not d.eof:
-        raise EOFError("the gzip stream ends early (truncated file)")
+                self.raw = memoryview(self.fh.read(_READ))
+                data, self.raw = self.raw[:_FEED], self.raw[_FEED:]
+                if not data:  # the end of the file
+                    if self.fed and not self.d.eof:
+                        raise EOFError("the gzip stream ends early (truncated file)")
+                    return -1, True
+            if data:
+                self.fed = True
+            got = self.d.decompress(data, room)
+            self.full = len(got) == room
+            if self.d.eof:
+                # Concatenated gzip members (e.g. appended captures) continue the stream.
+                self.head = self.d.unused_data
+                self.d = _zlib.decompressobj(31)
+                self.fed = self.full = False
+                end = True
+            else:
+                self.head = self.d.unconsumed_tail
+                end = not self.head and not self.raw and not self.full
+            if got or end:
+                out[:len(got)] = np.frombuffer(got, np.uint8)
+                return len(got), end
 
 
-def _reader_thread(path: Path, q: queue.Queue, stop: threading.Event) -> None:
+def _reader_thread(path: Path, pool: _Pool, q: queue.Queue, stop: threading.Event) -> None:
+    slot: _Slot | None = None
+    nl = -1  # the last newline in the slot's text so far
     try:
         with open(path, "rb") as fh:
-            pending: list[bytes] = []
-            size = 0
-            rest = b""
+            src = _Source(fh)
+            slot = pool.take(0)
+            fill = 0
+            size = 0  # bytes inflated since the last cut (or attempt)
+            chunk = 0  # bytes of the current chunk
             # Small first blocks let the caller start while the rest is still being read.
             target = _BLOCK >> 4
-            for chunk in _chunks(fh):
-                pending.append(chunk)
-                size += len(chunk)
+            while slot is not None and not stop.is_set():
+                if fill == slot.cap:  # full: a chunk or a line longer than the slot can hold
+                    big = _Slot(2 * slot.cap, pooled=False)
+                    big.text[:fill] = slot.text[:fill]
+                    pool.give_back(slot)
+                    slot = big
+                got, end = src.readinto(slot.text[fill:])
+                if got < 0:
+                    if fill:
+                        slot.n = fill
+                        q.put(slot)
+                        slot = None
+                    break
+                if got:
+                    nl = max(nl, _last_newline(slot.text, fill, fill + got))
+                    fill += got
+                    size += got
+                    chunk += got
+                if not end or not chunk:
+                    continue
+                chunk = 0
                 if size < target:
                     continue
-                buf = rest + b"".join(pending)
-                pending, size = [], 0
-                cut = buf.rfind(b"\n") + 1
-                if cut == 0:
-                    rest = buf
+                size = 0
+                if nl < 0:
                     continue
-                block, rest = buf[:cut], buf[cut:]
-                q.put(block)
-                if stop.is_set():
-                    return
+                # Hand over the complete lines; the partial last one starts the next slot (copied before the
+                # handover: the caller checks a slot for references once it is back, none may be in flight).
+                carry = fill - nl - 1
+                nxt = pool.take(carry)
+                if nxt is None:
+                    break
+                nxt.text[:carry] = slot.text[nl + 1:fill]
+                slot.n = nl + 1
+                q.put(slot)
+                slot, fill, nl = nxt, carry, -1
                 target = min(target * 2, _BLOCK)
-            buf = rest + b"".join(pending)
-            if buf:
-                q.put(buf)
             q.put(None)
     except (EOFError, _zlib.error, OSError) as exc:
-        # Complete lines before the damage were handed over; the partial one is what it cut.
+        # The complete lines before the damage are handed over; the partial one is where it broke.
+        if slot is not None and nl >= 0:
+            slot.n = nl + 1
+            q.put(slot)
         q.put(Damaged(exc))
     except BaseException as exc:  # anything else still reaches the caller instead of a silent hang
         q.put(exc)
 
 
-def _parser_thread(q_in: queue.Queue, q_out: queue.Queue, stop: threading.Event) -> None:
+def _parser_thread(pool: _Pool, q_in: queue.Queue, q_out: queue.Queue, stop: threading.Event) -> None:
     try:
         while True:
-            item = q_in.get()
-            if item is None or isinstance(item, BaseException):
-                q_out.put(item)
+            slot = q_in.get()
+            if slot is None or isinstance(slot, BaseException):
+                q_out.put(slot)
                 return
-            q_out.put((item, parse_lines(item)))
-            if stop.is_set():
-                return
+            if not stop.is_set():
+                slot.parsed = _parse_text(slot.text[:slot.n], slot.arrays)
+            q_out.put(slot)
     except BaseException as exc:
         q_out.put(exc)
 
@@ -655,16 +881,25 @@ class Damaged(Exception):
     """The compressed stream is cut short or corrupt (raised after the last good block)."""
 
 
-def iter_blocks(path: Path) -> Iterator[tuple[bytes, Parsed]]:
-    """Yield blocks of complete lines with their parsed arrays.
+def iter_blocks(path: Path, slot: int | None = None, pool: int | None = None,
+                stats: dict[str, int] | None = None) -> Iterator[Parsed]:
+    """Yield the file's blocks of complete lines, parsed; each is valid until the next is asked for.
 
-    Three stages run at once: a thread inflates, a thread parses, the caller builds the book.
+    Three stages run at once: a thread inflates, a thread parses, the caller builds the book. ``slot``
+    (bytes of text a slot holds) and ``pool`` (slots; 0: fresh buffers for every block, none reused)
+    default to :data:`_SLOT` and :data:`_POOL`. ``stats`` receives, once the
+    iteration ends, the blocks handed over (``blocks``), those in one-off slots for lines longer than a
+    block (``oversize``), those given back still referenced (``replaced``, each cost a fresh slot), and
+    the pooled slots allocated (``slots``).
     """
-    raw: queue.Queue = queue.Queue(maxsize=2)
-    q: queue.Queue = queue.Queue(maxsize=2)
+    slots = _Pool(slot or _SLOT, _POOL if pool is None else pool)
+    raw: queue.Queue = queue.Queue()  # the pool bounds what the queues hold
+    q: queue.Queue = queue.Queue()
     stop = threading.Event()
-    threads = [threading.Thread(target=_reader_thread, args=(path, raw, stop), daemon=True),
-               threading.Thread(target=_parser_thread, args=(raw, q, stop), daemon=True)]
+    threads = [threading.Thread(target=_reader_thread, args=(path, slots, raw, stop), daemon=True,
+                                name="binance-read"),
+               threading.Thread(target=_parser_thread, args=(slots, raw, q, stop), daemon=True,
+                                name="binance-parse")]
     for t in threads:
         t.start()
     try:
@@ -674,12 +909,15 @@ def iter_blocks(path: Path) -> Iterator[tuple[bytes, Parsed]]:
                 break
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield item.parsed
+            slots.release(item)
+            item = None
     finally:
-        # Unblock the reader if the consumer stopped early (an error downstream).
+        # Stop the reader if the consumer stopped early (an error downstream); it may wait for a slot.
         stop.set()
+        slots.free.put(None)
         deadline = time.monotonic() + 10.0  # daemon threads: never hang the caller on them
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-            for qq in (raw, q):
-                with contextlib.suppress(queue.Empty):
-                    qq.get(timeout=0.02)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if stats is not None:
+            stats.update(blocks=slots.blocks, oversize=slots.oversize, replaced=slots.replaced, slots=slots.made)
