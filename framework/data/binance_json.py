@@ -673,7 +673,7 @@ class _Slot:
 
     def __init__(self, cap: int, pooled: bool) -> None:
         self.cap = cap
-        self.pooled = pooled  # False: a one-off for a block longer than the pool's (one huge line)
+        self.pooled = pooled  # False: never reused (a block longer than the pool's slots, or a pool of 0)
         (self.text,) = _alloc([(cap, np.uint8)], mapped=True)
         self.arrays = _Arrays(_lines_for(cap), _levels_for(cap), mapped=True)
         self.n = 0  # bytes of the block in ``text``
