@@ -10,12 +10,14 @@ are merged by local time, each keeping its own order, so a book file and a trade
 day can be passed together.
 
 Each file is read a chunk of whole lines at a time (``CHUNK_BYTES``) and the files' messages are merged
-as the chunks come, so memory holds the days being built, not the input. A chunk whose every line is of
-the symbol and of the usual form (plain decimal numbers, ``true``/``false``, ``bid``/``ask``,
-``buy``/``sell``: a Tardis export of one symbol) is parsed by one numba pass, on a reading thread that
-reads, inflates and parses the next chunk while this one converts; any other chunk is parsed by polars,
-whose checks name what is wrong. Both give the same doubles: a decimal is parsed by the fast path only
-when one correctly rounded division or multiplication gives it (Clinger), else the chunk is polars'.
+as the chunks come, so memory holds the days being built, not the input. A file whose turn in the merge has
+not come (a later day's) holds only its first messages: it is closed until the merge asks for more, then
+reopened where it was. A chunk whose every line is of the symbol and of the usual form (plain decimal
+numbers, ``true``/``false``, ``bid``/``ask``, ``buy``/``sell``: a Tardis export of one symbol) is parsed
+by one numba pass, on a reading thread that reads, inflates and parses the next chunk while this one
+converts; any other chunk is parsed by polars, whose checks name what is wrong. Both give the same
+doubles: a decimal is parsed by the fast path only when one correctly rounded division or multiplication
+gives it (Clinger), else the chunk is polars'.
 A day's messages are converted in blocks (a snapshot on its own) by ``MessageFeed.block``. When polars
 refuses a chunk, the chunk is read again line by line with Python's csv module to find the line and
 say what is wrong with it; that slow read only ever runs to produce the error.
@@ -27,10 +29,10 @@ import csv
 import io
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import polars as pl
@@ -88,9 +90,9 @@ CHUNK_BYTES = 8 << 20  # of CSV text parsed at once: bounds the memory a file ta
 # sparser file's chunk waits whole while the merge drains the denser one's, and each file has one more read
 # ahead, so this is paid ~4x plus the parsed columns: 64 MB held ~500-600 MB; 8 MB measured as fast
 FIRST_CHUNK_BYTES = 1 << 16  # a file's first chunks start small and double: of many files given at once (a
-# book and a trades file a day), each waiting for its turn in the merge holds its first chunk and one read ahead,
-# parsed: ~6 MB a file at 1 MiB (8 busy hours in 16 files peaked at 357 MB, 4 in 8 at 309), ~0.4 MB at
-# 64 KiB (307 and 288 MB)
+# book and a trades file a day), each waiting for its turn in the merge holds its first messages, parsed (and,
+# before it was closed while waiting, its gzip reader and a read-ahead): ~6 MB a file at 1 MiB (8 busy hours in
+# 16 files peaked at 357 MB), ~1.5 MB at 64 KiB (307-311 MB), ~0.2 MB closed (see ``_chunks``)
 
 
 @dataclass
@@ -454,12 +456,23 @@ class _Source:
         self.name = str(path)
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        self.fh = open_binary(path)
+        self.path = path
+        self.fh: BinaryIO | None = open_binary(path)
         self.head = self._read_line()
         self.line = 2  # of the next chunk's first line
         self.done = False
         self.size = min(FIRST_CHUNK_BYTES, CHUNK_BYTES)
+        self.at = 0  # where ``suspend`` left off, in the file's (inflated) bytes
         self.info: dict[str, Any] = {"file": self.name, "lines": 0, "kind": "?"}
+
+    def suspend(self) -> None:
+        """Close the file until the next block is asked for (``next_block`` reopens it where it was). A gzip
+        reader holds ~0.6 MB (ISA-L's 512 KiB input buffer, the inflate state) that a file waiting for its
+        turn in the merge does not need."""
+        if self.fh is not None and not self.done:
+            self.at = self.fh.tell()
+            self.fh.close()
+            self.fh = None
 
     def _read_line(self) -> bytes:
         try:
@@ -477,6 +490,9 @@ class _Source:
         if self.done:
             return None
         try:
+            if self.fh is None:  # suspended: the bytes up to ``at`` were read before, so they inflate again
+                self.fh = open_binary(self.path)
+                self.fh.seek(self.at)
             block = self.fh.read(self.size)
             if block and not block.endswith(b"\n"):
                 block += self.fh.readline()  # whole lines: one copy, where cutting at the last newline made two
@@ -694,17 +710,23 @@ class TardisConverter:
                 latest[0] = int(clean.local[-1])  # clamped local times never go down
             return (*got, clean)
 
-        ahead = pool.submit(read)
-        while (got := ahead.result()) is not None:
-            ahead = pool.submit(read)
+        # Until the merge first asks for more than the file's first messages, nothing is read ahead and the file
+        # is closed at each yield: of the files given at once (a book and a trades file a day), all but the
+        # first day's wait there, and each held ~1.5 MB (its read-ahead, text and parsed, and the gzip reader).
+        ahead: Future[tuple[bytes, int, int, _Clean | None] | None] | None = None
+        waited = False  # whether the merge has asked for more after a yield
+        while (got := ahead.result() if ahead is not None else read()) is not None:
+            ahead = pool.submit(read) if waited else None
             block, first, n_lines, clean = got
             rows = self._parse(src, book, block, first, n_lines, max_local, clean)
+            del got, block  # the text is not held across a yield
             n = rows["line"].shape[0]
             if not n:
                 continue
             max_local = max(max_local, int(rows["local"].max()))
             fast = clean is not None and clean.starts is not None and rows["local"] is clean.local
             m_start = clean.starts if fast else _message_starts(rows, not book)
+            clean = None
             if pending is not None:
                 # Only the rows that continue the pending message join it (not the whole block).
                 cut = 0 if not _continues(pending, rows, book) else int(m_start[1]) if m_start.shape[0] > 1 else n
@@ -713,12 +735,18 @@ class TardisConverter:
                     if cut == n:
                         continue
                     rows, m_start, n = {k: v[cut:] for k, v in rows.items()}, m_start[1:] - cut, n - cut
+                if not waited:
+                    src.suspend()
                 yield _chunk(pending, one, not book)
+                waited = True
             # The last message may go on in the next block; the end of the file releases it below.
             keep = int(m_start[-1])
             pending = {k: v[keep:] for k, v in rows.items()}
             if keep:
+                if not waited:
+                    src.suspend()
                 yield _chunk({k: v[:keep] for k, v in rows.items()}, m_start[:-1], not book)
+                waited = True
         if pending is not None:
             yield _chunk(pending, _message_starts(pending, not book), not book)
 
