@@ -715,7 +715,7 @@ class TardisConverter:
         # first day's wait there, and each held ~1.5 MB (its read-ahead, text and parsed, and the gzip reader).
         ahead: Future[tuple[bytes, int, int, _Clean | None] | None] | None = None
         waited = False  # whether the merge has asked for more after a yield
-        while (got := ahead.result() if ahead is not None else read()) is not None:
+        while (got := (ahead or pool.submit(read)).result()) is not None:  # read on the thread as always
             ahead = pool.submit(read) if waited else None
             block, first, n_lines, clean = got
             rows = self._parse(src, book, block, first, n_lines, max_local, clean)
