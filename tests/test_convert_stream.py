@@ -134,8 +134,10 @@ def test_spill_reads_back_what_was_added(memory_rows: int, tmp_path: Path) -> No
 @pytest.mark.parametrize("rows", [0, 5, 64, 128, 200])
 @pytest.mark.parametrize("compression", ["deflate", "none"])
 @pytest.mark.parametrize("expect", [0, 0.5, 1])  # of the rows told in advance: parts held, some streamed, all
-def test_day_writer_writes_the_files_write_day_writes(tmp_path: Path, rows: int, compression: str,
-                                                       expect: float) -> None:
+@pytest.mark.parametrize("hold", [1 << 16, 20])  # rows of a part of unknown size held before the rest wait on disk
+def test_day_writer_writes_the_files_write_day_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int,
+                                                       compression: str, expect: float, hold: int) -> None:
+    monkeypatch.setattr(catalog.DayWriter, "HOLD", hold)
     events = _rows(np.random.default_rng(rows), rows)
     whole = catalog.write_day(tmp_path / "a", "v", "S", "20240101", events, compression, part_rows=64)
     w = catalog.DayWriter(catalog.day_path(tmp_path / "b", "v", "S", "20240101"), compression, part_rows=64)
@@ -148,6 +150,18 @@ def test_day_writer_writes_the_files_write_day_writes(tmp_path: Path, rows: int,
     a, b = catalog.parts_of(whole), catalog.parts_of(catalog.day_path(tmp_path / "b", "v", "S", "20240101"))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == max(1, -(-rows // 64))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert not list((tmp_path / "b").rglob("*.tmp"))
+
+
+def test_day_writer_discarded_while_rows_wait_on_disk_leaves_no_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(catalog.DayWriter, "HOLD", 10)
+    w = catalog.DayWriter(catalog.day_path(tmp_path, "v", "S", "20240101"), "deflate", part_rows=64)
+    w.append(_rows(np.random.default_rng(1), 8))
+    w.append(_rows(np.random.default_rng(2), 40))
+    assert w.waiting is not None and w.held_rows == 8
+    w.discard()
+    assert w.waiting is None and not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_day_writer_write_error_raises_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -300,8 +300,9 @@ class DayWriter:
 
     An npy header states its row count, so a part is started once it is known to be full: when its last
     row has come or, if :meth:`expect` said the day has at least that many rows, at once. Until then its
-    rows are held as they were appended (one part at most, not copied: a caller hands over rows it no
-    longer changes); after, they go straight to the file. Each part is written (CRC, deflate, the file)
+    first :attr:`HOLD` rows are held as they were appended (not copied: a caller hands over rows it no
+    longer changes) and the rest wait in an unlinked file beside the parts; after, they go straight to the
+    part's file. Each part is written (CRC, deflate, the file)
     by a thread of its own, and two parts can be written at once: all of it leaves the GIL, so it runs
     beside the caller producing the next rows, a few blocks behind it at most. The parts are the files
     :func:`write_day` writes for the same rows, renamed into place together by :meth:`commit`.
@@ -310,6 +311,9 @@ class DayWriter:
     AHEAD = 1  # writes queued before append waits for the oldest: the rows held for the writers (a block each;
     # one keeps a writer busy, more only held memory: 3 measured +30 MB of peak RssAnon converting 20 busy minutes)
     WRITERS = 2  # parts written at once
+    HOLD = 1 << 16  # rows of a part of unknown size held in memory. A day's last part is one (its size is known
+    # only at the end): held whole it was up to 64 MB at the close's peak, so convert's peak RssAnon followed the
+    # size of that remainder (200-206 MB at 80 and 160 busy minutes, remainders of ~1 M rows; 189-192 at 320, 0.6 M)
 
     def __init__(self, path: Path, compression: str = "deflate", part_rows: int = PART_ROWS) -> None:
         if compression not in COMPRESSIONS:
@@ -317,7 +321,9 @@ class DayWriter:
         if part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {part_rows}")
         self.path, self.compression, self.part_rows = Path(path), compression, part_rows
-        self.held: list[np.ndarray] = []  # the current part's rows, while its size is not known
+        self.held: list[np.ndarray] = []  # the current part's first rows, while its size is not known
+        self.held_rows = 0
+        self.waiting: IO[bytes] | None = None  # its rows past HOLD
         self.fill = 0  # rows of the current part so far
         self.rows = 0
         self.known = 0  # rows the day is known to have
@@ -345,21 +351,32 @@ class DayWriter:
                 while len(self._queued) > self.AHEAD:
                     self._queued.popleft().result()
             else:
-                self.held.append(piece)
+                self._hold(piece)
             self.fill += take
             at += take
             if self.fill == self.part_rows:
                 self._finish_part()
         self.rows += n
 
+    def _hold(self, piece: np.ndarray) -> None:
+        if self.waiting is None and self.held_rows + piece.shape[0] <= self.HOLD:
+            self.held.append(piece)
+            self.held_rows += piece.shape[0]
+            return
+        if self.waiting is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.waiting = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 - closed once written
+        self.waiting.write(memoryview(np.ascontiguousarray(piece)).cast("B"))
+
     def _start(self, rows: int) -> None:
         while len(self._closing) >= self.WRITERS:
             self._retire()
         self.open = part = _PartFile(part_path(self.path, len(self.done)), rows, self.compression)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="day-writer")
-        held, self.held = [np.ascontiguousarray(p) for p in self.held], []
-        if held:
-            self._queued.append(self._writer.submit(lambda: [part.write(p) for p in held] and None))
+        held, self.held, self.held_rows = [np.ascontiguousarray(p) for p in self.held], [], 0
+        waiting, self.waiting = self.waiting, None
+        if held or waiting is not None:
+            self._queued.append(self._writer.submit(_write_held, part, held, waiting))
 
     def _finish_part(self) -> None:
         if self.open is None:
@@ -404,7 +421,19 @@ class DayWriter:
             self._drain()
         for part in (*self.done, *([self.open] if self.open else [])):
             part.discard()
-        self.done, self.open, self.held = [], None, []
+        if self.waiting is not None:
+            self.waiting.close()
+        self.done, self.open, self.held, self.held_rows, self.waiting = [], None, [], 0, None
+
+
+def _write_held(part: _PartFile, held: list[np.ndarray], waiting: IO[bytes] | None) -> None:
+    for rows in held:
+        part.write(rows)
+    if waiting is not None:
+        with waiting:
+            waiting.seek(0)
+            while chunk := waiting.read(4 << 20):
+                part.write(np.frombuffer(chunk, event_dtype))
 
 
 def write_event_npz(path: Path, rows: int, write_body: Callable[[IO[bytes]], None], compression: str = "deflate",
