@@ -926,8 +926,11 @@ class _Day:
         self.day_index = day_index
         self.snapshot: np.ndarray | None = None
         self.rows = Spill(event_dtype, where, SPILL_BLOCKS * block_rows)
-        self.lat = Spill(np.int64, where, SPILL_BLOCKS * block_rows)  # local − exch per message, raw
-        self.bbo = Spill(BBO_DTYPE, where, SPILL_BLOCKS * block_rows)
+        # Per depth message, ~19 a second on a busy perp: a million of them (48 MB) take 14 h to come, so
+        # holding as many as rows made a day's read phase grow with its length through its first 14 hours
+        # (+13 MB from 80 to 320 busy minutes). A block of them is what a short capture has.
+        self.lat = Spill(np.int64, where, block_rows)  # local − exch per message, raw
+        self.bbo = Spill(BBO_DTYPE, where, block_rows)
         self.block_rows = block_rows
         self.fill = 0  # rows in the last block
         self.blk_exch: list[int] = []  # per block of rows: the smallest exch_ts and raw local_ts
