@@ -2,20 +2,53 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from quotelab import __version__
 from quotelab.errors import PluginError, QuotelabError, Stopped
 
-app = typer.Typer(
+NOTHING_KEPT = "nothing was kept; it writes its results only once it has finished"
+
+
+class _Verbs(typer.Typer):
+    """A Typer whose commands report a stop (Ctrl-C, SIGTERM) as one line saying what was kept.
+
+    ``main`` makes SIGINT and SIGTERM raise :class:`quotelab.stopping.Interrupted` (a KeyboardInterrupt:
+    ``except Exception`` wrappers let it through); each command's callback turns one that reaches it into
+    :class:`~quotelab.errors.Stopped` before Typer would turn it into a silent exit 130. ``kept`` says
+    what a stop of that verb keeps; a verb whose answer depends on how far it got (``convert``, ``synth``,
+    ``batch``) raises its own ``Stopped``, which passes through untouched.
+    """
+
+    def command(self, name: str | None = None, *, kept: str = NOTHING_KEPT, **kwargs: Any) -> Any:  # type: ignore[override]
+        register = super().command(name, **kwargs)
+
+        def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(f)
+            def verb(*args: Any, **kw: Any) -> Any:
+                from quotelab.stopping import stopped
+
+                try:
+                    return f(*args, **kw)
+                except KeyboardInterrupt as exc:
+                    raise stopped(exc, f"{name or f.__name__}: {kept}") from None
+
+            register(verb)
+            return f
+
+        return decorator
+
+
+app = _Verbs(
     name="quotelab",
     help="Market-making pricing research: convert data, compose strategies from plugins, backtest them.",
     no_args_is_help=True,
@@ -479,7 +512,7 @@ def train_cmd(
         typer.echo(f"results written to {result.out_dir}")
 
 
-microprice_app = typer.Typer(help="Stoikov's micro-price: fit g*(imbalance, spread) tables for the microprice "
+microprice_app = _Verbs(help="Stoikov's micro-price: fit g*(imbalance, spread) tables for the microprice "
                                    "fair value.", no_args_is_help=True)
 app.add_typer(microprice_app, name="microprice")
 
@@ -719,8 +752,11 @@ def main() -> None:
     cut = args.index("--") if "--" in args else len(args)
     debug = "--debug" in args[:cut] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
+    from quotelab.stopping import raising
+
     try:
-        app(args=args, prog_name="quotelab")
+        with raising():  # Ctrl-C and SIGTERM raise, and each verb says what it kept (_Verbs)
+            app(args=args, prog_name="quotelab")
     except QuotelabError as exc:
         # A plugin's own exception wrapped in a PluginError is a bug in that plugin: keep its traceback.
         inner = isinstance(exc, PluginError) and exc.__cause__ is not None

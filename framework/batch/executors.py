@@ -31,6 +31,8 @@ from quotelab.batch.diagnostics import diagnostics
 from quotelab.data import catalog as cat
 from quotelab.errors import QuotelabError, Stopped
 from quotelab.outputs import save_or_rescue
+from quotelab.stopping import signame as _signame
+from quotelab.stopping import stop_signals
 from quotelab.strategy.config import load_strategy
 
 _REGISTRIES: dict[tuple[str, str], Any] = {}
@@ -139,31 +141,6 @@ def _serve(conn: Any) -> None:
         except EOFError:
             return
         conn.send(execute_run(task))
-
-
-@contextmanager
-def stop_signals() -> Iterator[list[int]]:
-    """While in it, SIGINT and SIGTERM append their number to the yielded list instead of raising, so an
-    executor stops between two records (never in the middle of storing one) and a finished run is not lost."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # only there may handlers be set
-        yield got
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in saved:
-        signal.signal(s, lambda signum, _frame: got.append(signum))
-    try:
-        yield got
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-
-def _signame(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _stopped(signum: int, cancelled: int) -> Stopped:

@@ -166,6 +166,7 @@ class BinanceConverter:
         self.files: list[dict[str, Any]] = []
         self.funding: list[tuple] = []  # markPriceUpdate rows (quotelab.data.funding columns) not yet in a table
         self.funding_tables: list[np.ndarray] = []  # 40 bytes a row: ~3.5 MB a day at one a second
+        job.funding_so_far = self._funding_table
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -627,18 +628,29 @@ class BinanceConverter:
                 f"after it.")
         self.split.close_ready(final=True)
         out = {"venue": self.venue, "files": self.files, "messages": self.stats, "findings": self.findings.as_list()}
-        self._table_funding()
-        if self.funding_tables:
-            table = np.concatenate(self.funding_tables)  # each sorted: sorting again orders as one table would
-            out["funding"] = table[np.argsort(table["exch_ts"], kind="stable")]
+        table = self._funding_table()
+        if table is not None:
+            out["funding"] = table
         return out
+
+    def _funding_table(self) -> np.ndarray | None:
+        """Every funding row read so far in one table, by exchange time (also what a stopped convert keeps
+        of the days it finished)."""
+        self._table_funding()
+        if not self.funding_tables:
+            return None
+        table = np.concatenate(self.funding_tables)  # each sorted: sorting again orders as one table would
+        return table[np.argsort(table["exch_ts"], kind="stable")]
 
     def _table_funding(self) -> None:
         if self.funding:
             from quotelab.data.funding import rows
 
-            self.funding_tables.append(rows(*map(np.array, zip(*self.funding, strict=True))))
-            self.funding = []
+            table = rows(*map(np.array, zip(*self.funding, strict=True)))
+            # One statement moves the rows from the list to the tables: Python runs a signal's handler (a
+            # Ctrl-C's KeyboardInterrupt) at calls and backward jumps, not between the stores of one
+            # assignment; two statements could leave them in both, and a stopped convert keep them twice.
+            self.funding, self.funding_tables = [], [*self.funding_tables, table]
 
 
 def _convert(venue: str, files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:

@@ -667,6 +667,11 @@ class Staging:
         _check_instrument(venue, symbol, instrument)
         src = symbol_dir(self.dir, staged_venue or venue, symbol)
         src.mkdir(parents=True, exist_ok=True)
+        for p in src.iterdir():
+            # Only the days committed go: a day stopped while its parts were being renamed into place (the
+            # day a stopped convert discards) may have some of them here, which must not reach the catalog.
+            if not p.name.startswith(".") and p.name.split(".")[0] not in days:
+                p.unlink()
         sym = symbol_dir(self.root, venue, symbol)
         records = {}
         for day, entry in days.items():

@@ -32,8 +32,9 @@ from quotelab.data import catalog
 from quotelab.data.events import ConvertJob, DayResult
 from quotelab.data.instruments import resolve
 from quotelab.data.sniff import sniff
-from quotelab.errors import DataError
+from quotelab.errors import DataError, Stopped
 from quotelab.progress import Days
+from quotelab.stopping import Interrupted, stop_signals, stopped
 from quotelab.timeunits import DAY_NS
 from quotelab.units import MAX_MAGNITUDE
 
@@ -114,14 +115,31 @@ def convert_files(
 
         # Open days spill into the staging folder: the catalog's disk, removed with it.
         job = ConvertJob(venue, symbol, instrument, on_day, open_day=open_day, spill_dir=stage.dir)
-        with Days(f"convert {symbol}", progress) as bar:
-            info = _load(fmt.converter)(list(map(Path, files)), job)
-        # A multi-venue format (Tardis) learns the venue from the data and returns it.
-        venue = info.pop("venue", venue)
-        _stage_funding(info.pop("funding", None), stage.dir, fmt.venue, symbol, days, info)
-        for day, entry in days.items():
-            entry["file"] = str(catalog.day_path(root, venue, symbol, day))
-        meta = stage.commit(venue, symbol, instrument, days, staged_venue=fmt.venue)
+        interrupt: KeyboardInterrupt | None = None
+        try:
+            with Days(f"convert {symbol}", progress) as bar:
+                info = _load(fmt.converter)(list(map(Path, files)), job)
+            # A multi-venue format (Tardis) learns the venue from the data and returns it.
+            venue = info.pop("venue", venue)
+            funding = info.pop("funding", None)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C or SIGTERM (quotelab.stopping): the days already handed over are finished, whole and
+            # final, so they are kept; the day being written or collected is discarded with the staging folder.
+            interrupt, info = exc, {}
+            funding = job.funding_so_far() if job.funding_so_far is not None else None
+            if not days:
+                raise _stopped(exc, root, [], job.open_days) from None
+        with stop_signals() as late:  # the commit is not cut short: a stop during it is reported after
+            _stage_funding(funding, stage.dir, fmt.venue, symbol, days, info)
+            for day, entry in days.items():
+                entry["file"] = str(catalog.day_path(root, venue, symbol, day))
+            meta = stage.commit(venue, symbol, instrument, days, staged_venue=fmt.venue)
+            stage.close()
+    if interrupt is not None:
+        raise _stopped(interrupt, root, sorted(days), job.open_days - days.keys()) from None
+    if late:
+        raise stopped(Interrupted(late[0]), f"convert: every day was converted and kept ({', '.join(sorted(days))} "
+                                            f"in {root}); the stop came while they were being committed")
     days = {d: meta["days"][d] for d in days}
     elapsed = time.perf_counter() - t0
     lines = int(info.get("messages", {}).get("lines", 0))
@@ -132,6 +150,23 @@ def convert_files(
         **info,
         "days": {d: days[d] for d in sorted(days)},
     }
+
+
+def _stopped(exc: KeyboardInterrupt, root: Path, kept: list[str], discarded: set[str]) -> Stopped:
+    """What a stopped convert says: the days kept, the days discarded, and how to finish."""
+    lost = sorted(discarded)
+    if not kept:
+        return stopped(exc, f"convert: no day was finished, so nothing was written to {root}"
+                            + (f" ({', '.join(lost)} discarded)" if lost else "") + "; convert the files again")
+    where = f"kept the finished day{'s' if len(kept) > 1 else ''} {', '.join(kept)} in {root}"
+    if not lost:
+        return stopped(exc, f"convert: {where}; no day was being converted (if files were left unread, convert "
+                            f"them; a file that also holds part of a kept day would replace it with that part)")
+    return stopped(exc, (
+        f"convert: {where} (whole, as an uninterrupted convert writes them); discarded {', '.join(lost)}, not "
+        f"finished. To finish, convert the files holding {lost[0]} and later days. Converting a kept day again "
+        f"replaces it with what the files given hold of it, so a file holding only its last minutes would leave "
+        f"just those: if the files do not start at {lost[0]}, convert them all again"))
 
 
 def _stage_funding(table: Any, staging: Path, venue: str, symbol: str, days: dict[str, dict[str, Any]],

@@ -914,6 +914,11 @@ class ConvertJob:
     open_day: Callable[[str], DaySink] | None = None
     spill_dir: Path | str | None = None
     block_rows: int = BLOCK_ROWS
+    # Days begun and not yet handed to ``on_day`` (the :class:`DaySplitter` keeps it): what a stop discards.
+    open_days: set[str] = field(default_factory=set)
+    # Set by a converter that reads funding rows: all it has read so far, as ``finish()`` would return them
+    # (sorted by exchange time), so a stopped conversion can keep the rows of the days it finished.
+    funding_so_far: Callable[[], np.ndarray | None] | None = None
 
 
 _BIG = np.iinfo(np.int64).max
@@ -1024,6 +1029,7 @@ class DaySplitter:
                                 f"closed (more than {DAY_GRACE_NS // 10**9} s late in exchange time)")
             day = _Day(d, self.job.spill_dir, self.job.block_rows)
             self.days[d] = day
+            self.job.open_days.add(day_of(d * DAY_NS))
         return day
 
     def depth_day(self, d: int) -> None:
@@ -1056,6 +1062,7 @@ class DaySplitter:
             self._write(day)
         finally:
             day.close()
+        self.job.open_days.discard(day_of(d * DAY_NS))  # only once on_day has it: a stop in between keeps it open
 
     def _write(self, day: _Day) -> None:
         has_lat = day.lat.n > 0

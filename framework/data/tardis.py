@@ -916,12 +916,15 @@ def derivative_ticker(path: Path, symbol: str) -> np.ndarray:
 def convert(files: Sequence[Path], job: ConvertJob) -> dict[str, Any]:
     """Book and trades files make the days; ``derivative_ticker`` files give their funding rows."""
     deriv = [f for f in files if _header(f) == DERIVATIVE_COLUMNS]
+    # Read first (a day's are a few MB), so a stopped convert can keep the funding rows of the days it finished.
+    tables = [derivative_ticker(f, job.symbol) for f in deriv]
+    funding = np.concatenate(tables) if tables else None
+    job.funding_so_far = lambda: funding
     conv = TardisConverter(job)
     conv.run([f for f in files if f not in deriv])
     out = conv.finish()
-    if deriv:
-        tables = [derivative_ticker(f, job.symbol) for f in deriv]
-        out["funding"] = np.concatenate(tables)
+    if funding is not None:
+        out["funding"] = funding
         out["files"] = [*out["files"], *({"file": str(f), "kind": "derivative_ticker", "lines": len(t)}
                                          for f, t in zip(deriv, tables, strict=True))]
     return out
