@@ -16,7 +16,9 @@ import typer
 from quotelab import __version__
 from quotelab.errors import PluginError, QuotelabError, Stopped
 
-NOTHING_KEPT = "nothing was kept; it writes its results only once it has finished"
+NOTHING_KEPT = "nothing was kept: it writes its results only once it has finished"
+OUT_AT_END = ("nothing was kept: it writes --out only once it has finished (a stop while it writes can leave some "
+              "of those files in --out; run it again)")
 
 
 class _Verbs(typer.Typer):
@@ -123,7 +125,8 @@ def _print_json(obj: object) -> None:
     typer.echo(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=str).decode())
 
 
-@app.command("run")
+@app.command("run", kept="nothing was kept: a run writes --out only once it has finished, each file "
+             "whole (a stop while they are written leaves each one as it was or new)")
 def run_cmd(
     strategy: Annotated[Path, typer.Argument(help="Strategy YAML.")],
     catalog: YamlCatalogOpt = None,
@@ -184,7 +187,7 @@ def run_cmd(
         typer.echo(f"results written to {result.out_dir}")
 
 
-@app.command("evaluate")
+@app.command("evaluate", kept=OUT_AT_END)
 def evaluate_cmd(
     config: Annotated[Path, typer.Argument(help="Evaluation YAML (data, targets, horizons, estimators).")],
     catalog: YamlCatalogOpt = None,
@@ -276,7 +279,8 @@ def plugins_cmd(
     Console().print(table)
 
 
-@app.command()
+@app.command(kept="nothing was written to the catalog: synth commits its days together at the end (the same "
+                  "seed and arguments give the same files: run it again)")
 def synth(
     catalog: CatalogOpt,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed and arguments, same files.")] = 7,
@@ -342,8 +346,15 @@ def synth(
         profile=profile,
     )
     perp = synth_mod.PROFILES.get(profile, synth_mod.ASSETS)["perp"].symbol
-    summary["raw"] = [rawfiles.write(catalog, synth_mod.VENUE, perp, f, raw_dir, gz=raw_gzip,
-                                     days=summary["symbols"][perp]["days"]) for f in raw_formats]
+    try:
+        summary["raw"] = [rawfiles.write(catalog, synth_mod.VENUE, perp, f, raw_dir, gz=raw_gzip,
+                                         days=summary["symbols"][perp]["days"]) for f in raw_formats]
+    except KeyboardInterrupt as exc:
+        from quotelab.stopping import stopped
+
+        raise stopped(exc, f"synth: every day was written to {catalog}; of the --raw files in {raw_dir}, those "
+                           f"written before the stop are whole and the rest missing (run synth again to write "
+                           f"them all: the same seed gives the same files)") from None
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
         return
@@ -355,7 +366,7 @@ def synth(
         typer.echo(f"  {r['format']}: {', '.join(r['files'])} (tick {r['tick_size']:g}, lot {r['lot_size']:g})")
 
 
-@app.command()
+@app.command(kept="the runs finished before the stop are recorded in --out; rerun it with --resume to run the rest")
 def batch(
     batch_file: Annotated[Path, typer.Argument(help="Batch YAML: a base strategy and a matrix.")],
     catalog: YamlCatalogOpt = None,
@@ -386,7 +397,7 @@ def batch(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(kept=OUT_AT_END)
 def report(
     results_dir: Annotated[Path, typer.Argument(help="A `quotelab batch` --out folder, or one run's `quotelab run` "
                                                      "--out folder.")],
@@ -412,7 +423,7 @@ def report(
     typer.echo(f"report: {path}")
 
 
-@app.command()
+@app.command(kept="nothing was written to the catalog")
 def convert(
     files: Annotated[list[Path], typer.Argument(help="Raw capture files of one symbol, in time order.")],
     fmt: Annotated[str, typer.Option("--format", help="Input format, e.g. binance-usdm, binance-cm, binance-spot.")],
@@ -448,7 +459,7 @@ def convert(
         render_summary(summary)
 
 
-@app.command("train")
+@app.command("train", kept=OUT_AT_END)
 def train_cmd(
     config: Annotated[Path, typer.Argument(help="Training YAML (data, grid, features, target, model, validation).")],
     catalog: YamlCatalogOpt = None,
@@ -517,7 +528,7 @@ microprice_app = _Verbs(help="Stoikov's micro-price: fit g*(imbalance, spread) t
 app.add_typer(microprice_app, name="microprice")
 
 
-@microprice_app.command("fit")
+@microprice_app.command("fit", kept=OUT_AT_END)
 def microprice_fit(
     catalog: CatalogOpt,
     venue: Annotated[str, typer.Option("--venue", help="Catalog venue, e.g. binance-usdm.")],
@@ -567,7 +578,8 @@ def microprice_fit(
     typer.echo(f"wrote {out}")
 
 
-@app.command("optimize")
+@app.command("optimize", kept="the runs finished before the stop are recorded in --out; the same "
+             "command resumes")
 def optimize_cmd(
     opt_file: Annotated[Path, typer.Argument(help="Optimisation YAML: base strategy, space, objective, days.")],
     out: Annotated[Path, typer.Option("--out", help="Folder: optuna.db, runs/, trials.parquet, best.yaml.")],
@@ -600,7 +612,7 @@ def optimize_cmd(
                f"{res.runs_done} runs, {res.runs_reused} reused, {res.seconds:.1f} s")
 
 
-@app.command("calibrate")
+@app.command("calibrate", kept=OUT_AT_END)
 def calibrate_cmd(
     catalog: CatalogOpt,
     asset: Annotated[list[str], typer.Option("--asset", help="VENUE/SYMBOL, e.g. binance-usdm/BTCUSDT; repeat.")],
@@ -638,7 +650,8 @@ def calibrate_cmd(
     typer.echo(f"wrote {len(written)} files to {out} (params block: {out / 'params.yaml'})")
 
 
-@app.command("new-plugin")
+@app.command("new-plugin", kept="the plugin folder may hold some of its files: delete it and run "
+             "new-plugin again")
 def new_plugin_cmd(
     name: Annotated[str, typer.Argument(help="Signal name, snake_case (e.g. trade_burst); also names the package.")],
     dir_: Annotated[
@@ -656,7 +669,7 @@ def new_plugin_cmd(
                f"see docs/writing-plugins.md")
 
 
-@app.command("check-plugin")
+@app.command("check-plugin", kept="it writes nothing")
 def check_plugin_cmd(
     name: Annotated[str, typer.Argument(help="Signal registered both as a kernel and as a Python function.")],
     catalog: CatalogOpt,

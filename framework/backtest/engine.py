@@ -769,19 +769,23 @@ def save_result(result: RunResult, out_dir: Path, feed: Asset) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     result.summary["stats"] = compute_stats(feed, result.record_ts, result.records)
     tmp = out_dir / ".series.parquet.tmp"
-    with tempfile.TemporaryDirectory(prefix=".series-", dir=out_dir) as pieces:
-        # a parquet file per chunk of records, joined by polars' streaming sink: a chunk in memory at a time
-        files = []
-        for lo, hi in spool.chunks(len(result.record_ts)):
-            files.append(Path(pieces) / f"{lo:012d}.parquet")
-            pl.DataFrame({"timestamp": np.asarray(result.record_ts[lo:hi]),
-                          **{c: np.asarray(result.records[lo:hi, i]) for i, c in enumerate(SERIES_COLUMNS)}},
-                         schema=series_schema()).write_parquet(files[-1])
-        if files:
-            pl.scan_parquet(files).sink_parquet(tmp)
-        else:
-            pl.DataFrame(schema=series_schema()).write_parquet(tmp)
-    tmp.replace(out_dir / "series.parquet")
+    try:
+        with tempfile.TemporaryDirectory(prefix=".series-", dir=out_dir) as pieces:
+            # a parquet file per chunk of records, joined by polars' streaming sink: a chunk in memory at a time
+            files = []
+            for lo, hi in spool.chunks(len(result.record_ts)):
+                files.append(Path(pieces) / f"{lo:012d}.parquet")
+                pl.DataFrame({"timestamp": np.asarray(result.record_ts[lo:hi]),
+                              **{c: np.asarray(result.records[lo:hi, i]) for i, c in enumerate(SERIES_COLUMNS)}},
+                             schema=series_schema()).write_parquet(files[-1])
+            if files:
+                pl.scan_parquet(files).sink_parquet(tmp)
+            else:
+                pl.DataFrame(schema=series_schema()).write_parquet(tmp)
+        tmp.replace(out_dir / "series.parquet")
+    except BaseException:  # a full disk, or a Ctrl-C while writing: no half file left in --out
+        tmp.unlink(missing_ok=True)
+        raise
     cat.atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(result.summary, default=str)))
     return out_dir
 

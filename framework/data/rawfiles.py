@@ -26,8 +26,9 @@ whatever the day's length; 100 M rows take minutes, mostly compression.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -315,12 +316,24 @@ _DIFF_ASK = _b(",false,ask,")
 # Python side
 
 
-def _open(path: Path, gz: bool) -> IO[bytes]:
-    if gz:
-        from isal import igzip
+@contextlib.contextmanager
+def _open(path: Path, gz: bool) -> Iterator[IO[bytes]]:
+    """A file written under a temporary name and renamed once whole: a stop (Ctrl-C) or an error while it is
+    written leaves no cut-short file that a converter would read as a damaged capture."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if gz:
+            from isal import igzip
 
-        return igzip.open(path, "wb", compresslevel=1)  # type: ignore[return-value]
-    return open(path, "wb")
+            with igzip.open(tmp, "wb", compresslevel=1) as fh:
+                yield fh  # type: ignore[misc]
+        else:
+            with open(tmp, "wb") as fh:
+                yield fh
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _blocks(paths: list[Path]) -> Any:

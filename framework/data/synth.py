@@ -55,6 +55,7 @@ from numba import njit
 
 from quotelab.data import catalog as _catalog
 from quotelab.errors import QuotelabError
+from quotelab.stopping import Interrupted, stop_signals, stopped
 
 VENUE = "synthetic"
 NS = 1_000_000_000
@@ -1050,8 +1051,13 @@ def generate(
                 for sp in spools.values():
                     sp.discard()
             day_start = day_end
-        for run in runs.values():
-            stage.commit(VENUE, run.model.symbol, _instrument(run.model), days_out[run.model.symbol])
+        with stop_signals() as late:  # every symbol's days or none: a stop waits for the commits
+            for run in runs.values():
+                stage.commit(VENUE, run.model.symbol, _instrument(run.model), days_out[run.model.symbol])
+            stage.close()
+    if late:
+        raise stopped(Interrupted(late[0]), f"synth: every day was written to {root} (the stop came while they "
+                                            f"were being committed); nothing else was (no --raw files)")
 
     summary: dict[str, Any] = {
         "catalog": str(root),
