@@ -31,6 +31,8 @@ class _Verbs(typer.Typer):
     ``batch``) raises its own ``Stopped``, which passes through untouched.
     """
 
+    prefix = ""  # a group's name and a space (``microprice ``), for the message
+
     def command(self, name: str | None = None, *, kept: str = NOTHING_KEPT, **kwargs: Any) -> Any:  # type: ignore[override]
         register = super().command(name, **kwargs)
 
@@ -42,7 +44,7 @@ class _Verbs(typer.Typer):
                 try:
                     return f(*args, **kw)
                 except KeyboardInterrupt as exc:
-                    raise stopped(exc, f"{name or f.__name__}: {kept}") from None
+                    raise stopped(exc, f"{self.prefix}{name or f.__name__}: {kept}") from None
 
             register(verb)
             return f
@@ -525,6 +527,7 @@ def train_cmd(
 
 microprice_app = _Verbs(help="Stoikov's micro-price: fit g*(imbalance, spread) tables for the microprice "
                                    "fair value.", no_args_is_help=True)
+microprice_app.prefix = "microprice "
 app.add_typer(microprice_app, name="microprice")
 
 

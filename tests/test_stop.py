@@ -239,3 +239,36 @@ def test_a_run_stopped_by_ctrl_c_says_so_and_exits_130(synthetic_catalog, tmp_pa
         "error: stopped by Ctrl-C (SIGINT): run: nothing was kept: a run writes --out only once it has finished, "
         "each file whole (a stop while they are written leaves each one as it was or new)"]
     assert not out.exists()
+
+
+def test_a_stopped_tardis_convert_keeps_the_finished_day_with_its_funding_rows(tmp_path, monkeypatch):
+    # Tardis reads funding rows from derivative_ticker files, apart from the book: they are read first, so
+    # a stop keeps those of the finished days too.
+    from quotelab.data import events, rawfiles, synth
+
+    synth.generate(tmp_path / "synth", start="2024-01-01T23:59:00", duration_s=180, assets="perp")
+    written = rawfiles.write(tmp_path / "synth", "synthetic", SYMBOL, "tardis", tmp_path / "raw")
+    files = [Path(f) for f in written["files"]]
+    t0 = 1704153540 * 1_000_000  # 2024-01-01T23:59:00 in µs
+    rows = [f"binance-futures,{SYMBOL},{t0 + k * 1_000_000},{t0 + k * 1_000_000 + 500},1704182400000000,"
+            f"{0.0001 + k * 1e-8:.8f},,,,60001.5,{60000 + k / 10:.1f}" for k in range(180)]
+    deriv = tmp_path / "raw" / "binance-futures_derivative_ticker.csv"
+    deriv.write_text("exchange,symbol,timestamp,local_timestamp,funding_timestamp,funding_rate,predicted_funding_rate,"
+                     "open_interest,last_price,index_price,mark_price\n" + "\n".join(rows) + "\n")
+    convert_files("tardis", [*files, deriv], SYMBOL, tmp_path / "whole", tick_size=0.1, lot_size=0.001)
+
+    close = events.DaySplitter._close
+
+    def stop_at_day_two(self, d):
+        if events.day_of(d * events.DAY_NS) == DAY2:
+            raise KeyboardInterrupt
+        close(self, d)
+
+    monkeypatch.setattr(events.DaySplitter, "_close", stop_at_day_two)
+    with pytest.raises(Stopped, match=f"kept the finished day {DAY1} .* discarded {DAY2}"):
+        convert_files("tardis", [*files, deriv], SYMBOL, tmp_path / "stopped", tick_size=0.1, lot_size=0.001)
+    sym, ref = (cat.symbol_dir(tmp_path / c, VENUE, SYMBOL) for c in ("stopped", "whole"))
+    assert sorted(p.name for p in sym.iterdir()) == ["20240101.funding.npy", "20240101.npz", "meta.json"]
+    for name in ("20240101.npz", "20240101.funding.npy"):
+        assert (sym / name).read_bytes() == (ref / name).read_bytes(), name
+    assert len(cat.load_funding(tmp_path / "stopped", VENUE, SYMBOL, [DAY1])) == 60

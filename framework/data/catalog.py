@@ -625,6 +625,8 @@ class Staging:
     (days plus the new meta.json) to ``<symbol>/.commit``: that rename is the commit point. The files
     are then moved into place, meta.json last; a writer killed during the moves leaves ``.commit``
     behind, and the next reader or writer of the symbol finishes the moves before anything else.
+    Only the days committed are moved: files of other staged days (a day a stopped conversion discards,
+    perhaps with some parts already renamed into place) are removed first.
     """
 
     def __init__(self, catalog: Path | str) -> None:

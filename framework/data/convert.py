@@ -15,7 +15,13 @@ stream is past the day, streams it out in hftbacktest's order to a :class:`~quot
 All or nothing: days are written into a :class:`~quotelab.data.catalog.Staging` folder inside the
 catalog; only when the whole conversion succeeded are they committed, together with their meta.json
 entries (see the catalog's docstring). A failure on any day removes the staging folder, so the
-catalog and its meta.json stay exactly as they were.
+catalog and its meta.json stay exactly as they were: a DataError can be about a day already finished
+(an event of it arriving late), so bad input keeps nothing.
+
+A stop is not a failure: Ctrl-C or SIGTERM (a KeyboardInterrupt, :mod:`quotelab.stopping`) commits the
+days already handed to ``on_day`` (each final: the converter never touches a day again once it is handed
+over), with the funding rows read so far for them (``job.funding_so_far``), and discards the days still
+open (``job.open_days``); it then raises :class:`~quotelab.errors.Stopped` naming both.
 """
 
 from __future__ import annotations
