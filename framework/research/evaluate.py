@@ -545,8 +545,12 @@ def write_outputs(result: Evaluation, out: Path, plots: bool = True) -> None:
     def save(df: pl.DataFrame, stem: str) -> None:
         for ext, write in (("parquet", df.write_parquet), ("csv", df.write_csv)):
             tmp = out / f".{stem}.{ext}.tmp"
-            write(tmp)
-            tmp.replace(out / f"{stem}.{ext}")
+            try:
+                write(tmp)
+                tmp.replace(out / f"{stem}.{ext}")
+            except BaseException:  # a full disk, or a Ctrl-C while writing: no half file left in --out
+                tmp.unlink(missing_ok=True)
+                raise
 
     table = pl.DataFrame(result.rows, infer_schema_length=None)
     save(table, "scores")

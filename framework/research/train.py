@@ -1240,9 +1240,13 @@ def _write_predictions(smp: Samples, pred: np.ndarray, latency_ns: int, path: Pa
             files.append(Path(pieces) / f"{lo:012d}.parquet")
             pl.DataFrame({"timestamp": t, "usable_ts": t + latency_ns, "value": value}).write_parquet(files[-1])
         tmp = path.parent / f".{path.name}.tmp"
-        if files:
-            pl.scan_parquet(files).sink_parquet(tmp)
-        else:
-            pl.DataFrame({"timestamp": [], "usable_ts": [], "value": []},
-                         schema={"timestamp": pl.Int64, "usable_ts": pl.Int64, "value": pl.Float64}).write_parquet(tmp)
-        tmp.replace(path)
+        try:
+            if files:
+                pl.scan_parquet(files).sink_parquet(tmp)
+            else:
+                pl.DataFrame({"timestamp": [], "usable_ts": [], "value": []}, schema={
+                    "timestamp": pl.Int64, "usable_ts": pl.Int64, "value": pl.Float64}).write_parquet(tmp)
+            tmp.replace(path)
+        except BaseException:  # a full disk, or a Ctrl-C while writing: no half file left in --out
+            tmp.unlink(missing_ok=True)
+            raise
