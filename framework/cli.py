@@ -526,7 +526,7 @@ def train_cmd(
 
 
 microprice_app = _Verbs(help="Stoikov's micro-price: fit g*(imbalance, spread) tables for the microprice "
-                                   "fair value.", no_args_is_help=True)
+                             "fair value.", no_args_is_help=True)
 microprice_app.prefix = "microprice "
 app.add_typer(microprice_app, name="microprice")
 
