@@ -164,6 +164,7 @@ def test_parts_of_the_day_being_placed_when_stopped_never_reach_the_catalog(raw_
     assert np.array_equal(cat.load_day(catalog, VENUE, SYMBOL, DAY1), cat.load_day(whole, VENUE, SYMBOL, DAY1))
 
 
+@pytest.mark.slow
 def test_a_stop_before_any_day_is_finished_writes_nothing(raw_days, tmp_path, monkeypatch):
     from quotelab.data import events
 
@@ -180,6 +181,7 @@ def test_a_stop_before_any_day_is_finished_writes_nothing(raw_days, tmp_path, mo
     assert _tree(catalog) == []
 
 
+@pytest.mark.slow
 def test_a_data_error_mid_way_keeps_nothing(raw_days, tmp_path):
     # Bad input stays all or nothing: a day already closed may lack what the error is about (a late event).
     bad = tmp_path / "bad.gz"
@@ -241,6 +243,7 @@ def test_a_run_stopped_by_ctrl_c_says_so_and_exits_130(synthetic_catalog, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_stopped_tardis_convert_keeps_the_finished_day_with_its_funding_rows(tmp_path, monkeypatch):
     # Tardis reads funding rows from derivative_ticker files, apart from the book: they are read first, so
     # a stop keeps those of the finished days too.
