@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("plugin API and foundations", (
         "quotelab", "quotelab.errors", "quotelab.units", "quotelab.layout", "quotelab.component", "quotelab.hookspecs",
         "quotelab.pysignal", "quotelab.kernels", "quotelab.timeunits", "quotelab.progress", "quotelab.outputs",
-        "quotelab.spool")),
+        "quotelab.spool", "quotelab.stopping")),
     ("data", ("quotelab.data",)),
     ("strategy", ("quotelab.strategy",)),
     ("backtest", ("quotelab.backtest",)),
