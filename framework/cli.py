@@ -29,6 +29,10 @@ class _Verbs(typer.Typer):
     :class:`~quotelab.errors.Stopped` before Typer would turn it into a silent exit 130. ``kept`` says
     what a stop of that verb keeps; a verb whose answer depends on how far it got (``convert``, ``synth``,
     ``batch``) raises its own ``Stopped``, which passes through untouched.
+
+    Under a command's ``--json`` the whole command runs in :func:`_json_stdout`, so its stdout is its JSON
+    alone whatever a plugin or library prints meanwhile; a verb prints its JSON with :func:`_print_json`
+    or :func:`_emit_json` (a plain ``typer.echo`` would land on stderr).
     """
 
     prefix = ""  # a group's name and a space (``microprice ``), for the message
@@ -37,12 +41,15 @@ class _Verbs(typer.Typer):
         register = super().command(name, **kwargs)
 
         def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
+            json_flag = _json_param(f)
+
             @functools.wraps(f)
             def verb(*args: Any, **kw: Any) -> Any:
                 from quotelab.stopping import stopped
 
                 try:
-                    return f(*args, **kw)
+                    with _json_stdout() if json_flag is not None and kw.get(json_flag) else nullcontext():
+                        return f(*args, **kw)
                 except KeyboardInterrupt as exc:
                     raise stopped(exc, f"{self.prefix}{name or f.__name__}: {kept}") from None
 
@@ -91,13 +98,32 @@ CompressionOpt = Annotated[str, typer.Option(
     "--compression", help="Day files: deflate (small) or none (~7x the disk, memory-mapped: ~10x faster to load).")]
 
 
+def _json_param(f: Callable[..., Any]) -> str | None:
+    """The name of the parameter of command ``f`` that is its ``--json`` flag (``json_``, ``as_json``), or
+    None. Found by the flag it declares, so a new verb's ``--json`` is covered whatever it calls it."""
+    from typer.utils import get_params_from_function
+
+    for name, param in get_params_from_function(f).items():  # as Typer reads them: the option's flags
+        if "--json" in (getattr(param.default, "param_decls", None) or ()):
+            return name
+    return None
+
+
+# While a command runs in _json_stdout: the JSON it prints, held until stdout is back.
+_json_held: list[str] | None = None
+
+
 @contextmanager
 def _json_stdout() -> Iterator[None]:
-    """While in it, whatever would reach stdout goes to stderr, so a ``--json`` command's stdout is its
-    JSON alone, printed after it: Ray's driver prints its notes of dead workers to stdout from a thread of
-    its own (log_to_driver does not cover them), and a plugin's print in a worker process writes to the
-    stdout it inherited. Both kinds of writer are moved: Python's sys.stdout, read when each print happens,
-    and file descriptor 1, which worker processes inherit as they start."""
+    """While in it, whatever would reach stdout goes to stderr, and the JSON the command prints
+    (:func:`_print_json`) is held and printed to stdout on the way out, so a ``--json`` command's stdout is
+    its JSON alone: a plugin's print (a Python signal runs inside the replay), a library's, Ray's driver
+    printing its notes of dead workers to stdout from a thread of its own (log_to_driver does not cover
+    them), a plugin's print in a worker process writing to the stdout it inherited. Both kinds of writer
+    are moved: Python's sys.stdout, read when each print happens, and file descriptor 1, which C code
+    writes to and worker processes inherit as they start. The held JSON is printed also when the command
+    ends in an error or an exit code (``run``'s failed run, ``check-plugin``'s difference)."""
+    global _json_held
     sys.stdout.flush()
     try:
         fd: int | None = sys.stdout.fileno()
@@ -110,21 +136,33 @@ def _json_stdout() -> Iterator[None]:
         kept = os.dup(fd)
         os.dup2(err, fd)
     sys.stdout = sys.stderr
+    _json_held = []
     try:
         yield
     finally:
+        held, _json_held = _json_held, None
         sys.stderr.flush()
         saved.flush()  # what went to it meanwhile through an older reference: still to stderr
         sys.stdout = saved
         if fd is not None and kept is not None:
             os.dup2(kept, fd)
             os.close(kept)
+        for text in held:
+            typer.echo(text)
+
+
+def _emit_json(text: str) -> None:
+    """Print a command's JSON text: held until the command ends if it runs in :func:`_json_stdout`."""
+    if _json_held is None:
+        typer.echo(text)
+    else:
+        _json_held.append(text)
 
 
 def _print_json(obj: object) -> None:
     import orjson
 
-    typer.echo(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=str).decode())
+    _emit_json(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=str).decode())
 
 
 @app.command("run", kept="nothing was kept: a run writes --out only once it has finished, each file "
@@ -327,8 +365,10 @@ def synth(
         res = synth_mod.arrival_market(catalog, buy=(nums[0], nums[1]),
                                        sell=(nums[2], nums[3]) if len(nums) == 4 else None, seed=seed,
                                        start=start, duration_s=synth_mod.parse_duration(duration))
-        typer.echo(json.dumps(res, sort_keys=True) if as_json else
-                   f"synthetic/{res['symbol']} {res['day']}: {res['events']:,} events -> {catalog}")
+        if as_json:
+            _emit_json(json.dumps(res, sort_keys=True))
+        else:
+            typer.echo(f"synthetic/{res['symbol']} {res['day']}: {res['events']:,} events -> {catalog}")
         return
 
     from quotelab.data import rawfiles
@@ -358,7 +398,7 @@ def synth(
                            f"written before the stop are whole and the rest missing (run synth again to write "
                            f"them all: the same seed gives the same files)") from None
     if as_json:
-        typer.echo(json.dumps(summary, sort_keys=True))
+        _emit_json(json.dumps(summary, sort_keys=True))
         return
     typer.echo(f"synthetic market, seed {seed}, {summary['start']} + {duration} -> {catalog} "
                f"({summary['seconds']:.1f} s)")
@@ -389,12 +429,11 @@ def batch(
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
-    with _json_stdout() if as_json else nullcontext():
-        summary = batch_mod.run_batch(batch_file, out, catalog=catalog, overrides=set_ or [], workers=workers,
-                                      executor=executor, address=address, resume=resume,
-                                      progress=batch_mod.failures_progress if as_json else batch_mod.default_progress())
+    summary = batch_mod.run_batch(batch_file, out, catalog=catalog, overrides=set_ or [], workers=workers,
+                                  executor=executor, address=address, resume=resume,
+                                  progress=batch_mod.failures_progress if as_json else batch_mod.default_progress())
     if as_json:
-        typer.echo(json.dumps(summary.as_dict(), sort_keys=True))
+        _emit_json(json.dumps(summary.as_dict(), sort_keys=True))
     if summary.failed:
         raise typer.Exit(1)
 
@@ -599,10 +638,9 @@ def optimize_cmd(
     from quotelab.outputs import check_output_dir
 
     check_output_dir(out)
-    with _json_stdout() if json_ else nullcontext():
-        res = optimize(opt_file, out, catalog=catalog, overrides=set_ or [], workers=workers, executor=executor,
-                       address=address, trials=trials, progress=(lambda m: None) if json_ else typer.echo,
-                       failures=(lambda m: typer.echo(m, err=True)) if json_ else None)
+    res = optimize(opt_file, out, catalog=catalog, overrides=set_ or [], workers=workers, executor=executor,
+                   address=address, trials=trials, progress=(lambda m: None) if json_ else typer.echo,
+                   failures=(lambda m: typer.echo(m, err=True)) if json_ else None)
     if json_:
         _print_json({"folds": res.folds, "best_yaml": str(res.best_yaml), "runs_done": res.runs_done,
                      "runs_reused": res.runs_reused, "seconds": round(res.seconds, 3)})

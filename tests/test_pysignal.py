@@ -195,6 +195,27 @@ def test_check_plugin_passes_when_the_twins_agree(real_catalog, tmp_path):
     assert out["first_difference"] is None and out["steps"] > 3000 and out["max_abs_diff"] == 0.0
 
 
+# Printed at the function's first call, through Python's sys.stdout and straight to file descriptor 1 (as a
+# library's C code or a child process writes).
+PRINTS = ("if CALLS[0] == 1:\n        print('a python signal prints')\n        import os\n"
+          "        os.write(1, b'a python signal writes to fd 1\\n')")
+
+
+@pytest.mark.parametrize("verb", ["run", "check-plugin"])
+def test_under_json_stdout_is_the_json_alone_when_a_python_signal_prints(real_catalog, tmp_path, verb):
+    """Seen red: the signal's two lines came first on stdout, so json.loads (and `| jq`) failed; only batch
+    and optimize moved stdout aside."""
+    plugin = _twin_file(tmp_path, PRINTS, "prints.py")
+    if verb == "run":
+        proc = _cli("run", str(_strategy(tmp_path, real_catalog, PREFIX + "book_imbalance", plugin)), "--json")
+    else:
+        proc = _cli("check-plugin", "book_imbalance", "--catalog", str(real_catalog), "--plugin", str(plugin), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # the whole of stdout
+    assert out["num_trades"] > 50 if verb == "run" else out["first_difference"] is None
+    assert "a python signal prints\n" in proc.stderr and "a python signal writes to fd 1\n" in proc.stderr
+
+
 @pytest.mark.slow
 def test_check_plugin_checks_a_signal_of_another_asset_given_with_with(real_catalog, tmp_path):
     from quotelab.pysignal import catalog_asset
