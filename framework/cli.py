@@ -485,6 +485,9 @@ def convert(
         typer.Option("--contract-size", help="Coin per contract (linear, e.g. 0.01 for OKX BTC-USDT-SWAP) or "
                                              "quote currency per contract (inverse)."),
     ] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Replace a catalog day even with one covering less of it (without it, such a convert "
+                          "is refused and writes nothing).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Convert raw captures into catalog days (one npz per UTC day) and report the data's quality."""
@@ -493,7 +496,7 @@ def convert(
 
     summary = convert_files(fmt, files, symbol, catalog, tick_size=tick_size, lot_size=lot_size,
                             compression=compression, contract=contract, contract_size=contract_size,
-                            progress=progress.wanted(as_json))
+                            progress=progress.wanted(as_json), replace=replace)
     if as_json:
         _print_json(summary)
     else:

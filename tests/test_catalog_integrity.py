@@ -159,7 +159,7 @@ def replace(src, dst, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
 from quotelab.data.convert import convert_files
-convert_files("binance-usdm", [Path(sys.argv[1])], "BTCUSDT", sys.argv[2])
+convert_files("binance-usdm", [Path(sys.argv[1])], "BTCUSDT", sys.argv[2], replace=True)  # a shorter day
 """
 
 

@@ -110,9 +110,8 @@ def test_a_stopped_convert_keeps_the_finished_day_as_an_uninterrupted_one_writes
     assert err.splitlines()[-1] == (
         f"error: stopped by {how}: convert: kept the finished day {DAY1} in {catalog} (whole, as an uninterrupted "
         f"convert writes them); discarded {DAY2}, not finished. To finish, convert the files holding {DAY2} and "
-        f"later days. Converting a kept day again replaces it with what the files given hold of it, so a file "
-        f"holding only its last minutes would leave just those: if the files do not start at {DAY2}, convert "
-        f"them all again")
+        f"later days; if they also hold a kept day's last minutes, that convert is refused (it would replace the "
+        f"day with less of it): convert all the files again instead")
 
     # Day 1 and nothing else: no day 2 part, no staging folder, no temporary file, no pending commit.
     sym = cat.symbol_dir(catalog, VENUE, SYMBOL)

@@ -65,9 +65,11 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -616,6 +618,59 @@ def day_record(path: Path, instrument: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+@dataclass(frozen=True)
+class Shrink:
+    """A staged day that covers less of a day the catalog already holds: its exchange-time span does
+    not contain the catalog day's (``file``), so committing it would lose the rest of that day."""
+
+    day: str
+    file: Path
+    old_span: tuple[int, int]
+    old_events: int
+    new_span: tuple[int, int]
+    new_events: int
+
+    def describe(self) -> str:
+        return (f"{self.file}: catalog day {self.day} spans {_span(self.old_span)} with {self.old_events:,} events; "
+                f"the new one spans {_span(self.new_span)} with {self.new_events:,} events, which does not cover it")
+
+
+def _utc(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000)) + f".{ns // 1_000_000 % 1000:03d}"
+
+
+def _span(span: tuple[int, int]) -> str:
+    return f"{_utc(span[0])} - {_utc(span[1])} UTC"
+
+
+def _shrinks(sym: Path, old: dict[str, Any], new: dict[str, dict[str, Any]]) -> list[Shrink]:
+    """The days of ``new`` whose span does not contain that of the same day in ``old`` (meta.json's
+    entries). A day whose file is gone, or whose entry has no span (written by hand), has nothing to lose."""
+    out = []
+    for day, rec in sorted(new.items()):
+        was = old.get(day) or {}
+        if not (sym / f"{day}.npz").exists() or was.get("first_ts") is None or was.get("last_ts") is None:
+            continue
+        if rec.get("first_ts") is None or rec.get("last_ts") is None:
+            continue
+        if rec["first_ts"] > was["first_ts"] or rec["last_ts"] < was["last_ts"]:
+            out.append(Shrink(day, sym / f"{day}.npz", (int(was["first_ts"]), int(was["last_ts"])),
+                              int(was.get("events", 0)), (int(rec["first_ts"]), int(rec["last_ts"])),
+                              int(rec.get("events", 0))))
+    return out
+
+
+SHRINK_MODES = ("replace", "refuse", "drop")
+
+
+class ShrinkError(DataError):
+    """A commit refused because staged days would replace catalog days with less of them."""
+
+    def __init__(self, message: str, shrinks: list[Shrink]) -> None:
+        super().__init__(message)
+        self.shrinks = shrinks
+
+
 class Staging:
     """A writer's private folder in the catalog (``.staging-*``); days are written there and committed
     with their meta.json entries, per symbol, all at once.
@@ -637,6 +692,7 @@ class Staging:
             self.dir = Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
             self._owner = os.open(self.dir, os.O_RDONLY)
             fcntl.flock(self._owner, fcntl.LOCK_EX)
+        self.dropped: list[Shrink] = []  # the days the last commit left out (``shrinking="drop"``)
 
     def __enter__(self) -> Staging:
         return self
@@ -663,9 +719,18 @@ class Staging:
         return DayWriter(self.day_path(venue, symbol, day), compression, part_rows)
 
     def commit(self, venue: str, symbol: str, instrument: dict[str, Any], days: dict[str, dict[str, Any]],
-               staged_venue: str | None = None) -> dict[str, Any]:
+               staged_venue: str | None = None, shrinking: str = "replace", fix: str = "") -> dict[str, Any]:
         """Move the staged days of ``staged_venue/symbol`` (default ``venue``) to ``venue/symbol`` together
-        with their meta.json entries ``days``; returns the new meta."""
+        with their meta.json entries ``days``; returns the new meta.
+
+        ``shrinking``: what to do with a day whose exchange-time span does not contain that of the catalog's
+        day (:class:`Shrink`): ``replace`` it, ``refuse`` the whole commit (a :class:`ShrinkError` naming
+        every such day, then ``fix``; nothing is moved), or ``drop`` those days and commit the others
+        (listed in :attr:`dropped`). Checked under the symbol's lock, so a concurrent commit cannot slip a
+        longer day in between the check and the move."""
+        if shrinking not in SHRINK_MODES:
+            raise ValueError(f"shrinking must be one of {SHRINK_MODES}, got {shrinking!r}")
+        self.dropped = []
         _check_instrument(venue, symbol, instrument)
         src = symbol_dir(self.dir, staged_venue or venue, symbol)
         src.mkdir(parents=True, exist_ok=True)
@@ -684,6 +749,23 @@ class Staging:
         sym.mkdir(parents=True, exist_ok=True)
         with _flock(sym, exclusive=True):
             _roll_forward(sym)
+            if shrinking != "replace":
+                old = _read_meta_file(sym / META).get("days", {}) if (sym / META).exists() else {}
+                shrinks = _shrinks(sym, old, records)
+                if shrinks and shrinking == "refuse":
+                    more = [s.day for s in shrinks[1:]]
+                    raise ShrinkError(
+                        f"{shrinks[0].describe()}, so it would replace that day with less of it"
+                        + (f" (so would {', '.join(more)})" if more else "")
+                        + f"; nothing was written{'. ' + fix if fix else ''}", shrinks)
+                for sh in shrinks:
+                    del records[sh.day]
+                    for p in src.iterdir():  # its events, parts and funding table
+                        if p.name.split(".")[0] == sh.day:
+                            p.unlink()
+                self.dropped = shrinks
+                if not records:  # nothing left to commit: meta.json stays byte for byte as it is
+                    return _read_meta_file(sym / META)
             meta = _merge_meta(sym, venue, symbol, instrument, records)
             atomic_write_json(src / META, meta)
             _fsync_dir(src)

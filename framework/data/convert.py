@@ -22,6 +22,11 @@ A stop is not a failure: Ctrl-C or SIGTERM (a KeyboardInterrupt, :mod:`quotelab.
 days already handed to ``on_day`` (each final: the converter never touches a day again once it is handed
 over), with the funding rows read so far for them (``job.funding_so_far``), and discards the days still
 open (``job.open_days``); it then raises :class:`~quotelab.errors.Stopped` naming both.
+
+No silent shrink: a day that would replace a catalog day with less of it (its exchange-time span does
+not contain the catalog day's, e.g. a file holding the day's last minutes) is refused at commit, before
+anything moves, unless ``replace``; a stopped convert leaves such a day out and says so. The span is
+only known once a day is finished, so the check is at commit, not as the day is handed over.
 """
 
 from __future__ import annotations
@@ -80,10 +85,13 @@ def convert_files(
     contract: str | None = None,
     contract_size: float | None = None,
     progress: bool = False,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Convert ``files`` (one symbol, in time order) into the catalog; returns the summary
     (``progress``: days and events written so far on stderr, :mod:`quotelab.progress`).
-    ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`)."""
+    ``compression``: ``deflate`` or ``none`` (see :func:`quotelab.data.catalog.write_event_npz`).
+    ``replace``: replace a catalog day even with one covering less of it (its exchange-time span does
+    not contain the catalog day's); without it such a convert is refused and writes nothing."""
     fmt = FORMATS.get(fmt_name)
     if fmt is None:
         raise DataError(f"unknown format {fmt_name!r}; known formats: {', '.join(sorted(FORMATS))}")
@@ -139,10 +147,16 @@ def convert_files(
             _stage_funding(funding, stage.dir, fmt.venue, symbol, days, info)
             for day, entry in days.items():
                 entry["file"] = str(catalog.day_path(root, venue, symbol, day))
-            meta = stage.commit(venue, symbol, instrument, days, staged_venue=fmt.venue)
+            # A day covering less of a catalog day is refused before anything moves; a stopped convert
+            # leaves such a day out and keeps the others (they are whole, and what was asked for).
+            meta = stage.commit(venue, symbol, instrument, days, staged_venue=fmt.venue,
+                                shrinking="replace" if replace else "drop" if interrupt else "refuse",
+                                fix=SHRINK_FIX)
+            dropped = stage.dropped
             stage.close()
     if interrupt is not None:
-        raise _stopped(interrupt, root, sorted(days), job.open_days - days.keys()) from None
+        kept = sorted(days.keys() - {s.day for s in dropped})
+        raise _stopped(interrupt, root, kept, job.open_days - days.keys(), dropped) from None
     if late:
         raise stopped(Interrupted(late[0]), f"convert: every day was converted and kept ({', '.join(sorted(days))} "
                                             f"in {root}); the stop came while they were being committed")
@@ -158,21 +172,31 @@ def convert_files(
     }
 
 
-def _stopped(exc: KeyboardInterrupt, root: Path, kept: list[str], discarded: set[str]) -> Stopped:
-    """What a stopped convert says: the days kept, the days discarded, and how to finish."""
+SHRINK_FIX = "Fix: pass --replace to replace it anyway, or convert files that cover the whole day."
+
+
+def _stopped(exc: KeyboardInterrupt, root: Path, kept: list[str], discarded: set[str],
+             dropped: Sequence[catalog.Shrink] = ()) -> Stopped:
+    """What a stopped convert says: the days kept, the days left out because they would replace a catalog
+    day with less of it, the days discarded, and how to finish."""
     lost = sorted(discarded)
+    left = "".join(f"; did not keep finished day {s.day}: {s.describe()} (pass --replace to replace it anyway)"
+                   for s in dropped)
     if not kept:
+        if dropped:
+            return stopped(exc, f"convert: nothing was written to {root}{left}"
+                                + (f"; discarded {', '.join(lost)}, not finished" if lost else ""))
         return stopped(exc, f"convert: no day was finished, so nothing was written to {root}"
                             + (f" ({', '.join(lost)} discarded)" if lost else "") + "; convert the files again")
     where = f"kept the finished day{'s' if len(kept) > 1 else ''} {', '.join(kept)} in {root}"
     if not lost:
-        return stopped(exc, f"convert: {where}; no day was being converted (if files were left unread, convert "
-                            f"them; a file that also holds part of a kept day would replace it with that part)")
+        return stopped(exc, f"convert: {where}{left}; no day was being converted (if files were left unread, "
+                            f"convert them)")
     return stopped(exc, (
-        f"convert: {where} (whole, as an uninterrupted convert writes them); discarded {', '.join(lost)}, not "
-        f"finished. To finish, convert the files holding {lost[0]} and later days. Converting a kept day again "
-        f"replaces it with what the files given hold of it, so a file holding only its last minutes would leave "
-        f"just those: if the files do not start at {lost[0]}, convert them all again"))
+        f"convert: {where} (whole, as an uninterrupted convert writes them){left}; discarded {', '.join(lost)}, "
+        f"not finished. To finish, convert the files holding {lost[0]} and later days; if they also hold a kept "
+        f"day's last minutes, that convert is refused (it would replace the day with less of it): convert all "
+        f"the files again instead"))
 
 
 def _stage_funding(table: Any, staging: Path, venue: str, symbol: str, days: dict[str, dict[str, Any]],
