@@ -67,7 +67,7 @@ import struct
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -635,12 +635,13 @@ class Shrink:
                 f"the new one spans {_span(self.new_span)} with {self.new_events:,} events, which does not cover it")
 
 
-def _utc(ns: int) -> str:
+def utc_text(ns: int) -> str:
+    """A time in ns as ``YYYY-MM-DD HH:MM:SS.mmm`` (UTC)."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000)) + f".{ns // 1_000_000 % 1000:03d}"
 
 
 def _span(span: tuple[int, int]) -> str:
-    return f"{_utc(span[0])} - {_utc(span[1])} UTC"
+    return f"{utc_text(span[0])} - {utc_text(span[1])} UTC"
 
 
 def _shrinks(sym: Path, old: dict[str, Any], new: dict[str, dict[str, Any]]) -> list[Shrink]:
@@ -734,11 +735,9 @@ class Staging:
         _check_instrument(venue, symbol, instrument)
         src = symbol_dir(self.dir, staged_venue or venue, symbol)
         src.mkdir(parents=True, exist_ok=True)
-        for p in src.iterdir():
-            # Only the days committed go: a day stopped while its parts were being renamed into place (the
-            # day a stopped convert discards) may have some of them here, which must not reach the catalog.
-            if not p.name.startswith(".") and p.name.split(".")[0] not in days:
-                p.unlink()
+        # Only the days committed go: a day stopped while its parts were being renamed into place (the day a
+        # stopped convert discards) may have some of them here, which must not reach the catalog.
+        _remove_staged_days_but(src, days)
         sym = symbol_dir(self.root, venue, symbol)
         records = {}
         for day, entry in days.items():
@@ -760,9 +759,7 @@ class Staging:
                         + f"; nothing was written{'. ' + fix if fix else ''}", shrinks)
                 for sh in shrinks:
                     del records[sh.day]
-                    for p in src.iterdir():  # its events, parts and funding table
-                        if p.name.split(".")[0] == sh.day:
-                            p.unlink()
+                _remove_staged_days_but(src, records)  # their events, parts and funding tables
                 self.dropped = shrinks
                 if not records:  # nothing left to commit: meta.json stays byte for byte as it is
                     return _read_meta_file(sym / META)
@@ -773,6 +770,15 @@ class Staging:
             _fsync_dir(sym)
             _roll_forward(sym)
         return meta
+
+
+def _remove_staged_days_but(src: Path, keep: Iterable[str]) -> None:
+    """Remove the files in staging folder ``src`` of every day not in ``keep`` (a day's files are named
+    ``<day>.*``; hidden files are not days')."""
+    keep = set(keep)
+    for p in src.iterdir():
+        if not p.name.startswith(".") and p.name.split(".")[0] not in keep:
+            p.unlink()
 
 
 def _clean_dead_staging(root: Path) -> None:

@@ -230,9 +230,7 @@ def _ms(x: float | None) -> str:
 
 
 def _ts(ns: int | None) -> str:
-    if ns is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
+    return "-" if ns is None else catalog.utc_text(ns)
 
 
 def render_summary(summary: dict[str, Any]) -> None:
