@@ -159,9 +159,10 @@ def test_day_writer_discarded_while_rows_wait_on_disk_leaves_no_file(tmp_path: P
     w = catalog.DayWriter(catalog.day_path(tmp_path, "v", "S", "20240101"), "deflate", part_rows=64)
     w.append(_rows(np.random.default_rng(1), 8))
     w.append(_rows(np.random.default_rng(2), 40))
-    assert w.waiting is not None and w.held_rows == 8
+    waiting = w.waiting
+    assert waiting is not None and w.held_rows == 8
     w.discard()
-    assert w.waiting is None and not [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert waiting.closed and w.waiting is None and not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_day_writer_write_error_raises_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
